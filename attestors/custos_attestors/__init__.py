@@ -1,0 +1,8 @@
+"""custos' built-in attestor plugins.
+
+They are packaged with custos (see ``[tool.hatch.build.targets.wheel]`` in
+pyproject.toml) but loaded exactly as a third party's are: through the
+``custos.node_attestors`` and ``custos.workload_attestors`` entry-point groups
+(see :mod:`custos.plugins`). Nothing in ``custos`` imports this package
+directly, so a built-in has no privilege a third-party plugin lacks.
+"""

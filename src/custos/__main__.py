@@ -1,0 +1,3 @@
+from custos.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The ``custos`` operator command line."""

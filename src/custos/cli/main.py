@@ -1,0 +1,50 @@
+"""``custos``: one command, one group per domain (keys, tpm, wimse, jwt ...).
+
+Errors from custos print ``error [code]: message`` on stderr and exit 1;
+usage errors exit 2 (click's convention).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from custos import __version__
+from custos.cli.keys import keys
+from custos.cli.tpm import tpm
+from custos.errors import CustosError
+
+
+class CustosGroup(click.Group):
+    """Turns custos errors into one clear line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CustosError as e:
+            click.echo(f"error [{e.code}]: {e.message}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=CustosGroup)
+@click.version_option(__version__, prog_name="custos")
+def cli() -> None:
+    """custos: hardware-backed key custody and workload identity."""
+
+
+cli.add_command(keys)
+cli.add_command(tpm)
+
+try:  # later domains register themselves here when present
+    from custos.cli.wimse import jwt, wimse
+
+    cli.add_command(wimse)
+    cli.add_command(jwt)
+except ImportError:  # pragma: no cover - during bootstrap only
+    pass
+
+
+def main() -> None:
+    cli(prog_name="custos")

@@ -1,0 +1,73 @@
+"""Key-store configuration (pydantic) and the one factory that opens a store.
+
+Settings come from explicit values, then ``CUSTOS_*`` environment variables,
+then defaults — the same precedence the CLI flags use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from custos.keys.base import KeyStore
+from custos.keys.errors import StoreConfigError
+
+StoreKind = Literal["tpm", "pkcs11", "memory", "exportable"]
+
+DEFAULT_TCTI = "device:/dev/tpmrm0"
+DEFAULT_KEY_DIR = Path("/var/lib/custos/keys")
+
+
+class KeyStoreConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    store: StoreKind
+    tcti: str = Field(default=DEFAULT_TCTI, description="TPM TCTI: device:, swtpm:, tabrmd:")
+    key_dir: Path = Field(default=DEFAULT_KEY_DIR, description="TPM key blobs / exportable PEMs")
+    pkcs11_module: str | None = Field(default=None, description="path of the PKCS#11 library")
+    pkcs11_uri: str | None = Field(default=None, description="RFC 7512 pkcs11: URI of the token")
+
+    @classmethod
+    def from_env(cls, store: str, **explicit: object) -> KeyStoreConfig:
+        """Explicit (non-None) values win over ``CUSTOS_*`` variables."""
+        env = {
+            "tcti": os.environ.get("CUSTOS_TCTI"),
+            "key_dir": os.environ.get("CUSTOS_KEY_DIR"),
+            "pkcs11_module": os.environ.get("CUSTOS_PKCS11_MODULE"),
+            "pkcs11_uri": os.environ.get("CUSTOS_PKCS11_URI"),
+        }
+        values: dict[str, object] = {k: v for k, v in env.items() if v}
+        values.update({k: v for k, v in explicit.items() if v is not None})
+        try:
+            return cls(store=store, **values)  # type: ignore[arg-type]
+        except ValidationError as e:
+            raise StoreConfigError(f"invalid key store configuration: {e}") from e
+
+
+def open_key_store(config: KeyStoreConfig) -> KeyStore:
+    """Open the store the configuration names. Device stores connect lazily or here."""
+    if config.store == "memory":
+        from custos.keys.software import MemoryKeyStore
+
+        return MemoryKeyStore()
+    if config.store == "exportable":
+        from custos.keys.software import ExportableKeyStore
+
+        return ExportableKeyStore(config.key_dir)
+    if config.store == "tpm":
+        from custos.keys.tpm import TpmKeyStore
+
+        return TpmKeyStore(tcti=config.tcti, key_dir=config.key_dir)
+    if config.store == "pkcs11":
+        from custos.keys.pkcs11 import Pkcs11KeyStore
+
+        if not config.pkcs11_module or not config.pkcs11_uri:
+            raise StoreConfigError(
+                "the pkcs11 store needs a module (--pkcs11-module / CUSTOS_PKCS11_MODULE) "
+                "and a token URI (--pkcs11-uri / CUSTOS_PKCS11_URI)"
+            )
+        return Pkcs11KeyStore(module=config.pkcs11_module, uri=config.pkcs11_uri)
+    raise StoreConfigError(f"unknown key store {config.store!r}")

@@ -1,0 +1,32 @@
+"""joserfc keys that sign through a custos store.
+
+joserfc builds a key's JWK form by reading private numbers, which a device key
+refuses; handing it the public JWK as the key's dict value lets it sign through
+:meth:`DevicePrivateKey.sign` without ever asking for private material.
+"""
+
+from __future__ import annotations
+
+from joserfc.jwk import ECKey, OKPKey, RSAKey
+
+from custos.keys.base import StoreKey
+from custos.keys.cryptography_keys import (
+    DeviceECPrivateKey,
+    DeviceEd25519PrivateKey,
+    DeviceRSAPrivateKey,
+    device_private_key,
+)
+
+JoseKey = ECKey | OKPKey | RSAKey
+
+
+def joserfc_key(key: StoreKey) -> JoseKey:
+    """A joserfc private key object for ``key`` (signing only)."""
+    device = device_private_key(key)
+    jwk = key.public_jwk()
+    if isinstance(device, DeviceECPrivateKey):
+        return ECKey(device, jwk)
+    if isinstance(device, DeviceEd25519PrivateKey):
+        return OKPKey(device, jwk)
+    assert isinstance(device, DeviceRSAPrivateKey)
+    return RSAKey(device, jwk)

@@ -1,0 +1,200 @@
+"""Software key stores: ``memory`` (held in this process, never exported) and
+``exportable`` (the SPIFFE-compatible tier, where the workload receives its key).
+
+They are separate classes on purpose: only :class:`ExportableKeyStore` has an
+export call, so code that holds a ``KeyStore`` cannot reach key bytes by
+accident.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import utils as asym_utils
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
+
+from custos.keys.algorithms import Algorithm
+from custos.keys.base import KeyInfo, KeyStore, check_key_name
+from custos.keys.errors import KeyExistsError, KeyNotFoundError, KeyStoreError
+from custos.keys.signatures import der_to_raw
+
+SoftwareKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+
+
+def generate(alg: Algorithm) -> SoftwareKey:
+    spec = alg.spec
+    if spec.family == "ec":
+        return ec.generate_private_key(spec.curve())
+    if spec.family == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    return rsa.generate_private_key(public_exponent=65537, key_size=spec.rsa_bits)
+
+
+def algorithm_of(key: PrivateKeyTypes | PublicKeyTypes, *, pss: bool = False) -> Algorithm:
+    """The JOSE algorithm a software key signs with (RSA: RS256 unless ``pss``)."""
+    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
+        if key.curve.name == "secp256r1":
+            return Algorithm.ES256
+        if key.curve.name == "secp384r1":
+            return Algorithm.ES384
+    elif isinstance(key, (ed25519.Ed25519PrivateKey, ed25519.Ed25519PublicKey)):
+        return Algorithm.EdDSA
+    elif isinstance(key, (rsa.RSAPrivateKey, rsa.RSAPublicKey)):
+        return Algorithm.PS256 if pss else Algorithm.RS256
+    raise KeyStoreError(f"unsupported key type {type(key).__name__}", code="unsupported_algorithm")
+
+
+def sign_digest_with(key: SoftwareKey, alg: Algorithm, hashed: bytes) -> bytes:
+    spec = alg.spec
+    prehashed = asym_utils.Prehashed(spec.hash_algorithm())
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        der = key.sign(hashed, ec.ECDSA(prehashed))
+        return der_to_raw(der, spec.coordinate_size)
+    if isinstance(key, rsa.RSAPrivateKey):
+        pad: padding.AsymmetricPadding = (
+            padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+            if spec.pss
+            else padding.PKCS1v15()
+        )
+        return key.sign(hashed, pad, prehashed)
+    raise KeyStoreError("EdDSA keys sign messages, not digests", code="unsupported_algorithm")
+
+
+class MemoryKeyStore(KeyStore):
+    """Keys generated and held in this process; gone when it exits; never exported.
+
+    The fast tier for services that sign a proof per request: an ECDSA
+    signature costs tens of microseconds instead of a TPM round trip.
+    """
+
+    kind = "memory"
+    supported_algorithms = frozenset(Algorithm)
+    persistent = False
+
+    def __init__(self) -> None:
+        self._keys: dict[str, tuple[Algorithm, SoftwareKey]] = {}
+        self._lock = threading.Lock()
+
+    def _create(self, name: str, alg: Algorithm) -> KeyInfo:
+        key = generate(alg)
+        with self._lock:
+            if name in self._keys:
+                raise KeyExistsError(f"key {name!r} already exists in the {self.kind} store")
+            self._keys[name] = (alg, key)
+        return KeyInfo(name, alg, self.kind)
+
+    def _entry(self, name: str) -> tuple[Algorithm, SoftwareKey]:
+        try:
+            return self._keys[name]
+        except KeyError:
+            raise KeyNotFoundError(f"no key {name!r} in the {self.kind} store") from None
+
+    def _info(self, name: str) -> KeyInfo:
+        return KeyInfo(name, self._entry(name)[0], self.kind)
+
+    def _list(self) -> list[KeyInfo]:
+        with self._lock:
+            return [KeyInfo(n, a, self.kind) for n, (a, _) in self._keys.items()]
+
+    def _delete(self, name: str) -> None:
+        with self._lock:
+            if self._keys.pop(name, None) is None:
+                raise KeyNotFoundError(f"no key {name!r} in the {self.kind} store")
+
+    def _public_key(self, info: KeyInfo) -> PublicKeyTypes:
+        return self._entry(info.name)[1].public_key()
+
+    def _sign_digest(self, info: KeyInfo, hashed: bytes) -> bytes:
+        return sign_digest_with(self._entry(info.name)[1], info.alg, hashed)
+
+    def _sign_message(self, info: KeyInfo, data: bytes) -> bytes:
+        key = self._entry(info.name)[1]
+        assert isinstance(key, ed25519.Ed25519PrivateKey)
+        return key.sign(data)
+
+    def import_key(self, name: str, key: SoftwareKey, alg: Algorithm | None = None) -> KeyInfo:
+        """Adopt an existing software key (tests, migrations). It is never exported again."""
+        check_key_name(name)
+        algorithm = alg or algorithm_of(key)
+        with self._lock:
+            if name in self._keys:
+                raise KeyExistsError(f"key {name!r} already exists in the {self.kind} store")
+            self._keys[name] = (algorithm, key)
+        return KeyInfo(name, algorithm, self.kind)
+
+
+class ExportableKeyStore(MemoryKeyStore):
+    """The SPIFFE-compatible tier: software keys the workload may receive.
+
+    With a ``key_dir`` the keys are kept as mode-0600 PKCS#8 PEM files (so they
+    survive a restart); without one they live in memory only.
+    """
+
+    kind = "exportable"
+
+    def __init__(self, key_dir: Path | str | None = None) -> None:
+        super().__init__()
+        self._dir = Path(key_dir) if key_dir is not None else None
+        if self._dir is not None:
+            self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for path in self._dir.glob("*.pem"):
+                self._load(path)
+
+    @property
+    def persistent(self) -> bool:  # type: ignore[override]
+        return self._dir is not None
+
+    def _path(self, name: str) -> Path:
+        assert self._dir is not None
+        return self._dir / f"{name}.pem"
+
+    def _load(self, path: Path) -> None:
+        name = path.stem
+        alg_path = path.with_suffix(".alg")
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            alg = Algorithm.parse(alg_path.read_text().strip()) if alg_path.exists() else None
+        except (ValueError, OSError) as e:
+            raise KeyStoreError(f"cannot load exportable key {path.name}", code="bad_key_file") from e
+        assert isinstance(key, (ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, rsa.RSAPrivateKey))
+        self._keys[name] = (alg or algorithm_of(key), key)
+
+    def _create(self, name: str, alg: Algorithm) -> KeyInfo:
+        info = super()._create(name, alg)
+        if self._dir is not None:
+            self._write(name, alg, self._keys[name][1])
+        return info
+
+    def _write(self, name: str, alg: Algorithm, key: SoftwareKey) -> None:
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        path = self._path(name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        path.with_suffix(".alg").write_text(alg.value)
+
+    def _delete(self, name: str) -> None:
+        super()._delete(name)
+        if self._dir is not None:
+            self._path(name).unlink(missing_ok=True)
+            self._path(name).with_suffix(".alg").unlink(missing_ok=True)
+
+    def export_private_key(self, name: str) -> SoftwareKey:
+        """The private key itself. Only this tier has this call."""
+        return self._entry(check_key_name(name))[1]
+
+    def export_private_key_der(self, name: str) -> bytes:
+        """PKCS#8 DER, as the SPIFFE Workload API's ``x509_svid_key`` carries it."""
+        return self.export_private_key(name).private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )

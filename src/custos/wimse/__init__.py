@@ -1,0 +1,1 @@
+"""IETF WIMSE: Workload Identity Tokens, Workload Proof Tokens, HTTP message signatures."""

@@ -1,0 +1,10 @@
+"""Shared test configuration. The swtpm / softhsm fixtures come from the
+``custos`` pytest plugin (src/custos/testing/plugin.py), the same one our
+users get."""
+
+from __future__ import annotations
+
+import os
+
+# tpm2-tss logs every expected NV miss at ERROR; keep test output readable.
+os.environ.setdefault("TSS2_LOG", "esys+none,fapi+none,tcti+none")

@@ -1,0 +1,67 @@
+"""Attestor plugins are found through entry points, exactly as a third party's would be.
+
+Each test installs a tiny distribution (a real ``.dist-info`` directory) on sys.path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+from custos.plugins import DuplicatePluginError, PluginLoadError, discover, load
+
+
+def install_dist(root: Path, dist: str, entry_points: str, modules: dict[str, str]) -> None:
+    info = root / f"{dist}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(entry_points)
+    for name, source in modules.items():
+        (root / f"{name}.py").write_text(source)
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    yield tmp_path
+    for mod in [m for m in sys.modules if m.startswith("acme_")]:
+        del sys.modules[mod]
+
+
+def test_third_party_attestor_is_discovered_and_loaded(site: Path) -> None:
+    install_dist(
+        site, "acme_attestors",
+        "[custos.workload_attestors]\nacme_cgroup = acme_cgroup:Attestor\n",
+        {"acme_cgroup": "class Attestor:\n    name = 'acme_cgroup'\n"},
+    )
+    names = [p.name for p in discover("workload")]
+    assert "acme_cgroup" in names
+    info = next(p for p in discover("workload") if p.name == "acme_cgroup")
+    assert info.distribution == "acme_attestors" and info.value == "acme_cgroup:Attestor"
+    assert load("workload", "acme_cgroup").name == "acme_cgroup"  # type: ignore[attr-defined]
+
+
+def test_same_name_from_two_distributions_is_refused(site: Path) -> None:
+    install_dist(site, "acme_one", "[custos.node_attestors]\nclash = acme_one:A\n", {"acme_one": "A = 1\n"})
+    install_dist(site, "acme_two", "[custos.node_attestors]\nclash = acme_two:B\n", {"acme_two": "B = 2\n"})
+    with pytest.raises(DuplicatePluginError, match="clash"):
+        discover("node")
+
+
+def test_broken_plugin_error_is_reported_not_swallowed(site: Path) -> None:
+    install_dist(
+        site, "acme_broken", "[custos.node_attestors]\nbroken = acme_broken:X\n",
+        {"acme_broken": "raise RuntimeError('boom at import')\n"},
+    )
+    with pytest.raises(PluginLoadError, match="broken.*boom at import") as exc:
+        load("node", "broken")
+    assert isinstance(exc.value.__cause__, RuntimeError)
+
+
+def test_unknown_plugin_names_what_is_installed(site: Path) -> None:
+    with pytest.raises(PluginLoadError, match="no node attestor named 'nope'"):
+        load("node", "nope")

@@ -1,0 +1,78 @@
+"""Route policy: which identities may call which paths; fails closed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from custos.wimse.errors import PolicyError, WptError
+from custos.wimse.policy import CallerPolicy
+from custos.wimse.problem import Problem
+
+POLICY = CallerPolicy.from_mapping(
+    {
+        "/pay": ["spiffe://example.org/ns/shop/*"],
+        "/admin": ["spiffe://example.org/ns/ops/sa/admin"],
+        "/public": ["*"],
+        "/": ["spiffe://example.org"],
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("subject", "path"),
+    [
+        ("spiffe://example.org/ns/shop/sa/web", "/pay"),
+        ("spiffe://example.org/ns/shop/sa/web", "/pay/123"),
+        ("spiffe://example.org/ns/ops/sa/admin", "/admin/users"),
+        ("spiffe://other.org/anyone", "/public"),
+        ("spiffe://example.org/ns/anything", "/orders"),
+    ],
+)
+def test_allowed(subject: str, path: str) -> None:
+    POLICY.check(subject, path)
+
+
+@pytest.mark.parametrize(
+    ("subject", "path"),
+    [
+        # /payroll is not under /pay: the most specific rule covering it is "/"
+        ("spiffe://other.org/ns/shop/sa/web", "/payroll"),
+        # path-prefix pattern is segment-bounded: /ns/shopping is not /ns/shop/*
+        ("spiffe://example.org/ns/shopping/sa/web", "/pay"),
+        # the prefix itself is not "under" the prefix
+        ("spiffe://example.org/ns/shop", "/pay"),
+        # exact pattern: a longer id is not the same id
+        ("spiffe://example.org/ns/ops/sa/admin2", "/admin"),
+        # trust domain pattern: a look-alike trust domain is another trust domain
+        ("spiffe://example.org.evil.com/x", "/orders"),
+        ("spiffe://other.org/x", "/orders"),
+    ],
+)
+def test_denied(subject: str, path: str) -> None:
+    with pytest.raises(PolicyError):
+        POLICY.check(subject, path)
+
+
+def test_uncovered_route_fails_closed() -> None:
+    policy = CallerPolicy.from_mapping({"/pay": ["*"]})
+    with pytest.raises(PolicyError):
+        policy.check("spiffe://example.org/x", "/payroll")
+    CallerPolicy.allow_all().check("spiffe://example.org/x", "/payroll")
+
+
+def test_problem_json_reveals_only_the_code() -> None:
+    err = WptError("wth does not match the hash of eyJhbGciOi... secret detail")
+    problem = Problem.from_error(err)
+    body = json.loads(problem.body())
+    assert body == {
+        "type": "urn:custos:problem:invalid_wpt",
+        "title": "Unauthorized",
+        "status": 401,
+        "code": "invalid_wpt",
+    }
+    assert ("www-authenticate", "WPT") in problem.headers()
+    assert ("content-type", "application/problem+json") in problem.headers()
+    forbidden = Problem.from_error(PolicyError("x"))
+    assert forbidden.status == 403 and all(h[0] != "www-authenticate" for h in forbidden.headers())

@@ -73,6 +73,8 @@ def load(kind: PluginKind, name: str) -> object:
             try:
                 return ep.load()
             except Exception as e:
-                raise PluginLoadError(f"{kind} attestor {name!r} ({ep.value}) failed to load: {e}") from e
+                raise PluginLoadError(
+                    f"{kind} attestor {name!r} ({ep.value}) failed to load: {e}"
+                ) from e
     known = ", ".join(p.name for p in discover(kind)) or "none"
     raise PluginLoadError(f"no {kind} attestor named {name!r} is installed (installed: {known})")

@@ -82,5 +82,3 @@ def unique_name(request: pytest.FixtureRequest) -> Callable[[str], str]:
         return f"ct-{prefix}-{uuid.uuid4().hex[:10]}"
 
     return make
-
-

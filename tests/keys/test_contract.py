@@ -94,7 +94,9 @@ def test_public_jwk_matches_public_key(store: KeyStore, unique_name: Namer) -> N
     assert imported.as_pem(private=False) == pem
 
 
-def test_openssl_cli_verifies_signature(store: KeyStore, unique_name: Namer, tmp_path: Path) -> None:
+def test_openssl_cli_verifies_signature(
+    store: KeyStore, unique_name: Namer, tmp_path: Path
+) -> None:
     name = unique_name("ossl")
     store.create(name, "ES256")
     data = b"verified by the openssl command line"
@@ -108,13 +110,17 @@ def test_openssl_cli_verifies_signature(store: KeyStore, unique_name: Namer, tmp
     )
     ok = subprocess.run(
         ["openssl", "dgst", "-sha256", "-verify", "pub.pem", "-signature", "sig.der", "data"],
-        cwd=tmp_path, capture_output=True, text=True,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert ok.returncode == 0 and "Verified OK" in ok.stdout
     (tmp_path / "data").write_bytes(data + b"x")
     bad = subprocess.run(
         ["openssl", "dgst", "-sha256", "-verify", "pub.pem", "-signature", "sig.der", "data"],
-        cwd=tmp_path, capture_output=True, text=True,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode != 0
 
@@ -131,9 +137,23 @@ def test_keys_survive_restart_in_a_new_process(
     data = tmp_path / "msg"
     data.write_bytes(b"signed by another process")
     out = subprocess.run(
-        [sys.executable, "-m", "custos", "keys", "sign", "--store", store_env.kind,
-         "--name", name, "--input", str(data)],
-        env=store_env.cli_env(), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "custos",
+            "keys",
+            "sign",
+            "--store",
+            store_env.kind,
+            "--name",
+            name,
+            "--input",
+            str(data),
+        ],
+        env=store_env.cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     sig = base64.urlsafe_b64decode(out.stdout.strip() + "==")
@@ -227,7 +247,9 @@ def test_joserfc_signs_a_jws_through_the_store(store: KeyStore, unique_name: Nam
         name = unique_name("jws" + alg.value.lower())
         store.create(name, alg)
         key = joserfc_key(store.get(name))
-        token = jws.serialize_compact({"alg": alg.value}, b'{"hello":"device"}', key, algorithms=[alg.value])
+        token = jws.serialize_compact(
+            {"alg": alg.value}, b'{"hello":"device"}', key, algorithms=[alg.value]
+        )
         public = import_key(store.public_jwk(name))
         obj = jws.deserialize_compact(token, public, algorithms=[alg.value])
         assert obj.payload == b'{"hello":"device"}'
@@ -288,26 +310,42 @@ def test_cli_create_and_public_print_the_jwk(store_env: StoreEnv, unique_name: N
     env = store_env.cli_env()
     created = subprocess.run(
         [*base, "create", "--store", store_env.kind, "--name", name, "--alg", "ES256"],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert created.returncode == 0, created.stderr
     jwk = json.loads(created.stdout)
     public = subprocess.run(
         [*base, "public", "--store", store_env.kind, "--name", name],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert json.loads(public.stdout) == jwk
     listed = subprocess.run(
-        [*base, "list", "--store", store_env.kind], env=env, capture_output=True, text=True, timeout=120
+        [*base, "list", "--store", store_env.kind],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert name in listed.stdout
     deleted = subprocess.run(
         [*base, "delete", "--store", store_env.kind, "--name", name],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert deleted.returncode == 0, deleted.stderr
     gone = subprocess.run(
         [*base, "public", "--store", store_env.kind, "--name", name],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert gone.returncode != 0 and "key_not_found" in gone.stderr

@@ -34,7 +34,8 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_third_party_attestor_is_discovered_and_loaded(site: Path) -> None:
     install_dist(
-        site, "acme_attestors",
+        site,
+        "acme_attestors",
         "[custos.workload_attestors]\nacme_cgroup = acme_cgroup:Attestor\n",
         {"acme_cgroup": "class Attestor:\n    name = 'acme_cgroup'\n"},
     )
@@ -46,18 +47,24 @@ def test_third_party_attestor_is_discovered_and_loaded(site: Path) -> None:
 
 
 def test_same_name_from_two_distributions_is_refused(site: Path) -> None:
-    install_dist(site, "acme_one", "[custos.node_attestors]\nclash = acme_one:A\n", {"acme_one": "A = 1\n"})
-    install_dist(site, "acme_two", "[custos.node_attestors]\nclash = acme_two:B\n", {"acme_two": "B = 2\n"})
+    install_dist(
+        site, "acme_one", "[custos.node_attestors]\nclash = acme_one:A\n", {"acme_one": "A = 1\n"}
+    )
+    install_dist(
+        site, "acme_two", "[custos.node_attestors]\nclash = acme_two:B\n", {"acme_two": "B = 2\n"}
+    )
     with pytest.raises(DuplicatePluginError, match="clash"):
         discover("node")
 
 
 def test_broken_plugin_error_is_reported_not_swallowed(site: Path) -> None:
     install_dist(
-        site, "acme_broken", "[custos.node_attestors]\nbroken = acme_broken:X\n",
+        site,
+        "acme_broken",
+        "[custos.node_attestors]\nbroken = acme_broken:X\n",
         {"acme_broken": "raise RuntimeError('boom at import')\n"},
     )
-    with pytest.raises(PluginLoadError, match="broken.*boom at import") as exc:
+    with pytest.raises(PluginLoadError, match=r"broken.*boom at import") as exc:
         load("node", "broken")
     assert isinstance(exc.value.__cause__, RuntimeError)
 

@@ -22,25 +22,45 @@ def store_options(func: F) -> F:
     """The flags every verb takes; each falls back to its CUSTOS_* variable."""
 
     @click.option(
-        "--store", "store_kind", required=True,
+        "--store",
+        "store_kind",
+        required=True,
         type=click.Choice(["tpm", "pkcs11", "memory", "exportable"]),
         help="where the key lives",
     )
-    @click.option("--tcti", default=None, help="TPM TCTI [env CUSTOS_TCTI; default device:/dev/tpmrm0]")
-    @click.option("--key-dir", default=None, type=click.Path(path_type=Path),
-                  help="TPM key blobs / exportable keys [env CUSTOS_KEY_DIR]")
-    @click.option("--pkcs11-module", default=None, help="PKCS#11 library [env CUSTOS_PKCS11_MODULE]")
-    @click.option("--pkcs11-uri", default=None,
-                  help="RFC 7512 token URI, e.g. 'pkcs11:token=custos?pin-source=file:/etc/pin' "
-                  "[env CUSTOS_PKCS11_URI]")
+    @click.option(
+        "--tcti", default=None, help="TPM TCTI [env CUSTOS_TCTI; default device:/dev/tpmrm0]"
+    )
+    @click.option(
+        "--key-dir",
+        default=None,
+        type=click.Path(path_type=Path),
+        help="TPM key blobs / exportable keys [env CUSTOS_KEY_DIR]",
+    )
+    @click.option(
+        "--pkcs11-module", default=None, help="PKCS#11 library [env CUSTOS_PKCS11_MODULE]"
+    )
+    @click.option(
+        "--pkcs11-uri",
+        default=None,
+        help="RFC 7512 token URI, e.g. 'pkcs11:token=custos?pin-source=file:/etc/pin' "
+        "[env CUSTOS_PKCS11_URI]",
+    )
     @functools.wraps(func)
     def wrapper(
-        store_kind: str, tcti: str | None, key_dir: Path | None,
-        pkcs11_module: str | None, pkcs11_uri: str | None, **kwargs: Any,
+        store_kind: str,
+        tcti: str | None,
+        key_dir: Path | None,
+        pkcs11_module: str | None,
+        pkcs11_uri: str | None,
+        **kwargs: Any,
     ) -> Any:
         config = KeyStoreConfig.from_env(
-            store_kind, tcti=tcti, key_dir=key_dir,
-            pkcs11_module=pkcs11_module, pkcs11_uri=pkcs11_uri,
+            store_kind,
+            tcti=tcti,
+            key_dir=key_dir,
+            pkcs11_module=pkcs11_module,
+            pkcs11_uri=pkcs11_uri,
         )
         with open_key_store(config) as store:
             return func(store=store, **kwargs)
@@ -60,8 +80,9 @@ def keys() -> None:
 @keys.command()
 @store_options
 @click.option("--name", required=True)
-@click.option("--alg", default="ES256", show_default=True,
-              type=click.Choice([a.value for a in Algorithm]))
+@click.option(
+    "--alg", default="ES256", show_default=True, type=click.Choice([a.value for a in Algorithm])
+)
 def create(store: KeyStore, name: str, alg: str) -> None:
     """Generate a key in the store; print its public JWK."""
     store.create(name, alg)
@@ -87,10 +108,17 @@ def public(store: KeyStore, name: str) -> None:
 @keys.command()
 @store_options
 @click.option("--name", required=True)
-@click.option("--input", "input_", required=True, type=click.File("rb"),
-              help="file to sign ('-' for stdin)")
-@click.option("--format", "fmt", default="jose", type=click.Choice(["jose", "der"]),
-              show_default=True, help="jose: base64url raw r||s; der: base64 DER (ECDSA)")
+@click.option(
+    "--input", "input_", required=True, type=click.File("rb"), help="file to sign ('-' for stdin)"
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="jose",
+    type=click.Choice(["jose", "der"]),
+    show_default=True,
+    help="jose: base64url raw r||s; der: base64 DER (ECDSA)",
+)
 def sign(store: KeyStore, name: str, input_: Any, fmt: str) -> None:
     """Sign the file's bytes (SHA-256 for ES256) and print the signature."""
     info = store.info(name)

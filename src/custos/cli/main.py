@@ -14,6 +14,7 @@ import click
 from custos import __version__
 from custos.cli.keys import keys
 from custos.cli.tpm import tpm
+from custos.cli.wimse import jwt, wimse
 from custos.errors import CustosError
 
 
@@ -37,13 +38,8 @@ def cli() -> None:
 cli.add_command(keys)
 cli.add_command(tpm)
 
-try:  # later domains register themselves here when present
-    from custos.cli.wimse import jwt, wimse
-
-    cli.add_command(wimse)
-    cli.add_command(jwt)
-except ImportError:  # pragma: no cover - during bootstrap only
-    pass
+cli.add_command(wimse)
+cli.add_command(jwt)
 
 
 def main() -> None:

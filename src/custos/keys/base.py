@@ -13,6 +13,7 @@ checks, hashing and encodings once so every backend behaves the same.
 
 from __future__ import annotations
 
+import builtins
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -115,7 +116,7 @@ class KeyStore(ABC):
             )
         return self._sign_digest(info, hashed)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op for software stores
         """Release device sessions and worker threads. Idempotent."""
 
     def __enter__(self) -> KeyStore:
@@ -133,7 +134,7 @@ class KeyStore(ABC):
     def _info(self, name: str) -> KeyInfo: ...
 
     @abstractmethod
-    def _list(self) -> list[KeyInfo]: ...
+    def _list(self) -> builtins.list[KeyInfo]: ...
 
     @abstractmethod
     def _delete(self, name: str) -> None: ...

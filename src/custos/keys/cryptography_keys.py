@@ -56,7 +56,9 @@ class DeviceECPrivateKey(ec.EllipticCurvePrivateKey):
         return self._key
 
     def sign(
-        self, data: bytes | bytearray | memoryview, signature_algorithm: ec.EllipticCurveSignatureAlgorithm
+        self,
+        data: bytes | bytearray | memoryview,
+        signature_algorithm: ec.EllipticCurveSignatureAlgorithm,
     ) -> bytes:
         if not isinstance(signature_algorithm, ec.ECDSA):
             raise UnsupportedAlgorithmError("device EC keys sign ECDSA only")
@@ -65,7 +67,9 @@ class DeviceECPrivateKey(ec.EllipticCurvePrivateKey):
         if got != want:
             # The TPM key is created for one scheme+hash; signing another hash
             # would be refused by the device anyway. Fail early and clearly.
-            raise UnsupportedAlgorithmError(f"this {self._key.alg.value} key signs {want}, not {got}")
+            raise UnsupportedAlgorithmError(
+                f"this {self._key.alg.value} key signs {want}, not {got}"
+            )
         hashed = _digest_of(bytes(data), signature_algorithm.algorithm)
         raw = self._key.store.sign_digest(self._key.name, hashed)
         return raw_to_der(raw, self._key.alg.spec.coordinate_size)
@@ -159,8 +163,10 @@ class DeviceRSAPrivateKey(rsa.RSAPrivateKey):
         self,
         data: bytes | bytearray | memoryview,
         padding_: padding.AsymmetricPadding,
-        algorithm: asym_utils.Prehashed | hashes.HashAlgorithm,
+        algorithm: asym_utils.Prehashed | hashes.HashAlgorithm | asym_utils.NoDigestInfo,
     ) -> bytes:
+        if isinstance(algorithm, asym_utils.NoDigestInfo):
+            raise UnsupportedAlgorithmError("device RSA keys sign with a DigestInfo")
         spec = self._key.alg.spec
         want_pss = spec.pss
         if isinstance(padding_, padding.PSS) != want_pss or not isinstance(

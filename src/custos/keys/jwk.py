@@ -26,9 +26,7 @@ def public_jwk_members(key: PublicKeyTypes) -> dict[str, str]:
     """The required members of a public JWK, no optional ones."""
     if isinstance(key, ec.EllipticCurvePublicKey):
         size = (key.curve.key_size + 7) // 8
-        crv = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}.get(
-            key.curve.name
-        )
+        crv = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}.get(key.curve.name)
         if crv is None:
             raise UnsupportedAlgorithmError(f"unsupported curve {key.curve.name}")
         nums = key.public_numbers()
@@ -44,8 +42,12 @@ def public_jwk_members(key: PublicKeyTypes) -> dict[str, str]:
         raw = key.public_bytes(Encoding.Raw, PublicFormat.Raw)
         return {"kty": "OKP", "crv": "Ed25519", "x": b64url(raw)}
     if isinstance(key, rsa.RSAPublicKey):
-        nums = key.public_numbers()
-        return {"kty": "RSA", "n": b64url(_int_bytes(nums.n)), "e": b64url(_int_bytes(nums.e))}
+        rsa_nums = key.public_numbers()
+        return {
+            "kty": "RSA",
+            "n": b64url(_int_bytes(rsa_nums.n)),
+            "e": b64url(_int_bytes(rsa_nums.e)),
+        }
     raise UnsupportedAlgorithmError(f"unsupported public key type {type(key).__name__}")
 
 

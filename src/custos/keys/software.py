@@ -159,8 +159,12 @@ class ExportableKeyStore(MemoryKeyStore):
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
             alg = Algorithm.parse(alg_path.read_text().strip()) if alg_path.exists() else None
         except (ValueError, OSError) as e:
-            raise KeyStoreError(f"cannot load exportable key {path.name}", code="bad_key_file") from e
-        assert isinstance(key, (ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, rsa.RSAPrivateKey))
+            raise KeyStoreError(
+                f"cannot load exportable key {path.name}", code="bad_key_file"
+            ) from e
+        assert isinstance(
+            key, (ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, rsa.RSAPrivateKey)
+        )
         self._keys[name] = (alg or algorithm_of(key), key)
 
     def _create(self, name: str, alg: Algorithm) -> KeyInfo:

@@ -48,7 +48,9 @@ class HttpMessage:
         return values[0] if values else None
 
     def with_headers(self, extra: Sequence[tuple[str, str]]) -> HttpMessage:
-        return HttpMessage(self.headers + tuple(extra), self.body, self.method, self.target, self.status)
+        return HttpMessage(
+            self.headers + tuple(extra), self.body, self.method, self.target, self.status
+        )
 
     @property
     def path(self) -> str:

@@ -4,11 +4,31 @@ until the proof would have expired anyway.
 ``MemoryReplayCache`` is bounded and per process; ``RedisReplayCache`` shares
 the memory among relying-party replicas (SET NX with an expiry: one round trip,
 atomic).
+
+Both store a SHA-256 of ``namespace`` and ``value`` rather than the values
+themselves: nonces and ``jti`` are chosen by the caller, and hashing bounds
+every entry (memory, Redis key size) whatever the caller sends.
+
+Both fail closed: when the cache cannot answer (Redis down, memory cache full
+of live entries) they raise :class:`ReplayCacheUnavailableError` instead of
+guessing "new", because a cache that says "new" when it does not know turns
+replay protection off exactly when an attacker floods it.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import hashlib
+import heapq
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from custos.wimse.errors import WimseError
+
+if TYPE_CHECKING:
+    import redis
 
 
 @runtime_checkable
@@ -19,3 +39,124 @@ class ReplayCache(Protocol):
         Returns True when it was new, False when it had been seen (a replay).
         """
         ...
+
+
+class ReplayCacheUnavailableError(WimseError):
+    """The replay cache cannot tell whether a proof is new; the request is refused."""
+
+    code = "replay_cache_unavailable"
+    status = 503
+
+
+class ReplayCacheFullError(ReplayCacheUnavailableError):
+    """Every slot of the memory cache holds an entry that has not expired yet."""
+
+    code = "replay_cache_full"
+
+
+def _entry_key(namespace: str, value: str) -> bytes:
+    # A NUL separator keeps ("a", "b:c") and ("a:b", "c") apart; UTF-8 with
+    # surrogatepass so any str a framework hands us hashes instead of raising.
+    data = (
+        namespace.encode("utf-8", "surrogatepass")
+        + b"\x00"
+        + value.encode("utf-8", "surrogatepass")
+    )
+    return hashlib.sha256(data).digest()
+
+
+class MemoryReplayCache:
+    """A bounded, thread-safe, per-process replay cache.
+
+    When the cache is full it first drops expired entries. If every entry is
+    still live it refuses (:class:`ReplayCacheFullError`, fail closed) rather
+    than evicting the oldest live entry: evicting would let whoever filled the
+    cache replay the entry it pushed out. Entries live only as long as a proof
+    does (minutes), so a full cache drains by itself; size ``max_entries`` for
+    the peak request rate times the proof lifetime.
+
+    ``clock`` returns epoch seconds; tests pass their own.
+    """
+
+    def __init__(
+        self, max_entries: int = 100_000, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._expiry: dict[bytes, float] = {}
+        # (expires_at, key); may hold stale pairs for keys stored again later,
+        # which _purge recognises by comparing with _expiry.
+        self._heap: list[tuple[float, bytes]] = []
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._purge(self._clock())
+            return len(self._expiry)
+
+    def check_and_store(self, namespace: str, value: str, expires_at: float) -> bool:
+        key = _entry_key(namespace, value)
+        with self._lock:
+            now = self._clock()
+            known = self._expiry.get(key)
+            if known is not None and known > now:
+                return False
+            if known is None and len(self._expiry) >= self.max_entries:
+                self._purge(now)
+                if len(self._expiry) >= self.max_entries:
+                    raise ReplayCacheFullError(
+                        f"replay cache holds {self.max_entries} live entries; refusing"
+                    )
+            self._expiry[key] = expires_at
+            heapq.heappush(self._heap, (expires_at, key))
+            if len(self._heap) > 2 * self.max_entries:
+                # Stale heap pairs pile up only when keys are re-stored; rebuild.
+                self._heap = [(exp, k) for k, exp in self._expiry.items()]
+                heapq.heapify(self._heap)
+            return True
+
+    def _purge(self, now: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            exp, key = heapq.heappop(heap)
+            if self._expiry.get(key) == exp:
+                del self._expiry[key]
+
+
+class RedisReplayCache:
+    """A replay cache shared by relying-party replicas through Redis.
+
+    One ``SET key 1 NX PX ttl`` per check: atomic on the server, so two
+    replicas receiving the same proof at once cannot both see it as new. The
+    expiry is sent relative (PX, computed with the local clock) rather than as
+    an absolute PXAT, so a Redis server whose clock differs from ours does not
+    shorten or stretch the window.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str = "custos:replay:",
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._clock = clock
+
+    def key_for(self, namespace: str, value: str) -> str:
+        return self._prefix + _entry_key(namespace, value).hex()
+
+    def check_and_store(self, namespace: str, value: str, expires_at: float) -> bool:
+        import redis
+
+        ttl_ms = max(1, math.ceil((expires_at - self._clock()) * 1000))
+        try:
+            stored = self._client.set(self.key_for(namespace, value), b"1", nx=True, px=ttl_ms)
+        except redis.RedisError as e:
+            raise ReplayCacheUnavailableError(
+                f"replay cache (redis) unavailable: {type(e).__name__}"
+            ) from e
+        return bool(stored)

@@ -1,0 +1,294 @@
+"""`make bench`: custos against the in-process and raw-device limits, measured in the same run.
+
+Prints ops/s, p50 and p99 per case and the ratio of p50 against the named baseline.
+Figures from a run go into docs/benchmarks.md. Nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TSS2_LOG", "esys+none,tcti+none")
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from timing import Result, header, measure, row
+
+N_FAST = int(os.environ.get("BENCH_N", "3000"))
+N_TPM = int(os.environ.get("BENCH_N_TPM", "1000"))
+
+
+def section(title: str) -> None:
+    print(f"\n### {title}\n")
+    print(header())
+
+
+def bench_keystores(tpm_tcti: str, key_dir: Path, hsm: object) -> None:
+    from raw_pkcs11 import bench_raw_pkcs11_sign
+    from raw_tpm import bench_raw_tpm_sign
+
+    from custos.keys import MemoryKeyStore
+    from custos.keys.pkcs11 import Pkcs11KeyStore
+    from custos.keys.tpm import TpmKeyStore
+
+    msg = b"x" * 256
+    section("Key stores: single-threaded ES256 sign (ratio = p50 / raw call on the same device)")
+    key = ec.generate_private_key(ec.SECP256R1())
+    inproc = measure(
+        "in-process cryptography ECDSA P-256",
+        lambda: key.sign(msg, ec.ECDSA(hashes.SHA256())),
+        N_FAST,
+    )
+    print(row(inproc))
+
+    mem = MemoryKeyStore()
+    mem.create("b", "ES256")
+    print(
+        row(
+            measure("custos memory store", lambda: mem.sign("b", msg), N_FAST),
+            inproc,
+            note="vs in-process",
+        )
+    )
+
+    raw_h = Result(
+        "raw python-pkcs11 sign (SoftHSM token key)",
+        bench_raw_pkcs11_sign(hsm.module, hsm.token_label, hsm.pin, N_FAST),
+    )  # type: ignore[attr-defined]
+    print(row(raw_h))
+    hstore = Pkcs11KeyStore(module=hsm.module, uri=hsm.uri)  # type: ignore[attr-defined]
+    hstore.create("bench", "ES256")
+    print(
+        row(
+            measure("custos pkcs11 store (SoftHSM)", lambda: hstore.sign("bench", msg), N_FAST),
+            raw_h,
+            note="aim <= 1.20x; >= 10,000/s",
+        )
+    )
+    hstore.delete("bench")
+    hstore.close()
+
+    raw_t = Result("raw tpm2-pytss ESAPI sign (swtpm)", bench_raw_tpm_sign(tpm_tcti, N_TPM))
+    print(row(raw_t))
+    tstore = TpmKeyStore(tcti=tpm_tcti, key_dir=key_dir)
+    tstore.create("bench", "ES256")
+    print(
+        row(
+            measure("custos tpm store (swtpm)", lambda: tstore.sign("bench", msg), N_TPM),
+            raw_t,
+            note="aim <= 1.20x; >= 1,000/s",
+        )
+    )
+    tstore.close()
+
+
+def bench_wimse(tpm_tcti: str, key_dir: Path, hsm: object) -> None:
+    from joserfc import jwt as jose_jwt
+    from joserfc.jwk import ECKey
+
+    from custos.bundle import BundleSet, JwtAuthority, TrustBundle
+    from custos.identity import SpiffeId, TrustDomain
+    from custos.keys import MemoryKeyStore
+    from custos.keys.jose import joserfc_key
+    from custos.keys.pkcs11 import Pkcs11KeyStore
+    from custos.keys.tpm import TpmKeyStore
+    from custos.wimse.asgi import WimseASGIMiddleware
+    from custos.wimse.replay import MemoryReplayCache
+    from custos.wimse.verifier import RequestVerifier
+    from custos.wimse.wit import WitVerifier, mint_wit
+    from custos.wimse.wpt import WptVerifier, create_wpt, wpt_headers
+
+    td = TrustDomain.parse("bench.example")
+    issuer = MemoryKeyStore()
+    issuer.create("ca", "ES256")
+    ca_jwk = issuer.public_jwk("ca")
+    bundles = BundleSet(
+        [
+            TrustBundle(
+                td, (), (JwtAuthority(ca_jwk["kid"], issuer.public_key("ca"), None, "ES256"),)
+            )
+        ]
+    )
+    workload = MemoryKeyStore()
+    workload.create("w", "ES256")
+    wkey = joserfc_key(workload.get("w"))
+    wit = mint_wit(
+        joserfc_key(issuer.get("ca")),
+        "ES256",
+        ca_jwk["kid"],
+        SpiffeId.parse("spiffe://bench.example/w"),
+        workload.public_jwk("w"),
+        timedelta(hours=1),
+    )
+    origin = "https://api.bench.example"
+
+    # Raw limit: cryptography verify of one ES256 signature (and two: WIT + WPT)
+    key = ec.generate_private_key(ec.SECP256R1())
+    msg = b"y" * 300
+    sig = key.sign(msg, ec.ECDSA(hashes.SHA256()))
+    pub = key.public_key()
+    one = measure(
+        "raw cryptography ES256 verify x1",
+        lambda: pub.verify(sig, msg, ec.ECDSA(hashes.SHA256())),
+        N_FAST,
+    )
+
+    def two_verifies() -> None:
+        pub.verify(sig, msg, ec.ECDSA(hashes.SHA256()))
+        pub.verify(sig, msg, ec.ECDSA(hashes.SHA256()))
+
+    two = measure("raw cryptography ES256 verify x2", two_verifies, N_FAST)
+
+    def middleware_case(label: str, cache_entries: int) -> Result:
+        wits = WitVerifier(bundles, max_entries=cache_entries)
+        verifier = RequestVerifier(
+            wpt=WptVerifier(wit_verifier=wits, audiences=[origin], replay=MemoryReplayCache())
+        )
+
+        async def ok_app(scope, receive, send):  # type: ignore[no-untyped-def]
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        mw = WimseASGIMiddleware(ok_app, verifier)
+        n = N_FAST
+        scopes = []
+        for _ in range(n + 20):  # a fresh proof per request: replay protection is on
+            headers = wpt_headers(wit, create_wpt(wkey, wit, f"{origin}/pay"))
+            scopes.append(
+                {
+                    "type": "http",
+                    "method": "POST",
+                    "path": "/pay",
+                    "raw_path": b"/pay",
+                    "query_string": b"",
+                    "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
+                }
+            )
+        statuses: list[int] = []
+
+        async def receive():  # type: ignore[no-untyped-def]
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):  # type: ignore[no-untyped-def]
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        it = iter(scopes)
+        loop = asyncio.new_event_loop()
+        result = measure(label, lambda: loop.run_until_complete(mw(next(it), receive, send)), n)
+        loop.close()
+        assert set(statuses) == {204}, f"bench requests failed: {set(statuses)}"
+        return result
+
+    section("Relying party: WIT+WPT verification per request through the ASGI middleware")
+    print(row(two))
+    print(
+        row(
+            middleware_case("ASGI middleware, WIT verified every request", 0),
+            two,
+            note="aim <= 1.5x of 2 raw verifies",
+        )
+    )
+    print(row(one))
+    print(
+        row(
+            middleware_case("ASGI middleware, verified WIT cached by hash", 4096),
+            one,
+            note="aim <= 1.2x of 1 raw verify",
+        )
+    )
+
+    section("Workload side: WPT creation (ratio = p50 / joserfc in-process ES256)")
+    plain = ECKey.generate_key("P-256")
+    claims = {"aud": f"{origin}/pay", "exp": 2_000_000_000, "jti": "x" * 22, "wth": "y" * 43}
+    base = measure(
+        "joserfc in-process ES256 JWT encode",
+        lambda: jose_jwt.encode({"alg": "ES256", "typ": "wpt+jwt"}, claims, plain),
+        N_FAST,
+    )
+    print(row(base))
+    print(
+        row(
+            measure(
+                "create_wpt via memory store key",
+                lambda: create_wpt(wkey, wit, f"{origin}/pay"),
+                N_FAST,
+            ),
+            base,
+        )
+    )
+
+    hstore = Pkcs11KeyStore(module=hsm.module, uri=hsm.uri)  # type: ignore[attr-defined]
+    hstore.create("wpt", "ES256")
+    hwit = mint_wit(
+        joserfc_key(issuer.get("ca")),
+        "ES256",
+        ca_jwk["kid"],
+        SpiffeId.parse("spiffe://bench.example/h"),
+        hstore.public_jwk("wpt"),
+        timedelta(hours=1),
+    )
+    hkey = joserfc_key(hstore.get("wpt"))
+    print(
+        row(
+            measure(
+                "create_wpt via SoftHSM key",
+                lambda: create_wpt(hkey, hwit, f"{origin}/pay"),
+                N_FAST,
+            ),
+            base,
+        )
+    )
+    hstore.delete("wpt")
+    hstore.close()
+
+    tstore = TpmKeyStore(tcti=tpm_tcti, key_dir=key_dir)
+    tstore.create("wpt", "ES256")
+    twit = mint_wit(
+        joserfc_key(issuer.get("ca")),
+        "ES256",
+        ca_jwk["kid"],
+        SpiffeId.parse("spiffe://bench.example/t"),
+        tstore.public_jwk("wpt"),
+        timedelta(hours=1),
+    )
+    tkey = joserfc_key(tstore.get("wpt"))
+    print(
+        row(
+            measure(
+                "create_wpt via swtpm key", lambda: create_wpt(tkey, twit, f"{origin}/pay"), N_TPM
+            ),
+            base,
+        )
+    )
+    tstore.close()
+
+
+def main() -> int:
+    from custos.testing import softhsm as hsm_rig
+    from custos.testing import swtpm as tpm_rig
+
+    with tempfile.TemporaryDirectory(prefix="custos-bench-") as tmp:
+        root = Path(tmp)
+        state = tpm_rig.provision(root / "tpm")
+        tpm = tpm_rig.start_instance(state.root)
+        conf = hsm_rig.write_config(root / "softhsm")
+        os.environ["SOFTHSM2_CONF"] = str(conf)
+        hsm = hsm_rig.init_token(hsm_rig.find_module(), conf, "bench")
+        try:
+            print(f"custos benchmarks — python {sys.version.split()[0]}, {os.cpu_count()} cores")
+            bench_keystores(tpm.tcti, root / "tpm-keys", hsm)
+            bench_wimse(tpm.tcti, root / "tpm-keys2", hsm)
+        finally:
+            tpm.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

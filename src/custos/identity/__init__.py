@@ -1,0 +1,24 @@
+"""Workload identifiers: trust domains, SPIFFE IDs (``spiffe://``) and WIMSE
+Workload Identifiers (``wimse://``)."""
+
+from custos.identity.errors import InvalidIdentifierError
+from custos.identity.ids import (
+    MAX_ID_LENGTH,
+    MAX_TRUST_DOMAIN_LENGTH,
+    SpiffeId,
+    TrustDomain,
+    WimseId,
+    WorkloadId,
+    parse_workload_id,
+)
+
+__all__ = [
+    "MAX_ID_LENGTH",
+    "MAX_TRUST_DOMAIN_LENGTH",
+    "InvalidIdentifierError",
+    "SpiffeId",
+    "TrustDomain",
+    "WimseId",
+    "WorkloadId",
+    "parse_workload_id",
+]

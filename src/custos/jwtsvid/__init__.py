@@ -1,0 +1,45 @@
+"""JWT-SVIDs (SPIFFE JWT-SVID spec): mint and validate."""
+
+from custos.jwtsvid.errors import (
+    JwtAudienceError,
+    JwtBadAlgorithmError,
+    JwtBadSignatureError,
+    JwtBadSubjectError,
+    JwtExpiredError,
+    JwtMalformedError,
+    JwtMintError,
+    JwtMissingClaimError,
+    JwtNotYetValidError,
+    JwtSvidError,
+    JwtUnknownKeyError,
+    JwtUntrustedDomainError,
+)
+from custos.jwtsvid.jwtsvid import (
+    ASYMMETRIC_ALGORITHMS,
+    DEFAULT_ALGORITHMS,
+    DEFAULT_LEEWAY,
+    JwtSvid,
+    mint_jwt_svid,
+    validate_jwt_svid,
+)
+
+__all__ = [
+    "ASYMMETRIC_ALGORITHMS",
+    "DEFAULT_ALGORITHMS",
+    "DEFAULT_LEEWAY",
+    "JwtAudienceError",
+    "JwtBadAlgorithmError",
+    "JwtBadSignatureError",
+    "JwtBadSubjectError",
+    "JwtExpiredError",
+    "JwtMalformedError",
+    "JwtMintError",
+    "JwtMissingClaimError",
+    "JwtNotYetValidError",
+    "JwtSvid",
+    "JwtSvidError",
+    "JwtUnknownKeyError",
+    "JwtUntrustedDomainError",
+    "mint_jwt_svid",
+    "validate_jwt_svid",
+]

@@ -1,0 +1,683 @@
+"""The ``pkcs11`` key store: keys generated inside a PKCS#11 token (SoftHSM2, an HSM).
+
+Keys
+    EC P-256 (ES256), P-384 (ES384), Ed25519 (EdDSA, ``CKK_EC_EDWARDS`` /
+    ``CKM_EDDSA``) and RSA-2048 (RS256, PS256).  The private key is created
+    with TOKEN, PRIVATE, SENSITIVE, SIGN true and EXTRACTABLE, DERIVE,
+    DECRYPT, UNWRAP false, so the token never lets its value out
+    (NEVER_EXTRACTABLE).  ``CKA_ALLOWED_MECHANISMS`` pins it to the one
+    signing mechanism custos uses, which also records RS256 vs PS256 on the
+    token.  The public key is stored next to it.  Both carry
+    ``CKA_LABEL`` = the key name and the same random 16-byte ``CKA_ID``
+    (random, not derived from the name, so a deleted and re-created name
+    never pairs with a stale object another tool left behind).
+
+Finding keys
+    By label.  The algorithm is recovered from the token after a restart:
+    key type + ``CKA_EC_PARAMS`` (curve OID) for EC / Ed25519, allowed
+    mechanisms for RSA.  Algorithms and public keys are cached in memory.
+
+Sessions and threads
+    SoftHSM under python-pkcs11 crashes with concurrent sessions (measured),
+    and PKCS#11 login state is per process and token anyway (a second
+    ``C_Login`` gets ``CKR_USER_ALREADY_LOGGED_IN``; ``C_Logout`` on one
+    session logs all of them out).  So: one logged-in R/W session per token per
+    process, shared by every store on that token, and every call into a
+    library serialized by that library's lock.
+
+Libraries
+    python-pkcs11 0.10.1 caches one ``pkcs11.lib`` per path string and can hold
+    several different libraries at once.  Two path strings naming the same
+    file (Debian's ``/usr/lib/softhsm/libsofthsm2.so`` is a symlink) would
+    ``C_Initialize`` the same library twice and fail, so modules are keyed by
+    ``os.path.realpath``.  SoftHSM reads ``SOFTHSM2_CONF`` and scans its
+    token directory at ``C_Initialize`` only; tokens created later by another
+    process are invisible until the library is finalized and initialized again.
+
+Recovery
+    A lost session or token (``CKR_SESSION_HANDLE_INVALID``,
+    ``CKR_SESSION_CLOSED``, ``CKR_DEVICE_REMOVED``, ``CKR_TOKEN_NOT_PRESENT``,
+    ``CKR_DEVICE_ERROR``, ``CKR_GENERAL_ERROR``, stale object handles...)
+    triggers one ``C_Finalize``/``C_Initialize`` of the library, a new session,
+    a new login and one retry.  Re-initializing, not just reopening a session:
+    SoftHSM keeps failing with ``CKR_GENERAL_ERROR`` after its token directory
+    disappears and returns, until it is re-initialized (measured).  If the
+    token is still absent the call raises :class:`DeviceUnavailableError`; the
+    next call after it is back works.  Other stores on the same library
+    reconnect by themselves on their next call.
+
+Errors
+    A missing or unloadable module is configuration (:class:`StoreConfigError`):
+    a module file does not come and go like a token does.  An unknown token
+    is :class:`DeviceUnavailableError` (it may be plugged in later).  A wrong
+    PIN is :class:`AuthenticationError`; after one, the store stops logging in
+    (a token locks its PIN after a few failures) until it is re-created.
+    The PIN never appears in messages, logs or reprs.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import pkcs11
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from pkcs11 import (
+    MGF,
+    Attribute,
+    KeyType,
+    Mechanism,
+    MechanismFlag,
+    ObjectClass,
+    TokenFlag,
+)
+from pkcs11 import exceptions as p11e
+from pkcs11.attributes import AttributeMapper
+from pkcs11.util.ec import encode_named_curve_parameters
+
+from custos.keys.algorithms import Algorithm
+from custos.keys.base import KeyInfo, KeyStore, check_key_name
+from custos.keys.errors import (
+    AuthenticationError,
+    DeviceUnavailableError,
+    KeyExistsError,
+    KeyNotFoundError,
+    KeyStoreError,
+    StoreConfigError,
+    UnsupportedAlgorithmError,
+)
+from custos.keys.pkcs11_uri import Pkcs11Uri
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Failures that mean "the session, the login or the token went away": re-initialize, retry once.
+_LOST: tuple[type[Exception], ...] = (
+    p11e.SessionHandleInvalid,
+    p11e.SessionClosed,
+    p11e.DeviceRemoved,
+    p11e.DeviceError,
+    p11e.TokenNotPresent,
+    p11e.TokenNotRecognised,
+    p11e.GeneralError,
+    p11e.ObjectHandleInvalid,
+    p11e.KeyHandleInvalid,
+    p11e.UserNotLoggedIn,
+)
+_BAD_PIN: tuple[type[Exception], ...] = (
+    p11e.PinIncorrect,
+    p11e.PinInvalid,
+    p11e.PinLenRange,
+    p11e.PinLocked,
+    p11e.PinExpired,
+    p11e.UserPinNotInitialized,
+)
+
+# DER of the curve OIDs as CKA_EC_PARAMS holds them.
+_P256 = encode_named_curve_parameters("secp256r1")
+_P384 = encode_named_curve_parameters("secp384r1")
+_ED25519_OID = encode_named_curve_parameters("1.3.101.112")
+# PKCS#11 3.0 also allows the curve as a PrintableString name.
+_ED25519_NAME = b"\x13\x0cedwards25519"
+
+# CKM_RSA_PKCS signs what it is given: RS256 needs the DigestInfo around the
+# SHA-256 digest (RFC 8017 section 9.2, note 1).  We build it because the
+# interface hands backends a digest, which CKM_SHA256_RSA_PKCS cannot take.
+_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
+_KEY_CLASSES = (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY)
+
+_SIGN_MECHANISM: dict[Algorithm, Mechanism] = {
+    Algorithm.ES256: Mechanism.ECDSA,
+    Algorithm.ES384: Mechanism.ECDSA,
+    Algorithm.EdDSA: Mechanism.EDDSA,
+    Algorithm.RS256: Mechanism.RSA_PKCS,
+    Algorithm.PS256: Mechanism.RSA_PKCS_PSS,
+}
+
+
+def _attribute_mapper() -> AttributeMapper:
+    """python-pkcs11's mapper plus CKA_ALLOWED_MECHANISMS (an array of CK_ULONG)."""
+    mapper = AttributeMapper()
+
+    def pack(values: Any) -> bytes:
+        return b"".join(struct.pack("L", int(v)) for v in values)
+
+    def unpack(raw: bytes) -> list[int]:
+        return [v for (v,) in struct.iter_unpack("L", raw)]
+
+    mapper.register_handler(Attribute.ALLOWED_MECHANISMS, pack, unpack)
+    return mapper
+
+
+class _Pin:
+    """Holds the PIN; shows nothing when printed."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def same_as(self, other: _Pin) -> bool:
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __repr__(self) -> str:
+        return "<PIN hidden>"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class _KeyMeta:
+    info: KeyInfo
+    public_key: PublicKeyTypes
+
+
+class _TokenLink:
+    """The one logged-in session this process keeps on one token, shared by its stores."""
+
+    def __init__(self, module: _Module, uri: Pkcs11Uri, pin: _Pin, label: str) -> None:
+        self.module = module
+        self.uri = uri
+        self.pin = pin
+        self.label = label
+        self.session: pkcs11.Session | None = None
+        self.refs = 0
+        self.auth_failed = False
+        self.handles: dict[str, pkcs11.PrivateKey] = {}
+        self.meta: dict[str, _KeyMeta] = {}
+
+    def forget_session(self) -> None:
+        # After C_Finalize every handle is dead; closing would only raise.
+        self.session = None
+        self.handles.clear()
+
+    def ensure_session(self, *, reinit_on_miss: bool) -> pkcs11.Session:
+        if self.session is not None:
+            return self.session
+        if self.auth_failed:
+            raise AuthenticationError(
+                f"the PIN for PKCS#11 token {self.label!r} was refused earlier; "
+                "not trying again (tokens lock PINs) - fix the PIN and reopen the store"
+            )
+        token = self.module.find_token(self.uri, reinit_on_miss=reinit_on_miss)
+        try:
+            self.session = _login(token, self.pin)
+        except AuthenticationError:
+            # The PIN changed under us. Retrying it on every call would lock the token.
+            self.auth_failed = True
+            raise
+        self.handles.clear()
+        return self.session
+
+
+def _login(token: pkcs11.Token, pin: _Pin) -> pkcs11.Session:
+    try:
+        return token.open(rw=True, user_pin=pin.reveal(), attribute_mapper=_attribute_mapper())
+    except p11e.UserAlreadyLoggedIn:
+        # Something else in this process (outside custos) logged in on this token;
+        # login state is per process, so a plain session inherits it.
+        log.info("PKCS#11 token %r already logged in by this process; reusing it", token.label)
+        return token.open(rw=True, attribute_mapper=_attribute_mapper())
+    except _BAD_PIN as e:
+        # The PKCS#11 error carries no PIN; the message names the token only.
+        raise AuthenticationError(
+            f"PKCS#11 token {token.label!r} refused the user PIN ({type(e).__name__})"
+        ) from e
+
+
+class _Module:
+    """One loaded PKCS#11 library, its lock, and the token links on it."""
+
+    def __init__(self, path: str, lib: Any) -> None:
+        self.path = path
+        self.lib = lib
+        # Reentrant: recovery calls back into find_token while holding it.
+        self.lock = threading.RLock()
+        self.links: dict[tuple[str, str, str, str], _TokenLink] = {}
+
+    def reinitialize(self) -> None:
+        """C_Finalize + C_Initialize: drops every session; rescans tokens (SoftHSM)."""
+        for link in self.links.values():
+            link.forget_session()
+        try:
+            self.lib.reinitialize()
+        except p11e.PKCS11Error as e:
+            raise DeviceUnavailableError(
+                f"re-initializing PKCS#11 module {self.path} failed ({type(e).__name__})"
+            ) from e
+
+    def find_token(self, uri: Pkcs11Uri, *, reinit_on_miss: bool) -> pkcs11.Token:
+        found = self._matching_tokens(uri)
+        if not found and reinit_on_miss:
+            # Maybe created or re-inserted since C_Initialize (SoftHSM only scans then).
+            self.reinitialize()
+            found = self._matching_tokens(uri)
+        if not found:
+            raise DeviceUnavailableError(
+                f"no PKCS#11 token matches {uri} in module {self.path} "
+                "(absent, removed, or a wrong token label)"
+            )
+        if len(found) > 1:
+            raise StoreConfigError(
+                f"{len(found)} PKCS#11 tokens match {uri}; add serial= to pick one"
+            )
+        return found[0]
+
+    def _matching_tokens(self, uri: Pkcs11Uri) -> list[pkcs11.Token]:
+        lib: Any = self.lib
+        if uri.library_manufacturer is not None and lib.manufacturer_id != uri.library_manufacturer:
+            return []
+        description = uri.library_description
+        if description is not None and lib.library_description != description:
+            return []
+        found = []
+        for slot in lib.get_slots(token_present=True):
+            if uri.slot_id is not None and slot.slot_id != uri.slot_id:
+                continue
+            if uri.slot_description is not None and slot.slot_description != uri.slot_description:
+                continue
+            if uri.slot_manufacturer is not None and slot.manufacturer_id != uri.slot_manufacturer:
+                continue
+            try:
+                token = slot.get_token()
+            except (p11e.TokenNotPresent, p11e.TokenNotRecognised):
+                continue
+            if not token.flags & TokenFlag.TOKEN_INITIALIZED:
+                continue
+            checks = (
+                (uri.token, token.label),
+                (uri.manufacturer, token.manufacturer_id),
+                (uri.model, token.model),
+                (uri.serial, token.serial.decode("ascii", "replace")),
+            )
+            if all(want is None or want == have for want, have in checks):
+                found.append(token)
+        return found
+
+    def attach(self, uri: Pkcs11Uri, pin: _Pin) -> _TokenLink:
+        """The link for the token ``uri`` names, logging in if nobody in this process has."""
+        token = self.find_token(uri, reinit_on_miss=True)
+        key = (token.manufacturer_id, token.model, token.serial.hex(), token.label)
+        link = self.links.get(key)
+        if link is not None:
+            if not link.pin.same_as(pin):
+                # Without this check a wrong PIN would ride on another store's login.
+                raise AuthenticationError(
+                    f"PKCS#11 token {token.label!r}: the PIN differs from the one this "
+                    "process logged in with"
+                )
+            # Opening a store is a deliberate new attempt: lift a refused-PIN latch.
+            link.auth_failed = False
+        else:
+            link = _TokenLink(self, uri, pin, token.label)
+            link.session = _login(token, pin)
+            self.links[key] = link
+        link.refs += 1
+        return link
+
+    def detach(self, link: _TokenLink) -> None:
+        link.refs -= 1
+        if link.refs > 0:
+            return
+        for key, value in list(self.links.items()):
+            if value is link:
+                del self.links[key]
+        if link.session is not None:
+            try:
+                link.session.close()  # C_Logout + C_CloseSession
+            except p11e.PKCS11Error as e:  # already gone: nothing left to release
+                log.debug("closing PKCS#11 session: %s", type(e).__name__)
+            link.forget_session()
+
+
+_MODULES: dict[str, _Module] = {}
+_MODULES_LOCK = threading.Lock()
+
+
+def _load_module(module: str) -> _Module:
+    if not module:
+        raise StoreConfigError("the pkcs11 store needs the path of a PKCS#11 module")
+    path = os.path.realpath(module)
+    if not os.path.isfile(path):
+        raise StoreConfigError(f"PKCS#11 module {module!r} does not exist")
+    with _MODULES_LOCK:
+        loaded = _MODULES.get(path)
+        if loaded is None:
+            try:
+                lib = pkcs11.lib(path)
+            except p11e.PKCS11Error as e:
+                raise StoreConfigError(f"cannot load PKCS#11 module {module!r}: {e}") from e
+            loaded = _MODULES[path] = _Module(path, lib)
+        return loaded
+
+
+class Pkcs11KeyStore(KeyStore):
+    """Keys that live and sign inside a PKCS#11 token. See the module docstring."""
+
+    kind: ClassVar[str] = "pkcs11"
+    supported_algorithms: ClassVar[frozenset[Algorithm]] = frozenset(Algorithm)
+    persistent: ClassVar[bool] = True
+
+    def __init__(self, module: str, uri: str) -> None:
+        self._uri = Pkcs11Uri.parse(uri)
+        self._module_arg = module
+        if self._uri.module_path is not None and os.path.realpath(
+            self._uri.module_path
+        ) != os.path.realpath(module):
+            raise StoreConfigError(
+                f"the URI's module-path {self._uri.module_path!r} differs from module {module!r}"
+            )
+        pin = self._uri.resolve_pin()
+        if pin is None:
+            raise StoreConfigError(
+                "no PIN for the PKCS#11 token: add pin-source=file:/path (or pin-value=) "
+                "to the URI, or set CUSTOS_PKCS11_PIN"
+            )
+        self._pin = _Pin(pin)
+        self._link: _TokenLink | None = None
+        self._module = _load_module(module)
+        # Connect now so a wrong PIN or an absent token shows at startup, not at first use.
+        with self._module.lock:
+            self._attached()
+
+    def _attached(self) -> _TokenLink:
+        """The token link, attaching (again, after close()) if needed. Lock held."""
+        if self._link is None:
+            try:
+                self._link = self._module.attach(self._uri, self._pin)
+            except _LOST as e:
+                raise DeviceUnavailableError(
+                    f"PKCS#11 token {self._uri} is unavailable ({type(e).__name__})"
+                ) from e
+        return self._link
+
+    def __repr__(self) -> str:
+        return f"Pkcs11KeyStore(module={self._module_arg!r}, uri={str(self._uri)!r})"
+
+    # ---- the one way into the library -----------------------------------------
+
+    def _run(self, op: Callable[[_TokenLink, pkcs11.Session], T]) -> T:
+        with self._module.lock:
+            link = self._attached()
+            for attempt in (0, 1):
+                try:
+                    session = link.ensure_session(reinit_on_miss=attempt == 0)
+                    return op(link, session)
+                except _LOST as e:
+                    if attempt == 1:
+                        raise DeviceUnavailableError(
+                            f"PKCS#11 token {link.label!r} is unavailable ({type(e).__name__})"
+                        ) from e
+                    log.warning(
+                        "PKCS#11 token %r: %s; re-initializing the module and retrying once",
+                        link.label,
+                        type(e).__name__,
+                    )
+                    self._module.reinitialize()
+                except p11e.PKCS11Error as e:
+                    if _not_initialized(e) and attempt == 0:
+                        self._module.reinitialize()
+                        continue
+                    raise KeyStoreError(
+                        f"PKCS#11 call on token {link.label!r} failed ({type(e).__name__})"
+                    ) from e
+            raise AssertionError("unreachable")  # pragma: no cover
+
+    # ---- KeyStore primitives ------------------------------------------------------
+
+    def _create(self, name: str, alg: Algorithm) -> KeyInfo:
+        def op(link: _TokenLink, session: pkcs11.Session) -> KeyInfo:
+            existing = list(session.get_objects({Attribute.LABEL: name}))
+            if any(o.object_class in _KEY_CLASSES for o in existing):
+                raise KeyExistsError(f"a key named {name!r} already exists on the token")
+            public, private = _generate(session, name, alg)
+            info = KeyInfo(name, alg, self.kind)
+            link.handles[name] = private
+            link.meta[name] = _KeyMeta(info, _public_key_of(public, alg))
+            return info
+
+        return self._run(op)
+
+    def _info(self, name: str) -> KeyInfo:
+        with self._module.lock:
+            meta = self._attached().meta.get(name)
+        if meta is not None:
+            return meta.info
+        return self._run(lambda link, session: _find(link, session, name)[1].info)
+
+    def _list(self) -> list[KeyInfo]:
+        def op(link: _TokenLink, session: pkcs11.Session) -> list[KeyInfo]:
+            _probe(session)  # an absent SoftHSM token lists as empty: do not believe it
+            out = []
+            for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})):
+                label = obj[Attribute.LABEL]
+                try:
+                    check_key_name(label)
+                    alg = _algorithm_of(obj)
+                except (KeyStoreError, p11e.PKCS11Error):
+                    continue  # some other application's object
+                out.append(KeyInfo(label, alg, self.kind))
+            return out
+
+        return self._run(op)
+
+    def _delete(self, name: str) -> None:
+        def op(link: _TokenLink, session: pkcs11.Session) -> None:
+            link.handles.pop(name, None)
+            link.meta.pop(name, None)
+            objects = [
+                o
+                for o in session.get_objects({Attribute.LABEL: name})
+                if o.object_class in _KEY_CLASSES
+            ]
+            if not objects:
+                _probe(session)
+                raise KeyNotFoundError(f"no key named {name!r} on the token")
+            for obj in objects:
+                obj.destroy()
+
+        self._run(op)
+
+    def _public_key(self, info: KeyInfo) -> PublicKeyTypes:
+        with self._module.lock:
+            meta = self._attached().meta.get(info.name)
+        if meta is not None:
+            return meta.public_key
+        return self._run(lambda link, session: _find(link, session, info.name)[1].public_key)
+
+    def _sign_digest(self, info: KeyInfo, hashed: bytes) -> bytes:
+        alg = info.alg
+        if alg.spec.family == "ec":
+            data, param = hashed, None
+        elif alg is Algorithm.RS256:
+            data, param = _SHA256_DIGEST_INFO + hashed, None
+        elif alg is Algorithm.PS256:
+            # Salt = hash length, the JOSE PS256 convention (RFC 7518 section 3.5).
+            data, param = hashed, (Mechanism.SHA256, MGF.SHA256, 32)
+        else:
+            raise UnsupportedAlgorithmError(f"{alg.value} does not sign digests")
+        sig = self._sign(info, data, param)
+        if alg.spec.family == "ec" and len(sig) != 2 * alg.spec.coordinate_size:
+            raise KeyStoreError(f"the token returned a {len(sig)}-byte ECDSA signature")
+        return sig  # CKM_ECDSA gives raw r||s: already the JOSE form
+
+    def _sign_message(self, info: KeyInfo, data: bytes) -> bytes:
+        return self._sign(info, data, None)
+
+    def _sign(self, info: KeyInfo, data: bytes, param: Any) -> bytes:
+        mechanism = _SIGN_MECHANISM[info.alg]
+
+        def op(link: _TokenLink, session: pkcs11.Session) -> bytes:
+            key: Any = link.handles.get(info.name)
+            if key is None:
+                key = _find(link, session, info.name)[0]
+            signature: bytes = key.sign(data, mechanism=mechanism, mechanism_param=param)
+            return signature
+
+        return self._run(op)
+
+    def close(self) -> None:
+        """Let go of the token (the last store on it logs out). A later call reattaches."""
+        with self._module.lock:
+            if self._link is not None:
+                self._module.detach(self._link)
+                self._link = None
+
+
+# ---- helpers (called with the module lock held) ---------------------------------
+
+
+def _not_initialized(e: Exception) -> bool:
+    # python-pkcs11 maps CKR_CRYPTOKI_NOT_INITIALIZED to a bare PKCS11Error with this text.
+    return type(e) is p11e.PKCS11Error and "not initialized" in str(e)
+
+
+def _probe(session: pkcs11.Session) -> None:
+    """C_GetTokenInfo: raises (GeneralError on SoftHSM) when the token is gone."""
+    session.token.slot.get_token()
+
+
+def _find(
+    link: _TokenLink, session: pkcs11.Session, name: str
+) -> tuple[pkcs11.PrivateKey, _KeyMeta]:
+    query = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: name}
+    found = list(session.get_objects(query))
+    if not found:
+        _probe(session)
+        link.meta.pop(name, None)
+        raise KeyNotFoundError(f"no key named {name!r} on the token")
+    if len(found) > 1:
+        raise KeyStoreError(f"{len(found)} private keys are labelled {name!r} on the token")
+    private: Any = found[0]
+    meta = link.meta.get(name)
+    if meta is None:
+        alg = _algorithm_of(private)
+        publics = list(
+            session.get_objects(
+                {
+                    Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+                    Attribute.LABEL: name,
+                    Attribute.ID: private[Attribute.ID],
+                }
+            )
+        )
+        if len(publics) != 1:
+            raise KeyStoreError(f"key {name!r} has no single public key object on the token")
+        meta = _KeyMeta(KeyInfo(name, alg, Pkcs11KeyStore.kind), _public_key_of(publics[0], alg))
+        link.meta[name] = meta
+    link.handles[name] = private
+    return private, meta
+
+
+def _generate(session: pkcs11.Session, name: str, alg: Algorithm) -> tuple[Any, Any]:
+    key_id = os.urandom(16)
+    private_template: dict[Attribute, Any] = {
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.DERIVE: False,
+        Attribute.SIGN: True,
+        Attribute.DECRYPT: False,
+        Attribute.UNWRAP: False,
+        Attribute.ALLOWED_MECHANISMS: [_SIGN_MECHANISM[alg]],
+    }
+    public_template: dict[Attribute, Any] = {Attribute.TOKEN: True, Attribute.PRIVATE: False}
+    common: dict[str, Any] = {
+        "id": key_id,
+        "label": name,
+        "store": True,
+        "capabilities": MechanismFlag.SIGN | MechanismFlag.VERIFY,
+        "private_template": private_template,
+        "public_template": public_template,
+    }
+    spec = alg.spec
+    try:
+        if spec.family == "rsa":
+            public_template[Attribute.PUBLIC_EXPONENT] = b"\x01\x00\x01"
+            return session.generate_keypair(KeyType.RSA, spec.rsa_bits, **common)
+        if spec.family == "ec":
+            curve = _P256 if alg is Algorithm.ES256 else _P384
+            params: Any = session.create_domain_parameters(
+                KeyType.EC, {Attribute.EC_PARAMS: curve}, local=True
+            )
+            return params.generate_keypair(**common)  # type: ignore[no-any-return]
+        params = session.create_domain_parameters(
+            KeyType.EC_EDWARDS, {Attribute.EC_PARAMS: _ED25519_OID}, local=True
+        )
+        return params.generate_keypair(  # type: ignore[no-any-return]
+            mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN, **common
+        )
+    except (p11e.MechanismInvalid, p11e.DomainParamsInvalid, p11e.FunctionNotSupported) as e:
+        raise UnsupportedAlgorithmError(
+            f"this PKCS#11 token cannot generate {alg.value} keys ({type(e).__name__})"
+        ) from e
+
+
+def _algorithm_of(private: Any) -> Algorithm:
+    key_type = private[Attribute.KEY_TYPE]
+    if key_type == KeyType.EC:
+        params = private[Attribute.EC_PARAMS]
+        if params == _P256:
+            return Algorithm.ES256
+        if params == _P384:
+            return Algorithm.ES384
+        raise UnsupportedAlgorithmError("EC key on a curve custos does not use")
+    if key_type == KeyType.EC_EDWARDS:
+        if private[Attribute.EC_PARAMS] in (_ED25519_OID, _ED25519_NAME):
+            return Algorithm.EdDSA
+        raise UnsupportedAlgorithmError("Edwards key that is not Ed25519")
+    if key_type == KeyType.RSA:
+        try:
+            allowed = private[Attribute.ALLOWED_MECHANISMS]
+        except (p11e.AttributeTypeInvalid, p11e.AttributeSensitive):
+            allowed = []
+        return Algorithm.PS256 if Mechanism.RSA_PKCS_PSS in allowed else Algorithm.RS256
+    raise UnsupportedAlgorithmError(f"key type {key_type!r} is not a signing key custos uses")
+
+
+def _unwrap_octet_string(data: bytes, raw_len: int) -> bytes:
+    """CKA_EC_POINT: DER OCTET STRING per the spec; some tokens return the bare point.
+
+    Hand-written (a dozen lines) rather than importing asn1crypto, which only
+    comes with python-pkcs11 and ships without type information.
+    """
+    if len(data) == raw_len:
+        return data
+    if len(data) >= 2 and data[0] == 0x04:
+        if data[1] < 0x80:
+            body, length = data[2:], data[1]
+        elif data[1] == 0x81 and len(data) >= 3:
+            body, length = data[3:], data[2]
+        else:
+            body, length = b"", -1
+        if len(body) == length == raw_len:
+            return body
+    raise KeyStoreError("the token returned a malformed CKA_EC_POINT")
+
+
+def _public_key_of(public: Any, alg: Algorithm) -> PublicKeyTypes:
+    spec = alg.spec
+    if spec.family == "ec":
+        size = spec.coordinate_size
+        point = _unwrap_octet_string(public[Attribute.EC_POINT], 1 + 2 * size)
+        return ec.EllipticCurvePublicKey.from_encoded_point(spec.curve(), point)
+    if spec.family == "ed25519":
+        return ed25519.Ed25519PublicKey.from_public_bytes(
+            _unwrap_octet_string(public[Attribute.EC_POINT], 32)
+        )
+    n = int.from_bytes(public[Attribute.MODULUS], "big")
+    e = int.from_bytes(public[Attribute.PUBLIC_EXPONENT], "big")
+    return rsa.RSAPublicNumbers(e, n).public_key()

@@ -1,0 +1,420 @@
+"""A real TPM 2.0 for tests: swtpm, provisioned like a shipped TPM, as pytest fixtures.
+
+Provisioning (:func:`provision`) runs ``swtpm_setup --tpm2 --create-ek-cert
+--create-platform-cert`` with *private* configuration files, so nothing is written
+under ``/etc`` or ``/var``.  The resulting state directory looks like this::
+
+    STATE_DIR/
+      conf/swtpm_setup.conf         create_certs_tool -> swtpm_localca, banks
+      conf/swtpm-localca.conf       statedir, signingkey, issuercert, certserial
+      conf/swtpm-localca.options    platform manufacturer / model / version
+      tpm/                          swtpm --tpmstate dir=... (the TPM's NV state)
+      ca/issuercert.pem             the local CA that signed the EK certificates
+      ca/swtpm-localca-rootca-cert.pem   the root above it
+      ek/ek-rsa2048.crt, ek/ek-secp384r1.crt   copies of the EK certificates (DER)
+      swtpm.pid, swtpm.log          written while an instance runs
+
+The files in ``conf/`` are read only while provisioning (their paths are absolute,
+so they are stale in a copy; nothing reads them later).
+
+The TPM has an RSA-2048 EK (certificate in NV 0x01c00002), an ECC P-384 EK
+(NV 0x01c00016) and a platform certificate (NV 0x01c08000); PCR banks sha1 and
+sha256 are active, like most shipped TPMs.
+
+``swtpm/provision.sh`` calls ``python -m custos.testing.swtpm provision DIR``:
+this module is the one implementation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from custos.errors import CustosError
+
+DEBIAN_PACKAGES = "swtpm swtpm-tools"
+DEFAULT_PCR_BANKS = "sha1,sha256"
+HOST = "127.0.0.1"
+
+# tpm2-tss logs every expected NV miss (e.g. probing for an EK certificate that is
+# not there) at ERROR level; silence ESAPI, keep real failures as exceptions.
+os.environ.setdefault("TSS2_LOG", "esys+none")
+
+
+class SwtpmError(CustosError):
+    """swtpm could not be provisioned, started or reached."""
+
+    code = "swtpm_error"
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise SwtpmError(
+            f"{name!r} not found on PATH: the swtpm test rig needs the Debian packages "
+            f"{DEBIAN_PACKAGES} (apt-get install {DEBIAN_PACKAGES})"
+        )
+    return path
+
+
+# ---- provisioning ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProvisionedState:
+    """Where one provisioned TPM's files are (see the module docstring)."""
+
+    root: Path
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.root / "conf"
+
+    @property
+    def tpm_dir(self) -> Path:
+        return self.root / "tpm"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.root / "ca"
+
+    @property
+    def ek_dir(self) -> Path:
+        return self.root / "ek"
+
+    @property
+    def issuer_cert(self) -> Path:
+        return self.ca_dir / "issuercert.pem"
+
+    @property
+    def root_cert(self) -> Path:
+        return self.ca_dir / "swtpm-localca-rootca-cert.pem"
+
+    @property
+    def ek_ca_certs(self) -> list[Path]:
+        """PEM files of the EK certificate chain above the EK: issuer, then root."""
+        return [self.issuer_cert, self.root_cert]
+
+    @property
+    def ek_certs(self) -> list[Path]:
+        """DER copies of the EK certificates written at provisioning time."""
+        return sorted(self.ek_dir.glob("*.crt"))
+
+    def is_complete(self) -> bool:
+        return (
+            any(self.tpm_dir.glob("tpm2-*.permall"))
+            and self.issuer_cert.is_file()
+            and self.root_cert.is_file()
+        )
+
+
+def provision(state_dir: Path, *, pcr_banks: str = DEFAULT_PCR_BANKS) -> ProvisionedState:
+    """Manufacture a TPM 2.0 state in ``state_dir`` (created; must not hold a TPM yet).
+
+    About one second on swtpm 0.7: an RSA and an ECC EK with certificates from a
+    local CA made on the spot, and a platform certificate.
+    """
+    setup, localca = _tool("swtpm_setup"), _tool("swtpm_localca")
+    _tool("swtpm")
+    state = ProvisionedState(Path(state_dir).absolute())
+    if state.tpm_dir.exists() and any(state.tpm_dir.iterdir()):
+        raise SwtpmError(f"{state.tpm_dir} already holds a TPM state; provision a new directory")
+    for d in (state.root, state.conf_dir, state.tpm_dir, state.ca_dir, state.ek_dir):
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    localca_conf = state.conf_dir / "swtpm-localca.conf"
+    localca_opts = state.conf_dir / "swtpm-localca.options"
+    setup_conf = state.conf_dir / "swtpm_setup.conf"
+    localca_conf.write_text(
+        f"statedir = {state.ca_dir}\n"
+        f"signingkey = {state.ca_dir / 'signkey.pem'}\n"
+        f"issuercert = {state.issuer_cert}\n"
+        f"certserial = {state.ca_dir / 'certserial'}\n"
+    )
+    localca_opts.write_text(
+        "--platform-manufacturer custos\n--platform-version 2.1\n--platform-model swtpm\n"
+    )
+    setup_conf.write_text(
+        f"create_certs_tool = {localca}\n"
+        f"create_certs_tool_config = {localca_conf}\n"
+        f"create_certs_tool_options = {localca_opts}\n"
+        f"active_pcr_banks = {pcr_banks}\n"
+    )
+    cmd = [
+        setup, "--tpm2", "--tpmstate", str(state.tpm_dir),
+        "--create-ek-cert", "--create-platform-cert",
+        "--config", str(setup_conf),
+        "--pcr-banks", pcr_banks,
+        "--write-ek-cert-files", str(state.ek_dir),
+    ]
+    # swtpm_setup and swtpm_localca look for per-user defaults under XDG_CONFIG_HOME;
+    # pointing it at conf/ keeps the run from reading (or creating) ~/.config files.
+    env = dict(os.environ, XDG_CONFIG_HOME=str(state.conf_dir))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    if proc.returncode != 0 or not state.is_complete():
+        raise SwtpmError(
+            f"swtpm_setup failed (exit {proc.returncode}) for {state.root}:\n"
+            + (proc.stdout + proc.stderr)[-4000:]
+        )
+    return state
+
+
+# ---- running instances -------------------------------------------------------
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port_pair() -> int:
+    """A port P such that P and P+1 are both free right now (swtpm server + ctrl)."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            port = int(s.getsockname()[1])
+        if port < 65535 and _port_free(port + 1):
+            return port
+    raise SwtpmError("no free TCP port pair found on 127.0.0.1")
+
+
+def _ctrl_answers(ctrl_port: int) -> bool:
+    """Ask swtpm's control channel for its capabilities (CMD_GET_CAPABILITY = 1).
+
+    Hand-written because no library speaks swtpm's control protocol; it proves the
+    process is up and serving, not merely that a port is bound.
+    """
+    try:
+        with socket.create_connection((HOST, ctrl_port), timeout=1.0) as s:
+            s.sendall(struct.pack(">I", 1))
+            return len(s.recv(16)) >= 4
+    except OSError:
+        return False
+
+
+@dataclass
+class SwtpmInstance:
+    """One swtpm process serving a provisioned state over TCP.
+
+    ``kill()`` is a SIGKILL (device loss); ``start()``/``restart()`` reuse the same
+    state, so keys created under the owner hierarchy stay loadable.
+    """
+
+    state_dir: Path
+    port: int
+    log_level: int = 1
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def ctrl_port(self) -> int:
+        return self.port + 1
+
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:host={HOST},port={self.port}"
+
+    @property
+    def state(self) -> ProvisionedState:
+        return ProvisionedState(self.state_dir)
+
+    @property
+    def ek_ca_certs(self) -> list[Path]:
+        return self.state.ek_ca_certs
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    def command(self) -> list[str]:
+        return [
+            _tool("swtpm"), "socket", "--tpm2",
+            "--server", f"type=tcp,port={self.port},bindaddr={HOST}",
+            "--ctrl", f"type=tcp,port={self.ctrl_port},bindaddr={HOST}",
+            "--flags", "not-need-init,startup-clear",
+            "--tpmstate", f"dir={self.state.tpm_dir}",
+            "--pid", f"file={self.state_dir / 'swtpm.pid'}",
+            "--log", f"file={self.state_dir / 'swtpm.log'},level={self.log_level}",
+        ]
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start swtpm (not daemonized: we keep the Popen to reap it) and wait until it answers."""
+        if self.running:
+            return
+        # Our own child, so a SIGKILL leaves no zombie that looks alive to `kill -0`.
+        self._proc = subprocess.Popen(
+            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                self._proc = None
+                raise SwtpmError(f"swtpm exited at start (port {self.port}): {err.strip()}")
+            if _ctrl_answers(self.ctrl_port):
+                return
+            time.sleep(0.02)
+        self.kill()
+        raise SwtpmError(f"swtpm on port {self.port} did not answer within {timeout} s")
+
+    def _reap(self, sig: int, timeout: float) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        if proc.stderr is not None:
+            proc.stderr.close()
+        (self.state_dir / "swtpm.pid").unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        """SIGKILL: the device vanishes mid-flight, as when a TPM is lost."""
+        self._reap(signal.SIGKILL, 5.0)
+
+    def stop(self) -> None:
+        """Graceful stop (SIGTERM): swtpm writes its state and exits."""
+        self._reap(signal.SIGTERM, 5.0)
+
+    def restart(self, timeout: float = 10.0) -> None:
+        self.stop()
+        self.start(timeout)
+
+
+def start_instance(state_dir: Path, *, attempts: int = 5) -> SwtpmInstance:
+    """Start swtpm on a free port pair, retrying when another process grabs the ports first."""
+    last: SwtpmError | None = None
+    for _ in range(attempts):
+        inst = SwtpmInstance(Path(state_dir), free_port_pair())
+        try:
+            inst.start()
+            return inst
+        except SwtpmError as e:  # most likely a port race with a parallel worker
+            last = e
+    assert last is not None
+    raise last
+
+
+def copy_state(template: ProvisionedState, dest: Path) -> ProvisionedState:
+    """A private copy of a provisioned state (same EK, same CA): cheaper than provisioning."""
+    shutil.copytree(
+        template.root, dest,
+        ignore=shutil.ignore_patterns("swtpm.pid", "swtpm.log", ".lock"),
+    )
+    return ProvisionedState(dest)
+
+
+# ---- pytest fixtures ---------------------------------------------------------
+
+
+def _template(tmp_path_factory: pytest.TempPathFactory) -> ProvisionedState:
+    """One provisioned template per test session, shared by all xdist workers.
+
+    Under pytest-xdist every worker's basetemp is ``<session>/popen-gwN``, so the
+    parent is per session and shared; an ``fcntl`` lock makes exactly one worker
+    provision while the others wait (fcntl instead of the filelock package: the
+    rig is Linux-only anyway, swtpm being a Linux tool here).
+    """
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    template = ProvisionedState(shared / "custos-swtpm-template")
+    with open(shared / "custos-swtpm-template.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not template.is_complete():
+            staging = shared / f"custos-swtpm-template.{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            provision(staging)
+            shutil.rmtree(template.root, ignore_errors=True)
+            staging.rename(template.root)
+    return template
+
+
+@pytest.fixture(scope="session")
+def swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwtpmInstance]:
+    """A provisioned swtpm for the whole session (per xdist worker)."""
+    template = _template(tmp_path_factory)
+    state = copy_state(template, tmp_path_factory.mktemp("swtpm") / "state")
+    inst = start_instance(state.root)
+    try:
+        yield inst
+    finally:
+        inst.stop()
+
+
+SwtpmFactory = Callable[..., SwtpmInstance]
+
+
+@pytest.fixture
+def swtpm_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SwtpmFactory]:
+    """Start extra private TPMs; ``swtpm_factory(new_identity=True)`` provisions a new EK
+    (about 1 s) instead of copying the session template. All are stopped at teardown."""
+    started: list[SwtpmInstance] = []
+
+    def make(*, new_identity: bool = False) -> SwtpmInstance:
+        dest = tmp_path_factory.mktemp("swtpm-extra") / "state"
+        state = provision(dest) if new_identity else copy_state(
+            _template(tmp_path_factory), dest
+        )
+        inst = start_instance(state.root)
+        started.append(inst)
+        return inst
+
+    try:
+        yield make
+    finally:
+        for inst in started:
+            inst.stop()
+
+
+# ---- command line (used by swtpm/provision.sh) -------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m custos.testing.swtpm")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("provision", help="manufacture a TPM 2.0 state with EK + platform certs")
+    p.add_argument("state_dir", type=Path)
+    p.add_argument("--pcr-banks", default=DEFAULT_PCR_BANKS)
+    args = parser.parse_args(argv)
+    try:
+        state = provision(args.state_dir, pcr_banks=args.pcr_banks)
+    except SwtpmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"tpm state:   {state.tpm_dir}")
+    print(f"EK CA certs: {' '.join(str(p) for p in state.ek_ca_certs)}")
+    print(f"EK certs:    {' '.join(str(p) for p in state.ek_certs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,672 @@
+"""Workload Identity Tokens (draft-ietf-wimse-workload-creds-02) and the SPIFFE
+WIT-SVID profile (spiffe/spiffe standards/WIT-SVID.md): minting and strict
+verification.
+
+A WIT is a JWS-signed JWT, ``typ`` ``wit+jwt``, signed by the Identity Server
+of the subject's trust domain, that binds the workload's public key
+(``cnf.jwk``) to its identifier (``sub``).  It is never a bearer token: a
+relying party accepts it only together with a proof of possession (a WPT,
+:mod:`custos.wimse.wpt`, or an HTTP message signature).
+
+Verification rules worth stating up front:
+
+- keys come only from the trust bundle of ``sub``'s trust domain, looked up by
+  ``kid``; ``iss`` is never used to find keys (workload-creds-02 section on
+  ``iss``; otherwise one domain could vouch for another's workloads);
+- a bundle key whose ``use`` is set must say ``wit-svid`` (a JWT-SVID or X.509
+  authority must not be able to mint WITs);
+- only asymmetric algorithms, from an allowlist, and the key type must fit the
+  algorithm (no ``none``, no HMAC "keyed with the public key");
+- every failure has its own stable ``code`` (see :data:`WIT_ERROR_CODES`),
+  and no message ever contains the token or parts of it.
+
+The compact-JWS parsing is done here rather than left to joserfc alone because
+the checks must run in a fixed order on the *unverified* header (``typ``,
+``alg``, ``kid`` choose the key) and must reject things joserfc tolerates:
+duplicate JSON members, non-canonical base64url, NaN.  The signature itself is
+checked by joserfc.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from types import MappingProxyType
+from typing import Any, Literal
+
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from joserfc import jws
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, OKPKey, RSAKey
+
+from custos.bundle import USE_WIT_SVID, BundleSet, TrustBundle
+from custos.identity import (
+    InvalidIdentifierError,
+    SpiffeId,
+    TrustDomain,
+    WimseId,
+    parse_workload_id,
+)
+from custos.wimse.errors import WimseError, WitError
+
+Profile = Literal["wimse", "spiffe"]
+JoseKey = ECKey | OKPKey | RSAKey
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+Clock = float | int | Callable[[], float] | None
+
+#: Asymmetric JWS algorithms accepted by default (RFC 7518 + RFC 8037). Never
+#: ``none``, never ``HS*``: a WIT and a WPT are signatures, not MACs.
+DEFAULT_ASYMMETRIC: frozenset[str] = frozenset(
+    {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"}
+)
+#: WIT-SVID restricts both the signing ``alg`` and ``cnf.jwk.alg`` to these (no EdDSA).
+SPIFFE_ALGORITHMS: frozenset[str] = DEFAULT_ASYMMETRIC - {"EdDSA"}
+
+WIT_TYP = "wit+jwt"
+#: RFC 7515 section 4.1.9: a ``typ`` without "/" means "application/<typ>", and
+#: media types compare case-insensitively, so both spellings are the same type.
+_WIT_TYPES = frozenset({"wit+jwt", "application/wit+jwt"})
+#: Upper bound on a WIT (and a WPT) in bytes; real ones are well under 2 KiB.
+MAX_TOKEN_BYTES = 8 * 1024
+DEFAULT_LEEWAY = 60
+DEFAULT_CACHE_SIZE = 4096
+
+#: RFC 7518 section 6 members that only private or symmetric keys carry.
+_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k", "r", "t")
+_B64URL_RE = re.compile(r"^[A-Za-z0-9_-]*$")
+_MIN_RSA_BITS = 2048
+
+#: Every code a WIT verification failure can carry.
+WIT_ERROR_CODES = frozenset(
+    {
+        "wit_missing",
+        "wit_multiple",
+        "wit_malformed",
+        "wit_too_large",
+        "wit_bad_typ",
+        "wit_bad_alg",
+        "wit_missing_kid",
+        "wit_bad_sub",
+        "wit_unknown_trust_domain",
+        "wit_unknown_kid",
+        "wit_key_wrong_use",
+        "wit_key_alg_mismatch",
+        "wit_bad_signature",
+        "wit_missing_exp",
+        "wit_expired",
+        "wit_not_yet_valid",
+        "wit_iat_in_future",
+        "wit_bad_cnf",
+        "wit_private_cnf",
+        "wit_bad_cnf_alg",
+        "wit_profile_violation",
+    }
+)
+
+
+class WitMintError(WimseError):
+    """A WIT could not be minted with the arguments given (a caller mistake)."""
+
+    code = "wit_mint_invalid"
+    status = 500
+
+
+def _fail(code: str, message: str) -> WitError:
+    return WitError(message, code=code)
+
+
+# -- encoding helpers (shared with custos.wimse.wpt) --------------------------
+
+
+def b64url_encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode_strict(value: str) -> bytes:
+    """Decode unpadded base64url, refusing anything non-canonical.
+
+    Non-canonical input (stray low bits in the last character) would decode to
+    the same bytes as the canonical form, so two different strings would carry
+    one signature: refused, so a token has exactly one spelling.
+    """
+    if not _B64URL_RE.match(value) or len(value) % 4 == 1:
+        raise ValueError("not base64url")
+    raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    if b64url_encode(raw) != value:
+        raise ValueError("non-canonical base64url")
+    return raw
+
+
+def token_hash(token: str) -> str:
+    """``b64url(SHA-256(ASCII(token)))`` — the ``wth`` / ``tth`` / ``ath`` / ``oth`` value."""
+    return b64url_encode(hashlib.sha256(token.encode("ascii")).digest())
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            # RFC 7515 4: a parser must reject or take the last; two parsers
+            # that disagree on which one wins is how token smuggling starts.
+            raise ValueError("duplicate member")
+        out[key] = value
+    return out
+
+
+def _reject_constant(_: str) -> Any:
+    raise ValueError("NaN/Infinity are not JSON")
+
+
+def json_object_strict(raw: bytes) -> dict[str, Any]:
+    doc = json.loads(
+        raw.decode("utf-8"),
+        object_pairs_hook=_reject_duplicates,
+        parse_constant=_reject_constant,
+    )
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    return doc
+
+
+@dataclass(frozen=True)
+class CompactJws:
+    """A compact JWS split and decoded, signature not yet checked."""
+
+    header: dict[str, Any]
+    claims: dict[str, Any]
+    signing_input: bytes
+    signature: bytes
+
+
+def decode_compact(
+    token: object, *, max_bytes: int, error: Callable[[str, str], WimseError], prefix: str
+) -> CompactJws:
+    """Split a compact JWS into header, claims and signature (no signature check).
+
+    ``error(code, message)`` builds the exception; codes are ``<prefix>_malformed``
+    and ``<prefix>_too_large``.
+    """
+    if not isinstance(token, str):
+        raise error(f"{prefix}_malformed", "token is not a string")
+    if len(token) > max_bytes:
+        raise error(f"{prefix}_too_large", f"token is larger than {max_bytes} bytes")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise error(f"{prefix}_malformed", "token is not a compact JWS (three parts)")
+    try:
+        header = json_object_strict(b64url_decode_strict(parts[0]))
+        claims = json_object_strict(b64url_decode_strict(parts[1]))
+        signature = b64url_decode_strict(parts[2])
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise error(f"{prefix}_malformed", "token is not base64url-encoded JSON") from e
+    if "crit" in header:
+        # RFC 7515 4.1.11: we understand no extension, so any "crit" is fatal.
+        raise error(f"{prefix}_malformed", "token has critical header parameters")
+    return CompactJws(header, claims, f"{parts[0]}.{parts[1]}".encode("ascii"), signature)
+
+
+# -- keys ----------------------------------------------------------------------
+
+_EC_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
+
+
+def key_fits_alg(key: object, alg: str) -> bool:
+    """Whether ``key`` (a cryptography public key) can verify ``alg`` signatures."""
+    if alg in _EC_CURVES:
+        return isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == _EC_CURVES[alg]
+    if alg[:2] in ("RS", "PS"):
+        return isinstance(key, rsa.RSAPublicKey) and key.key_size >= _MIN_RSA_BITS
+    if alg == "EdDSA":
+        return isinstance(key, ed25519.Ed25519PublicKey)
+    return False
+
+
+def jose_public_key(key: PublicKey) -> JoseKey:
+    """The joserfc form of a cryptography public key."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return ECKey.import_key(key)
+    if isinstance(key, rsa.RSAPublicKey):
+        return RSAKey.import_key(key)
+    return OKPKey.import_key(key)
+
+
+def check_jws_signature(
+    token: str, key: JoseKey, alg: str, error: Callable[[str, str], WimseError], code: str
+) -> None:
+    """Verify the compact JWS ``token`` with ``key`` under exactly ``alg``."""
+    try:
+        jws.deserialize_compact(token, key, algorithms=[alg])
+    except (JoseError, ValueError, TypeError) as e:
+        raise error(code, "signature is not valid") from e
+
+
+def _import_cnf_jwk(
+    cnf: object, algorithms: Collection[str]
+) -> tuple[dict[str, Any], JoseKey, str]:
+    """Check ``cnf`` and return (public JWK, joserfc key, alg)."""
+    if not isinstance(cnf, dict) or "jwk" not in cnf:
+        raise _fail("wit_bad_cnf", "WIT has no cnf.jwk claim")
+    jwk = cnf["jwk"]
+    if not isinstance(jwk, dict):
+        raise _fail("wit_bad_cnf", "cnf.jwk is not a JSON object")
+    if any(m in jwk for m in _PRIVATE_MEMBERS):
+        raise _fail("wit_private_cnf", "cnf.jwk holds private or symmetric key material")
+    alg = jwk.get("alg")
+    if not isinstance(alg, str):
+        raise _fail("wit_bad_cnf_alg", "cnf.jwk has no alg")
+    if alg not in algorithms:
+        raise _fail("wit_bad_cnf_alg", "cnf.jwk alg is not an accepted asymmetric algorithm")
+    kty = jwk.get("kty")
+    members = {"EC": ("crv", "x", "y"), "RSA": ("n", "e"), "OKP": ("crv", "x")}.get(
+        kty if isinstance(kty, str) else ""
+    )
+    if members is None:
+        raise _fail("wit_bad_cnf", "cnf.jwk has an unsupported kty")
+    public: dict[str, Any] = {"kty": kty}
+    for name in members:
+        value = jwk.get(name)
+        if not isinstance(value, str) or not value:
+            raise _fail("wit_bad_cnf", "cnf.jwk lacks a required key member")
+        public[name] = value
+    try:
+        # Only the key's own members go to joserfc: it would also interpret
+        # "use"/"key_ops", which are not ours to enforce here.
+        key: JoseKey
+        if kty == "EC":
+            key = ECKey.import_key(public)
+        elif kty == "RSA":
+            key = RSAKey.import_key(public)
+        else:
+            key = OKPKey.import_key(public)
+    except (JoseError, ValueError, TypeError) as e:
+        raise _fail("wit_bad_cnf", "cnf.jwk is not a valid public key") from e
+    if not key_fits_alg(key.public_key, alg):
+        raise _fail("wit_bad_cnf_alg", "cnf.jwk alg does not fit the key type")
+    public["alg"] = alg
+    return public, key, alg
+
+
+def public_cnf_jwk(
+    workload_public_jwk: Mapping[str, Any], algorithms: Collection[str]
+) -> dict[str, Any]:
+    """The ``cnf.jwk`` to put into a WIT: public members and ``alg`` only."""
+    try:
+        public, _, _ = _import_cnf_jwk({"jwk": dict(workload_public_jwk)}, algorithms)
+    except WitError as e:
+        raise WitMintError(f"workload key unusable: {e.message}", code="wit_mint_bad_key") from e
+    return public
+
+
+# -- the verified result -----------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class VerifiedWit:
+    subject: SpiffeId | WimseId
+    trust_domain: TrustDomain
+    #: all claims, read-only
+    claims: Mapping[str, Any]
+    #: the confirmation key as a public JWK (key members + ``alg``)
+    cnf_jwk: Mapping[str, Any]
+    #: the confirmation key as a joserfc key (verifies WPTs)
+    cnf_key: JoseKey
+    #: ``cnf.jwk.alg``: the only algorithm a proof from this workload may use
+    cnf_alg: str
+    expires_at: float
+    #: ``wth`` of this WIT: b64url(SHA-256(ASCII(token)))
+    token_hash: str
+    kid: str
+
+    @property
+    def cnf_public_key(self) -> PublicKey:
+        """The confirmation key as a cryptography public key (for HTTP signatures)."""
+        key: PublicKey = self.cnf_key.public_key  # type: ignore[assignment]
+        return key
+
+
+# -- minting -----------------------------------------------------------------------
+
+_RESERVED_CLAIMS = frozenset({"sub", "exp", "iat", "nbf", "jti", "iss", "cnf"})
+
+
+def new_jti() -> str:
+    """128 random bits, base64url: negligible collision probability (RFC 7519 4.1.7)."""
+    return b64url_encode(secrets.token_bytes(16))
+
+
+def mint_wit(
+    signing_key: JoseKey,
+    alg: str,
+    kid: str,
+    subject: SpiffeId | WimseId,
+    workload_public_jwk: Mapping[str, Any],
+    ttl: timedelta,
+    *,
+    issuer: str | None = None,
+    profile: Profile = "wimse",
+    now: float | None = None,
+    extra_claims: Mapping[str, Any] | None = None,
+) -> str:
+    """Mint a WIT for ``subject`` binding ``workload_public_jwk`` (which must carry ``alg``).
+
+    ``signing_key`` is the Identity Server's joserfc key, e.g.
+    ``custos.keys.jose.joserfc_key(store.get(name))``, so it signs in the device.
+    """
+    if profile not in ("wimse", "spiffe"):
+        raise WitMintError(f"unknown profile {profile!r}")
+    allowed = SPIFFE_ALGORITHMS if profile == "spiffe" else DEFAULT_ASYMMETRIC
+    if alg not in allowed:
+        raise WitMintError(f"algorithm {alg!r} is not allowed for the {profile} profile")
+    if not isinstance(kid, str) or not kid:
+        raise WitMintError("a WIT needs a non-empty kid")
+    if not isinstance(subject, (SpiffeId, WimseId)):
+        raise WitMintError("subject must be a SpiffeId or WimseId")
+    if profile == "spiffe" and not isinstance(subject, SpiffeId):
+        raise WitMintError("a WIT-SVID's subject must be a spiffe:// ID")
+    if not isinstance(ttl, timedelta) or ttl.total_seconds() <= 0:
+        raise WitMintError("ttl must be a positive timedelta")
+    if not key_fits_alg(signing_key.public_key, alg):
+        raise WitMintError(f"the signing key does not fit {alg}")
+    cnf_jwk = public_cnf_jwk(workload_public_jwk, allowed)
+    extra = dict(extra_claims or {})
+    clash = _RESERVED_CLAIMS & extra.keys()
+    if clash:
+        raise WitMintError(f"extra_claims may not set {', '.join(sorted(clash))}")
+    if profile == "spiffe" and "aud" in extra:
+        raise WitMintError("a WIT-SVID carries no aud")
+    if issuer is not None:
+        if not isinstance(issuer, str) or not issuer:
+            raise WitMintError("issuer must be a non-empty string")
+        if profile == "spiffe" and issuer.lower().startswith("https://"):
+            # WIT-SVID 3.7: iss SHOULD NOT be OIDC-discovery compatible, so the
+            # token is never taken for an ID token without its proof.
+            raise WitMintError("a WIT-SVID issuer should not be an https:// URL")
+    issued = int(time.time() if now is None else now)
+    claims: dict[str, Any] = {
+        **extra,
+        "sub": str(subject),
+        "iat": issued,
+        "exp": issued + int(ttl.total_seconds()),
+        "jti": new_jti(),
+        "cnf": {"jwk": cnf_jwk},
+    }
+    if profile == "spiffe":
+        claims["nbf"] = issued  # WIT-SVID 4: the issuer SHOULD set nbf
+    if issuer is not None:
+        claims["iss"] = issuer
+    header = {"alg": alg, "kid": kid, "typ": WIT_TYP}
+    payload = json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()
+    try:
+        return jws.serialize_compact(header, payload, signing_key, algorithms=[alg])
+    except (JoseError, ValueError, TypeError) as e:
+        raise WitMintError("signing the WIT failed") from e
+
+
+# -- verification ---------------------------------------------------------------------
+
+
+def resolve_clock(clock: Clock) -> float:
+    if clock is None:
+        return time.time()
+    if callable(clock):
+        return float(clock())
+    return float(clock)
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    # bool is an int in Python, but JSON true is not a NumericDate.
+    # 1e999 parses as an infinite float: a WIT that never expires is malformed.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail("wit_malformed", f"{name} is not a NumericDate")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class WitShape:
+    """The structure of a WIT, every check done except signature and time."""
+
+    header: dict[str, Any]
+    claims: dict[str, Any]
+    subject: SpiffeId | WimseId
+    kid: str
+    alg: str
+    cnf_jwk: dict[str, Any]
+    cnf_key: JoseKey
+    cnf_alg: str
+    signing_input: bytes
+
+
+def parse_wit_unverified(
+    token: object, *, algorithms: Collection[str] = DEFAULT_ASYMMETRIC, profile: Profile = "wimse"
+) -> WitShape:
+    """Decode a WIT and check its shape and profile, WITHOUT checking the signature.
+
+    For inspection (CLI, tests, a sender reading its own WIT). Never use the
+    result to authenticate anybody.
+    """
+    if profile not in ("wimse", "spiffe"):
+        raise ValueError(f"unknown profile {profile!r}")
+    allowed = frozenset(algorithms) & DEFAULT_ASYMMETRIC  # "none"/HS* can never be enabled
+    if profile == "spiffe":
+        allowed &= SPIFFE_ALGORITHMS
+    jose = decode_compact(token, max_bytes=MAX_TOKEN_BYTES, error=_fail, prefix="wit")
+    header, claims = jose.header, jose.claims
+    typ = header.get("typ")
+    if not isinstance(typ, str) or typ.lower() not in _WIT_TYPES:
+        raise _fail("wit_bad_typ", "WIT typ is not wit+jwt")
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in allowed:
+        raise _fail("wit_bad_alg", "WIT alg is not an accepted asymmetric algorithm")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise _fail("wit_missing_kid", "WIT has no kid")
+    sub = claims.get("sub")
+    if not isinstance(sub, str):
+        raise _fail("wit_bad_sub", "WIT has no sub")
+    try:
+        subject = parse_workload_id(sub)
+    except InvalidIdentifierError as e:
+        raise _fail("wit_bad_sub", f"WIT sub is not a workload identifier: {e.code}") from e
+    cnf_jwk, cnf_key, cnf_alg = _import_cnf_jwk(claims.get("cnf"), allowed)
+    for name in ("exp", "iat", "nbf"):
+        _numeric_date(claims, name)
+    if profile == "spiffe":
+        if not isinstance(subject, SpiffeId):
+            raise _fail("wit_profile_violation", "a WIT-SVID's sub must be a spiffe:// ID")
+        if "aud" in claims:
+            raise _fail("wit_profile_violation", "a WIT-SVID must not carry aud")
+    return WitShape(
+        header, claims, subject, kid, alg, cnf_jwk, cnf_key, cnf_alg, jose.signing_input
+    )
+
+
+def _find_key(bundle: TrustBundle, kid: str, alg: str, profile: Profile) -> PublicKey:
+    authority = bundle.jwt_authority(kid, use=USE_WIT_SVID)
+    if authority is None:
+        if bundle.jwt_authority(kid) is not None:
+            raise _fail("wit_key_wrong_use", "the kid names a key that is not for WITs")
+        raise _fail("wit_unknown_kid", "no WIT key with this kid in the trust domain's bundle")
+    if profile == "spiffe" and authority.use != USE_WIT_SVID:
+        # WIT-SVID 6.2: only entries marked wit-svid are WIT-SVID keys.
+        raise _fail("wit_key_wrong_use", "a WIT-SVID key must be marked use=wit-svid")
+    if authority.alg is not None and authority.alg != alg:
+        raise _fail("wit_key_alg_mismatch", "the WIT alg differs from its key's alg")
+    if not key_fits_alg(authority.public_key, alg):
+        raise _fail("wit_key_alg_mismatch", "the WIT alg does not fit its key's type")
+    return authority.public_key
+
+
+def verify_wit(
+    token: str,
+    bundles: BundleSet,
+    *,
+    now: Clock = None,
+    leeway: int = DEFAULT_LEEWAY,
+    algorithms: Collection[str] = DEFAULT_ASYMMETRIC,
+    profile: Profile = "wimse",
+) -> VerifiedWit:
+    """Verify a WIT against the trust bundles; raise :class:`WitError` (with a code) if bad."""
+    return _verify(
+        token,
+        bundles,
+        now=resolve_clock(now),
+        leeway=leeway,
+        algorithms=algorithms,
+        profile=profile,
+    )[0]
+
+
+def _verify(
+    token: str,
+    bundles: BundleSet,
+    *,
+    now: float,
+    leeway: int,
+    algorithms: Collection[str],
+    profile: Profile,
+) -> tuple[VerifiedWit, TrustBundle]:
+    shape = parse_wit_unverified(token, algorithms=algorithms, profile=profile)
+    trust_domain = shape.subject.trust_domain
+    bundle = bundles.get(trust_domain)
+    if bundle is None:
+        raise _fail("wit_unknown_trust_domain", "no trust bundle for the WIT's trust domain")
+    public_key = _find_key(bundle, shape.kid, shape.alg, profile)
+    assert isinstance(token, str)  # parse_wit_unverified checked it
+    check_jws_signature(token, jose_public_key(public_key), shape.alg, _fail, "wit_bad_signature")
+
+    claims = shape.claims
+    exp = _numeric_date(claims, "exp")
+    if exp is None:
+        raise _fail("wit_missing_exp", "WIT has no exp")
+    if now >= exp + leeway:
+        raise _fail("wit_expired", "WIT has expired")
+    nbf = _numeric_date(claims, "nbf")
+    if nbf is not None and nbf > now + leeway:
+        raise _fail("wit_not_yet_valid", "WIT is not valid yet (nbf)")
+    iat = _numeric_date(claims, "iat")
+    if iat is not None and iat > now + leeway:
+        raise _fail("wit_iat_in_future", "WIT was issued in the future (iat)")
+    verified = VerifiedWit(
+        subject=shape.subject,
+        trust_domain=trust_domain,
+        claims=MappingProxyType(claims),
+        cnf_jwk=MappingProxyType(shape.cnf_jwk),
+        cnf_key=shape.cnf_key,
+        cnf_alg=shape.cnf_alg,
+        expires_at=exp,
+        token_hash=token_hash(token),
+        kid=shape.kid,
+    )
+    return verified, bundle
+
+
+class WitVerifier:
+    """Verifies WITs and remembers the good ones until they expire.
+
+    A caller sends the same WIT with every request for hours, so a relying
+    party that caches it pays for one signature check per request (the proof's)
+    instead of two.  The cache is keyed by the token's SHA-256, bounded (LRU),
+    and an entry is used only while its WIT is unexpired and the trust bundle
+    it was checked against is still the one in force (bundles are immutable and
+    a :class:`BundleSet` swaps in new objects, so an identity check sees any
+    rotation or key removal).
+    """
+
+    def __init__(
+        self,
+        bundles: BundleSet,
+        *,
+        now: Clock = None,
+        leeway: int = DEFAULT_LEEWAY,
+        algorithms: Collection[str] = DEFAULT_ASYMMETRIC,
+        profile: Profile = "wimse",
+        max_entries: int = DEFAULT_CACHE_SIZE,
+    ) -> None:
+        if max_entries < 0:
+            raise ValueError("max_entries must be >= 0")
+        self.bundles = bundles
+        self.leeway = leeway
+        self.algorithms = frozenset(algorithms)
+        self.profile: Profile = profile
+        self._clock = now
+        self._max = max_entries
+        self._cache: OrderedDict[str, tuple[VerifiedWit, TrustBundle]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        return resolve_clock(self._clock)
+
+    def verify(self, token: str) -> VerifiedWit:
+        now = self.now()
+        key = token_hash(token) if isinstance(token, str) and token.isascii() else None
+        if key is not None and len(token) <= MAX_TOKEN_BYTES:
+            with self._lock:
+                hit = self._cache.get(key)
+                if hit is not None:
+                    wit, bundle = hit
+                    if (
+                        now < wit.expires_at + self.leeway
+                        and self.bundles.get(wit.trust_domain) is bundle
+                    ):
+                        self._cache.move_to_end(key)
+                        return wit
+                    del self._cache[key]
+        wit, bundle = _verify(
+            token,
+            self.bundles,
+            now=now,
+            leeway=self.leeway,
+            algorithms=self.algorithms,
+            profile=self.profile,
+        )
+        if self._max and key is not None:
+            with self._lock:
+                self._cache[key] = (wit, bundle)
+                self._cache.move_to_end(key)
+                while len(self._cache) > self._max:
+                    self._cache.popitem(last=False)
+        return wit
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
+__all__ = [
+    "DEFAULT_ASYMMETRIC",
+    "MAX_TOKEN_BYTES",
+    "SPIFFE_ALGORITHMS",
+    "WIT_ERROR_CODES",
+    "VerifiedWit",
+    "WitMintError",
+    "WitShape",
+    "WitVerifier",
+    "b64url_decode_strict",
+    "b64url_encode",
+    "check_jws_signature",
+    "decode_compact",
+    "jose_public_key",
+    "key_fits_alg",
+    "mint_wit",
+    "new_jti",
+    "parse_wit_unverified",
+    "resolve_clock",
+    "token_hash",
+    "verify_wit",
+]

@@ -1,0 +1,588 @@
+"""Workload Proof Tokens (draft-ietf-wimse-wpt-02, and the wpt-01 wire form).
+
+A WPT is a short-lived JWT, ``typ`` ``wpt+jwt``, signed with the workload key
+that the caller's WIT binds (``cnf.jwk``); it ties that WIT (``wth``), the
+target URI (``aud``) and any context tokens (``tth``, ``oth``) to one request.
+
+Two wire forms:
+
+- **wpt-02** (what we send): ``Workload-Identity-Token: <wit>`` and
+  ``Authorization: WPT <wpt>``. No ``ath``: the Authorization field is taken.
+- **wpt-01** (accepted unless ``accept_wpt01=False``): ``Workload-Identity-Token``
+  and ``Workload-Proof-Token: <wpt>``; a bearer access token in
+  ``Authorization: Bearer`` must be bound by ``ath``.
+
+:class:`WptVerifier` implements every receiver check of wpt-02 section 2, each
+failure with its own stable ``code`` (:data:`WPT_ERROR_CODES`), in this order:
+the WIT (400 on failure), the proof's location, ``typ``, ``alg`` = WIT
+``cnf.jwk.alg``, signature, ``aud``, ``exp``, ``wth``, ``jti``, ``tth``,
+``oth``, ``ath``, and last the replay cache, so that only a proof that passed
+everything else can use up its ``jti``.
+
+Audience: the expected value is a *configured* origin plus the request's path
+(query and fragment dropped), compared as exact strings; the Host and
+X-Forwarded-Host headers are never consulted (wpt-02, "Audience validation").
+Because nothing is normalised, request targets that different components could
+normalise differently (dot segments, encoded dots/slashes/backslashes, double
+encoding, backslashes, empty segments) are refused outright instead.
+
+Raw WIT/WPT values never appear in exception messages; this module logs nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import re
+import time
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from joserfc import jws
+from joserfc.errors import JoseError
+
+from custos.bundle import BundleSet
+from custos.errors import CustosError
+from custos.identity import SpiffeId, TrustDomain, WimseId
+from custos.keys.jwk import public_jwk_members
+from custos.wimse.errors import (
+    MalformedRequestError,
+    WimseError,
+    WitError,
+    WptError,
+    WptReplayError,
+)
+from custos.wimse.http import Endpoint, HttpMessage
+from custos.wimse.replay import ReplayCache
+from custos.wimse.wit import (
+    DEFAULT_ASYMMETRIC,
+    MAX_TOKEN_BYTES,
+    Clock,
+    JoseKey,
+    VerifiedWit,
+    WitVerifier,
+    check_jws_signature,
+    decode_compact,
+    new_jti,
+    parse_wit_unverified,
+    resolve_clock,
+    token_hash,
+)
+
+Wire = Literal["wpt-02", "wpt-01"]
+
+WPT_TYP = "wpt+jwt"
+_WPT_TYPES = frozenset({"wpt+jwt", "application/wpt+jwt"})
+WIT_HEADER = "Workload-Identity-Token"
+WPT01_HEADER = "Workload-Proof-Token"
+TXN_TOKEN_HEADER = "Txn-Token"  # noqa: S105 - a header name, not a secret
+
+DEFAULT_WPT_TTL = 60
+#: An exp further ahead than this (plus leeway) is "unreasonably far in the future".
+DEFAULT_MAX_TTL = 300
+#: Clock skew allowed on the proof's exp; proofs live a minute, so keep it small.
+DEFAULT_WPT_LEEWAY = 30
+MAX_AUDIENCE_LENGTH = 2048
+MAX_JTI_LENGTH = 256
+
+# RFC 9110 token / token68 (section 11.2), the syntax of scheme and credentials.
+_AUTH_RE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+)(?: +(.*))?", re.S)
+_TOKEN68_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+# Percent-encodings that decode to ".", "/", "\" or "%" (double encoding) and NUL:
+# a component that decodes them would see a different path than the one signed.
+_UNSAFE_ESCAPES = ("%2e", "%2f", "%5c", "%25", "%00")
+# Header fields that carry the credentials themselves; never "other tokens".
+_RESERVED_FIELDS = frozenset(
+    {"authorization", "workload-identity-token", "workload-proof-token", "txn-token"}
+)
+
+#: Every code a WPT verification failure can carry (WIT failures keep theirs).
+WPT_ERROR_CODES = frozenset(
+    {
+        "wpt_missing",
+        "wpt_both_forms",
+        "wpt_multiple_authorization",
+        "wpt_multiple_proofs",
+        "wpt01_not_accepted",
+        "wpt_unexpected_authorization",
+        "wpt_malformed",
+        "wpt_too_large",
+        "wpt_bad_typ",
+        "wpt_bad_alg",
+        "wpt_alg_mismatch",
+        "wpt_bad_signature",
+        "wpt_bad_audience",
+        "wpt_missing_exp",
+        "wpt_expired",
+        "wpt_exp_too_far",
+        "wpt_missing_wth",
+        "wpt_wth_mismatch",
+        "wpt_missing_jti",
+        "wpt_multiple_txn_tokens",
+        "wpt_missing_tth",
+        "wpt_tth_without_txn_token",
+        "wpt_tth_mismatch",
+        "wpt_bad_oth",
+        "wpt_oth_unknown",
+        "wpt_oth_mismatch",
+        "wpt_oth_missing",
+        "wpt_missing_ath",
+        "wpt_ath_mismatch",
+        "wpt_ath_without_bearer",
+        "wpt_replayed",
+    }
+)
+
+
+class WptMintError(WimseError):
+    """A WPT could not be made with the arguments given (a caller mistake)."""
+
+    code = "wpt_mint_invalid"
+    status = 500
+
+
+def _fail(code: str, message: str) -> WptError:
+    return WptError(message, code=code)
+
+
+def _wit_fail(code: str, message: str) -> WitError:
+    return WitError(message, code=code)
+
+
+def _hash_matches(value: str, expected: object) -> bool:
+    """Whether ``expected`` is the b64url SHA-256 of ``value`` (constant time)."""
+    if not isinstance(expected, str) or not value.isascii() or not expected.isascii():
+        return False
+    return hmac.compare_digest(token_hash(value), expected)
+
+
+def _field_value(value: str) -> str:
+    # wpt-02: hash "the header field value with any leading or trailing spaces removed".
+    return value.strip(" \t")
+
+
+def strip_query_and_fragment(uri: str) -> str:
+    return uri.split("#", 1)[0].split("?", 1)[0]
+
+
+# -- sending ---------------------------------------------------------------------
+
+
+def create_wpt(
+    signer: JoseKey,
+    wit: str,
+    audience: str,
+    *,
+    ttl_seconds: int = DEFAULT_WPT_TTL,
+    txn_token: str | None = None,
+    other_tokens: Mapping[str, str] | None = None,
+    wire: Wire = "wpt-02",
+    access_token: str | None = None,
+    now: float | None = None,
+) -> str:
+    """Make a WPT for one request to ``audience`` (the target URI; query and
+    fragment are stripped here).
+
+    ``signer`` is the workload's joserfc key (``custos.keys.jose.joserfc_key``
+    signs in the device); it must be the key the WIT binds, and the algorithm
+    is the WIT's ``cnf.jwk.alg``.  ``other_tokens`` maps header field names to
+    the values sent in those fields; ``access_token`` (wpt-01 only) adds ``ath``.
+    """
+    if wire not in ("wpt-02", "wpt-01"):
+        raise WptMintError(f"unknown wire form {wire!r}")
+    if (
+        isinstance(ttl_seconds, bool)
+        or not isinstance(ttl_seconds, int)
+        or not (0 < ttl_seconds <= DEFAULT_MAX_TTL)
+    ):
+        raise WptMintError(f"ttl_seconds must be 1..{DEFAULT_MAX_TTL}: a WPT is short-lived")
+    if access_token is not None and wire != "wpt-01":
+        raise WptMintError(
+            "wpt-02 has no ath: the WPT takes the Authorization field, so no bearer token "
+            "can travel with it"
+        )
+    try:
+        shape = parse_wit_unverified(wit)
+    except WitError as e:
+        raise WptMintError(f"the WIT is unusable: {e.code}", code="wpt_mint_bad_wit") from e
+    try:
+        signer_members = public_jwk_members(signer.public_key)
+    except CustosError as e:
+        raise WptMintError("the signer's public key is unusable") from e
+    cnf_members = {k: v for k, v in shape.cnf_jwk.items() if k != "alg"}
+    if signer_members != cnf_members:
+        raise WptMintError(
+            "the signer's key is not the key the WIT binds (cnf.jwk)", code="wpt_mint_wrong_key"
+        )
+    aud = strip_query_and_fragment(audience) if isinstance(audience, str) else ""
+    if not aud or len(aud) > MAX_AUDIENCE_LENGTH:
+        raise WptMintError("audience must be a non-empty target URI")
+    issued = int(time.time() if now is None else now)
+    claims: dict[str, Any] = {
+        "aud": aud,
+        "exp": issued + ttl_seconds,
+        "jti": new_jti(),
+        "wth": token_hash(wit),
+    }
+    if txn_token is not None:
+        claims["tth"] = _hash_for_claim(txn_token, "txn_token")
+    if other_tokens:
+        oth: dict[str, str] = {}
+        for name, value in other_tokens.items():
+            lname = name.lower() if isinstance(name, str) else ""
+            if not _HEADER_NAME_RE.fullmatch(lname) or lname in _RESERVED_FIELDS:
+                raise WptMintError(
+                    "other_tokens keys must be header field names (not the credentials' own)"
+                )
+            oth[lname] = _hash_for_claim(_field_value(value), "other token")
+        claims["oth"] = oth
+    if access_token is not None:
+        claims["ath"] = _hash_for_claim(access_token, "access_token")
+    header = {"alg": shape.cnf_alg, "typ": WPT_TYP}
+    payload = json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()
+    try:
+        return jws.serialize_compact(header, payload, signer, algorithms=[shape.cnf_alg])
+    except (JoseError, ValueError, TypeError) as e:
+        raise WptMintError("signing the WPT failed") from e
+
+
+def _hash_for_claim(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value.isascii() or not value:
+        raise WptMintError(f"{what} must be a non-empty ASCII string")
+    return token_hash(value)
+
+
+def wpt_headers(wit: str, wpt: str, wire: Wire = "wpt-02") -> list[tuple[str, str]]:
+    """The header fields that carry a WIT and its WPT on the wire."""
+    if wire == "wpt-02":
+        return [(WIT_HEADER, wit), ("Authorization", f"WPT {wpt}")]
+    if wire == "wpt-01":
+        return [(WIT_HEADER, wit), (WPT01_HEADER, wpt)]
+    raise WptMintError(f"unknown wire form {wire!r}")
+
+
+# -- receiving -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class VerifiedCaller:
+    """A request whose WIT and WPT both verified."""
+
+    subject: SpiffeId | WimseId
+    trust_domain: TrustDomain
+    variant: Literal["wpt"]
+    wire: Wire
+    wit_claims: Mapping[str, Any]
+    wpt_claims: Mapping[str, Any]
+    wit: VerifiedWit
+
+
+def normalize_origin(value: Endpoint | str) -> str:
+    """A configured audience origin, checked and in the form senders produce
+    (lowercase scheme and host, no default port, no path)."""
+    text = value.origin() if isinstance(value, Endpoint) else value
+    if not isinstance(text, str):
+        raise ValueError("an audience origin must be an Endpoint or a string")
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme not in ("https", "http"):
+        raise ValueError(f"audience origin {text!r} must be http(s)")
+    if "@" in parts.netloc or parts.username is not None:
+        raise ValueError(f"audience origin {text!r} must not contain userinfo")
+    if parts.path not in ("",) or parts.query or parts.fragment or text.endswith("?"):
+        raise ValueError(f"audience origin {text!r} must be scheme://host[:port] only")
+    host = (parts.hostname or "").lower()
+    if not host or host.endswith(".") or "\\" in host or "%" in host:
+        raise ValueError(f"audience origin {text!r} has an unusable host")
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"audience origin {text!r} has a bad port") from e
+    if ":" in host:
+        host = f"[{host}]"
+    default = {"https": 443, "http": 80}[scheme]
+    return f"{scheme}://{host}" + ("" if port is None or port == default else f":{port}")
+
+
+def safe_request_path(target: object) -> str:
+    """The path of a request target, refusing targets that could be normalised
+    into a different path than the one a proof was made for.
+
+    Empty path: the request line always has at least "/", so a proof for
+    "https://h" does not match a request for "/" (exact strings, no guessing).
+    """
+    if not isinstance(target, str) or not target.startswith("/"):
+        raise MalformedRequestError(
+            "request target must be in origin form (/path)", code="unsafe_request_target"
+        )
+    path = target.split("?", 1)[0]
+    if len(path) > MAX_AUDIENCE_LENGTH:
+        raise MalformedRequestError("request path too long", code="unsafe_request_target")
+    if any(ch in "#\\" or ord(ch) <= 0x20 or ord(ch) >= 0x7F for ch in path):
+        raise MalformedRequestError(
+            "request path has a fragment, backslash, space or non-ASCII character",
+            code="unsafe_request_target",
+        )
+    lowered = path.lower()
+    if any(esc in lowered for esc in _UNSAFE_ESCAPES):
+        raise MalformedRequestError(
+            "request path has percent-encoded dots, slashes, backslashes or percent signs",
+            code="unsafe_request_target",
+        )
+    segments = path[1:].split("/")
+    for i, segment in enumerate(segments):
+        # ";" parameters: some servers treat "..;" as ".." (the Tomcat trick).
+        if segment.split(";", 1)[0] in (".", ".."):
+            raise MalformedRequestError(
+                "request path has dot segments", code="unsafe_request_target"
+            )
+        if segment == "" and i != len(segments) - 1:
+            raise MalformedRequestError(
+                "request path has empty segments", code="unsafe_request_target"
+            )
+    return path
+
+
+def _parse_authorization(value: str) -> tuple[str | None, str]:
+    match = _AUTH_RE.fullmatch(value.strip(" \t"))
+    if match is None:
+        return None, ""
+    return match.group(1).lower(), match.group(2) or ""
+
+
+def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail("wpt_malformed", f"{name} is not a NumericDate")
+    return float(value)
+
+
+class WptVerifier:
+    """Verifies requests that carry a WIT and a WPT (either wire form)."""
+
+    def __init__(
+        self,
+        bundles: BundleSet | None = None,
+        *,
+        wit_verifier: WitVerifier | None = None,
+        audiences: Iterable[Endpoint | str],
+        replay: ReplayCache,
+        accept_wpt01: bool = True,
+        max_ttl: int = DEFAULT_MAX_TTL,
+        leeway: int = DEFAULT_WPT_LEEWAY,
+        known_other_tokens: Collection[str] = (),
+        algorithms: Collection[str] = DEFAULT_ASYMMETRIC,
+        now: Clock = None,
+    ) -> None:
+        if wit_verifier is None:
+            if bundles is None:
+                raise ValueError("give bundles or a wit_verifier")
+            wit_verifier = WitVerifier(bundles, now=now)
+        elif bundles is not None and bundles is not wit_verifier.bundles:
+            raise ValueError("give bundles or a wit_verifier, not two different sources")
+        self.wit_verifier = wit_verifier
+        self.origins: tuple[str, ...] = tuple(normalize_origin(a) for a in audiences)
+        if not self.origins:
+            raise ValueError("configure at least one audience origin")
+        if replay is None or not callable(getattr(replay, "check_and_store", None)):
+            raise ValueError("a replay cache is required")
+        self.replay = replay
+        self.accept_wpt01 = accept_wpt01
+        if max_ttl <= 0 or leeway < 0:
+            raise ValueError("max_ttl must be > 0 and leeway >= 0")
+        self.max_ttl = max_ttl
+        self.leeway = leeway
+        known = frozenset(n.lower() for n in known_other_tokens)
+        bad = [n for n in known if not _HEADER_NAME_RE.fullmatch(n) or n in _RESERVED_FIELDS]
+        if bad:
+            raise ValueError(
+                "known_other_tokens must be header field names other than the credentials'"
+            )
+        self.known_other_tokens = known
+        self.algorithms = frozenset(algorithms) & DEFAULT_ASYMMETRIC
+        self._clock = now
+
+    # -- the checks ---------------------------------------------------------
+
+    def verify(self, request: HttpMessage) -> VerifiedCaller:
+        now = resolve_clock(self._clock)
+        wit = self._verify_wit(request)
+        token, wire, access_token = self._locate_proof(request)
+        jose = decode_compact(token, max_bytes=MAX_TOKEN_BYTES, error=_fail, prefix="wpt")
+        typ = jose.header.get("typ")
+        if not isinstance(typ, str) or typ.lower() not in _WPT_TYPES:
+            raise _fail("wpt_bad_typ", "WPT typ is not wpt+jwt")
+        alg = jose.header.get("alg")
+        if not isinstance(alg, str) or alg not in self.algorithms:
+            raise _fail("wpt_bad_alg", "WPT alg is not an accepted asymmetric algorithm")
+        if alg != wit.cnf_alg:
+            raise _fail("wpt_alg_mismatch", "WPT alg differs from the WIT's cnf.jwk.alg")
+        check_jws_signature(token, wit.cnf_key, alg, _fail, "wpt_bad_signature")
+        claims = jose.claims
+
+        self._check_audience(claims.get("aud"), request)
+        exp = self._check_exp(claims, now)
+        wth = claims.get("wth")
+        if wth is None:
+            raise _fail("wpt_missing_wth", "WPT has no wth")
+        if not isinstance(wth, str) or not hmac.compare_digest(
+            wth.encode(), wit.token_hash.encode()
+        ):
+            raise _fail("wpt_wth_mismatch", "WPT wth does not match the WIT")
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_LENGTH:
+            raise _fail("wpt_missing_jti", "WPT has no usable jti")
+        self._check_txn_token(claims, request)
+        self._check_other_tokens(claims, request)
+        self._check_ath(claims, wire, access_token)
+        # Last, so only a proof that passed every other check uses up its jti;
+        # per sender (wpt-02 "Replay Protection": within the scope of a sender).
+        if not self.replay.check_and_store(str(wit.subject), jti, exp + self.leeway):
+            raise WptReplayError("WPT jti was seen before")
+        return VerifiedCaller(
+            subject=wit.subject,
+            trust_domain=wit.trust_domain,
+            variant="wpt",
+            wire=wire,
+            wit_claims=wit.claims,
+            wpt_claims=MappingProxyType(claims),
+            wit=wit,
+        )
+
+    def _verify_wit(self, request: HttpMessage) -> VerifiedWit:
+        values = request.get_all(WIT_HEADER)
+        if not values:
+            raise _wit_fail("wit_missing", "request has no Workload-Identity-Token")
+        if len(values) != 1:
+            raise _wit_fail("wit_multiple", "request has more than one Workload-Identity-Token")
+        return self.wit_verifier.verify(values[0].strip(" \t"))
+
+    def _locate_proof(self, request: HttpMessage) -> tuple[str, Wire, str | None]:
+        """(WPT, wire form, bearer access token of a wpt-01 request)."""
+        authorizations = request.get_all("authorization")
+        parsed = [_parse_authorization(v) for v in authorizations]
+        wpt01 = request.get_all(WPT01_HEADER)
+        has_wpt_scheme = any(scheme == "wpt" for scheme, _ in parsed)
+        if has_wpt_scheme and wpt01:
+            # Accepting either would let an attacker choose which proof is checked.
+            raise _fail("wpt_both_forms", "request carries a WPT in both wire forms")
+        if has_wpt_scheme:
+            if len(authorizations) != 1:
+                raise _fail(
+                    "wpt_multiple_authorization", "request has more than one Authorization field"
+                )
+            credentials = parsed[0][1]
+            if not _TOKEN68_RE.fullmatch(credentials):
+                raise _fail("wpt_malformed", "WPT credentials are not a single token68")
+            return credentials, "wpt-02", None
+        if not wpt01:
+            raise _fail("wpt_missing", "request carries no WPT")
+        if not self.accept_wpt01:
+            raise _fail("wpt01_not_accepted", "the Workload-Proof-Token form is not accepted here")
+        if len(wpt01) != 1:
+            raise _fail("wpt_multiple_proofs", "request has more than one Workload-Proof-Token")
+        access_token: str | None = None
+        if len(authorizations) > 1:
+            raise _fail(
+                "wpt_multiple_authorization", "request has more than one Authorization field"
+            )
+        if authorizations:
+            scheme, credentials = parsed[0]
+            # Only a bearer token can be bound (ath); any other credentials
+            # next to the proof would be unbound, so they are refused.
+            if scheme != "bearer" or not _TOKEN68_RE.fullmatch(credentials):
+                raise _fail(
+                    "wpt_unexpected_authorization",
+                    "only an ath-bound Bearer token may accompany a Workload-Proof-Token",
+                )
+            access_token = credentials
+        return wpt01[0].strip(" \t"), "wpt-01", access_token
+
+    def _check_audience(self, aud: object, request: HttpMessage) -> None:
+        path = safe_request_path(request.target)
+        # A list-valued aud is refused: one proof, one target.
+        if not isinstance(aud, str) or len(aud) > MAX_AUDIENCE_LENGTH:
+            raise _fail("wpt_bad_audience", "WPT aud is not a single target URI")
+        if not any(hmac.compare_digest(aud.encode(), (o + path).encode()) for o in self.origins):
+            raise _fail("wpt_bad_audience", "WPT aud does not match this endpoint and path")
+
+    def _check_exp(self, claims: Mapping[str, Any], now: float) -> float:
+        exp = _numeric(claims, "exp")
+        if exp is None:
+            raise _fail("wpt_missing_exp", "WPT has no exp")
+        if now >= exp + self.leeway:
+            raise _fail("wpt_expired", "WPT has expired")
+        if exp > now + self.max_ttl + self.leeway:
+            raise _fail("wpt_exp_too_far", "WPT exp is unreasonably far in the future")
+        return exp
+
+    def _check_txn_token(self, claims: Mapping[str, Any], request: HttpMessage) -> None:
+        values = request.get_all(TXN_TOKEN_HEADER)
+        tth = claims.get("tth")
+        if len(values) > 1:
+            raise _fail("wpt_multiple_txn_tokens", "request has more than one Txn-Token")
+        if values and tth is None:
+            raise _fail("wpt_missing_tth", "request has a Txn-Token that the WPT does not bind")
+        if tth is not None and not values:
+            raise _fail("wpt_tth_without_txn_token", "WPT binds a Txn-Token the request lacks")
+        if values and not _hash_matches(_field_value(values[0]), tth):
+            raise _fail("wpt_tth_mismatch", "WPT tth does not match the Txn-Token")
+
+    def _check_other_tokens(self, claims: Mapping[str, Any], request: HttpMessage) -> None:
+        oth = claims.get("oth")
+        if oth is not None and not isinstance(oth, dict):
+            raise _fail("wpt_bad_oth", "WPT oth is not a JSON object")
+        covered = oth or {}
+        for name, expected in covered.items():
+            # wpt-02: entries not understood MUST reject; names are lowercase.
+            if name not in self.known_other_tokens:
+                raise _fail("wpt_oth_unknown", "WPT oth names a token this endpoint does not know")
+            values = request.get_all(name)
+            if len(values) != 1 or not _hash_matches(_field_value(values[0]), expected):
+                raise _fail("wpt_oth_mismatch", "WPT oth does not match the request's token")
+        for name in self.known_other_tokens:
+            # A context token the proof does not cover must not reach authorization.
+            if name not in covered and request.get_all(name):
+                raise _fail("wpt_oth_missing", "request has a context token the WPT does not bind")
+
+    def _check_ath(self, claims: Mapping[str, Any], wire: Wire, access_token: str | None) -> None:
+        ath = claims.get("ath")
+        if access_token is None:
+            if ath is not None:
+                raise _fail("wpt_ath_without_bearer", "WPT binds an access token the request lacks")
+            return
+        assert wire == "wpt-01"
+        if ath is None:
+            raise _fail("wpt_missing_ath", "a bearer token next to a wpt-01 proof needs ath")
+        if not _hash_matches(access_token, ath):
+            raise _fail("wpt_ath_mismatch", "WPT ath does not match the bearer token")
+
+
+def expected_audiences(origins: Sequence[str], target: str) -> list[str]:
+    """What aud values a request for ``target`` accepts (for diagnostics and docs)."""
+    path = safe_request_path(target)
+    return [normalize_origin(o) + path for o in origins]
+
+
+__all__ = [
+    "DEFAULT_MAX_TTL",
+    "DEFAULT_WPT_LEEWAY",
+    "DEFAULT_WPT_TTL",
+    "WPT_ERROR_CODES",
+    "VerifiedCaller",
+    "WptMintError",
+    "WptVerifier",
+    "create_wpt",
+    "expected_audiences",
+    "normalize_origin",
+    "safe_request_path",
+    "strip_query_and_fragment",
+    "wpt_headers",
+]

@@ -1,0 +1,336 @@
+"""Trust bundles: SPIFFE bundle JSON and plain JWKS, round trips, spec rules on
+consumption, refusal of private or malformed keys, and bundle sets."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
+from joserfc.jwk import ECKey, RSAKey
+
+from custos.bundle import (
+    BundleError,
+    BundleSet,
+    JwtAuthority,
+    TrustBundle,
+)
+from custos.identity import TrustDomain
+from custos.keys.jwk import public_jwk_members
+from custos.x509ca import CertificateAuthority
+
+TD = TrustDomain("example.org")
+OTHER = TrustDomain("other.example")
+
+
+def _root(td: TrustDomain = TD) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return CertificateAuthority.self_signed(key, td, ttl=timedelta(days=1)).certificate
+
+
+def _ec_auth(kid: str, use: str | None = "jwt-svid") -> JwtAuthority:
+    return JwtAuthority(kid, ec.generate_private_key(ec.SECP256R1()).public_key(), use=use)
+
+
+@pytest.fixture(scope="module")
+def rsa_pub() -> rsa.RSAPublicKey:
+    return rsa.generate_private_key(65537, 2048).public_key()
+
+
+def _b64(cert: x509.Certificate) -> str:
+    return base64.b64encode(cert.public_bytes(Encoding.DER)).decode()
+
+
+def _x509_entry(cert: x509.Certificate) -> dict[str, Any]:
+    return {"use": "x509-svid", **public_jwk_members(cert.public_key()), "x5c": [_b64(cert)]}
+
+
+# ------------------------------------------------------------------ round trips
+
+
+def test_spiffe_json_roundtrip(rsa_pub: rsa.RSAPublicKey) -> None:
+    root = _root()
+    bundle = TrustBundle(
+        TD,
+        (root,),
+        (
+            _ec_auth("ec-1"),
+            JwtAuthority("rsa-1", rsa_pub, use="jwt-svid", alg="RS256"),
+            JwtAuthority("ed-1", ed25519.Ed25519PrivateKey.generate().public_key(), use="wit-svid"),
+        ),
+        sequence=7,
+        refresh_hint=300,
+    )
+    text = bundle.to_spiffe_json()
+    doc = json.loads(text)
+    assert doc["spiffe_sequence"] == 7
+    assert doc["spiffe_refresh_hint"] == 300
+    x509_entries = [k for k in doc["keys"] if k["use"] == "x509-svid"]
+    assert len(x509_entries) == 1
+    assert "kid" not in x509_entries[0]  # spec 6.1: x509-svid entries MUST NOT set kid
+    assert base64.b64decode(x509_entries[0]["x5c"][0]) == root.public_bytes(Encoding.DER)
+    assert {k["kid"] for k in doc["keys"] if "kid" in k} == {"ec-1", "rsa-1", "ed-1"}
+    assert all("d" not in k for k in doc["keys"])
+
+    again = TrustBundle.from_spiffe_json(TD, text)
+    assert again == bundle
+    assert again.jwt_authority("rsa-1") is not None
+    assert again.jwt_authority("rsa-1").alg == "RS256"  # type: ignore[union-attr]
+    assert again.jwt_authority("ed-1").use == "wit-svid"  # type: ignore[union-attr]
+    assert TrustBundle.from_spiffe_json(TD, text.encode()) == bundle
+
+
+def test_jwt_authority_jwk_members() -> None:
+    public = ec.generate_private_key(ec.SECP384R1()).public_key()
+    auth = JwtAuthority("k1", public, "jwt-svid", "ES384")
+    jwk = auth.jwk()
+    assert jwk["kty"] == "EC" and jwk["crv"] == "P-384"
+    assert jwk["kid"] == "k1" and jwk["use"] == "jwt-svid" and jwk["alg"] == "ES384"
+    assert set(_ec_auth("x", use=None).jwk()) == {"kty", "crv", "x", "y", "kid"}
+
+
+def test_authority_without_use_gets_jwt_svid_in_spiffe_output() -> None:
+    bundle = TrustBundle(TD, jwt_authorities=(_ec_auth("k", use=None),))
+    doc = json.loads(bundle.to_spiffe_json())
+    assert doc["keys"][0]["use"] == "jwt-svid"
+    assert "spiffe_sequence" not in doc
+
+
+def test_save_and_load(tmp_path: Path) -> None:
+    bundle = TrustBundle(TD, (_root(),), (_ec_auth("k"),), sequence=1)
+    path = tmp_path / "bundle.json"
+    bundle.save(path)
+    assert TrustBundle.load(TD, path) == bundle
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle.json"]  # no temp file left
+    with pytest.raises(BundleError, match="cannot read"):
+        TrustBundle.load(TD, tmp_path / "missing.json")
+    with pytest.raises(BundleError, match="cannot write"):
+        bundle.save(tmp_path / "no-such-dir" / "b.json")
+
+
+# ------------------------------------------------------------------ spec consumption rules
+
+
+def test_unknown_or_missing_use_is_ignored_in_spiffe_bundles() -> None:
+    auth = _ec_auth("k")
+    jwk = auth.jwk()
+    doc = {
+        "keys": [
+            {**jwk, "use": "future-svid"},
+            {k: v for k, v in jwk.items() if k != "use"},
+            {**_ec_auth("j").jwk()},
+        ]
+    }
+    bundle = TrustBundle.from_spiffe_json(TD, json.dumps(doc))
+    assert [a.kid for a in bundle.jwt_authorities] == ["j"]
+
+
+def test_x509_entry_without_x5c_is_ignored_and_extra_certs_are_ignored() -> None:
+    root, other = _root(), _root()
+    entry = _x509_entry(root)
+    entry["x5c"].append(_b64(other))
+    doc = {"keys": [entry, {"use": "x509-svid", "kty": "EC"}, {"use": "x509-svid", "x5c": []}]}
+    bundle = TrustBundle.from_spiffe_json(TD, json.dumps(doc))
+    assert bundle.x509_authorities == (root,)
+
+
+def test_wit_svid_key_is_not_a_jwt_svid_authority() -> None:
+    wit = _ec_auth("shared", use="wit-svid")
+    bundle = TrustBundle(TD, jwt_authorities=(wit,))
+    assert bundle.jwt_authority("shared") == wit
+    assert bundle.jwt_authority("shared", use="wit-svid") == wit
+    assert bundle.jwt_authority("shared", use="jwt-svid") is None
+    any_use = _ec_auth("plain", use=None)
+    assert bundle.with_jwt_authority(any_use).jwt_authority("plain", use="jwt-svid") == any_use
+
+
+def test_from_jwks_accepts_keys_without_use_and_preserves_use() -> None:
+    a, b, enc = _ec_auth("a", use=None), _ec_auth("b", use="sig"), _ec_auth("c", use="enc")
+    doc = {"keys": [a.jwk(), b.jwk(), enc.jwk()]}
+    bundle = TrustBundle.from_jwks(TD, json.dumps(doc))
+    assert bundle.jwt_authorities == (a, b)
+    assert bundle.jwt_authority("a").use is None  # type: ignore[union-attr]
+    assert bundle.jwt_authority("b").use == "sig"  # type: ignore[union-attr]
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def test_private_ec_key_in_bundle_is_rejected() -> None:
+    private = ECKey.generate_key("P-256").as_dict(private=True)
+    assert "d" in private
+    doc = {"keys": [{**private, "kid": "leak", "use": "jwt-svid"}]}
+    with pytest.raises(BundleError, match=r"private key material \(d\)") as info:
+        TrustBundle.from_spiffe_json(TD, json.dumps(doc))
+    assert info.value.code == "invalid_bundle"
+    # even where the entry would otherwise be ignored, and in a plain JWKS
+    with pytest.raises(BundleError, match="private key material"):
+        TrustBundle.from_spiffe_json(TD, json.dumps({"keys": [{**private, "use": "other"}]}))
+    with pytest.raises(BundleError, match="private key material"):
+        TrustBundle.from_jwks(TD, json.dumps({"keys": [{**private, "kid": "k"}]}))
+
+
+def test_private_rsa_key_and_symmetric_key_are_rejected() -> None:
+    private = RSAKey.generate_key(2048).as_dict(private=True)
+    with pytest.raises(BundleError, match="private key material"):
+        TrustBundle.from_jwks(TD, json.dumps({"keys": [{**private, "kid": "r"}]}))
+    # An 'oct' key has its secret in "k": refused (it would enable HMAC forgery).
+    with pytest.raises(BundleError, match="private key material"):
+        hmac_key = {"kty": "oct", "k": "c2VjcmV0", "kid": "h"}
+        TrustBundle.from_jwks(TD, json.dumps({"keys": [hmac_key]}))
+    with pytest.raises(BundleError, match="symmetric"):
+        TrustBundle.from_jwks(TD, json.dumps({"keys": [{"kty": "oct", "kid": "h"}]}))
+
+
+def _jwt_entry(**overrides: Any) -> dict[str, Any]:
+    entry = _ec_auth("k").jwk()
+    entry.update(overrides)
+    return {k: v for k, v in entry.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b"not json", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        ("[]", "must be a JSON object"),
+        ("{}", "no 'keys' list"),
+        ('{"keys": {}}', "no 'keys' list"),
+        ('{"keys": ["x"]}', "not a JSON object"),
+        ('{"keys": [], "spiffe_sequence": -1}', "non-negative integer"),
+        ('{"keys": [], "spiffe_sequence": true}', "non-negative integer"),
+        ('{"keys": [], "spiffe_refresh_hint": "60"}', "non-negative integer"),
+        (json.dumps({"keys": [_jwt_entry(kid=None)]}), "needs a non-empty 'kid'"),
+        (json.dumps({"keys": [_jwt_entry(kid="")]}), "needs a non-empty 'kid'"),
+        (json.dumps({"keys": [_jwt_entry(use=5)]}), "'use' must be a string"),
+        (json.dumps({"keys": [_jwt_entry(alg=5)]}), "'alg' must be a string"),
+        (json.dumps({"keys": [_jwt_entry(kty="XYZ")]}), "unsupported key type"),
+        (json.dumps({"keys": [_jwt_entry(y=None)]}), "'y' is missing"),
+        (json.dumps({"keys": [_jwt_entry(x=7)]}), "'x' is missing or not a string"),
+        (json.dumps({"keys": [_jwt_entry(crv="P-999")]}), "invalid EC key"),
+        (
+            json.dumps(
+                {
+                    "keys": [
+                        {
+                            "kty": "EC",
+                            "crv": "P-256",
+                            "x": "AAAA",
+                            "y": "AAAA",
+                            "kid": "k",
+                            "use": "jwt-svid",
+                        }
+                    ]
+                }
+            ),
+            "invalid EC key",
+        ),
+        (
+            json.dumps({"keys": [{"use": "x509-svid", "kty": "EC", "x5c": ["!!notbase64"]}]}),
+            "does not hold a DER certificate",
+        ),
+        (
+            json.dumps({"keys": [{"use": "x509-svid", "kty": "EC", "x5c": ["AAAA"]}]}),
+            "does not hold a DER certificate",
+        ),
+        (json.dumps({"keys": [{"use": "x509-svid", "x5c": "AAAA"}]}), "list of base64"),
+    ],
+)
+def test_malformed_bundles_are_rejected(data: str | bytes, fragment: str) -> None:
+    with pytest.raises(BundleError, match=fragment):
+        TrustBundle.from_spiffe_json(TD, data)
+
+
+def test_small_rsa_key_is_rejected() -> None:
+    small = public_jwk_members(rsa.generate_private_key(65537, 1024).public_key())
+    doc = {"keys": [{**small, "kid": "weak", "use": "jwt-svid"}]}
+    with pytest.raises(BundleError, match="shorter than 2048"):
+        TrustBundle.from_spiffe_json(TD, json.dumps(doc))
+
+
+def test_non_signing_okp_key_is_rejected() -> None:
+    from cryptography.hazmat.primitives.asymmetric import x25519
+    from cryptography.hazmat.primitives.serialization import PublicFormat
+
+    public = x25519.X25519PrivateKey.generate().public_key()
+    raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    entry = {
+        "kty": "OKP",
+        "crv": "X25519",
+        "x": base64.urlsafe_b64encode(raw).decode().rstrip("="),
+        "kid": "x",
+        "use": "jwt-svid",
+    }
+    with pytest.raises(BundleError, match="unsupported key"):
+        TrustBundle.from_spiffe_json(TD, json.dumps({"keys": [entry]}))
+
+
+def test_x5c_must_match_the_jwk_members() -> None:
+    root, other = _root(), _root()
+    entry = _x509_entry(root)
+    entry.update(public_jwk_members(other.public_key()))  # key members of another CA
+    with pytest.raises(BundleError, match="does not match the x5c"):
+        TrustBundle.from_spiffe_json(TD, json.dumps({"keys": [entry]}))
+
+
+def test_conflicting_kids_are_rejected_and_duplicates_merged() -> None:
+    a1, a2 = _ec_auth("same"), _ec_auth("same")
+    with pytest.raises(BundleError, match="share kid 'same'"):
+        TrustBundle(TD, jwt_authorities=(a1, a2))
+    with pytest.raises(BundleError, match="share kid"):
+        TrustBundle.from_spiffe_json(TD, json.dumps({"keys": [a1.jwk(), a2.jwk()]}))
+    assert TrustBundle(TD, jwt_authorities=(a1, a1)).jwt_authorities == (a1,)
+    root = _root()
+    assert TrustBundle(TD, (root, root)).x509_authorities == (root,)
+
+
+def test_bundle_is_immutable() -> None:
+    bundle = TrustBundle(TD)
+    root = _root()
+    grown = bundle.with_x509_authority(root).with_jwt_authority(_ec_auth("k"))
+    assert bundle.x509_authorities == () and bundle.jwt_authorities == ()
+    assert grown.x509_authorities == (root,)
+    assert grown.without_x509_authority(root).x509_authorities == ()
+    assert grown.without_jwt_authority("k").jwt_authority("k") is None
+    assert grown.with_sequence(3).sequence == 3
+    with pytest.raises(AttributeError):
+        grown.sequence = 5  # type: ignore[misc]
+
+
+def test_bundle_rejects_bad_values() -> None:
+    with pytest.raises(BundleError):
+        TrustBundle("example.org")  # type: ignore[arg-type]
+    with pytest.raises(BundleError):
+        TrustBundle(TD, sequence=-1)
+    with pytest.raises(BundleError, match="non-empty 'kid'"):
+        _ec_auth("")
+
+
+# ------------------------------------------------------------------ bundle sets
+
+
+def test_bundle_set() -> None:
+    a = TrustBundle(TD, sequence=1)
+    b = TrustBundle(OTHER)
+    bundles = BundleSet([a])
+    bundles.add(b)
+    assert TD in bundles and OTHER in bundles
+    assert TrustDomain("nope.example") not in bundles
+    assert bundles.get(TD) is a
+    assert bundles.get(TrustDomain("nope.example")) is None
+    assert set(bundles.trust_domains()) == {TD, OTHER}
+    assert set(b.trust_domain for b in bundles) == {TD, OTHER}
+    assert len(bundles) == 2
+    newer = TrustBundle(TD, sequence=2)
+    bundles.add(newer)
+    assert bundles.get(TD) is newer and len(bundles) == 2
+    bundles.remove(OTHER)
+    assert OTHER not in bundles
+    with pytest.raises(BundleError):
+        bundles.add("not a bundle")  # type: ignore[arg-type]

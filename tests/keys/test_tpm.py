@@ -1,0 +1,479 @@
+"""TPM-specific behaviour of TpmKeyStore, against a real swtpm.
+
+The generic key-store contract (create/sign/list/delete, names, CLI...) runs for
+the TPM in test_contract.py; here: key attributes and duplication, the blob
+format, handle hygiene under errors, device loss, and tpm_info.
+"""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from tpm2_pytss import ESAPI, TSS2_Exception
+from tpm2_pytss.constants import (
+    ESYS_TR,
+    TPM2_ALG,
+    TPM2_CAP,
+    TPM2_CC,
+    TPM2_ECC,
+    TPM2_HT,
+    TPM2_RC,
+    TPM2_RH,
+    TPM2_SE,
+    TPM2_ST,
+    TPMA_OBJECT,
+)
+from tpm2_pytss.tsskey import TSSPrivKey, _parent_ecc_template
+from tpm2_pytss.types import (
+    TPM2B_DATA,
+    TPM2B_DIGEST,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPMS_SCHEME_HASH,
+    TPMT_SIG_SCHEME,
+    TPMT_SYM_DEF,
+    TPMT_SYM_DEF_OBJECT,
+    TPMT_TK_HASHCHECK,
+    TPMU_ASYM_SCHEME,
+    TPMU_SIG_SCHEME,
+)
+
+from custos.keys import (
+    Algorithm,
+    DeviceUnavailableError,
+    KeyNotFoundError,
+    KeyStoreError,
+    StoreConfigError,
+)
+from custos.keys.signatures import raw_to_der
+from custos.keys.tpm import (
+    KEY_ATTRIBUTES,
+    PARENT_TEMPLATE,
+    BadKeyBlobError,
+    TpmError,
+    TpmKeyStore,
+    key_template,
+)
+from custos.testing.swtpm import SwtpmInstance, free_port_pair
+from custos.tpm_info import tpm_info
+
+SIGN_TICKET = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
+
+
+def verify_es(store: TpmKeyStore, name: str, data: bytes, sig: bytes) -> None:
+    alg = store.info(name).alg
+    pub = store.public_key(name)
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    pub.verify(
+        raw_to_der(sig, alg.spec.coordinate_size), data, ec.ECDSA(alg.spec.hash_algorithm())
+    )
+
+
+@contextmanager
+def esapi_with_primary(tcti: str) -> Iterator[tuple[Any, Any]]:
+    """A fresh ESAPI context and the store's parent, created from the same template."""
+    with ESAPI(tcti) as ectx:
+        primary, *_ = ectx.create_primary(
+            TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=PARENT_TEMPLATE), ESYS_TR.OWNER
+        )
+        try:
+            yield ectx, primary
+        finally:
+            ectx.flush_context(primary)
+
+
+def transient_handles(tcti: str) -> list[int]:
+    with ESAPI(tcti) as ectx:
+        _more, cap = ectx.get_capability(TPM2_CAP.HANDLES, TPM2_HT.TRANSIENT << 24, 64)
+        return [int(h) for h in cap.data.handles]
+
+
+def tpm2_tools_transients(tcti: str) -> list[str]:
+    out = subprocess.run(
+        ["tpm2_getcap", "-T", tcti, "handles-transient"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )
+    return [line.strip("- ").strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def make_blob(tcti: str, template: Any) -> Any:
+    """A key made outside the store (as another tool would), under the same parent.
+
+    TSSPrivKey.create makes and flushes its own primary: with the store's cached
+    primary that is two of swtpm's three object slots, and TPM2_Create needs the third.
+    """
+    with ESAPI(tcti) as ectx:
+        return TSSPrivKey.create(ectx, template)
+
+
+def write_blob(store: TpmKeyStore, name: str, tss: Any) -> None:
+    path = store.key_dir / f"{name}.tss"
+    path.write_bytes(tss.to_pem())
+    path.chmod(0o600)
+
+
+@pytest.fixture
+def tpm_store(swtpm: SwtpmInstance, tmp_path: Path) -> Iterator[TpmKeyStore]:
+    store = TpmKeyStore(tcti=swtpm.tcti, key_dir=tmp_path / "keys")
+    yield store
+    store.close()
+
+
+# ---- attributes, duplication, files -------------------------------------------
+
+
+def test_key_dir_is_private_and_blob_is_0600(swtpm: SwtpmInstance, tmp_path: Path) -> None:
+    key_dir = tmp_path / "new" / "keys"
+    with TpmKeyStore(tcti=swtpm.tcti, key_dir=key_dir) as store:
+        store.create("k", "ES256")
+        assert stat.S_IMODE(key_dir.stat().st_mode) == 0o700
+        assert stat.S_IMODE((key_dir / "k.tss").stat().st_mode) == 0o600
+        assert sorted(p.name for p in key_dir.iterdir()) == ["k.tss"]  # no temp files left
+
+
+def test_keys_are_fixed_tpm_non_duplicable_signing_keys(
+    swtpm: SwtpmInstance, tpm_store: TpmKeyStore
+) -> None:
+    for alg in sorted(TpmKeyStore.supported_algorithms):
+        tpm_store.create(f"attr-{alg.value}", alg)
+        attrs = tpm_store.key_attributes(f"attr-{alg.value}")
+        assert attrs == KEY_ATTRIBUTES, str(attrs)
+        assert not attrs & (TPMA_OBJECT.DECRYPT | TPMA_OBJECT.RESTRICTED)
+    tpm_store.close()  # give the object slots back: swtpm has three, no resource manager
+
+    # The attack the attributes stop: with a duplication policy, a key WITHOUT
+    # fixedTPM/fixedParent is exported from the TPM (to a NULL parent, no inner
+    # wrapper: the private part comes out in the clear) ...
+    with esapi_with_primary(swtpm.tcti) as (ectx, primary):
+        dup_policy = _duplicate_policy_digest(ectx)
+        leaky = key_template(Algorithm.ES256)
+        leaky.objectAttributes = KEY_ATTRIBUTES & ~(TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT)
+        leaky.authPolicy = dup_policy
+        assert len(_duplicate(ectx, primary, leaky)) > 0
+
+        # ... while the same key with our attributes is refused by the TPM ...
+        ours_with_policy = key_template(Algorithm.ES256)
+        ours_with_policy.authPolicy = dup_policy
+        with pytest.raises(TSS2_Exception) as refused:
+            _duplicate(ectx, primary, ours_with_policy)
+        assert refused.value.error == TPM2_RC.ATTRIBUTES
+
+        # ... and so is the key the store actually made, loaded from its blob.
+        tss = TSSPrivKey.from_pem((tpm_store.key_dir / "attr-ES256.tss").read_bytes())
+        handle = ectx.load(primary, tss.private, tss.public)
+        try:
+            with pytest.raises(TSS2_Exception):
+                ectx.duplicate(
+                    handle, ESYS_TR.RH_NULL, TPM2B_DATA(),
+                    TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL), session1=ESYS_TR.PASSWORD,
+                )
+        finally:
+            ectx.flush_context(handle)
+    assert transient_handles(swtpm.tcti) == []
+
+
+def _duplicate_policy_digest(ectx: Any) -> Any:
+    trial = ectx.start_auth_session(
+        ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.TRIAL,
+        TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256,
+    )
+    try:
+        ectx.policy_command_code(trial, TPM2_CC.Duplicate)
+        return ectx.policy_get_digest(trial)
+    finally:
+        ectx.flush_context(trial)
+
+
+def _duplicate(ectx: Any, primary: Any, template: Any) -> bytes:
+    """Create a key from ``template``, then duplicate it under PolicyCommandCode(Duplicate)."""
+    private, public, *_ = ectx.create(
+        primary, TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=template)
+    )
+    handle = ectx.load(primary, private, public)
+    session = ectx.start_auth_session(
+        ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
+        TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256,
+    )
+    try:
+        ectx.policy_command_code(session, TPM2_CC.Duplicate)
+        _key, duplicate, _seed = ectx.duplicate(
+            handle, ESYS_TR.RH_NULL, TPM2B_DATA(),
+            TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL), session1=session,
+        )
+        return bytes(duplicate)
+    finally:
+        ectx.flush_context(handle)
+        ectx.flush_context(session)
+
+
+def test_store_refuses_a_planted_duplicable_key(swtpm: SwtpmInstance, tpm_store: TpmKeyStore) -> None:
+    """A blob whose key the TPM could export is not custody: the store will not use it."""
+    template = key_template(Algorithm.ES256)
+    template.objectAttributes = KEY_ATTRIBUTES & ~(TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT)
+    planted = make_blob(swtpm.tcti, template)
+    write_blob(tpm_store, "planted", planted)
+    with pytest.raises(BadKeyBlobError, match="fixedtpm"):
+        tpm_store.sign("planted", b"x")
+    assert "planted" not in [k.name for k in tpm_store.list()]
+    # control: the same creation path with our attributes is accepted
+    fine = make_blob(swtpm.tcti, key_template(Algorithm.ES256))
+    write_blob(tpm_store, "fine", fine)
+    verify_es(tpm_store, "fine", b"x", tpm_store.sign("fine", b"x"))
+
+
+def test_blob_is_a_tss2_private_key_other_tools_read(
+    swtpm: SwtpmInstance, tpm_store: TpmKeyStore, tmp_path: Path
+) -> None:
+    tpm_store.create("interop", "ES256")
+    path = tpm_store.key_path("interop")
+    pem = path.read_bytes()
+    assert pem.startswith(b"-----BEGIN TSS2 PRIVATE KEY-----\n")
+    assert pem.rstrip().endswith(b"-----END TSS2 PRIVATE KEY-----")
+    tss = TSSPrivKey.from_pem(pem)
+    assert tss.parent == TPM2_RH.OWNER and tss.empty_auth
+    # Our parent is tpm2-openssl's / TSSPrivKey's ECC parent, byte for byte: that is
+    # what lets them load a blob whose parent is TPM2_RH_OWNER.
+    assert PARENT_TEMPLATE.marshal() == _parent_ecc_template.marshal()
+
+    # tpm2-tools parses the blob (tpm2-tools 5.4 cannot load a TSS2 PEM by itself;
+    # tpm2-openssl could, but it is not installed here).
+    printed = subprocess.run(
+        ["tpm2_print", "-t", "TSSPRIVKEY_OBJ", str(path)],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout
+    assert "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign" in printed
+    assert "NIST p256" in printed and "ecdsa" in printed
+
+    # A fresh ESAPI context loads it the way tpm2-openssl does (TSSPrivKey.load makes
+    # its own parent from the template) and signs; the store's public key verifies.
+    tpm_store.close()
+    data = b"signed outside the store"
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(data)
+    with ESAPI(swtpm.tcti) as ectx:
+        handle = tss.load(ectx)
+        try:
+            sig = ectx.sign(
+                handle, TPM2B_DIGEST(digest.finalize()),
+                TPMT_SIG_SCHEME(
+                    scheme=TPM2_ALG.ECDSA,
+                    details=TPMU_SIG_SCHEME(any=TPMS_SCHEME_HASH(hashAlg=TPM2_ALG.SHA256)),
+                ),
+                SIGN_TICKET,
+            )
+        finally:
+            ectx.flush_context(handle)
+    r = bytes(sig.signature.ecdsa.signatureR).rjust(32, b"\0")
+    s = bytes(sig.signature.ecdsa.signatureS).rjust(32, b"\0")
+    reopened = TpmKeyStore(tcti=swtpm.tcti, key_dir=tpm_store.key_dir)
+    try:
+        verify_es(reopened, "interop", data, r + s)
+    finally:
+        reopened.close()
+    assert transient_handles(swtpm.tcti) == []
+
+
+# ---- handle hygiene -----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_no_transient_leak_after_10000_signatures_with_injected_errors(
+    swtpm_factory: Callable[..., SwtpmInstance], tmp_path: Path
+) -> None:
+    tpm = swtpm_factory()  # a private TPM: the transient count below is ours alone
+    store = TpmKeyStore(tcti=tpm.tcti, key_dir=tmp_path / "keys")
+    store.create("good", "ES256")
+    store.create("corrupt", "ES256")
+    # Damage the private part inside a well-formed PEM: the TPM's integrity check
+    # fails during TPM2_Load.
+    tss = TSSPrivKey.from_pem(store.key_path("corrupt").read_bytes())
+    blob = bytearray(bytes(tss.private))
+    blob[-1] ^= 0x01
+    tss.private.buffer = bytes(blob)
+    store.key_path("corrupt").write_bytes(tss.to_pem())
+    # A key that loads but whose fixed scheme (ECDSA-SHA384 on P-256) the TPM will
+    # not use for our ES256 request: TPM2_Sign fails *after* the load.
+    template = key_template(Algorithm.ES256)
+    template.parameters.eccDetail.scheme.details = TPMU_ASYM_SCHEME(
+        ecdsa=TPMS_SCHEME_HASH(hashAlg=TPM2_ALG.SHA384)
+    )
+    mismatched = make_blob(tpm.tcti, template)
+    write_blob(store, "mismatch", mismatched)
+
+    signed: list[tuple[bytes, bytes]] = []
+    failures = {"corrupt": 0, "mismatch": 0, "missing": 0}
+    try:
+        for i in range(10_000):
+            if i % 10 == 9:
+                kind = ("corrupt", "mismatch", "missing")[(i // 10) % 3]
+                expected: type[Exception] = KeyNotFoundError if kind == "missing" else TpmError
+                with pytest.raises(expected):
+                    store.sign(kind, b"never signed")
+                failures[kind] += 1
+            else:
+                msg = i.to_bytes(4, "big")
+                signed.append((msg, store.sign("good", msg)))
+        # While open, the store holds exactly one transient: its cached primary.
+        assert len(transient_handles(tpm.tcti)) == 1
+    finally:
+        store.close()
+    assert failures == {"corrupt": 334, "mismatch": 333, "missing": 333}
+    assert transient_handles(tpm.tcti) == []
+    assert tpm2_tools_transients(tpm.tcti) == []
+    verifier = TpmKeyStore(tcti=tpm.tcti, key_dir=tmp_path / "keys")
+    try:
+        for msg, sig in signed:
+            verify_es(verifier, "good", msg, sig)
+    finally:
+        verifier.close()
+    assert len(signed) == 9_000
+
+
+def test_load_error_message_names_the_key(swtpm: SwtpmInstance, tpm_store: TpmKeyStore) -> None:
+    tpm_store.create("broken", "ES256")
+    path = tpm_store.key_path("broken")
+    path.write_bytes(path.read_bytes().replace(b"TSS2 PRIVATE KEY", b"EC PRIVATE KEY"))
+    with pytest.raises(BadKeyBlobError, match="broken"):
+        tpm_store.sign("broken", b"x")
+
+
+# ---- device loss ----------------------------------------------------------------
+
+
+def test_device_loss_then_recovery_without_losing_keys(
+    swtpm_factory: Callable[..., SwtpmInstance], tmp_path: Path
+) -> None:
+    tpm = swtpm_factory()
+    store = TpmKeyStore(tcti=tpm.tcti, key_dir=tmp_path / "keys")
+    try:
+        store.create("survivor", "ES256")
+        verify_es(store, "survivor", b"before", store.sign("survivor", b"before"))
+
+        tpm.kill()  # SIGKILL: the TPM vanishes
+        with pytest.raises(DeviceUnavailableError, match=r"lost the TPM at .*port=") as lost:
+            store.sign("survivor", b"during")
+        assert lost.value.code == "device_unavailable"
+        assert isinstance(lost.value.__cause__, TSS2_Exception)
+        # Still gone: the reconnect attempt says so too, and nothing hangs.
+        with pytest.raises(DeviceUnavailableError, match="cannot reach the TPM"):
+            store.sign("survivor", b"during")
+        # Metadata needs no device.
+        assert [k.name for k in store.list()] == ["survivor"]
+        assert store.public_key("survivor") is not None
+
+        tpm.start()  # same state directory: same owner seed, same primary
+        verify_es(store, "survivor", b"after", store.sign("survivor", b"after"))
+        assert len(transient_handles(tpm.tcti)) == 1  # one new primary, nothing doubled
+
+        # A restart the store never saw fail (swtpm's TCTI connects per command):
+        # the cached primary handle is stale and must be re-created, not trusted.
+        tpm.restart()
+        verify_es(store, "survivor", b"after restart", store.sign("survivor", b"after restart"))
+        assert len(transient_handles(tpm.tcti)) == 1
+    finally:
+        store.close()
+    assert transient_handles(tpm.tcti) == []
+
+
+def test_missing_device_is_device_unavailable(tmp_path: Path) -> None:
+    port = free_port_pair()  # nothing listens there
+    tcti = f"swtpm:host=127.0.0.1,port={port}"
+    with pytest.raises(DeviceUnavailableError, match=f"port={port}"):
+        TpmKeyStore(tcti=tcti, key_dir=tmp_path / "keys")
+    with pytest.raises(DeviceUnavailableError):
+        TpmKeyStore(tcti="device:/dev/custos-no-such-tpm", key_dir=tmp_path / "keys")
+    with pytest.raises(DeviceUnavailableError):
+        tpm_info(tcti)
+    with pytest.raises(StoreConfigError, match="TCTI"):
+        TpmKeyStore(tcti="no-such-tcti-module:x", key_dir=tmp_path / "keys")
+
+
+def test_closed_store_refuses_work(swtpm: SwtpmInstance, tmp_path: Path) -> None:
+    store = TpmKeyStore(tcti=swtpm.tcti, key_dir=tmp_path / "keys")
+    store.create("k", "ES256")
+    store.close()
+    store.close()  # idempotent
+    with pytest.raises(KeyStoreError, match="closed"):
+        store.sign("k", b"x")
+
+
+# ---- concurrency ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_8_threads_x_500_mixed_algorithms(swtpm: SwtpmInstance, tpm_store: TpmKeyStore) -> None:
+    """Threads sign with a P-256 and a P-384 key at once; one ESAPI context serves all."""
+    tpm_store.create("c256", "ES256")
+    tpm_store.create("c384", "ES384")
+    results: list[tuple[str, bytes, bytes]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def worker(t: int) -> None:
+        local = []
+        try:
+            for i in range(500):
+                name = "c384" if i % 10 == t % 10 else "c256"  # P-384 is slower on swtpm
+                msg = f"{t}:{i}".encode()
+                local.append((name, msg, tpm_store.sign(name, msg)))
+        except BaseException as e:  # noqa: BLE001 - asserted below
+            errors.append(e)
+        with lock:
+            results.extend(local)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[:3]
+    assert len(results) == 4000
+    for name, msg, sig in results:
+        verify_es(tpm_store, name, msg, sig)
+    assert len(transient_handles(swtpm.tcti)) == 1
+
+
+# ---- tpm_info -----------------------------------------------------------------
+
+
+def test_tpm_info_reports_manufacturer_banks_and_ek_certificate(swtpm: SwtpmInstance) -> None:
+    info = tpm_info(swtpm.tcti)
+    assert info["manufacturer"] == "IBM"  # swtpm (libtpms) reports IBM's vendor id
+    assert info["spec"]["family"] == "2.0"
+    assert info["pcr_banks"] == ["sha1", "sha256"]  # what provisioning activated
+    assert set(info["ek_certificates"]) == {"rsa2048", "ecc-p384"}
+    assert info["platform_certificate_present"] is True
+
+    # The reported subject/issuer are those of the EK certificate provisioning wrote,
+    # and that certificate really was issued by the EK CA the fixture exposes.
+    ek = x509.load_der_x509_certificate(
+        (swtpm.state.ek_dir / "ek-rsa2048.crt").read_bytes()
+    )
+    issuer = x509.load_pem_x509_certificate(swtpm.ek_ca_certs[0].read_bytes())
+    root = x509.load_pem_x509_certificate(swtpm.ek_ca_certs[1].read_bytes())
+    assert info["ek_certificate_subject"] == ek.subject.rfc4514_string()
+    assert info["ek_certificate_issuer"] == ek.issuer.rfc4514_string()
+    assert info["ek_certificate_issuer"] == issuer.subject.rfc4514_string()
+    ek.verify_directly_issued_by(issuer)
+    issuer.verify_directly_issued_by(root)
+
+
+def test_p384_ek_is_what_swtpm_makes(swtpm: SwtpmInstance) -> None:
+    """DESIGN.md: swtpm's ECC EK is P-384 at 0x01c00016 and there is no P-256 EK."""
+    ek = x509.load_der_x509_certificate(
+        (swtpm.state.ek_dir / "ek-secp384r1.crt").read_bytes()
+    )
+    pub = ek.public_key()
+    assert isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name == "secp384r1"
+    assert "ecc-p256" not in tpm_info(swtpm.tcti)["ek_certificates"]
+    assert int(TPM2_ECC.NIST_P384) == 4  # the curve id the store's ES384 template uses

@@ -216,7 +216,9 @@ def _duplicate(ectx: Any, primary: Any, template: Any) -> bytes:
         ectx.flush_context(session)
 
 
-def test_store_refuses_a_planted_duplicable_key(swtpm: SwtpmInstance, tpm_store: TpmKeyStore) -> None:
+def test_store_refuses_a_planted_duplicable_key(
+    swtpm: SwtpmInstance, tpm_store: TpmKeyStore
+) -> None:
     """A blob whose key the TPM could export is not custody: the store will not use it."""
     template = key_template(Algorithm.ES256)
     template.objectAttributes = KEY_ATTRIBUTES & ~(TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT)

@@ -10,21 +10,21 @@ Fixtures:
   :class:`custos.testing.softhsm.SoftHSMToken` (``module``, ``token_label``, ``pin``...).
 
 With ``--custos-docker`` (and pytest-docker plus a Docker engine) swtpm runs
-from ``swtpm/docker-compose.yml`` instead of as a local process.
+from ``swtpm/docker-compose.yml`` instead of as a local process (the
+``docker_compose_file`` fixture names the file; override it in your conftest).
+That path is not exercised in custos' own CI: its machines run no Docker engine.
 """
 
 from __future__ import annotations
 
 import pytest
 
-try:  # BOOTSTRAP: tolerate rigs still being written; removed once both exist
-    from custos.testing.softhsm import softhsm  # noqa: F401  (fixture re-export)
-except ImportError:
-    pass
-try:
-    from custos.testing.swtpm import swtpm, swtpm_factory  # noqa: F401  (fixture re-export)
-except ImportError:
-    pass
+from custos.testing.softhsm import softhsm  # noqa: F401  (fixture re-export)
+from custos.testing.swtpm import (  # noqa: F401  (fixture re-export)
+    docker_compose_file,
+    swtpm,
+    swtpm_factory,
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

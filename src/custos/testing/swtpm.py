@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
 import os
+import random
 import shutil
 import signal
 import socket
@@ -178,6 +180,8 @@ def provision(state_dir: Path, *, pcr_banks: str = DEFAULT_PCR_BANKS) -> Provisi
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # swtpm binds with SO_REUSEADDR, so a TIME_WAIT left by an earlier run does not block it.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError:
@@ -185,15 +189,26 @@ def _port_free(port: int) -> bool:
         return True
 
 
+# Below Linux's default ephemeral range (32768-60999): the swtpm TCTI opens one TCP
+# connection per TPM command, so a busy test run leaves thousands of client sockets in
+# TIME_WAIT on ephemeral ports, and "bind to port 0 then check P+1" stops finding pairs.
+_PORT_RANGE = (20000, 32000)
+
+
 def free_port_pair() -> int:
     """A port P such that P and P+1 are both free right now (swtpm server + ctrl)."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((HOST, 0))
-            port = int(s.getsockname()[1])
-        if port < 65535 and _port_free(port + 1):
+    rng = random.SystemRandom()
+    for _ in range(500):
+        port = rng.randrange(_PORT_RANGE[0], _PORT_RANGE[1], 2)
+        if _port_free(port) and _port_free(port + 1):
             return port
     raise SwtpmError("no free TCP port pair found on 127.0.0.1")
+
+
+def _die_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL) in the child; no stdlib wrapper exists."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
 
 
 def _ctrl_answers(ctrl_port: int) -> bool:
@@ -262,10 +277,13 @@ class SwtpmInstance:
         """Start swtpm (not daemonized: we keep the Popen to reap it) and wait until it answers."""
         if self.running:
             return
-        # Our own child, so a SIGKILL leaves no zombie that looks alive to `kill -0`.
+        # Our own child, so a SIGKILL leaves no zombie that looks alive to `kill -0`;
+        # its own session, so a Ctrl-C in the terminal reaches pytest (which stops it
+        # in fixture teardown) and not swtpm; and a parent-death signal, so a pytest
+        # killed outright leaves no orphan TPM behind.
         self._proc = subprocess.Popen(
             self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, start_new_session=True,
+            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -356,9 +374,90 @@ def _template(tmp_path_factory: pytest.TempPathFactory) -> ProvisionedState:
     return template
 
 
+@dataclass
+class DockerSwtpm:
+    """swtpm running from ``swtpm/docker-compose.yml`` through pytest-docker.
+
+    NOT exercised in this project's CI (no Docker engine on the build machines);
+    the local-process :class:`SwtpmInstance` is the default and what CI uses.
+    """
+
+    port: int
+    state_dir: Path
+    compose_file: Path
+
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:host={HOST},port={self.port}"
+
+    @property
+    def ctrl_port(self) -> int:
+        return self.port + 1
+
+    @property
+    def state(self) -> ProvisionedState:
+        return ProvisionedState(self.state_dir)
+
+    @property
+    def ek_ca_certs(self) -> list[Path]:
+        return self.state.ek_ca_certs
+
+    def _compose(self, *args: str) -> None:
+        subprocess.run(
+            ["docker", "compose", "-f", str(self.compose_file), *args], check=True, timeout=120
+        )
+
+    def kill(self) -> None:
+        self._compose("kill", "swtpm")
+
+    def start(self, timeout: float = 60.0) -> None:
+        self._compose("start", "swtpm")
+        deadline = time.monotonic() + timeout
+        while not _ctrl_answers(self.ctrl_port):
+            if time.monotonic() > deadline:
+                raise SwtpmError("swtpm container did not come back")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        self._compose("stop", "swtpm")
+
+    def restart(self, timeout: float = 60.0) -> None:
+        self.stop()
+        self.start(timeout)
+
+
 @pytest.fixture(scope="session")
-def swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwtpmInstance]:
-    """A provisioned swtpm for the whole session (per xdist worker)."""
+def docker_compose_file(pytestconfig: pytest.Config) -> str:
+    """pytest-docker's compose file: ``swtpm/docker-compose.yml`` (override in your conftest)."""
+    return str(pytestconfig.rootpath / "swtpm" / "docker-compose.yml")
+
+
+def _docker_swtpm(request: pytest.FixtureRequest) -> DockerSwtpm:
+    try:
+        services = request.getfixturevalue("docker_services")
+    except pytest.FixtureLookupError as e:
+        raise SwtpmError(
+            "--custos-docker needs pytest-docker (pip install 'custos[docker]') and a Docker engine"
+        ) from e
+    port = int(services.port_for("swtpm", 2321))
+    services.wait_until_responsive(
+        check=lambda: _ctrl_answers(port + 1), timeout=180.0, pause=1.0
+    )
+    compose = Path(request.getfixturevalue("docker_compose_file"))
+    return DockerSwtpm(port, compose.parent / "state", compose)
+
+
+@pytest.fixture(scope="session")
+def swtpm(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SwtpmInstance | DockerSwtpm]:
+    """A provisioned swtpm for the whole session (per xdist worker).
+
+    With ``--custos-docker`` it runs in a container through pytest-docker instead.
+    """
+    if request.config.getoption("--custos-docker", default=False):
+        yield _docker_swtpm(request)
+        return
     template = _template(tmp_path_factory)
     state = copy_state(template, tmp_path_factory.mktemp("swtpm") / "state")
     inst = start_instance(state.root)

@@ -2,10 +2,20 @@
 
 On success the caller is put on the request: ``request.state.wimse_caller``
 in Starlette/FastAPI (``scope["state"]["wimse_caller"]``), and
-``scope["custos.caller"]`` for plain ASGI. On failure the app is never called
-and the client gets RFC 9457 problem+json (401 + ``WWW-Authenticate: WPT`` for
-WPT failures, 400 for WIT and other failures, 403 when policy refuses, 413 for
-a body over the limit).
+``scope["custos.caller"]`` for plain ASGI (:func:`caller_of` reads either).
+On failure the app is never called and the client gets RFC 9457
+problem+json: 401 + ``WWW-Authenticate: WPT`` for WPT failures, 400 for WIT
+and other failures, 403 when the policy refuses, 413 for a body over the
+limit, 503 when the replay cache cannot answer.
+
+The policy is checked against ``scope["path"]``: the *decoded* path the
+router dispatches on, not the raw target the proof covers. Checking the raw
+form would let ``/%70ay`` slip past a rule for ``/pay`` and still reach the
+``/pay`` handler.
+
+WebSocket handshakes are verified the same way (no body); a refused one is
+closed before it is accepted, which servers answer with HTTP 403. Lifespan
+events pass through.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
+import anyio.to_thread
 import structlog
 
 from custos.wimse.errors import MalformedRequestError, WimseError
@@ -29,6 +40,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = structlog.get_logger("custos.wimse")
 DEFAULT_MAX_BODY = 1 << 20
+#: Close code for a refused WebSocket handshake (RFC 6455: policy violation).
+_WS_POLICY_VIOLATION = 1008
 
 
 class BodyTooLargeError(WimseError):
@@ -36,7 +49,40 @@ class BodyTooLargeError(WimseError):
     status = 413
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its request body was complete."""
+
+
+def routing_path_ok(path: str) -> str:
+    """``path`` if the policy can judge it, else a 400.
+
+    Dot segments are refused rather than resolved: some routers resolve them
+    and some do not, and the policy must see the path the handler is chosen by.
+    """
+    if not path.startswith("/") or "\x00" in path:
+        raise MalformedRequestError("unusable request path", code="unsafe_request_target")
+    if any(seg in (".", "..") for seg in path.split("/")):
+        raise MalformedRequestError("request path has dot segments", code="unsafe_request_target")
+    return path
+
+
+def declared_length(headers: Iterable[tuple[str, str]]) -> int | None:
+    """The Content-Length a request announces, if it announces exactly one."""
+    values = {v.strip() for k, v in headers if k.lower() == "content-length"}
+    if len(values) != 1:
+        return None
+    value = values.pop()
+    return int(value) if value.isdigit() else None
+
+
 class WimseASGIMiddleware:
+    """``app = WimseASGIMiddleware(app, build_request_verifier(...), policy=...)``.
+
+    ``verify_in_thread``: run verification in a worker thread, because a
+    :class:`~custos.wimse.replay.RedisReplayCache` makes a network round trip
+    that must not stall the event loop. Turn it off only with a memory cache.
+    """
+
     def __init__(
         self,
         app: ASGIApp,
@@ -45,30 +91,59 @@ class WimseASGIMiddleware:
         policy: CallerPolicy | None = None,
         max_body: int = DEFAULT_MAX_BODY,
         exempt_paths: Iterable[str] = (),
+        verify_in_thread: bool = True,
     ) -> None:
+        if max_body < 0:
+            raise ValueError("max_body must be >= 0")
         self.app = app
         self.verifier = verifier
-        self.policy = policy or CallerPolicy.allow_all()
+        self.policy = policy if policy is not None else CallerPolicy.allow_all()
         self.max_body = max_body
         self.exempt = frozenset(exempt_paths)
+        self.verify_in_thread = verify_in_thread
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in self.exempt:
+        kind = scope["type"]
+        if kind not in ("http", "websocket") or scope.get("path") in self.exempt:
             await self.app(scope, receive, send)
             return
+        body = b""
+        more = False
         try:
-            body, more = await self._read_body(receive)
+            if kind == "http":
+                headers = _headers(scope)
+                length = declared_length(headers)
+                if length is not None and length > self.max_body:
+                    raise BodyTooLargeError("request body over the configured limit")
+                body, more = await self._read_body(receive)
             request = _to_message(scope, body)
-            caller = self.verifier.verify(request)
-            self.policy.check(caller.subject, request.path)
+            if self.verify_in_thread:
+                caller = await anyio.to_thread.run_sync(self._check, scope, request)
+            else:
+                caller = self._check(scope, request)
+        except _ClientGone:
+            # Nothing to verify and nobody to answer; the app never sees it.
+            log.debug("wimse_client_disconnected")
+            return
         except WimseError as err:
-            # Only the code reaches the log and the client; token contents never do.
+            # Only the code reaches the log and the client; tokens never do.
             log.info("wimse_request_refused", code=err.code, status=err.status)
-            await _send_problem(send, Problem.from_error(err))
+            if kind == "websocket":
+                await send({"type": "websocket.close", "code": _WS_POLICY_VIOLATION})
+            else:
+                await _send_problem(send, Problem.from_error(err))
             return
         scope.setdefault("state", {})["wimse_caller"] = caller
         scope["custos.caller"] = caller
-        await self.app(scope, _replay_body(body, more, receive), send)
+        if kind == "websocket":
+            await self.app(scope, receive, send)
+        else:
+            await self.app(scope, _replay_body(body, more, receive), send)
+
+    def _check(self, scope: Scope, request: HttpMessage) -> Caller:
+        caller = self.verifier.verify(request)
+        self.policy.check(caller.subject, routing_path_ok(scope["path"]))
+        return caller
 
     async def _read_body(self, receive: Receive) -> tuple[bytes, bool]:
         chunks: list[bytes] = []
@@ -76,8 +151,7 @@ class WimseASGIMiddleware:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                # The caller went away mid-request: nothing to verify, nothing to answer.
-                raise MalformedRequestError("client disconnected before the body was read")
+                raise _ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
@@ -87,13 +161,19 @@ class WimseASGIMiddleware:
                 return b"".join(chunks), False
 
 
+def _headers(scope: Scope) -> list[tuple[str, str]]:
+    # Latin-1 maps every byte to one character and back: nothing is lost or
+    # rejected on the way to the verifier.
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])]
+
+
 def _to_message(scope: Scope, body: bytes) -> HttpMessage:
     raw_path = scope.get("raw_path")
     path = raw_path.decode("latin-1") if raw_path else scope["path"]
     query = scope.get("query_string", b"").decode("latin-1")
     target = path + (f"?{query}" if query else "")
-    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])]
-    return HttpMessage.request(scope["method"], target, headers, body or None)
+    method = scope.get("method", "GET")  # a WebSocket handshake is a GET
+    return HttpMessage.request(method, target, _headers(scope), body or None)
 
 
 def _replay_body(body: bytes, more: bool, receive: Receive) -> Receive:

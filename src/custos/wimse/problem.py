@@ -18,6 +18,8 @@ _TITLES = {
     401: "Unauthorized",
     403: "Forbidden",
     413: "Content Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
 }
 
 

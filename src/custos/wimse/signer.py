@@ -1,7 +1,7 @@
 """Who makes the proofs: a pluggable signer behind the client-side auth.
 
-``WimseAuth`` asks a :class:`ProofSigner` for the current WIT and for a proof
-per request. :class:`LocalProofSigner` signs through a key in a local
+``WimseAuth`` asks a :class:`ProofSigner` for a proof per request.
+:class:`LocalProofSigner` signs through a key in a local
 :class:`custos.keys.KeyStore` (TPM, PKCS#11 or memory); the agent client of a
 later issue implements the same protocol by calling the agent's signing API.
 """
@@ -9,31 +9,50 @@ later issue implements the same protocol by calling the agent's signing API.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from custos.keys.base import StoreKey
 from custos.keys.jose import joserfc_key
 from custos.wimse.http import HttpMessage
+from custos.wimse.httpsig import DEFAULT_TTL as DEFAULT_SIGNATURE_TTL
+from custos.wimse.httpsig import sign_request
+from custos.wimse.wpt import DEFAULT_WPT_TTL, create_wpt
+
+
+@dataclass(frozen=True)
+class WorkloadProof:
+    """A WIT and a WPT made for it.
+
+    Returned together because the WPT's ``wth`` hashes one particular WIT: a
+    signer whose WIT rotates between two separate calls would otherwise hand
+    out a proof for a token it no longer sends.
+    """
+
+    wit: str
+    wpt: str
+
+    def __repr__(self) -> str:
+        # Tokens are credentials for their lifetime; keep them out of reprs and logs.
+        return "WorkloadProof(<redacted>)"
 
 
 @runtime_checkable
 class ProofSigner(Protocol):
-    def wit(self) -> str:
-        """The caller's current Workload Identity Token."""
-        ...
-
     def wpt(
         self,
         audience: str,
         *,
         txn_token: str | None = None,
         other_tokens: Mapping[str, str] | None = None,
-    ) -> str:
-        """A fresh WPT for ``audience`` (the target URI without query or fragment)."""
+    ) -> WorkloadProof:
+        """The current WIT and a fresh WPT for ``audience`` (the target URI;
+        query and fragment are dropped)."""
         ...
 
     def sign_http(self, request: HttpMessage, audience: str) -> HttpMessage:
-        """The request with WIT, Content-Digest, Signature-Input and Signature added."""
+        """The request with WIT, Content-Digest (for a body), Signature-Input
+        and Signature added; ``audience`` becomes ``wimse-aud``."""
         ...
 
 
@@ -41,14 +60,26 @@ class LocalProofSigner:
     """Signs WPTs and HTTP signatures with a key held in a local key store.
 
     ``wit`` is a string or a callable returning the current WIT, so a caller that
-    rotates its WIT can hand in a getter.
+    rotates its WIT can hand in a getter. ``signature_ttl`` is how long an HTTP
+    signature stays valid (``expires - created``); ``sign_response`` asks the
+    server to sign its responses (``wimse-sign-response``).
     """
 
-    def __init__(self, key: StoreKey, wit: str | Callable[[], str], *, wpt_ttl: int = 60) -> None:
+    def __init__(
+        self,
+        key: StoreKey,
+        wit: str | Callable[[], str],
+        *,
+        wpt_ttl: int = DEFAULT_WPT_TTL,
+        signature_ttl: int = DEFAULT_SIGNATURE_TTL,
+        sign_response: bool = False,
+    ) -> None:
         self._key = key
         self._jose_key = joserfc_key(key)
         self._wit = wit
         self._ttl = wpt_ttl
+        self._sig_ttl = signature_ttl
+        self._sign_response = sign_response
 
     def wit(self) -> str:
         return self._wit() if callable(self._wit) else self._wit
@@ -59,19 +90,24 @@ class LocalProofSigner:
         *,
         txn_token: str | None = None,
         other_tokens: Mapping[str, str] | None = None,
-    ) -> str:
-        from custos.wimse.wpt import create_wpt
-
-        return create_wpt(
+    ) -> WorkloadProof:
+        wit = self.wit()
+        token = create_wpt(
             self._jose_key,
-            self.wit(),
+            wit,
             audience,
             ttl_seconds=self._ttl,
             txn_token=txn_token,
             other_tokens=other_tokens,
         )
+        return WorkloadProof(wit, token)
 
     def sign_http(self, request: HttpMessage, audience: str) -> HttpMessage:
-        from custos.wimse.httpsig import sign_request
-
-        return sign_request(request, signer=self._key, wit=self.wit(), audience=audience)
+        return sign_request(
+            request,
+            signer=self._key,
+            wit=self.wit(),
+            audience=audience,
+            ttl=self._sig_ttl,
+            sign_response=self._sign_response,
+        )

@@ -5,10 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from custos.wimse.errors import MalformedRequestError
 from custos.wimse.http import HttpMessage
+
+if TYPE_CHECKING:
+    from custos.bundle import BundleSet
+    from custos.wimse.replay import ReplayCache
+
+VariantName = Literal["wpt", "http-signature"]
+VARIANTS: tuple[VariantName, ...] = ("wpt", "http-signature")
 
 
 @dataclass(frozen=True)
@@ -17,8 +25,8 @@ class Caller:
 
     subject: str
     trust_domain: str
-    variant: str  # "wpt" | "http-signature"
-    wit_claims: Mapping[str, Any] = field(default_factory=dict)
+    variant: VariantName
+    wit_claims: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     #: for the HTTP-signature variant: the request nonce a signed response must echo
     nonce: str | None = None
     #: for the HTTP-signature variant: did the caller ask for a signed response
@@ -33,23 +41,38 @@ class _VerifiesSignatures(Protocol):
     def verify_request(self, request: HttpMessage) -> Any: ...
 
 
-def _caller_from(result: Any, variant: str) -> Caller:
-    wit_claims = getattr(result, "wit_claims", None) or {}
+def _caller_from(result: Any, variant: VariantName) -> Caller:
+    wit_claims = getattr(result, "wit_claims", None)
     return Caller(
         subject=str(result.subject),
         trust_domain=str(result.trust_domain),
         variant=variant,
-        wit_claims=wit_claims,
+        wit_claims=MappingProxyType(dict(wit_claims or {})),
         nonce=getattr(result, "nonce", None),
         wants_signed_response=bool(getattr(result, "sign_response", False)),
     )
 
 
+def _has_wpt(request: HttpMessage) -> bool:
+    if request.get_all("workload-proof-token"):
+        return True
+    return any(
+        v.strip().split(" ", 1)[0].lower() == "wpt" for v in request.get_all("authorization")
+    )
+
+
+def _has_signature(request: HttpMessage) -> bool:
+    return bool(request.get_all("signature-input") or request.get_all("signature"))
+
+
 class RequestVerifier:
     """Dispatches to the WPT or the HTTP-signature verifier.
 
-    A request that carries both a WIMSE signature and a WPT is ambiguous and
-    refused: accepting either would let an attacker pick the weaker check.
+    A request that carries both a signature and a WPT is ambiguous and refused:
+    there is no rule for which one speaks for the caller, and picking one would
+    let the other ride along unchecked. A request that carries neither goes to
+    the WPT verifier when that variant is on (its errors say what is missing:
+    ``wit_missing``, ``wpt_missing``), else to the signature verifier.
     """
 
     def __init__(
@@ -63,51 +86,74 @@ class RequestVerifier:
         self._wpt = wpt
         self._sig = http_signature
 
-    @staticmethod
-    def _has_wpt(request: HttpMessage) -> bool:
-        if request.get_all("workload-proof-token"):
-            return True
-        return any(
-            v.strip().split(" ", 1)[0].lower() == "wpt" for v in request.get_all("authorization")
-        )
-
     def verify(self, request: HttpMessage) -> Caller:
-        has_sig = bool(request.get_all("signature-input") or request.get_all("signature"))
-        has_wpt = self._has_wpt(request)
+        has_sig = _has_signature(request)
+        has_wpt = _has_wpt(request)
         if has_sig and has_wpt:
-            raise MalformedRequestError("request carries both a WPT and an HTTP signature")
-        if has_sig:
+            raise MalformedRequestError(
+                "request carries both a WPT and an HTTP signature", code="ambiguous_proof"
+            )
+        if has_sig or (not has_wpt and self._wpt is None):
             if self._sig is None:
-                raise MalformedRequestError("HTTP-signature variant not accepted here")
+                raise MalformedRequestError(
+                    "the HTTP-signature variant is not accepted here", code="variant_not_accepted"
+                )
             return _caller_from(self._sig.verify_request(request), "http-signature")
         if self._wpt is None:
-            raise MalformedRequestError("WPT variant not accepted here")
+            raise MalformedRequestError(
+                "the WPT variant is not accepted here", code="variant_not_accepted"
+            )
         return _caller_from(self._wpt.verify(request), "wpt")
 
 
 def build_request_verifier(
-    bundles: Any,
+    bundles: BundleSet,
     audiences: Sequence[str],
     *,
-    replay: Any = None,
+    replay: ReplayCache | None = None,
     accept_wpt01: bool = True,
-    variants: Sequence[str] = ("wpt", "http-signature"),
+    variants: Sequence[str] = VARIANTS,
     now: float | None = None,
+    wpt_max_ttl: int | None = None,
 ) -> RequestVerifier:
-    """The usual wiring: a WIT verifier shared by both variants, one replay cache."""
+    """The usual wiring: one WIT verifier (and its cache) shared by both
+    variants, one replay cache.
+
+    ``audiences`` are the origins this relying party serves
+    (``https://api.example.com``), from configuration, never from ``Host``.
+    ``now`` pins every clock, the replay cache's included (tests, the CLI's
+    ``--now``); a replay cache built here with the real clock would treat every
+    entry stored under a pinned past ``now`` as long expired and so never
+    detect a replay. ``wpt_max_ttl`` overrides how far ahead a WPT's ``exp``
+    may lie (:data:`custos.wimse.wpt.DEFAULT_MAX_TTL`).
+    """
     from custos.wimse.httpsig import HttpSignatureVerifier
     from custos.wimse.replay import MemoryReplayCache
     from custos.wimse.wit import WitVerifier
-    from custos.wimse.wpt import WptVerifier
+    from custos.wimse.wpt import DEFAULT_MAX_TTL, WptVerifier, normalize_origin
 
-    cache = replay if replay is not None else MemoryReplayCache()
-    wits = WitVerifier(bundles, now=now) if now is not None else WitVerifier(bundles)
+    unknown = set(variants) - set(VARIANTS)
+    if unknown or not variants:
+        raise ValueError(f"variants must be a non-empty subset of {VARIANTS}")
+    origins = [normalize_origin(a) for a in audiences]
+    if replay is not None:
+        cache = replay
+    elif now is not None:
+        pinned = float(now)
+        cache = MemoryReplayCache(clock=lambda: pinned)
+    else:
+        cache = MemoryReplayCache()
+    wits = WitVerifier(bundles, now=now)
     wpt = sig = None
     if "wpt" in variants:
         wpt = WptVerifier(
-            wit_verifier=wits, audiences=list(audiences), replay=cache,
-            accept_wpt01=accept_wpt01, now=now,
+            wit_verifier=wits,
+            audiences=origins,
+            replay=cache,
+            accept_wpt01=accept_wpt01,
+            max_ttl=DEFAULT_MAX_TTL if wpt_max_ttl is None else wpt_max_ttl,
+            now=now,
         )
     if "http-signature" in variants:
-        sig = HttpSignatureVerifier(wits, cache, list(audiences), now=now)
+        sig = HttpSignatureVerifier(wits, cache, origins, now=now)
     return RequestVerifier(wpt=wpt, http_signature=sig)

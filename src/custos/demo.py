@@ -176,6 +176,32 @@ def wimse_round(tpm_store: Any, hsm_store: Any) -> None:
         except WimseError as e:
             show(f"{label}", f"refused: {e.status} [{e.code}]")
 
+    say("the same workload signs the request instead (RFC 9421, httpsig-06), through the TPM")
+    from custos.wimse.httpsig import HttpSignatureVerifier, sign_request
+    from custos.wimse.wit import WitVerifier
+
+    plain = HttpMessage.request(
+        "POST", "/pay", [("Content-Type", "application/json")], b'{"amount": 10}'
+    )
+    signed = sign_request(
+        plain, signer=tpm_store.get("demo-workload"), wit=wit, audience=f"{RP}/pay"
+    )
+    for name in ("Content-Digest", "Signature-Input", "Signature"):
+        show(name, (signed.get(name) or "")[:60] + "…")
+    sig_verifier = HttpSignatureVerifier(
+        WitVerifier(BundleSet([bundle])), MemoryReplayCache(), [RP]
+    )
+    checked = sig_verifier.verify_request(signed)
+    show("authenticated caller", str(checked.subject))
+    tampered = HttpMessage.request("POST", "/pay", signed.headers, b'{"amount": 10000}')
+    try:
+        HttpSignatureVerifier(
+            WitVerifier(BundleSet([bundle])), MemoryReplayCache(), [RP]
+        ).verify_request(tampered)
+        raise SystemExit("BUG: a tampered body was accepted")
+    except WimseError as e:
+        show("body changed in transit", f"refused: {e.status} [{e.code}]")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -44,7 +44,6 @@ from custos.wimse.auth import ClientAuthError, WimseAuth, WimseRequestsAuth, aud
 from custos.wimse.digest import content_digest
 from custos.wimse.http import HttpMessage
 from custos.wimse.httpsig import parse_signature_input
-from custos.wimse.policy import CallerPolicy
 from custos.wimse.signer import LocalProofSigner, ProofSigner, WorkloadProof
 from custos.wimse.verifier import RequestVerifier, build_request_verifier
 from custos.wimse.wit import b64url_decode_strict, json_object_strict, mint_wit, token_hash
@@ -60,7 +59,7 @@ def claims_of(jwt: str) -> dict[str, Any]:
     return json_object_strict(b64url_decode_strict(jwt.split(".")[1]))
 
 
-# -- the rig: keys, bundle, WIT, signer -------------------------------------------------
+# -- the rig: keys, bundle, WIT, signer --
 
 
 @pytest.fixture
@@ -93,15 +92,13 @@ def signer(store: MemoryKeyStore) -> LocalProofSigner:
     return LocalProofSigner(store.get("web"), mint(store))
 
 
-# -- the servers -------------------------------------------------------------------------
+# -- the servers --
 
 
 async def whoami(request: Request) -> JSONResponse:
     caller = request.state.wimse_caller
     body = await request.body()
-    return JSONResponse(
-        {"sub": caller.subject, "variant": caller.variant, "body": body.decode()}
-    )
+    return JSONResponse({"sub": caller.subject, "variant": caller.variant, "body": body.decode()})
 
 
 def starlette_app(bundles: BundleSet, origin: str = ORIGIN) -> Starlette:
@@ -150,7 +147,7 @@ def flask_server(bundles: BundleSet) -> Iterator[str]:
         server.server_close()
 
 
-# -- httpx, sync --------------------------------------------------------------------------
+# -- httpx, sync --
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -176,7 +173,9 @@ def test_httpx_without_auth_is_refused(bundles: BundleSet) -> None:
 def test_proof_for_another_origin_is_refused(signer: LocalProofSigner, bundles: BundleSet) -> None:
     # The relying party serves https://api.example.org; a proof made for the
     # same path on another origin must not be accepted there.
-    with TestClient(starlette_app(bundles, origin="https://other.example.org"), base_url=ORIGIN) as c:
+    with TestClient(
+        starlette_app(bundles, origin="https://other.example.org"), base_url=ORIGIN
+    ) as c:
         c.auth = WimseAuth(signer)
         got = c.get("/pay")
     assert got.status_code == 401
@@ -184,7 +183,7 @@ def test_proof_for_another_origin_is_refused(signer: LocalProofSigner, bundles: 
     assert got.json()["code"] == "wpt_bad_audience"
 
 
-# -- httpx, async --------------------------------------------------------------------------
+# -- httpx, async --
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -195,9 +194,7 @@ def test_httpx_async_to_starlette(
         transport = httpx.ASGITransport(app=starlette_app(bundles))
         auth = WimseAuth(signer, variant=variant)
         async with httpx.AsyncClient(transport=transport, base_url=ORIGIN, auth=auth) as client:
-            return [
-                await client.post("/pay", json={"n": i}) for i in range(2)
-            ]
+            return [await client.post("/pay", json={"n": i}) for i in range(2)]
 
     first, second = asyncio.run(run())
     assert first.status_code == 200, first.text
@@ -205,7 +202,7 @@ def test_httpx_async_to_starlette(
     assert second.status_code == 200
 
 
-# -- requests -> Flask over real HTTP -------------------------------------------------------
+# -- requests -> Flask over real HTTP --
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -248,7 +245,7 @@ def test_requests_streaming_body_is_refused(signer: LocalProofSigner) -> None:
     assert err.value.code == "body_not_bytes"
 
 
-# -- what goes on the wire -------------------------------------------------------------------
+# -- what goes on the wire --
 
 
 class Capture:
@@ -318,9 +315,7 @@ def test_wpt_with_txn_token_verifies(
 
 
 @pytest.mark.parametrize("client_kind", ["httpx", "requests"])
-def test_wpt_refuses_an_existing_authorization(
-    client_kind: str, signer: LocalProofSigner
-) -> None:
+def test_wpt_refuses_an_existing_authorization(client_kind: str, signer: LocalProofSigner) -> None:
     if client_kind == "httpx":
         cap = Capture()
         with (

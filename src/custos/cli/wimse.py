@@ -64,9 +64,11 @@ def _load_bundle(path: Path, trust_domain: str) -> BundleSet:
         if not isinstance(doc, dict):
             raise click.ClickException(f"{path}: not a JSON object")
         entries = doc.get("keys")
-        uses = {e.get("use") for e in entries if isinstance(e, dict)} if isinstance(
-            entries, list
-        ) else set()
+        uses = (
+            {e.get("use") for e in entries if isinstance(e, dict)}
+            if isinstance(entries, list)
+            else set()
+        )
         is_spiffe = (
             "spiffe_sequence" in doc
             or "spiffe_refresh_hint" in doc
@@ -100,27 +102,46 @@ def wimse() -> None:
 
 
 @wimse.command()
-@click.option("--bundle", "bundle_path", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="JWKS or SPIFFE bundle file with the WIT signing keys")
-@click.option("--trust-domain", default=None,
-              help=f"trust domain the bundle belongs to. {_DEBUG_TRUST_NOTE}")
+@click.option(
+    "--bundle",
+    "bundle_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JWKS or SPIFFE bundle file with the WIT signing keys",
+)
+@click.option(
+    "--trust-domain", default=None, help=f"trust domain the bundle belongs to. {_DEBUG_TRUST_NOTE}"
+)
 @click.option("--now", type=float, default=None, help="pin the clock (epoch seconds)")
-@click.option("--audience", default=None,
-              help="origin this relying party serves, e.g. https://api.example.com "
-              "[default: the origin of --url]")
+@click.option(
+    "--audience",
+    default=None,
+    help="origin this relying party serves, e.g. https://api.example.com "
+    "[default: the origin of --url]",
+)
 @click.option("--method", required=True, help="request method, e.g. POST")
 @click.option("--url", required=True, help="the request URL as the client sent it")
 @click.option("-H", "--header", "headers", multiple=True, help="'Name: value', repeatable")
 @click.option("--body-file", type=click.File("rb"), default=None, help="the request body")
 @click.option("--no-wpt01", is_flag=True, help="refuse the wpt-01 wire form")
-@click.option("--max-ttl", type=click.IntRange(min=1), default=None,
-              help="how far ahead (seconds) a WPT's exp may lie [default: 300]; the drafts' "
-              "example WPT lives ~17 minutes")
+@click.option(
+    "--max-ttl",
+    type=click.IntRange(min=1),
+    default=None,
+    help="how far ahead (seconds) a WPT's exp may lie [default: 300]; the drafts' "
+    "example WPT lives ~17 minutes",
+)
 def verify(
-    bundle_path: Path, trust_domain: str | None, now: float | None, audience: str | None,
-    method: str, url: str, headers: tuple[str, ...], body_file: IO[bytes] | None,
-    no_wpt01: bool, max_ttl: int | None,
+    bundle_path: Path,
+    trust_domain: str | None,
+    now: float | None,
+    audience: str | None,
+    method: str,
+    url: str,
+    headers: tuple[str, ...],
+    body_file: IO[bytes] | None,
+    no_wpt01: bool,
+    max_ttl: int | None,
 ) -> None:
     """Verify a request carrying a WIT + WPT (either form) or a WIMSE HTTP signature.
 
@@ -159,30 +180,53 @@ def verify(
         caller = verifier.verify(request)
     except CustosError as err:
         _problem_exit(err)
-    click.echo(json.dumps(
-        {"sub": caller.subject, "trust_domain": caller.trust_domain, "variant": caller.variant},
-        sort_keys=True,
-    ))
+    click.echo(
+        json.dumps(
+            {"sub": caller.subject, "trust_domain": caller.trust_domain, "variant": caller.variant},
+            sort_keys=True,
+        )
+    )
 
 
 @wimse.command("sign-wpt")
 @store_options
 @click.option("--name", required=True, help="the workload key (the WIT's cnf key)")
-@click.option("--wit", "wit_file", required=True, type=click.File("r"),
-              help="file with the WIT ('-': stdin)")
-@click.option("--audience", required=True,
-              help="target URI, e.g. https://api.example.com/pay (query and fragment are dropped)")
+@click.option(
+    "--wit", "wit_file", required=True, type=click.File("r"), help="file with the WIT ('-': stdin)"
+)
+@click.option(
+    "--audience",
+    required=True,
+    help="target URI, e.g. https://api.example.com/pay (query and fragment are dropped)",
+)
 @click.option("--ttl", default=60, show_default=True, type=int, help="seconds the WPT lives")
-@click.option("--wire", default="wpt-02", type=click.Choice(["wpt-02", "wpt-01"]),
-              show_default=True, help="wpt-02: Authorization: WPT; wpt-01: Workload-Proof-Token")
+@click.option(
+    "--wire",
+    default="wpt-02",
+    type=click.Choice(["wpt-02", "wpt-01"]),
+    show_default=True,
+    help="wpt-02: Authorization: WPT; wpt-01: Workload-Proof-Token",
+)
 @click.option("--txn-token", default=None, help="bind this Txn-Token (tth)")
 @click.option("--access-token", default=None, help="wpt-01 only: bind this bearer token (ath)")
 @click.option("--now", type=float, default=None, help="pin the issue time (epoch seconds)")
-@click.option("--headers", "as_headers", is_flag=True,
-              help="print the header lines to send instead of the bare WPT")
+@click.option(
+    "--headers",
+    "as_headers",
+    is_flag=True,
+    help="print the header lines to send instead of the bare WPT",
+)
 def sign_wpt(
-    store: KeyStore, name: str, wit_file: IO[str], audience: str, ttl: int, wire: str,
-    txn_token: str | None, access_token: str | None, now: float | None, as_headers: bool,
+    store: KeyStore,
+    name: str,
+    wit_file: IO[str],
+    audience: str,
+    ttl: int,
+    wire: str,
+    txn_token: str | None,
+    access_token: str | None,
+    now: float | None,
+    as_headers: bool,
 ) -> None:
     """Sign a WPT through a key store key; print it (or the headers to send)."""
     from custos.keys.jose import joserfc_key
@@ -191,8 +235,14 @@ def sign_wpt(
     wire_form: Any = wire  # click.Choice checked it is one of the Wire literals
     wit = wit_file.read().strip()
     wpt = create_wpt(
-        joserfc_key(store.get(name)), wit, audience, ttl_seconds=ttl, txn_token=txn_token,
-        wire=wire_form, access_token=access_token, now=now,
+        joserfc_key(store.get(name)),
+        wit,
+        audience,
+        ttl_seconds=ttl,
+        txn_token=txn_token,
+        wire=wire_form,
+        access_token=access_token,
+        now=now,
     )
     if as_headers:
         lines = wpt_headers(wit, wpt, wire=wire_form)
@@ -212,16 +262,22 @@ def jwt() -> None:
 
 
 @jwt.command()
-@click.option("--bundle", "bundle_path", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="JWKS or SPIFFE bundle file with the JWT-SVID signing keys")
-@click.option("--trust-domain", default=None,
-              help=f"trust domain the bundle belongs to. {_DEBUG_TRUST_NOTE}")
+@click.option(
+    "--bundle",
+    "bundle_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JWKS or SPIFFE bundle file with the JWT-SVID signing keys",
+)
+@click.option(
+    "--trust-domain", default=None, help=f"trust domain the bundle belongs to. {_DEBUG_TRUST_NOTE}"
+)
 @click.option("--audience", required=True, help="the audience this validator is")
 @click.option("--now", type=float, default=None, help="pin the clock (epoch seconds)")
 @click.argument("token")
-def validate(bundle_path: Path, trust_domain: str | None, audience: str, now: float | None,
-             token: str) -> None:
+def validate(
+    bundle_path: Path, trust_domain: str | None, audience: str, now: float | None, token: str
+) -> None:
     """Validate a JWT-SVID; print its claims as JSON (exit 1 with the problem JSON otherwise)."""
     from custos.jwtsvid import validate_jwt_svid
 
@@ -233,8 +289,15 @@ def validate(bundle_path: Path, trust_domain: str | None, audience: str, now: fl
         svid = validate_jwt_svid(token, audience, bundles, now=when)
     except CustosError as err:
         _problem_exit(err)
-    click.echo(json.dumps(
-        {"sub": str(svid.spiffe_id), "aud": list(svid.audience),
-         "exp": int(svid.expiry.timestamp()), "claims": dict(svid.claims)},
-        sort_keys=True, default=str,
-    ))
+    click.echo(
+        json.dumps(
+            {
+                "sub": str(svid.spiffe_id),
+                "aud": list(svid.audience),
+                "exp": int(svid.expiry.timestamp()),
+                "claims": dict(svid.claims),
+            },
+            sort_keys=True,
+            default=str,
+        )
+    )

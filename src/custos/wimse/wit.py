@@ -30,6 +30,8 @@ checked by joserfc.
 from __future__ import annotations
 
 import base64
+import binascii
+import functools
 import hashlib
 import json
 import math
@@ -42,9 +44,12 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OKPKey, RSAKey
@@ -83,7 +88,11 @@ DEFAULT_CACHE_SIZE = 4096
 
 #: RFC 7518 section 6 members that only private or symmetric keys carry.
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k", "r", "t")
-_B64URL_RE = re.compile(r"^[A-Za-z0-9_-]*$")
+_B64URL_FULL = re.compile(r"[A-Za-z0-9_-]*").fullmatch
+_B64URL_PAD = ("", "", "==", "=")
+#: The last character of canonical base64url when len % 4 is 2 (4 unused bits)
+#: or 3 (2 unused bits): only characters whose unused bits are zero.
+_B64URL_CANONICAL_LAST = {2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")}
 _MIN_RSA_BITS = 2048
 
 #: Every code a WIT verification failure can carry.
@@ -138,13 +147,20 @@ def b64url_decode_strict(value: str) -> bytes:
     Non-canonical input (stray low bits in the last character) would decode to
     the same bytes as the canonical form, so two different strings would carry
     one signature: refused, so a token has exactly one spelling.
+
+    The canonical check looks at the last character only (its unused low bits
+    must be zero) instead of re-encoding the result: same verdict, and this runs
+    three times per token on every request.
     """
-    if not _B64URL_RE.match(value) or len(value) % 4 == 1:
+    rem = len(value) % 4
+    # fullmatch, not match + "$": "$" also matches before a trailing newline.
+    if rem == 1 or _B64URL_FULL(value) is None:
         raise ValueError("not base64url")
-    raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-    if b64url_encode(raw) != value:
+    if rem and value[-1] not in _B64URL_CANONICAL_LAST[rem]:
         raise ValueError("non-canonical base64url")
-    return raw
+    # The alphabet was checked above, so translating to standard base64 and
+    # decoding in C is exact (and faster than base64.urlsafe_b64decode).
+    return binascii.a2b_base64(value.replace("-", "+").replace("_", "/") + _B64URL_PAD[rem])
 
 
 def token_hash(token: str) -> str:
@@ -153,13 +169,11 @@ def token_hash(token: str) -> str:
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            # RFC 7515 4: a parser must reject or take the last; two parsers
-            # that disagree on which one wins is how token smuggling starts.
-            raise ValueError("duplicate member")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        # RFC 7515 4: a parser must reject or take the last; two parsers
+        # that disagree on which one wins is how token smuggling starts.
+        raise ValueError("duplicate member")
     return out
 
 
@@ -167,12 +181,14 @@ def _reject_constant(_: str) -> Any:
     raise ValueError("NaN/Infinity are not JSON")
 
 
+#: One decoder for every token: json.loads with hooks would build a new one per call.
+_STRICT_JSON = json.JSONDecoder(
+    object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+)
+
+
 def json_object_strict(raw: bytes) -> dict[str, Any]:
-    doc = json.loads(
-        raw.decode("utf-8"),
-        object_pairs_hook=_reject_duplicates,
-        parse_constant=_reject_constant,
-    )
+    doc = _STRICT_JSON.decode(raw.decode("utf-8"))
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
     return doc
@@ -243,11 +259,125 @@ def jose_public_key(key: PublicKey) -> JoseKey:
 def check_jws_signature(
     token: str, key: JoseKey, alg: str, error: Callable[[str, str], WimseError], code: str
 ) -> None:
-    """Verify the compact JWS ``token`` with ``key`` under exactly ``alg``."""
+    """Verify the compact JWS ``token`` with ``key`` under exactly ``alg`` (through joserfc).
+
+    Kept for callers holding a whole token and a joserfc key; the verifiers in
+    this package use :func:`signature_ok` on the parts they already decoded.
+    """
     try:
         jws.deserialize_compact(token, key, algorithms=[alg])
     except (JoseError, ValueError, TypeError) as e:
         raise error(code, "signature is not valid") from e
+
+
+_SHA: dict[str, hashes.HashAlgorithm] = {
+    "256": hashes.SHA256(),
+    "384": hashes.SHA384(),
+    "512": hashes.SHA512(),
+}
+_ECDSA = {alg: ec.ECDSA(_SHA[alg[2:]]) for alg in _EC_CURVES}
+#: Bytes per coordinate: r and s each take this many in a JWS ECDSA signature.
+_EC_SIG_HALF = {"ES256": 32, "ES384": 48, "ES512": 66}
+_PKCS1 = padding.PKCS1v15()
+#: RFC 7518 3.5: PSS with MGF1 over the same hash and a salt as long as the
+#: hash (what joserfc and other JOSE libraries sign and verify with).
+_PSS = {n: padding.PSS(mgf=padding.MGF1(h), salt_length=h.digest_size) for n, h in _SHA.items()}
+
+
+def signature_ok(key: object, alg: str, signing_input: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` is a valid JWS signature (RFC 7518 encoding) over
+    ``signing_input`` under ``alg`` with the cryptography public key ``key``.
+
+    Hand-written instead of ``jws.deserialize_compact`` because it is the
+    per-request hot path: the verifiers have already split and strictly decoded
+    the token (:func:`decode_compact`) and checked ``alg`` against their
+    allowlist, and joserfc would decode the token a second time and rebuild a
+    JWK dict from the key on every call (together about twice the cost of the
+    signature check itself).  Same algorithms, encodings and paddings as
+    joserfc.  ``key_fits_alg`` runs here too, so a key of the wrong type, curve
+    or size is refused whatever the caller checked before.
+    """
+    if not key_fits_alg(key, alg):
+        return False
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            half = _EC_SIG_HALF[alg]
+            if len(signature) != 2 * half:
+                return False
+            der = encode_dss_signature(
+                int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big")
+            )
+            key.verify(der, signing_input, _ECDSA[alg])
+        elif isinstance(key, rsa.RSAPublicKey):
+            pad = _PKCS1 if alg[0] == "R" else _PSS[alg[2:]]
+            key.verify(signature, signing_input, pad, _SHA[alg[2:]])
+        elif isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, signing_input)
+        else:  # pragma: no cover - key_fits_alg admits no other key type
+            return False
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+_EC_CRV: dict[str, ec.EllipticCurve] = {
+    "P-256": ec.SECP256R1(),
+    "P-384": ec.SECP384R1(),
+    "P-521": ec.SECP521R1(),
+}
+
+
+def _b64_int(value: str) -> int:
+    return int.from_bytes(b64url_decode_strict(value), "big")
+
+
+#: How many distinct workload keys :func:`_public_key_from_members` remembers.
+CNF_KEY_CACHE_SIZE = 1024
+
+
+@functools.lru_cache(maxsize=CNF_KEY_CACHE_SIZE)
+def _public_key_from_members(kty: str, crv: str, a: str, b: str) -> PublicKey:
+    """The cryptography public key for EC (``crv``, x=a, y=b), RSA (n=a, e=b)
+    or Ed25519 (x=a) JWK members; ValueError if they are not a valid key.
+
+    Memoised because building the key validates the point or modulus (about a
+    fifth of a full WIT check) and a relying party sees the same few workload
+    keys over and over, also when it verifies every WIT.  Safe to share: the
+    result is an immutable function of exactly these strings (no canonicalising
+    happens before the lookup), and the cache is bounded, so unauthenticated
+    input can at worst evict entries.  Errors are not cached.
+    """
+    if kty == "EC":
+        return ec.EllipticCurvePublicNumbers(_b64_int(a), _b64_int(b), _EC_CRV[crv]).public_key()
+    if kty == "RSA":
+        return rsa.RSAPublicNumbers(_b64_int(b), _b64_int(a)).public_key()
+    return ed25519.Ed25519PublicKey.from_public_bytes(b64url_decode_strict(a))
+
+
+def _import_public_jwk(public: dict[str, Any]) -> JoseKey:
+    """A joserfc key for ``public`` (``kty`` and the key's own members).
+
+    Builds the cryptography key directly and wraps it, instead of
+    ``ECKey.import_key(dict)``, which costs about twice as much and runs on
+    every uncached WIT.  Key types other than EC P-256/384/521, RSA and Ed25519
+    go through joserfc unchanged.  Each call returns a new joserfc key object
+    (joserfc keys are mutable, e.g. ``ensure_kid``), around a shared immutable
+    cryptography key.
+    """
+    kty = public["kty"]
+    if kty == "EC" and public["crv"] in _EC_CRV:
+        ec_key = _public_key_from_members("EC", public["crv"], public["x"], public["y"])
+        return ECKey(cast(ec.EllipticCurvePublicKey, ec_key), public)
+    if kty == "RSA":
+        rsa_key = _public_key_from_members("RSA", "", public["n"], public["e"])
+        return RSAKey(cast(rsa.RSAPublicKey, rsa_key), public)
+    if kty == "OKP" and public["crv"] == "Ed25519":
+        ed_key = _public_key_from_members("OKP", "Ed25519", public["x"], "")
+        return OKPKey(cast(ed25519.Ed25519PublicKey, ed_key), public)
+    if kty == "EC":
+        # joserfc's own import raises a bare KeyError for an unknown curve.
+        raise ValueError("unsupported EC curve")
+    return OKPKey.import_key(public)
 
 
 def _import_cnf_jwk(
@@ -281,13 +411,7 @@ def _import_cnf_jwk(
     try:
         # Only the key's own members go to joserfc: it would also interpret
         # "use"/"key_ops", which are not ours to enforce here.
-        key: JoseKey
-        if kty == "EC":
-            key = ECKey.import_key(public)
-        elif kty == "RSA":
-            key = RSAKey.import_key(public)
-        else:
-            key = OKPKey.import_key(public)
+        key = _import_public_jwk(public)
     except (JoseError, ValueError, TypeError) as e:
         raise _fail("wit_bad_cnf", "cnf.jwk is not a valid public key") from e
     if not key_fits_alg(key.public_key, alg):
@@ -447,6 +571,8 @@ class WitShape:
     cnf_key: JoseKey
     cnf_alg: str
     signing_input: bytes
+    #: the decoded JWS signature (``b""`` when a caller builds a shape by hand)
+    signature: bytes = b""
 
 
 def parse_wit_unverified(
@@ -489,7 +615,16 @@ def parse_wit_unverified(
         if "aud" in claims:
             raise _fail("wit_profile_violation", "a WIT-SVID must not carry aud")
     return WitShape(
-        header, claims, subject, kid, alg, cnf_jwk, cnf_key, cnf_alg, jose.signing_input
+        header,
+        claims,
+        subject,
+        kid,
+        alg,
+        cnf_jwk,
+        cnf_key,
+        cnf_alg,
+        jose.signing_input,
+        jose.signature,
     )
 
 
@@ -537,7 +672,9 @@ def _verify(
     leeway: int,
     algorithms: Collection[str],
     profile: Profile,
+    wth: str | None = None,
 ) -> tuple[VerifiedWit, TrustBundle]:
+    """Verify ``token``; ``wth`` is its :func:`token_hash` if the caller has it already."""
     shape = parse_wit_unverified(token, algorithms=algorithms, profile=profile)
     trust_domain = shape.subject.trust_domain
     bundle = bundles.get(trust_domain)
@@ -545,7 +682,10 @@ def _verify(
         raise _fail("wit_unknown_trust_domain", "no trust bundle for the WIT's trust domain")
     public_key = _find_key(bundle, shape.kid, shape.alg, profile)
     assert isinstance(token, str)  # parse_wit_unverified checked it
-    check_jws_signature(token, jose_public_key(public_key), shape.alg, _fail, "wit_bad_signature")
+    # The bundle's cryptography key verifies the parts decoded above directly
+    # (see signature_ok): no joserfc key import, no second decode.
+    if not signature_ok(public_key, shape.alg, shape.signing_input, shape.signature):
+        raise _fail("wit_bad_signature", "signature is not valid")
 
     claims = shape.claims
     exp = _numeric_date(claims, "exp")
@@ -567,7 +707,7 @@ def _verify(
         cnf_key=shape.cnf_key,
         cnf_alg=shape.cnf_alg,
         expires_at=exp,
-        token_hash=token_hash(token),
+        token_hash=wth if wth is not None else token_hash(token),
         kid=shape.kid,
     )
     return verified, bundle
@@ -631,6 +771,7 @@ class WitVerifier:
             leeway=self.leeway,
             algorithms=self.algorithms,
             profile=self.profile,
+            wth=key,
         )
         if self._max and key is not None:
             with self._lock:
@@ -667,6 +808,7 @@ __all__ = [
     "new_jti",
     "parse_wit_unverified",
     "resolve_clock",
+    "signature_ok",
     "token_hash",
     "verify_wit",
 ]

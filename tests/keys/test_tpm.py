@@ -7,8 +7,10 @@ format, handle hygiene under errors, device loss, and tpm_info.
 
 from __future__ import annotations
 
+import gc
 import stat
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from tpm2_pytss import ESAPI, TSS2_Exception
@@ -325,8 +328,11 @@ def test_no_transient_leak_after_10000_signatures_with_injected_errors(
             else:
                 msg = i.to_bytes(4, "big")
                 signed.append((msg, store.sign("good", msg)))
-        # While open, the store holds exactly one transient: its cached primary.
-        assert len(transient_handles(tpm.tcti)) == 1
+        # The last iteration failed (and made room for its key first); one more good
+        # signature. While open, the store holds its cached primary and at most
+        # loaded_key_cache (default 1) loaded keys: "good" - no handle of a failed key.
+        signed.append((b"last", store.sign("good", b"last")))
+        assert len(transient_handles(tpm.tcti)) == 1 + store.loaded_key_cache == 2
     finally:
         store.close()
     assert failures == {"corrupt": 334, "mismatch": 333, "missing": 333}
@@ -338,7 +344,154 @@ def test_no_transient_leak_after_10000_signatures_with_injected_errors(
             verify_es(verifier, "good", msg, sig)
     finally:
         verifier.close()
-    assert len(signed) == 9_000
+    assert len(signed) == 9_001
+
+
+def test_loaded_key_cache_is_an_lru_flushed_on_close(
+    swtpm_factory: Callable[..., SwtpmInstance], tmp_path: Path
+) -> None:
+    tpm = swtpm_factory()
+    store = TpmKeyStore(tcti=tpm.tcti, key_dir=tmp_path / "keys", loaded_key_cache=2)
+    try:
+        store.create("a", "ES256")
+        store.create("b", "ES384")
+        for name in ("a", "b", "a"):
+            verify_es(store, name, b"m", store.sign(name, b"m"))
+        assert len(transient_handles(tpm.tcti)) == 3  # primary + a + b: every slot
+        # TPM2_Create needs a free object slot: the store flushes its loaded keys.
+        store.create("c", "ES256")
+        assert len(transient_handles(tpm.tcti)) == 1
+        for name in ("c", "a", "b", "a", "c"):  # b is the least recently used at the end
+            verify_es(store, name, name.encode(), store.sign(name, name.encode()))
+        assert len(transient_handles(tpm.tcti)) == 3
+    finally:
+        store.close()
+    assert transient_handles(tpm.tcti) == []
+
+    # 0: load and flush around every signature, as before the cache existed.
+    uncached = TpmKeyStore(tcti=tpm.tcti, key_dir=tmp_path / "keys", loaded_key_cache=0)
+    try:
+        verify_es(uncached, "a", b"m", uncached.sign("a", b"m"))
+        assert len(transient_handles(tpm.tcti)) == 1
+    finally:
+        uncached.close()
+    assert transient_handles(tpm.tcti) == []
+
+
+@pytest.mark.parametrize("bad", [-1, True, 1.5, "1"])
+def test_loaded_key_cache_must_be_a_count(
+    swtpm: SwtpmInstance, tmp_path: Path, bad: Any
+) -> None:
+    with pytest.raises(StoreConfigError, match="loaded_key_cache"):
+        TpmKeyStore(tcti=swtpm.tcti, key_dir=tmp_path / "keys", loaded_key_cache=bad)
+
+
+def test_a_loaded_key_never_outlives_its_blob(
+    swtpm_factory: Callable[..., SwtpmInstance], tmp_path: Path
+) -> None:
+    """The attack: swap or delete a key's file while its handle stays loaded."""
+    tpm = swtpm_factory()
+    store = TpmKeyStore(tcti=tpm.tcti, key_dir=tmp_path / "keys")
+    try:
+        store.create("a", "ES256")
+        store.create("b", "ES256")
+        old_a = store.public_key("a")
+        store.sign("a", b"load a")  # a is loaded now
+        assert len(transient_handles(tpm.tcti)) == 2
+
+        # Replace a's blob with another key's: "a" must now sign with the new key,
+        # not with the handle still loaded from the old blob.
+        store.key_path("a").unlink()
+        store.key_path("a").write_bytes(store.key_path("b").read_bytes())
+        sig = store.sign("a", b"after swap")
+        verify_es(store, "a", b"after swap", sig)  # the new blob's public key
+        assert isinstance(old_a, ec.EllipticCurvePublicKey)
+        with pytest.raises(InvalidSignature):
+            old_a.verify(raw_to_der(sig, 32), b"after swap", ec.ECDSA(hashes.SHA256()))
+        assert len(transient_handles(tpm.tcti)) == 2  # the old handle was flushed
+
+        # Deleted by another process: the next call flushes the loaded key at once.
+        store.key_path("a").unlink()
+        with pytest.raises(KeyNotFoundError):
+            store.sign("a", b"gone")
+        assert len(transient_handles(tpm.tcti)) == 1
+
+        # Deleted through the store: flushed too.
+        store.sign("b", b"load b")
+        assert len(transient_handles(tpm.tcti)) == 2
+        store.delete("b")
+        assert len(transient_handles(tpm.tcti)) == 1
+        with pytest.raises(KeyNotFoundError):
+            store.sign("b", b"gone")
+    finally:
+        store.close()
+    assert transient_handles(tpm.tcti) == []
+
+
+def test_object_slots_taken_by_another_client(
+    swtpm_factory: Callable[..., SwtpmInstance], tmp_path: Path
+) -> None:
+    """swtpm has three object slots and no resource manager: share them sensibly."""
+    tpm = swtpm_factory()
+    store = TpmKeyStore(tcti=tpm.tcti, key_dir=tmp_path / "keys", loaded_key_cache=2)
+
+    def their_object(ectx: Any) -> Any:
+        handle, *_ = ectx.create_primary(
+            TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=PARENT_TEMPLATE), ESYS_TR.OWNER
+        )
+        return handle
+
+    try:
+        store.create("a", "ES256")
+        store.create("b", "ES256")
+        store.sign("a", b"load a")  # ours: primary + a
+        with ESAPI(tpm.tcti) as other:
+            theirs = [their_object(other)]  # the third slot
+            try:
+                # Loading b fails with TPM_RC_OBJECT_MEMORY: the store flushes its
+                # own loaded key (a) and retries once.
+                verify_es(store, "b", b"b", store.sign("b", b"b"))
+                assert len(transient_handles(tpm.tcti)) == 3  # ours: primary + b
+                # TPM2_Create needs a slot too: same retry.
+                store.create("c", "ES256")
+                assert len(transient_handles(tpm.tcti)) == 2  # ours: the primary
+                # With nothing of ours left to flush, the error says what happened.
+                theirs.append(their_object(other))
+                with pytest.raises(TpmError, match="no free object slot") as full:
+                    store.sign("a", b"a")
+                assert full.value.code == "tpm_error"
+                assert len(transient_handles(tpm.tcti)) == 3  # nothing leaked
+            finally:
+                for handle in theirs:
+                    other.flush_context(handle)
+        verify_es(store, "c", b"c", store.sign("c", b"c"))  # slots free again
+    finally:
+        store.close()
+    assert transient_handles(tpm.tcti) == []
+
+
+def test_handles_flushed_without_close_at_gc_and_at_exit(
+    swtpm_factory: Callable[..., SwtpmInstance], tmp_path: Path
+) -> None:
+    tpm = swtpm_factory()
+    store = TpmKeyStore(tcti=tpm.tcti, key_dir=tmp_path / "keys")
+    store.create("k", "ES256")
+    store.sign("k", b"load k")
+    assert len(transient_handles(tpm.tcti)) == 2
+    del store
+    gc.collect()
+    assert transient_handles(tpm.tcti) == []
+
+    # A process that never calls close(): the finalizer runs at interpreter exit.
+    code = (
+        "import sys; from custos.keys.tpm import TpmKeyStore; "
+        "s = TpmKeyStore(tcti=sys.argv[1], key_dir=sys.argv[2]); s.sign('k', b'x')"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, tpm.tcti, str(tmp_path / "keys")],
+        check=True, timeout=60, capture_output=True,
+    )
+    assert transient_handles(tpm.tcti) == []
 
 
 def test_load_error_message_names_the_key(swtpm: SwtpmInstance, tpm_store: TpmKeyStore) -> None:
@@ -375,13 +528,14 @@ def test_device_loss_then_recovery_without_losing_keys(
 
         tpm.start()  # same state directory: same owner seed, same primary
         verify_es(store, "survivor", b"after", store.sign("survivor", b"after"))
-        assert len(transient_handles(tpm.tcti)) == 1  # one new primary, nothing doubled
+        # One new primary and the one cached key: nothing doubled.
+        assert len(transient_handles(tpm.tcti)) == 2
 
         # A restart the store never saw fail (swtpm's TCTI connects per command):
         # the cached primary handle is stale and must be re-created, not trusted.
         tpm.restart()
         verify_es(store, "survivor", b"after restart", store.sign("survivor", b"after restart"))
-        assert len(transient_handles(tpm.tcti)) == 1
+        assert len(transient_handles(tpm.tcti)) == 2
     finally:
         store.close()
     assert transient_handles(tpm.tcti) == []
@@ -442,7 +596,7 @@ def test_8_threads_x_500_mixed_algorithms(swtpm: SwtpmInstance, tpm_store: TpmKe
     assert len(results) == 4000
     for name, msg, sig in results:
         verify_es(tpm_store, name, msg, sig)
-    assert len(transient_handles(swtpm.tcti)) == 1
+    assert len(transient_handles(swtpm.tcti)) == 1 + tpm_store.loaded_key_cache
 
 
 # ---- tpm_info -----------------------------------------------------------------

@@ -14,21 +14,32 @@ checks, hashing and encodings once so every backend behaves the same.
 from __future__ import annotations
 
 import builtins
+import hashlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from custos.keys.algorithms import Algorithm, digest
+from custos.keys.algorithms import Algorithm
 from custos.keys.errors import InvalidKeyNameError, UnsupportedAlgorithmError
 from custos.keys.jwk import public_jwk
 
 if TYPE_CHECKING:
     from custos.keys.cryptography_keys import DevicePrivateKey
+
+# hashlib rather than custos.keys.algorithms.digest (cryptography's Hash): the same
+# digests, and measured in place right before a SoftHSM C_Sign it added ~4 µs per
+# signature against ~15 µs (in isolation: ~0.5 µs against ~2.4 µs).
+_HASHERS: dict[Algorithm, Callable[[bytes], Any]] = {
+    alg: getattr(hashlib, alg.spec.hash_name) for alg in Algorithm if alg.spec.hash_name
+}
+_DIGEST_SIZES: dict[Algorithm, int] = {
+    alg: alg.spec.hash_algorithm().digest_size for alg in _HASHERS
+}
 
 # Names become file names (TPM key blobs) and CKA_LABELs: keep them boring.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -102,14 +113,14 @@ class KeyStore(ABC):
         info = self.info(name)
         if info.alg is Algorithm.EdDSA:
             return self._sign_message(info, data)
-        return self._sign_digest(info, digest(info.alg, data))
+        return self._sign_digest(info, _HASHERS[info.alg](data).digest())
 
     def sign_digest(self, name: str, hashed: bytes) -> bytes:
         """Sign a digest that the caller computed with the key's hash (not for EdDSA)."""
         info = self.info(name)
         if info.alg is Algorithm.EdDSA:
             raise UnsupportedAlgorithmError("EdDSA signs whole messages, not digests")
-        expected = info.alg.spec.hash_algorithm().digest_size
+        expected = _DIGEST_SIZES[info.alg]
         if len(hashed) != expected:
             raise UnsupportedAlgorithmError(
                 f"{info.alg.value} signs {expected}-byte digests, got {len(hashed)} bytes"

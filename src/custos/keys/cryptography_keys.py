@@ -145,6 +145,22 @@ class DeviceEd25519PrivateKey(ed25519.Ed25519PrivateKey):
         return self
 
 
+def _check_pss_parameters(pss: padding.PSS, hash_algorithm: hashes.HashAlgorithm) -> None:
+    """Devices sign PSS with MGF1 over the message hash and a digest-length salt (what
+    JOSE PS256 and our CA use). Anything else would yield a signature that does not
+    verify under the parameters the caller declared (e.g. in a CSR's AlgorithmIdentifier),
+    so refuse it instead. cryptography exposes these only as private attributes."""
+    mgf = getattr(pss, "_mgf", None)
+    salt = getattr(pss, "_salt_length", None)
+    mgf_hash = getattr(mgf, "_algorithm", None)
+    if not isinstance(mgf, padding.MGF1) or getattr(mgf_hash, "name", None) != hash_algorithm.name:
+        raise UnsupportedAlgorithmError(f"device PSS keys use MGF1 with {hash_algorithm.name}")
+    if not (salt is padding.PSS.DIGEST_LENGTH or salt == hash_algorithm.digest_size):
+        raise UnsupportedAlgorithmError(
+            f"device PSS keys use a {hash_algorithm.digest_size}-byte salt (PSS.DIGEST_LENGTH)"
+        )
+
+
 class DeviceRSAPrivateKey(rsa.RSAPrivateKey):
     """An RSA key that lives in a device; signs with the scheme the key was made for."""
 
@@ -177,6 +193,8 @@ class DeviceRSAPrivateKey(rsa.RSAPrivateKey):
             )
         if _hash_name(algorithm) != spec.hash_name:
             raise UnsupportedAlgorithmError(f"this key signs {spec.hash_name}")
+        if isinstance(padding_, padding.PSS):
+            _check_pss_parameters(padding_, spec.hash_algorithm())
         return self._key.store.sign_digest(self._key.name, _digest_of(bytes(data), algorithm))
 
     def public_key(self) -> rsa.RSAPublicKey:

@@ -144,6 +144,27 @@ _SIGN_MECHANISM: dict[Algorithm, Mechanism] = {
 }
 
 
+@dataclass(frozen=True)
+class _DigestPlan:
+    """How one algorithm signs a digest, worked out once rather than per signature."""
+
+    mechanism: Mechanism
+    prefix: bytes  # put before the digest (the DigestInfo for RS256)
+    param: Any  # mechanism parameter, or None
+    signature_size: int  # the JOSE size to insist on (ECDSA), or 0
+
+
+_DIGEST_PLANS: dict[Algorithm, _DigestPlan] = {
+    Algorithm.ES256: _DigestPlan(Mechanism.ECDSA, b"", None, 64),
+    Algorithm.ES384: _DigestPlan(Mechanism.ECDSA, b"", None, 96),
+    Algorithm.RS256: _DigestPlan(Mechanism.RSA_PKCS, _SHA256_DIGEST_INFO, None, 0),
+    # Salt = hash length, the JOSE PS256 convention (RFC 7518 section 3.5).
+    Algorithm.PS256: _DigestPlan(
+        Mechanism.RSA_PKCS_PSS, b"", (Mechanism.SHA256, MGF.SHA256, 32), 0
+    ),
+}
+
+
 def _attribute_mapper() -> AttributeMapper:
     """python-pkcs11's mapper plus CKA_ALLOWED_MECHANISMS (an array of CK_ULONG)."""
     mapper = AttributeMapper()
@@ -498,31 +519,23 @@ class Pkcs11KeyStore(KeyStore):
         return self._run(lambda link, session: _find(link, session, info.name)[1].public_key)
 
     def _sign_digest(self, info: KeyInfo, hashed: bytes) -> bytes:
-        alg = info.alg
-        if alg.spec.family == "ec":
-            data, param = hashed, None
-        elif alg is Algorithm.RS256:
-            data, param = _SHA256_DIGEST_INFO + hashed, None
-        elif alg is Algorithm.PS256:
-            # Salt = hash length, the JOSE PS256 convention (RFC 7518 section 3.5).
-            data, param = hashed, (Mechanism.SHA256, MGF.SHA256, 32)
-        else:
-            raise UnsupportedAlgorithmError(f"{alg.value} does not sign digests")
-        sig = self._sign(info, data, param)
-        if alg.spec.family == "ec" and len(sig) != 2 * alg.spec.coordinate_size:
+        plan = _DIGEST_PLANS.get(info.alg)
+        if plan is None:
+            raise UnsupportedAlgorithmError(f"{info.alg.value} does not sign digests")
+        data = plan.prefix + hashed if plan.prefix else hashed
+        sig = self._sign(info.name, plan.mechanism, data, plan.param)
+        if plan.signature_size and len(sig) != plan.signature_size:
             raise KeyStoreError(f"the token returned a {len(sig)}-byte ECDSA signature")
         return sig  # CKM_ECDSA gives raw r||s: already the JOSE form
 
     def _sign_message(self, info: KeyInfo, data: bytes) -> bytes:
-        return self._sign(info, data, None)
+        return self._sign(info.name, _SIGN_MECHANISM[info.alg], data, None)
 
-    def _sign(self, info: KeyInfo, data: bytes, param: Any) -> bytes:
-        mechanism = _SIGN_MECHANISM[info.alg]
-
+    def _sign(self, name: str, mechanism: Mechanism, data: bytes, param: Any) -> bytes:
         def op(link: _TokenLink, session: pkcs11.Session) -> bytes:
-            key: Any = link.handles.get(info.name)
+            key: Any = link.handles.get(name)
             if key is None:
-                key = _find(link, session, info.name)[0]
+                key = _find(link, session, name)[0]
             signature: bytes = key.sign(data, mechanism=mechanism, mechanism_param=param)
             return signature
 

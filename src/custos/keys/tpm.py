@@ -26,15 +26,40 @@ The parent
     tpm2-openssl loads our blobs by recreating it the same way.
 
 Threads and handles
-    ESAPI contexts are not thread-safe: one worker thread owns the one context and
-    every TPM call runs there; public methods may be called from any thread.
+    ESAPI contexts are not thread-safe: the store's one context is used under one
+    lock, on the calling thread (see :class:`_TpmContext` for why serial use from
+    several threads is sound; a dedicated worker thread cost ~115 µs per call).
     The primary is created once per connection and kept loaded (measured on
-    swtpm: creating it costs about 2.7 ms while load + sign + flush of a key
-    costs about 3 ms, so re-creating it per signature would nearly double the
-    latency).  It occupies one of swtpm's three object slots; each signature loads
-    its key and flushes it in a ``finally``, on errors too.  swtpm has no resource
-    manager, so other clients of the same swtpm share the remaining slots; in
-    production ``/dev/tpmrm0`` virtualises them.
+    swtpm: creating it costs about 2.7 ms, a whole signature about 0.9 ms).
+
+Loaded keys (``loaded_key_cache``, default 1)
+    The last ``loaded_key_cache`` keys used stay loaded between signatures (an
+    LRU); 0 loads and flushes the key around every signature.  Measured on swtpm:
+    TPM2_Load + TPM2_FlushContext cost about 1.2 ms on top of a 0.7-0.9 ms
+    TPM2_Sign, so keeping the key loaded is what brings a signature near the raw
+    device call.  Every object counts against swtpm's three slots (no resource
+    manager; the primary takes one), so the default is one key:
+
+    * evicted keys are flushed before another is loaded; a key whose blob file
+      changed is flushed and loaded again from the new blob, and a deleted key
+      (by :meth:`delete` or by anyone removing the file: every signature stats
+      it) is flushed at once, so a loaded handle never outlives its file;
+    * a key whose signature fails is flushed, not kept;
+    * ``TPM_RC_OBJECT_MEMORY`` on load or create (another client of a TPM without
+      resource manager holds the slots): our loaded keys are flushed and the
+      command retried once;
+    * a loaded key that stops signing (the TPM restarted, or another client
+      flushed it) is forgotten with every other loaded key, and the signature is
+      retried once from a fresh load, which also re-checks the primary;
+    * ``close()``, the finalizer and device loss flush or forget everything.
+
+    Trade-off, stated: on a TPM *without* resource manager (``/dev/tpm0``, a bare
+    swtpm) transient handles are global, so while a key stays loaded any other
+    client of that TPM can sign with it (empty auth) without reading its blob -
+    with load-per-signature that window was one signature long.  Behind
+    ``/dev/tpmrm0`` (production) each connection sees only its own objects.  Use
+    ``loaded_key_cache=0`` on a TPM shared raw with clients you do not trust; and
+    on swtpm other clients (the CLI next to a running agent) find one slot fewer.
 
 Connection and device loss
     The constructor connects eagerly (and creates the primary), so a wrong TCTI or
@@ -43,22 +68,24 @@ Connection and device loss
     context is dropped and the next call reconnects (new TCTI, new ESAPI context,
     new primary) by itself.  Nothing is lost: the keys are the blobs on disk.  If
     the TPM restarted between two calls without an I/O error being seen (swtpm's
-    TCTI opens a connection per command), the cached primary handle is stale: a
-    failed load re-reads the primary's name and, if it no longer matches, creates
-    the primary again and retries once.
+    TCTI opens a connection per command), the cached handles are stale: a failed
+    signature with a loaded key forgets the loaded keys, and a failed load
+    re-reads the primary's name and, if it no longer matches, creates the primary
+    again and retries once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
+import struct
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -283,17 +310,49 @@ def _sig_scheme(alg: Algorithm) -> Any:
     )
 
 
+# Built once: constructing a TPMT_SIG_SCHEME through tpm2-pytss costs ~30 µs and the
+# NULL ticket ~8 µs (measured), against a ~700-900 µs TPM2_Sign on swtpm. ESAPI only
+# reads them (const inputs), and every use is under the context lock.
+_SCHEMES: dict[Algorithm, Any] = {alg: _sig_scheme(alg) for alg in (
+    Algorithm.ES256, Algorithm.ES384, Algorithm.RS256, Algorithm.PS256
+)}
+_NULL_TICKET = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
+# (sigAlg, hashAlg) a TPMT_SIGNATURE must carry for each algorithm.
+_SIG_IDS: dict[Algorithm, tuple[int, int]] = {
+    alg: (int(scheme.scheme), int(scheme.details.any.hashAlg)) for alg, scheme in _SCHEMES.items()
+}
+
+
+def _tpm2b(raw: bytes, offset: int) -> tuple[bytes, int]:
+    (size,) = struct.unpack_from(">H", raw, offset)
+    end = offset + 2 + size
+    if end > len(raw):
+        raise TpmError("the TPM returned a truncated signature")
+    return raw[offset + 2 : end], end
+
+
 def _jose_signature(alg: Algorithm, sig: Any) -> bytes:
-    """TPMT_SIGNATURE -> JOSE form (ECDSA: fixed-width r||s; RSA: the signature bytes)."""
+    """TPMT_SIGNATURE -> JOSE form (ECDSA: fixed-width r||s; RSA: the signature bytes).
+
+    Parsed from the structure's marshalled form (TPM 2.0 Part 2, TPMT_SIGNATURE:
+    ``sigAlg``, ``hash``, then TPM2B ``r`` and ``s`` for ECDSA or one TPM2B for
+    RSA) rather than through tpm2-pytss attribute access, which builds wrapper
+    objects per field and cost ~80 µs per signature here (marshal: ~5 µs).
+    """
+    raw = bytes(sig.marshal())
+    if len(raw) < 4 or struct.unpack_from(">HH", raw) != _SIG_IDS[alg]:
+        raise TpmError(f"the TPM returned a signature of another scheme than {alg.value}")
     spec = alg.spec
     if spec.family == "ec":
         # The TPM may return r or s shorter than the coordinate size (leading zeros).
         size = spec.coordinate_size
-        r = bytes(sig.signature.ecdsa.signatureR)
-        s = bytes(sig.signature.ecdsa.signatureS)
+        r, offset = _tpm2b(raw, 4)
+        s, _ = _tpm2b(raw, offset)
+        if len(r) > size or len(s) > size:
+            raise TpmError("the TPM returned an oversized ECDSA signature")
         return r.rjust(size, b"\0") + s.rjust(size, b"\0")
-    rsa_sig = sig.signature.rsapss if spec.pss else sig.signature.rsassa
-    return bytes(rsa_sig.sig)
+    signature, _ = _tpm2b(raw, 4)
+    return signature
 
 
 @dataclass(frozen=True)
@@ -307,83 +366,51 @@ class _Entry:
     attributes: TPMA_OBJECT
 
 
-# ---- the worker thread that owns the ESAPI context --------------------------
+# ---- the ESAPI context, its lock, the primary and the loaded keys -------------
 
 
-class _Job(Generic[T]):
-    def __init__(self, fn: Callable[[], T]) -> None:
-        self.fn = fn
-        self.done = threading.Event()
-        self.result: T | None = None
-        self.error: BaseException | None = None
+class _TpmContext:
+    """One ESAPI context, one cached primary, a small LRU of loaded signing keys.
 
-    def run(self) -> None:
-        try:
-            self.result = self.fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the calling thread
-            self.error = e
-        finally:
-            self.done.set()
-
-    def wait(self) -> T:
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.result  # type: ignore[return-value]
-
-
-class _TpmWorker:
-    """One thread, one ESAPI context, one cached primary.
-
-    A plain daemon thread rather than a ThreadPoolExecutor: executors refuse work
-    once interpreter shutdown begins, and the finalizer that flushes our primary
-    must still be able to run then.
+    Every use of the context happens with :attr:`lock` held, on the caller's
+    thread.  ESAPI forbids two threads using one context *at the same time*
+    ("No two threads are allowed the same ESAPI context simultaneously", TCG
+    ESAPI spec); used serially from several threads it is fine: tss2-esys,
+    tss2-sys, tss2-mu and the device/swtpm/mssim TCTIs keep no thread-local
+    state (checked: no TLS segment in the Debian libraries; only tss2-rc has
+    one, a per-thread buffer for error strings), tpm2-pytss keeps none either,
+    and rust-tss-esapi marks its context Send + Sync behind ``&mut``.  The lock
+    replaced a worker thread that owned the context: handing each call to it cost
+    ~115 µs (queue + Event + two thread switches), ~15% of a swtpm signature.
     """
 
-    def __init__(self, tcti: str) -> None:
+    def __init__(self, tcti: str, capacity: int) -> None:
         self.tcti = tcti
-        self._queue: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="custos-tpm", daemon=True)
-        self._closed = False
-        self._lock = threading.Lock()
-        # Touched only on the worker thread:
+        self.capacity = capacity
+        # Reentrant so that a nested call on the same thread cannot deadlock.
+        self.lock = threading.RLock()
+        self.closed = False
         self._ectx: Any = None  # ESAPI
         self._primary: Any = None  # ESYS_TR
         self._primary_name: bytes = b""
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            job.run()
-
-    def call(self, fn: Callable[[], T]) -> T:
-        if threading.current_thread() is self._thread:
-            return fn()
-        with self._lock:
-            if self._closed:
-                raise KeyStoreError("the tpm key store is closed", code="store_closed")
-            job: _Job[T] = _Job(fn)
-            self._queue.put(job)
-        return job.wait()
+        # name -> (the parsed blob it was loaded from, ESYS_TR); most recent last.
+        self._loaded: OrderedDict[str, tuple[_Entry, Any]] = OrderedDict()
 
     def shutdown(self) -> None:
-        """Flush the primary, finalize ESAPI, end the thread. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            if self._thread.is_alive():
-                job: _Job[None] = _Job(self._disconnect)
-                self._queue.put(job)
-                self._queue.put(None)
-            self._closed = True
-        if threading.current_thread() is not self._thread and self._thread.is_alive():
-            job.done.wait(10.0)
-            self._thread.join(10.0)
+        """Flush loaded keys and the primary, finalize ESAPI. Idempotent."""
+        # Bounded: at interpreter exit a daemon thread may be stuck in a TPM call
+        # while holding the lock; better to leave than to hang the exit.
+        if not self.lock.acquire(timeout=10.0):
+            log.warning("TPM context busy at shutdown; not flushing its handles")
+            return
+        try:
+            if not self.closed:
+                self.closed = True
+                self._disconnect()
+        finally:
+            self.lock.release()
 
-    # -- below: worker thread only --
+    # -- below: lock held --
 
     def _connect(self) -> None:
         try:
@@ -428,7 +455,9 @@ class _TpmWorker:
         return bytes(name) == self._primary_name
 
     def _forget_primary(self) -> None:
-        # The TPM lost the object (restart): only ESAPI's local record is left.
+        # The TPM lost the object (restart): only ESAPI's local records are left,
+        # of the primary and of every key loaded under it.
+        self.evict_all()
         if self._primary is not None:
             try:
                 self._ectx.tr_close(self._primary)
@@ -438,7 +467,9 @@ class _TpmWorker:
         self._create_primary()
 
     def _drop(self) -> None:
+        # The context is unusable: closing it frees every ESYS_TR with it.
         ectx, self._ectx, self._primary = self._ectx, None, None
+        self._loaded.clear()
         if ectx is not None:
             try:
                 ectx.close()
@@ -446,21 +477,51 @@ class _TpmWorker:
                 log.debug("closing a broken ESAPI context failed", exc_info=True)
 
     def _disconnect(self) -> None:
-        if self._ectx is not None and self._primary is not None:
+        if self._ectx is not None:
             try:
-                self._ectx.flush_context(self._primary)
+                self.evict_all()
+                if self._primary is not None:
+                    self._ectx.flush_context(self._primary)
             except TSS2_Exception:
-                log.debug("flushing the primary at close failed", exc_info=True)
+                log.debug("flushing handles at close failed", exc_info=True)
         self._drop()
 
-    def device(self, op: Callable[[Any, Any], T]) -> T:
-        """Run ``op(ectx, primary)`` on the worker; connect first; translate device loss."""
+    def _flush(self, handle: Any) -> None:
+        """Flush a loaded key; if the TPM no longer has it, free ESAPI's record of it."""
+        try:
+            self._ectx.flush_context(handle)
+        except TSS2_Exception as e:
+            if is_device_loss(e):
+                raise
+            log.debug("flushing a loaded key failed (%s); dropping the local record", e)
+            try:
+                self._ectx.tr_close(handle)
+            except TSS2_Exception:
+                log.debug("tr_close of a stale key handle failed", exc_info=True)
 
-        def run() -> T:
+    def is_loaded(self, name: str) -> bool:
+        return name in self._loaded
+
+    def evict(self, name: str) -> None:
+        """Flush ``name`` if it is loaded (deleted or changed key)."""
+        loaded = self._loaded.pop(name, None)
+        if loaded is not None and self._ectx is not None:
+            self._flush(loaded[1])
+
+    def evict_all(self) -> None:
+        while self._loaded:
+            _, (_, handle) = self._loaded.popitem(last=False)
+            self._flush(handle)
+
+    def device(self, op: Callable[[Any], T]) -> T:
+        """Run ``op(ectx)`` under the lock; connect first; translate device loss."""
+        with self.lock:
+            if self.closed:
+                raise KeyStoreError("the tpm key store is closed", code="store_closed")
             if self._ectx is None:
                 self._connect()
             try:
-                return op(self._ectx, self._primary)
+                return op(self._ectx)
             except TSS2_Exception as e:
                 if is_device_loss(e):
                     self._drop()
@@ -470,22 +531,33 @@ class _TpmWorker:
                     ) from e
                 raise TpmError(f"TPM error: {e}") from e
 
-        return self.call(run)
+    def load(self, tss: Any) -> Any:
+        """Load a key under the cached primary.
 
-    def load(self, ectx: Any, tss: Any) -> Any:
-        """Load a key under the cached primary, re-creating a stale primary once."""
+        Out of object slots (another client of a TPM without resource manager holds
+        them): flush our loaded keys and retry once.  A stale primary (the TPM
+        restarted): re-create it and retry once.
+        """
+        ectx = self._ectx
         try:
             return ectx.load(self._primary, tss.private, tss.public)
         except TSS2_Exception as e:
-            if is_device_loss(e) or self._primary_is_ours():
+            if is_device_loss(e):
                 raise
-            log.info("the TPM no longer holds our primary (restarted?); re-creating it")
-        self._forget_primary()
+            if _tpm_rc(e) == TPM2_RC.OBJECT_MEMORY:
+                if not self._loaded:
+                    raise
+                self.evict_all()
+            elif self._primary_is_ours():
+                raise
+            else:
+                log.info("the TPM no longer holds our primary (restarted?); re-creating it")
+                self._forget_primary()
         return ectx.load(self._primary, tss.private, tss.public)
 
-    def create(self, ectx: Any, template: TPMT_PUBLIC) -> tuple[Any, Any]:
+    def create(self, template: TPMT_PUBLIC) -> tuple[Any, Any]:
         def attempt() -> tuple[Any, Any]:
-            private, public, *_ = ectx.create(
+            private, public, *_ = self._ectx.create(
                 self._primary, TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=template)
             )
             return private, public
@@ -493,10 +565,64 @@ class _TpmWorker:
         try:
             return attempt()
         except TSS2_Exception as e:
-            if is_device_loss(e) or self._primary_is_ours():
+            if is_device_loss(e):
                 raise
-        self._forget_primary()
+            if _tpm_rc(e) == TPM2_RC.OBJECT_MEMORY:
+                # TPM2_Create needs a free slot; our loaded keys may hold it.
+                if not self._loaded:
+                    raise
+                self.evict_all()
+            elif self._primary_is_ours():
+                raise
+            else:
+                self._forget_primary()
         return attempt()
+
+    def sign(self, name: str, entry: _Entry, digest: Any) -> Any:
+        """TPM2_Sign with ``name``'s key, loading it (LRU) unless it is loaded already."""
+        loaded = self._loaded.get(name)
+        if loaded is not None and loaded[0] is entry:
+            self._loaded.move_to_end(name)
+            try:
+                return self._ectx.sign(loaded[1], digest, _SCHEMES[entry.alg], _NULL_TICKET)
+            except TSS2_Exception as e:
+                if is_device_loss(e):
+                    raise
+                # The key signed before with this very scheme, so the handle went
+                # stale (TPM restart, or another client flushed it): start over.
+                log.info("loaded key %r failed to sign (%s); reloading it", name, e)
+                self.evict_all()
+        elif loaded is not None:
+            self.evict(name)  # the blob changed on disk: never sign with the old key
+        # Make room first: swtpm has three object slots and no resource manager.
+        while self._loaded and len(self._loaded) >= self.capacity:
+            _, (_, old) = self._loaded.popitem(last=False)
+            self._flush(old)
+        try:
+            handle = self.load(entry.tss)
+        except TSS2_Exception as e:
+            if is_device_loss(e):
+                raise
+            if _tpm_rc(e) == TPM2_RC.OBJECT_MEMORY:
+                raise TpmError(
+                    f"no free object slot in the TPM to load key {name!r} ({e}): other "
+                    "clients hold them; use a resource manager (/dev/tpmrm0)"
+                ) from e
+            raise TpmError(
+                f"the TPM refused to load key {name!r} ({e}): the blob is corrupt "
+                "or was made by another TPM or under another owner seed"
+            ) from e
+        keep = False
+        try:
+            signature = self._ectx.sign(handle, digest, _SCHEMES[entry.alg], _NULL_TICKET)
+            keep = self.capacity > 0
+            return signature
+        finally:
+            # On errors too: a key that failed to sign is not kept loaded.
+            if keep:
+                self._loaded[name] = (entry, handle)
+            else:
+                self._flush(handle)
 
 
 # ---- the store --------------------------------------------------------------
@@ -510,9 +636,20 @@ class TpmKeyStore(KeyStore):
         {Algorithm.ES256, Algorithm.ES384, Algorithm.RS256, Algorithm.PS256}
     )
 
-    def __init__(self, tcti: str = DEFAULT_TCTI, key_dir: Path | str = DEFAULT_KEY_DIR) -> None:
+    def __init__(
+        self,
+        tcti: str = DEFAULT_TCTI,
+        key_dir: Path | str = DEFAULT_KEY_DIR,
+        *,
+        loaded_key_cache: int = 1,
+    ) -> None:
+        if isinstance(loaded_key_cache, bool) or not isinstance(loaded_key_cache, int) or (
+            loaded_key_cache < 0
+        ):
+            raise StoreConfigError("loaded_key_cache is a number of keys, 0 or more")
         self.tcti = tcti
         self.key_dir = Path(key_dir)
+        self._key_dir_str = str(self.key_dir)
         try:
             self.key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as e:
@@ -521,15 +658,21 @@ class TpmKeyStore(KeyStore):
             ) from e
         self._cache: dict[str, _Entry] = {}
         self._cache_lock = threading.Lock()
-        self._worker = _TpmWorker(tcti)
-        # Flush our primary even if nobody calls close(): on swtpm (no resource
-        # manager) a leaked transient holds one of three object slots until restart.
-        self._finalizer = weakref.finalize(self, self._worker.shutdown)
+        self._tpm = _TpmContext(tcti, loaded_key_cache)
+        # Flush our primary and loaded keys even if nobody calls close(): on swtpm
+        # (no resource manager) a leaked transient holds one of three object slots
+        # until restart.
+        self._finalizer = weakref.finalize(self, self._tpm.shutdown)
         try:
-            self._worker.device(lambda ectx, primary: None)  # eager: fail at start-up
+            self._tpm.device(lambda ectx: None)  # eager: fail at start-up
         except BaseException:
             self.close()
             raise
+
+    @property
+    def loaded_key_cache(self) -> int:
+        """How many signing keys stay loaded in the TPM between signatures."""
+        return self._tpm.capacity
 
     # -- files --
 
@@ -537,18 +680,22 @@ class TpmKeyStore(KeyStore):
         return self.key_dir / f"{name}{SUFFIX}"
 
     def _entry(self, name: str) -> _Entry:
-        path = self._path(name)
+        # A str path and os.stat: pathlib costs ~5 µs more, and this runs per signature.
+        path = os.path.join(self._key_dir_str, name + SUFFIX)
         try:
-            st = path.stat()
+            st = os.stat(path)
         except FileNotFoundError:
             with self._cache_lock:
                 self._cache.pop(name, None)
+            self._evict(name)  # deleted behind our back: never sign with it again
             raise KeyNotFoundError(f"no key {name!r} in the {self.kind} store") from None
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         cached = self._cache.get(name)
         if cached is not None and cached.stamp == stamp:
             return cached
-        entry = self._parse(name, path.read_bytes(), stamp)
+        with open(path, "rb") as f:
+            pem = f.read()
+        entry = self._parse(name, pem, stamp)
         with self._cache_lock:
             self._cache[name] = entry
         return entry
@@ -587,11 +734,8 @@ class TpmKeyStore(KeyStore):
             raise KeyExistsError(f"key {name!r} already exists in the {self.kind} store")
         template = key_template(alg)
 
-        def op(ectx: Any, primary: Any) -> tuple[Any, Any]:
-            return self._worker.create(ectx, template)
-
         try:
-            private, public = self._worker.device(op)
+            private, public = self._tpm.device(lambda ectx: self._tpm.create(template))
         except TpmError as e:
             cause = e.__cause__
             if isinstance(cause, TSS2_Exception) and _tpm_rc(cause) in _UNSUPPORTED_RCS:
@@ -642,6 +786,7 @@ class TpmKeyStore(KeyStore):
     def _delete(self, name: str) -> None:
         with self._cache_lock:
             self._cache.pop(name, None)
+        self._evict(name)
         try:
             self._path(name).unlink()
         except FileNotFoundError:
@@ -650,34 +795,27 @@ class TpmKeyStore(KeyStore):
     def _public_key(self, info: KeyInfo) -> PublicKeyTypes:
         return self._entry(info.name).public_key
 
+    def _evict(self, name: str) -> None:
+        """Flush ``name``'s loaded key, if any (best effort: the file is what counts)."""
+        tpm = self._tpm
+        with tpm.lock:
+            if tpm.closed or not tpm.is_loaded(name):
+                return
+        try:
+            tpm.device(lambda ectx: tpm.evict(name))
+        except KeyStoreError as e:
+            # Device gone: dropping the context already forgot every loaded key.
+            log.debug("flushing the loaded key %r failed: %s", name, e)
+
     def _sign_digest(self, info: KeyInfo, hashed: bytes) -> bytes:
         entry = self._entry(info.name)
-        alg = entry.alg
-        scheme = _sig_scheme(alg)
-        worker = self._worker
-
-        def op(ectx: Any, primary: Any) -> Any:
-            try:
-                handle = worker.load(ectx, entry.tss)
-            except TSS2_Exception as e:
-                if is_device_loss(e):
-                    raise
-                raise TpmError(
-                    f"the TPM refused to load key {info.name!r} ({e}): the blob is corrupt "
-                    "or was made by another TPM or under another owner seed"
-                ) from e
-            try:
-                return ectx.sign(
-                    handle,
-                    TPM2B_DIGEST(hashed),
-                    scheme,
-                    TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL),
-                )
-            finally:
-                # Always: swtpm has three object slots and no resource manager.
-                ectx.flush_context(handle)
-
-        return _jose_signature(alg, worker.device(op))
+        if entry.alg is not info.alg:
+            raise KeyStoreError(f"key {info.name!r} changed while signing; try again")
+        digest = TPM2B_DIGEST(hashed)
+        tpm = self._tpm
+        return _jose_signature(
+            entry.alg, tpm.device(lambda ectx: tpm.sign(info.name, entry, digest))
+        )
 
     # -- extras for tests and operators --
 

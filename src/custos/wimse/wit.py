@@ -23,8 +23,9 @@ Verification rules worth stating up front:
 The compact-JWS parsing is done here rather than left to joserfc alone because
 the checks must run in a fixed order on the *unverified* header (``typ``,
 ``alg``, ``kid`` choose the key) and must reject things joserfc tolerates:
-duplicate JSON members, non-canonical base64url, NaN.  The signature itself is
-checked by joserfc.
+duplicate JSON members, non-canonical base64url, NaN.  The token is decoded
+once, and the signature is checked with ``cryptography`` on the decoded parts
+(:func:`signature_ok` says why); joserfc mints tokens and holds the cnf key.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ Raw WIT/WPT values never appear in exception messages; this module logs nothing.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import math
@@ -48,6 +49,12 @@ from joserfc.errors import JoseError
 from custos.bundle import BundleSet
 from custos.errors import CustosError
 from custos.identity import SpiffeId, TrustDomain, WimseId
+from custos.keys.base import StoreKey
+from custos.keys.cryptography_keys import (
+    DeviceECPrivateKey,
+    DeviceEd25519PrivateKey,
+    DeviceRSAPrivateKey,
+)
 from custos.keys.jwk import public_jwk_members
 from custos.wimse.errors import (
     MalformedRequestError,
@@ -65,6 +72,7 @@ from custos.wimse.wit import (
     JoseKey,
     VerifiedWit,
     WitVerifier,
+    b64url_encode,
     decode_compact,
     new_jti,
     parse_wit_unverified,
@@ -209,18 +217,22 @@ def create_wpt(
             "can travel with it"
         )
     try:
-        shape = parse_wit_unverified(wit)
+        binding = _wit_binding(wit) if isinstance(wit, str) else _WitBinding.of(wit)
     except WitError as e:
         raise WptMintError(f"the WIT is unusable: {e.code}", code="wpt_mint_bad_wit") from e
-    try:
-        signer_members = public_jwk_members(signer.public_key)
-    except CustosError as e:
-        raise WptMintError("the signer's public key is unusable") from e
-    cnf_members = {k: v for k, v in shape.cnf_jwk.items() if k != "alg"}
-    if signer_members != cnf_members:
+    signer_public = signer.public_key
+    # Equal cryptography keys are exactly keys with equal JWK members; the
+    # members are computed only on a mismatch, to tell a key custos cannot
+    # express from a wrong one.
+    if signer_public != binding.cnf_public_key:
+        try:
+            public_jwk_members(signer_public)
+        except CustosError as e:
+            raise WptMintError("the signer's public key is unusable") from e
         raise WptMintError(
             "the signer's key is not the key the WIT binds (cnf.jwk)", code="wpt_mint_wrong_key"
         )
+    alg = binding.cnf_alg
     aud = strip_query_and_fragment(audience) if isinstance(audience, str) else ""
     if not aud or len(aud) > MAX_AUDIENCE_LENGTH:
         raise WptMintError("audience must be a non-empty target URI")
@@ -229,7 +241,7 @@ def create_wpt(
         "aud": aud,
         "exp": issued + ttl_seconds,
         "jti": new_jti(),
-        "wth": token_hash(wit),
+        "wth": binding.wth,
     }
     if txn_token is not None:
         claims["tth"] = _hash_for_claim(txn_token, "txn_token")
@@ -245,12 +257,64 @@ def create_wpt(
         claims["oth"] = oth
     if access_token is not None:
         claims["ath"] = _hash_for_claim(access_token, "access_token")
-    header = {"alg": shape.cnf_alg, "typ": WPT_TYP}
     payload = json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()
     try:
-        return jws.serialize_compact(header, payload, signer, algorithms=[shape.cnf_alg])
+        device = _device_signer(signer, alg)
+        if device is None:
+            return jws.serialize_compact(
+                {"alg": alg, "typ": WPT_TYP}, payload, signer, algorithms=[alg]
+            )
+        # A custos device key (joserfc_key(store_key)) whose own algorithm is
+        # alg: the store returns the JOSE-form signature, so the JWS is put
+        # together here instead of in joserfc, which would have the device key
+        # re-encode r||s as DER for joserfc to decode straight back, and would
+        # re-check a header that is a constant.  The key fits alg: it equals
+        # the cnf key, which parse_wit_unverified checked against alg.
+        signing_input = f"{_wpt_header_b64(alg)}.{b64url_encode(payload)}"
+        signature = device.sign(signing_input.encode("ascii"))
+        return f"{signing_input}.{b64url_encode(signature)}"
     except (JoseError, ValueError, TypeError) as e:
         raise WptMintError("signing the WPT failed") from e
+
+
+@dataclass(frozen=True)
+class _WitBinding:
+    """What a sender needs from its own WIT for each proof."""
+
+    cnf_public_key: object
+    cnf_alg: str
+    wth: str
+
+    @classmethod
+    def of(cls, wit: object) -> _WitBinding:
+        shape = parse_wit_unverified(wit)
+        assert isinstance(wit, str)  # parse_wit_unverified refuses anything else
+        return cls(shape.cnf_key.public_key, shape.cnf_alg, token_hash(wit))
+
+
+@functools.lru_cache(maxsize=64)
+def _wit_binding(wit: str) -> _WitBinding:
+    """:meth:`_WitBinding.of`, memoised: a workload sends the same WIT with
+    every request until it rotates, and parsing it (strict decode, cnf key
+    import, identifier parse) cost more than the rest of ``create_wpt`` minus
+    the signature.  Errors are not cached; the result is immutable."""
+    return _WitBinding.of(wit)
+
+
+@functools.lru_cache(maxsize=16)
+def _wpt_header_b64(alg: str) -> str:
+    header = {"alg": alg, "typ": WPT_TYP}
+    return b64url_encode(json.dumps(header, separators=(",", ":")).encode())
+
+
+def _device_signer(signer: JoseKey, alg: str) -> StoreKey | None:
+    """The store key behind ``signer`` if it is a custos device key made for ``alg``."""
+    private = signer.private_key
+    if isinstance(private, (DeviceECPrivateKey, DeviceEd25519PrivateKey, DeviceRSAPrivateKey)):
+        key = private.store_key
+        if key.alg.value == alg:
+            return key
+    return None
 
 
 def _hash_for_claim(value: object, what: str) -> str:

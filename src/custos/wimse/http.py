@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,16 @@ class HttpMessage:
     ) -> HttpMessage:
         return cls(tuple((k, v) for k, v in headers), body, None, None, status)
 
+    @cached_property
+    def _index(self) -> dict[str, list[str]]:
+        # Built once per message: a verifier asks for eight or so fields per request.
+        index: dict[str, list[str]] = {}
+        for k, v in self.headers:
+            index.setdefault(k.lower(), []).append(v)
+        return index
+
     def get_all(self, name: str) -> list[str]:
-        lname = name.lower()
-        return [v for k, v in self.headers if k.lower() == lname]
+        return list(self._index.get(name.lower(), ()))
 
     def get(self, name: str) -> str | None:
         values = self.get_all(name)

@@ -47,7 +47,10 @@ def _caller_from(result: Any, variant: VariantName) -> Caller:
         subject=str(result.subject),
         trust_domain=str(result.trust_domain),
         variant=variant,
-        wit_claims=MappingProxyType(dict(wit_claims or {})),
+        # Already read-only (a MappingProxyType from the WIT verifier): no copy per request.
+        wit_claims=wit_claims
+        if isinstance(wit_claims, MappingProxyType)
+        else MappingProxyType(dict(wit_claims or {})),
         nonce=getattr(result, "nonce", None),
         wants_signed_response=bool(getattr(result, "sign_response", False)),
     )

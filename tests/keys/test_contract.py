@@ -349,3 +349,25 @@ def test_cli_create_and_public_print_the_jwk(store_env: StoreEnv, unique_name: N
         timeout=120,
     )
     assert gone.returncode != 0 and "key_not_found" in gone.stderr
+
+
+def test_config_rejects_bad_values_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from custos.keys import KeyStoreConfig, StoreConfigError
+
+    with pytest.raises(StoreConfigError, match="store"):
+        KeyStoreConfig.from_env("floppy")
+    monkeypatch.setenv("CUSTOS_TPM_LOADED_KEYS", "-1")
+    with pytest.raises(StoreConfigError, match="tpm_loaded_keys"):
+        KeyStoreConfig.from_env("tpm")
+    monkeypatch.setenv("CUSTOS_TPM_LOADED_KEYS", "0")
+    assert KeyStoreConfig.from_env("tpm").tpm_loaded_keys == 0
+    # explicit values win over the environment
+    monkeypatch.setenv("CUSTOS_TCTI", "swtpm:host=127.0.0.1,port=1")
+    assert KeyStoreConfig.from_env("tpm", tcti="tabrmd").tcti == "tabrmd"
+
+
+def test_pkcs11_store_without_module_or_uri_is_a_config_error() -> None:
+    from custos.keys import KeyStoreConfig, StoreConfigError, open_key_store
+
+    with pytest.raises(StoreConfigError, match="module"):
+        open_key_store(KeyStoreConfig(store="pkcs11"))

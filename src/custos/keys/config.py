@@ -29,6 +29,12 @@ class KeyStoreConfig(BaseModel):
     key_dir: Path = Field(default=DEFAULT_KEY_DIR, description="TPM key blobs / exportable PEMs")
     pkcs11_module: str | None = Field(default=None, description="path of the PKCS#11 library")
     pkcs11_uri: str | None = Field(default=None, description="RFC 7512 pkcs11: URI of the token")
+    tpm_loaded_keys: int = Field(
+        default=1,
+        ge=0,
+        le=16,
+        description="signing keys the TPM store keeps loaded between calls (0: load per call)",
+    )
 
     @classmethod
     def from_env(cls, store: str, **explicit: object) -> KeyStoreConfig:
@@ -38,6 +44,7 @@ class KeyStoreConfig(BaseModel):
             "key_dir": os.environ.get("CUSTOS_KEY_DIR"),
             "pkcs11_module": os.environ.get("CUSTOS_PKCS11_MODULE"),
             "pkcs11_uri": os.environ.get("CUSTOS_PKCS11_URI"),
+            "tpm_loaded_keys": os.environ.get("CUSTOS_TPM_LOADED_KEYS"),
         }
         values: dict[str, object] = {k: v for k, v in env.items() if v}
         values.update({k: v for k, v in explicit.items() if v is not None})
@@ -60,7 +67,9 @@ def open_key_store(config: KeyStoreConfig) -> KeyStore:
     if config.store == "tpm":
         from custos.keys.tpm import TpmKeyStore
 
-        return TpmKeyStore(tcti=config.tcti, key_dir=config.key_dir)
+        return TpmKeyStore(
+            tcti=config.tcti, key_dir=config.key_dir, loaded_key_cache=config.tpm_loaded_keys
+        )
     if config.store == "pkcs11":
         from custos.keys.pkcs11 import Pkcs11KeyStore
 

@@ -46,6 +46,16 @@ Recovery
     next call after it is back works.  Other stores on the same library
     reconnect by themselves on their next call.
 
+Speed
+    A signature is one ``C_Sign`` on a cached key handle under the library lock;
+    what the store adds is the name check, the cached-metadata lookup, hashing
+    (``hashlib``, see ``custos.keys.base``) and a per-algorithm plan worked out
+    at import (mechanism, DigestInfo prefix, PSS parameters, expected size).
+    Measured interleaved with a raw python-pkcs11 ``sign`` on SoftHSM token keys
+    (~85 µs here): ~+10 µs (1.13x), down from ~+20 µs (1.23x); the raw call on a
+    store-made key (``CKA_ALLOWED_MECHANISMS`` set) costs the same as on a key
+    without it.
+
 Errors
     A missing or unloadable module is configuration (:class:`StoreConfigError`):
     a module file does not come and go like a token does.  An unknown token

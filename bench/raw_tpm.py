@@ -51,7 +51,8 @@ def bench_raw_tpm_sign(tcti: str, n: int, warmup: int = 20) -> list[float]:
         key = None
         try:
             private, public, *_ = ectx.create(
-                primary, TPM2B_SENSITIVE_CREATE(),
+                primary,
+                TPM2B_SENSITIVE_CREATE(),
                 TPM2B_PUBLIC(publicArea=key_template(Algorithm.ES256)),
             )
             key = ectx.load(primary, private, public)
@@ -73,5 +74,7 @@ if __name__ == "__main__":
     tcti = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("CUSTOS_TCTI", "device:/dev/tpmrm0")
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 500
     lat = sorted(bench_raw_tpm_sign(tcti, n))
-    print(f"raw TPM2_Sign ES256 on {tcti}: n={n} p50={lat[n // 2] * 1e6:.0f} µs "
-          f"p99={lat[min(n - 1, int(n * 0.99))] * 1e6:.0f} µs ops/s={n / sum(lat):.0f}")
+    print(
+        f"raw TPM2_Sign ES256 on {tcti}: n={n} p50={lat[n // 2] * 1e6:.0f} µs "
+        f"p99={lat[min(n - 1, int(n * 0.99))] * 1e6:.0f} µs ops/s={n / sum(lat):.0f}"
+    )

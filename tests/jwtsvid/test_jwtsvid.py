@@ -469,3 +469,46 @@ def test_validate_argument_errors(store: MemoryKeyStore, bundles: BundleSet) -> 
         validate_jwt_svid(token, AUD, bundles, now=NOW, leeway=timedelta(seconds=-1))
     with pytest.raises(ValueError, match="timezone-aware"):
         validate_jwt_svid(token, AUD, bundles, now=datetime(2026, 5, 1))
+
+
+# -- review findings: hostile nesting and unusable dates --------------------------
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize("where", ["header", "payload"])
+def test_deeply_nested_json_is_malformed_not_a_crash(where: str) -> None:
+    from custos.bundle import BundleSet
+    from custos.jwtsvid.errors import JwtMalformedError
+
+    deep = b"[" * 5000 + b"]" * 5000
+    header = deep if where == "header" else b'{"alg":"ES256","kid":"k"}'
+    payload = deep if where == "payload" else b"{}"
+    token = f"{_b64(header)}.{_b64(payload)}.{_b64(b'sig')}"
+    with pytest.raises(JwtMalformedError):
+        validate_jwt_svid(token, "aud", BundleSet())
+
+
+@pytest.mark.parametrize("exp", [float("nan"), 1e300, 253402300800, -1])
+def test_unusable_exp_is_malformed_even_when_signed(exp: float) -> None:
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from joserfc import jws
+    from joserfc.jwk import ECKey
+
+    from custos.bundle import BundleSet, JwtAuthority, TrustBundle
+    from custos.identity import TrustDomain
+    from custos.jwtsvid.errors import JwtMalformedError
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    td = TrustDomain.parse("example.org")
+    bundles = BundleSet([TrustBundle(td, (), (JwtAuthority("k1", key.public_key(), None, "ES256"),))])
+    payload = json.dumps({"sub": "spiffe://example.org/w", "aud": "aud", "exp": exp}).encode()
+    token = jws.serialize_compact({"alg": "ES256", "kid": "k1"}, payload, ECKey.import_key(key))
+    with pytest.raises(JwtMalformedError):
+        validate_jwt_svid(token, "aud", bundles)

@@ -212,7 +212,9 @@ def test_unsupported_algorithm_is_a_clear_error(store: KeyStore, unique_name: Na
             store.create(unique_name("x"), alg)
 
 
-@pytest.mark.parametrize("bad", ["", "../etc/passwd", "a/b", "-lead", "x" * 129, "a\x00b", "dot."])
+@pytest.mark.parametrize(
+    "bad", ["", "../etc/passwd", "a/b", "-lead", "x" * 129, "a\x00b", "dot.", "web\n"]
+)
 def test_hostile_key_names_refused(store: KeyStore, bad: str) -> None:
     with pytest.raises(InvalidKeyNameError):
         store.create(bad, "ES256")

@@ -537,3 +537,16 @@ def test_8_threads_x_500_over_two_stores_sharing_one_session(
                 ed_pub.verify(sig, msg)
     finally:
         second.close()
+
+
+def test_pin_in_the_path_part_is_refused_and_never_echoed() -> None:
+    """A PIN put in the path part (a common slip) must not end up in messages."""
+    from custos.keys.pkcs11_uri import Pkcs11Uri, Pkcs11UriError
+
+    with pytest.raises(Pkcs11UriError) as exc:
+        Pkcs11Uri.parse("pkcs11:token=nosuch;pin-value=SECRET1234")
+    assert "SECRET1234" not in str(exc.value)
+    vendor = Pkcs11Uri.parse("pkcs11:token=t;x-pin=SECRET1234?x-pin-value=SECRET5678&x-mode=fast")
+    for text in (str(vendor), repr(vendor)):
+        assert "SECRET1234" not in text and "SECRET5678" not in text
+    assert "x-mode=fast" in str(vendor)

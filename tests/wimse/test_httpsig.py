@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from custos.bundle import BundleSet, JwtAuthority, TrustBundle
-from custos.identity import TrustDomain, WimseId
+from custos.identity import SpiffeId, TrustDomain, WimseId
 from custos.keys.base import StoreKey
 from custos.keys.jose import joserfc_key
 from custos.keys.software import MemoryKeyStore
@@ -1320,3 +1320,72 @@ def test_replay_entry_is_per_subject_and_bounded_by_max_age(
     short = signed_order(store, client_wit, nonce="short", ttl=30)
     verifier.verify_request(short)
     assert cache.calls[-1] == (str(CLIENT), "short", float(NOW + 30 + 60))
+
+
+# -- review findings: path tricks and the replay window edge ---------------------
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/pay/../admin", "/pay/%2e%2e/admin", "/pay%2Fadmin", "//admin", "/pay/./x", "/a\\b"],
+)
+def test_http_signature_refuses_path_tricks_like_the_wpt_path(target: str) -> None:
+    """A signature over a target that could be normalised into another path fails closed."""
+    from custos.wimse.errors import MalformedRequestError
+
+    issuer, workload = MemoryKeyStore(), MemoryKeyStore()
+    issuer.create("ca", "ES256")
+    workload.create("w", "ES256")
+    td = TrustDomain.parse("example.org")
+    ca_jwk = issuer.public_jwk("ca")
+    bundles = BundleSet(
+        [TrustBundle(td, (), (JwtAuthority(ca_jwk["kid"], issuer.public_key("ca"), None, "ES256"),))]
+    )
+    wit = mint_wit(
+        joserfc_key(issuer.get("ca")), "ES256", ca_jwk["kid"],
+        SpiffeId.parse("spiffe://example.org/w"), workload.public_jwk("w"), timedelta(hours=1),
+    )
+    origin = "https://api.example.org"
+    signed = sign_request(
+        HttpMessage.request("GET", target), signer=workload.get("w"), wit=wit,
+        audience=origin + target.split("?")[0],
+    )
+    verifier = HttpSignatureVerifier(WitVerifier(bundles), MemoryReplayCache(), [origin])
+    with pytest.raises(MalformedRequestError) as exc:
+        verifier.verify_request(signed)
+    assert exc.value.code == "unsafe_request_target"
+
+
+def test_replay_at_the_exact_end_of_the_window_is_refused() -> None:
+    """The cache keeps a nonce until expires + leeway; at that instant the
+    signature itself must already be refused, or the replay slips through."""
+    issuer, workload = MemoryKeyStore(), MemoryKeyStore()
+    issuer.create("ca", "ES256")
+    workload.create("w", "ES256")
+    td = TrustDomain.parse("example.org")
+    ca_jwk = issuer.public_jwk("ca")
+    bundles = BundleSet(
+        [TrustBundle(td, (), (JwtAuthority(ca_jwk["kid"], issuer.public_key("ca"), None, "ES256"),))]
+    )
+    wit = mint_wit(
+        joserfc_key(issuer.get("ca")), "ES256", ca_jwk["kid"],
+        SpiffeId.parse("spiffe://example.org/w"), workload.public_jwk("w"), timedelta(hours=1),
+    )
+    origin = "https://api.example.org"
+    import time
+
+    created = int(time.time())
+    signed = sign_request(
+        HttpMessage.request("GET", "/pay"), signer=workload.get("w"), wit=wit,
+        audience=origin + "/pay", created=created, ttl=20,
+    )
+    clock = {"now": float(created + 10)}
+    cache = MemoryReplayCache(clock=lambda: clock["now"])
+    verifier = HttpSignatureVerifier(
+        WitVerifier(bundles, now=lambda: clock["now"]), cache, [origin],
+        now=lambda: clock["now"], leeway=60,
+    )
+    verifier.verify_request(signed)
+    clock["now"] = float(created + 20 + 60)  # exactly expires + leeway
+    with pytest.raises(HttpSignatureError):
+        verifier.verify_request(signed)

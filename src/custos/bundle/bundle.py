@@ -210,6 +210,9 @@ class TrustBundle:
         for auth in self.jwt_authorities:
             jwk = auth.jwk()
             # The SPIFFE format requires `use`; consumers ignore entries without it.
+            # So a key without `use` (a plain JWKS key, valid for WITs and JWT-SVIDs)
+            # is published as `jwt-svid` and, once reloaded, no longer verifies WITs:
+            # give WIT keys `use: wit-svid` before saving a SPIFFE bundle.
             jwk.setdefault("use", USE_JWT_SVID)
             keys.append(jwk)
         out: dict[str, Any] = {"keys": keys}

@@ -33,7 +33,7 @@ def _peek_subject(token: str) -> str:
     try:
         claims = json_object_strict(b64url_decode_strict(token.strip().split(".")[1]))
         sub = claims["sub"]
-    except (IndexError, KeyError, ValueError) as e:
+    except (IndexError, KeyError, TypeError, ValueError, RecursionError) as e:
         raise WitError("cannot read the token's sub", code="wit_malformed") from e
     if not isinstance(sub, str):
         raise WitError("the token's sub is not a string", code="wit_bad_sub")
@@ -65,7 +65,7 @@ def _load_bundle(path: Path, trust_domain: str) -> BundleSet:
             raise click.ClickException(f"{path}: not a JSON object")
         entries = doc.get("keys")
         uses = (
-            {e.get("use") for e in entries if isinstance(e, dict)}
+            {e.get("use") for e in entries if isinstance(e, dict) and isinstance(e.get("use"), str)}
             if isinstance(entries, list)
             else set()
         )
@@ -281,7 +281,10 @@ def validate(
     """Validate a JWT-SVID; print its claims as JSON (exit 1 with the problem JSON otherwise)."""
     from custos.jwtsvid import validate_jwt_svid
 
-    when = datetime.fromtimestamp(now, tz=UTC) if now is not None else None
+    try:
+        when = datetime.fromtimestamp(now, tz=UTC) if now is not None else None
+    except (OverflowError, ValueError, OSError) as e:
+        raise click.BadParameter("not a usable epoch time", param_hint="--now") from e
     bundles = _load_bundle(bundle_path, trust_domain) if trust_domain else None
     try:
         if bundles is None:

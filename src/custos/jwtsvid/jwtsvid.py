@@ -25,6 +25,7 @@ expresses.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -188,13 +189,22 @@ def _joserfc_public_key(authority: JwtAuthority) -> JoseKey:
     return OKPKey.import_key(key)
 
 
+# 9999-12-31T23:59:59Z: the last instant a datetime can hold.
+_MAX_NUMERIC_DATE = 253402300799
+
+
 def _number(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise JwtMalformedError(f"claim {name!r} must be a number")
-    return float(value)
+    number = float(value) if not isinstance(value, int) or abs(value) < 2**63 else math.inf
+    # NaN compares false with everything (an "unexpired" NaN exp), and dates past
+    # year 9999 cannot become datetimes: both are malformed, not valid.
+    if not math.isfinite(number) or not 0 <= number <= _MAX_NUMERIC_DATE:
+        raise JwtMalformedError(f"claim {name!r} is not a usable NumericDate")
+    return number
 
 
 def validate_jwt_svid(
@@ -222,7 +232,7 @@ def validate_jwt_svid(
     try:
         obj = jws.extract_compact(token.encode("ascii"))
         header = obj.headers()
-    except (JoseError, ValueError, TypeError) as e:
+    except (JoseError, ValueError, TypeError, RecursionError) as e:  # deep nesting: an attack
         raise JwtMalformedError(f"not a compact JWS: {e}") from e
 
     # 2. algorithm, before any key is touched
@@ -245,7 +255,7 @@ def validate_jwt_svid(
     # 5. subject -> trust domain -> key
     try:
         claims = json.loads(obj.payload)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:  # deep nesting is an attack
         raise JwtMalformedError(f"payload is not JSON: {e}") from e
     if not isinstance(claims, dict):
         raise JwtMalformedError("payload is not a JSON object")

@@ -42,11 +42,11 @@ _DIGEST_SIZES: dict[Algorithm, int] = {
 }
 
 # Names become file names (TPM key blobs) and CKA_LABELs: keep them boring.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def check_key_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name.endswith("."):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name.endswith("."):
         raise InvalidKeyNameError(
             "key names are 1-128 characters of A-Z a-z 0-9 . _ - starting with a letter or digit"
         )

@@ -98,8 +98,10 @@ class Pkcs11Uri:
     pin_source: str | None = None
     module_name: str | None = None
     module_path: str | None = None
-    vendor_path: tuple[tuple[str, str], ...] = ()
-    vendor_query: tuple[tuple[str, str], ...] = ()
+    # repr=False: unknown attributes are rendered by __str__, which redacts any
+    # that look like they carry a PIN (vendor extensions such as "x-pin-value").
+    vendor_path: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    vendor_query: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     # ---- parsing ------------------------------------------------------------
 
@@ -113,6 +115,14 @@ class Pkcs11Uri:
         if "#" in rest:
             raise Pkcs11UriError("a PKCS#11 URI has no fragment ('#')")
         path, _, query = rest.partition("?")
+        for item in path.split(";"):
+            # RFC 7512 puts pin-value/pin-source in the query part. Kept as an unknown
+            # path attribute, a PIN would be echoed in str()/repr() and errors.
+            if item.partition("=")[0].lower() in ("pin-value", "pin-source"):
+                raise Pkcs11UriError(
+                    "pin-value and pin-source belong in the query part "
+                    "(pkcs11:token=...?pin-source=...)"
+                )
         values: dict[str, object] = {}
         vendor_path = _parse_part(path, ";", _PATH_VALUE_RE, "path", PATH_ATTRIBUTES, values)
         vendor_query = _parse_part(query, "&", _QUERY_VALUE_RE, "query", QUERY_ATTRIBUTES, values)
@@ -165,16 +175,22 @@ class Pkcs11Uri:
                 path.append((name, "".join(f"%{b:02X}" for b in value)))
             else:
                 path.append((name, quote(str(value), safe=_PATH_SAFE)))
-        path.extend((n, quote(v, safe=_PATH_SAFE)) for n, v in self.vendor_path)
+        path.extend((n, _redacted(n, v, _PATH_SAFE)) for n, v in self.vendor_path)
         for name in ("module-name", "module-path", "pin-source"):  # never pin-value
             value = getattr(self, name.replace("-", "_"))
             if value is not None:
                 query.append((name, quote(value, safe=_QUERY_SAFE)))
-        query.extend((n, quote(v, safe=_QUERY_SAFE)) for n, v in self.vendor_query)
+        query.extend((n, _redacted(n, v, _QUERY_SAFE)) for n, v in self.vendor_query)
         text = "pkcs11:" + ";".join(f"{n}={v}" for n, v in path)
         if query:
             text += "?" + "&".join(f"{n}={v}" for n, v in query)
         return text
+
+
+def _redacted(name: str, value: str, safe: str) -> str:
+    if "pin" in name.lower() or "pass" in name.lower() or "secret" in name.lower():
+        return "REDACTED"
+    return quote(value, safe=safe)
 
 
 def _parse_part(

@@ -110,13 +110,14 @@ class WimseASGIMiddleware:
         body = b""
         more = False
         try:
+            # Decoded once: the length check and the verifier share them.
+            headers = _headers(scope)
             if kind == "http":
-                headers = _headers(scope)
                 length = declared_length(headers)
                 if length is not None and length > self.max_body:
                     raise BodyTooLargeError("request body over the configured limit")
                 body, more = await self._read_body(receive)
-            request = _to_message(scope, body)
+            request = _to_message(scope, body, headers)
             if self.verify_in_thread:
                 caller = await anyio.to_thread.run_sync(self._check, scope, request)
             else:
@@ -161,19 +162,27 @@ class WimseASGIMiddleware:
                 return b"".join(chunks), False
 
 
-def _headers(scope: Scope) -> list[tuple[str, str]]:
+def _headers(scope: Scope) -> tuple[tuple[str, str], ...]:
     # Latin-1 maps every byte to one character and back: nothing is lost or
     # rejected on the way to the verifier.
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])]
+    return tuple([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", ())])
 
 
-def _to_message(scope: Scope, body: bytes) -> HttpMessage:
+def _to_message(
+    scope: Scope, body: bytes, headers: tuple[tuple[str, str], ...] | None = None
+) -> HttpMessage:
     raw_path = scope.get("raw_path")
     path = raw_path.decode("latin-1") if raw_path else scope["path"]
     query = scope.get("query_string", b"").decode("latin-1")
     target = path + (f"?{query}" if query else "")
     method = scope.get("method", "GET")  # a WebSocket handshake is a GET
-    return HttpMessage.request(method, target, _headers(scope), body or None)
+    return HttpMessage(
+        _headers(scope) if headers is None else headers,
+        body or None,
+        method.upper(),
+        target,
+        None,
+    )
 
 
 def _replay_body(body: bytes, more: bool, receive: Receive) -> Receive:

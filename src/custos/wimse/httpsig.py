@@ -48,6 +48,7 @@ from custos.wimse.errors import AudienceError, HttpSignatureError, ReplayError, 
 from custos.wimse.http import HttpMessage
 from custos.wimse.replay import ReplayCache
 from custos.wimse.wit import key_fits_alg
+from custos.wimse.wpt import safe_request_path
 
 WIMSE_TAG = "wimse-workload-to-workload"
 WIT_HEADER = "workload-identity-token"
@@ -683,9 +684,11 @@ class HttpSignatureVerifier:
         now = self.now()
         if created > now + self.leeway:
             raise _fail("signature_not_yet_valid", "created is in the future")
-        if now > expires + self.leeway:
+        # ">=": the replay cache keeps a nonce until exactly expires + leeway, so
+        # at that instant the signature must already be refused.
+        if now >= expires + self.leeway:
             raise _fail("signature_expired", "the signature has expired")
-        if now - created > self.max_age + self.leeway:
+        if now - created >= self.max_age + self.leeway:
             raise _fail("signature_too_old", f"created is more than {self.max_age}s ago")
         return created, expires
 
@@ -735,7 +738,9 @@ class HttpSignatureVerifier:
             raise _fail("wimse_aud_missing", "the request signature has no wimse-aud")
         if type(audience) is not str:
             raise AudienceError("wimse-aud is not a string")
-        path = request.path or "/"
+        # The same refusal of dot segments, encoded slashes and the like as the
+        # WPT path: a target that could be normalised elsewhere fails closed.
+        path = safe_request_path(request.target)
         for configured in self.audiences:
             if audience == configured or audience == configured.rstrip("/") + path:
                 return audience

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from custos.wimse.errors import MalformedRequestError
 from custos.wimse.http import HttpMessage
+from custos.wimse.wpt import VerifiedCaller
 
 if TYPE_CHECKING:
     from custos.bundle import BundleSet
@@ -56,16 +57,32 @@ def _caller_from(result: Any, variant: VariantName) -> Caller:
     )
 
 
+def _wpt_caller(result: VerifiedCaller) -> Caller:
+    """:func:`_caller_from` for the WPT verifier's own result type.
+
+    Its attributes are known, so no ``getattr`` with a default (each a caught
+    AttributeError for the two it lacks) and no isinstance probing; the
+    Caller is the same as the generic path builds.
+    """
+    wit_claims = result.wit_claims
+    return Caller(
+        str(result.subject),
+        str(result.trust_domain),
+        "wpt",
+        wit_claims if type(wit_claims) is MappingProxyType else MappingProxyType(dict(wit_claims)),
+    )
+
+
 def _has_wpt(request: HttpMessage) -> bool:
-    if request.get_all("workload-proof-token"):
+    if request.values_of("workload-proof-token"):
         return True
     return any(
-        v.strip().split(" ", 1)[0].lower() == "wpt" for v in request.get_all("authorization")
+        v.strip().split(" ", 1)[0].lower() == "wpt" for v in request.values_of("authorization")
     )
 
 
 def _has_signature(request: HttpMessage) -> bool:
-    return bool(request.get_all("signature-input") or request.get_all("signature"))
+    return bool(request.values_of("signature-input") or request.values_of("signature"))
 
 
 class RequestVerifier:
@@ -106,7 +123,10 @@ class RequestVerifier:
             raise MalformedRequestError(
                 "the WPT variant is not accepted here", code="variant_not_accepted"
             )
-        return _caller_from(self._wpt.verify(request), "wpt")
+        result = self._wpt.verify(request)
+        if type(result) is VerifiedCaller:
+            return _wpt_caller(result)
+        return _caller_from(result, "wpt")
 
 
 def build_request_verifier(

@@ -36,7 +36,6 @@ import functools
 import hashlib
 import json
 import math
-import re
 import secrets
 import threading
 import time
@@ -89,8 +88,10 @@ DEFAULT_CACHE_SIZE = 4096
 
 #: RFC 7518 section 6 members that only private or symmetric keys carry.
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k", "r", "t")
-_B64URL_FULL = re.compile(r"[A-Za-z0-9_-]*").fullmatch
-_B64URL_PAD = ("", "", "==", "=")
+#: url-safe -> standard alphabet; "+", "/" and "=" become "!", which strict
+#: base64 decoding refuses like any other character outside the alphabet.
+_B64URL_TO_STD = bytes.maketrans(b"-_+/=", b"+/!!!")
+_B64URL_PAD = (b"", b"", b"==", b"=")
 #: The last character of canonical base64url when len % 4 is 2 (4 unused bits)
 #: or 3 (2 unused bits): only characters whose unused bits are zero.
 _B64URL_CANONICAL_LAST = {2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")}
@@ -154,14 +155,18 @@ def b64url_decode_strict(value: str) -> bytes:
     three times per token on every request.
     """
     rem = len(value) % 4
-    # fullmatch, not match + "$": "$" also matches before a trailing newline.
-    if rem == 1 or _B64URL_FULL(value) is None:
+    if rem == 1:
         raise ValueError("not base64url")
     if rem and value[-1] not in _B64URL_CANONICAL_LAST[rem]:
         raise ValueError("non-canonical base64url")
-    # The alphabet was checked above, so translating to standard base64 and
-    # decoding in C is exact (and faster than base64.urlsafe_b64decode).
-    return binascii.a2b_base64(value.replace("-", "+").replace("_", "/") + _B64URL_PAD[rem])
+    # One C pass instead of a regex plus two replaces: the translation turns
+    # the url-safe alphabet into the standard one and every character outside
+    # it ("+", "/", "=") into one that strict mode refuses, as it refuses
+    # whitespace and everything else not in the alphabet; non-ASCII input
+    # fails the encode (UnicodeEncodeError is a ValueError).
+    return binascii.a2b_base64(
+        value.encode("ascii").translate(_B64URL_TO_STD) + _B64URL_PAD[rem], strict_mode=True
+    )
 
 
 def token_hash(token: str) -> str:
@@ -188,11 +193,43 @@ _STRICT_JSON = json.JSONDecoder(
 )
 
 
+# The C scanner behind _STRICT_JSON (set by JSONDecoder.__init__, untyped in typeshed).
+_SCAN_JSON: Callable[[str, int], tuple[Any, int]] = _STRICT_JSON.scan_once  # type: ignore[attr-defined]
+
+
 def json_object_strict(raw: bytes) -> dict[str, Any]:
-    doc = _STRICT_JSON.decode(raw.decode("utf-8"))
+    text = raw.decode("utf-8")
+    doc: object = None
+    if text[:1] == "{":
+        # The decoder's own C scanner, called directly: JSONDecoder.decode
+        # wraps it in Python (whitespace regexes, raw_decode) that costs as
+        # much again for a small token part.  Same scanner, same hooks; any
+        # input it does not consume whole (an error, trailing whitespace or
+        # data) goes through decode() below for decode()'s own verdict.
+        try:
+            doc, end = _SCAN_JSON(text, 0)
+        except StopIteration:
+            end = -1
+        if end != len(text):
+            doc = None
+    if doc is None:
+        doc = _STRICT_JSON.decode(text)
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
     return doc
+
+
+@functools.lru_cache(maxsize=256)
+def _flat_header(part: str) -> dict[str, Any] | None:
+    """The decoded JOSE header ``part`` if all its values are strings, else None.
+
+    A sender's header is the same few bytes on every token (``alg``, ``typ``,
+    ``kid``), so its decode is remembered.  Only flat headers are kept, so the
+    caller's shallow copy shares nothing mutable with the cache; errors are
+    not cached (they raise through lru_cache).
+    """
+    header = json_object_strict(b64url_decode_strict(part))
+    return header if all(type(v) is str for v in header.values()) else None
 
 
 @dataclass(frozen=True)
@@ -221,7 +258,10 @@ def decode_compact(
     if len(parts) != 3:
         raise error(f"{prefix}_malformed", "token is not a compact JWS (three parts)")
     try:
-        header = json_object_strict(b64url_decode_strict(parts[0]))
+        flat = _flat_header(parts[0])
+        header = (
+            dict(flat) if flat is not None else json_object_strict(b64url_decode_strict(parts[0]))
+        )
         claims = json_object_strict(b64url_decode_strict(parts[1]))
         signature = b64url_decode_strict(parts[2])
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -298,17 +338,23 @@ def signature_ok(key: object, alg: str, signing_input: bytes, signature: bytes) 
     joserfc.  ``key_fits_alg`` runs here too, so a key of the wrong type, curve
     or size is refused whatever the caller checked before.
     """
-    if not key_fits_alg(key, alg):
-        return False
     try:
-        if isinstance(key, ec.EllipticCurvePublicKey):
-            half = _EC_SIG_HALF[alg]
-            if len(signature) != 2 * half:
+        half = _EC_SIG_HALF.get(alg)
+        if half is not None:
+            # key_fits_alg for the ECDSA algorithms, inlined: one isinstance
+            # (an ABC check) instead of two on the per-request path.
+            if (
+                not isinstance(key, ec.EllipticCurvePublicKey)
+                or key.curve.name != _EC_CURVES[alg]
+                or len(signature) != 2 * half
+            ):
                 return False
             der = encode_dss_signature(
                 int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big")
             )
             key.verify(der, signing_input, _ECDSA[alg])
+        elif not key_fits_alg(key, alg):
+            return False
         elif isinstance(key, rsa.RSAPublicKey):
             pad = _PKCS1 if alg[0] == "R" else _PSS[alg[2:]]
             key.verify(signature, signing_input, pad, _SHA[alg[2:]])
@@ -719,7 +765,10 @@ class WitVerifier:
 
     A caller sends the same WIT with every request for hours, so a relying
     party that caches it pays for one signature check per request (the proof's)
-    instead of two.  The cache is keyed by the token's SHA-256, bounded (LRU),
+    instead of two.  The cache is keyed by the token itself (a dict lookup
+    compares the whole string: no SHA-256 per request, and no two tokens can
+    share an entry), bounded (LRU; an entry holds at most one token's bytes
+    next to its decoded claims, which are as large),
     and an entry is used only while its WIT is unexpired and the trust bundle
     it was checked against is still the one in force (bundles are immutable and
     a :class:`BundleSet` swaps in new objects, so an identity check sees any
@@ -752,19 +801,24 @@ class WitVerifier:
 
     def verify(self, token: str) -> VerifiedWit:
         now = self.now()
-        key = token_hash(token) if isinstance(token, str) and token.isascii() else None
-        if key is not None and len(token) <= MAX_TOKEN_BYTES:
+        cacheable = (
+            self._max > 0
+            and isinstance(token, str)
+            and token.isascii()
+            and len(token) <= MAX_TOKEN_BYTES
+        )
+        if cacheable:
             with self._lock:
-                hit = self._cache.get(key)
+                hit = self._cache.get(token)
                 if hit is not None:
                     wit, bundle = hit
                     if (
                         now < wit.expires_at + self.leeway
                         and self.bundles.get(wit.trust_domain) is bundle
                     ):
-                        self._cache.move_to_end(key)
+                        self._cache.move_to_end(token)
                         return wit
-                    del self._cache[key]
+                    del self._cache[token]
         wit, bundle = _verify(
             token,
             self.bundles,
@@ -772,12 +826,11 @@ class WitVerifier:
             leeway=self.leeway,
             algorithms=self.algorithms,
             profile=self.profile,
-            wth=key,
         )
-        if self._max and key is not None:
+        if cacheable:
             with self._lock:
-                self._cache[key] = (wit, bundle)
-                self._cache.move_to_end(key)
+                self._cache[token] = (wit, bundle)
+                self._cache.move_to_end(token)
                 while len(self._cache) > self._max:
                     self._cache.popitem(last=False)
         return wit

@@ -88,6 +88,10 @@ _WPT_TYPES = frozenset({"wpt+jwt", "application/wpt+jwt"})
 WIT_HEADER = "Workload-Identity-Token"
 WPT01_HEADER = "Workload-Proof-Token"
 TXN_TOKEN_HEADER = "Txn-Token"  # noqa: S105 - a header name, not a secret
+# The same names folded, for HttpMessage.values_of.
+_WIT_FIELD = WIT_HEADER.lower()
+_WPT01_FIELD = WPT01_HEADER.lower()
+_TXN_TOKEN_FIELD = TXN_TOKEN_HEADER.lower()
 
 DEFAULT_WPT_TTL = 60
 #: An exp further ahead than this (plus leeway) is "unreasonably far in the future".
@@ -414,6 +418,28 @@ def safe_request_path(target: object) -> str:
     return path
 
 
+@functools.lru_cache(maxsize=1024)
+def _safe_path_cached(path: str) -> str:
+    return safe_request_path(path)
+
+
+def _request_path(target: object) -> str:
+    """:func:`safe_request_path`, remembered per path.
+
+    A relying party serves a handful of paths, and the check (a regex, a
+    lowercase copy, five substring scans, a segment walk) cost more than the
+    rest of the audience check.  The verdict depends on the path alone, so
+    the cache is keyed by the path without the query (bounded in size by
+    MAX_AUDIENCE_LENGTH, bounded in number by the LRU); refusals raise
+    through lru_cache and are not cached.
+    """
+    if isinstance(target, str) and target.startswith("/"):
+        path = target.split("?", 1)[0]
+        if len(path) <= MAX_AUDIENCE_LENGTH:
+            return _safe_path_cached(path)
+    return safe_request_path(target)
+
+
 def _parse_authorization(value: str) -> tuple[str | None, str]:
     match = _AUTH_RE.fullmatch(value.strip(" \t"))
     if match is None:
@@ -527,7 +553,7 @@ class WptVerifier:
         )
 
     def _verify_wit(self, request: HttpMessage) -> VerifiedWit:
-        values = request.get_all(WIT_HEADER)
+        values = request.values_of(_WIT_FIELD)
         if not values:
             raise _wit_fail("wit_missing", "request has no Workload-Identity-Token")
         if len(values) != 1:
@@ -536,9 +562,9 @@ class WptVerifier:
 
     def _locate_proof(self, request: HttpMessage) -> tuple[str, Wire, str | None]:
         """(WPT, wire form, bearer access token of a wpt-01 request)."""
-        authorizations = request.get_all("authorization")
+        authorizations = request.values_of("authorization")
         parsed = [_parse_authorization(v) for v in authorizations]
-        wpt01 = request.get_all(WPT01_HEADER)
+        wpt01 = request.values_of(_WPT01_FIELD)
         has_wpt_scheme = any(scheme == "wpt" for scheme, _ in parsed)
         if has_wpt_scheme and wpt01:
             # Accepting either would let an attacker choose which proof is checked.
@@ -576,7 +602,7 @@ class WptVerifier:
         return wpt01[0].strip(" \t"), "wpt-01", access_token
 
     def _check_audience(self, aud: object, request: HttpMessage) -> None:
-        path = safe_request_path(request.target)
+        path = _request_path(request.target)
         # A list-valued aud is refused: one proof, one target.
         if not isinstance(aud, str) or len(aud) > MAX_AUDIENCE_LENGTH:
             raise _fail("wpt_bad_audience", "WPT aud is not a single target URI")
@@ -594,7 +620,7 @@ class WptVerifier:
         return exp
 
     def _check_txn_token(self, claims: Mapping[str, Any], request: HttpMessage) -> None:
-        values = request.get_all(TXN_TOKEN_HEADER)
+        values = request.values_of(_TXN_TOKEN_FIELD)
         tth = claims.get("tth")
         if len(values) > 1:
             raise _fail("wpt_multiple_txn_tokens", "request has more than one Txn-Token")
@@ -614,12 +640,12 @@ class WptVerifier:
             # wpt-02: entries not understood MUST reject; names are lowercase.
             if name not in self.known_other_tokens:
                 raise _fail("wpt_oth_unknown", "WPT oth names a token this endpoint does not know")
-            values = request.get_all(name)
+            values = request.values_of(name)
             if len(values) != 1 or not _hash_matches(_field_value(values[0]), expected):
                 raise _fail("wpt_oth_mismatch", "WPT oth does not match the request's token")
         for name in self.known_other_tokens:
             # A context token the proof does not cover must not reach authorization.
-            if name not in covered and request.get_all(name):
+            if name not in covered and request.values_of(name):
                 raise _fail("wpt_oth_missing", "request has a context token the WPT does not bind")
 
     def _check_ath(self, claims: Mapping[str, Any], wire: Wire, access_token: str | None) -> None:

@@ -93,9 +93,7 @@ def bench_keystores(tpm_tcti: str, key_dir: Path, hsm: object) -> None:
     for _ in range(rounds):
         raw_lat += bench_raw_tpm_sign(tpm_tcti, N_TPM // rounds)
         with TpmKeyStore(tcti=tpm_tcti, key_dir=key_dir) as tstore:
-            store_lat += measure(
-                "", lambda: tstore.sign("bench", msg), N_TPM // rounds
-            ).latencies
+            store_lat += measure("", lambda: tstore.sign("bench", msg), N_TPM // rounds).latencies
     raw_t = Result("raw tpm2-pytss ESAPI sign (swtpm, key loaded)", raw_lat)
     print(row(raw_t))
     print(

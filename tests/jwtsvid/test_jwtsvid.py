@@ -507,7 +507,9 @@ def test_unusable_exp_is_malformed_even_when_signed(exp: float) -> None:
 
     key = ec.generate_private_key(ec.SECP256R1())
     td = TrustDomain.parse("example.org")
-    bundles = BundleSet([TrustBundle(td, (), (JwtAuthority("k1", key.public_key(), None, "ES256"),))])
+    bundles = BundleSet(
+        [TrustBundle(td, (), (JwtAuthority("k1", key.public_key(), None, "ES256"),))]
+    )
     payload = json.dumps({"sub": "spiffe://example.org/w", "aud": "aud", "exp": exp}).encode()
     token = jws.serialize_compact({"alg": "ES256", "kid": "k1"}, payload, ECKey.import_key(key))
     with pytest.raises(JwtMalformedError):

@@ -570,11 +570,28 @@ def test_cli_hostile_bundle_and_clock_give_clear_errors(tmp_path: Path) -> None:
     bundle.write_text(json.dumps({"keys": [{"kty": "EC", "use": ["jwt-svid"]}]}))
     deep = base64.urlsafe_b64encode(b"[" * 5000 + b"]" * 5000).rstrip(b"=").decode()
     verify = custos(
-        "wimse", "verify", "--bundle", str(bundle), "--method", "GET",
-        "--url", "https://a.example/x", "-H", f"Workload-Identity-Token: e30.{deep}.c2ln",
+        "wimse",
+        "verify",
+        "--bundle",
+        str(bundle),
+        "--method",
+        "GET",
+        "--url",
+        "https://a.example/x",
+        "-H",
+        f"Workload-Identity-Token: e30.{deep}.c2ln",
     )
     assert verify.returncode == 1 and "Traceback" not in verify.stderr
     assert json.loads(verify.stdout)["code"] == "wit_malformed"
-    jwt = custos("jwt", "validate", "--bundle", str(bundle), "--audience", "a",
-                 "--now", "1e20", "e30.e30.c2ln")
+    jwt = custos(
+        "jwt",
+        "validate",
+        "--bundle",
+        str(bundle),
+        "--audience",
+        "a",
+        "--now",
+        "1e20",
+        "e30.e30.c2ln",
+    )
     assert jwt.returncode == 2 and "Traceback" not in jwt.stderr and "--now" in jwt.stderr

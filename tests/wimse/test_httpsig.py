@@ -1339,15 +1339,25 @@ def test_http_signature_refuses_path_tricks_like_the_wpt_path(target: str) -> No
     td = TrustDomain.parse("example.org")
     ca_jwk = issuer.public_jwk("ca")
     bundles = BundleSet(
-        [TrustBundle(td, (), (JwtAuthority(ca_jwk["kid"], issuer.public_key("ca"), None, "ES256"),))]
+        [
+            TrustBundle(
+                td, (), (JwtAuthority(ca_jwk["kid"], issuer.public_key("ca"), None, "ES256"),)
+            )
+        ]
     )
     wit = mint_wit(
-        joserfc_key(issuer.get("ca")), "ES256", ca_jwk["kid"],
-        SpiffeId.parse("spiffe://example.org/w"), workload.public_jwk("w"), timedelta(hours=1),
+        joserfc_key(issuer.get("ca")),
+        "ES256",
+        ca_jwk["kid"],
+        SpiffeId.parse("spiffe://example.org/w"),
+        workload.public_jwk("w"),
+        timedelta(hours=1),
     )
     origin = "https://api.example.org"
     signed = sign_request(
-        HttpMessage.request("GET", target), signer=workload.get("w"), wit=wit,
+        HttpMessage.request("GET", target),
+        signer=workload.get("w"),
+        wit=wit,
         audience=origin + target.split("?")[0],
     )
     verifier = HttpSignatureVerifier(WitVerifier(bundles), MemoryReplayCache(), [origin])
@@ -1365,25 +1375,40 @@ def test_replay_at_the_exact_end_of_the_window_is_refused() -> None:
     td = TrustDomain.parse("example.org")
     ca_jwk = issuer.public_jwk("ca")
     bundles = BundleSet(
-        [TrustBundle(td, (), (JwtAuthority(ca_jwk["kid"], issuer.public_key("ca"), None, "ES256"),))]
+        [
+            TrustBundle(
+                td, (), (JwtAuthority(ca_jwk["kid"], issuer.public_key("ca"), None, "ES256"),)
+            )
+        ]
     )
     wit = mint_wit(
-        joserfc_key(issuer.get("ca")), "ES256", ca_jwk["kid"],
-        SpiffeId.parse("spiffe://example.org/w"), workload.public_jwk("w"), timedelta(hours=1),
+        joserfc_key(issuer.get("ca")),
+        "ES256",
+        ca_jwk["kid"],
+        SpiffeId.parse("spiffe://example.org/w"),
+        workload.public_jwk("w"),
+        timedelta(hours=1),
     )
     origin = "https://api.example.org"
     import time
 
     created = int(time.time())
     signed = sign_request(
-        HttpMessage.request("GET", "/pay"), signer=workload.get("w"), wit=wit,
-        audience=origin + "/pay", created=created, ttl=20,
+        HttpMessage.request("GET", "/pay"),
+        signer=workload.get("w"),
+        wit=wit,
+        audience=origin + "/pay",
+        created=created,
+        ttl=20,
     )
     clock = {"now": float(created + 10)}
     cache = MemoryReplayCache(clock=lambda: clock["now"])
     verifier = HttpSignatureVerifier(
-        WitVerifier(bundles, now=lambda: clock["now"]), cache, [origin],
-        now=lambda: clock["now"], leeway=60,
+        WitVerifier(bundles, now=lambda: clock["now"]),
+        cache,
+        [origin],
+        now=lambda: clock["now"],
+        leeway=60,
     )
     verifier.verify_request(signed)
     clock["now"] = float(created + 20 + 60)  # exactly expires + leeway

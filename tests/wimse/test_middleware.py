@@ -626,3 +626,32 @@ def test_replay_to_another_replica_is_refused_with_redis(
     got = b.get("/pay", headers=signed_headers(web, "GET", f"{ORIGIN}/pay"))
     assert_problem(got, 503, "replay_cache_unavailable")
     assert calls.n == 2
+
+
+def test_non_ascii_digit_content_length_is_malformed_not_a_crash() -> None:
+    """str.isdigit() accepts "²" (latin-1 0xB2), which int() refuses."""
+    import io
+
+    from custos.wimse.asgi import declared_length
+    from custos.wimse.wsgi import WimseWSGIMiddleware
+
+    assert declared_length([("content-length", "²")]) is None
+    assert declared_length([("content-length", "12")]) == 12
+
+    def app(environ, start_response):  # type: ignore[no-untyped-def]
+        raise AssertionError("the app must not be called")
+
+    class NeverVerifier:
+        def verify(self, request):  # type: ignore[no-untyped-def]
+            raise AssertionError("must be refused before verification")
+
+    statuses: list[str] = []
+    mw = WimseWSGIMiddleware(app, NeverVerifier())  # type: ignore[arg-type]
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/pay",
+        "CONTENT_LENGTH": "²",
+        "wsgi.input": io.BytesIO(b"xx"),
+    }
+    body = b"".join(mw(environ, lambda status, headers: statuses.append(status)))
+    assert statuses[0].startswith("400") and b"malformed_request" in body

@@ -767,3 +767,80 @@ def test_property_wit_parser_only_raises_wimse_errors(token: str) -> None:
         verify_wit(token, draft_bundles(), now=NOW)
     with pytest.raises(WimseError):
         parse_wit_unverified(token)
+
+
+# -- review findings: hostile cnf keys are refused with a code, never a crash -----
+
+_jwk_members = st.dictionaries(
+    st.sampled_from(["kty", "crv", "x", "y", "n", "e", "alg", "d", "use"]),
+    st.one_of(
+        st.sampled_from(
+            [
+                "OKP",
+                "EC",
+                "RSA",
+                "oct",
+                "Ed25519",
+                "Ed448",
+                "P-256",
+                "P-999",
+                "foo",
+                "ES256",
+                "EdDSA",
+                "AQAB",
+                "1CXXvflN_LVVsIsYXsUvB03JmlGWeCHqQVuouCF92bg",
+            ]
+        ),
+        st.text(max_size=8),
+        st.integers(),
+        st.none(),
+        st.lists(st.text(max_size=3), max_size=2),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(cnf=st.one_of(st.fixed_dictionaries({"jwk": _jwk_members}), _jwk_members, st.text()))
+def test_property_hostile_cnf_only_raises_wimse_errors(cnf: object) -> None:
+    import base64
+    import json
+
+    from custos.wimse.errors import WimseError
+    from custos.wimse.wit import parse_wit_unverified
+
+    def b64(obj: object) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    header = {"alg": "ES256", "kid": "k", "typ": "wit+jwt"}
+    claims = {"sub": "wimse://example.com/w", "exp": 2_000_000_000, "iat": 1, "cnf": cnf}
+    token = f"{b64(header)}.{b64(claims)}.{'A' * 86}"
+    try:
+        parse_wit_unverified(token)
+    except WimseError:
+        pass
+
+
+def test_okp_cnf_with_a_non_edwards_curve_is_bad_cnf() -> None:
+    import base64
+    import json
+
+    from custos.wimse.errors import WitError
+    from custos.wimse.wit import parse_wit_unverified
+
+    def b64(obj: object) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    cnf = {
+        "jwk": {
+            "kty": "OKP",
+            "crv": "P-256",
+            "x": "1CXXvflN_LVVsIsYXsUvB03JmlGWeCHqQVuouCF92bg",
+            "alg": "EdDSA",
+        }
+    }
+    claims = {"sub": "wimse://example.com/w", "exp": 2_000_000_000, "iat": 1, "cnf": cnf}
+    token = f"{b64({'alg': 'ES256', 'kid': 'k', 'typ': 'wit+jwt'})}.{b64(claims)}.{'A' * 86}"
+    with pytest.raises(WitError) as exc:
+        parse_wit_unverified(token)
+    assert exc.value.code == "wit_bad_cnf"

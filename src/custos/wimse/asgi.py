@@ -72,7 +72,8 @@ def declared_length(headers: Iterable[tuple[str, str]]) -> int | None:
     if len(values) != 1:
         return None
     value = values.pop()
-    return int(value) if value.isdigit() else None
+    # isascii(): str.isdigit() also accepts digits like "²" that int() refuses.
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 class WimseASGIMiddleware:

@@ -459,7 +459,8 @@ def _import_cnf_jwk(
         # Only the key's own members go to joserfc: it would also interpret
         # "use"/"key_ops", which are not ours to enforce here.
         key = _import_public_jwk(public)
-    except (JoseError, ValueError, TypeError) as e:
+    except (JoseError, ValueError, TypeError, KeyError) as e:
+        # KeyError: joserfc looks an unknown "crv" up in a dict (e.g. OKP "P-256").
         raise _fail("wit_bad_cnf", "cnf.jwk is not a valid public key") from e
     if not key_fits_alg(key.public_key, alg):
         raise _fail("wit_bad_cnf_alg", "cnf.jwk alg does not fit the key type")

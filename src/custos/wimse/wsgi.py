@@ -79,7 +79,7 @@ class WimseWSGIMiddleware:
         stream = environ["wsgi.input"]
         declared = environ.get("CONTENT_LENGTH") or ""
         if declared:
-            if not declared.isdigit():
+            if not (declared.isascii() and declared.isdigit()):  # "²" is a digit to isdigit()
                 raise MalformedRequestError("bad Content-Length")
             length = int(declared)
             if length > self.max_body:

@@ -1325,14 +1325,8 @@ def test_replay_entry_is_per_subject_and_bounded_by_max_age(
 # -- review findings: path tricks and the replay window edge ---------------------
 
 
-@pytest.mark.parametrize(
-    "target",
-    ["/pay/../admin", "/pay/%2e%2e/admin", "/pay%2Fadmin", "//admin", "/pay/./x", "/a\\b"],
-)
-def test_http_signature_refuses_path_tricks_like_the_wpt_path(target: str) -> None:
-    """A signature over a target that could be normalised into another path fails closed."""
-    from custos.wimse.errors import MalformedRequestError
-
+def _example_org_caller() -> tuple[MemoryKeyStore, BundleSet, str]:
+    """A workload key, the bundle of its issuer, and a WIT binding them (ES256)."""
     issuer, workload = MemoryKeyStore(), MemoryKeyStore()
     issuer.create("ca", "ES256")
     workload.create("w", "ES256")
@@ -1353,6 +1347,18 @@ def test_http_signature_refuses_path_tricks_like_the_wpt_path(target: str) -> No
         workload.public_jwk("w"),
         timedelta(hours=1),
     )
+    return workload, bundles, wit
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/pay/../admin", "/pay/%2e%2e/admin", "/pay%2Fadmin", "//admin", "/pay/./x", "/a\\b"],
+)
+def test_http_signature_refuses_path_tricks_like_the_wpt_path(target: str) -> None:
+    """A signature over a target that could be normalised into another path fails closed."""
+    from custos.wimse.errors import MalformedRequestError
+
+    workload, bundles, wit = _example_org_caller()
     origin = "https://api.example.org"
     signed = sign_request(
         HttpMessage.request("GET", target),
@@ -1369,26 +1375,7 @@ def test_http_signature_refuses_path_tricks_like_the_wpt_path(target: str) -> No
 def test_replay_at_the_exact_end_of_the_window_is_refused() -> None:
     """The cache keeps a nonce until expires + leeway; at that instant the
     signature itself must already be refused, or the replay slips through."""
-    issuer, workload = MemoryKeyStore(), MemoryKeyStore()
-    issuer.create("ca", "ES256")
-    workload.create("w", "ES256")
-    td = TrustDomain.parse("example.org")
-    ca_jwk = issuer.public_jwk("ca")
-    bundles = BundleSet(
-        [
-            TrustBundle(
-                td, (), (JwtAuthority(ca_jwk["kid"], issuer.public_key("ca"), None, "ES256"),)
-            )
-        ]
-    )
-    wit = mint_wit(
-        joserfc_key(issuer.get("ca")),
-        "ES256",
-        ca_jwk["kid"],
-        SpiffeId.parse("spiffe://example.org/w"),
-        workload.public_jwk("w"),
-        timedelta(hours=1),
-    )
+    workload, bundles, wit = _example_org_caller()
     origin = "https://api.example.org"
     import time
 

@@ -34,7 +34,7 @@ def bench_keystores(tpm_tcti: str, key_dir: Path, hsm: object) -> None:
     from raw_pkcs11 import bench_raw_pkcs11_sign
     from raw_tpm import bench_raw_tpm_sign
 
-    from custos.keys import MemoryKeyStore
+    from custos.keys import ExportableKeyStore, MemoryKeyStore
     from custos.keys.pkcs11 import Pkcs11KeyStore
     from custos.keys.tpm import TpmKeyStore
 
@@ -57,6 +57,18 @@ def bench_keystores(tpm_tcti: str, key_dir: Path, hsm: object) -> None:
             note="vs in-process",
         )
     )
+
+    exp = ExportableKeyStore(key_dir / "exportable")
+    exp.create("b", "ES256")
+    print(
+        row(
+            measure("custos exportable store (key on disk)", lambda: exp.sign("b", msg), N_FAST),
+            inproc,
+            note="vs in-process",
+        )
+    )
+    exp.delete("b")
+    exp.close()
 
     # Raw and store are measured in alternating rounds so that load from other
     # processes on this shared machine hits both alike.

@@ -90,7 +90,7 @@ def main() -> int:
     tpm = tpm_rig.start_instance(state.root)
     show("TCTI", tpm.tcti)
     info = tpm_info(tpm.tcti)
-    for key in ("manufacturer", "firmware", "pcr_banks"):
+    for key in ("manufacturer", "firmware_version", "pcr_banks"):
         if key in info:
             show(key, info[key])
     for key in sorted(k for k in info if k.startswith("ek")):

@@ -203,14 +203,15 @@ def _jwt_entry(**overrides: Any) -> dict[str, Any]:
         ("{}", "no 'keys' list"),
         ('{"keys": {}}', "no 'keys' list"),
         ('{"keys": ["x"]}', "not a JSON object"),
-        ('{"keys": [], "spiffe_sequence": -1}', "non-negative integer"),
-        ('{"keys": [], "spiffe_sequence": true}', "non-negative integer"),
-        ('{"keys": [], "spiffe_refresh_hint": "60"}', "non-negative integer"),
+        ('{"keys": [], "spiffe_sequence": -1}', "must be an integer in 0"),
+        ('{"keys": [], "spiffe_sequence": true}', "must be an integer in 0"),
+        ('{"keys": [], "spiffe_refresh_hint": "60"}', "must be an integer in 0"),
+        ('{"keys": [], "spiffe_sequence": 18446744073709551616}', "must be an integer in 0"),
         (json.dumps({"keys": [_jwt_entry(kid=None)]}), "needs a non-empty 'kid'"),
         (json.dumps({"keys": [_jwt_entry(kid="")]}), "needs a non-empty 'kid'"),
         (json.dumps({"keys": [_jwt_entry(use=5)]}), "'use' must be a string"),
         (json.dumps({"keys": [_jwt_entry(alg=5)]}), "'alg' must be a string"),
-        (json.dumps({"keys": [_jwt_entry(kty="XYZ")]}), "unsupported key type"),
+        (json.dumps({"keys": [_jwt_entry(kty=None)]}), "needs a 'kty'"),
         (json.dumps({"keys": [_jwt_entry(y=None)]}), "'y' is missing"),
         (json.dumps({"keys": [_jwt_entry(x=7)]}), "'x' is missing or not a string"),
         (json.dumps({"keys": [_jwt_entry(crv="P-999")]}), "invalid EC key"),
@@ -334,3 +335,28 @@ def test_bundle_set() -> None:
     assert OTHER not in bundles
     with pytest.raises(BundleError):
         bundles.add("not a bundle")  # type: ignore[arg-type]
+
+
+def test_unknown_key_type_entries_are_ignored() -> None:
+    # SPIFFE bundle 4.2.1 / RFC 7517 5: a key type the client does not
+    # understand is skipped, and the rest of the bundle still loads.
+    doc = {
+        "keys": [
+            {"kty": "AKP", "use": "jwt-svid", "kid": "pq", "alg": "ML-DSA-44", "pub": "AAAA"},
+            _jwt_entry(),
+        ]
+    }
+    for parse in (TrustBundle.from_spiffe_json, TrustBundle.from_jwks):
+        bundle = parse(TD, json.dumps(doc))
+        assert [a.kid for a in bundle.jwt_authorities] == [_jwt_entry()["kid"]]
+
+
+def test_symmetric_keys_are_still_refused() -> None:
+    # The secret member is refused as private material; without it, the
+    # symmetric key type itself is refused.
+    doc = {"keys": [{"kty": "oct", "use": "jwt-svid", "kid": "h", "k": "c2VjcmV0"}]}
+    with pytest.raises(BundleError, match="private key material"):
+        TrustBundle.from_spiffe_json(TD, json.dumps(doc))
+    doc = {"keys": [{"kty": "oct", "use": "jwt-svid", "kid": "h"}]}
+    with pytest.raises(BundleError, match="symmetric"):
+        TrustBundle.from_spiffe_json(TD, json.dumps(doc))

@@ -45,7 +45,7 @@ SUB = SpiffeId.parse("spiffe://example.org/ns/prod/sa/web")
 AUD = "spiffe://example.org/api"
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 TTL = timedelta(minutes=5)
-ALGS = ["ES256", "ES384", "RS256", "PS256", "EdDSA"]
+ALGS = ["ES256", "ES384", "RS256", "PS256"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,7 @@ def store() -> Iterator[MemoryKeyStore]:
     s = MemoryKeyStore()
     for alg in ALGS:
         s.create(alg.lower(), alg)
+    s.create("eddsa", "EdDSA")
     s.create("other", "ES256")
     s.create("wit", "ES256")
     yield s
@@ -65,6 +66,7 @@ def bundles(store: MemoryKeyStore) -> BundleSet:
         JwtAuthority(alg.lower(), store.public_key(alg.lower()), use="jwt-svid") for alg in ALGS
     ]  # type: ignore[arg-type]
     auths.append(JwtAuthority("wit", store.public_key("wit"), use="wit-svid"))  # type: ignore[arg-type]
+    auths.append(JwtAuthority("eddsa", store.public_key("eddsa"), use="jwt-svid"))  # type: ignore[arg-type]
     return BundleSet(
         [
             TrustBundle(TD, jwt_authorities=tuple(auths)),
@@ -176,7 +178,7 @@ def test_mint_with_key_that_does_not_fit_alg(store: MemoryKeyStore) -> None:
 
 
 def test_pyjwt_and_jwcrypto_verify_our_tokens(store: MemoryKeyStore) -> None:
-    for alg in ("ES256", "RS256", "PS256", "EdDSA"):
+    for alg in ("ES256", "RS256", "PS256"):
         token = mint(store, alg.lower(), alg, now=datetime.now(UTC))
         public = store.public_key(alg.lower())
         claims = pyjwt.decode(token, public, algorithms=[alg], audience=AUD)  # type: ignore[arg-type]
@@ -245,10 +247,18 @@ def test_alg_outside_callers_allowlist(store: MemoryKeyStore, bundles: BundleSet
     token = mint(store, "rs256", "RS256")
     with pytest.raises(JwtBadAlgorithmError):
         check(token, bundles, algorithms=("ES256",))
-    # EdDSA only when listed (joserfc marks it deprecated; we never add it silently)
-    ed = mint(store, "eddsa", "EdDSA")
+
+
+def test_eddsa_is_not_a_jwt_svid_algorithm(store: MemoryKeyStore, bundles: BundleSet) -> None:
+    # JWT-SVID 2.1: alg is one of RFC 7518 3.3-3.5 (RS/ES/PS); others MUST be
+    # rejected. An EdDSA token signed by a key the bundle does hold still fails.
+    with pytest.raises(ValueError, match="not allowed"):
+        mint(store, "eddsa", "EdDSA")
+    ed = sign_with_store(store, "eddsa", {"alg": "EdDSA", "kid": "eddsa"}, good_claims())
     with pytest.raises(JwtBadAlgorithmError):
-        check(ed, bundles, algorithms=("ES256", "RS256"))
+        check(ed, bundles)
+    with pytest.raises(ValueError, match="not allowed"):
+        check(ed, bundles, algorithms=("EdDSA",))
 
 
 def test_alg_that_does_not_fit_the_key(store: MemoryKeyStore, bundles: BundleSet) -> None:
@@ -514,3 +524,17 @@ def test_unusable_exp_is_malformed_even_when_signed(exp: float) -> None:
     token = jws.serialize_compact({"alg": "ES256", "kid": "k1"}, payload, ECKey.import_key(key))
     with pytest.raises(JwtMalformedError):
         validate_jwt_svid(token, "aud", bundles)
+
+
+def test_trust_domain_id_is_not_a_workload_subject(
+    store: MemoryKeyStore, bundles: BundleSet
+) -> None:
+    # Attack: a token whose sub is the bare trust domain would match policies
+    # written for "any member of example.org" without naming any workload.
+    token = sign_with_store(
+        store, "es256", {"alg": "ES256", "kid": "es256"}, good_claims(sub="spiffe://example.org")
+    )
+    with pytest.raises(JwtBadSubjectError):
+        check(token, bundles)
+    with pytest.raises(ValueError, match="needs a path"):
+        mint(store, spiffe_id=SpiffeId.parse("spiffe://example.org"))

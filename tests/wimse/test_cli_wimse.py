@@ -595,3 +595,37 @@ def test_cli_hostile_bundle_and_clock_give_clear_errors(tmp_path: Path) -> None:
         "e30.e30.c2ln",
     )
     assert jwt.returncode == 2 and "Traceback" not in jwt.stderr and "--now" in jwt.stderr
+
+
+# -- the operator's own input: problem JSON on stdout, the detail on stderr -------
+
+
+@pytest.mark.parametrize(
+    ("content", "trust_domain", "code"),
+    [
+        ("not json", "example.org", "bundle_unreadable"),
+        ("[1]", "example.org", "bundle_invalid"),
+        ('{"keys": [{"kty": "oct", "kid": "h"}]}', "example.org", "bundle_invalid"),
+        ('{"keys": []}', "Example.org", "trust_domain_invalid"),
+        # without --trust-domain: the bundle is read after the token's sub is peeked
+        ("not json", None, "bundle_unreadable"),
+    ],
+)
+def test_cli_unusable_bundle_or_trust_domain_gives_problem_json(
+    tmp_path: Path, content: str, trust_domain: str | None, code: str
+) -> None:
+    bundle = tmp_path / "bundle.json"
+    bundle.write_text(content)
+    wit_payload = base64.urlsafe_b64encode(b'{"sub":"spiffe://example.org/w"}').rstrip(b"=")
+    args = ["wimse", "verify", "--bundle", str(bundle), "--method", "GET"]
+    wit_header = f"Workload-Identity-Token: e30.{wit_payload.decode()}.c2ln"
+    args += ["--url", "https://a.example/x", "-H", wit_header]
+    if trust_domain is not None:
+        args += ["--trust-domain", trust_domain]
+    result = custos(*args)
+    assert problem_of(result)["code"] == code
+    assert "Traceback" not in result.stderr and result.stderr.startswith("error: ")
+    jwt = ["jwt", "validate", "--bundle", str(bundle), "--audience", "a"]
+    jwt += ["--trust-domain", trust_domain] if trust_domain is not None else []
+    jwt.append(f"e30.{wit_payload.decode()}.c2ln")
+    assert problem_of(custos(*jwt))["code"] == code

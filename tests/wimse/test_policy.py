@@ -76,3 +76,63 @@ def test_problem_json_reveals_only_the_code() -> None:
     assert ("content-type", "application/problem+json") in problem.headers()
     forbidden = Problem.from_error(PolicyError("x"))
     assert forbidden.status == 403 and all(h[0] != "www-authenticate" for h in forbidden.headers())
+
+
+# -- policy configuration is validated when built ---------------------------------
+
+from custos.wimse.policy import PolicyConfigError  # noqa: E402
+
+
+def test_single_string_instead_of_list_is_refused() -> None:
+    # Attack: iterating "spiffe://example.org/ns/shop/*" yields a "*" pattern,
+    # which would admit every authenticated caller on /pay.
+    with pytest.raises(PolicyConfigError, match="list of patterns"):
+        CallerPolicy.from_mapping({"/pay": "spiffe://example.org/ns/shop/*"})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "spiffe://Example.org",  # trust domains are lowercase
+        "spiffe://example.org/",  # trailing slash
+        "example.org",  # no scheme
+        "spiffe://example.org/ns/*/x",  # a wildcard in the middle
+        "spiffe://example.org/ns*",  # a glob that is not a segment wildcard
+        "**",
+        "",
+        "https://example.org/x",
+        "spiffe://example.org/a//b",
+    ],
+)
+def test_unusable_caller_patterns_are_refused(pattern: str) -> None:
+    with pytest.raises(PolicyConfigError):
+        CallerPolicy.from_mapping({"/pay": [pattern]})
+
+
+@pytest.mark.parametrize("route", ["pay", "", "/a/../b", "/pay?x=1", "/pay#f"])
+def test_unusable_routes_are_refused(route: str) -> None:
+    with pytest.raises(PolicyConfigError):
+        CallerPolicy.from_mapping({route: ["*"]})
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "*",
+        "spiffe://example.org",
+        "spiffe://example.org/*",
+        "spiffe://example.org/ns/shop/*",
+        "wimse://example.org",
+        "wimse://example.org/*",
+        "wimse://example.org/svc~a",
+    ],
+)
+def test_usable_caller_patterns_are_accepted(pattern: str) -> None:
+    CallerPolicy.from_mapping({"/pay": [pattern]})
+
+
+def test_trust_domain_wildcard_admits_members_only() -> None:
+    policy = CallerPolicy.from_mapping({"/": ["spiffe://example.org/*"]})
+    policy.check("spiffe://example.org/a", "/x")
+    with pytest.raises(PolicyError):
+        policy.check("spiffe://example.org.evil/a", "/x")

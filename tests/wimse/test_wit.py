@@ -844,3 +844,49 @@ def test_okp_cnf_with_a_non_edwards_curve_is_bad_cnf() -> None:
     with pytest.raises(WitError) as exc:
         parse_wit_unverified(token)
     assert exc.value.code == "wit_bad_cnf"
+
+
+def test_mint_refuses_sub_second_ttl(issuer_store: MemoryKeyStore) -> None:
+    # int(0.5 s) would give exp == iat: a token dead on arrival.
+    with pytest.raises(WitMintError, match="at least one second"):
+        mint_wit(
+            joserfc_key(issuer_store.get("issuer-es256")),
+            "ES256",
+            "issuer-es256",
+            SUBJECT,
+            issuer_store.public_jwk("workload"),
+            timedelta(milliseconds=500),
+            now=NOW,
+        )
+
+
+def test_request_verifier_can_hold_wits_to_the_spiffe_profile(
+    issuer_store: MemoryKeyStore,
+) -> None:
+    from custos.wimse.http import HttpMessage
+    from custos.wimse.verifier import build_request_verifier
+
+    wimse_subject = WimseId.parse("wimse://example.com/w")
+    token = mint_wit(
+        joserfc_key(issuer_store.get("issuer-es256")),
+        "ES256",
+        "issuer-es256",
+        wimse_subject,
+        issuer_store.public_jwk("workload"),
+        timedelta(hours=1),
+        now=NOW,
+    )
+    request = HttpMessage.request(
+        "GET", "/x", [("Workload-Identity-Token", token), ("Authorization", "WPT e30.e30.c2ln")]
+    )
+    bundles = store_bundles(issuer_store)
+    # WIMSE profile: the WIT passes, the (junk) proof is what fails.
+    with pytest.raises(WimseError) as wimse_info:
+        build_request_verifier(bundles, ["https://rp.example"], now=NOW).verify(request)
+    assert wimse_info.value.code.startswith("wpt_")
+    # SPIFFE profile: a wimse:// subject is refused at the WIT, before the proof.
+    with pytest.raises(WitError) as spiffe_info:
+        build_request_verifier(
+            bundles, ["https://rp.example"], now=NOW, wit_profile="spiffe"
+        ).verify(request)
+    assert spiffe_info.value.code in {"wit_profile_violation", "wit_bad_sub"}

@@ -141,8 +141,10 @@ def _check_uint(value: object, what: str) -> int | None:
     if value is None:
         return None
     # bool is an int in Python; JSON true is not a number.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BundleError(f"{what} must be a non-negative integer, got {value!r:.40}")
+    # Upper bound: SPIRE and go-spiffe hold both fields in 64 bits; a larger
+    # value would be read differently (or refused) by every other consumer.
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        raise BundleError(f"{what} must be an integer in 0..2^64-1, got {value!r:.40}")
     return value
 
 
@@ -385,6 +387,15 @@ def _parse(
         if spiffe and use not in (USE_JWT_SVID, USE_WIT_SVID):
             continue  # spec 4.2.2: unknown `use` values MUST be ignored
         if not spiffe and use == "enc":
+            continue
+        kty = entry.get("kty")
+        if not isinstance(kty, str) or not kty:
+            raise BundleError(f"{where}: a key needs a 'kty'")
+        if kty != "oct" and kty not in _KEY_MEMBERS:
+            # SPIFFE bundle spec 4.2.1 (and RFC 7517 section 5): an entry whose
+            # key type is not understood is ignored, not fatal, so a peer that
+            # starts publishing a new key type does not break federation.
+            # Symmetric keys stay an error (_key_from_jwk): they never belong here.
             continue
         kid = entry.get("kid")
         if not isinstance(kid, str) or not kid:

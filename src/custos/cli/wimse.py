@@ -54,15 +54,18 @@ def _load_bundle(path: Path, trust_domain: str) -> BundleSet:
     """A BundleSet holding the file's keys for ``trust_domain``. A file that
     looks like a SPIFFE bundle (sequence, refresh hint or SPIFFE ``use``
     values) is read as one; anything else as a plain JWKS."""
-    from custos.bundle import BundleSet, TrustBundle
-    from custos.identity import TrustDomain
+    from custos.bundle import BundleError, BundleSet, TrustBundle
+    from custos.identity import InvalidIdentifierError, TrustDomain
 
     try:
         td = TrustDomain.parse(trust_domain)
+    except InvalidIdentifierError as e:
+        raise _InputError(f"--trust-domain: {e.message}", code="trust_domain_invalid") from e
+    try:
         data = path.read_bytes()
         doc = json.loads(data)
         if not isinstance(doc, dict):
-            raise click.ClickException(f"{path}: not a JSON object")
+            raise _InputError(f"{path}: not a JSON object", code="bundle_invalid")
         entries = doc.get("keys")
         uses = (
             {e.get("use") for e in entries if isinstance(e, dict) and isinstance(e.get("use"), str)}
@@ -78,17 +81,29 @@ def _load_bundle(path: Path, trust_domain: str) -> BundleSet:
             bundle = TrustBundle.from_spiffe_json(td, data)
         else:
             bundle = TrustBundle.from_jwks(td, data)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(f"cannot read bundle {path}: {e}") from e
-    except CustosError as e:
-        raise click.ClickException(f"unusable bundle {path} [{e.code}]: {e.message}") from e
+    except (OSError, ValueError, RecursionError) as e:
+        raise _InputError(f"cannot read bundle {path}: {e}", code="bundle_unreadable") from e
+    except BundleError as e:
+        raise _InputError(f"unusable bundle {path}: {e.message}", code="bundle_invalid") from e
     return BundleSet([bundle])
+
+
+class _InputError(CustosError):
+    """The operator's own input (bundle file, --trust-domain) is unusable.
+
+    Reported like a refused request (problem JSON on stdout, exit 1) so that a
+    script reading stdout always gets JSON; the detail, which concerns only
+    the operator's files, goes to stderr.
+    """
 
 
 def _problem_exit(err: CustosError) -> NoReturn:
     """Print the RFC 9457 problem JSON for ``err`` (the code, nothing more) and exit 1."""
     from custos.wimse.errors import WimseError
     from custos.wimse.problem import Problem
+
+    if isinstance(err, _InputError):
+        click.echo(f"error: {err.message}", err=True)
 
     status = err.status if isinstance(err, WimseError) else 400
     body = json.loads(Problem(status, err.code).body())
@@ -107,7 +122,8 @@ def wimse() -> None:
     "bundle_path",
     required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="JWKS or SPIFFE bundle file with the WIT signing keys",
+    help="JWKS or SPIFFE bundle file with the WIT signing keys (each with no 'use' or "
+    "'use': 'wit-svid'; a key marked 'sig' or for another credential is refused)",
 )
 @click.option(
     "--trust-domain", default=None, help=f"trust domain the bundle belongs to. {_DEBUG_TRUST_NOTE}"
@@ -164,8 +180,8 @@ def verify(
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     origin = audience or f"{parts.scheme}://{parts.netloc}"
     request = HttpMessage.request(method, target, parsed, body_file.read() if body_file else None)
-    bundles = _load_bundle(bundle_path, trust_domain) if trust_domain else None
     try:
+        bundles = _load_bundle(bundle_path, trust_domain) if trust_domain else None
         if bundles is None:
             wit = request.get("workload-identity-token")
             if wit is None:
@@ -285,8 +301,8 @@ def validate(
         when = datetime.fromtimestamp(now, tz=UTC) if now is not None else None
     except (OverflowError, ValueError, OSError) as e:
         raise click.BadParameter("not a usable epoch time", param_hint="--now") from e
-    bundles = _load_bundle(bundle_path, trust_domain) if trust_domain else None
     try:
+        bundles = _load_bundle(bundle_path, trust_domain) if trust_domain else None
         if bundles is None:
             bundles = _load_bundle(bundle_path, _trust_domain_of(_peek_subject(token)))
         svid = validate_jwt_svid(token, audience, bundles, now=when)

@@ -62,9 +62,11 @@ from custos.jwtsvid.errors import (
 )
 from custos.keys.jose import JoseKey
 
-#: Every algorithm the JWT-SVID spec allows; all asymmetric.
+#: Every algorithm the JWT-SVID spec allows (section 2.1: RFC 7518 sections 3.3-3.5,
+#: that is RS*, ES* and PS*; any other ``alg`` MUST be rejected). EdDSA is not
+#: among them, so it is refused on both sides even where WITs allow it.
 ASYMMETRIC_ALGORITHMS = frozenset(
-    {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"}
+    {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
 )
 DEFAULT_ALGORITHMS: tuple[str, ...] = (
     "ES256",
@@ -76,7 +78,6 @@ DEFAULT_ALGORITHMS: tuple[str, ...] = (
     "PS256",
     "PS384",
     "PS512",
-    "EdDSA",
 )
 DEFAULT_LEEWAY = timedelta(seconds=30)
 #: A JWT-SVID is a few hundred bytes; bound what we parse from a caller.
@@ -153,6 +154,8 @@ def mint_jwt_svid(
         raise ValueError("kid must be a non-empty string")
     if not isinstance(spiffe_id, SpiffeId):
         raise ValueError(f"spiffe_id must be a SpiffeId, not {type(spiffe_id).__name__}")
+    if not spiffe_id.path:
+        raise ValueError("a JWT-SVID names a workload: spiffe_id needs a path")
     aud = _audience_list(audience)
     if ttl <= timedelta(0):
         raise ValueError("ttl must be positive")
@@ -268,6 +271,11 @@ def validate_jwt_svid(
         spiffe_id = SpiffeId.parse(sub)
     except InvalidIdentifierError as e:
         raise JwtBadSubjectError(f"'sub' is not a SPIFFE ID: {e.message}") from e
+    if not spiffe_id.path:
+        # The trust domain's own ID names no workload (JWT-SVID 3: sub is the
+        # workload's SPIFFE ID); accepting it would let a token for "the
+        # domain" pass policies written for members of the domain.
+        raise JwtBadSubjectError("'sub' is a trust domain ID, not a workload's SPIFFE ID")
     bundle = bundles.get(spiffe_id.trust_domain)
     if bundle is None:
         raise JwtUntrustedDomainError(

@@ -10,8 +10,10 @@ Fixtures:
   :class:`custos.testing.softhsm.SoftHSMToken` (``module``, ``token_label``, ``pin``...).
 
 With ``--custos-docker`` (and pytest-docker plus a Docker engine) swtpm runs
-from ``swtpm/docker-compose.yml`` instead of as a local process (the
-``docker_compose_file`` fixture names the file; override it in your conftest).
+from ``swtpm/docker-compose.yml`` instead of as a local process: the
+``custos_swtpm_compose_file`` fixture names the file, and your conftest points
+pytest-docker's ``docker_compose_file`` at it (the plugin does not define that
+fixture, so it never replaces a project's own compose file).
 That path is not exercised in custos' own CI: its machines run no Docker engine.
 """
 
@@ -21,7 +23,7 @@ import pytest
 
 from custos.testing.softhsm import softhsm  # noqa: F401  (fixture re-export)
 from custos.testing.swtpm import (  # noqa: F401  (fixture re-export)
-    docker_compose_file,
+    custos_swtpm_compose_file,
     swtpm,
     swtpm_factory,
 )

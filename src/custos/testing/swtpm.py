@@ -427,8 +427,16 @@ class DockerSwtpm:
 
 
 @pytest.fixture(scope="session")
-def docker_compose_file(pytestconfig: pytest.Config) -> str:
-    """pytest-docker's compose file: ``swtpm/docker-compose.yml`` (override in your conftest)."""
+def custos_swtpm_compose_file(pytestconfig: pytest.Config) -> str:
+    """The compose file with the ``swtpm`` service: ``swtpm/docker-compose.yml``
+    of the checkout pytest runs in.
+
+    Named apart from pytest-docker's own ``docker_compose_file`` on purpose: a
+    plugin that defined that fixture would replace the compose file of every
+    project that merely has custos installed. A project that wants the
+    container path defines ``docker_compose_file`` in its conftest (returning
+    this fixture's value, or its own file with a ``swtpm`` service).
+    """
     return str(pytestconfig.rootpath / "swtpm" / "docker-compose.yml")
 
 
@@ -443,7 +451,7 @@ def _docker_swtpm(request: pytest.FixtureRequest) -> DockerSwtpm:
     services.wait_until_responsive(
         check=lambda: _ctrl_answers(port + 1), timeout=180.0, pause=1.0
     )
-    compose = Path(request.getfixturevalue("docker_compose_file"))
+    compose = Path(request.getfixturevalue("custos_swtpm_compose_file"))
     return DockerSwtpm(port, compose.parent / "state", compose)
 
 

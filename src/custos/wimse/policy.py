@@ -13,6 +13,13 @@ Caller patterns:
 - ``*`` — any authenticated caller.
 
 ``wimse://`` identifiers follow the same forms.
+
+Patterns and routes are validated when the policy is built: a typo such as
+``spiffe://Example.org``, a trailing slash, a ``*`` in the middle of a path or
+a route without its leading ``/`` would otherwise never match anything, and the
+operator would learn of it only from refused callers. A bare string where a
+list of callers belongs is refused too: iterating it would turn each
+character into a pattern, and a ``*`` among them would admit everyone.
 """
 
 from __future__ import annotations
@@ -20,7 +27,49 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from custos.errors import CustosError
+from custos.identity import InvalidIdentifierError, TrustDomain, parse_workload_id
 from custos.wimse.errors import PolicyError
+
+
+class PolicyConfigError(CustosError, ValueError):
+    """A policy rule that cannot mean what its author intended."""
+
+    code = "policy_invalid"
+
+
+def _check_identifier_or_domain(text: str) -> None:
+    """``text`` is a workload identifier or a bare ``scheme://trust-domain``."""
+    scheme, sep, rest = text.partition("://")
+    if sep and scheme in ("spiffe", "wimse") and "/" not in rest:
+        TrustDomain(rest)  # a trust domain (a Workload Identifier Origin for wimse://)
+        return
+    parse_workload_id(text)
+
+
+def _validated_pattern(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise PolicyConfigError(f"a caller pattern must be a string, not {type(raw).__name__}")
+    if raw == "*":
+        return raw
+    base = raw[:-2] if raw.endswith("/*") else raw
+    if "*" in base:
+        raise PolicyConfigError(
+            f"caller pattern {raw!r}: '*' is allowed only alone or as a final '/*'"
+        )
+    try:
+        _check_identifier_or_domain(base)
+    except InvalidIdentifierError as e:
+        raise PolicyConfigError(f"caller pattern {raw!r} is not usable: {e}") from e
+    return raw
+
+
+def _validated_route(route: object) -> str:
+    if not isinstance(route, str) or not route.startswith("/"):
+        raise PolicyConfigError(f"route {route!r} must be a path starting with '/'")
+    if "?" in route or "#" in route or any(seg in (".", "..") for seg in route.split("/")):
+        raise PolicyConfigError(f"route {route!r} must be a plain path (no query, no dot segments)")
+    return route
 
 
 def _segments_prefix(prefix: str, path: str) -> bool:
@@ -33,6 +82,9 @@ def _segments_prefix(prefix: str, path: str) -> bool:
 @dataclass(frozen=True)
 class CallerPattern:
     raw: str
+
+    def __post_init__(self) -> None:
+        _validated_pattern(self.raw)
 
     def matches(self, subject: str) -> bool:
         if self.raw == "*":
@@ -50,6 +102,9 @@ class CallerPattern:
 class Rule:
     route: str
     callers: tuple[CallerPattern, ...]
+
+    def __post_init__(self) -> None:
+        _validated_route(self.route)
 
     def covers(self, path: str) -> bool:
         return _segments_prefix(self.route, path)
@@ -71,10 +126,13 @@ class CallerPolicy:
 
         Longer routes are tried first, so the most specific rule decides.
         """
-        rules = [
-            Rule(route, tuple(CallerPattern(p) for p in callers))
-            for route, callers in mapping.items()
-        ]
+        rules = []
+        for route, callers in mapping.items():
+            if isinstance(callers, (str, bytes)) or not isinstance(callers, Iterable):
+                raise PolicyConfigError(
+                    f"route {route!r}: callers must be a list of patterns, not a single string"
+                )
+            rules.append(Rule(route, tuple(CallerPattern(p) for p in callers)))
         rules.sort(key=lambda r: len(r.route.rstrip("/")), reverse=True)
         return cls(rules, default_allow=default_allow)
 

@@ -138,6 +138,7 @@ def build_request_verifier(
     variants: Sequence[str] = VARIANTS,
     now: float | None = None,
     wpt_max_ttl: int | None = None,
+    wit_profile: Literal["wimse", "spiffe"] = "wimse",
 ) -> RequestVerifier:
     """The usual wiring: one WIT verifier (and its cache) shared by both
     variants, one replay cache.
@@ -148,7 +149,9 @@ def build_request_verifier(
     ``--now``); a replay cache built here with the real clock would treat every
     entry stored under a pinned past ``now`` as long expired and so never
     detect a replay. ``wpt_max_ttl`` overrides how far ahead a WPT's ``exp``
-    may lie (:data:`custos.wimse.wpt.DEFAULT_MAX_TTL`).
+    may lie (:data:`custos.wimse.wpt.DEFAULT_MAX_TTL`). ``wit_profile="spiffe"``
+    holds every WIT to the SPIFFE WIT-SVID profile (no EdDSA, no ``aud``,
+    ``spiffe://`` subjects only) instead of the WIMSE profile.
     """
     from custos.wimse.httpsig import HttpSignatureVerifier
     from custos.wimse.replay import MemoryReplayCache
@@ -166,7 +169,7 @@ def build_request_verifier(
         cache = MemoryReplayCache(clock=lambda: pinned)
     else:
         cache = MemoryReplayCache()
-    wits = WitVerifier(bundles, now=now)
+    wits = WitVerifier(bundles, now=now, profile=wit_profile)
     wpt = sig = None
     if "wpt" in variants:
         wpt = WptVerifier(

@@ -545,8 +545,10 @@ def mint_wit(
         raise WitMintError("subject must be a SpiffeId or WimseId")
     if profile == "spiffe" and not isinstance(subject, SpiffeId):
         raise WitMintError("a WIT-SVID's subject must be a spiffe:// ID")
-    if not isinstance(ttl, timedelta) or ttl.total_seconds() <= 0:
-        raise WitMintError("ttl must be a positive timedelta")
+    # Whole seconds: exp and iat are NumericDates, and a TTL under one second
+    # would truncate to exp == iat, a token dead on arrival.
+    if not isinstance(ttl, timedelta) or ttl.total_seconds() < 1:
+        raise WitMintError("ttl must be a timedelta of at least one second")
     if not key_fits_alg(signing_key.public_key, alg):
         raise WitMintError(f"the signing key does not fit {alg}")
     cnf_jwk = public_cnf_jwk(workload_public_jwk, allowed)

@@ -185,7 +185,11 @@ class Ed25519JwkSigner:
 
 def draft_verifier(**kw: Any) -> HttpSignatureVerifier:
     kw.setdefault("now", VECTOR_NOW)
-    return HttpSignatureVerifier(DraftWitVerifier(), MemoryReplayCache(), [VECTOR_ORIGIN], **kw)
+    # The cache runs on the verifier's pinned clock: a real-clock cache would
+    # take every entry stored at the (past) vector time as long expired.
+    pinned = float(kw["now"])
+    cache = MemoryReplayCache(clock=lambda: pinned)
+    return HttpSignatureVerifier(DraftWitVerifier(), cache, [VECTOR_ORIGIN], **kw)
 
 
 def code_of(fn: Callable[[], object]) -> str:
@@ -369,7 +373,7 @@ REQUEST_MUTATIONS: dict[str, tuple[Callable[[], HttpMessage], str]] = {
     ),
     "WIT repeated": (
         lambda: draft_request().with_headers([("Workload-Identity-Token", WIT_A)]),
-        "wit_duplicated",
+        "wit_multiple",
     ),
 }
 
@@ -385,12 +389,12 @@ def test_draft06_signed_audience_cannot_be_swapped() -> None:
     # Both audiences are ours, but the signed one is what counts.
     verifier = HttpSignatureVerifier(
         DraftWitVerifier(),
-        MemoryReplayCache(),
+        pinned_cache(VECTOR_NOW),
         [VECTOR_ORIGIN, "https://alias.example"],
         now=VECTOR_NOW,
     )
     swapped = REQ_SIGNATURE_INPUT.replace(
-        "https://svcb.example.com/gimme-ice-cream", "https://alias.example"
+        "https://svcb.example.com/gimme-ice-cream", "https://alias.example/gimme-ice-cream"
     )
     assert code_of(
         lambda: verifier.verify_request(draft_request(**{"Signature-Input": swapped}))
@@ -528,6 +532,11 @@ ORIGIN = "https://api.example.com"
 AUD = f"{ORIGIN}/v1/orders"
 
 
+def pinned_cache(at: float = NOW) -> MemoryReplayCache:
+    """A memory replay cache on the same pinned clock as the verifier using it."""
+    return MemoryReplayCache(clock=lambda: at)
+
+
 @pytest.fixture(scope="module")
 def store() -> MemoryKeyStore:
     s = MemoryKeyStore()
@@ -569,9 +578,7 @@ def server_wit(store: MemoryKeyStore) -> str:
 
 @pytest.fixture
 def verifier(bundles: BundleSet) -> HttpSignatureVerifier:
-    return HttpSignatureVerifier(
-        WitVerifier(bundles, now=NOW), MemoryReplayCache(), [ORIGIN], now=NOW
-    )
+    return HttpSignatureVerifier(WitVerifier(bundles, now=NOW), pinned_cache(), [ORIGIN], now=NOW)
 
 
 def order_request(**extra: str) -> HttpMessage:
@@ -666,7 +673,7 @@ def round_trip(workload: StoreKey, issuer: StoreKey) -> VerifiedSignature:
     )
     assert signed.get_all("content-digest") == [content_digest(b'{"item": "ice cream"}')]
     verifier = HttpSignatureVerifier(
-        WitVerifier(bundles, now=NOW), MemoryReplayCache(), [ORIGIN], now=NOW
+        WitVerifier(bundles, now=NOW), pinned_cache(), [ORIGIN], now=NOW
     )
     result = verifier.verify_request(signed)
     assert result.subject == str(CLIENT)
@@ -699,11 +706,9 @@ def test_round_trip_response(
     store: MemoryKeyStore, bundles: BundleSet, client_wit: str, server_wit: str
 ) -> None:
     server_side = HttpSignatureVerifier(
-        WitVerifier(bundles, now=NOW), MemoryReplayCache(), [ORIGIN], now=NOW
+        WitVerifier(bundles, now=NOW), pinned_cache(), [ORIGIN], now=NOW
     )
-    client_side = HttpSignatureVerifier(
-        WitVerifier(bundles, now=NOW), MemoryReplayCache(), [], now=NOW
-    )
+    client_side = HttpSignatureVerifier(WitVerifier(bundles, now=NOW), pinned_cache(), [], now=NOW)
     request = signed_order(store, client_wit, sign_response=True)
     seen = server_side.verify_request(request)
     assert seen.sign_response is True
@@ -859,7 +864,7 @@ def test_second_authorization_line_after_signing(
     )
     tampered = signed.with_headers([("Authorization", "Bearer b")])
     verifier = HttpSignatureVerifier(
-        WitVerifier(bundles, now=NOW), MemoryReplayCache(), [ORIGIN], now=NOW
+        WitVerifier(bundles, now=NOW), pinned_cache(), [ORIGIN], now=NOW
     )
     assert code_of(lambda: verifier.verify_request(tampered)) == "signature_invalid"
 
@@ -867,7 +872,7 @@ def test_second_authorization_line_after_signing(
 def test_expired_signature(store: MemoryKeyStore, client_wit: str, bundles: BundleSet) -> None:
     signed = signed_order(store, client_wit, created=NOW - 200, ttl=60)
     verifier = HttpSignatureVerifier(
-        WitVerifier(bundles, now=NOW), MemoryReplayCache(), [ORIGIN], now=NOW
+        WitVerifier(bundles, now=NOW), pinned_cache(), [ORIGIN], now=NOW
     )
     assert code_of(lambda: verifier.verify_request(signed)) == "signature_expired"
 
@@ -952,10 +957,14 @@ def test_wimse_aud_ignores_host_header(
 def test_exact_configured_audience(
     store: MemoryKeyStore, bundles: BundleSet, client_wit: str
 ) -> None:
+    # A deployment-specific audience (-06, "The wimse-aud Signature
+    # Parameter") is configured as such, apart from the origins: it matches
+    # wimse-aud exactly and nothing else.
     verifier = HttpSignatureVerifier(
         WitVerifier(bundles, now=NOW),
-        MemoryReplayCache(),
-        [ORIGIN, "urn:example:orders-service"],
+        pinned_cache(),
+        [ORIGIN],
+        exact_audiences=["urn:example:orders-service"],
         now=NOW,
     )
     signed = sign_request(
@@ -1148,7 +1157,7 @@ def test_signed_response_required_by_local_policy(
     request, response = _exchange(store, client_wit, ask=False)
     strict = HttpSignatureVerifier(
         WitVerifier(bundles, now=NOW),
-        MemoryReplayCache(),
+        pinned_cache(),
         [],
         now=NOW,
         require_signed_response=True,
@@ -1301,9 +1310,11 @@ class RecordingCache(MemoryReplayCache):
         super().__init__()
         self.calls: list[tuple[str, str, float]] = []
 
-    def check_and_store(self, namespace: str, value: str, expires_at: float) -> bool:
+    def check_and_store(
+        self, namespace: str, value: str, expires_at: float, *, now: float | None = None
+    ) -> bool:
         self.calls.append((namespace, value, expires_at))
-        return super().check_and_store(namespace, value, expires_at)
+        return super().check_and_store(namespace, value, expires_at, now=now)
 
 
 def test_replay_entry_is_per_subject_and_bounded_by_max_age(
@@ -1316,10 +1327,10 @@ def test_replay_entry_is_per_subject_and_bounded_by_max_age(
     # A signature claiming a day of validity must not pin its nonce for a day.
     signed = signed_order(store, client_wit, nonce="long-lived", ttl=86400)
     verifier.verify_request(signed)
-    assert cache.calls == [(str(CLIENT), "long-lived", float(NOW + 300 + 60))]
+    assert cache.calls == [(f"http-sig:{CLIENT}", "long-lived", float(NOW + 300 + 60))]
     short = signed_order(store, client_wit, nonce="short", ttl=30)
     verifier.verify_request(short)
-    assert cache.calls[-1] == (str(CLIENT), "short", float(NOW + 30 + 60))
+    assert cache.calls[-1] == (f"http-sig:{CLIENT}", "short", float(NOW + 30 + 60))
 
 
 # -- review findings: path tricks and the replay window edge ---------------------
@@ -1401,3 +1412,189 @@ def test_replay_at_the_exact_end_of_the_window_is_refused() -> None:
     clock["now"] = float(created + 20 + 60)  # exactly expires + leeway
     with pytest.raises(HttpSignatureError):
         verifier.verify_request(signed)
+
+
+# -- audit findings -------------------------------------------------------------------
+
+
+def test_require_signed_false_cannot_override_the_requests_ask() -> None:
+    """The request said wimse-sign-response: an argument may only make the
+    check stricter, never accept the unsigned answer a middlebox left."""
+    unsigned = HttpMessage.response(404, [("Content-Type", "text/plain")], RESP_BODY)
+    verifier = draft_verifier()
+    code = code_of(
+        lambda: verifier.verify_response(unsigned, draft_request(), require_signed=False)
+    )
+    assert code == "signed_response_missing"
+
+
+def test_ask_is_read_even_when_nonce_and_require_signed_are_given() -> None:
+    unsigned = HttpMessage.response(404, [("Content-Type", "text/plain")], RESP_BODY)
+    verifier = draft_verifier()
+    code = code_of(
+        lambda: verifier.verify_response(
+            unsigned, draft_request(), request_nonce="abcd1111", require_signed=False
+        )
+    )
+    assert code == "signed_response_missing"
+
+
+def test_require_signed_true_still_makes_it_stricter(
+    store: MemoryKeyStore, client_wit: str, verifier: HttpSignatureVerifier
+) -> None:
+    request, response = _exchange(store, client_wit, ask=False)
+    assert verifier.verify_response(response, request) is None
+    code = code_of(lambda: verifier.verify_response(response, request, require_signed=True))
+    assert code == "signed_response_missing"
+
+
+def test_configured_origin_with_default_port_matches(
+    store: MemoryKeyStore, bundles: BundleSet, client_wit: str
+) -> None:
+    for configured in ("https://api.example.com:443", "HTTPS://API.Example.COM"):
+        verifier = HttpSignatureVerifier(
+            WitVerifier(bundles, now=NOW), pinned_cache(), [configured], now=NOW
+        )
+        assert verifier.audiences == (ORIGIN,)
+        assert verifier.verify_request(signed_order(store, client_wit)).audience == AUD
+
+
+@pytest.mark.parametrize(
+    "configured",
+    [
+        "https://api.example.com/pay",
+        "https://api.example.com/",
+        "https://api.example.com?x=1",
+        "urn:example:orders-service",
+        "api.example.com",
+    ],
+)
+def test_configured_audience_must_be_an_origin(bundles: BundleSet, configured: str) -> None:
+    """A value with a path is not an origin: treating it as one would accept
+    wimse-aud https://api.example.com/pay/roll for a request to /roll."""
+    with pytest.raises(ValueError):
+        HttpSignatureVerifier(WitVerifier(bundles, now=NOW), pinned_cache(), [configured], now=NOW)
+
+
+def test_path_of_a_configured_value_is_not_a_prefix(
+    store: MemoryKeyStore, bundles: BundleSet, client_wit: str
+) -> None:
+    # What the old code accepted with audiences=["https://api.example.com/pay"]:
+    # a signature for /pay/roll used on a request to /roll. The configuration
+    # is refused now; configured as an origin, the request is refused too.
+    request = HttpMessage.request("GET", "/roll")
+    signed = sign_request(
+        request,
+        signer=store.get("client"),
+        wit=client_wit,
+        audience=f"{ORIGIN}/pay/roll",
+        created=NOW,
+    )
+    verifier = HttpSignatureVerifier(
+        WitVerifier(bundles, now=NOW), pinned_cache(), [ORIGIN], now=NOW
+    )
+    assert code_of(lambda: verifier.verify_request(signed)) == "bad_audience"
+
+
+@pytest.mark.parametrize("audience", [ORIGIN, f"{ORIGIN}/", f"{ORIGIN}/v1/orders?dry=1"])
+def test_wimse_aud_must_be_the_target_uri_not_the_origin(
+    store: MemoryKeyStore, client_wit: str, verifier: HttpSignatureVerifier, audience: str
+) -> None:
+    """-06 ("The wimse-aud Signature Parameter"): wimse-aud is the target URI
+    without query; a bare origin would make one signature good for every path
+    of the service."""
+    signed = sign_request(
+        order_request(), signer=store.get("client"), wit=client_wit, audience=audience, created=NOW
+    )
+    assert code_of(lambda: verifier.verify_request(signed)) == "bad_audience"
+
+
+def test_exact_audiences_are_not_origins(bundles: BundleSet) -> None:
+    with pytest.raises(ValueError):
+        HttpSignatureVerifier(
+            WitVerifier(bundles, now=NOW), pinned_cache(), [ORIGIN], exact_audiences=[""]
+        )
+
+
+def test_draft06_request_verified_twice_is_refused() -> None:
+    verifier = draft_verifier()
+    verifier.verify_request(draft_request())
+    assert code_of(lambda: verifier.verify_request(draft_request())) == "replayed_proof"
+
+
+def test_pinned_verifier_with_a_real_clock_memory_cache_catches_replays() -> None:
+    """The verifier's pinned (past) clock is what the cache judges expiry by:
+    with the cache's own real clock every entry would be long expired."""
+    verifier = HttpSignatureVerifier(
+        DraftWitVerifier(), MemoryReplayCache(), [VECTOR_ORIGIN], now=VECTOR_NOW
+    )
+    verifier.verify_request(draft_request())
+    assert code_of(lambda: verifier.verify_request(draft_request())) == "replayed_proof"
+
+
+def test_pinned_verifier_refuses_a_cache_that_cannot_take_its_clock() -> None:
+    class OldStyleCache:
+        def check_and_store(self, namespace: str, value: str, expires_at: float) -> bool:
+            return True
+
+    with pytest.raises(ValueError):
+        HttpSignatureVerifier(DraftWitVerifier(), OldStyleCache(), [VECTOR_ORIGIN], now=VECTOR_NOW)
+    # On the real clock there is nothing to pass, so such a cache is fine.
+    HttpSignatureVerifier(DraftWitVerifier(), OldStyleCache(), [VECTOR_ORIGIN])
+
+
+def test_wpt_jti_and_signature_nonce_do_not_collide(
+    store: MemoryKeyStore, bundles: BundleSet, client_wit: str
+) -> None:
+    """One cache serves both variants: a WPT jti and an HTTP-signature nonce
+    with the same value, from the same sender, are different proofs."""
+    from custos.wimse.wpt import WptVerifier, create_wpt, wpt_headers
+
+    cache = pinned_cache()
+    wits = WitVerifier(bundles, now=NOW)
+    wpt_verifier = WptVerifier(wit_verifier=wits, audiences=[ORIGIN], replay=cache, now=NOW)
+    sig_verifier = HttpSignatureVerifier(wits, cache, [ORIGIN], now=NOW)
+    wpt = create_wpt(joserfc_key(store.get("client")), client_wit, AUD, now=NOW)
+    jti = json_claims(wpt)["jti"]
+    wpt_verifier.verify(HttpMessage.request("POST", "/v1/orders", wpt_headers(client_wit, wpt)))
+    signed = signed_order(store, client_wit, nonce=jti)
+    assert sig_verifier.verify_request(signed).nonce == jti
+    assert code_of(lambda: sig_verifier.verify_request(signed)) == "replayed_proof"
+
+
+def json_claims(token: str) -> dict[str, Any]:
+    import json
+
+    payload = token.split(".")[1]
+    claims: dict[str, Any] = json.loads(
+        base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    )
+    return claims
+
+
+def test_lowercase_method_does_not_verify_a_signature_over_get() -> None:
+    """RFC 9110 §9.1: methods are case-sensitive; "get" is not "GET", so a
+    signature over GET says nothing about a "get" request."""
+    lowered = HttpMessage.request("get", "/gimme-ice-cream?flavor=vanilla", draft_request().headers)
+    assert lowered.method == "get"
+    assert code_of(lambda: draft_verifier().verify_request(lowered)) == "signature_invalid"
+
+
+def test_exact_audience_does_not_skip_the_path_checks(
+    store: MemoryKeyStore, bundles: BundleSet, client_wit: str
+) -> None:
+    from custos.wimse.errors import MalformedRequestError
+
+    verifier = HttpSignatureVerifier(
+        WitVerifier(bundles, now=NOW), pinned_cache(), [], exact_audiences=["urn:x"], now=NOW
+    )
+    signed = sign_request(
+        HttpMessage.request("GET", "/pay/../admin"),
+        signer=store.get("client"),
+        wit=client_wit,
+        audience="urn:x",
+        created=NOW,
+    )
+    with pytest.raises(MalformedRequestError) as err:
+        verifier.verify_request(signed)
+    assert err.value.code == "unsafe_request_target"

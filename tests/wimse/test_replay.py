@@ -228,3 +228,64 @@ def test_dead_redis_fails_closed(redis_server_factory) -> None:  # type: ignore[
     # Nor does a replay of an entry stored before the outage slip through.
     with pytest.raises(ReplayCacheUnavailableError):
         cache.check_and_store("ns", "before", time.time() + 60)
+
+
+# -- the caller's clock ---------------------------------------------------------------------
+
+
+def test_memory_judges_expiry_by_the_now_it_is_given() -> None:
+    """A verifier with a pinned past clock hands that clock in: the entry it
+    stores is live at that time even though the cache's own clock is later."""
+    cache = MemoryReplayCache(clock=FakeClock(2_000_000.0))
+    pinned = 1_000_000.0
+    assert cache.check_and_store("ns", "n", pinned + 60, now=pinned) is True
+    assert cache.check_and_store("ns", "n", pinned + 60, now=pinned + 30) is False
+    # without it, the cache's clock says the entry is long gone
+    assert cache.check_and_store("ns", "n", pinned + 60) is True
+
+
+def test_memory_full_cache_purges_by_the_given_now() -> None:
+    cache = MemoryReplayCache(max_entries=1, clock=FakeClock(0.0))
+    assert cache.check_and_store("ns", "a", 100.0, now=50.0)
+    with pytest.raises(ReplayCacheFullError):
+        cache.check_and_store("ns", "b", 200.0, now=99.0)
+    assert cache.check_and_store("ns", "b", 200.0, now=101.0)
+
+
+def test_redis_ttl_is_counted_from_the_given_now(redis_server) -> None:  # type: ignore[no-untyped-def]
+    client = redis_server.client()
+    cache = RedisReplayCache(client, prefix="p:")
+    pinned = 1_000_000.0  # long past on the real clock
+    assert cache.check_and_store("ns", "n", pinned + 30, now=pinned) is True
+    assert cache.check_and_store("ns", "n", pinned + 30, now=pinned) is False
+    ttl = client.pttl(cache.key_for("ns", "n"))
+    assert 25_000 < ttl <= 30_000
+
+
+def test_takes_now_tells_which_caches_accept_a_clock() -> None:
+    from custos.wimse.replay import takes_now
+
+    class Old:
+        def check_and_store(self, namespace: str, value: str, expires_at: float) -> bool:
+            return True
+
+    class Kw:
+        def check_and_store(
+            self, namespace: str, value: str, expires_at: float, **kw: object
+        ) -> bool:
+            return True
+
+    assert takes_now(MemoryReplayCache())
+    assert takes_now(RedisReplayCache(redis.Redis()))  # no connection is made
+    assert takes_now(Kw())
+    assert not takes_now(Old())
+
+
+def test_replay_namespaces_of_the_two_variants_never_meet() -> None:
+    from custos.wimse.replay import replay_namespace
+
+    subject = "spiffe://example.org/w"
+    assert replay_namespace("wpt", subject) != replay_namespace("http-sig", subject)
+    assert replay_namespace("wpt", subject) == "wpt:" + subject
+    with pytest.raises(ValueError):
+        replay_namespace("other", subject)

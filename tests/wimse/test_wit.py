@@ -182,17 +182,25 @@ def _flip(token: str, part: int, index: int) -> str:
     return ".".join(parts)
 
 
-@pytest.mark.parametrize("part", [0, 1, 2], ids=["header", "claims", "signature"])
-@pytest.mark.parametrize("where", [0, 7, -2, -1], ids=["first", "inner", "penultimate", "last"])
-def test_draft_wit_fails_when_any_byte_changes(part: int, where: int) -> None:
-    assert code_of(_flip(DRAFT_WIT, part, where)) in {
-        "wit_malformed",
-        "wit_bad_signature",
-        "wit_bad_typ",
-        "wit_bad_alg",
-        "wit_unknown_kid",
-        "wit_missing_kid",
-    }
+def test_draft_wit_fails_when_any_byte_changes() -> None:
+    """Every character position of header, claims and signature, each replaced
+    by another base64url character (the replacement varies with the position)."""
+    bundles = draft_bundles()
+    seen: set[str] = set()
+    positions = 0
+    for i, ch in enumerate(DRAFT_WIT):
+        if ch == ".":
+            continue
+        new = B64URL[(B64URL.index(ch) + 1 + i % 63) % 64]
+        assert new != ch
+        positions += 1
+        seen.add(code_of(DRAFT_WIT[:i] + new + DRAFT_WIT[i + 1 :], bundles))
+    assert positions == len(DRAFT_WIT) - 2
+    # code_of checked each refusal is a WitError with a published code; the
+    # shape checks (cnf, sub, typ...) run before the signature, so many show.
+    assert "wit_bad_signature" in seen and seen <= WIT_ERROR_CODES
+    # the unchanged token still verifies against the same bundles
+    assert verify_wit(DRAFT_WIT, bundles, now=NOW).kid == "June 5"
 
 
 @pytest.mark.parametrize(

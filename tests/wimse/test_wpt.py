@@ -94,9 +94,11 @@ class RecordingReplayCache:
         self.now = now
         self.seen: dict[tuple[str, str], float] = {}
 
-    def check_and_store(self, namespace: str, value: str, expires_at: float) -> bool:
+    def check_and_store(
+        self, namespace: str, value: str, expires_at: float, *, now: float | None = None
+    ) -> bool:
         known = self.seen.get((namespace, value))
-        if known is not None and known > self.now:
+        if known is not None and known > (self.now if now is None else now):
             return False
         self.seen[(namespace, value)] = expires_at
         return True
@@ -254,7 +256,7 @@ def test_draft_wpt01_request_verifies() -> None:
     assert caller.wpt_claims["ath"] == token_hash(DRAFT_BEARER)
     # replay is tracked per sender, until exp + leeway
     assert replay.seen == {
-        ("wimse://example.com/specific-workload", "__bwc4ESC3acc2LTC1-_x"): 1745510016 + 30
+        ("wpt:wimse://example.com/specific-workload", "__bwc4ESC3acc2LTC1-_x"): 1745510016 + 30
     }
 
 
@@ -277,11 +279,30 @@ def _flip(token: str, part: int, index: int) -> str:
     return ".".join(parts)
 
 
-@pytest.mark.parametrize("part", [0, 1, 2], ids=["header", "claims", "signature"])
-@pytest.mark.parametrize("where", [0, 9, -2, -1], ids=["first", "inner", "penultimate", "last"])
-def test_draft_wpt_fails_when_any_byte_changes(part: int, where: int) -> None:
-    with pytest.raises(WptError):
-        draft_verifier().verify(draft_request(Workload_Proof_Token=_flip(DRAFT_WPT, part, where)))
+def every_one_character_change(token: str) -> list[str]:
+    """``token`` with each character position in turn replaced by another
+    base64url character (the replacement varies with the position, so every
+    offset 1..63 of the alphabet is used across the token)."""
+    out = []
+    for i, ch in enumerate(token):
+        if ch == ".":
+            continue
+        new = B64URL[(B64URL.index(ch) + 1 + i % 63) % 64]
+        assert new != ch
+        out.append(token[:i] + new + token[i + 1 :])
+    return out
+
+
+def test_draft_wpt_fails_when_any_byte_changes() -> None:
+    """Every character of every part (header, claims, signature), not a sample."""
+    verifier = draft_verifier()
+    changed = every_one_character_change(DRAFT_WPT)
+    assert len(changed) == len(DRAFT_WPT) - 2
+    for token in changed:
+        with pytest.raises(WptError):
+            verifier.verify(draft_request(Workload_Proof_Token=token))
+    # the unchanged proof still verifies with the same verifier
+    assert verifier.verify(draft_request()).wire == "wpt-01"
 
 
 @pytest.mark.parametrize("part", [0, 1, 2])
@@ -958,3 +979,79 @@ def test_property_verifier_only_raises_wimse_errors(
     request = HttpMessage.request("POST", target, headers)
     with pytest.raises(WimseError):
         draft_verifier(replay=RecordingReplayCache()).verify(request)
+
+
+# -- audit findings: nbf / iat, pinned clocks and the replay cache ----------------------
+
+
+def test_wpt_nbf_in_the_future_is_refused(store: MemoryKeyStore, bundles: BundleSet) -> None:
+    """A proof that says it is not valid for hours yet must not be accepted now."""
+    wit = mint(store)
+    got = wpt_code(verifier(bundles), req(wit, hand_wpt(wit, nbf=NOW + 10000)))
+    assert got == "wpt_not_yet_valid"
+
+
+def test_wpt_iat_in_the_future_is_refused(store: MemoryKeyStore, bundles: BundleSet) -> None:
+    wit = mint(store)
+    got = wpt_code(verifier(bundles), req(wit, hand_wpt(wit, iat=NOW + 10000)))
+    assert got == "wpt_iat_in_future"
+
+
+def test_wpt_nbf_and_iat_within_the_leeway_are_accepted(
+    store: MemoryKeyStore, bundles: BundleSet
+) -> None:
+    wit = mint(store)
+    v = verifier(bundles, leeway=30)
+    assert v.verify(req(wit, hand_wpt(wit, nbf=NOW + 29, iat=NOW + 29))).variant == "wpt"
+    assert v.verify(req(wit, hand_wpt(wit, nbf=NOW - 5, iat=NOW - 5))).variant == "wpt"
+    assert wpt_code(v, req(wit, hand_wpt(wit, nbf=NOW + 31))) == "wpt_not_yet_valid"
+    assert wpt_code(v, req(wit, hand_wpt(wit, iat=NOW + 31))) == "wpt_iat_in_future"
+
+
+@pytest.mark.parametrize("claim", ["nbf", "iat"])
+def test_wpt_nbf_and_iat_must_be_numeric_dates(
+    store: MemoryKeyStore, bundles: BundleSet, claim: str
+) -> None:
+    wit = mint(store)
+    token = hand_wpt(wit, **{claim: str(NOW)})
+    assert wpt_code(verifier(bundles), req(wit, token)) == "wpt_malformed"
+
+
+def test_wpt_time_checks_run_in_the_documented_order(
+    store: MemoryKeyStore, bundles: BundleSet
+) -> None:
+    # exp before nbf before iat, as the module docstring lists them
+    wit = mint(store)
+    v = verifier(bundles)
+    both = hand_wpt(wit, exp=NOW - 100, nbf=NOW + 10000, iat=NOW + 10000)
+    assert wpt_code(v, req(wit, both)) == "wpt_expired"
+    assert wpt_code(v, req(wit, hand_wpt(wit, nbf=NOW + 10000, iat=NOW + 10000))) == (
+        "wpt_not_yet_valid"
+    )
+    import custos.wimse.wpt as wpt_module
+
+    doc = " ".join((wpt_module.__doc__ or "").split())
+    assert "``exp``, ``nbf``, ``iat``, ``wth``" in doc
+
+
+def test_pinned_verifier_with_a_real_clock_memory_cache_catches_replays(
+    store: MemoryKeyStore, bundles: BundleSet
+) -> None:
+    """NOW is in the past: a cache on the real clock would take the entry as
+    expired at once and let the replay through."""
+    wit = mint(store)
+    v = WptVerifier(bundles, audiences=[ORIGIN], replay=MemoryReplayCache(), now=NOW)
+    request = req(wit, hand_wpt(wit))
+    v.verify(request)
+    with pytest.raises(WptReplayError):
+        v.verify(request)
+
+
+def test_pinned_verifier_refuses_a_cache_that_cannot_take_its_clock(bundles: BundleSet) -> None:
+    class OldStyleCache:
+        def check_and_store(self, namespace: str, value: str, expires_at: float) -> bool:
+            return True
+
+    with pytest.raises(ValueError):
+        WptVerifier(bundles, audiences=[ORIGIN], replay=OldStyleCache(), now=NOW)
+    WptVerifier(bundles, audiences=[ORIGIN], replay=OldStyleCache())

@@ -64,14 +64,15 @@ def sign_digest_with(key: SoftwareKey, alg: Algorithm, hashed: bytes) -> bytes:
     raise KeyStoreError("EdDSA keys sign messages, not digests", code="unsupported_algorithm")
 
 
-class MemoryKeyStore(KeyStore):
-    """Keys generated and held in this process; gone when it exits; never exported.
+class _SoftwareKeyStore(KeyStore):
+    """What both software tiers share: keys held as ``cryptography`` objects.
 
-    The fast tier for services that sign a proof per request: an ECDSA
-    signature costs tens of microseconds instead of a TPM round trip.
+    A private base, so that neither tier is a subtype of the other: code that
+    checks ``isinstance(store, MemoryKeyStore)`` to mean "never exported" must
+    not be handed the exportable tier.
     """
 
-    kind = "memory"
+    kind = "software"
     supported_algorithms = frozenset(Algorithm)
     persistent = False
 
@@ -117,7 +118,7 @@ class MemoryKeyStore(KeyStore):
         return key.sign(data)
 
     def import_key(self, name: str, key: SoftwareKey, alg: Algorithm | None = None) -> KeyInfo:
-        """Adopt an existing software key (tests, migrations). It is never exported again."""
+        """Adopt an existing software key (tests, migrations)."""
         check_key_name(name)
         algorithm = alg or algorithm_of(key)
         with self._lock:
@@ -127,7 +128,18 @@ class MemoryKeyStore(KeyStore):
         return KeyInfo(name, algorithm, self.kind)
 
 
-class ExportableKeyStore(MemoryKeyStore):
+class MemoryKeyStore(_SoftwareKeyStore):
+    """Keys generated and held in this process; gone when it exits; never exported.
+
+    The fast tier for services that sign a proof per request: an ECDSA
+    signature costs tens of microseconds instead of a TPM round trip. A key
+    adopted with :meth:`import_key` is never exported again either.
+    """
+
+    kind = "memory"
+
+
+class ExportableKeyStore(_SoftwareKeyStore):
     """The SPIFFE-compatible tier: software keys the workload may receive.
 
     With a ``key_dir`` the keys are kept as mode-0600 PKCS#8 PEM files (so they

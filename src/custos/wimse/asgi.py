@@ -16,6 +16,23 @@ form would let ``/%70ay`` slip past a rule for ``/pay`` and still reach the
 WebSocket handshakes are verified the same way (no body); a refused one is
 closed before it is accepted, which servers answer with HTTP 403. Lifespan
 events pass through.
+
+Signed responses (httpsig-06, "Signing the Response"): when a verified
+HTTP-signature caller asked for one (``wimse-sign-response``) and a
+``response_signer`` is configured, the app's response is buffered (at most
+``max_response`` bytes), signed with the server's own WIT and key (adding
+Content-Digest, Signature-Input, Signature and Workload-Identity-Token, with
+``wimse-req-nonce`` = the request's nonce) and only then sent. The draft
+forbids a successful unsigned response in that case, so every way signing can
+fail ends in an error instead: no signer configured -> 400
+``signed_response_unavailable`` before the app runs
+(:class:`~custos.wimse.httpsig.SignedResponseUnavailableError` says why 400);
+a response over ``max_response`` -> 500 ``response_too_large``; a response
+that cannot be signed (incomplete, with trailers, a Content-Digest that does
+not match its body) -> 500 ``response_signing_failed``. A WebSocket handshake
+that asks is refused like an unavailable signer: its 101 cannot be signed.
+These error responses themselves are unsigned; a client that asked treats them
+as the failures they are (``signed_response_missing``).
 """
 
 from __future__ import annotations
@@ -28,6 +45,7 @@ import structlog
 
 from custos.wimse.errors import MalformedRequestError, WimseError
 from custos.wimse.http import HttpMessage
+from custos.wimse.httpsig import SignedResponseUnavailableError, SignsResponses
 from custos.wimse.policy import CallerPolicy
 from custos.wimse.problem import Problem
 from custos.wimse.verifier import Caller, RequestVerifier
@@ -40,6 +58,18 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = structlog.get_logger("custos.wimse")
 DEFAULT_MAX_BODY = 1 << 20
+#: The largest response the middleware buffers to sign it.
+DEFAULT_MAX_RESPONSE = 1 << 20
+#: ASGI extensions hidden from the app when its response is to be signed:
+#: they let it send a body the middleware never sees (a file by path,
+#: zero-copy), trailers the signature cannot cover, or (test clients) extra
+#: messages that are not part of the response.
+_HIDDEN_EXTENSIONS = (
+    "http.response.pathsend",
+    "http.response.zerocopy",
+    "http.response.trailers",
+    "http.response.debug",
+)
 #: Close code for a refused WebSocket handshake (RFC 6455: policy violation).
 _WS_POLICY_VIOLATION = 1008
 
@@ -47,6 +77,21 @@ _WS_POLICY_VIOLATION = 1008
 class BodyTooLargeError(WimseError):
     code = "body_too_large"
     status = 413
+
+
+class ResponseTooLargeError(WimseError):
+    """A response that must be signed is larger than ``max_response``."""
+
+    code = "response_too_large"
+    status = 500
+
+
+class ResponseSigningError(WimseError):
+    """A response that must be signed cannot be (incomplete, trailers, a
+    Content-Digest that does not match, the signer refused)."""
+
+    code = "response_signing_failed"
+    status = 500
 
 
 class _ClientGone(Exception):
@@ -79,9 +124,14 @@ def declared_length(headers: Iterable[tuple[str, str]]) -> int | None:
 class WimseASGIMiddleware:
     """``app = WimseASGIMiddleware(app, build_request_verifier(...), policy=...)``.
 
-    ``verify_in_thread``: run verification in a worker thread, because a
-    :class:`~custos.wimse.replay.RedisReplayCache` makes a network round trip
-    that must not stall the event loop. Turn it off only with a memory cache.
+    ``verify_in_thread``: run verification (and response signing) in a worker
+    thread, because a :class:`~custos.wimse.replay.RedisReplayCache` makes a
+    network round trip and a device key may take milliseconds to sign, neither
+    of which may stall the event loop. Turn it off only with a memory cache.
+
+    ``response_signer`` (a :class:`~custos.wimse.httpsig.ResponseSigner`)
+    signs responses for callers that ask; ``max_response`` bounds what is
+    buffered to do so (see the module docstring).
     """
 
     def __init__(
@@ -93,9 +143,15 @@ class WimseASGIMiddleware:
         max_body: int = DEFAULT_MAX_BODY,
         exempt_paths: Iterable[str] = (),
         verify_in_thread: bool = True,
+        response_signer: SignsResponses | None = None,
+        max_response: int = DEFAULT_MAX_RESPONSE,
     ) -> None:
         if max_body < 0:
             raise ValueError("max_body must be >= 0")
+        if max_response < 0:
+            raise ValueError("max_response must be >= 0")
+        self.response_signer = response_signer
+        self.max_response = max_response
         self.app = app
         self.verifier = verifier
         self.policy = policy if policy is not None else CallerPolicy.allow_all()
@@ -139,13 +195,58 @@ class WimseASGIMiddleware:
         scope["custos.caller"] = caller
         if kind == "websocket":
             await self.app(scope, receive, send)
+        elif caller.wants_signed_response:
+            await self._signed(scope, _replay_body(body, more, receive), send, request, caller)
         else:
             await self.app(scope, _replay_body(body, more, receive), send)
 
     def _check(self, scope: Scope, request: HttpMessage) -> Caller:
         caller = self.verifier.verify(request)
         self.policy.check(caller.subject, routing_path_ok(scope["path"]))
+        if caller.wants_signed_response and (
+            self.response_signer is None or scope["type"] == "websocket"
+        ):
+            # Refused before the app runs: nothing it does can be sent unsigned.
+            raise SignedResponseUnavailableError(
+                "the caller asked for a signed response and none can be made here"
+            )
         return caller
+
+    async def _signed(
+        self, scope: Scope, receive: Receive, send: Send, request: HttpMessage, caller: Caller
+    ) -> None:
+        """Run the app, keep its whole response, sign it, then send it."""
+        extensions = scope.get("extensions")
+        if extensions:
+            scope["extensions"] = {
+                k: v for k, v in extensions.items() if k not in _HIDDEN_EXTENSIONS
+            }
+        capture = _ResponseCapture(self.max_response)
+        await self.app(scope, receive, capture.send)
+        try:
+            response = capture.response()
+            if self.verify_in_thread:
+                signed = await anyio.to_thread.run_sync(self._sign, response, request, caller)
+            else:
+                signed = self._sign(response, request, caller)
+        except WimseError as err:
+            log.info("wimse_response_refused", code=err.code, status=err.status)
+            await _send_problem(send, Problem.from_error(err))
+            return
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in signed.headers]
+        await send({"type": "http.response.start", "status": signed.status, "headers": headers})
+        await send({"type": "http.response.body", "body": signed.body or b""})
+
+    def _sign(self, response: HttpMessage, request: HttpMessage, caller: Caller) -> HttpMessage:
+        assert self.response_signer is not None and caller.nonce is not None
+        try:
+            return self.response_signer.sign(response, request=request, request_nonce=caller.nonce)
+        except ResponseSigningError:
+            raise
+        except WimseError as e:
+            # A digest that lies, a WIT header the app set itself, a signer
+            # whose algorithm is not the WIT's: this response cannot go out.
+            raise ResponseSigningError(f"the response cannot be signed: {e.code}") from e
 
     async def _read_body(self, receive: Receive) -> tuple[bytes, bool]:
         chunks: list[bytes] = []
@@ -176,14 +277,65 @@ def _to_message(
     path = raw_path.decode("latin-1") if raw_path else scope["path"]
     query = scope.get("query_string", b"").decode("latin-1")
     target = path + (f"?{query}" if query else "")
+    # Kept exactly as received: methods are case-sensitive (RFC 9110 §9.1).
     method = scope.get("method", "GET")  # a WebSocket handshake is a GET
     return HttpMessage(
         _headers(scope) if headers is None else headers,
         body or None,
-        method.upper(),
+        method,
         target,
         None,
     )
+
+
+class _ResponseCapture:
+    """An ASGI ``send`` that keeps the app's response instead of sending it,
+    holding at most ``limit`` body bytes (beyond that it only counts)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.status: int | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.too_large = False
+        self.complete = False
+        self.unsignable = False
+
+    async def send(self, message: Message) -> None:
+        kind = message.get("type")
+        if self.complete:
+            self.unsignable = True  # nothing may follow the last body message
+        elif kind == "http.response.start" and self.status is None:
+            self.status = int(message["status"])
+            self.headers = [
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", ())
+            ]
+            if message.get("trailers"):
+                self.unsignable = True
+            length = declared_length(self.headers)
+            if length is not None and length > self.limit:
+                self.too_large = True
+        elif kind == "http.response.body" and self.status is not None:
+            chunk = bytes(message.get("body", b""))
+            self.size += len(chunk)
+            if self.size > self.limit:
+                self.too_large = True
+                self.chunks.clear()
+            elif not self.too_large:
+                self.chunks.append(chunk)
+            if not message.get("more_body", False):
+                self.complete = True
+        else:
+            # A second start, a body before the start, trailers, pathsend...
+            self.unsignable = True
+
+    def response(self) -> HttpMessage:
+        if self.too_large:
+            raise ResponseTooLargeError("the response is over the configured limit for signing")
+        if self.unsignable or not self.complete or self.status is None:
+            raise ResponseSigningError("the app's response cannot be signed as sent")
+        return HttpMessage.response(self.status, self.headers, b"".join(self.chunks) or None)
 
 
 def _replay_body(body: bytes, more: bool, receive: Receive) -> Receive:

@@ -16,7 +16,13 @@ _NO_VALUES: tuple[str, ...] = ()
 
 @dataclass(frozen=True)
 class HttpMessage:
-    """A request (``method`` + ``target``) or a response (``status``)."""
+    """A request (``method`` + ``target``) or a response (``status``).
+
+    ``method`` is kept exactly as received: HTTP methods are case-sensitive
+    (RFC 9110 §9.1), so "get" is not "GET" and a signature over ``@method``
+    GET must not verify a "get" request. A sender that wants the canonical
+    form passes it in that form.
+    """
 
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes | None = None
@@ -33,7 +39,7 @@ class HttpMessage:
         headers: Iterable[tuple[str, str]] = (),
         body: bytes | None = None,
     ) -> HttpMessage:
-        return cls(tuple((k, v) for k, v in headers), body, method.upper(), target, None)
+        return cls(tuple((k, v) for k, v in headers), body, method, target, None)
 
     @classmethod
     def response(

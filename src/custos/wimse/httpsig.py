@@ -45,10 +45,10 @@ from joserfc.jws import JWSRegistry
 
 from custos.wimse.digest import ContentDigestError, content_digest, verify_content_digest
 from custos.wimse.errors import AudienceError, HttpSignatureError, ReplayError, WitError
-from custos.wimse.http import HttpMessage
-from custos.wimse.replay import ReplayCache
+from custos.wimse.http import Endpoint, HttpMessage
+from custos.wimse.replay import ReplayCache, check_pinned_clock, replay_namespace
 from custos.wimse.wit import key_fits_alg
-from custos.wimse.wpt import safe_request_path
+from custos.wimse.wpt import normalize_origin, safe_request_path
 
 WIMSE_TAG = "wimse-workload-to-workload"
 WIT_HEADER = "workload-identity-token"
@@ -84,12 +84,11 @@ def _fail(code: str, message: str) -> HttpSignatureError:
 
 
 #: Every code an HTTP-signature failure can carry (besides the Content-Digest
-#: codes of :mod:`custos.wimse.digest`, WitError codes, ``replayed_proof`` and
-#: ``bad_audience``).
+#: codes of :mod:`custos.wimse.digest`, WitError codes -- ``wit_missing`` and
+#: ``wit_multiple`` among them, the same codes as on the WPT path --,
+#: ``replayed_proof`` and ``bad_audience``).
 HTTPSIG_ERROR_CODES = frozenset(
     {
-        "wit_missing",
-        "wit_duplicated",
         "signature_missing",
         "signature_malformed",
         "wimse_signature_missing",
@@ -119,8 +118,26 @@ HTTPSIG_ERROR_CODES = frozenset(
         "signed_response_missing",
         "signer_alg_mismatch",
         "sign_input_invalid",
+        "signed_response_unavailable",
     }
 )
+
+
+class SignedResponseUnavailableError(HttpSignatureError):
+    """The caller asked for a signed response (``wimse-sign-response``) and
+    this server cannot sign one.
+
+    httpsig-06 ("Signing the Response", "Error Conditions"): a server required
+    to sign MUST NOT return a successful unsigned response, and SHOULD answer
+    400 or 501. 400 is chosen: the refusal concerns this request's parameters
+    (the caller can retry without ``wimse-sign-response``), it matches the
+    draft's status for every other HTTP-signature failure, and unlike 501 it is
+    not heuristically cacheable (RFC 9110 §15.6.2), so a cache in between can
+    not replay the refusal to requests that did not ask.
+    """
+
+    code = "signed_response_unavailable"
+    status = 400
 
 
 # -- what the verifier needs from others --------------------------------------------
@@ -561,6 +578,61 @@ def sign_response(
     return _finish(response, headers, components, params, signer, label, request)
 
 
+class SignsResponses(Protocol):
+    """What the relying-party middleware needs to sign its responses:
+    :class:`ResponseSigner` fits, and so would a signer behind the agent."""
+
+    def sign(
+        self, response: HttpMessage, *, request: HttpMessage, request_nonce: str
+    ) -> HttpMessage: ...
+
+
+class ResponseSigner:
+    """Signs a server's responses with the server's own WIT and key.
+
+    ``signer`` is the key the server's WIT binds (a
+    :class:`custos.keys.base.StoreKey` fits); ``wit`` is the WIT or a callable
+    returning the current one, so a rotating WIT is picked up. Each response
+    gets Content-Digest (for a body), the WIT, and a signature with
+    ``wimse-req-nonce`` set to the request's nonce (:func:`sign_response`).
+    ``now`` pins the clock that stamps ``created`` (tests).
+    """
+
+    def __init__(
+        self,
+        signer: Signer,
+        wit: str | Callable[[], str],
+        *,
+        ttl: int = DEFAULT_TTL,
+        now: Clock = None,
+        label: str = DEFAULT_LABEL,
+    ) -> None:
+        if ttl <= 0:
+            raise ValueError("ttl must be positive")
+        self._signer = signer
+        self._wit = wit
+        self._ttl = ttl
+        self._clock = now
+        self._label = label
+
+    def wit(self) -> str:
+        return self._wit() if callable(self._wit) else self._wit
+
+    def sign(
+        self, response: HttpMessage, *, request: HttpMessage, request_nonce: str
+    ) -> HttpMessage:
+        return sign_response(
+            response,
+            request=request,
+            signer=self._signer,
+            wit=self.wit(),
+            request_nonce=request_nonce,
+            created=int(_now(self._clock)),
+            ttl=self._ttl,
+            label=self._label,
+        )
+
+
 # -- verification ----------------------------------------------------------------------------
 
 
@@ -628,23 +700,40 @@ class HttpSignatureVerifier:
     """Verifies WIMSE HTTP message signatures on requests (server side) and
     responses (client side).
 
-    ``audiences`` are the audiences this relying party answers to, from
-    configuration (never from ``Host``): an origin such as
-    ``https://svcb.example.com`` accepts ``wimse-aud`` equal to that origin
-    followed by the request path (the draft's default value, the target URI
-    without query), and any configured value also matches exactly (for
-    deployment-specific audiences).
+    ``audiences`` are the origins this relying party serves, from
+    configuration (never from ``Host``). Each is normalised with
+    :func:`custos.wimse.wpt.normalize_origin` (``https://API.example.com:443``
+    becomes ``https://api.example.com``); a value with a path, query or
+    fragment, or a non-http(s) one, is refused with ValueError, because an
+    origin is all it may be.
+
+    The ``wimse-aud`` rule (httpsig-06, "The wimse-aud Signature
+    Parameter"): by default the sender sets it to the request's target URI
+    without query or fragment, so it is accepted when it equals exactly, as a
+    string, a configured origin followed by the request path (checked with
+    :func:`custos.wimse.wpt.safe_request_path`). A bare origin is *not* the
+    target URI and is refused: it would make one signature good for every
+    path of the service. The draft also lets a deployment agree on its own
+    audience value (when intermediaries rewrite the URI); such values go in
+    ``exact_audiences`` and match ``wimse-aud`` exactly, and nothing else
+    does. ``wimse-aud`` itself is never normalised: senders produce the
+    normalised form (:func:`custos.wimse.auth.audience_for`).
 
     ``max_age`` bounds how old ``created`` may be, whatever ``expires`` says
     (the draft wants signatures that live minutes). ``leeway`` absorbs clock skew.
+
+    ``now`` pins the clock (tests, the CLI's ``--now``); the pinned time is
+    also handed to the replay cache with every check, and a cache that cannot
+    take it is refused with ValueError (see :mod:`custos.wimse.replay`).
     """
 
     def __init__(
         self,
         wit_verifier: WitVerifierLike,
         replay: ReplayCache,
-        audiences: Sequence[str],
+        audiences: Sequence[Endpoint | str],
         *,
+        exact_audiences: Sequence[str] = (),
         now: Clock = None,
         max_age: int = DEFAULT_MAX_AGE,
         leeway: int = DEFAULT_LEEWAY,
@@ -652,10 +741,15 @@ class HttpSignatureVerifier:
     ) -> None:
         self.wit_verifier = wit_verifier
         self.replay = replay
-        self.audiences = tuple(audiences)
+        self.audiences: tuple[str, ...] = tuple(normalize_origin(a) for a in audiences)
+        for value in exact_audiences:
+            if not isinstance(value, str) or not value or not value.isprintable():
+                raise ValueError("exact_audiences must be non-empty printable strings")
+        self.exact_audiences: frozenset[str] = frozenset(exact_audiences)
         self.max_age = max_age
         self.leeway = leeway
         self.require_signed_response = require_signed_response
+        check_pinned_clock(replay, now is not None)
         self._clock = now
 
     def now(self) -> float:
@@ -669,7 +763,7 @@ class HttpSignatureVerifier:
             raise WitError("the message has no Workload-Identity-Token", code="wit_missing")
         if len(tokens) > 1:
             raise WitError(
-                "the message has more than one Workload-Identity-Token", code="wit_duplicated"
+                "the message has more than one Workload-Identity-Token", code="wit_multiple"
             )
         token = tokens[0].strip(" \t")
         # The WIT is verified before anything in the signature is looked at
@@ -734,15 +828,20 @@ class HttpSignatureVerifier:
             verify_content_digest(digests, message.body)
 
     def _check_audience(self, audience: object, request: HttpMessage) -> str:
+        """``wimse-aud`` is a configured origin + the request path, or an exact
+        deployment-specific value (the rule is in the class docstring)."""
         if audience is None:
             raise _fail("wimse_aud_missing", "the request signature has no wimse-aud")
         if type(audience) is not str:
             raise AudienceError("wimse-aud is not a string")
         # The same refusal of dot segments, encoded slashes and the like as the
-        # WPT path: a target that could be normalised elsewhere fails closed.
+        # WPT path: a target that could be normalised elsewhere fails closed,
+        # whichever kind of audience the signature names.
         path = safe_request_path(request.target)
-        for configured in self.audiences:
-            if audience == configured or audience == configured.rstrip("/") + path:
+        if audience in self.exact_audiences:
+            return audience
+        for origin in self.audiences:
+            if audience == origin + path:
                 return audience
         raise AudienceError("wimse-aud does not name this service")
 
@@ -751,8 +850,14 @@ class HttpSignatureVerifier:
         # the cache nor burn a legitimate caller's nonce. Kept only as long as
         # the signature could be accepted (max_age caps a far-off expires), so
         # a caller cannot pin entries in the cache for long.
-        until = min(expires, created + self.max_age) + self.leeway
-        if not self.replay.check_and_store(subject, nonce, float(until)):
+        until = float(min(expires, created + self.max_age) + self.leeway)
+        namespace = replay_namespace("http-sig", subject)
+        if self._clock is None:
+            fresh = self.replay.check_and_store(namespace, nonce, until)
+        else:
+            # A pinned clock judges the entry too (custos.wimse.replay).
+            fresh = self.replay.check_and_store(namespace, nonce, until, now=self.now())
+        if not fresh:
             raise ReplayError("this nonce has been seen before")
 
     # -- requests --
@@ -807,29 +912,27 @@ class HttpSignatureVerifier:
         """Verify the server's signature on ``response`` to our signed ``request``.
 
         Returns None for an unsigned response when none is required. A signed
-        response is required when ``require_signed`` says so or, if that is
-        None, when this verifier is configured to require one or the request
-        asked with ``wimse-sign-response``. A WIMSE signature that is present is
-        always checked. ``request_nonce`` defaults to the request signature's nonce.
+        response is required when the request asked for one
+        (``wimse-sign-response``, always read from the request's signature),
+        when this verifier is configured to require one, or when
+        ``require_signed`` is true: the argument can only make the check
+        stricter, never waive what the request asked for (httpsig-06: the
+        client MUST reject an unsigned response then). A WIMSE signature that
+        is present is always checked. ``request_nonce`` defaults to the
+        request signature's nonce.
         """
         if response.status is None:
             raise _fail("component_unsupported", "verify_response needs a response")
         if request.method is None or request.target is None:
             raise _fail("component_unsupported", "request must be the request that was sent")
-        asked = False
-        if request_nonce is None or require_signed is None:
-            req_sig = request_signature_input(request)
-            asked = req_sig.params.get("wimse-sign-response") is True
-            if request_nonce is None:
-                found = req_sig.params.get("nonce")
-                if type(found) is not str:
-                    raise _fail("wimse_req_nonce_missing", "the request's signature has no nonce")
-                request_nonce = found
-        required = (
-            require_signed
-            if require_signed is not None
-            else (self.require_signed_response or asked)
-        )
+        req_sig = request_signature_input(request)
+        asked = req_sig.params.get("wimse-sign-response") is True
+        if request_nonce is None:
+            found = req_sig.params.get("nonce")
+            if type(found) is not str:
+                raise _fail("wimse_req_nonce_missing", "the request's signature has no nonce")
+            request_nonce = found
+        required = asked or self.require_signed_response or bool(require_signed)
         if not self._has_wimse_signature(response):
             if required:
                 raise _fail("signed_response_missing", "a signed response was required")
@@ -905,8 +1008,11 @@ __all__ = [
     "WIMSE_TAG",
     "Component",
     "HttpSignatureVerifier",
+    "ResponseSigner",
     "SignatureInput",
+    "SignedResponseUnavailableError",
     "Signer",
+    "SignsResponses",
     "VerifiedSignature",
     "VerifiedWitLike",
     "WitVerifierLike",

@@ -13,12 +13,25 @@ Both fail closed: when the cache cannot answer (Redis down, memory cache full
 of live entries) they raise :class:`ReplayCacheUnavailableError` instead of
 guessing "new", because a cache that says "new" when it does not know turns
 replay protection off exactly when an attacker floods it.
+
+Whose clock: ``check_and_store`` takes an optional ``now``. A verifier with a
+pinned clock (tests, the CLI's ``--now``) passes its own time, so an entry is
+judged live or expired by the same clock that judged the proof; otherwise a
+cache on the real clock would take every entry stored under a pinned past
+"now" as long expired and never see a replay. Verifiers refuse, at
+construction, a pinned clock together with a cache that cannot take ``now``
+(:func:`takes_now`).
+
+Namespaces: verifiers store ``replay_namespace(variant, subject)``, so a WPT
+``jti`` and an HTTP-signature ``nonce`` of the same value from the same sender
+are two entries, never one proof using up the other.
 """
 
 from __future__ import annotations
 
 import hashlib
 import heapq
+import inspect
 import math
 import threading
 import time
@@ -33,12 +46,62 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class ReplayCache(Protocol):
-    def check_and_store(self, namespace: str, value: str, expires_at: float) -> bool:
+    def check_and_store(
+        self, namespace: str, value: str, expires_at: float, *, now: float | None = None
+    ) -> bool:
         """Record ``value`` under ``namespace`` until ``expires_at`` (epoch seconds).
 
         Returns True when it was new, False when it had been seen (a replay).
+        ``now`` is the caller's time (a verifier's pinned clock); None means
+        the cache's own clock.
         """
         ...
+
+
+#: The replay-namespace prefix of each proof variant.
+_VARIANT_PREFIXES = {"wpt": "wpt:", "http-sig": "http-sig:"}
+
+
+def replay_namespace(variant: str, subject: str) -> str:
+    """The namespace a verifier stores its proof identifiers under.
+
+    Per sender (wpt-02 and httpsig-06 scope replay "within a sender"), and per
+    variant: ``wpt:<subject>`` for WPT ``jti`` values, ``http-sig:<subject>``
+    for signature ``nonce`` values. Neither prefix is a prefix of the other, so
+    the two variants' entries can never collide.
+    """
+    prefix = _VARIANT_PREFIXES.get(variant)
+    if prefix is None:
+        raise ValueError(f"unknown replay variant {variant!r}")
+    return prefix + subject
+
+
+def takes_now(cache: object) -> bool:
+    """Whether ``cache.check_and_store`` accepts the ``now`` keyword."""
+    method = getattr(cache, "check_and_store", None)
+    if method is None:
+        return False
+    try:
+        params = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        or (
+            p.name == "now"
+            and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        )
+        for p in params
+    )
+
+
+def check_pinned_clock(cache: object, pinned: bool) -> None:
+    """Refuse a verifier configuration whose replay cache cannot follow its pinned clock."""
+    if pinned and not takes_now(cache):
+        raise ValueError(
+            "a verifier with a pinned clock needs a replay cache whose check_and_store "
+            "takes now=; otherwise entries are judged by another clock and replays pass"
+        )
 
 
 class ReplayCacheUnavailableError(WimseError):
@@ -96,10 +159,13 @@ class MemoryReplayCache:
             self._purge(self._clock())
             return len(self._expiry)
 
-    def check_and_store(self, namespace: str, value: str, expires_at: float) -> bool:
+    def check_and_store(
+        self, namespace: str, value: str, expires_at: float, *, now: float | None = None
+    ) -> bool:
         key = _entry_key(namespace, value)
         with self._lock:
-            now = self._clock()
+            if now is None:
+                now = self._clock()
             known = self._expiry.get(key)
             if known is not None and known > now:
                 return False
@@ -149,10 +215,13 @@ class RedisReplayCache:
     def key_for(self, namespace: str, value: str) -> str:
         return self._prefix + _entry_key(namespace, value).hex()
 
-    def check_and_store(self, namespace: str, value: str, expires_at: float) -> bool:
+    def check_and_store(
+        self, namespace: str, value: str, expires_at: float, *, now: float | None = None
+    ) -> bool:
         import redis
 
-        ttl_ms = max(1, math.ceil((expires_at - self._clock()) * 1000))
+        start = self._clock() if now is None else now
+        ttl_ms = max(1, math.ceil((expires_at - start) * 1000))
         try:
             stored = self._client.set(self.key_for(namespace, value), b"1", nx=True, px=ttl_ms)
         except redis.RedisError as e:

@@ -15,9 +15,19 @@ Two wire forms:
 :class:`WptVerifier` implements every receiver check of wpt-02 section 2, each
 failure with its own stable ``code`` (:data:`WPT_ERROR_CODES`), in this order:
 the WIT (400 on failure), the proof's location, ``typ``, ``alg`` = WIT
-``cnf.jwk.alg``, signature, ``aud``, ``exp``, ``wth``, ``jti``, ``tth``,
-``oth``, ``ath``, and last the replay cache, so that only a proof that passed
-everything else can use up its ``jti``.
+``cnf.jwk.alg``, signature, ``aud``, ``exp``, ``nbf``, ``iat``, ``wth``,
+``jti``, ``tth``, ``oth``, ``ath``, and last the replay cache, so that only a
+proof that passed everything else can use up its ``jti``.
+
+Times: ``exp`` is required; ``nbf`` and ``iat`` are optional, but when present
+they are NumericDates and a proof whose ``nbf`` (``wpt_not_yet_valid``) or
+``iat`` (``wpt_iat_in_future``) lies more than the leeway ahead of now is
+refused, as RFC 7519 asks of ``nbf`` and as a proof "issued" in the future is
+no proof of anything yet. All three use the same leeway.
+
+Replay: the ``jti`` is remembered per sender and per variant
+(:func:`custos.wimse.replay.replay_namespace`) until ``exp`` + leeway, judged
+by the verifier's clock: a pinned ``now`` is passed to the cache.
 
 Audience: the expected value is a *configured* origin plus the request's path
 (query and fragment dropped), compared as exact strings; the Host and
@@ -64,7 +74,7 @@ from custos.wimse.errors import (
     WptReplayError,
 )
 from custos.wimse.http import Endpoint, HttpMessage
-from custos.wimse.replay import ReplayCache
+from custos.wimse.replay import ReplayCache, check_pinned_clock, replay_namespace
 from custos.wimse.wit import (
     DEFAULT_ASYMMETRIC,
     MAX_TOKEN_BYTES,
@@ -134,6 +144,8 @@ WPT_ERROR_CODES = frozenset(
         "wpt_missing_exp",
         "wpt_expired",
         "wpt_exp_too_far",
+        "wpt_not_yet_valid",
+        "wpt_iat_in_future",
         "wpt_missing_wth",
         "wpt_wth_mismatch",
         "wpt_missing_jti",
@@ -499,6 +511,8 @@ class WptVerifier:
             )
         self.known_other_tokens = known
         self.algorithms = frozenset(algorithms) & DEFAULT_ASYMMETRIC
+        # A pinned clock is handed to the cache with every check (replay.py).
+        check_pinned_clock(replay, now is not None)
         self._clock = now
 
     # -- the checks ---------------------------------------------------------
@@ -524,7 +538,7 @@ class WptVerifier:
         claims = jose.claims
 
         self._check_audience(claims.get("aud"), request)
-        exp = self._check_exp(claims, now)
+        exp = self._check_times(claims, now)
         wth = claims.get("wth")
         if wth is None:
             raise _fail("wpt_missing_wth", "WPT has no wth")
@@ -540,7 +554,13 @@ class WptVerifier:
         self._check_ath(claims, wire, access_token)
         # Last, so only a proof that passed every other check uses up its jti;
         # per sender (wpt-02 "Replay Protection": within the scope of a sender).
-        if not self.replay.check_and_store(str(wit.subject), jti, exp + self.leeway):
+        namespace = replay_namespace("wpt", str(wit.subject))
+        until = exp + self.leeway
+        if self._clock is None:
+            fresh = self.replay.check_and_store(namespace, jti, until)
+        else:
+            fresh = self.replay.check_and_store(namespace, jti, until, now=now)
+        if not fresh:
             raise WptReplayError("WPT jti was seen before")
         return VerifiedCaller(
             subject=wit.subject,
@@ -609,7 +629,8 @@ class WptVerifier:
         if not any(hmac.compare_digest(aud.encode(), (o + path).encode()) for o in self.origins):
             raise _fail("wpt_bad_audience", "WPT aud does not match this endpoint and path")
 
-    def _check_exp(self, claims: Mapping[str, Any], now: float) -> float:
+    def _check_times(self, claims: Mapping[str, Any], now: float) -> float:
+        """``exp`` (required), then ``nbf`` and ``iat`` (optional); returns ``exp``."""
         exp = _numeric(claims, "exp")
         if exp is None:
             raise _fail("wpt_missing_exp", "WPT has no exp")
@@ -617,6 +638,12 @@ class WptVerifier:
             raise _fail("wpt_expired", "WPT has expired")
         if exp > now + self.max_ttl + self.leeway:
             raise _fail("wpt_exp_too_far", "WPT exp is unreasonably far in the future")
+        nbf = _numeric(claims, "nbf")
+        if nbf is not None and nbf > now + self.leeway:
+            raise _fail("wpt_not_yet_valid", "WPT is not valid yet (nbf)")
+        iat = _numeric(claims, "iat")
+        if iat is not None and iat > now + self.leeway:
+            raise _fail("wpt_iat_in_future", "WPT iat is in the future")
         return exp
 
     def _check_txn_token(self, claims: Mapping[str, Any], request: HttpMessage) -> None:

@@ -10,6 +10,14 @@ WSGI merges repeated header fields into one comma-joined value, so "two
 Authorization fields" reaches us as one value with a comma; the WPT verifier
 refuses such a value (a token68 has no comma), which keeps the check
 fail-closed.
+
+Signed responses work as in :mod:`custos.wimse.asgi`: for a caller that asked
+(``wimse-sign-response``) the app's whole response -- its iterable and
+anything passed to the legacy ``write()`` -- is collected (at most
+``max_response`` bytes), signed by ``response_signer`` and only then handed to
+the server; without a signer the request is refused with 400
+``signed_response_unavailable`` before the app runs, and a response too large
+or impossible to sign becomes a 500 problem, never an unsigned success.
 """
 
 from __future__ import annotations
@@ -22,9 +30,18 @@ from urllib.parse import quote
 
 import structlog
 
-from custos.wimse.asgi import DEFAULT_MAX_BODY, BodyTooLargeError, routing_path_ok
+from custos.wimse.asgi import (
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_RESPONSE,
+    BodyTooLargeError,
+    ResponseSigningError,
+    ResponseTooLargeError,
+    declared_length,
+    routing_path_ok,
+)
 from custos.wimse.errors import MalformedRequestError, WimseError
 from custos.wimse.http import HttpMessage
+from custos.wimse.httpsig import SignedResponseUnavailableError, SignsResponses
 from custos.wimse.policy import CallerPolicy
 from custos.wimse.problem import Problem
 from custos.wimse.verifier import Caller, RequestVerifier
@@ -35,7 +52,12 @@ log = structlog.get_logger("custos.wimse")
 
 
 class WimseWSGIMiddleware:
-    """``app.wsgi_app = WimseWSGIMiddleware(app.wsgi_app, verifier, policy=...)``."""
+    """``app.wsgi_app = WimseWSGIMiddleware(app.wsgi_app, verifier, policy=...)``.
+
+    ``response_signer`` (a :class:`~custos.wimse.httpsig.ResponseSigner`)
+    signs responses for callers that ask; ``max_response`` bounds what is
+    buffered to do so.
+    """
 
     def __init__(
         self,
@@ -45,14 +67,20 @@ class WimseWSGIMiddleware:
         policy: CallerPolicy | None = None,
         max_body: int = DEFAULT_MAX_BODY,
         exempt_paths: Iterable[str] = (),
+        response_signer: SignsResponses | None = None,
+        max_response: int = DEFAULT_MAX_RESPONSE,
     ) -> None:
         if max_body < 0:
             raise ValueError("max_body must be >= 0")
+        if max_response < 0:
+            raise ValueError("max_response must be >= 0")
         self.app = app
         self.verifier = verifier
         self.policy = policy if policy is not None else CallerPolicy.allow_all()
         self.max_body = max_body
         self.exempt = frozenset(exempt_paths)
+        self.response_signer = response_signer
+        self.max_response = max_response
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if _routing_path(environ) in self.exempt:
@@ -62,18 +90,53 @@ class WimseWSGIMiddleware:
             request = _to_message(environ, body)
             caller = self.verifier.verify(request)
             self.policy.check(caller.subject, routing_path_ok(_routing_path(environ)))
+            if caller.wants_signed_response and self.response_signer is None:
+                # Refused before the app runs: nothing it does can be sent unsigned.
+                raise SignedResponseUnavailableError(
+                    "the caller asked for a signed response and none can be made here"
+                )
         except WimseError as err:
             # Only the code reaches the log and the client; tokens never do.
             log.info("wimse_request_refused", code=err.code, status=err.status)
-            problem = Problem.from_error(err)
-            payload = problem.body()
-            start_response(
-                f"{problem.status} {HTTPStatus(problem.status).phrase}",
-                [*problem.headers(), ("content-length", str(len(payload)))],
-            )
-            return [payload]
+            return _problem(start_response, err)
         environ["custos.caller"] = caller
+        if caller.wants_signed_response:
+            return self._signed(environ, start_response, request, caller)
         return self.app(environ, start_response)
+
+    def _signed(
+        self,
+        environ: dict[str, Any],
+        start_response: StartResponse,
+        request: HttpMessage,
+        caller: Caller,
+    ) -> Iterable[bytes]:
+        """Run the app, keep its whole response, sign it, then hand it on."""
+        assert self.response_signer is not None and caller.nonce is not None
+        capture = _ResponseCapture(self.max_response)
+        result = self.app(environ, capture.start_response)
+        try:
+            for chunk in result:
+                capture.write(chunk)
+                if capture.too_large:
+                    break  # nothing more is needed to know the answer
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        try:
+            response = capture.response()
+            try:
+                signed = self.response_signer.sign(
+                    response, request=request, request_nonce=caller.nonce
+                )
+            except WimseError as e:
+                raise ResponseSigningError(f"the response cannot be signed: {e.code}") from e
+        except WimseError as err:
+            log.info("wimse_response_refused", code=err.code, status=err.status)
+            return _problem(start_response, err)
+        start_response(capture.status_line, list(signed.headers))
+        return [signed.body or b""]
 
     def _read_body(self, environ: dict[str, Any]) -> bytes:
         stream = environ["wsgi.input"]
@@ -99,6 +162,56 @@ class WimseWSGIMiddleware:
         # The app reads the body again from here; it sees exactly what was verified.
         environ["wsgi.input"] = io.BytesIO(body)
         return body
+
+
+def _problem(start_response: StartResponse, err: WimseError) -> list[bytes]:
+    problem = Problem.from_error(err)
+    payload = problem.body()
+    start_response(
+        f"{problem.status} {HTTPStatus(problem.status).phrase}",
+        [*problem.headers(), ("content-length", str(len(payload)))],
+    )
+    return [payload]
+
+
+class _ResponseCapture:
+    """A ``start_response`` and ``write`` that keep the app's response instead
+    of sending it, holding at most ``limit`` body bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.status_line: str | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.too_large = False
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], None]:
+        # Nothing has been sent yet, so a later call (with exc_info, PEP 3333)
+        # simply replaces what the app said first.
+        self.status_line = status
+        self.headers = list(headers)
+        length = declared_length(self.headers)
+        self.too_large = self.size > self.limit or (length is not None and length > self.limit)
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            self.too_large = True
+            self.chunks.clear()
+        elif not self.too_large:
+            self.chunks.append(bytes(data))
+
+    def response(self) -> HttpMessage:
+        if self.too_large:
+            raise ResponseTooLargeError("the response is over the configured limit for signing")
+        status = self.status_line.split(" ", 1)[0] if self.status_line else ""
+        if not (len(status) == 3 and status.isascii() and status.isdigit()):
+            raise ResponseSigningError("the app's response cannot be signed as sent")
+        return HttpMessage.response(int(status), self.headers, b"".join(self.chunks) or None)
 
 
 def _routing_path(environ: dict[str, Any]) -> str:

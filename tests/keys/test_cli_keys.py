@@ -100,6 +100,21 @@ def test_pkcs11_verbs_with_flags(softhsm: Any, tmp_path: Path) -> None:
     exercise_store(flags, tmp_path, env=dict(softhsm.env))
 
 
+def test_pkcs11_key_uri_command(softhsm: Any) -> None:
+    flags = ["--store", "pkcs11", "--pkcs11-module", softhsm.module, "--pkcs11-uri", softhsm.uri]
+    env = dict(softhsm.env)
+    name = f"cli-{uuid.uuid4().hex[:8]}"
+    ok(custos("keys", "create", *flags, "--name", name, extra_env=env))
+    try:
+        uri = ok(custos("keys", "uri", *flags, "--name", name, extra_env=env)).strip()
+        assert uri.startswith("pkcs11:") and f"object={name}" in uri and "type=private" in uri
+        assert "pin" not in uri.lower()
+    finally:
+        ok(custos("keys", "delete", *flags, "--name", name, extra_env=env))
+    memory = custos("keys", "uri", "--store", "memory", "--name", name)
+    assert memory.returncode == 2 and "only PKCS#11" in memory.stderr
+
+
 def test_pkcs11_wrong_pin_is_clear_and_never_echoed(softhsm: Any) -> None:
     wrong = "Wr0ngPin-" + uuid.uuid4().hex[:8]
     uri = f"pkcs11:token={softhsm.token_label}?pin-value={wrong}"

@@ -133,7 +133,15 @@ def test_keys_survive_restart_in_a_new_process(
     name = unique_name("persist")
     store.create(name, "ES256")
     pub = store.public_key(name)
-    store.close()  # the TPM worker / PKCS#11 session lets go of the device
+    # A restart: this process lets go of the device before the next one starts. For
+    # the TPM it is also required, not a courtesy: swtpm (like mssim and /dev/tpm0)
+    # has no resource manager, and its three object slots are shared by every client.
+    # An open store holds the primary and, once it has signed, a cached key (two
+    # slots); the CLI needs its own primary and the key (two more), so it would fail
+    # with "object slots are exhausted". Stores within one process share one context (see
+    # test_tpm.py::test_two_stores_in_one_process_share_the_tpm); two processes need
+    # /dev/tpmrm0 or tpm2-abrmd. See docs/decisions/0010-tpm-no-resource-manager.md.
+    store.close()
     data = tmp_path / "msg"
     data.write_bytes(b"signed by another process")
     out = subprocess.run(

@@ -3,7 +3,8 @@
 The generic sign / verify / delete contract runs in test_contract.py; here: the
 RFC 7512 URI parser, what the token enforces (non-exportability), PINs, errors,
 recovery when the session or the token goes away, sharing one session between
-stores and threads, and EdDSA through CKM_EDDSA.
+stores and threads, EdDSA through CKM_EDDSA, keys replaced by another process,
+and key URIs other tools (pkcs11-tool, p11tool) can use.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import pkcs11
 import pytest
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11e
@@ -28,6 +30,7 @@ from custos.keys import (
     AuthenticationError,
     DeviceUnavailableError,
     KeyNotFoundError,
+    KeyStoreError,
     StoreConfigError,
 )
 from custos.keys.pkcs11 import Pkcs11KeyStore
@@ -550,3 +553,200 @@ def test_pin_in_the_path_part_is_refused_and_never_echoed() -> None:
     for text in (str(vendor), repr(vendor)):
         assert "SECRET1234" not in text and "SECRET5678" not in text
     assert "x-mode=fast" in str(vendor)
+
+
+# ---- a key replaced by another process -------------------------------------------------------
+
+_REPLACE_SCRIPT = """
+import json, sys
+from custos.keys.pkcs11 import Pkcs11KeyStore
+module, uri, name, alg = sys.argv[1:5]
+with Pkcs11KeyStore(module, uri) as b:
+    b.delete(name)
+    b.create(name, alg)
+    print(json.dumps(b.public_jwk(name)))
+"""
+
+
+def _replace_in_another_process(token: SoftHSMToken, name: str, alg: str) -> dict[str, str]:
+    """Store B, in a child process: delete ``name`` and create it again."""
+    import json
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _REPLACE_SCRIPT, token.module, token.uri, name, alg],
+        env={**os.environ, **token.env}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    jwk: dict[str, str] = json.loads(out.stdout)
+    return jwk
+
+
+@pytest.mark.parametrize("first", ["public_key", "sign"])
+def test_key_replaced_by_another_process_is_seen(
+    softhsm: SoftHSMToken, hsm_store: Pkcs11KeyStore, raw_session: pkcs11.Session,
+    p11name: Namer, caplog: pytest.LogCaptureFixture, first: str,
+) -> None:  # fmt: skip
+    name = p11name("repl")
+    hsm_store.create(name, "ES256")
+    old_jwk = hsm_store.public_jwk(name)
+    verify_es256(hsm_store.public_key(name), b"old", hsm_store.sign(name, b"old"))
+    new_jwk = _replace_in_another_process(softhsm, name, "ES256")
+    assert new_jwk != old_jwk
+    caplog.set_level(logging.WARNING, logger="custos.keys.pkcs11")
+    if first == "sign":
+        sig = hsm_store.sign(name, b"new")  # the cached handle is stale
+        verify_es256(hsm_store.public_key(name), b"new", sig)
+    assert hsm_store.public_key(name) == _replace_public(new_jwk)
+    assert hsm_store.public_jwk(name) == new_jwk
+    verify_es256(_replace_public(new_jwk), b"again", hsm_store.sign(name, b"again"))
+    # A stale object handle is not a lost session: no C_Finalize, so the other
+    # session in this process (raw_session) is still open.
+    assert "re-initializing" not in caplog.text
+    assert len(list(raw_session.get_objects({Attribute.LABEL: name}))) == 2
+
+
+def test_key_replaced_with_another_algorithm(
+    softhsm: SoftHSMToken, hsm_store: Pkcs11KeyStore, p11name: Namer
+) -> None:
+    name = p11name("realg")
+    hsm_store.create(name, "ES256")
+    hsm_store.sign(name, b"cache the handle")
+    new_jwk = _replace_in_another_process(softhsm, name, "EdDSA")
+    # The caller asked for an ES256 signature: not silently an EdDSA one.
+    with pytest.raises(KeyStoreError, match="replaced"):
+        hsm_store.sign(name, b"x")
+    assert hsm_store.info(name).alg is Algorithm.EdDSA
+    pub = hsm_store.public_key(name)
+    assert isinstance(pub, ed25519.Ed25519PublicKey)
+    assert hsm_store.public_jwk(name) == new_jwk
+    pub.verify(hsm_store.sign(name, b"ed"), b"ed")
+
+
+def test_public_key_after_another_process_replaced_it_with_a_fresh_store(
+    softhsm: SoftHSMToken, hsm_store: Pkcs11KeyStore, p11name: Namer
+) -> None:
+    # A second store instance in this process shares the first one's cache.
+    name = p11name("repl2")
+    hsm_store.create(name, "ES256")
+    with Pkcs11KeyStore(softhsm.module, softhsm.uri) as other:
+        old = other.public_key(name)
+        new_jwk = _replace_in_another_process(softhsm, name, "ES256")
+        new = other.public_key(name)
+        assert new != old and new == _replace_public(new_jwk)
+        verify_es256(new, b"m", other.sign(name, b"m"))
+        verify_es256(new, b"m", hsm_store.sign(name, b"m"))
+
+
+def _replace_public(jwk: dict[str, str]) -> ec.EllipticCurvePublicKey:
+    import base64
+
+    def num(v: str) -> int:
+        return int.from_bytes(base64.urlsafe_b64decode(v + "=" * (-len(v) % 4)), "big")
+
+    assert jwk["kty"] == "EC" and jwk["crv"] == "P-256"
+    return ec.EllipticCurvePublicNumbers(num(jwk["x"]), num(jwk["y"]), ec.SECP256R1()).public_key()
+
+
+# ---- RFC 7512: the store URI names a token; key_uri() names a key ---------------------------
+
+
+@pytest.mark.parametrize("attr", ["object=k", "id=%01%02", "type=private", "object=k;type=private"])
+def test_key_attributes_in_the_store_uri_are_refused(softhsm: SoftHSMToken, attr: str) -> None:
+    uri = f"pkcs11:token={softhsm.token_label};{attr}?pin-value={softhsm.pin}"
+    with pytest.raises(StoreConfigError, match="by name") as info:
+        Pkcs11KeyStore(softhsm.module, uri)
+    assert softhsm.pin not in str(info.value)
+
+
+def test_library_attributes_are_matched(softhsm: SoftHSMToken, hsm_store: Pkcs11KeyStore) -> None:
+    from urllib.parse import quote
+
+    lib = pkcs11.lib(os.path.realpath(softhsm.module))
+    major, minor = lib.library_version
+    manufacturer = quote(lib.manufacturer_id, safe="")
+    description = quote(lib.library_description, safe="")
+    base = f"pkcs11:token={softhsm.token_label}"
+    pin = f"?pin-value={softhsm.pin}"
+    good = (
+        f"{base};library-manufacturer={manufacturer};library-description={description};"
+        f"library-version={major}.{minor}{pin}"
+    )
+    with Pkcs11KeyStore(softhsm.module, good) as store:
+        store.list()
+    for bad in (
+        f"library-version={major + 7}.{minor}",
+        f"library-version={major}.{minor + 1}",
+        "library-manufacturer=Someone%20Else",
+        "library-description=Another%20library",
+    ):
+        with pytest.raises(StoreConfigError, match="module") as info:
+            Pkcs11KeyStore(softhsm.module, f"{base};{bad}{pin}")
+        assert softhsm.pin not in str(info.value)
+    if minor == 0:
+        with Pkcs11KeyStore(softhsm.module, f"{base};library-version={major}{pin}") as store:
+            store.list()  # "M" means "M.0" (RFC 7512)
+    else:
+        with pytest.raises(StoreConfigError, match="library-version"):
+            Pkcs11KeyStore(softhsm.module, f"{base};library-version={major}{pin}")
+
+
+def test_key_uri_round_trips_and_other_tools_find_the_key(
+    softhsm: SoftHSMToken, tmp_path: Path
+) -> None:
+    import dataclasses
+    import shutil
+
+    token = softhsm.new_token(fresh_label("uri; x%"))  # characters that need escaping
+    with Pkcs11KeyStore(token.module, token.uri) as store:
+        store.create("k.1", "ES256")
+        store.create("k.2", "EdDSA")
+        with pytest.raises(KeyNotFoundError):
+            store.key_uri("no-such-key")
+        text = store.key_uri("k.1")
+        assert token.pin not in text and "pin-value" not in text
+        uri = Pkcs11Uri.parse(text)
+        assert uri.object == "k.1" and uri.type == "private"
+        assert uri.token == token.token_label and uri.id is None
+        assert uri.serial and uri.manufacturer and uri.model
+        assert uri.pin_value is None and uri.pin_source is None
+        assert Pkcs11Uri.parse(str(uri)) == uri
+        # Its token part, with a PIN, opens a store that sees the key.
+        token_part = str(dataclasses.replace(uri, object=None, type=None))
+        with Pkcs11KeyStore(token.module, f"{token_part}?pin-value={token.pin}") as again:
+            public = again.public_key("k.1")
+            verify_es256(public, b"m", store.sign("k.1", b"m"))
+
+    env = {**os.environ, **token.env}
+    # pkcs11-tool (no URI support) shows the key under the URI's token and object label.
+    assert uri.token is not None and uri.object is not None
+    out = subprocess.run(
+        ["pkcs11-tool", "--module", token.module, "--login", "--pin", token.pin,
+         "--token-label", uri.token, "--list-objects", "--type", "privkey"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    labels = [
+        b for b in out.stdout.split("Private Key Object") if f"label:      {uri.object}\n" in b
+    ]
+    assert len(labels) == 1, out.stdout
+    # p11tool (GnuTLS/p11-kit) takes the URI itself and finds exactly that key.
+    if shutil.which("p11tool") is None:
+        pytest.skip("p11tool (gnutls-bin) is not installed")
+    out = subprocess.run(
+        ["p11tool", "--provider", token.module, "--login", "--list-all", text],
+        env={**env, "GNUTLS_PIN": token.pin}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("Object ") == 1, out.stdout
+    assert "Label: k.1\n" in out.stdout and "Private key" in out.stdout
+    # ...signs with it, and exports the same public key the store reports
+    # (--outfile: printing to the screen makes p11tool pause 3 s).
+    pem = tmp_path / "k.1.pem"
+    for args in (["--test-sign"], ["--export-pubkey", "--outfile", str(pem)]):
+        out = subprocess.run(
+            ["p11tool", "--provider", token.module, "--login", *args, text],
+            env={**env, "GNUTLS_PIN": token.pin}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+    assert serialization.load_pem_public_key(pem.read_bytes()) == public

@@ -8,6 +8,10 @@ format, handle hygiene under errors, device loss, and tpm_info.
 from __future__ import annotations
 
 import gc
+import os
+import random
+import selectors
+import socket
 import stat
 import subprocess
 import sys
@@ -38,6 +42,7 @@ from tpm2_pytss.constants import (
 )
 from tpm2_pytss.tsskey import TSSPrivKey, _parent_ecc_template
 from tpm2_pytss.types import (
+    TPM2B_AUTH,
     TPM2B_DATA,
     TPM2B_DIGEST,
     TPM2B_PUBLIC,
@@ -65,6 +70,7 @@ from custos.keys.tpm import (
     BadKeyBlobError,
     TpmError,
     TpmKeyStore,
+    TpmSlotsExhaustedError,
     key_template,
 )
 from custos.testing.swtpm import SwtpmInstance, free_port_pair
@@ -99,6 +105,125 @@ def transient_handles(tcti: str) -> list[int]:
     with ESAPI(tcti) as ectx:
         _more, cap = ectx.get_capability(TPM2_CAP.HANDLES, TPM2_HT.TRANSIENT << 24, 64)
         return [int(h) for h in cap.data.handles]
+
+
+def transient_names(tcti: str) -> dict[int, bytes]:
+    """Every transient object in the TPM, by handle, with its name (read, not flushed)."""
+    out = {}
+    with ESAPI(tcti) as ectx:
+        _more, cap = ectx.get_capability(TPM2_CAP.HANDLES, TPM2_HT.TRANSIENT << 24, 64)
+        for handle in cap.data.handles:
+            tr = ectx.tr_from_tpmpublic(handle)
+            out[int(handle)] = bytes(ectx.tr_get_name(tr))
+            ectx.tr_close(tr)
+    return out
+
+
+def key_name(store: TpmKeyStore, name: str) -> bytes:
+    """The TPM name of a key (nameAlg || hash of its public area), from its blob."""
+    return bytes(TSSPrivKey.from_pem(store.key_path(name).read_bytes()).public.get_name())
+
+
+class FlakyLink:
+    """A TCP relay in front of swtpm that can drop commands: a transport fault, swtpm stays up.
+
+    swtpm's TCTI opens one connection per command on port P (and uses P+1 for
+    control), so the relay forwards both; ``drop(n)`` makes the next ``n`` command
+    connections close after reading the command and before forwarding it - the
+    client sees TCTI_RC_IO_ERROR, and the TPM never sees the command.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = upstream_port
+        self._drop = 0
+        self._lock = threading.Lock()
+        self._listeners: list[socket.socket] = []
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(20000, 32000, 2)
+            try:
+                pair = [self._listen(port), self._listen(port + 1)]
+            except OSError:
+                for s in self._listeners:
+                    s.close()
+                self._listeners = []
+                continue
+            self.port = port
+            for offset, listener in enumerate(pair):
+                threading.Thread(target=self._serve, args=(listener, offset), daemon=True).start()
+            return
+        raise RuntimeError("no free port pair for the relay")
+
+    def _listen(self, port: int) -> socket.socket:
+        s = socket.socket()
+        self._listeners.append(s)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen(32)
+        return s
+
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:host=127.0.0.1,port={self.port}"
+
+    def drop(self, n: int = 1) -> None:
+        with self._lock:
+            self._drop += n
+
+    def close(self) -> None:
+        for s in self._listeners:
+            s.close()
+
+    def _serve(self, listener: socket.socket, offset: int) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                drop = offset == 0 and self._drop > 0
+                if drop:
+                    self._drop -= 1
+            if drop:
+                client.recv(65536)
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream + offset))
+            except OSError:
+                client.close()  # swtpm is down: so is the link
+                continue
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(a, selectors.EVENT_READ, b)
+        sel.register(b, selectors.EVENT_READ, a)
+        try:
+            while True:
+                for key, _ in sel.select():
+                    data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+                    if not data:
+                        return
+                    key.data.sendall(data)
+        except OSError:
+            return
+        finally:
+            sel.close()
+            a.close()
+            b.close()
+
+
+def run_cli_sign(
+    tcti: str, key_dir: Path, name: str, data: Path
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, CUSTOS_TCTI=tcti, CUSTOS_KEY_DIR=str(key_dir))
+    return subprocess.run(
+        [sys.executable, "-m", "custos", "keys", "sign", "--store", "tpm", "--name", name,
+         "--input", str(data)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
 
 
 def tpm2_tools_transients(tcti: str) -> list[str]:
@@ -457,9 +582,10 @@ def test_object_slots_taken_by_another_client(
                 assert len(transient_handles(tpm.tcti)) == 2  # ours: the primary
                 # With nothing of ours left to flush, the error says what happened.
                 theirs.append(their_object(other))
-                with pytest.raises(TpmError, match="no free object slot") as full:
+                with pytest.raises(TpmSlotsExhaustedError, match="slots are exhausted") as full:
                     store.sign("a", b"a")
-                assert full.value.code == "tpm_error"
+                assert isinstance(full.value, TpmError) and full.value.code == "tpm_error"
+                assert "only one process" in full.value.message
                 assert len(transient_handles(tpm.tcti)) == 3  # nothing leaked
             finally:
                 for handle in theirs:
@@ -502,6 +628,174 @@ def test_load_error_message_names_the_key(swtpm: SwtpmInstance, tpm_store: TpmKe
         tpm_store.sign("broken", b"x")
 
 
+@pytest.mark.parametrize("then", ["sign", "close"])
+def test_one_transport_error_with_the_tpm_still_up_leaks_no_handle(
+    swtpm_factory: Callable[..., SwtpmInstance], tmp_path: Path, then: str
+) -> None:
+    """An I/O error is taken as device loss, but swtpm may still hold our objects.
+
+    Without a resource manager they would hold two of its three slots for good:
+    every later signature failed with "no free object slot", and close() left them.
+    """
+    tpm = swtpm_factory()
+    link = FlakyLink(tpm.port)
+    store = TpmKeyStore(tcti=link.tcti, key_dir=tmp_path / "keys")
+    try:
+        store.create("k", "ES256")
+        for i in range(10):
+            store.sign("k", i.to_bytes(2, "big"))
+        assert len(transient_handles(tpm.tcti)) == 2  # primary + k
+        link.drop(1)
+        with pytest.raises(DeviceUnavailableError, match="lost the TPM"):
+            store.sign("k", b"dropped")
+        assert len(transient_handles(tpm.tcti)) == 2  # still there: swtpm never went away
+        if then == "sign":
+            for i in range(100):
+                msg = b"after %d" % i
+                verify_es(store, "k", msg, store.sign("k", msg))
+            assert len(transient_handles(tpm.tcti)) == 2  # the new primary + k, nothing doubled
+    finally:
+        store.close()
+        link.close()
+    assert transient_handles(tpm.tcti) == []
+    assert tpm2_tools_transients(tpm.tcti) == []
+
+
+def test_failed_primary_recreation_does_not_wedge_the_store(
+    swtpm_factory: Callable[..., SwtpmInstance], tmp_path: Path
+) -> None:
+    """The primary is lost (unseen restart) and cannot be made again for a while.
+
+    Here the owner hierarchy gets a password meanwhile; the store must keep
+    answering with custos errors (was: a raw TypeError from ESAPI on every call,
+    for good) and recover once the primary can be created again.
+    """
+    tpm = swtpm_factory()
+    store = TpmKeyStore(tcti=tpm.tcti, key_dir=tmp_path / "keys")
+    try:
+        store.create("k", "ES256")
+        store.sign("k", b"load k")
+        tpm.restart()  # unseen: swtpm's TCTI connects per command
+        with ESAPI(tpm.tcti) as other:
+            other.hierarchy_change_auth(ESYS_TR.OWNER, TPM2B_AUTH(b"owner-secret"))
+        for _ in range(3):
+            with pytest.raises(TpmError, match="storage primary"):
+                store.sign("k", b"no primary")
+        with pytest.raises(KeyStoreError):
+            store.create("k2", "ES256")
+        with ESAPI(tpm.tcti) as other:
+            other.tr_set_auth(ESYS_TR.OWNER, TPM2B_AUTH(b"owner-secret"))
+            other.hierarchy_change_auth(ESYS_TR.OWNER, TPM2B_AUTH(b""))
+        verify_es(store, "k", b"recovered", store.sign("k", b"recovered"))
+        store.create("k2", "ES256")
+        verify_es(store, "k2", b"k2", store.sign("k2", b"k2"))
+        assert len(transient_handles(tpm.tcti)) == 2
+    finally:
+        store.close()
+    assert transient_handles(tpm.tcti) == []
+
+
+def test_delete_while_other_threads_sign_leaves_no_loaded_key(
+    swtpm_factory: Callable[..., SwtpmInstance], tmp_path: Path
+) -> None:
+    """A signature racing delete() must not reload the key and keep it loaded after."""
+    tpm = swtpm_factory()
+    store = TpmKeyStore(tcti=tpm.tcti, key_dir=tmp_path / "keys")
+    try:
+        for rnd in range(8):
+            name = f"doomed-{rnd}"
+            store.create(name, "ES256")
+            doomed = key_name(store, name)
+            store.sign(name, b"load it")
+            deleted = threading.Event()
+            errors: list[BaseException] = []
+            signed = [0]
+
+            def signer(
+                name: str, deleted: threading.Event, errors: list[BaseException], signed: list[int]
+            ) -> None:
+                while not deleted.is_set():
+                    try:
+                        store.sign(name, b"racing")
+                        signed[0] += 1
+                    except KeyNotFoundError:
+                        return
+                    except BaseException as e:  # noqa: BLE001 - asserted below
+                        errors.append(e)
+                        return
+
+            threads = [
+                threading.Thread(target=signer, args=(name, deleted, errors, signed))
+                for _ in range(4)
+            ]
+            for th in threads:
+                th.start()
+            while signed[0] < 8:
+                threading.Event().wait(0.001)
+            store.delete(name)
+            deleted.set()
+            for th in threads:
+                th.join()
+            assert not errors, errors[:3]
+            # Checked before anything names the key again (a failing call would flush it).
+            assert doomed not in transient_names(tpm.tcti).values(), f"round {rnd}"
+            with pytest.raises(KeyNotFoundError):
+                store.sign(name, b"after delete")
+            assert len(transient_handles(tpm.tcti)) == 1  # the primary alone
+    finally:
+        store.close()
+    assert transient_handles(tpm.tcti) == []
+
+
+def test_two_stores_in_one_process_share_the_tpm(
+    swtpm_factory: Callable[..., SwtpmInstance], tmp_path: Path
+) -> None:
+    """`custos dev`: server and agent in one process on one swtpm (no resource manager)."""
+    tpm = swtpm_factory()
+    a = TpmKeyStore(tcti=tpm.tcti, key_dir=tmp_path / "a")
+    b = TpmKeyStore(tcti=tpm.tcti, key_dir=tmp_path / "b")
+    try:
+        a.create("k", "ES256")  # the same name in both stores: two different keys
+        b.create("k", "ES384")
+        for i in range(50):
+            for store in (a, b):
+                msg = f"{store.key_dir.name}:{i}".encode()
+                verify_es(store, "k", msg, store.sign("k", msg))
+        assert len(transient_handles(tpm.tcti)) <= 2  # one primary, one loaded key
+        a.close()
+        with pytest.raises(KeyStoreError, match="closed"):
+            a.sign("k", b"x")
+        verify_es(b, "k", b"b alone", b.sign("k", b"b alone"))
+        assert len(transient_handles(tpm.tcti)) == 2
+    finally:
+        a.close()
+        b.close()
+    assert transient_handles(tpm.tcti) == []
+
+
+def test_a_second_process_without_resource_manager_is_told_why(
+    swtpm_factory: Callable[..., SwtpmInstance], tmp_path: Path
+) -> None:
+    """swtpm has three object slots for every client: one process at a time (decision 0010)."""
+    tpm = swtpm_factory()
+    store = TpmKeyStore(tcti=tpm.tcti, key_dir=tmp_path / "keys")
+    data = tmp_path / "msg"
+    data.write_bytes(b"from another process")
+    try:
+        store.create("k", "ES256")
+        store.sign("k", b"load k")  # ours: primary + k, two of the three slots
+        out = run_cli_sign(tpm.tcti, store.key_dir, "k", data)
+        assert out.returncode == 1
+        assert "object slots are exhausted" in out.stderr
+        assert "only one process" in out.stderr and "/dev/tpmrm0" in out.stderr
+        assert len(transient_handles(tpm.tcti)) == 2  # the other process left nothing behind
+    finally:
+        store.close()
+    out = run_cli_sign(tpm.tcti, tmp_path / "keys", "k", data)
+    assert out.returncode == 0, out.stderr
+    assert transient_handles(tpm.tcti) == []
+
+
 # ---- device loss ----------------------------------------------------------------
 
 
@@ -535,6 +829,45 @@ def test_device_loss_then_recovery_without_losing_keys(
         # the cached primary handle is stale and must be re-created, not trusted.
         tpm.restart()
         verify_es(store, "survivor", b"after restart", store.sign("survivor", b"after restart"))
+        assert len(transient_handles(tpm.tcti)) == 2
+    finally:
+        store.close()
+    assert transient_handles(tpm.tcti) == []
+
+
+def test_unseen_restart_never_flushes_another_clients_objects(
+    swtpm_factory: Callable[..., SwtpmInstance], tmp_path: Path
+) -> None:
+    """After a TPM restart our old handle numbers may be someone else's: close, never flush."""
+    tpm = swtpm_factory()
+    store = TpmKeyStore(tcti=tpm.tcti, key_dir=tmp_path / "keys")
+    try:
+        store.create("k", "ES256")
+        store.sign("k", b"load k")  # ours: 0x80000000 (primary) and 0x80000001 (k)
+        tpm.restart()  # unseen: swtpm's TCTI connects per command
+        with ESAPI(tpm.tcti) as other:
+            theirs = [
+                other.create_primary(
+                    TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=PARENT_TEMPLATE),
+                    ESYS_TR.OWNER,
+                )[0]
+                for _ in range(2)
+            ]
+            their_handles = sorted(int(other.tr_get_tpm_handle(h)) for h in theirs)
+            assert their_handles == sorted(transient_handles(tpm.tcti))  # our old numbers
+            try:
+                # Our primary takes the last slot; k finds none: a clear error ...
+                with pytest.raises(TpmSlotsExhaustedError):
+                    store.sign("k", b"k")
+                # ... and their objects are all still there (not flushed, nothing of
+                # ours loaded in their place).
+                their_name = bytes(other.tr_get_name(theirs[0]))
+                names = transient_names(tpm.tcti)
+                assert [names.get(h) for h in their_handles] == [their_name, their_name]
+            finally:
+                for h in theirs:
+                    other.flush_context(h)
+        verify_es(store, "k", b"k", store.sign("k", b"k"))
         assert len(transient_handles(tpm.tcti)) == 2
     finally:
         store.close()

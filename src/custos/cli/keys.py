@@ -138,3 +138,15 @@ def delete(store: KeyStore, name: str) -> None:
     """Destroy the key."""
     store.delete(name)
     click.echo(f"deleted {name}")
+
+
+@keys.command()
+@store_options
+@click.option("--name", required=True)
+def uri(store: KeyStore, name: str) -> None:
+    """Print the key's RFC 7512 URI (PKCS#11 only; no PIN) for other PKCS#11 tools."""
+    from custos.keys.pkcs11 import Pkcs11KeyStore
+
+    if not isinstance(store, Pkcs11KeyStore):
+        raise click.UsageError("only PKCS#11 keys have a pkcs11: URI")
+    click.echo(store.key_uri(name))

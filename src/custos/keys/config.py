@@ -2,18 +2,35 @@
 
 Settings come from explicit values, then ``CUSTOS_*`` environment variables,
 then defaults — the same precedence the CLI flags use.
+
+``pkcs11_uri`` may carry the token PIN (``pin-value=``).  It is kept as given
+(``config.pkcs11_uri``, ``model_dump()``) but never shown: ``repr()``/``str()``
+and ``model_dump_json()`` print it with the PIN replaced by ``REDACTED`` (as
+pydantic does for ``SecretStr``), and validation errors carry no input values
+at all (not in ``str()``, nor in ``errors()`` / ``json()``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_serializer,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from custos.keys.base import KeyStore
 from custos.keys.errors import StoreConfigError
+from custos.keys.pkcs11_uri import redact
 
 StoreKind = Literal["tpm", "pkcs11", "memory", "exportable"]
 
@@ -22,7 +39,9 @@ DEFAULT_KEY_DIR = Path("/var/lib/custos/keys")
 
 
 class KeyStoreConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: str(ValidationError) would otherwise quote inputs, and a
+    # "field required" error quotes the whole input, PKCS#11 URI (and PIN) included.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     store: StoreKind
     tcti: str = Field(default=DEFAULT_TCTI, description="TPM TCTI: device:, swtpm:, tabrmd:")
@@ -35,6 +54,26 @@ class KeyStoreConfig(BaseModel):
         le=16,
         description="signing keys the TPM store keeps loaded between calls (0: load per call)",
     )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _no_inputs_in_errors(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """Strip the inputs from errors(): hide_input_in_errors only hides them from str()."""
+        try:
+            return handler(data)
+        except ValidationError as e:
+            raise _without_inputs(e) from None
+
+    @field_serializer("pkcs11_uri", when_used="json")
+    def _uri_for_json(self, uri: str | None) -> str | None:
+        return None if uri is None else redact(uri)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # Used by both repr() and str() of a pydantic model.
+        for name, value in super().__repr_args__():
+            if name == "pkcs11_uri" and isinstance(value, str):
+                value = redact(value)
+            yield name, value
 
     @classmethod
     def from_env(cls, store: str, **explicit: object) -> KeyStoreConfig:
@@ -52,6 +91,32 @@ class KeyStoreConfig(BaseModel):
             return cls(store=store, **values)  # type: ignore[arg-type]
         except ValidationError as e:
             raise StoreConfigError(f"invalid key store configuration: {e}") from e
+
+
+def _without_inputs(e: ValidationError) -> ValidationError:
+    """The same errors (types, locations, messages) with every input value replaced."""
+    errors = e.errors(include_url=False, include_input=False, include_context=True)
+    try:
+        return ValidationError.from_exception_data(
+            e.title,
+            [
+                InitErrorDetails(type=err["type"], loc=err["loc"], input="<hidden>",
+                                 ctx=err.get("ctx", {}))
+                for err in errors
+            ],
+            hide_input=True,
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError):
+        # A custom error type pydantic cannot rebuild by name: keep its message.
+        return ValidationError.from_exception_data(
+            e.title,
+            [
+                InitErrorDetails(type=PydanticCustomError(err["type"], err["msg"]),
+                                 loc=err["loc"], input="<hidden>")
+                for err in errors
+            ],
+            hide_input=True,
+        )  # fmt: skip
 
 
 def open_key_store(config: KeyStoreConfig) -> KeyStore:

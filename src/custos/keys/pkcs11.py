@@ -13,9 +13,24 @@ Keys
     never pairs with a stale object another tool left behind).
 
 Finding keys
-    By label.  The algorithm is recovered from the token after a restart:
-    key type + ``CKA_EC_PARAMS`` (curve OID) for EC / Ed25519, allowed
-    mechanisms for RSA.  Algorithms and public keys are cached in memory.
+    By label: the store's URI names the token, a key is named by its
+    ``CKA_LABEL``.  ``object=``, ``id=`` and ``type=`` in the store's URI are
+    refused; :meth:`Pkcs11KeyStore.key_uri` gives the RFC 7512 URI of one key
+    for other tools.  The algorithm is recovered from the token after a
+    restart: key type + ``CKA_EC_PARAMS`` (curve OID) for EC / Ed25519, allowed
+    mechanisms for RSA.  Algorithms, public keys and key handles are cached in
+    memory together with the key's ``CKA_ID``.
+
+Keys replaced behind our back
+    Another process (or tool) may delete a key and create a new one under the
+    same name.  ``public_key()`` / ``public_jwk()`` always search the token and
+    compare ``CKA_ID`` with the cached one, rebuilding the cached metadata when
+    it differs.  ``sign()`` keeps to its cached handle (no extra call); a stale
+    handle (``CKR_OBJECT_HANDLE_INVALID`` / ``CKR_KEY_HANDLE_INVALID``) drops the
+    cached handles and searches again, without touching the module or other
+    sessions.  If the new key has another algorithm, the signature is refused
+    (the caller asked for the old one); the next call sees the new algorithm.
+    ``info()`` answers from the cache until then.
 
 Sessions and threads
     SoftHSM under python-pkcs11 crashes with concurrent sessions (measured),
@@ -37,9 +52,9 @@ Libraries
 Recovery
     A lost session or token (``CKR_SESSION_HANDLE_INVALID``,
     ``CKR_SESSION_CLOSED``, ``CKR_DEVICE_REMOVED``, ``CKR_TOKEN_NOT_PRESENT``,
-    ``CKR_DEVICE_ERROR``, ``CKR_GENERAL_ERROR``, stale object handles...)
-    triggers one ``C_Finalize``/``C_Initialize`` of the library, a new session,
-    a new login and one retry.  Re-initializing, not just reopening a session:
+    ``CKR_DEVICE_ERROR``, ``CKR_GENERAL_ERROR``...) triggers one
+    ``C_Finalize``/``C_Initialize`` of the library, a new session, a new login
+    and one retry.  Re-initializing, not just reopening a session:
     SoftHSM keeps failing with ``CKR_GENERAL_ERROR`` after its token directory
     disappears and returns, until it is re-initialized (measured).  If the
     token is still absent the call raises :class:`DeviceUnavailableError`; the
@@ -103,6 +118,7 @@ from custos.keys.errors import (
     StoreConfigError,
     UnsupportedAlgorithmError,
 )
+from custos.keys.jwk import public_jwk
 from custos.keys.pkcs11_uri import Pkcs11Uri
 
 log = logging.getLogger(__name__)
@@ -118,10 +134,12 @@ _LOST: tuple[type[Exception], ...] = (
     p11e.TokenNotPresent,
     p11e.TokenNotRecognised,
     p11e.GeneralError,
-    p11e.ObjectHandleInvalid,
-    p11e.KeyHandleInvalid,
     p11e.UserNotLoggedIn,
 )
+# A handle whose object is gone (deleted, maybe re-created, by someone else): forget the
+# cached handles and search again. Not a lost session: re-initializing would drop every
+# session this process has on the library.
+_STALE: tuple[type[Exception], ...] = (p11e.ObjectHandleInvalid, p11e.KeyHandleInvalid)
 _BAD_PIN: tuple[type[Exception], ...] = (
     p11e.PinIncorrect,
     p11e.PinInvalid,
@@ -213,16 +231,21 @@ class _Pin:
 class _KeyMeta:
     info: KeyInfo
     public_key: PublicKeyTypes
+    key_id: bytes  # CKA_ID: tells a re-created key of the same name from the cached one
 
 
 class _TokenLink:
     """The one logged-in session this process keeps on one token, shared by its stores."""
 
-    def __init__(self, module: _Module, uri: Pkcs11Uri, pin: _Pin, label: str) -> None:
+    def __init__(self, module: _Module, uri: Pkcs11Uri, pin: _Pin, token: pkcs11.Token) -> None:
         self.module = module
         self.uri = uri
         self.pin = pin
-        self.label = label
+        # What identifies the token in an RFC 7512 URI (key_uri()).
+        self.label: str = token.label
+        self.manufacturer: str = token.manufacturer_id
+        self.model: str = token.model
+        self.serial: str = token.serial.decode("ascii", "replace")
         self.session: pkcs11.Session | None = None
         self.refs = 0
         self.auth_failed = False
@@ -289,6 +312,22 @@ class _Module:
                 f"re-initializing PKCS#11 module {self.path} failed ({type(e).__name__})"
             ) from e
 
+    def check_library(self, uri: Pkcs11Uri) -> None:
+        """The URI's library-* attributes against C_GetInfo (RFC 7512: all must match)."""
+        lib: Any = self.lib
+        major, minor = lib.library_version
+        wanted = (
+            ("library-manufacturer", uri.library_manufacturer, lib.manufacturer_id),
+            ("library-description", uri.library_description, lib.library_description),
+            ("library-version", _version(uri.library_version), f"{major}.{minor}"),
+        )
+        for name, want, have in wanted:
+            if want is not None and want != have:
+                # A module does not change while it is loaded: configuration, not absence.
+                raise StoreConfigError(
+                    f"PKCS#11 module {self.path} has {name} {have!r}; the URI asks for {want!r}"
+                )
+
     def find_token(self, uri: Pkcs11Uri, *, reinit_on_miss: bool) -> pkcs11.Token:
         found = self._matching_tokens(uri)
         if not found and reinit_on_miss:
@@ -307,12 +346,8 @@ class _Module:
         return found[0]
 
     def _matching_tokens(self, uri: Pkcs11Uri) -> list[pkcs11.Token]:
+        # The library-* attributes are checked once, by check_library().
         lib: Any = self.lib
-        if uri.library_manufacturer is not None and lib.manufacturer_id != uri.library_manufacturer:
-            return []
-        description = uri.library_description
-        if description is not None and lib.library_description != description:
-            return []
         found = []
         for slot in lib.get_slots(token_present=True):
             if uri.slot_id is not None and slot.slot_id != uri.slot_id:
@@ -352,7 +387,7 @@ class _Module:
             # Opening a store is a deliberate new attempt: lift a refused-PIN latch.
             link.auth_failed = False
         else:
-            link = _TokenLink(self, uri, pin, token.label)
+            link = _TokenLink(self, uri, pin, token)
             link.session = _login(token, pin)
             self.links[key] = link
         link.refs += 1
@@ -404,6 +439,19 @@ class Pkcs11KeyStore(KeyStore):
     def __init__(self, module: str, uri: str) -> None:
         self._uri = Pkcs11Uri.parse(uri)
         self._module_arg = module
+        key_attributes = [
+            name
+            for name, value in (("object", self._uri.object), ("id", self._uri.id),
+                                ("type", self._uri.type))
+            if value is not None
+        ]  # fmt: skip
+        if key_attributes:
+            raise StoreConfigError(
+                "the PKCS#11 store's URI names a token, not a key: keys are selected by name "
+                "(--name, the CKA_LABEL); remove "
+                + ", ".join(f"{name}=" for name in key_attributes)
+                + " from it (Pkcs11KeyStore.key_uri(name) gives one key's URI)"
+            )
         if self._uri.module_path is not None and os.path.realpath(
             self._uri.module_path
         ) != os.path.realpath(module):
@@ -419,6 +467,7 @@ class Pkcs11KeyStore(KeyStore):
         self._pin = _Pin(pin)
         self._link: _TokenLink | None = None
         self._module = _load_module(module)
+        self._module.check_library(self._uri)
         # Connect now so a wrong PIN or an absent token shows at startup, not at first use.
         with self._module.lock:
             self._attached()
@@ -442,12 +491,22 @@ class Pkcs11KeyStore(KeyStore):
     def _run(self, op: Callable[[_TokenLink, pkcs11.Session], T]) -> T:
         with self._module.lock:
             link = self._attached()
-            for attempt in (0, 1):
+            reinitialized = refound = False
+            while True:
                 try:
-                    session = link.ensure_session(reinit_on_miss=attempt == 0)
+                    session = link.ensure_session(reinit_on_miss=not reinitialized)
                     return op(link, session)
+                except _STALE as e:
+                    # An object went away under a cached handle: search again, once.
+                    if refound:
+                        raise KeyStoreError(
+                            f"PKCS#11 token {link.label!r}: objects keep vanishing "
+                            f"({type(e).__name__})"
+                        ) from e
+                    refound = True
+                    link.handles.clear()
                 except _LOST as e:
-                    if attempt == 1:
+                    if reinitialized:
                         raise DeviceUnavailableError(
                             f"PKCS#11 token {link.label!r} is unavailable ({type(e).__name__})"
                         ) from e
@@ -456,15 +515,16 @@ class Pkcs11KeyStore(KeyStore):
                         link.label,
                         type(e).__name__,
                     )
+                    reinitialized = True
                     self._module.reinitialize()
                 except p11e.PKCS11Error as e:
-                    if _not_initialized(e) and attempt == 0:
+                    if _not_initialized(e) and not reinitialized:
+                        reinitialized = True
                         self._module.reinitialize()
                         continue
                     raise KeyStoreError(
                         f"PKCS#11 call on token {link.label!r} failed ({type(e).__name__})"
                     ) from e
-            raise AssertionError("unreachable")  # pragma: no cover
 
     # ---- KeyStore primitives ------------------------------------------------------
 
@@ -473,10 +533,10 @@ class Pkcs11KeyStore(KeyStore):
             existing = list(session.get_objects({Attribute.LABEL: name}))
             if any(o.object_class in _KEY_CLASSES for o in existing):
                 raise KeyExistsError(f"a key named {name!r} already exists on the token")
-            public, private = _generate(session, name, alg)
+            public, private, key_id = _generate(session, name, alg)
             info = KeyInfo(name, alg, self.kind)
             link.handles[name] = private
-            link.meta[name] = _KeyMeta(info, _public_key_of(public, alg))
+            link.meta[name] = _KeyMeta(info, _public_key_of(public, alg), key_id)
             return info
 
         return self._run(op)
@@ -493,7 +553,10 @@ class Pkcs11KeyStore(KeyStore):
             _probe(session)  # an absent SoftHSM token lists as empty: do not believe it
             out = []
             for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})):
-                label = obj[Attribute.LABEL]
+                try:
+                    label = obj[Attribute.LABEL]
+                except _STALE:
+                    continue  # deleted by someone else since the search
                 try:
                     check_key_name(label)
                     alg = _algorithm_of(obj)
@@ -521,31 +584,68 @@ class Pkcs11KeyStore(KeyStore):
 
         self._run(op)
 
+    def _current(self, name: str) -> _KeyMeta:
+        """The key named ``name`` on the token now (not from the cache): one search."""
+        return self._run(lambda link, session: _find(link, session, name)[1])
+
     def _public_key(self, info: KeyInfo) -> PublicKeyTypes:
+        return self._current(info.name).public_key
+
+    def public_key(self, name: str) -> PublicKeyTypes:
+        """The public key of the key named ``name`` on the token now (it may have been replaced)."""
+        return self._current(check_key_name(name)).public_key
+
+    def public_jwk(self, name: str) -> dict[str, Any]:
+        meta = self._current(check_key_name(name))
+        return public_jwk(meta.public_key, meta.info.alg)
+
+    def key_uri(self, name: str) -> str:
+        """The RFC 7512 URI of key ``name``'s private key, for other PKCS#11 tools.
+
+        Token attributes as the token reports them, ``object=`` the name and
+        ``type=private``; no PIN, no ``id`` (the name identifies the key; its
+        CKA_ID changes when it is re-created).
+        """
+        info = self.info(name)  # KeyNotFoundError if there is no such key
         with self._module.lock:
-            meta = self._attached().meta.get(info.name)
-        if meta is not None:
-            return meta.public_key
-        return self._run(lambda link, session: _find(link, session, info.name)[1].public_key)
+            link = self._attached()
+            uri = Pkcs11Uri(
+                token=link.label,
+                manufacturer=link.manufacturer,
+                model=link.model,
+                serial=link.serial,
+                object=info.name,
+                type="private",
+            )
+        return str(uri)
 
     def _sign_digest(self, info: KeyInfo, hashed: bytes) -> bytes:
         plan = _DIGEST_PLANS.get(info.alg)
         if plan is None:
             raise UnsupportedAlgorithmError(f"{info.alg.value} does not sign digests")
         data = plan.prefix + hashed if plan.prefix else hashed
-        sig = self._sign(info.name, plan.mechanism, data, plan.param)
+        sig = self._sign(info, plan.mechanism, data, plan.param)
         if plan.signature_size and len(sig) != plan.signature_size:
             raise KeyStoreError(f"the token returned a {len(sig)}-byte ECDSA signature")
         return sig  # CKM_ECDSA gives raw r||s: already the JOSE form
 
     def _sign_message(self, info: KeyInfo, data: bytes) -> bytes:
-        return self._sign(info.name, _SIGN_MECHANISM[info.alg], data, None)
+        return self._sign(info, _SIGN_MECHANISM[info.alg], data, None)
 
-    def _sign(self, name: str, mechanism: Mechanism, data: bytes, param: Any) -> bytes:
+    def _sign(self, info: KeyInfo, mechanism: Mechanism, data: bytes, param: Any) -> bytes:
+        name = info.name
+
         def op(link: _TokenLink, session: pkcs11.Session) -> bytes:
             key: Any = link.handles.get(name)
             if key is None:
-                key = _find(link, session, name)[0]
+                key, meta = _find(link, session, name)
+                if meta.info.alg is not info.alg:
+                    # Re-created under the same name with another algorithm since the
+                    # caller looked: an EdDSA signature is not what an ES256 caller wants.
+                    raise KeyStoreError(
+                        f"key {name!r} was replaced on the token by a {meta.info.alg.value} "
+                        f"key (was {info.alg.value}); call again"
+                    )
             signature: bytes = key.sign(data, mechanism=mechanism, mechanism_param=param)
             return signature
 
@@ -580,31 +680,46 @@ def _find(
     if not found:
         _probe(session)
         link.meta.pop(name, None)
+        link.handles.pop(name, None)
         raise KeyNotFoundError(f"no key named {name!r} on the token")
     if len(found) > 1:
         raise KeyStoreError(f"{len(found)} private keys are labelled {name!r} on the token")
     private: Any = found[0]
+    key_id = private[Attribute.ID]
     meta = link.meta.get(name)
-    if meta is None:
+    # Rebuild when the key is not the cached one (deleted and re-created elsewhere), and
+    # always for a key without CKA_ID (made by another tool): nothing tells two apart.
+    if meta is None or meta.key_id != key_id or not key_id:
         alg = _algorithm_of(private)
         publics = list(
             session.get_objects(
                 {
                     Attribute.CLASS: ObjectClass.PUBLIC_KEY,
                     Attribute.LABEL: name,
-                    Attribute.ID: private[Attribute.ID],
+                    Attribute.ID: key_id,
                 }
             )
         )
         if len(publics) != 1:
             raise KeyStoreError(f"key {name!r} has no single public key object on the token")
-        meta = _KeyMeta(KeyInfo(name, alg, Pkcs11KeyStore.kind), _public_key_of(publics[0], alg))
+        meta = _KeyMeta(
+            KeyInfo(name, alg, Pkcs11KeyStore.kind), _public_key_of(publics[0], alg), key_id
+        )
         link.meta[name] = meta
     link.handles[name] = private
     return private, meta
 
 
-def _generate(session: pkcs11.Session, name: str, alg: Algorithm) -> tuple[Any, Any]:
+def _version(text: str | None) -> str | None:
+    """RFC 7512 library-version "M" or "M.m" as "M.m" ("M" means "M.0"), numbers compared."""
+    if text is None:
+        return None
+    major, _, minor = text.partition(".")
+    return f"{int(major)}.{int(minor or 0)}"
+
+
+def _generate(session: pkcs11.Session, name: str, alg: Algorithm) -> tuple[Any, Any, bytes]:
+    """(public, private, CKA_ID) of a new key pair."""
     key_id = os.urandom(16)
     private_template: dict[Attribute, Any] = {
         Attribute.TOKEN: True,
@@ -627,26 +742,28 @@ def _generate(session: pkcs11.Session, name: str, alg: Algorithm) -> tuple[Any, 
         "public_template": public_template,
     }
     spec = alg.spec
+    pair: Any
     try:
         if spec.family == "rsa":
             public_template[Attribute.PUBLIC_EXPONENT] = b"\x01\x00\x01"
-            return session.generate_keypair(KeyType.RSA, spec.rsa_bits, **common)
-        if spec.family == "ec":
+            pair = session.generate_keypair(KeyType.RSA, spec.rsa_bits, **common)
+        elif spec.family == "ec":
             curve = _P256 if alg is Algorithm.ES256 else _P384
             params: Any = session.create_domain_parameters(
                 KeyType.EC, {Attribute.EC_PARAMS: curve}, local=True
             )
-            return params.generate_keypair(**common)  # type: ignore[no-any-return]
-        params = session.create_domain_parameters(
-            KeyType.EC_EDWARDS, {Attribute.EC_PARAMS: _ED25519_OID}, local=True
-        )
-        return params.generate_keypair(  # type: ignore[no-any-return]
-            mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN, **common
-        )
+            pair = params.generate_keypair(**common)
+        else:
+            params = session.create_domain_parameters(
+                KeyType.EC_EDWARDS, {Attribute.EC_PARAMS: _ED25519_OID}, local=True
+            )
+            pair = params.generate_keypair(mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN, **common)
     except (p11e.MechanismInvalid, p11e.DomainParamsInvalid, p11e.FunctionNotSupported) as e:
         raise UnsupportedAlgorithmError(
             f"this PKCS#11 token cannot generate {alg.value} keys ({type(e).__name__})"
         ) from e
+    public, private = pair
+    return public, private, key_id
 
 
 def _algorithm_of(private: Any) -> Algorithm:

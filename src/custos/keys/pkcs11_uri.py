@@ -1,4 +1,4 @@
-"""RFC 7512 ``pkcs11:`` URIs: which token (and which object) a PKCS#11 store uses.
+"""RFC 7512 ``pkcs11:`` URIs: the token a PKCS#11 store uses, and the URIs of its keys.
 
 ::
 
@@ -24,7 +24,12 @@ The PIN, in order of precedence:
    neither ``pin-value`` nor ``pin-source``.
 
 The parsed URI never shows the PIN: ``repr()`` hides the field and ``str()``
-re-serializes the URI without ``pin-value``.
+re-serializes the URI without ``pin-value``; :func:`redact` does the same for a
+URI still held as text (``KeyStoreConfig`` uses it).
+
+A PKCS#11 store's URI names a token; ``object``, ``id`` and ``type`` are parsed
+here (for key URIs, :meth:`custos.keys.pkcs11.Pkcs11KeyStore.key_uri`) but the
+store refuses them in its own URI: keys are selected by name.
 
 Hand-written rather than ``urllib.parse``: urllib has no notion of RFC 7512's
 two attribute lists and accepts malformed percent escapes silently.
@@ -142,9 +147,7 @@ class Pkcs11Uri:
             else:
                 text = _text(name, raw)
                 if name == "type" and text not in OBJECT_TYPES:
-                    raise Pkcs11UriError(
-                        "type must be one of " + ", ".join(sorted(OBJECT_TYPES))
-                    )
+                    raise Pkcs11UriError("type must be one of " + ", ".join(sorted(OBJECT_TYPES)))
                 if name == "library-version" and not _LIBRARY_VERSION_RE.fullmatch(text):
                     raise Pkcs11UriError("library-version must look like 'M' or 'M.m'")
                 kwargs[key] = text
@@ -185,6 +188,18 @@ class Pkcs11Uri:
         if query:
             text += "?" + "&".join(f"{n}={v}" for n, v in query)
         return text
+
+
+def redact(uri: str) -> str:
+    """``uri`` fit to print: any PIN replaced by ``REDACTED``; unparseable ones hidden whole."""
+    try:
+        parsed = Pkcs11Uri.parse(uri)
+    except Pkcs11UriError:
+        return "pkcs11:<malformed URI hidden>"
+    text = str(parsed)
+    if parsed.pin_value is not None:
+        text += ("&" if "?" in text else "?") + "pin-value=REDACTED"
+    return text
 
 
 def _redacted(name: str, value: str, safe: str) -> str:

@@ -33,6 +33,16 @@ Threads and handles
     The primary is created once per connection and kept loaded (measured on
     swtpm: creating it costs about 2.7 ms, a whole signature about 0.9 ms).
 
+One context per TCTI per process
+    Every :class:`TpmKeyStore` of a process opened on the same TCTI string shares
+    one context: one ESAPI connection, one primary, one loaded-key cache (sized
+    to the largest ``loaded_key_cache`` asked for), reference-counted and closed
+    with the last store.  So ``custos dev`` (server and agent in one process on
+    one swtpm) takes two object slots, not four.  A store's ``close()`` flushes
+    the keys it loaded; the primary goes with the last store.  Two *processes*
+    cannot share a TPM without resource manager reliably: see
+    docs/decisions/0010-tpm-no-resource-manager.md.
+
 Loaded keys (``loaded_key_cache``, default 1)
     The last ``loaded_key_cache`` keys used stay loaded between signatures (an
     LRU); 0 loads and flushes the key around every signature.  Measured on swtpm:
@@ -50,12 +60,20 @@ Loaded keys (``loaded_key_cache``, default 1)
       :meth:`delete` flushes at once, so no signature is ever made with a key
       whose file is gone or replaced;
     * a key whose signature fails is flushed, not kept;
-    * ``TPM_RC_OBJECT_MEMORY`` on load or create (another client of a TPM without
-      resource manager holds the slots): our loaded keys are flushed and the
-      command retried once;
+    * ``TPM_RC_OBJECT_MEMORY`` on load, create or create-primary (another client
+      of a TPM without resource manager holds the slots): our loaded keys are
+      flushed and the command retried once; still full, or nothing of ours to
+      flush: :class:`TpmSlotsExhaustedError`, which says that only one process
+      may use such a TPM at a time and to use ``/dev/tpmrm0`` or tpm2-abrmd;
     * a loaded key that stops signing (the TPM restarted, or another client
       flushed it) is forgotten with every other loaded key, and the signature is
-      retried once from a fresh load, which also re-checks the primary;
+      retried once from a fresh load, which also re-checks the primary.  If the
+      TPM's reset/restart counters moved (it started up again), the old handles
+      are only closed in ESAPI, not flushed: those numbers may now be another
+      client's objects;
+    * :meth:`delete` unlinks the file and flushes the key under the context
+      lock, and a signature checks the file under that lock, so a signature
+      racing a delete cannot load the key again after it;
     * ``close()``, the finalizer and device loss flush or forget everything.
 
     Trade-off, stated: on a TPM *without* resource manager (``/dev/tpm0``, a bare
@@ -76,7 +94,16 @@ Connection and device loss
     an absent TPM is reported at start-up as :class:`DeviceUnavailableError`.  Any
     TCTI or I/O failure later raises :class:`DeviceUnavailableError` too; the
     context is dropped and the next call reconnects (new TCTI, new ESAPI context,
-    new primary) by itself.  Nothing is lost: the keys are the blobs on disk.  If
+    new primary) by itself.  Nothing is lost: the keys are the blobs on disk.
+    A transport error does not prove the TPM went away (one failed connection to a
+    swtpm that is still up), and without resource manager our primary and loaded
+    keys would then hold their slots for good.  So the handle numbers and names
+    of what we had loaded are kept; on reconnecting (or at ``close()``), each one
+    the TPM still holds under the same name is flushed, provided the TPM's
+    reset/restart counters have not moved since (else it is gone, and the handle
+    may be someone else's).  If the primary cannot be created again (slots
+    full, owner password set) the context stays without one and the next call
+    tries again; every failure is a custos error.  If
     the TPM restarted between two calls without an I/O error being seen (swtpm's
     TCTI opens a connection per command), the cached handles are stale: a failed
     signature with a loaded key forgets the loaded keys, and a failed load
@@ -95,7 +122,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -378,9 +405,21 @@ class _Entry:
 
 # ---- the ESAPI context, its lock, the primary and the loaded keys -------------
 
+#: What a loaded key is filed under: (key directory, key name). Stores sharing a
+#: context may use the same name in different directories.
+_LoadedKey = tuple[str, str]
+
+
+class TpmSlotsExhaustedError(TpmError):
+    """The TPM has no free object slot, even after we flushed the keys we keep loaded."""
+
 
 class _TpmContext:
     """One ESAPI context, one cached primary, a small LRU of loaded signing keys.
+
+    Shared by every :class:`TpmKeyStore` of this process on the same TCTI string
+    (see :func:`_attach`): on a TPM without resource manager, one primary and one
+    cache for the whole process is what leaves object slots for anybody else.
 
     Every use of the context happens with :attr:`lock` held, on the caller's
     thread.  ESAPI forbids two threads using one context *at the same time*
@@ -394,21 +433,68 @@ class _TpmContext:
     ~100-115 µs (queue + Event + two thread switches), ~15% of a swtpm signature.
     """
 
-    def __init__(self, tcti: str, capacity: int) -> None:
+    def __init__(self, tcti: str) -> None:
         self.tcti = tcti
-        self.capacity = capacity
+        #: How many keys stay loaded: the largest ``loaded_key_cache`` of the stores
+        #: attached (the cache is shared, so two stores still take one primary and
+        #: this many keys, not the sum).
+        self.capacity = 0
+        self._users: dict[int, int] = {}  # attach token -> that store's loaded_key_cache
+        self._next_token = 0
         # Reentrant so that a nested call on the same thread cannot deadlock.
         self.lock = threading.RLock()
         self.closed = False
         self._ectx: Any = None  # ESAPI
         self._primary: Any = None  # ESYS_TR
         self._primary_name: bytes = b""
-        # name -> (the parsed blob it was loaded from, ESYS_TR); most recent last.
-        self._loaded: OrderedDict[str, tuple[_Entry, Any]] = OrderedDict()
+        # The TPM's (resetCount, restartCount) when the primary was made: every
+        # transient object is gone once either changes (TPM2_Startup).
+        self._epoch: tuple[int, int] | None = None
+        # Objects of a connection dropped on a transport error, which the TPM may
+        # still hold: (epoch, TPM handle, name), flushed at the next connection.
+        self._stale: list[tuple[tuple[int, int] | None, int, bytes]] = []
+        # key -> (the parsed blob it was loaded from, ESYS_TR); most recent last.
+        self._loaded: OrderedDict[_LoadedKey, tuple[_Entry, Any]] = OrderedDict()
         # One TPM2B_DIGEST refilled per signature, under the lock: setting its
         # buffer costs ~5 µs, constructing one ~10 µs (measured). ESAPI copies it
         # into the command buffer during the call.
         self._digest = TPM2B_DIGEST()
+
+    # -- users (the registry's lock is held) --
+
+    def attach(self, capacity: int) -> int:
+        token = self._next_token
+        self._next_token += 1
+        self._users[token] = capacity
+        self.capacity = max(self._users.values())
+        return token
+
+    def detach(self, token: int) -> bool:
+        """Forget one store; True when it was the last one."""
+        self._users.pop(token, None)
+        self.capacity = max(self._users.values(), default=0)
+        return not self._users
+
+    def release(self, key_dir: str) -> None:
+        """A store closed while others stay: flush its loaded keys, trim the cache."""
+        if not self.lock.acquire(timeout=10.0):
+            log.warning("TPM context busy; not flushing a closed store's keys")
+            return
+        try:
+            if self.closed or self._ectx is None:
+                return
+            try:
+                for key in [k for k in self._loaded if k[0] == key_dir]:
+                    self.evict(key)
+                while len(self._loaded) > self.capacity:
+                    _, (_, handle) = self._loaded.popitem(last=False)
+                    self._flush(handle)
+            except TSS2_Exception as e:
+                if is_device_loss(e):
+                    self._lose()
+                log.debug("flushing a closed store's keys failed: %s", e)
+        finally:
+            self.lock.release()
 
     def shutdown(self) -> None:
         """Flush loaded keys and the primary, finalize ESAPI. Idempotent."""
@@ -438,26 +524,65 @@ class _TpmContext:
             raise StoreConfigError(f"invalid TPM TCTI {self.tcti!r}: {e}") from e
         self._ectx = ectx
         try:
+            self._flush_stale()
             self._create_primary()
         except BaseException:
-            self._drop()
+            self._lose()  # remembers the primary if it was made before the failure
             raise
 
-    def _create_primary(self) -> None:
+    def _read_epoch(self) -> tuple[int, int] | None:
         try:
-            primary, public, *_ = self._ectx.create_primary(
-                TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=PARENT_TEMPLATE), ESYS_TR.OWNER
-            )
+            clock = self._ectx.read_clock().clockInfo
         except TSS2_Exception as e:
             if is_device_loss(e):
                 raise
+            return None
+        return int(clock.resetCount), int(clock.restartCount)
+
+    def _tpm_restarted(self) -> bool:
+        """True only if the TPM provably started up again since our primary was made."""
+        if self._epoch is None:
+            return False
+        epoch = self._read_epoch()
+        return epoch is not None and epoch != self._epoch
+
+    def _create_primary(self) -> None:
+        def attempt() -> tuple[Any, Any]:
+            primary, public, *_ = self._ectx.create_primary(
+                TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=PARENT_TEMPLATE), ESYS_TR.OWNER
+            )
+            return primary, public
+
+        try:
+            try:
+                primary, public = attempt()
+            except TSS2_Exception as e:
+                if _tpm_rc(e) != TPM2_RC.OBJECT_MEMORY or not self._loaded:
+                    raise
+                self.evict_all()
+                primary, public = attempt()
+        except TSS2_Exception as e:
+            if is_device_loss(e):
+                raise
+            if _tpm_rc(e) == TPM2_RC.OBJECT_MEMORY:
+                raise self._exhausted("create the storage primary", e) from e
             raise TpmError(
                 f"the TPM at {self.tcti!r} refused to create the storage primary ({e}); "
-                "is the owner hierarchy protected by a password, or are all object slots "
-                "in use (a simulator without resource manager)?"
+                "is the owner hierarchy protected by a password?"
             ) from e
         self._primary = primary
         self._primary_name = bytes(public.get_name())
+        self._epoch = None  # unknown until read: a stale primary is then matched by name
+        self._epoch = self._read_epoch()
+
+    def _exhausted(self, what: str, e: TSS2_Exception) -> TpmSlotsExhaustedError:
+        return TpmSlotsExhaustedError(
+            f"cannot {what}: the TPM's object slots are exhausted at {self.tcti!r} ({e}), "
+            "even after flushing the keys this process keeps loaded. Without a resource "
+            "manager (swtpm, mssim, /dev/tpm0) every client shares the TPM's few object "
+            "slots (swtpm: 3), so only one process may use the TPM at a time; use "
+            "/dev/tpmrm0 or tpm2-abrmd (--tcti tabrmd), or stop the other TPM client"
+        )
 
     def _primary_is_ours(self) -> bool:
         try:
@@ -468,17 +593,89 @@ class _TpmContext:
             return False
         return bytes(name) == self._primary_name
 
-    def _forget_primary(self) -> None:
-        # The TPM lost the object (restart): only ESAPI's local records are left,
-        # of the primary and of every key loaded under it.
-        self.evict_all()
+    def _forget_local(self) -> None:
+        """The TPM restarted: close ESAPI's records of our objects without flushing.
+
+        Flushing would hit whatever another client has loaded at those handle
+        numbers since (no resource manager: handles are global).
+        """
+        records = [handle for _, handle in self._loaded.values()]
+        self._loaded.clear()
         if self._primary is not None:
-            try:
-                self._ectx.tr_close(self._primary)
-            except TSS2_Exception:
-                log.debug("tr_close of a stale primary failed", exc_info=True)
+            records.append(self._primary)
         self._primary = None
+        for handle in records:
+            try:
+                self._ectx.tr_close(handle)
+            except TSS2_Exception:
+                log.debug("tr_close of a stale handle failed", exc_info=True)
+
+    def _forget_primary(self) -> None:
+        # The TPM no longer holds our primary (restart, or another client flushed
+        # it): drop the loaded keys too, flushing them only if the TPM did not
+        # restart (then they may still be loaded; else the handles are not ours).
+        if self._tpm_restarted():
+            self._forget_local()
+        else:
+            self.evict_all()
+            if self._primary is not None:
+                try:
+                    self._ectx.tr_close(self._primary)
+                except TSS2_Exception:
+                    log.debug("tr_close of a stale primary failed", exc_info=True)
+            self._primary = None
+        # If this fails the context stays, without primary: the next call (device())
+        # tries again, and every failure is a custos error.
         self._create_primary()
+
+    def _lose(self) -> None:
+        """Transport failure: remember what the TPM may still hold, drop the context."""
+        ectx = self._ectx
+        if ectx is not None:
+            objects = [handle for _, handle in self._loaded.values()]
+            if self._primary is not None:
+                objects.append(self._primary)
+            for tr in objects:
+                try:  # local ESYS look-ups, no TPM command
+                    handle = int(ectx.tr_get_tpm_handle(tr))
+                    name = bytes(ectx.tr_get_name(tr))
+                except Exception:  # best effort; the handle is then left
+                    log.debug("cannot read a lost handle's metadata", exc_info=True)
+                    continue
+                self._stale.append((self._epoch, handle, name))
+        self._drop()
+
+    def _flush_stale(self) -> None:
+        """Flush objects a dropped connection left in the TPM (it may never have gone away).
+
+        Only while the TPM has not started up again since they were made (else they
+        are gone and anything at those handles is someone else's), and only if the
+        object at the handle still has our object's name.
+        """
+        if not self._stale:
+            return
+        ectx = self._ectx
+        epoch = self._read_epoch()
+        for was, handle, name in list(self._stale):
+            if was is None or was == epoch:
+                try:
+                    tr = ectx.tr_from_tpmpublic(handle)  # TPM2_ReadPublic
+                except TSS2_Exception as e:
+                    if is_device_loss(e):
+                        raise
+                    tr = None  # not loaded any more
+                if tr is not None:
+                    try:
+                        if bytes(ectx.tr_get_name(tr)) == name:
+                            log.info("flushing handle %#x left by a lost TPM connection", handle)
+                            ectx.flush_context(tr)
+                        else:
+                            ectx.tr_close(tr)
+                    except TSS2_Exception as e:
+                        if is_device_loss(e):
+                            raise
+                        log.debug("flushing stale handle %#x failed: %s", handle, e)
+            self._stale.remove((was, handle, name))
 
     def _drop(self) -> None:
         # The context is unusable: closing it frees every ESYS_TR with it.
@@ -491,8 +688,15 @@ class _TpmContext:
                 log.debug("closing a broken ESAPI context failed", exc_info=True)
 
     def _disconnect(self) -> None:
+        if self._ectx is None and self._stale:
+            # Lost earlier and never reconnected: a TPM that is still up still holds them.
+            try:
+                self._ectx = ESAPI(self.tcti)
+            except Exception:  # best effort at close
+                log.debug("cannot reconnect to flush stale handles", exc_info=True)
         if self._ectx is not None:
             try:
+                self._flush_stale()
                 self.evict_all()
                 if self._primary is not None:
                     self._ectx.flush_context(self._primary)
@@ -513,12 +717,12 @@ class _TpmContext:
             except TSS2_Exception:
                 log.debug("tr_close of a stale key handle failed", exc_info=True)
 
-    def is_loaded(self, name: str) -> bool:
-        return name in self._loaded
+    def is_loaded(self, key: _LoadedKey) -> bool:
+        return key in self._loaded
 
-    def evict(self, name: str) -> None:
-        """Flush ``name`` if it is loaded (deleted or changed key)."""
-        loaded = self._loaded.pop(name, None)
+    def evict(self, key: _LoadedKey) -> None:
+        """Flush ``key`` if it is loaded (deleted or changed key)."""
+        loaded = self._loaded.pop(key, None)
         if loaded is not None and self._ectx is not None:
             self._flush(loaded[1])
 
@@ -528,24 +732,30 @@ class _TpmContext:
             self._flush(handle)
 
     def device(self, op: Callable[[Any], T]) -> T:
-        """Run ``op(ectx)`` under the lock; connect first; translate device loss."""
+        """Run ``op(ectx)`` under the lock; connect first; translate every failure."""
         with self.lock:
             if self.closed:
                 raise KeyStoreError("the tpm key store is closed", code="store_closed")
-            if self._ectx is None:
-                self._connect()
             try:
+                if self._ectx is None:
+                    self._connect()
+                elif self._primary is None:
+                    self._create_primary()  # an earlier re-creation failed: try again
                 return op(self._ectx)
             except TSS2_Exception as e:
                 if is_device_loss(e):
-                    self._drop()
+                    self._lose()
                     raise DeviceUnavailableError(
                         f"lost the TPM at {self.tcti!r} ({e}); the store reconnects by "
                         "itself once the device is back, and no key is lost"
                     ) from e
                 raise TpmError(f"TPM error: {e}") from e
+            except KeyStoreError:
+                raise
+            except Exception as e:  # a tpm2-pytss surprise: still a custos error
+                raise TpmError(f"unexpected failure talking to the TPM: {e!r}") from e
 
-    def load(self, tss: Any) -> Any:
+    def load(self, name: str, tss: Any) -> Any:
         """Load a key under the cached primary.
 
         Out of object slots (another client of a TPM without resource manager holds
@@ -560,14 +770,19 @@ class _TpmContext:
                 raise
             if _tpm_rc(e) == TPM2_RC.OBJECT_MEMORY:
                 if not self._loaded:
-                    raise
+                    raise self._exhausted(f"load key {name!r}", e) from e
                 self.evict_all()
             elif self._primary_is_ours():
                 raise
             else:
                 log.info("the TPM no longer holds our primary (restarted?); re-creating it")
                 self._forget_primary()
-        return ectx.load(self._primary, tss.private, tss.public)
+        try:
+            return ectx.load(self._primary, tss.private, tss.public)
+        except TSS2_Exception as e:
+            if not is_device_loss(e) and _tpm_rc(e) == TPM2_RC.OBJECT_MEMORY:
+                raise self._exhausted(f"load key {name!r}", e) from e
+            raise
 
     def create(self, template: TPMT_PUBLIC) -> tuple[Any, Any]:
         def attempt() -> tuple[Any, Any]:
@@ -584,21 +799,29 @@ class _TpmContext:
             if _tpm_rc(e) == TPM2_RC.OBJECT_MEMORY:
                 # TPM2_Create needs a free slot; our loaded keys may hold it.
                 if not self._loaded:
-                    raise
+                    raise self._exhausted("create a key", e) from e
                 self.evict_all()
             elif self._primary_is_ours():
                 raise
             else:
                 self._forget_primary()
-        return attempt()
+        try:
+            return attempt()
+        except TSS2_Exception as e:
+            if not is_device_loss(e) and _tpm_rc(e) == TPM2_RC.OBJECT_MEMORY:
+                raise self._exhausted("create a key", e) from e
+            raise
 
-    def sign(self, name: str, entry: _Entry, hashed: bytes) -> Any:
-        """TPM2_Sign with ``name``'s key, loading it (LRU) unless it is loaded already."""
+    def sign(self, key: _LoadedKey, entry: _Entry, hashed: bytes, keep: bool) -> Any:
+        """TPM2_Sign with ``key``, loading it (LRU) unless it is loaded already.
+
+        ``keep``: the calling store's ``loaded_key_cache`` is not 0.
+        """
         digest = self._digest
         digest.buffer = hashed
-        loaded = self._loaded.get(name)
-        if loaded is not None and loaded[0] is entry:
-            self._loaded.move_to_end(name)
+        loaded = self._loaded.get(key)
+        if loaded is not None and loaded[0].stamp == entry.stamp:
+            self._loaded.move_to_end(key)
             try:
                 return self._ectx.sign(loaded[1], digest, _SCHEMES[entry.alg], _NULL_TICKET)
             except TSS2_Exception as e:
@@ -606,39 +829,72 @@ class _TpmContext:
                     raise
                 # The key signed before with this very scheme, so the handle went
                 # stale (TPM restart, or another client flushed it): start over.
-                log.info("loaded key %r failed to sign (%s); reloading it", name, e)
-                self.evict_all()
+                log.info("loaded key %r failed to sign (%s); reloading it", key[1], e)
+                if self._tpm_restarted():
+                    self._forget_local()
+                    self._create_primary()
+                else:
+                    self.evict_all()
         elif loaded is not None:
-            self.evict(name)  # the blob changed on disk: never sign with the old key
-        # Make room first: swtpm has three object slots and no resource manager.
-        while self._loaded and len(self._loaded) >= self.capacity:
+            self.evict(key)  # the blob changed on disk: never sign with the old key
+        # Make room first: swtpm has three object slots and no resource manager; a
+        # store that keeps no key loaded still never holds more than the cache would.
+        room = max(self.capacity, 1)
+        while self._loaded and len(self._loaded) >= room:
             _, (_, old) = self._loaded.popitem(last=False)
             self._flush(old)
         try:
-            handle = self.load(entry.tss)
+            handle = self.load(key[1], entry.tss)
         except TSS2_Exception as e:
             if is_device_loss(e):
                 raise
-            if _tpm_rc(e) == TPM2_RC.OBJECT_MEMORY:
-                raise TpmError(
-                    f"no free object slot in the TPM to load key {name!r} ({e}): other "
-                    "clients hold them; use a resource manager (/dev/tpmrm0)"
-                ) from e
             raise TpmError(
-                f"the TPM refused to load key {name!r} ({e}): the blob is corrupt "
+                f"the TPM refused to load key {key[1]!r} ({e}): the blob is corrupt "
                 "or was made by another TPM or under another owner seed"
             ) from e
-        keep = False
+        keep = keep and self.capacity > 0
         try:
             signature = self._ectx.sign(handle, digest, _SCHEMES[entry.alg], _NULL_TICKET)
-            keep = self.capacity > 0
-            return signature
+        except BaseException:
+            keep = False  # a key that failed to sign is not kept loaded
+            raise
         finally:
-            # On errors too: a key that failed to sign is not kept loaded.
             if keep:
-                self._loaded[name] = (entry, handle)
+                self._loaded[key] = (entry, handle)
             else:
                 self._flush(handle)
+        return signature
+
+
+# One context per (process, TCTI string): stores in one process share the primary
+# and the loaded-key cache (two stores no longer need two primaries and two
+# caches, which is more than swtpm's three slots); closed with its last store.
+# Per process: a forked child makes its own.
+_CONTEXTS: dict[tuple[int, str], _TpmContext] = {}
+_CONTEXTS_LOCK = threading.Lock()
+
+
+def _attach(tcti: str, capacity: int) -> tuple[_TpmContext, int]:
+    with _CONTEXTS_LOCK:
+        key = (os.getpid(), tcti)
+        ctx = _CONTEXTS.get(key)
+        if ctx is None or ctx.closed:
+            ctx = _CONTEXTS[key] = _TpmContext(tcti)
+        return ctx, ctx.attach(capacity)
+
+
+def _detach(ctx: _TpmContext, token: int, key_dir: str) -> None:
+    """One store lets go: the last one closes the context, others flush their keys."""
+    with _CONTEXTS_LOCK:
+        last = ctx.detach(token)
+        if last:
+            key = (os.getpid(), ctx.tcti)
+            if _CONTEXTS.get(key) is ctx:
+                del _CONTEXTS[key]
+    if last:
+        ctx.shutdown()
+    else:
+        ctx.release(key_dir)
 
 
 # ---- the store --------------------------------------------------------------
@@ -674,11 +930,14 @@ class TpmKeyStore(KeyStore):
             ) from e
         self._cache: dict[str, _Entry] = {}
         self._cache_lock = threading.Lock()
-        self._tpm = _TpmContext(tcti, loaded_key_cache)
-        # Flush our primary and loaded keys even if nobody calls close(): on swtpm
-        # (no resource manager) a leaked transient holds one of three object slots
-        # until restart.
-        self._finalizer = weakref.finalize(self, self._tpm.shutdown)
+        self._capacity = loaded_key_cache
+        self._keep = loaded_key_cache > 0
+        self._closed = False
+        # Shared with the other stores of this process on the same TCTI string.
+        self._tpm, token = _attach(tcti, loaded_key_cache)
+        # Let go of the context even if nobody calls close(): on swtpm (no resource
+        # manager) a leaked transient holds one of three object slots until restart.
+        self._finalizer = weakref.finalize(self, _detach, self._tpm, token, self._key_dir_str)
         try:
             self._tpm.device(lambda ectx: None)  # eager: fail at start-up
         except BaseException:
@@ -687,8 +946,16 @@ class TpmKeyStore(KeyStore):
 
     @property
     def loaded_key_cache(self) -> int:
-        """How many signing keys stay loaded in the TPM between signatures."""
-        return self._tpm.capacity
+        """How many signing keys stay loaded in the TPM between signatures.
+
+        Stores of one process on one TCTI share one cache, of the largest size any
+        of them asked for; a store that asked for 0 never leaves its keys loaded.
+        """
+        return self._capacity
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KeyStoreError("the tpm key store is closed", code="store_closed")
 
     # -- files --
 
@@ -701,20 +968,26 @@ class TpmKeyStore(KeyStore):
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            with self._cache_lock:
-                self._cache.pop(name, None)
-            self._evict(name)  # deleted behind our back: never sign with it again
-            raise KeyNotFoundError(f"no key {name!r} in the {self.kind} store") from None
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            self._gone(name)
         cached = self._cache.get(name)
-        if cached is not None and cached.stamp == stamp:
+        if cached is not None and cached.stamp == (st.st_ino, st.st_mtime_ns, st.st_size):
             return cached
-        with open(path, "rb") as f:
-            pem = f.read()
-        entry = self._parse(name, pem, stamp)
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())  # the stamp of what we read, not of what we stat'ed
+                pem = f.read()
+        except FileNotFoundError:  # deleted between stat and open
+            self._gone(name)
+        entry = self._parse(name, pem, (st.st_ino, st.st_mtime_ns, st.st_size))
         with self._cache_lock:
             self._cache[name] = entry
         return entry
+
+    def _gone(self, name: str) -> NoReturn:
+        with self._cache_lock:
+            self._cache.pop(name, None)
+        self._evict(name)  # deleted behind our back: never sign with it again
+        raise KeyNotFoundError(f"no key {name!r} in the {self.kind} store") from None
 
     def _parse(self, name: str, pem: bytes, stamp: tuple[int, int, int]) -> _Entry:
         try:
@@ -749,7 +1022,7 @@ class TpmKeyStore(KeyStore):
         if path.exists():
             raise KeyExistsError(f"key {name!r} already exists in the {self.kind} store")
         template = key_template(alg)
-
+        self._check_open()
         try:
             private, public = self._tpm.device(lambda ectx: self._tpm.create(template))
         except TpmError as e:
@@ -800,13 +1073,18 @@ class TpmKeyStore(KeyStore):
         return out
 
     def _delete(self, name: str) -> None:
-        with self._cache_lock:
-            self._cache.pop(name, None)
-        self._evict(name)
-        try:
-            self._path(name).unlink()
-        except FileNotFoundError:
-            raise KeyNotFoundError(f"no key {name!r} in the {self.kind} store") from None
+        # Under the context lock, file first: a signature either ran before (and its
+        # key is flushed here) or runs after and finds no file (_sign_digest checks
+        # under the same lock), so no signature can load the key again in between.
+        with self._tpm.lock:
+            with self._cache_lock:
+                self._cache.pop(name, None)
+            try:
+                self._path(name).unlink()
+            except FileNotFoundError:
+                raise KeyNotFoundError(f"no key {name!r} in the {self.kind} store") from None
+            finally:
+                self._evict(name)
 
     def _public_key(self, info: KeyInfo) -> PublicKeyTypes:
         return self._entry(info.name).public_key
@@ -814,23 +1092,32 @@ class TpmKeyStore(KeyStore):
     def _evict(self, name: str) -> None:
         """Flush ``name``'s loaded key, if any (best effort: the file is what counts)."""
         tpm = self._tpm
+        key = (self._key_dir_str, name)
         with tpm.lock:  # reentrant: device() below takes it again
-            if tpm.closed or not tpm.is_loaded(name):
+            if tpm.closed or not tpm.is_loaded(key):
                 return  # in particular: never connect just to flush nothing
             try:
-                tpm.device(lambda ectx: tpm.evict(name))
+                tpm.device(lambda ectx: tpm.evict(key))
             except KeyStoreError as e:
                 # Device gone: dropping the context already forgot every loaded key.
                 log.debug("flushing the loaded key %r failed: %s", name, e)
 
     def _sign_digest(self, info: KeyInfo, hashed: bytes) -> bytes:
-        entry = self._entry(info.name)
-        if entry.alg is not info.alg:
-            raise KeyStoreError(f"key {info.name!r} changed while signing; try again")
         tpm = self._tpm
-        return _jose_signature(
-            entry.alg, tpm.device(lambda ectx: tpm.sign(info.name, entry, hashed))
-        )
+        name = info.name
+        key = (self._key_dir_str, name)
+        keep = self._keep
+
+        def op(ectx: Any) -> Any:
+            self._check_open()
+            # Read (stat) under the context lock, as _delete unlinks under it: the key
+            # cannot be deleted between this check and its load.
+            entry = self._entry(name)
+            if entry.alg is not info.alg:
+                raise KeyStoreError(f"key {name!r} changed while signing; try again")
+            return tpm.sign(key, entry, hashed, keep)
+
+        return _jose_signature(info.alg, tpm.device(op))
 
     # -- extras for tests and operators --
 
@@ -843,4 +1130,5 @@ class TpmKeyStore(KeyStore):
         return self._path(check_key_name(name))
 
     def close(self) -> None:
+        self._closed = True
         self._finalizer()

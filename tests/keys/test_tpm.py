@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -831,6 +832,65 @@ def test_device_loss_then_recovery_without_losing_keys(
         verify_es(store, "survivor", b"after restart", store.sign("survivor", b"after restart"))
         assert len(transient_handles(tpm.tcti)) == 2
     finally:
+        store.close()
+    assert transient_handles(tpm.tcti) == []
+
+
+def test_device_killed_while_threads_sign(
+    swtpm_factory: Callable[..., SwtpmInstance], tmp_path: Path
+) -> None:
+    """swtpm dies *during* a concurrent run: every call either returns a
+    signature that verifies or raises device_unavailable (never another error,
+    never a hang), and once the TPM is back every thread signs again."""
+    tpm = swtpm_factory()
+    store = TpmKeyStore(tcti=tpm.tcti, key_dir=tmp_path / "keys")
+    store.create("busy", "ES256")
+    killed = threading.Event()
+    back = threading.Event()
+    errors: list[BaseException] = []
+    lost_seen = [0]
+    signed_after = [0]
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        n = 0
+        try:
+            while not back.is_set() or n < 20:
+                msg = f"t{i}-{n}".encode()
+                try:
+                    verify_es(store, "busy", msg, store.sign("busy", msg))
+                    if back.is_set():
+                        with lock:
+                            signed_after[0] += 1
+                        n += 1
+                except DeviceUnavailableError:
+                    with lock:
+                        lost_seen[0] += 1
+                    if not killed.is_set():
+                        raise  # lost before the kill: a real failure
+                    time.sleep(0.01)
+        except BaseException as e:  # noqa: BLE001 - collected, asserted in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.3)  # let them sign for a while
+        killed.set()
+        tpm.kill()
+        time.sleep(0.3)  # they keep calling a dead TPM
+        tpm.start()
+        back.set()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads), "a signer hung after device loss"
+        assert errors == [], errors
+        assert lost_seen[0] > 0  # the loss was seen mid-run, as device_unavailable
+        assert signed_after[0] >= 4 * 20  # and everyone signs again afterwards
+        assert [k.name for k in store.list()] == ["busy"]  # no key lost
+    finally:
+        back.set()
         store.close()
     assert transient_handles(tpm.tcti) == []
 

@@ -299,13 +299,17 @@ def test_keys_are_fixed_tpm_non_duplicable_signing_keys(
 
         # ... and so is the key the store actually made, loaded from its blob.
         tss = TSSPrivKey.from_pem((tpm_store.key_dir / "attr-ES256.tss").read_bytes())
+        # Its authPolicy is empty, so no policy session can ever satisfy the
+        # ADMIN-role Duplicate; and a password session is refused for that role.
+        assert bytes(tss.public.publicArea.authPolicy) == b""
         handle = ectx.load(primary, tss.private, tss.public)
         try:
-            with pytest.raises(TSS2_Exception):
+            with pytest.raises(TSS2_Exception) as by_password:
                 ectx.duplicate(
                     handle, ESYS_TR.RH_NULL, TPM2B_DATA(),
                     TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL), session1=ESYS_TR.PASSWORD,
                 )
+            assert by_password.value.error == TPM2_RC.AUTH_TYPE  # needs a policy session
         finally:
             ectx.flush_context(handle)
     assert transient_handles(swtpm.tcti) == []

@@ -276,3 +276,66 @@ def test_middleware_verifies_and_limits_with_one_header_decode(
     replayed = scope()
     assert _run(mw, dict(replayed)) == 204
     assert _run(mw, dict(replayed)) == 401
+
+
+# -- the plain wpt-02 Authorization fast path ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spell", "code"),
+    [
+        ("WPT {}", None),
+        ("wpt {}", None),
+        ("wPt   {}", None),
+        (" \tWPT {} \t", None),
+        ("WPT\t{}", "wpt_missing"),  # not "WPT" + spaces: no WPT scheme at all
+        ("WPTX {}", "wpt_missing"),
+        ("WPT", "wpt_malformed"),  # scheme "wpt", no credentials
+        ("WPT ", "wpt_malformed"),
+        ("WPT {} x", "wpt_malformed"),  # not one token68
+        ("WPT {}+", "wpt_malformed"),  # token68, but not base64url
+        ("WPT a{}", "wpt_malformed"),  # token68, but its header part is not base64url
+        ("WPT {}.", "wpt_malformed"),  # four parts
+        ("WPT \u212a{}", "wpt_malformed"),  # non-ASCII credentials
+        ("\u212aPT {}", "wpt_missing"),
+    ],
+)
+def test_attack_wpt02_authorization_spellings(
+    store: MemoryKeyStore, bundles: BundleSet, spell: str, code: str | None
+) -> None:
+    v = WptVerifier(bundles, audiences=[ORIGIN], replay=MemoryReplayCache(), now=NOW)
+    wit = mint(store)
+    proof = create_wpt(joserfc_key(store.get("w")), wit, ORIGIN + "/pay", now=NOW)
+    request = HttpMessage.request(
+        "POST",
+        "/pay",
+        [("Workload-Identity-Token", wit), ("Authorization", spell.format(proof))],
+    )
+    if code is None:
+        assert v.verify(request).wire == "wpt-02"
+        return
+    with pytest.raises(WptError) as info:
+        v.verify(request)
+    assert info.value.code == code
+
+
+def test_attack_too_large_non_token68_proof_is_malformed_first(
+    store: MemoryKeyStore, bundles: BundleSet
+) -> None:
+    # The token68 test comes before the size test, as it did before the fast path.
+    v = WptVerifier(bundles, audiences=[ORIGIN], replay=MemoryReplayCache(), now=NOW)
+    wit = mint(store)
+    request = HttpMessage.request(
+        "POST",
+        "/pay",
+        [("Workload-Identity-Token", wit), ("Authorization", "WPT " + "a b" * 5000)],
+    )
+    with pytest.raises(WptError) as info:
+        v.verify(request)
+    assert info.value.code == "wpt_malformed"
+    big = HttpMessage.request(
+        "POST", "/pay", [("Workload-Identity-Token", wit), ("Authorization", "WPT " + "a" * 9000)]
+    )
+    with pytest.raises(WptError) as info:
+        v.verify(big)
+    assert info.value.code == "wpt_too_large"

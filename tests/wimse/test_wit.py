@@ -898,3 +898,10 @@ def test_request_verifier_can_hold_wits_to_the_spiffe_profile(
             bundles, ["https://rp.example"], now=NOW, wit_profile="spiffe"
         ).verify(request)
     assert spiffe_info.value.code in {"wit_profile_violation", "wit_bad_sub"}
+
+
+@pytest.mark.parametrize("claim", ["exp", "iat", "nbf"])
+def test_huge_integer_dates_are_malformed_not_a_crash(claim: str) -> None:
+    # Signed by the trusted issuer, but a date no float can hold: wit_malformed,
+    # never an OverflowError.
+    assert code_of(resign(claims={**draft_claims(), claim: 10**400})) == "wit_malformed"

@@ -652,6 +652,17 @@ def test_check_exp(store: MemoryKeyStore, bundles: BundleSet) -> None:
     assert v.verify(req(wit, hand_wpt(wit, exp=NOW - 29))).wire == "wpt-02"  # leeway 30
 
 
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("value", [10**400, -(10**400), 2**63])
+def test_huge_integer_dates_are_malformed_not_a_crash(
+    store: MemoryKeyStore, bundles: BundleSet, claim: str, value: int
+) -> None:
+    # A signed WPT whose date cannot become a float: a clear 401, never an
+    # OverflowError (a 500 with a traceback in the server's log).
+    wit = mint(store)
+    assert wpt_code(verifier(bundles), req(wit, hand_wpt(wit, **{claim: value}))) == "wpt_malformed"
+
+
 def test_attack_far_future_exp(store: MemoryKeyStore, bundles: BundleSet) -> None:
     wit = mint(store)
     v = verifier(bundles)

@@ -37,6 +37,7 @@ as the failures they are (``signed_response_missing``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
@@ -111,12 +112,29 @@ def routing_path_ok(path: str) -> str:
     return path
 
 
+@functools.lru_cache(maxsize=1024)
+def _routing_path(path: str) -> str:
+    """:func:`routing_path_ok`, remembered per path: an app serves a handful
+    of routes and the verdict depends on the path alone.  Refusals raise
+    through lru_cache and are not cached."""
+    return routing_path_ok(path)
+
+
 def declared_length(headers: Iterable[tuple[str, str]]) -> int | None:
     """The Content-Length a request announces, if it announces exactly one."""
-    values = {v.strip() for k, v in headers if k.lower() == "content-length"}
-    if len(values) != 1:
+    return _single_length([v for k, v in headers if k.lower() == "content-length"])
+
+
+def _single_length(values: Iterable[str] | None) -> int | None:
+    """:func:`declared_length` given the Content-Length values already
+    picked out (the request path reads them from the header index instead of
+    scanning the headers a second time)."""
+    if values is None:
         return None
-    value = values.pop()
+    distinct = {v.strip() for v in values}
+    if len(distinct) != 1:
+        return None
+    value = distinct.pop()
     # isascii(): str.isdigit() also accepts digits like "²" that int() refuses.
     return int(value) if value.isascii() and value.isdigit() else None
 
@@ -167,14 +185,15 @@ class WimseASGIMiddleware:
         body = b""
         more = False
         try:
-            # Decoded once: the length check and the verifier share them.
-            headers = _headers(scope)
+            # Decoded once, in one pass that also builds the verifier's
+            # name index: the length check and the verifier share both.
+            headers, index = _decode_headers(scope)
             if kind == "http":
-                length = declared_length(headers)
+                length = _single_length(index.get("content-length"))
                 if length is not None and length > self.max_body:
                     raise BodyTooLargeError("request body over the configured limit")
                 body, more = await self._read_body(receive)
-            request = _to_message(scope, body, headers)
+            request = _to_message(scope, body, headers, index)
             if self.verify_in_thread:
                 caller = await anyio.to_thread.run_sync(self._check, scope, request)
             else:
@@ -202,7 +221,7 @@ class WimseASGIMiddleware:
 
     def _check(self, scope: Scope, request: HttpMessage) -> Caller:
         caller = self.verifier.verify(request)
-        self.policy.check(caller.subject, routing_path_ok(scope["path"]))
+        self.policy.check(caller.subject, _routing_path(scope["path"]))
         if caller.wants_signed_response and (
             self.response_signer is None or scope["type"] == "websocket"
         ):
@@ -249,8 +268,21 @@ class WimseASGIMiddleware:
             raise ResponseSigningError(f"the response cannot be signed: {e.code}") from e
 
     async def _read_body(self, receive: Receive) -> tuple[bytes, bool]:
-        chunks: list[bytes] = []
-        size = 0
+        # The usual request, its whole body (often none) in one message,
+        # without the chunk list; the same checks as the loop below.
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk = message.get("body", b"")
+        if len(chunk) > self.max_body:
+            raise BodyTooLargeError("request body over the configured limit")
+        if not message.get("more_body", False):
+            return (chunk if type(chunk) is bytes else b"".join((chunk,))), False
+        return await self._read_rest(receive, chunk)
+
+    async def _read_rest(self, receive: Receive, first: bytes) -> tuple[bytes, bool]:
+        chunks: list[bytes] = [first]
+        size = len(first)
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -270,8 +302,28 @@ def _headers(scope: Scope) -> tuple[tuple[str, str], ...]:
     return tuple([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", ())])
 
 
+def _decode_headers(scope: Scope) -> tuple[tuple[tuple[str, str], ...], dict[str, list[str]]]:
+    """:func:`_headers` and, from the same pass, the index
+    :attr:`HttpMessage._index` would build from them (folded name -> values
+    in order): one walk over the headers per request instead of three
+    (decode, Content-Length scan, index)."""
+    headers = _headers(scope)
+    index: dict[str, list[str]] = {}
+    for name, value in headers:
+        folded = name.lower()
+        values = index.get(folded)
+        if values is None:
+            index[folded] = [value]
+        else:
+            values.append(value)
+    return headers, index
+
+
 def _to_message(
-    scope: Scope, body: bytes, headers: tuple[tuple[str, str], ...] | None = None
+    scope: Scope,
+    body: bytes,
+    headers: tuple[tuple[str, str], ...] | None = None,
+    index: dict[str, list[str]] | None = None,
 ) -> HttpMessage:
     raw_path = scope.get("raw_path")
     path = raw_path.decode("latin-1") if raw_path else scope["path"]
@@ -279,13 +331,12 @@ def _to_message(
     target = path + (f"?{query}" if query else "")
     # Kept exactly as received: methods are case-sensitive (RFC 9110 §9.1).
     method = scope.get("method", "GET")  # a WebSocket handshake is a GET
-    return HttpMessage(
-        _headers(scope) if headers is None else headers,
-        body or None,
-        method,
-        target,
-        None,
-    )
+    if headers is None:
+        headers = _headers(scope)
+    elif index is not None:
+        # The index came from these very headers (_decode_headers).
+        return HttpMessage._received(headers, index, body or None, method, target)
+    return HttpMessage(headers, body or None, method, target, None)
 
 
 class _ResponseCapture:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 _NO_VALUES: tuple[str, ...] = ()
+_new = object.__new__
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,36 @@ class HttpMessage:
         cls, status: int, headers: Iterable[tuple[str, str]] = (), body: bytes | None = None
     ) -> HttpMessage:
         return cls(tuple((k, v) for k, v in headers), body, None, None, status)
+
+    @classmethod
+    def _received(
+        cls,
+        headers: tuple[tuple[str, str], ...],
+        index: dict[str, list[str]],
+        body: bytes | None,
+        method: str,
+        target: str,
+    ) -> HttpMessage:
+        """A request built by a transport adapter that has already decoded the
+        headers and folded them into ``index`` (lowercase name -> values, in
+        order), as :attr:`_index` would build it.
+
+        For the ASGI hot path: the frozen dataclass ``__init__`` pays one
+        ``object.__setattr__`` per field, and the index would be a second pass
+        over the headers.  The instance is the same as ``cls(headers, body,
+        method, target, None)`` (same fields, equality, hash and repr) and just
+        as immutable: the frozen ``__setattr__`` still refuses every change.
+        """
+        message: HttpMessage = _new(cls)
+        message.__dict__.update(
+            headers=headers,
+            body=body,
+            method=method,
+            target=target,
+            status=None,
+            _header_index=index,
+        )
+        return message
 
     @property
     def _index(self) -> dict[str, list[str]]:

@@ -117,6 +117,10 @@ class ReplayCacheFullError(ReplayCacheUnavailableError):
     code = "replay_cache_full"
 
 
+_sha256 = hashlib.sha256
+_heappush = heapq.heappush
+
+
 def _entry_key(namespace: str, value: str) -> bytes:
     # A NUL separator keeps ("a", "b:c") and ("a:b", "c") apart; UTF-8 with
     # surrogatepass so any str a framework hands us hashes instead of raising.
@@ -162,21 +166,33 @@ class MemoryReplayCache:
     def check_and_store(
         self, namespace: str, value: str, expires_at: float, *, now: float | None = None
     ) -> bool:
-        key = _entry_key(namespace, value)
+        # _entry_key, inlined (once per verified request).
+        key = _sha256(
+            namespace.encode("utf-8", "surrogatepass")
+            + b"\x00"
+            + value.encode("utf-8", "surrogatepass")
+        ).digest()
+        expiry = self._expiry
         with self._lock:
-            if now is None:
-                now = self._clock()
-            known = self._expiry.get(key)
-            if known is not None and known > now:
-                return False
-            if known is None and len(self._expiry) >= self.max_entries:
+            known = expiry.get(key)
+            if known is not None:
+                # The clock is read only when its answer is needed: a known
+                # key (live or not) or a full cache.  A new key in a cache
+                # with room is stored whatever the time.
+                if now is None:
+                    now = self._clock()
+                if known > now:
+                    return False
+            elif len(expiry) >= self.max_entries:
+                if now is None:
+                    now = self._clock()
                 self._purge(now)
-                if len(self._expiry) >= self.max_entries:
+                if len(expiry) >= self.max_entries:
                     raise ReplayCacheFullError(
                         f"replay cache holds {self.max_entries} live entries; refusing"
                     )
-            self._expiry[key] = expires_at
-            heapq.heappush(self._heap, (expires_at, key))
+            expiry[key] = expires_at
+            _heappush(self._heap, (expires_at, key))
             if len(self._heap) > 2 * self.max_entries:
                 # Stale heap pairs pile up only when keys are re-stored; rebuild.
                 self._heap = [(exp, k) for k, exp in self._expiry.items()]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from custos.wimse.errors import MalformedRequestError
 from custos.wimse.http import HttpMessage
-from custos.wimse.wpt import VerifiedCaller
+from custos.wimse.wpt import VerifiedCaller, WptVerifier
 
 if TYPE_CHECKING:
     from custos.bundle import BundleSet
@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 VariantName = Literal["wpt", "http-signature"]
 VARIANTS: tuple[VariantName, ...] = ("wpt", "http-signature")
+_new = object.__new__
+#: Where a VerifiedWit keeps its WPT Caller (RequestVerifier.verify).
+_CALLER_MEMO = "_custos_wpt_caller"
 
 
 @dataclass(frozen=True)
@@ -64,13 +67,27 @@ def _wpt_caller(result: VerifiedCaller) -> Caller:
     AttributeError for the two it lacks) and no isinstance probing; the
     Caller is the same as the generic path builds.
     """
-    wit_claims = result.wit_claims
-    return Caller(
-        str(result.subject),
-        str(result.trust_domain),
-        "wpt",
-        wit_claims if type(wit_claims) is MappingProxyType else MappingProxyType(dict(wit_claims)),
+    return _wit_caller(result.subject, result.trust_domain, result.wit_claims)
+
+
+def _wit_caller(subject: object, trust_domain: object, wit_claims: Mapping[str, Any]) -> Caller:
+    """The WPT variant's Caller, built without the frozen dataclass
+    ``__init__`` (one ``object.__setattr__`` per field, plus the defaults):
+    the same fields, equality and hash as ``Caller(...)``, and just as
+    immutable afterwards (the frozen ``__setattr__`` still refuses changes)."""
+    caller: Caller = _new(Caller)
+    caller.__dict__.update(
+        subject=str(subject),
+        trust_domain=str(trust_domain),
+        variant="wpt",
+        # Already read-only (a MappingProxyType from the WIT verifier): no copy per request.
+        wit_claims=wit_claims
+        if type(wit_claims) is MappingProxyType
+        else MappingProxyType(dict(wit_claims)),
+        nonce=None,
+        wants_signed_response=False,
     )
+    return caller
 
 
 def _has_wpt(request: HttpMessage) -> bool:
@@ -105,8 +122,36 @@ class RequestVerifier:
             raise ValueError("configure at least one variant")
         self._wpt = wpt
         self._sig = http_signature
+        # The WPT verifier is ours (not a subclass, not another type): verify
+        # may call its _verify_request and build the Caller itself.
+        self._wpt_exact = type(wpt) is WptVerifier
 
     def verify(self, request: HttpMessage) -> Caller:
+        if self._wpt_exact:
+            index = request._index
+            if (
+                "signature-input" not in index
+                and "signature" not in index
+                and "workload-proof-token" not in index
+            ):
+                # No signature fields: _has_signature is False, so the
+                # dispatch below sends the request to the WPT verifier (set)
+                # whatever _has_wpt says; this is that branch without the
+                # Authorization parse.
+                assert isinstance(self._wpt, WptVerifier)
+                wit, _, _ = self._wpt._verify_request(request)
+                # Straight from the WIT: no VerifiedCaller made only to be
+                # taken apart (_wpt_caller builds the same Caller from one).
+                # A WPT Caller is a function of the (frozen) WIT alone, and
+                # the WIT cache hands out one VerifiedWit per caller, so the
+                # Caller is made once per WIT and kept beside its fields
+                # (not a field: equality and repr are untouched).  It is
+                # immutable, so every request may share it.
+                caller: Caller | None = wit.__dict__.get(_CALLER_MEMO)
+                if caller is None:
+                    caller = _wit_caller(wit.subject, wit.trust_domain, wit.claims)
+                    wit.__dict__[_CALLER_MEMO] = caller
+                return caller
         has_sig = _has_signature(request)
         has_wpt = _has_wpt(request)
         if has_sig and has_wpt:
@@ -156,7 +201,7 @@ def build_request_verifier(
     from custos.wimse.httpsig import HttpSignatureVerifier
     from custos.wimse.replay import MemoryReplayCache
     from custos.wimse.wit import WitVerifier
-    from custos.wimse.wpt import DEFAULT_MAX_TTL, WptVerifier, normalize_origin
+    from custos.wimse.wpt import DEFAULT_MAX_TTL, normalize_origin
 
     unknown = set(variants) - set(VARIANTS)
     if unknown or not variants:

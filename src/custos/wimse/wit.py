@@ -232,6 +232,9 @@ def _flat_header(part: str) -> dict[str, Any] | None:
     return header if all(type(v) is str for v in header.values()) else None
 
 
+_new = object.__new__
+
+
 @dataclass(frozen=True)
 class CompactJws:
     """A compact JWS split and decoded, signature not yet checked."""
@@ -250,6 +253,32 @@ def decode_compact(
     ``error(code, message)`` builds the exception; codes are ``<prefix>_malformed``
     and ``<prefix>_too_large``.
     """
+    header, claims, signing_input, signature = decode_compact_parts(token, max_bytes, error, prefix)
+    # Built without the frozen dataclass __init__ (one object.__setattr__
+    # per field): the same instance, as immutable after.
+    decoded: CompactJws = _new(CompactJws)
+    decoded.__dict__.update(
+        # A private copy: the remembered header is shared (_flat_header).
+        header=dict(header),
+        claims=claims,
+        signing_input=signing_input,
+        signature=signature,
+    )
+    return decoded
+
+
+def decode_compact_parts(
+    token: object, max_bytes: int, error: Callable[[str, str], WimseError], prefix: str
+) -> tuple[Mapping[str, Any], dict[str, Any], bytes, bytes]:
+    """:func:`decode_compact` as a tuple (header, claims, signing input,
+    signature), with the same checks in the same order.
+
+    For the per-request WPT path, which reads two header values and keeps
+    nothing of the token but the claims: no CompactJws to build and take
+    apart, and no copy of the header.  The header may be the remembered one
+    (:func:`_flat_header`), shared by every token with the same header:
+    read it, never change it.
+    """
     if not isinstance(token, str):
         raise error(f"{prefix}_malformed", "token is not a string")
     if len(token) > max_bytes:
@@ -257,19 +286,19 @@ def decode_compact(
     parts = token.split(".")
     if len(parts) != 3:
         raise error(f"{prefix}_malformed", "token is not a compact JWS (three parts)")
+    head, body, sig = parts
     try:
-        flat = _flat_header(parts[0])
-        header = (
-            dict(flat) if flat is not None else json_object_strict(b64url_decode_strict(parts[0]))
-        )
-        claims = json_object_strict(b64url_decode_strict(parts[1]))
-        signature = b64url_decode_strict(parts[2])
+        header = _flat_header(head)
+        if header is None:
+            header = json_object_strict(b64url_decode_strict(head))
+        claims = json_object_strict(b64url_decode_strict(body))
+        signature = b64url_decode_strict(sig)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise error(f"{prefix}_malformed", "token is not base64url-encoded JSON") from e
     if "crit" in header:
         # RFC 7515 4.1.11: we understand no extension, so any "crit" is fatal.
         raise error(f"{prefix}_malformed", "token has critical header parameters")
-    return CompactJws(header, claims, f"{parts[0]}.{parts[1]}".encode("ascii"), signature)
+    return header, claims, f"{head}.{body}".encode("ascii"), signature
 
 
 # -- keys ----------------------------------------------------------------------
@@ -325,6 +354,16 @@ _PKCS1 = padding.PKCS1v15()
 _PSS = {n: padding.PSS(mgf=padding.MGF1(h), salt_length=h.digest_size) for n, h in _SHA.items()}
 
 
+try:  # the concrete class behind ec.EllipticCurvePublicKey (a registered ABC subclass)
+    from cryptography.hazmat.bindings._rust import openssl as _rust_openssl
+
+    _EC_PUBLIC_TYPE: type = _rust_openssl.ec.ECPublicKey
+    if not issubclass(_EC_PUBLIC_TYPE, ec.EllipticCurvePublicKey):  # pragma: no cover
+        _EC_PUBLIC_TYPE = ec.EllipticCurvePublicKey
+except (ImportError, AttributeError):  # pragma: no cover - another cryptography layout
+    _EC_PUBLIC_TYPE = ec.EllipticCurvePublicKey
+
+
 def signature_ok(key: object, alg: str, signing_input: bytes, signature: bytes) -> bool:
     """Whether ``signature`` is a valid JWS signature (RFC 7518 encoding) over
     ``signing_input`` under ``alg`` with the cryptography public key ``key``.
@@ -341,13 +380,14 @@ def signature_ok(key: object, alg: str, signing_input: bytes, signature: bytes) 
     try:
         half = _EC_SIG_HALF.get(alg)
         if half is not None:
-            # key_fits_alg for the ECDSA algorithms, inlined: one isinstance
-            # (an ABC check) instead of two on the per-request path.
-            if (
-                not isinstance(key, ec.EllipticCurvePublicKey)
-                or key.curve.name != _EC_CURVES[alg]
-                or len(signature) != 2 * half
-            ):
+            # key_fits_alg for the ECDSA algorithms, inlined.  The exact type
+            # of cryptography's EC keys is tried first: isinstance against
+            # the ABC costs ten times as much, and any other implementation
+            # still gets it.
+            if type(key) is not _EC_PUBLIC_TYPE and not isinstance(key, ec.EllipticCurvePublicKey):
+                return False
+            key = cast(ec.EllipticCurvePublicKey, key)
+            if key.curve.name != _EC_CURVES[alg] or len(signature) != 2 * half:
                 return False
             der = encode_dss_signature(
                 int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big")
@@ -603,7 +643,13 @@ def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
         return None
     # bool is an int in Python, but JSON true is not a NumericDate.
     # 1e999 parses as an infinite float: a WIT that never expires is malformed.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # An int beyond 64 bits cannot become a float (OverflowError, a 500): malformed.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, int) and not -(2**63) <= value < 2**63)
+        or not math.isfinite(value)
+    ):
         raise _fail("wit_malformed", f"{name} is not a NumericDate")
     return float(value)
 
@@ -803,25 +849,32 @@ class WitVerifier:
         return resolve_clock(self._clock)
 
     def verify(self, token: str) -> VerifiedWit:
-        now = self.now()
+        clock = self._clock
+        now = time.time() if clock is None else resolve_clock(clock)  # self.now(), inlined
+        if self._max > 0 and type(token) is str:
+            # Looked up before the isascii/length test that decides storing:
+            # only tokens that passed it are ever stored, so for any other
+            # the lookup misses, as the test would have skipped it.
+            with self._lock:
+                hit = self._cache.get(token)
+                if hit is not None:
+                    wit, bundle = hit
+                    # bundle.trust_domain equals wit.trust_domain (the bundle
+                    # was looked up by it) and is the object the BundleSet
+                    # keys it under, so the lookup needs no __eq__ call.
+                    if (
+                        now < wit.expires_at + self.leeway
+                        and self.bundles.get(bundle.trust_domain) is bundle
+                    ):
+                        self._cache.move_to_end(token)
+                        return wit
+                    del self._cache[token]
         cacheable = (
             self._max > 0
             and isinstance(token, str)
             and token.isascii()
             and len(token) <= MAX_TOKEN_BYTES
         )
-        if cacheable:
-            with self._lock:
-                hit = self._cache.get(token)
-                if hit is not None:
-                    wit, bundle = hit
-                    if (
-                        now < wit.expires_at + self.leeway
-                        and self.bundles.get(wit.trust_domain) is bundle
-                    ):
-                        self._cache.move_to_end(token)
-                        return wit
-                    del self._cache[token]
         wit, bundle = _verify(
             token,
             self.bundles,
@@ -859,6 +912,7 @@ __all__ = [
     "b64url_encode",
     "check_jws_signature",
     "decode_compact",
+    "decode_compact_parts",
     "jose_public_key",
     "key_fits_alg",
     "mint_wit",

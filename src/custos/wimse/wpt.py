@@ -83,7 +83,7 @@ from custos.wimse.wit import (
     VerifiedWit,
     WitVerifier,
     b64url_encode,
-    decode_compact,
+    decode_compact_parts,
     new_jti,
     parse_wit_unverified,
     resolve_clock,
@@ -102,6 +102,10 @@ TXN_TOKEN_HEADER = "Txn-Token"  # noqa: S105 - a header name, not a secret
 _WIT_FIELD = WIT_HEADER.lower()
 _WPT01_FIELD = WPT01_HEADER.lower()
 _TXN_TOKEN_FIELD = TXN_TOKEN_HEADER.lower()
+_new = object.__new__
+_compare_digest = hmac.compare_digest
+#: Where a VerifiedWit keeps its replay namespace (see _remember_namespace).
+_NAMESPACE_MEMO = "_custos_wpt_replay_namespace"
 
 DEFAULT_WPT_TTL = 60
 #: An exp further ahead than this (plus leeway) is "unreasonably far in the future".
@@ -170,6 +174,10 @@ class WptMintError(WimseError):
 
     code = "wpt_mint_invalid"
     status = 500
+
+
+class _NotTheFastPath(Exception):
+    """The request is not the plain wpt-02 form (WptVerifier._verify_request)."""
 
 
 def _fail(code: str, message: str) -> WptError:
@@ -459,11 +467,32 @@ def _parse_authorization(value: str) -> tuple[str | None, str]:
     return match.group(1).lower(), match.group(2) or ""
 
 
+def _remember_namespace(wit: VerifiedWit) -> str:
+    """``replay_namespace("wpt", str(wit.subject))``, kept on the VerifiedWit.
+
+    The WIT cache hands out the same VerifiedWit for every request of a
+    caller, and the namespace is a function of its (frozen) subject alone, so
+    it is worked out once per WIT instead of once per request.  It lives in
+    the instance ``__dict__`` beside the fields, not as a field: equality,
+    repr and the frozen fields are untouched.
+    """
+    namespace = replay_namespace("wpt", str(wit.subject))
+    wit.__dict__[_NAMESPACE_MEMO] = namespace
+    return namespace
+
+
 def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # An int beyond 64 bits cannot become a float (OverflowError, a 500) and is
+    # no date anyone issues: malformed, like NaN and infinity.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, int) and not -(2**63) <= value < 2**63)
+        or not math.isfinite(value)
+    ):
         raise _fail("wpt_malformed", f"{name} is not a NumericDate")
     return float(value)
 
@@ -495,6 +524,7 @@ class WptVerifier:
         self.origins: tuple[str, ...] = tuple(normalize_origin(a) for a in audiences)
         if not self.origins:
             raise ValueError("configure at least one audience origin")
+        self._origins_ascii = all(o.isascii() for o in self.origins)
         if replay is None or not callable(getattr(replay, "check_and_store", None)):
             raise ValueError("a replay cache is required")
         self.replay = replay
@@ -518,51 +548,11 @@ class WptVerifier:
     # -- the checks ---------------------------------------------------------
 
     def verify(self, request: HttpMessage) -> VerifiedCaller:
-        now = resolve_clock(self._clock)
-        wit = self._verify_wit(request)
-        token, wire, access_token = self._locate_proof(request)
-        jose = decode_compact(token, max_bytes=MAX_TOKEN_BYTES, error=_fail, prefix="wpt")
-        typ = jose.header.get("typ")
-        if not isinstance(typ, str) or typ.lower() not in _WPT_TYPES:
-            raise _fail("wpt_bad_typ", "WPT typ is not wpt+jwt")
-        alg = jose.header.get("alg")
-        if not isinstance(alg, str) or alg not in self.algorithms:
-            raise _fail("wpt_bad_alg", "WPT alg is not an accepted asymmetric algorithm")
-        if alg != wit.cnf_alg:
-            raise _fail("wpt_alg_mismatch", "WPT alg differs from the WIT's cnf.jwk.alg")
-        # Checked on the parts decoded above with the WIT's cryptography key
-        # (signature_ok says why this is not left to joserfc); it refuses a key
-        # that does not fit alg, as joserfc did.
-        if not signature_ok(wit.cnf_public_key, alg, jose.signing_input, jose.signature):
-            raise _fail("wpt_bad_signature", "signature is not valid")
-        claims = jose.claims
-
-        self._check_audience(claims.get("aud"), request)
-        exp = self._check_times(claims, now)
-        wth = claims.get("wth")
-        if wth is None:
-            raise _fail("wpt_missing_wth", "WPT has no wth")
-        if not isinstance(wth, str) or not hmac.compare_digest(
-            wth.encode(), wit.token_hash.encode()
-        ):
-            raise _fail("wpt_wth_mismatch", "WPT wth does not match the WIT")
-        jti = claims.get("jti")
-        if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_LENGTH:
-            raise _fail("wpt_missing_jti", "WPT has no usable jti")
-        self._check_txn_token(claims, request)
-        self._check_other_tokens(claims, request)
-        self._check_ath(claims, wire, access_token)
-        # Last, so only a proof that passed every other check uses up its jti;
-        # per sender (wpt-02 "Replay Protection": within the scope of a sender).
-        namespace = replay_namespace("wpt", str(wit.subject))
-        until = exp + self.leeway
-        if self._clock is None:
-            fresh = self.replay.check_and_store(namespace, jti, until)
-        else:
-            fresh = self.replay.check_and_store(namespace, jti, until, now=now)
-        if not fresh:
-            raise WptReplayError("WPT jti was seen before")
-        return VerifiedCaller(
+        wit, wire, claims = self._verify_request(request)
+        # Built without the frozen dataclass __init__ (one object.__setattr__
+        # per field): the same instance, just as immutable afterwards.
+        caller: VerifiedCaller = _new(VerifiedCaller)
+        caller.__dict__.update(
             subject=wit.subject,
             trust_domain=wit.trust_domain,
             variant="wpt",
@@ -571,6 +561,158 @@ class WptVerifier:
             wpt_claims=MappingProxyType(claims),
             wit=wit,
         )
+        return caller
+
+    def _verify_request(self, request: HttpMessage) -> tuple[VerifiedWit, Wire, dict[str, Any]]:
+        """Every check of :meth:`verify`, in the documented order; returns the
+        verified WIT, the wire form and the proof's claims.
+
+        :class:`~custos.wimse.verifier.RequestVerifier` calls this directly
+        and builds its Caller from the WIT, so no VerifiedCaller is made only
+        to be taken apart again.  The per-request helpers are inlined here
+        (the clock, the header lookups, the times, the wth and jti checks) and
+        the token checks run only when the request or the proof carries what
+        they check (``tth``/Txn-Token, ``oth``/known tokens, ``ath``/bearer):
+        with neither present each of them passes without a word, so skipping
+        the call changes no verdict.  Every uncommon case takes the general
+        code below.
+        """
+        clock = self._clock
+        now = time.time() if clock is None else resolve_clock(clock)
+        index = request._index
+        values = index.get(_WIT_FIELD)
+        if not values:
+            raise _wit_fail("wit_missing", "request has no Workload-Identity-Token")
+        if len(values) != 1:
+            raise _wit_fail("wit_multiple", "request has more than one Workload-Identity-Token")
+        wit = self.wit_verifier.verify(values[0].strip(" \t"))
+        authorizations = index.get("authorization")
+        access_token: str | None = None
+        token = ""
+        if authorizations is not None and len(authorizations) == 1 and _WPT01_FIELD not in index:
+            # The wpt-02 request: one Authorization field and no
+            # Workload-Proof-Token.  "WPT" (any case), spaces, credentials:
+            # what _AUTH_RE parses as scheme "wpt".  The token68 test is left
+            # to the decode: a token that decodes is base64url parts and dots,
+            # all token68 characters.  One that does not goes through
+            # _locate_proof below, which raises what it raised before the
+            # decode was tried (wpt_malformed for non-token68 credentials).
+            value = authorizations[0].strip(" \t")
+            if value[3:4] == " " and value[:3].lower() == "wpt" and value[:3].isascii():
+                token = value[3:].lstrip(" ")
+        wire: Wire = "wpt-02"
+        try:
+            if not token:
+                raise _NotTheFastPath
+            header, claims, signing_input, signature = decode_compact_parts(
+                token, MAX_TOKEN_BYTES, _fail, "wpt"
+            )
+        except (_NotTheFastPath, WptError):
+            token, wire, access_token = self._locate_proof(request)
+            header, claims, signing_input, signature = decode_compact_parts(
+                token, MAX_TOKEN_BYTES, _fail, "wpt"
+            )
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() not in _WPT_TYPES:
+            raise _fail("wpt_bad_typ", "WPT typ is not wpt+jwt")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self.algorithms:
+            raise _fail("wpt_bad_alg", "WPT alg is not an accepted asymmetric algorithm")
+        if alg != wit.cnf_alg:
+            raise _fail("wpt_alg_mismatch", "WPT alg differs from the WIT's cnf.jwk.alg")
+        # Checked on the parts decoded above with the WIT's cryptography key
+        # (signature_ok says why this is not left to joserfc); it refuses a key
+        # that does not fit alg, as joserfc did.
+        if not signature_ok(wit.cnf_key.public_key, alg, signing_input, signature):
+            raise _fail("wpt_bad_signature", "signature is not valid")
+
+        # aud: a configured origin + the request's (safe) path, exact strings.
+        target = request.target
+        if type(target) is str and "?" not in target and len(target) <= MAX_AUDIENCE_LENGTH:
+            # _request_path, inlined for a target without a query (refusals
+            # raise through the cache and are not cached).
+            path = _safe_path_cached(target)
+        else:
+            path = _request_path(target)
+        aud = claims.get("aud")
+        # A list-valued aud is refused: one proof, one target.
+        if not isinstance(aud, str) or len(aud) > MAX_AUDIENCE_LENGTH:
+            raise _fail("wpt_bad_audience", "WPT aud is not a single target URI")
+        if not self._aud_matches(aud, path):
+            raise _fail("wpt_bad_audience", "WPT aud does not match this endpoint and path")
+
+        # exp (required), then nbf and iat (optional): _check_times, inlined.
+        exp = claims.get("exp")
+        # An int (the usual NumericDate, never a bool) is what _numeric
+        # accepts and converts; anything else goes through _numeric itself.
+        if type(exp) is int and -(2**63) <= exp < 2**63:
+            exp = float(exp)
+        else:
+            exp = _numeric(claims, "exp")
+        if exp is None:
+            raise _fail("wpt_missing_exp", "WPT has no exp")
+        leeway = self.leeway
+        if now >= exp + leeway:
+            raise _fail("wpt_expired", "WPT has expired")
+        if exp > now + self.max_ttl + leeway:
+            raise _fail("wpt_exp_too_far", "WPT exp is unreasonably far in the future")
+        if "nbf" in claims:
+            nbf = _numeric(claims, "nbf")
+            if nbf is not None and nbf > now + leeway:
+                raise _fail("wpt_not_yet_valid", "WPT is not valid yet (nbf)")
+        if "iat" in claims:
+            iat = _numeric(claims, "iat")
+            if iat is not None and iat > now + leeway:
+                raise _fail("wpt_iat_in_future", "WPT iat is in the future")
+
+        wth = claims.get("wth")
+        if wth is None:
+            raise _fail("wpt_missing_wth", "WPT has no wth")
+        # token_hash is b64url (ASCII), so a non-ASCII wth cannot match it;
+        # compare_digest takes ASCII str as is (no two encodes per request).
+        if (
+            not isinstance(wth, str)
+            or not wth.isascii()
+            or not _compare_digest(wth, wit.token_hash)
+        ):
+            raise _fail("wpt_wth_mismatch", "WPT wth does not match the WIT")
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_LENGTH:
+            raise _fail("wpt_missing_jti", "WPT has no usable jti")
+        if "tth" in claims or _TXN_TOKEN_FIELD in index:
+            self._check_txn_token(claims, request)
+        if "oth" in claims or self.known_other_tokens:
+            self._check_other_tokens(claims, request)
+        if access_token is not None or "ath" in claims:
+            self._check_ath(claims, wire, access_token)
+        # Last, so only a proof that passed every other check uses up its jti;
+        # per sender (wpt-02 "Replay Protection": within the scope of a sender).
+        namespace = wit.__dict__.get(_NAMESPACE_MEMO)
+        if namespace is None:
+            namespace = _remember_namespace(wit)
+        until = exp + leeway
+        if clock is None:
+            fresh = self.replay.check_and_store(namespace, jti, until)
+        else:
+            fresh = self.replay.check_and_store(namespace, jti, until, now=now)
+        if not fresh:
+            raise WptReplayError("WPT jti was seen before")
+        return wit, wire, claims
+
+    def _aud_matches(self, aud: str, path: str) -> bool:
+        """Whether ``aud`` is one of the origins + ``path`` (constant time)."""
+        if self._origins_ascii:
+            # Every expected value is ASCII (the origins, checked at
+            # construction, and a safe path): a non-ASCII aud matches none,
+            # and compare_digest takes ASCII str without encoding.
+            if not aud.isascii():
+                return False
+            for origin in self.origins:
+                if _compare_digest(aud, origin + path):
+                    return True
+            return False
+        aud_bytes = aud.encode()
+        return any(hmac.compare_digest(aud_bytes, (o + path).encode()) for o in self.origins)
 
     def _verify_wit(self, request: HttpMessage) -> VerifiedWit:
         values = request.values_of(_WIT_FIELD)
@@ -620,31 +762,6 @@ class WptVerifier:
                 )
             access_token = credentials
         return wpt01[0].strip(" \t"), "wpt-01", access_token
-
-    def _check_audience(self, aud: object, request: HttpMessage) -> None:
-        path = _request_path(request.target)
-        # A list-valued aud is refused: one proof, one target.
-        if not isinstance(aud, str) or len(aud) > MAX_AUDIENCE_LENGTH:
-            raise _fail("wpt_bad_audience", "WPT aud is not a single target URI")
-        if not any(hmac.compare_digest(aud.encode(), (o + path).encode()) for o in self.origins):
-            raise _fail("wpt_bad_audience", "WPT aud does not match this endpoint and path")
-
-    def _check_times(self, claims: Mapping[str, Any], now: float) -> float:
-        """``exp`` (required), then ``nbf`` and ``iat`` (optional); returns ``exp``."""
-        exp = _numeric(claims, "exp")
-        if exp is None:
-            raise _fail("wpt_missing_exp", "WPT has no exp")
-        if now >= exp + self.leeway:
-            raise _fail("wpt_expired", "WPT has expired")
-        if exp > now + self.max_ttl + self.leeway:
-            raise _fail("wpt_exp_too_far", "WPT exp is unreasonably far in the future")
-        nbf = _numeric(claims, "nbf")
-        if nbf is not None and nbf > now + self.leeway:
-            raise _fail("wpt_not_yet_valid", "WPT is not valid yet (nbf)")
-        iat = _numeric(claims, "iat")
-        if iat is not None and iat > now + self.leeway:
-            raise _fail("wpt_iat_in_future", "WPT iat is in the future")
-        return exp
 
     def _check_txn_token(self, claims: Mapping[str, Any], request: HttpMessage) -> None:
         values = request.values_of(_TXN_TOKEN_FIELD)

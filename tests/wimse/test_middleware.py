@@ -13,7 +13,6 @@ calls for what a client library cannot do, Flask's test client).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import structlog
+from asgi_harness import run_asgi
 from flask import Flask
 from flask import request as flask_request
 from starlette.applications import Starlette
@@ -289,26 +289,6 @@ def test_body_over_the_limit_is_413(
     assert client.post("/pay", content=b"x" * 64).status_code == 200
     assert_problem(client.post("/pay", content=b"x" * 65), 413, "body_too_large")
     assert calls.n == 1
-
-
-def run_asgi(
-    app: Any, scope: dict[str, Any], messages: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """Call an ASGI app by hand; returns what it sent."""
-    sent: list[dict[str, Any]] = []
-    queue = list(messages)
-
-    async def receive() -> dict[str, Any]:
-        if queue:
-            return queue.pop(0)
-        await asyncio.sleep(3600)  # a real server would wait for the client
-        raise AssertionError("unreachable")
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    asyncio.run(app(scope, receive, send))
-    return sent
 
 
 def http_scope(path: str, headers: dict[str, str], method: str = "POST") -> dict[str, Any]:

@@ -14,7 +14,6 @@ server's own WIT and key, and the client checks it with ``verify_response``.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from asgi_harness import run_asgi
 from flask import Flask
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -288,25 +288,6 @@ def test_asgi_websocket_cannot_get_a_signed_handshake_answer(
     with pytest.raises(WebSocketDisconnect), client.websocket_connect("/ws", headers=headers):
         pass
     assert calls.n == 0
-
-
-def run_asgi(
-    app: Any, scope: dict[str, Any], messages: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    sent: list[dict[str, Any]] = []
-    queue = list(messages)
-
-    async def receive() -> dict[str, Any]:
-        if queue:
-            return queue.pop(0)
-        await asyncio.sleep(3600)
-        raise AssertionError("unreachable")
-
-    async def send_(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    asyncio.run(app(scope, receive, send_))
-    return sent
 
 
 def http_scope(request: HttpMessage) -> dict[str, Any]:

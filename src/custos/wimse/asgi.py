@@ -45,7 +45,7 @@ import anyio.to_thread
 import structlog
 
 from custos.wimse.errors import MalformedRequestError, WimseError
-from custos.wimse.http import HttpMessage
+from custos.wimse.http import HttpMessage, index_headers
 from custos.wimse.httpsig import SignedResponseUnavailableError, SignsResponses
 from custos.wimse.policy import CallerPolicy
 from custos.wimse.problem import Problem
@@ -308,15 +308,7 @@ def _decode_headers(scope: Scope) -> tuple[tuple[tuple[str, str], ...], dict[str
     in order): one walk over the headers per request instead of three
     (decode, Content-Length scan, index)."""
     headers = _headers(scope)
-    index: dict[str, list[str]] = {}
-    for name, value in headers:
-        folded = name.lower()
-        values = index.get(folded)
-        if values is None:
-            index[folded] = [value]
-        else:
-            values.append(value)
-    return headers, index
+    return headers, index_headers(headers)
 
 
 def _to_message(

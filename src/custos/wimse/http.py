@@ -15,6 +15,19 @@ _NO_VALUES: tuple[str, ...] = ()
 _new = object.__new__
 
 
+def index_headers(headers: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """Folded field name -> every value, in order (what :meth:`HttpMessage.get_all` reads)."""
+    index: dict[str, list[str]] = {}
+    for name, value in headers:
+        folded = name.lower()
+        values = index.get(folded)
+        if values is None:
+            index[folded] = [value]
+        else:
+            values.append(value)
+    return index
+
+
 @dataclass(frozen=True)
 class HttpMessage:
     """A request (``method`` + ``target``) or a response (``status``).
@@ -86,14 +99,7 @@ class HttpMessage:
         # first access (a measurable share of a request's verification).
         index: dict[str, list[str]] | None = self.__dict__.get("_header_index")
         if index is None:
-            index = {}
-            for k, v in self.headers:
-                name = k.lower()
-                values = index.get(name)
-                if values is None:
-                    index[name] = [v]
-                else:
-                    values.append(v)
+            index = index_headers(self.headers)
             self.__dict__["_header_index"] = index
         return index
 

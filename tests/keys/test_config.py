@@ -73,6 +73,18 @@ def test_validation_errors_do_not_echo_the_pin(values: dict[str, object]) -> Non
     _assert_hidden(pin, info.value)
 
 
+@pytest.mark.parametrize("broken", ["truncated", "bad-value"])
+def test_json_config_errors_do_not_echo_the_pin(broken: str) -> None:
+    # A JSON syntax error is raised before any validator runs, with the whole
+    # document (PIN included) as its input.
+    pin = _pin()
+    doc = json.dumps({"store": "pkcs11", "pkcs11_uri": f"pkcs11:token=a?pin-value={pin}"})
+    doc = doc[:-1] if broken == "truncated" else doc.replace('"pkcs11"', '"banana"', 1)
+    with pytest.raises(ValidationError) as info:
+        KeyStoreConfig.model_validate_json(doc)
+    _assert_hidden(pin, info.value)
+
+
 def test_pin_as_the_wrong_field_is_not_echoed() -> None:
     pin = _pin()
     with pytest.raises(ValidationError) as info:

@@ -137,6 +137,7 @@ class FlakyLink:
     def __init__(self, upstream_port: int) -> None:
         self.upstream = upstream_port
         self._drop = 0
+        self._pass = 0
         self._lock = threading.Lock()
         self._listeners: list[socket.socket] = []
         rng = random.SystemRandom()
@@ -167,9 +168,11 @@ class FlakyLink:
     def tcti(self) -> str:
         return f"swtpm:host=127.0.0.1,port={self.port}"
 
-    def drop(self, n: int = 1) -> None:
+    def drop(self, n: int = 1, *, after: int = 0) -> None:
+        """Drop the next ``n`` commands, after letting ``after`` more through first."""
         with self._lock:
             self._drop += n
+            self._pass = after
 
     def close(self) -> None:
         for s in self._listeners:
@@ -183,7 +186,10 @@ class FlakyLink:
                 return  # closed
             with self._lock:
                 drop = offset == 0 and self._drop > 0
-                if drop:
+                if drop and self._pass > 0:
+                    self._pass -= 1
+                    drop = False
+                elif drop:
                     self._drop -= 1
             if drop:
                 client.recv(65536)
@@ -664,6 +670,36 @@ def test_one_transport_error_with_the_tpm_still_up_leaks_no_handle(
         link.close()
     assert transient_handles(tpm.tcti) == []
     assert tpm2_tools_transients(tpm.tcti) == []
+
+
+def test_key_loaded_for_one_signature_is_not_leaked_by_a_transport_error(
+    swtpm_factory: Callable[..., SwtpmInstance], tmp_path: Path
+) -> None:
+    """No loaded-key cache: each signature loads the key, signs and flushes it.
+
+    The sign and the flush both fail on the wire (swtpm stays up): the freshly
+    loaded key was never in the cache, so the device-loss path must remember
+    it from the failed flush, and the reconnect flush it.
+    """
+    tpm = swtpm_factory()
+    link = FlakyLink(tpm.port)
+    store = TpmKeyStore(tcti=link.tcti, key_dir=tmp_path / "keys", loaded_key_cache=0)
+    try:
+        store.create("k", "ES256")
+        store.sign("k", b"warm")  # primary loaded, k loaded and flushed
+        assert len(transient_handles(tpm.tcti)) == 1
+        link.drop(2, after=1)  # the Load goes through; TPM2_Sign and FlushContext are lost
+        with pytest.raises(DeviceUnavailableError):
+            store.sign("k", b"dropped")
+        assert len(transient_handles(tpm.tcti)) == 2  # the primary and the loaded k
+        for i in range(20):
+            msg = b"after %d" % i
+            verify_es(store, "k", msg, store.sign("k", msg))
+        assert len(transient_handles(tpm.tcti)) == 1  # only the new primary
+    finally:
+        store.close()
+        link.close()
+    assert transient_handles(tpm.tcti) == []
 
 
 def test_failed_primary_recreation_does_not_wedge_the_store(

@@ -109,7 +109,14 @@ def test_unusable_caller_patterns_are_refused(pattern: str) -> None:
         CallerPolicy.from_mapping({"/pay": [pattern]})
 
 
-@pytest.mark.parametrize("route", ["pay", "", "/a/../b", "/pay?x=1", "/pay#f"])
+def test_wildcard_route_is_refused_not_failed_open() -> None:
+    # Attack: "/admin/*" taken literally never matches, so with default_allow
+    # every caller would reach /admin/users.
+    with pytest.raises(PolicyConfigError, match="no wildcards"):
+        CallerPolicy.from_mapping({"/admin/*": ["spiffe://example.org/admin"]}, default_allow=True)
+
+
+@pytest.mark.parametrize("route", ["pay", "", "/a/../b", "/pay?x=1", "/pay#f", "/*", "/a*"])
 def test_unusable_routes_are_refused(route: str) -> None:
     with pytest.raises(PolicyConfigError):
         CallerPolicy.from_mapping({route: ["*"]})

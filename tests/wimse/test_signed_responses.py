@@ -339,8 +339,17 @@ def raw_app(messages: list[dict[str, Any]], calls: Calls) -> Any:
             },
             {"type": "http.response.body", "body": b"x"},
         ],
+        # ... not even with an empty body (the client checks it against b"")
+        [
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-digest", content_digest(b"other").encode())],
+            },
+            {"type": "http.response.body", "body": b""},
+        ],
     ],
-    ids=["incomplete", "trailers", "lying-digest"],
+    ids=["incomplete", "trailers", "lying-digest", "lying-digest-empty-body"],
 )
 def test_asgi_response_that_cannot_be_signed_is_500(
     store: MemoryKeyStore,

@@ -76,6 +76,18 @@ class KeyStoreConfig(BaseModel):
             yield name, value
 
     @classmethod
+    def model_validate_json(cls, json_data: str | bytes | bytearray, **kwargs: Any) -> Any:
+        """As pydantic's, but a JSON syntax error (raised before any validator
+        runs, with the raw document as its input) carries no input either."""
+        try:
+            return super().model_validate_json(json_data, **kwargs)
+        except ValidationError as e:
+            clean = _without_inputs(e)
+        # Raised outside the except block, so the original error (which holds
+        # the document) is not even kept as the suppressed __context__.
+        raise clean
+
+    @classmethod
     def from_env(cls, store: str, **explicit: object) -> KeyStoreConfig:
         """Explicit (non-None) values win over ``CUSTOS_*`` variables."""
         env = {

@@ -636,14 +636,23 @@ class _TpmContext:
             if self._primary is not None:
                 objects.append(self._primary)
             for tr in objects:
-                try:  # local ESYS look-ups, no TPM command
-                    handle = int(ectx.tr_get_tpm_handle(tr))
-                    name = bytes(ectx.tr_get_name(tr))
-                except Exception:  # best effort; the handle is then left
-                    log.debug("cannot read a lost handle's metadata", exc_info=True)
-                    continue
-                self._stale.append((self._epoch, handle, name))
+                self._remember_stale(tr)
         self._drop()
+
+    def _remember_stale(self, tr: Any) -> None:
+        """Note an object the TPM may still hold after a transport failure, so
+        that the next connection (or close) can flush it."""
+        ectx = self._ectx
+        if ectx is None:
+            return
+        try:  # local ESYS look-ups, no TPM command
+            handle = int(ectx.tr_get_tpm_handle(tr))
+            name = bytes(ectx.tr_get_name(tr))
+        except Exception:  # best effort; the handle is then left
+            log.debug("cannot read a lost handle's metadata", exc_info=True)
+            return
+        if (self._epoch, handle, name) not in self._stale:
+            self._stale.append((self._epoch, handle, name))
 
     def _flush_stale(self) -> None:
         """Flush objects a dropped connection left in the TPM (it may never have gone away).
@@ -710,6 +719,9 @@ class _TpmContext:
             self._ectx.flush_context(handle)
         except TSS2_Exception as e:
             if is_device_loss(e):
+                # Popped from the cache (or never in it: a key loaded for one
+                # signature), so _lose() would not see it: remember it here.
+                self._remember_stale(handle)
                 raise
             log.debug("flushing a loaded key failed (%s); dropping the local record", e)
             try:
@@ -871,16 +883,23 @@ class _TpmContext:
 # caches, which is more than swtpm's three slots); closed with its last store.
 # Per process: a forked child makes its own.
 _CONTEXTS: dict[tuple[int, str], _TpmContext] = {}
-_CONTEXTS_LOCK = threading.Lock()
+# Reentrant: a store's finalizer (_detach) can run from the garbage collector
+# on a thread that is inside _attach already, and would deadlock on a plain Lock.
+_CONTEXTS_LOCK = threading.RLock()
 
 
 def _attach(tcti: str, capacity: int) -> tuple[_TpmContext, int]:
     with _CONTEXTS_LOCK:
         key = (os.getpid(), tcti)
-        ctx = _CONTEXTS.get(key)
-        if ctx is None or ctx.closed:
-            ctx = _CONTEXTS[key] = _TpmContext(tcti)
-        return ctx, ctx.attach(capacity)
+        while True:
+            ctx = _CONTEXTS.get(key)
+            if ctx is None or ctx.closed:
+                ctx = _CONTEXTS[key] = _TpmContext(tcti)
+            token = ctx.attach(capacity)
+            # A finalizer run by the GC in between may have closed ctx (its
+            # last other user went away): attach to a fresh one instead.
+            if not ctx.closed:
+                return ctx, token
 
 
 def _detach(ctx: _TpmContext, token: int, key_dir: str) -> None:

@@ -450,13 +450,14 @@ def _prepare(
     _set_single(headers, "Workload-Identity-Token", wit)
     if txn_token is not None:
         _set_single(headers, "Txn-Token", txn_token)
-    if message.body:
-        digests = [v for k, v in headers if k.lower() == "content-digest"]
-        if digests:
-            # Never sign a digest that does not match what is sent.
-            verify_content_digest(digests, message.body)
-        else:
-            headers.append(("Content-Digest", content_digest(message.body)))
+    digests = [v for k, v in headers if k.lower() == "content-digest"]
+    if digests:
+        # Never sign a digest that does not match what is sent, empty body
+        # included: the verifier checks it against the body it receives (so a
+        # HEAD response must leave out the GET content's digest).
+        verify_content_digest(digests, message.body)
+    elif message.body:
+        headers.append(("Content-Digest", content_digest(message.body)))
     return headers
 
 

@@ -69,6 +69,12 @@ def _validated_route(route: object) -> str:
         raise PolicyConfigError(f"route {route!r} must be a path starting with '/'")
     if "?" in route or "#" in route or any(seg in (".", "..") for seg in route.split("/")):
         raise PolicyConfigError(f"route {route!r} must be a plain path (no query, no dot segments)")
+    if "*" in route:
+        # Routes are segment prefixes already ("/admin" covers "/admin/x"); a
+        # literal "*" would never match, and with default_allow that fails open.
+        raise PolicyConfigError(
+            f"route {route!r}: no wildcards in routes; '/admin' already covers '/admin/...'"
+        )
     return route
 
 

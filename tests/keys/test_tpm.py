@@ -840,6 +840,24 @@ def test_a_second_process_without_resource_manager_is_told_why(
 # ---- device loss ----------------------------------------------------------------
 
 
+def test_unreadable_key_file_is_a_file_error_not_a_tpm_error(
+    tpm_store: TpmKeyStore,
+) -> None:
+    # The blob's path turned into a directory (root ignores file modes, so a
+    # chmod would not do): an OSError from the key directory, not the TPM.
+    tpm_store.create("unreadable", "ES256")
+    blob = tpm_store.key_dir / "unreadable.tss"
+    blob.unlink()
+    blob.mkdir()
+    try:
+        with pytest.raises(KeyStoreError) as info:
+            tpm_store.sign("unreadable", b"x")
+        assert info.value.code == "bad_key_file"
+        assert "TPM" not in str(info.value)
+    finally:
+        blob.rmdir()
+
+
 def test_device_loss_then_recovery_without_losing_keys(
     swtpm_factory: Callable[..., SwtpmInstance], tmp_path: Path
 ) -> None:

@@ -764,6 +764,8 @@ class _TpmContext:
                 raise TpmError(f"TPM error: {e}") from e
             except KeyStoreError:
                 raise
+            except OSError as e:  # the key directory, not the TPM (a blob unreadable, say)
+                raise BadKeyBlobError(f"cannot read the key file: {e.strerror or e}") from e
             except Exception as e:  # a tpm2-pytss surprise: still a custos error
                 raise TpmError(f"unexpected failure talking to the TPM: {e!r}") from e
 
@@ -988,6 +990,8 @@ class TpmKeyStore(KeyStore):
             st = os.stat(path)
         except FileNotFoundError:
             self._gone(name)
+        except OSError as e:
+            raise BadKeyBlobError(f"cannot read key file {name!r}: {e.strerror or e}") from e
         cached = self._cache.get(name)
         if cached is not None and cached.stamp == (st.st_ino, st.st_mtime_ns, st.st_size):
             return cached
@@ -997,6 +1001,8 @@ class TpmKeyStore(KeyStore):
                 pem = f.read()
         except FileNotFoundError:  # deleted between stat and open
             self._gone(name)
+        except OSError as e:  # a directory in its place, no permission, an I/O error
+            raise BadKeyBlobError(f"cannot read key file {name!r}: {e.strerror or e}") from e
         entry = self._parse(name, pem, (st.st_ino, st.st_mtime_ns, st.st_size))
         with self._cache_lock:
             self._cache[name] = entry

@@ -975,6 +975,16 @@ def test_exact_configured_audience(
         created=NOW,
     )
     assert verifier.verify_request(signed).audience == "urn:example:orders-service"
+    # The same through the usual wiring: build_request_verifier passes it on,
+    # and without it the urn is refused.
+    from custos.wimse.verifier import build_request_verifier
+
+    wired = build_request_verifier(
+        bundles, [ORIGIN], now=NOW, exact_audiences=["urn:example:orders-service"]
+    )
+    assert wired.verify(signed).variant == "http-signature"
+    plain = build_request_verifier(bundles, [ORIGIN], now=NOW)
+    assert code_of(lambda: plain.verify(signed)) == "bad_audience"
 
 
 def test_body_changed(

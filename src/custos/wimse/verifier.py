@@ -184,6 +184,7 @@ def build_request_verifier(
     now: float | None = None,
     wpt_max_ttl: int | None = None,
     wit_profile: Literal["wimse", "spiffe"] = "wimse",
+    exact_audiences: Sequence[str] = (),
 ) -> RequestVerifier:
     """The usual wiring: one WIT verifier (and its cache) shared by both
     variants, one replay cache.
@@ -197,6 +198,9 @@ def build_request_verifier(
     may lie (:data:`custos.wimse.wpt.DEFAULT_MAX_TTL`). ``wit_profile="spiffe"``
     holds every WIT to the SPIFFE WIT-SVID profile (no EdDSA, no ``aud``,
     ``spiffe://`` subjects only) instead of the WIMSE profile.
+    ``exact_audiences``: deployment-specific ``wimse-aud`` values (say a
+    ``urn:``) that the HTTP-signature variant accepts as they are; WPT
+    audiences are always a configured origin plus the request path.
     """
     from custos.wimse.httpsig import HttpSignatureVerifier
     from custos.wimse.replay import MemoryReplayCache
@@ -226,5 +230,7 @@ def build_request_verifier(
             now=now,
         )
     if "http-signature" in variants:
-        sig = HttpSignatureVerifier(wits, cache, origins, now=now)
+        sig = HttpSignatureVerifier(
+            wits, cache, origins, exact_audiences=exact_audiences, now=now
+        )
     return RequestVerifier(wpt=wpt, http_signature=sig)

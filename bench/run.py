@@ -7,6 +7,7 @@ Figures from a run go into docs/benchmarks.md. Nothing here asserts on time.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sys
 import tempfile
@@ -34,7 +35,7 @@ def bench_keystores(tpm_tcti: str, key_dir: Path, hsm: object) -> None:
     from raw_pkcs11 import bench_raw_pkcs11_sign
     from raw_tpm import bench_raw_tpm_sign
 
-    from custos.keys import ExportableKeyStore, MemoryKeyStore
+    from custos.keys import ExportableKeyStore, KeyStore, MemoryKeyStore
     from custos.keys.pkcs11 import Pkcs11KeyStore
     from custos.keys.tpm import TpmKeyStore
 
@@ -48,27 +49,21 @@ def bench_keystores(tpm_tcti: str, key_dir: Path, hsm: object) -> None:
     )
     print(row(inproc))
 
-    mem = MemoryKeyStore()
-    mem.create("b", "ES256")
-    print(
-        row(
-            measure("custos memory store", lambda: mem.sign("b", msg), N_FAST),
-            inproc,
-            note="vs in-process",
+    software: list[tuple[str, KeyStore]] = [
+        ("custos memory store", MemoryKeyStore()),
+        ("custos exportable store (key on disk)", ExportableKeyStore(key_dir / "exportable")),
+    ]
+    for label, store in software:
+        store.create("b", "ES256")
+        print(
+            row(
+                measure(label, functools.partial(store.sign, "b", msg), N_FAST),
+                inproc,
+                note="vs in-process",
+            )
         )
-    )
-
-    exp = ExportableKeyStore(key_dir / "exportable")
-    exp.create("b", "ES256")
-    print(
-        row(
-            measure("custos exportable store (key on disk)", lambda: exp.sign("b", msg), N_FAST),
-            inproc,
-            note="vs in-process",
-        )
-    )
-    exp.delete("b")
-    exp.close()
+        store.delete("b")
+        store.close()
 
     # Raw and store are measured in alternating rounds so that load from other
     # processes on this shared machine hits both alike.

@@ -770,21 +770,39 @@ class _TpmContext:
                 raise TpmError(f"unexpected failure talking to the TPM: {e!r}") from e
 
     def load(self, name: str, tss: Any) -> Any:
-        """Load a key under the cached primary.
+        """Load a key under the cached primary (:meth:`_under_primary`)."""
+        return self._under_primary(
+            f"load key {name!r}", lambda: self._ectx.load(self._primary, tss.private, tss.public)
+        )
 
-        Out of object slots (another client of a TPM without resource manager holds
-        them): flush our loaded keys and retry once.  A stale primary (the TPM
-        restarted): re-create it and retry once.
+    def create(self, template: TPMT_PUBLIC) -> tuple[Any, Any]:
+        """TPM2_Create under the cached primary (:meth:`_under_primary`)."""
+
+        def call() -> tuple[Any, Any]:
+            private, public, *_ = self._ectx.create(
+                self._primary, TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=template)
+            )
+            return private, public
+
+        return self._under_primary("create a key", call)
+
+    def _under_primary(self, what: str, call: Callable[[], T]) -> T:
+        """``call()``, a command under the cached primary, retried once.
+
+        Out of object slots (another client of a TPM without resource manager
+        holds them; TPM2_Load and TPM2_Create both need a free one): flush our
+        loaded keys and retry.  A stale primary (the TPM restarted, or another
+        client flushed it): re-create it and retry.  ``call`` reads
+        ``self._primary`` when it runs, so the retry uses the new one.
         """
-        ectx = self._ectx
         try:
-            return ectx.load(self._primary, tss.private, tss.public)
+            return call()
         except TSS2_Exception as e:
             if is_device_loss(e):
                 raise
             if _tpm_rc(e) == TPM2_RC.OBJECT_MEMORY:
                 if not self._loaded:
-                    raise self._exhausted(f"load key {name!r}", e) from e
+                    raise self._exhausted(what, e) from e
                 self.evict_all()
             elif self._primary_is_ours():
                 raise
@@ -792,38 +810,10 @@ class _TpmContext:
                 log.info("the TPM no longer holds our primary (restarted?); re-creating it")
                 self._forget_primary()
         try:
-            return ectx.load(self._primary, tss.private, tss.public)
+            return call()
         except TSS2_Exception as e:
             if not is_device_loss(e) and _tpm_rc(e) == TPM2_RC.OBJECT_MEMORY:
-                raise self._exhausted(f"load key {name!r}", e) from e
-            raise
-
-    def create(self, template: TPMT_PUBLIC) -> tuple[Any, Any]:
-        def attempt() -> tuple[Any, Any]:
-            private, public, *_ = self._ectx.create(
-                self._primary, TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=template)
-            )
-            return private, public
-
-        try:
-            return attempt()
-        except TSS2_Exception as e:
-            if is_device_loss(e):
-                raise
-            if _tpm_rc(e) == TPM2_RC.OBJECT_MEMORY:
-                # TPM2_Create needs a free slot; our loaded keys may hold it.
-                if not self._loaded:
-                    raise self._exhausted("create a key", e) from e
-                self.evict_all()
-            elif self._primary_is_ours():
-                raise
-            else:
-                self._forget_primary()
-        try:
-            return attempt()
-        except TSS2_Exception as e:
-            if not is_device_loss(e) and _tpm_rc(e) == TPM2_RC.OBJECT_MEMORY:
-                raise self._exhausted("create a key", e) from e
+                raise self._exhausted(what, e) from e
             raise
 
     def sign(self, key: _LoadedKey, entry: _Entry, hashed: bytes, keep: bool) -> Any:

@@ -257,15 +257,8 @@ class WimseASGIMiddleware:
         await send({"type": "http.response.body", "body": signed.body or b""})
 
     def _sign(self, response: HttpMessage, request: HttpMessage, caller: Caller) -> HttpMessage:
-        assert self.response_signer is not None and caller.nonce is not None
-        try:
-            return self.response_signer.sign(response, request=request, request_nonce=caller.nonce)
-        except ResponseSigningError:
-            raise
-        except WimseError as e:
-            # A digest that lies, a WIT header the app set itself, a signer
-            # whose algorithm is not the WIT's: this response cannot go out.
-            raise ResponseSigningError(f"the response cannot be signed: {e.code}") from e
+        assert self.response_signer is not None
+        return sign_response_or_refuse(self.response_signer, response, request, caller)
 
     async def _read_body(self, receive: Receive) -> tuple[bytes, bool]:
         # The usual request, its whole body (often none) in one message,
@@ -309,6 +302,24 @@ def _decode_headers(scope: Scope) -> tuple[tuple[tuple[str, str], ...], dict[str
     (decode, Content-Length scan, index)."""
     headers = _headers(scope)
     return headers, index_headers(headers)
+
+
+def sign_response_or_refuse(
+    signer: SignsResponses, response: HttpMessage, request: HttpMessage, caller: Caller
+) -> HttpMessage:
+    """``response`` signed for ``caller``'s request, or ResponseSigningError (a 500).
+
+    Shared by the ASGI and WSGI middlewares. Any refusal of the signer (a
+    digest that lies, a WIT header the app set itself, a signer whose
+    algorithm is not the WIT's) means this response cannot go out at all.
+    """
+    assert caller.nonce is not None
+    try:
+        return signer.sign(response, request=request, request_nonce=caller.nonce)
+    except ResponseSigningError:
+        raise
+    except WimseError as e:
+        raise ResponseSigningError(f"the response cannot be signed: {e.code}") from e
 
 
 def _to_message(

@@ -46,7 +46,12 @@ from joserfc.jws import JWSRegistry
 from custos.wimse.digest import ContentDigestError, content_digest, verify_content_digest
 from custos.wimse.errors import AudienceError, HttpSignatureError, ReplayError, WitError
 from custos.wimse.http import Endpoint, HttpMessage
-from custos.wimse.replay import ReplayCache, check_pinned_clock, replay_namespace
+from custos.wimse.replay import (
+    ReplayCache,
+    check_and_store,
+    check_pinned_clock,
+    replay_namespace,
+)
 from custos.wimse.wit import key_fits_alg
 from custos.wimse.wpt import normalize_origin, safe_request_path
 
@@ -853,12 +858,9 @@ class HttpSignatureVerifier:
         # a caller cannot pin entries in the cache for long.
         until = float(min(expires, created + self.max_age) + self.leeway)
         namespace = replay_namespace("http-sig", subject)
-        if self._clock is None:
-            fresh = self.replay.check_and_store(namespace, nonce, until)
-        else:
-            # A pinned clock judges the entry too (custos.wimse.replay).
-            fresh = self.replay.check_and_store(namespace, nonce, until, now=self.now())
-        if not fresh:
+        # A pinned clock judges the entry too (custos.wimse.replay).
+        pinned = None if self._clock is None else self.now()
+        if not check_and_store(self.replay, namespace, nonce, until, pinned):
             raise ReplayError("this nonce has been seen before")
 
     # -- requests --

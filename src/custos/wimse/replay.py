@@ -104,6 +104,18 @@ def check_pinned_clock(cache: object, pinned: bool) -> None:
         )
 
 
+def check_and_store(
+    cache: ReplayCache, namespace: str, value: str, expires_at: float, now: float | None
+) -> bool:
+    """``cache.check_and_store``, handing on a verifier's pinned ``now`` only
+    when there is one: a cache written before ``now=`` existed keeps working
+    for verifiers on the real clock (a pinned one refuses it at construction,
+    :func:`check_pinned_clock`)."""
+    if now is None:
+        return cache.check_and_store(namespace, value, expires_at)
+    return cache.check_and_store(namespace, value, expires_at, now=now)
+
+
 class ReplayCacheUnavailableError(WimseError):
     """The replay cache cannot tell whether a proof is new; the request is refused."""
 
@@ -117,7 +129,6 @@ class ReplayCacheFullError(ReplayCacheUnavailableError):
     code = "replay_cache_full"
 
 
-_sha256 = hashlib.sha256
 _heappush = heapq.heappush
 
 
@@ -166,12 +177,7 @@ class MemoryReplayCache:
     def check_and_store(
         self, namespace: str, value: str, expires_at: float, *, now: float | None = None
     ) -> bool:
-        # _entry_key, inlined (once per verified request).
-        key = _sha256(
-            namespace.encode("utf-8", "surrogatepass")
-            + b"\x00"
-            + value.encode("utf-8", "surrogatepass")
-        ).digest()
+        key = _entry_key(namespace, value)
         expiry = self._expiry
         with self._lock:
             known = expiry.get(key)

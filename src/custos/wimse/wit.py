@@ -637,21 +637,31 @@ def resolve_clock(clock: Clock) -> float:
     return float(clock)
 
 
-def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
-    value = claims.get(name)
-    if value is None:
-        return None
-    # bool is an int in Python, but JSON true is not a NumericDate.
-    # 1e999 parses as an infinite float: a WIT that never expires is malformed.
-    # An int beyond 64 bits cannot become a float (OverflowError, a 500): malformed.
+def numeric_date(value: object) -> float:
+    """``value`` as a JWT NumericDate, or ValueError (the WIT and WPT rule).
+
+    bool is an int in Python, but JSON true is not a NumericDate; 1e999 parses
+    as an infinite float (a token that never expires); an int beyond 64 bits
+    cannot become a float (OverflowError, a 500) and is no date anyone issues.
+    """
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
         or (isinstance(value, int) and not -(2**63) <= value < 2**63)
         or not math.isfinite(value)
     ):
-        raise _fail("wit_malformed", f"{name} is not a NumericDate")
+        raise ValueError("not a NumericDate")
     return float(value)
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    try:
+        return numeric_date(value)
+    except ValueError:
+        raise _fail("wit_malformed", f"{name} is not a NumericDate") from None
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,6 @@ from __future__ import annotations
 import functools
 import hmac
 import json
-import math
 import re
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -74,7 +73,12 @@ from custos.wimse.errors import (
     WptReplayError,
 )
 from custos.wimse.http import Endpoint, HttpMessage
-from custos.wimse.replay import ReplayCache, check_pinned_clock, replay_namespace
+from custos.wimse.replay import (
+    ReplayCache,
+    check_and_store,
+    check_pinned_clock,
+    replay_namespace,
+)
 from custos.wimse.wit import (
     DEFAULT_ASYMMETRIC,
     MAX_TOKEN_BYTES,
@@ -85,6 +89,7 @@ from custos.wimse.wit import (
     b64url_encode,
     decode_compact_parts,
     new_jti,
+    numeric_date,
     parse_wit_unverified,
     resolve_clock,
     signature_ok,
@@ -485,16 +490,10 @@ def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    # An int beyond 64 bits cannot become a float (OverflowError, a 500) and is
-    # no date anyone issues: malformed, like NaN and infinity.
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (isinstance(value, int) and not -(2**63) <= value < 2**63)
-        or not math.isfinite(value)
-    ):
-        raise _fail("wpt_malformed", f"{name} is not a NumericDate")
-    return float(value)
+    try:
+        return numeric_date(value)
+    except ValueError:
+        raise _fail("wpt_malformed", f"{name} is not a NumericDate") from None
 
 
 class WptVerifier:
@@ -580,12 +579,7 @@ class WptVerifier:
         clock = self._clock
         now = time.time() if clock is None else resolve_clock(clock)
         index = request._index
-        values = index.get(_WIT_FIELD)
-        if not values:
-            raise _wit_fail("wit_missing", "request has no Workload-Identity-Token")
-        if len(values) != 1:
-            raise _wit_fail("wit_multiple", "request has more than one Workload-Identity-Token")
-        wit = self.wit_verifier.verify(values[0].strip(" \t"))
+        wit = self._verify_wit(request)
         authorizations = index.get("authorization")
         access_token: str | None = None
         token = ""
@@ -627,13 +621,7 @@ class WptVerifier:
             raise _fail("wpt_bad_signature", "signature is not valid")
 
         # aud: a configured origin + the request's (safe) path, exact strings.
-        target = request.target
-        if type(target) is str and "?" not in target and len(target) <= MAX_AUDIENCE_LENGTH:
-            # _request_path, inlined for a target without a query (refusals
-            # raise through the cache and are not cached).
-            path = _safe_path_cached(target)
-        else:
-            path = _request_path(target)
+        path = _request_path(request.target)
         aud = claims.get("aud")
         # A list-valued aud is refused: one proof, one target.
         if not isinstance(aud, str) or len(aud) > MAX_AUDIENCE_LENGTH:
@@ -641,14 +629,8 @@ class WptVerifier:
         if not self._aud_matches(aud, path):
             raise _fail("wpt_bad_audience", "WPT aud does not match this endpoint and path")
 
-        # exp (required), then nbf and iat (optional): _check_times, inlined.
-        exp = claims.get("exp")
-        # An int (the usual NumericDate, never a bool) is what _numeric
-        # accepts and converts; anything else goes through _numeric itself.
-        if type(exp) is int and -(2**63) <= exp < 2**63:
-            exp = float(exp)
-        else:
-            exp = _numeric(claims, "exp")
+        # exp (required), then nbf and iat (optional).
+        exp = _numeric(claims, "exp")
         if exp is None:
             raise _fail("wpt_missing_exp", "WPT has no exp")
         leeway = self.leeway
@@ -690,12 +672,8 @@ class WptVerifier:
         namespace = wit.__dict__.get(_NAMESPACE_MEMO)
         if namespace is None:
             namespace = _remember_namespace(wit)
-        until = exp + leeway
-        if clock is None:
-            fresh = self.replay.check_and_store(namespace, jti, until)
-        else:
-            fresh = self.replay.check_and_store(namespace, jti, until, now=now)
-        if not fresh:
+        pinned = None if clock is None else now
+        if not check_and_store(self.replay, namespace, jti, exp + leeway, pinned):
             raise WptReplayError("WPT jti was seen before")
         return wit, wire, claims
 

@@ -38,6 +38,7 @@ from custos.wimse.asgi import (
     ResponseTooLargeError,
     declared_length,
     routing_path_ok,
+    sign_response_or_refuse,
 )
 from custos.wimse.errors import MalformedRequestError, WimseError
 from custos.wimse.http import HttpMessage
@@ -112,7 +113,7 @@ class WimseWSGIMiddleware:
         caller: Caller,
     ) -> Iterable[bytes]:
         """Run the app, keep its whole response, sign it, then hand it on."""
-        assert self.response_signer is not None and caller.nonce is not None
+        assert self.response_signer is not None
         capture = _ResponseCapture(self.max_response)
         result = self.app(environ, capture.start_response)
         try:
@@ -125,13 +126,9 @@ class WimseWSGIMiddleware:
             if close is not None:
                 close()
         try:
-            response = capture.response()
-            try:
-                signed = self.response_signer.sign(
-                    response, request=request, request_nonce=caller.nonce
-                )
-            except WimseError as e:
-                raise ResponseSigningError(f"the response cannot be signed: {e.code}") from e
+            signed = sign_response_or_refuse(
+                self.response_signer, capture.response(), request, caller
+            )
         except WimseError as err:
             log.info("wimse_response_refused", code=err.code, status=err.status)
             return _problem(start_response, err)

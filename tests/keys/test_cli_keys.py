@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,23 +21,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc.jwk import import_key
 
+from cli_runner import run_custos as custos
 from custos.keys.signatures import raw_to_der
-
-CUSTOS_VARS = ("CUSTOS_KEY_DIR", "CUSTOS_TCTI", "CUSTOS_PKCS11_MODULE", "CUSTOS_PKCS11_URI")
-
-
-def custos(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    # No CUSTOS_* variable reaches the child: everything comes from the flags.
-    env = {k: v for k, v in os.environ.items() if k not in CUSTOS_VARS}
-    env.update(extra_env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "custos", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
-    )
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:

@@ -8,7 +8,6 @@ format, handle hygiene under errors, device loss, and tpm_info.
 from __future__ import annotations
 
 import gc
-import os
 import random
 import selectors
 import socket
@@ -57,6 +56,7 @@ from tpm2_pytss.types import (
     TPMU_SIG_SCHEME,
 )
 
+from cli_runner import run_custos
 from custos.keys import (
     Algorithm,
     DeviceUnavailableError,
@@ -225,12 +225,10 @@ class FlakyLink:
 def run_cli_sign(
     tcti: str, key_dir: Path, name: str, data: Path
 ) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, CUSTOS_TCTI=tcti, CUSTOS_KEY_DIR=str(key_dir))
-    return subprocess.run(
-        [sys.executable, "-m", "custos", "keys", "sign", "--store", "tpm", "--name", name,
-         "--input", str(data)],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
+    return run_custos(
+        "keys", "sign", "--store", "tpm", "--name", name, "--input", str(data),
+        extra_env={"CUSTOS_TCTI": tcti, "CUSTOS_KEY_DIR": str(key_dir)},
+    )  # fmt: skip
 
 
 def tpm2_tools_transients(tcti: str) -> list[str]:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from cli_runner import run_custos as custos
 from custos.bundle import USE_JWT_SVID, JwtAuthority, TrustBundle
 from custos.identity import SpiffeId, TrustDomain, WimseId
 from custos.jwtsvid import mint_jwt_svid
@@ -104,21 +103,6 @@ SIG_REQ_HEADERS = {
 }
 SIG_URL = "https://svcb.example.com/gimme-ice-cream?flavor=vanilla"
 SIG_NOW = "1785155800"
-
-
-def custos(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    for name in ("CUSTOS_KEY_DIR", "CUSTOS_TCTI", "CUSTOS_PKCS11_MODULE", "CUSTOS_PKCS11_URI"):
-        env.pop(name, None)
-    return subprocess.run(
-        [sys.executable, "-m", "custos", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=cwd,
-        check=False,
-    )
 
 
 def header_args(headers: dict[str, str]) -> list[str]:

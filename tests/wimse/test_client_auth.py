@@ -19,7 +19,6 @@ import asyncio
 import json
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -34,10 +33,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 from werkzeug.serving import make_server
+from wimse_rig import ca_bundles, mint_example_wit
 
-from custos.bundle import USE_WIT_SVID, BundleSet, JwtAuthority, TrustBundle
-from custos.identity import SpiffeId, TrustDomain
-from custos.keys.jose import joserfc_key
+from custos.bundle import BundleSet
+from custos.identity import SpiffeId
 from custos.keys.software import MemoryKeyStore
 from custos.wimse.asgi import WimseASGIMiddleware
 from custos.wimse.auth import ClientAuthError, WimseAuth, WimseRequestsAuth, audience_for
@@ -46,10 +45,9 @@ from custos.wimse.http import HttpMessage
 from custos.wimse.httpsig import parse_signature_input
 from custos.wimse.signer import LocalProofSigner, ProofSigner, WorkloadProof
 from custos.wimse.verifier import RequestVerifier, build_request_verifier
-from custos.wimse.wit import b64url_decode_strict, json_object_strict, mint_wit, token_hash
+from custos.wimse.wit import b64url_decode_strict, json_object_strict, token_hash
 from custos.wimse.wsgi import WimseWSGIMiddleware, caller_of
 
-TD = TrustDomain.parse("example.org")
 WEB = SpiffeId.parse("spiffe://example.org/ns/shop/sa/web")
 ORIGIN = "https://api.example.org"
 VARIANTS = ["wpt", "http-signature"]
@@ -72,19 +70,11 @@ def store() -> MemoryKeyStore:
 
 @pytest.fixture
 def bundles(store: MemoryKeyStore) -> BundleSet:
-    authority = JwtAuthority("ca-1", store.get("ca").public_key(), use=USE_WIT_SVID)  # type: ignore[arg-type]
-    return BundleSet([TrustBundle(TD, jwt_authorities=(authority,))])
+    return ca_bundles(store)
 
 
 def mint(store: MemoryKeyStore, subject: SpiffeId = WEB, key: str = "web") -> str:
-    return mint_wit(
-        joserfc_key(store.get("ca")),
-        "ES256",
-        "ca-1",
-        subject,
-        store.public_jwk(key),
-        timedelta(minutes=10),
-    )
+    return mint_example_wit(store, subject, key)
 
 
 @pytest.fixture

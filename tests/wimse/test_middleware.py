@@ -22,7 +22,6 @@ from typing import Any
 import httpx
 import pytest
 import structlog
-from asgi_harness import run_asgi
 from flask import Flask
 from flask import request as flask_request
 from starlette.applications import Starlette
@@ -31,9 +30,11 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from wimse_rig import Calls, ca_bundles, run_asgi
+from wimse_rig import mint_example_wit as mint
 
-from custos.bundle import USE_WIT_SVID, BundleSet, JwtAuthority, TrustBundle
-from custos.identity import SpiffeId, TrustDomain
+from custos.bundle import BundleSet
+from custos.identity import SpiffeId
 from custos.keys.jose import joserfc_key
 from custos.keys.software import MemoryKeyStore
 from custos.wimse.asgi import WimseASGIMiddleware
@@ -45,7 +46,6 @@ from custos.wimse.wit import mint_wit
 from custos.wimse.wpt import create_wpt, wpt_headers
 from custos.wimse.wsgi import WimseWSGIMiddleware, caller_of
 
-TD = TrustDomain.parse("example.org")
 WEB = SpiffeId.parse("spiffe://example.org/ns/shop/sa/web")
 BILLING = SpiffeId.parse("spiffe://example.org/ns/finance/sa/billing")
 ORIGIN = "https://api.example.org"
@@ -74,20 +74,8 @@ def store() -> MemoryKeyStore:
 
 @pytest.fixture
 def bundles(store: MemoryKeyStore) -> BundleSet:
-    authority = JwtAuthority("ca-1", store.get("ca").public_key(), use=USE_WIT_SVID)  # type: ignore[arg-type]
-    return BundleSet([TrustBundle(TD, jwt_authorities=(authority,))])
+    return ca_bundles(store)
 
-
-def mint(store: MemoryKeyStore, subject: SpiffeId, key: str, now: float | None = None) -> str:
-    return mint_wit(
-        joserfc_key(store.get("ca")),
-        "ES256",
-        "ca-1",
-        subject,
-        store.public_jwk(key),
-        timedelta(minutes=10),
-        now=now,
-    )
 
 
 @pytest.fixture
@@ -98,11 +86,6 @@ def web(store: MemoryKeyStore) -> LocalProofSigner:
 @pytest.fixture
 def billing(store: MemoryKeyStore) -> LocalProofSigner:
     return LocalProofSigner(store.get("billing"), mint(store, BILLING, "billing"))
-
-
-class Calls:
-    def __init__(self) -> None:
-        self.n = 0
 
 
 def starlette_app(verifier: RequestVerifier, calls: Calls, **kw: Any) -> WimseASGIMiddleware:

@@ -17,12 +17,10 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
-from asgi_harness import run_asgi
 from flask import Flask
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -30,10 +28,11 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from wimse_rig import Calls, ca_bundles, run_asgi
+from wimse_rig import mint_example_wit as mint
 
-from custos.bundle import USE_WIT_SVID, BundleSet, JwtAuthority, TrustBundle
-from custos.identity import SpiffeId, TrustDomain
-from custos.keys.jose import joserfc_key
+from custos.bundle import BundleSet
+from custos.identity import SpiffeId
 from custos.keys.software import MemoryKeyStore
 from custos.wimse.asgi import WimseASGIMiddleware
 from custos.wimse.digest import content_digest
@@ -47,10 +46,9 @@ from custos.wimse.httpsig import (
 )
 from custos.wimse.replay import MemoryReplayCache
 from custos.wimse.verifier import RequestVerifier, build_request_verifier
-from custos.wimse.wit import WitVerifier, mint_wit
+from custos.wimse.wit import WitVerifier
 from custos.wimse.wsgi import WimseWSGIMiddleware
 
-TD = TrustDomain.parse("example.org")
 WEB = SpiffeId.parse("spiffe://example.org/ns/shop/sa/web")
 API = SpiffeId.parse("spiffe://example.org/ns/shop/sa/api")
 ORIGIN = "https://api.example.org"
@@ -68,19 +66,8 @@ def store() -> MemoryKeyStore:
 
 @pytest.fixture(scope="module")
 def bundles(store: MemoryKeyStore) -> BundleSet:
-    authority = JwtAuthority("ca-1", store.get("ca").public_key(), use=USE_WIT_SVID)  # type: ignore[arg-type]
-    return BundleSet([TrustBundle(TD, jwt_authorities=(authority,))])
+    return ca_bundles(store)
 
-
-def mint(store: MemoryKeyStore, subject: SpiffeId, key: str) -> str:
-    return mint_wit(
-        joserfc_key(store.get("ca")),
-        "ES256",
-        "ca-1",
-        subject,
-        store.public_jwk(key),
-        timedelta(minutes=10),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +114,6 @@ def assert_problem(got: httpx.Response, status: int, code: str) -> None:
     doc = got.json()
     assert set(doc) == PROBLEM_KEYS and doc["code"] == code
     assert "signature" not in got.headers
-
-
-class Calls:
-    def __init__(self) -> None:
-        self.n = 0
 
 
 # -- ASGI ------------------------------------------------------------------------------

@@ -118,11 +118,11 @@ def bench_wimse(tpm_tcti: str, key_dir: Path, hsm: object) -> None:
 
     from custos.bundle import BundleSet, JwtAuthority, TrustBundle
     from custos.identity import SpiffeId, TrustDomain
+    from custos.integrations.asgi import WimseASGIMiddleware
     from custos.keys import MemoryKeyStore
     from custos.keys.jose import joserfc_key
     from custos.keys.pkcs11 import Pkcs11KeyStore
     from custos.keys.tpm import TpmKeyStore
-    from custos.wimse.asgi import WimseASGIMiddleware
     from custos.wimse.replay import MemoryReplayCache
     from custos.wimse.verifier import RequestVerifier
     from custos.wimse.wit import WitVerifier, mint_wit

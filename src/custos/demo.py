@@ -78,7 +78,7 @@ def main() -> int:
     from custos.keys.tpm import TpmKeyStore
     from custos.testing import softhsm as hsm_rig
     from custos.testing import swtpm as tpm_rig
-    from custos.tpm_info import tpm_info
+    from custos.tpm.info import tpm_info
 
     os.environ.setdefault("TSS2_LOG", "esys+none,tcti+none")
     if STATE.exists():
@@ -124,7 +124,7 @@ def wimse_round(tpm_store: Any, hsm_store: Any) -> None:
     from custos.identity import SpiffeId, TrustDomain
     from custos.keys.jose import joserfc_key
     from custos.wimse.errors import WimseError
-    from custos.wimse.http import HttpMessage
+    from custos.wimse.http.message import HttpMessage
     from custos.wimse.replay import MemoryReplayCache
     from custos.wimse.wit import mint_wit
     from custos.wimse.wpt import WptVerifier, create_wpt, wpt_headers

@@ -48,6 +48,7 @@ from joserfc import jws
 
 from custos.bundle import USE_JWT_SVID, USE_WIT_SVID, BundleSet, JwtAuthority, TrustBundle
 from custos.identity import SpiffeId, TrustDomain
+from custos.integrations.auth import WimseAuth
 from custos.jwtsvid import JwtBadSignatureError, mint_jwt_svid, validate_jwt_svid
 from custos.keys import (
     Algorithm,
@@ -61,10 +62,9 @@ from custos.keys.pkcs11 import Pkcs11KeyStore
 from custos.keys.tpm import TpmKeyStore
 from custos.testing.softhsm import SoftHSMToken
 from custos.testing.swtpm import SwtpmInstance
-from custos.wimse.auth import WimseAuth
 from custos.wimse.digest import ContentDigestMismatchError
 from custos.wimse.errors import ReplayError, WimseError, WptError, WptReplayError
-from custos.wimse.http import HttpMessage
+from custos.wimse.http.message import HttpMessage
 from custos.wimse.httpsig import HttpSignatureVerifier, sign_request, sign_response
 from custos.wimse.replay import MemoryReplayCache
 from custos.wimse.signer import LocalProofSigner
@@ -77,7 +77,7 @@ from custos.wimse.wit import (
     mint_wit,
 )
 from custos.wimse.wpt import WptMintError, WptVerifier, create_wpt, wpt_headers
-from custos.x509ca import CertificateAuthority, X509SvidUntrustedError, verify_x509_svid
+from custos.x509 import CertificateAuthority, X509SvidUntrustedError, verify_x509_svid
 
 TD = TrustDomain("example.org")
 WORKLOAD = SpiffeId.parse("spiffe://example.org/ns/prod/sa/web")

@@ -23,7 +23,7 @@ from custos.bundle import (
 )
 from custos.identity import TrustDomain
 from custos.keys.jwk import public_jwk_members
-from custos.x509ca import CertificateAuthority
+from custos.x509 import CertificateAuthority
 
 TD = TrustDomain("example.org")
 OTHER = TrustDomain("other.example")

@@ -75,7 +75,7 @@ from custos.keys.tpm import (
     key_template,
 )
 from custos.testing.swtpm import SwtpmInstance, free_port_pair
-from custos.tpm_info import tpm_info
+from custos.tpm.info import tpm_info
 
 SIGN_TICKET = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
 

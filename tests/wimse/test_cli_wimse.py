@@ -31,7 +31,7 @@ from custos.identity import SpiffeId, TrustDomain, WimseId
 from custos.jwtsvid import mint_jwt_svid
 from custos.keys.jose import joserfc_key
 from custos.keys.software import MemoryKeyStore
-from custos.wimse.http import HttpMessage
+from custos.wimse.http.message import HttpMessage
 from custos.wimse.httpsig import sign_request
 from custos.wimse.wit import mint_wit
 

@@ -37,16 +37,16 @@ from wimse_rig import ca_bundles, mint_example_wit
 
 from custos.bundle import BundleSet
 from custos.identity import SpiffeId
+from custos.integrations.asgi import WimseASGIMiddleware
+from custos.integrations.auth import ClientAuthError, WimseAuth, WimseRequestsAuth, audience_for
+from custos.integrations.wsgi import WimseWSGIMiddleware, caller_of
 from custos.keys.software import MemoryKeyStore
-from custos.wimse.asgi import WimseASGIMiddleware
-from custos.wimse.auth import ClientAuthError, WimseAuth, WimseRequestsAuth, audience_for
 from custos.wimse.digest import content_digest
-from custos.wimse.http import HttpMessage
+from custos.wimse.http.message import HttpMessage
 from custos.wimse.httpsig import parse_signature_input
 from custos.wimse.signer import LocalProofSigner, ProofSigner, WorkloadProof
 from custos.wimse.verifier import RequestVerifier, build_request_verifier
 from custos.wimse.wit import b64url_decode_strict, json_object_strict, token_hash
-from custos.wimse.wsgi import WimseWSGIMiddleware, caller_of
 
 WEB = SpiffeId.parse("spiffe://example.org/ns/shop/sa/web")
 ORIGIN = "https://api.example.org"

@@ -20,22 +20,17 @@ from custos.wimse.httpsig import HTTPSIG_ERROR_CODES
 from custos.wimse.wit import WIT_ERROR_CODES
 from custos.wimse.wpt import WPT_ERROR_CODES
 
-PACKAGE = Path(custos.wimse.__file__).parent
-#: the modules on the verifying side (the sender side, auth.py and signer.py,
-#: raises its own client errors)
-MODULES = [
-    "asgi.py",
-    "digest.py",
-    "errors.py",
-    "http.py",
-    "httpsig.py",
-    "problem.py",
-    "replay.py",
-    "verifier.py",
-    "wit.py",
-    "wpt.py",
-    "wsgi.py",
-]
+SRC = Path(custos.wimse.__file__).parent.parent
+#: the modules on the verifying side: every module of custos.wimse and
+#: custos.integrations except the sender side (auth and signer raise their own
+#: client errors; policy.py raises configuration errors at start-up).
+SENDER_SIDE = {"auth.py", "signer.py", "httpx.py", "requests.py", "policy.py"}
+MODULES = sorted(
+    str(path.relative_to(SRC))
+    for package in ("wimse", "integrations")
+    for path in (SRC / package).rglob("*.py")
+    if path.name not in SENDER_SIDE
+)
 _LITERALS = [
     re.compile(r"""\b_(?:wit_)?fail\(\s*["']([a-z0-9_]+)["']"""),
     re.compile(r"""\bcode\s*=\s*["']([a-z0-9_]+)["']"""),
@@ -48,10 +43,6 @@ GENERIC_REQUEST_CODES = frozenset(
 
 def _class_codes() -> set[str]:
     # Import every module so all WimseError subclasses exist, then walk them.
-    import custos.wimse.asgi
-    import custos.wimse.digest
-    import custos.wimse.replay
-    import custos.wimse.wsgi  # noqa: F401
 
     codes: set[str] = set()
     todo = [WimseError]
@@ -65,7 +56,7 @@ def _class_codes() -> set[str]:
 def _source_codes() -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     for name in MODULES:
-        text = (PACKAGE / name).read_text()
+        text = (SRC / name).read_text()
         for pattern in _LITERALS:
             for code in pattern.findall(text):
                 found.setdefault(code, set()).add(name)

@@ -27,7 +27,7 @@ from custos.keys.jose import joserfc_key
 from custos.keys.jwk import public_jwk_members
 from custos.keys.software import MemoryKeyStore
 from custos.wimse.errors import WitError, WptError
-from custos.wimse.http import HttpMessage
+from custos.wimse.http.message import HttpMessage
 from custos.wimse.replay import MemoryReplayCache
 from custos.wimse.wit import (
     VerifiedWit,

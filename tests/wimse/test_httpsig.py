@@ -37,7 +37,7 @@ from custos.wimse.errors import (
     WimseError,
     WitError,
 )
-from custos.wimse.http import HttpMessage
+from custos.wimse.http.message import HttpMessage
 from custos.wimse.httpsig import (
     WIMSE_TAG,
     Component,

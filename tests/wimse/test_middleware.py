@@ -35,16 +35,16 @@ from wimse_rig import mint_example_wit as mint
 
 from custos.bundle import BundleSet
 from custos.identity import SpiffeId
+from custos.integrations.asgi import WimseASGIMiddleware
+from custos.integrations.auth import WimseAuth
+from custos.integrations.wsgi import WimseWSGIMiddleware, caller_of
 from custos.keys.jose import joserfc_key
 from custos.keys.software import MemoryKeyStore
-from custos.wimse.asgi import WimseASGIMiddleware
-from custos.wimse.auth import WimseAuth
 from custos.wimse.policy import CallerPolicy
 from custos.wimse.signer import LocalProofSigner
 from custos.wimse.verifier import RequestVerifier, build_request_verifier
 from custos.wimse.wit import mint_wit
 from custos.wimse.wpt import create_wpt, wpt_headers
-from custos.wimse.wsgi import WimseWSGIMiddleware, caller_of
 
 WEB = SpiffeId.parse("spiffe://example.org/ns/shop/sa/web")
 BILLING = SpiffeId.parse("spiffe://example.org/ns/finance/sa/billing")
@@ -552,7 +552,7 @@ def test_pinned_now_pins_the_replay_cache(store: MemoryKeyStore, bundles: Bundle
     pinned = 1745509000
     wit = mint(store, WEB, "web", now=pinned - 10)
     wpt = create_wpt(joserfc_key(store.get("web")), wit, f"{ORIGIN}/pay", now=pinned)
-    from custos.wimse.http import HttpMessage
+    from custos.wimse.http.message import HttpMessage
 
     request = HttpMessage.request("GET", "/pay", wpt_headers(wit, wpt))
     verifier = build_request_verifier(bundles, [ORIGIN], now=pinned + 1)
@@ -595,8 +595,8 @@ def test_non_ascii_digit_content_length_is_malformed_not_a_crash() -> None:
     """str.isdigit() accepts "²" (latin-1 0xB2), which int() refuses."""
     import io
 
-    from custos.wimse.asgi import declared_length
-    from custos.wimse.wsgi import WimseWSGIMiddleware
+    from custos.integrations.asgi import declared_length
+    from custos.integrations.wsgi import WimseWSGIMiddleware
 
     assert declared_length([("content-length", "²")]) is None
     assert declared_length([("content-length", "12")]) == 12

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from custos.integrations.problem import Problem
 from custos.wimse.errors import PolicyError, WptError
 from custos.wimse.policy import CallerPolicy
-from custos.wimse.problem import Problem
 
 POLICY = CallerPolicy.from_mapping(
     {

@@ -15,11 +15,11 @@ import pytest
 
 from custos.bundle import BundleSet, JwtAuthority, TrustBundle
 from custos.identity import TrustDomain, WimseId
+from custos.integrations.asgi import WimseASGIMiddleware
 from custos.keys.jose import joserfc_key
 from custos.keys.software import MemoryKeyStore
-from custos.wimse.asgi import WimseASGIMiddleware
 from custos.wimse.errors import MalformedRequestError, WitError, WptError
-from custos.wimse.http import HttpMessage
+from custos.wimse.http.message import HttpMessage
 from custos.wimse.replay import MemoryReplayCache
 from custos.wimse.verifier import Caller, RequestVerifier, _caller_from, _wpt_caller
 from custos.wimse.wit import (

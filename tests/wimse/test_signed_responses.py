@@ -33,10 +33,11 @@ from wimse_rig import mint_example_wit as mint
 
 from custos.bundle import BundleSet
 from custos.identity import SpiffeId
+from custos.integrations.asgi import WimseASGIMiddleware
+from custos.integrations.wsgi import WimseWSGIMiddleware
 from custos.keys.software import MemoryKeyStore
-from custos.wimse.asgi import WimseASGIMiddleware
 from custos.wimse.digest import content_digest
-from custos.wimse.http import HttpMessage
+from custos.wimse.http.message import HttpMessage
 from custos.wimse.httpsig import (
     HTTPSIG_ERROR_CODES,
     HttpSignatureVerifier,
@@ -47,7 +48,6 @@ from custos.wimse.httpsig import (
 from custos.wimse.replay import MemoryReplayCache
 from custos.wimse.verifier import RequestVerifier, build_request_verifier
 from custos.wimse.wit import WitVerifier
-from custos.wimse.wsgi import WimseWSGIMiddleware
 
 WEB = SpiffeId.parse("spiffe://example.org/ns/shop/sa/web")
 API = SpiffeId.parse("spiffe://example.org/ns/shop/sa/api")

@@ -871,7 +871,7 @@ def test_mint_refuses_sub_second_ttl(issuer_store: MemoryKeyStore) -> None:
 def test_request_verifier_can_hold_wits_to_the_spiffe_profile(
     issuer_store: MemoryKeyStore,
 ) -> None:
-    from custos.wimse.http import HttpMessage
+    from custos.wimse.http.message import HttpMessage
     from custos.wimse.verifier import build_request_verifier
 
     wimse_subject = WimseId.parse("wimse://example.com/w")

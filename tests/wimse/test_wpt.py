@@ -34,7 +34,7 @@ from custos.wimse.errors import (
     WptError,
     WptReplayError,
 )
-from custos.wimse.http import Endpoint, HttpMessage
+from custos.wimse.http.message import Endpoint, HttpMessage
 from custos.wimse.replay import MemoryReplayCache
 from custos.wimse.wit import WitVerifier, mint_wit, token_hash
 from custos.wimse.wpt import (

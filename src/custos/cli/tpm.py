@@ -20,7 +20,7 @@ def tpm() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 def info(tcti: str | None, as_json: bool) -> None:
     """Manufacturer, firmware, PCR banks and the EK certificate's subject and issuer."""
-    from custos.tpm_info import tpm_info
+    from custos.tpm.info import tpm_info
 
     data = tpm_info(tcti or os.environ.get("CUSTOS_TCTI") or DEFAULT_TCTI)
     if as_json:

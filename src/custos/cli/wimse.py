@@ -99,8 +99,8 @@ class _InputError(CustosError):
 
 def _problem_exit(err: CustosError) -> NoReturn:
     """Print the RFC 9457 problem JSON for ``err`` (the code, nothing more) and exit 1."""
+    from custos.integrations.problem import Problem
     from custos.wimse.errors import WimseError
-    from custos.wimse.problem import Problem
 
     if isinstance(err, _InputError):
         click.echo(f"error: {err.message}", err=True)
@@ -165,7 +165,7 @@ def verify(
     prints the problem JSON and exits 1 otherwise.
     """
     from custos.wimse.errors import WitError
-    from custos.wimse.http import HttpMessage
+    from custos.wimse.http.message import HttpMessage
     from custos.wimse.verifier import build_request_verifier
 
     parsed: list[tuple[str, str]] = []

@@ -45,7 +45,7 @@ from joserfc.jws import JWSRegistry
 
 from custos.wimse.digest import ContentDigestError, content_digest, verify_content_digest
 from custos.wimse.errors import AudienceError, HttpSignatureError, ReplayError, WitError
-from custos.wimse.http import Endpoint, HttpMessage
+from custos.wimse.http.message import Endpoint, HttpMessage
 from custos.wimse.replay import (
     ReplayCache,
     check_and_store,
@@ -515,7 +515,7 @@ def sign_request(
     """``request`` with WIT, Content-Digest (for a body), Signature-Input and Signature.
 
     ``audience`` becomes ``wimse-aud``: by default the target URI without query
-    or fragment (:func:`custos.wimse.auth.audience_for`). ``sign_response``
+    or fragment (:func:`custos.integrations.auth.audience_for`). ``sign_response``
     asks the server for a signed response.
     """
     if request.method is None or request.target is None:
@@ -723,7 +723,7 @@ class HttpSignatureVerifier:
     audience value (when intermediaries rewrite the URI); such values go in
     ``exact_audiences`` and match ``wimse-aud`` exactly, and nothing else
     does. ``wimse-aud`` itself is never normalised: senders produce the
-    normalised form (:func:`custos.wimse.auth.audience_for`).
+    normalised form (:func:`custos.integrations.auth.audience_for`).
 
     ``max_age`` bounds how old ``created`` may be, whatever ``expires`` says
     (the draft wants signatures that live minutes). ``leeway`` absorbs clock skew.

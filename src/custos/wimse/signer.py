@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 from custos.keys.base import StoreKey
 from custos.keys.jose import joserfc_key
-from custos.wimse.http import HttpMessage
+from custos.wimse.http.message import HttpMessage
 from custos.wimse.httpsig import DEFAULT_TTL as DEFAULT_SIGNATURE_TTL
 from custos.wimse.httpsig import sign_request
 from custos.wimse.wpt import DEFAULT_WPT_TTL, create_wpt

@@ -9,7 +9,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from custos.wimse.errors import MalformedRequestError
-from custos.wimse.http import HttpMessage
+from custos.wimse.http.message import HttpMessage
 from custos.wimse.wpt import VerifiedCaller, WptVerifier
 
 if TYPE_CHECKING:

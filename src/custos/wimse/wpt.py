@@ -72,7 +72,7 @@ from custos.wimse.errors import (
     WptError,
     WptReplayError,
 )
-from custos.wimse.http import Endpoint, HttpMessage
+from custos.wimse.http.message import Endpoint, HttpMessage
 from custos.wimse.replay import (
     ReplayCache,
     check_and_store,

@@ -17,7 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from custos.bundle import BundleSet, TrustBundle
 from custos.identity import SpiffeId, TrustDomain
 from custos.keys import ExportRefusedError, MemoryKeyStore
-from custos.x509ca import (
+from custos.x509 import (
     CertificateAuthority,
     CsrError,
     X509CaError,

@@ -1,6 +1,6 @@
 """X.509 CA for a trust domain: root / intermediate CAs, X509-SVID issuance and verification."""
 
-from custos.x509ca.ca import (
+from custos.x509.ca import (
     BACKDATE,
     CaPrivateKey,
     CertificateAuthority,
@@ -8,7 +8,7 @@ from custos.x509ca.ca import (
     load_csr,
     verify_x509_svid,
 )
-from custos.x509ca.errors import CsrError, X509CaError, X509SvidError, X509SvidUntrustedError
+from custos.x509.errors import CsrError, X509CaError, X509SvidError, X509SvidUntrustedError
 
 __all__ = [
     "BACKDATE",

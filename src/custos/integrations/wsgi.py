@@ -4,14 +4,14 @@ On success the caller is at ``environ["custos.caller"]`` (in Flask:
 ``flask.request.environ["custos.caller"]``, or :func:`caller_of`). Failures
 answer problem+json exactly as the ASGI middleware does, and the policy is
 checked against the decoded ``SCRIPT_NAME + PATH_INFO`` the app routes on,
-for the reason given in :mod:`custos.wimse.asgi`.
+for the reason given in :mod:`custos.integrations.asgi`.
 
 WSGI merges repeated header fields into one comma-joined value, so "two
 Authorization fields" reaches us as one value with a comma; the WPT verifier
 refuses such a value (a token68 has no comma), which keeps the check
 fail-closed.
 
-Signed responses work as in :mod:`custos.wimse.asgi`: for a caller that asked
+Signed responses work as in :mod:`custos.integrations.asgi`: for a caller that asked
 (``wimse-sign-response``) the app's whole response -- its iterable and
 anything passed to the legacy ``write()`` -- is collected (at most
 ``max_response`` bytes), signed by ``response_signer`` and only then handed to
@@ -30,7 +30,7 @@ from urllib.parse import quote
 
 import structlog
 
-from custos.wimse.asgi import (
+from custos.integrations.asgi import (
     DEFAULT_MAX_BODY,
     DEFAULT_MAX_RESPONSE,
     BodyTooLargeError,
@@ -40,11 +40,11 @@ from custos.wimse.asgi import (
     routing_path_ok,
     sign_response_or_refuse,
 )
+from custos.integrations.problem import Problem
 from custos.wimse.errors import MalformedRequestError, WimseError
-from custos.wimse.http import HttpMessage
+from custos.wimse.http.message import HttpMessage
 from custos.wimse.httpsig import SignedResponseUnavailableError, SignsResponses
 from custos.wimse.policy import CallerPolicy
-from custos.wimse.problem import Problem
 from custos.wimse.verifier import Caller, RequestVerifier
 
 StartResponse = Callable[..., Any]

@@ -44,11 +44,11 @@ from typing import Any
 import anyio.to_thread
 import structlog
 
+from custos.integrations.problem import Problem
 from custos.wimse.errors import MalformedRequestError, WimseError
-from custos.wimse.http import HttpMessage, index_headers
+from custos.wimse.http.message import HttpMessage, index_headers
 from custos.wimse.httpsig import SignedResponseUnavailableError, SignsResponses
 from custos.wimse.policy import CallerPolicy
-from custos.wimse.problem import Problem
 from custos.wimse.verifier import Caller, RequestVerifier
 
 Scope = MutableMapping[str, Any]

@@ -24,7 +24,7 @@ import anyio.to_thread
 import httpx
 
 from custos.wimse.errors import WimseError
-from custos.wimse.http import HttpMessage
+from custos.wimse.http.message import HttpMessage
 from custos.wimse.signer import ProofSigner
 
 if TYPE_CHECKING:

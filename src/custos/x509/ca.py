@@ -40,7 +40,7 @@ from custos.bundle.bundle import BundleSet
 from custos.identity.errors import InvalidIdentifierError
 from custos.identity.ids import SpiffeId, TrustDomain
 from custos.keys.cryptography_keys import DeviceRSAPrivateKey
-from custos.x509ca.errors import CsrError, X509CaError, X509SvidError, X509SvidUntrustedError
+from custos.x509.errors import CsrError, X509CaError, X509SvidError, X509SvidUntrustedError
 
 #: Certificates start this long before "now", so a peer whose clock is a little
 #: behind still accepts a certificate issued this instant (SPIRE does the same).

@@ -1,0 +1,1 @@
+"""HTTP messages and the origin / request-target rules that WIMSE proofs bind to."""

@@ -46,6 +46,7 @@ from joserfc.jws import JWSRegistry
 from custos.wimse.digest import ContentDigestError, content_digest, verify_content_digest
 from custos.wimse.errors import AudienceError, HttpSignatureError, ReplayError, WitError
 from custos.wimse.http.message import Endpoint, HttpMessage
+from custos.wimse.http.origin import normalize_origin, request_path
 from custos.wimse.replay import (
     ReplayCache,
     check_and_store,
@@ -53,7 +54,6 @@ from custos.wimse.replay import (
     replay_namespace,
 )
 from custos.wimse.wit import key_fits_alg
-from custos.wimse.wpt import normalize_origin, safe_request_path
 
 WIMSE_TAG = "wimse-workload-to-workload"
 WIT_HEADER = "workload-identity-token"
@@ -708,7 +708,7 @@ class HttpSignatureVerifier:
 
     ``audiences`` are the origins this relying party serves, from
     configuration (never from ``Host``). Each is normalised with
-    :func:`custos.wimse.wpt.normalize_origin` (``https://API.example.com:443``
+    :func:`custos.wimse.http.origin.normalize_origin` (``https://API.example.com:443``
     becomes ``https://api.example.com``); a value with a path, query or
     fragment, or a non-http(s) one, is refused with ValueError, because an
     origin is all it may be.
@@ -717,7 +717,7 @@ class HttpSignatureVerifier:
     Parameter"): by default the sender sets it to the request's target URI
     without query or fragment, so it is accepted when it equals exactly, as a
     string, a configured origin followed by the request path (checked with
-    :func:`custos.wimse.wpt.safe_request_path`). A bare origin is *not* the
+    :func:`custos.wimse.http.origin.request_path`). A bare origin is *not* the
     target URI and is refused: it would make one signature good for every
     path of the service. The draft also lets a deployment agree on its own
     audience value (when intermediaries rewrite the URI); such values go in
@@ -843,7 +843,7 @@ class HttpSignatureVerifier:
         # The same refusal of dot segments, encoded slashes and the like as the
         # WPT path: a target that could be normalised elsewhere fails closed,
         # whichever kind of audience the signature names.
-        path = safe_request_path(request.target)
+        path = request_path(request.target)
         if audience in self.exact_audiences:
             return audience
         for origin in self.audiences:

@@ -143,3 +143,86 @@ def test_trust_domain_wildcard_admits_members_only() -> None:
     policy.check("spiffe://example.org/a", "/x")
     with pytest.raises(PolicyError):
         policy.check("spiffe://example.org.evil/a", "/x")
+
+
+# -- one semantics for every way of building a policy (issue 7, item 1) ----------------
+
+from custos.wimse.policy import Rule  # noqa: E402
+
+ADMIN = "spiffe://example.org/ns/ops/sa/admin"
+ANYONE_IN_TD = "spiffe://example.org/ns/shop/sa/web"
+
+
+def _rule(route: str, *patterns: str) -> Rule:
+    from custos.wimse.policy import CallerPattern
+
+    return Rule(route, tuple(CallerPattern(p) for p in patterns))
+
+
+def test_broad_rule_given_first_does_not_open_a_specific_route() -> None:
+    # Attack: a "/" rule listed before "/admin" let every caller of "/" into /admin.
+    policy = CallerPolicy([_rule("/", "spiffe://example.org"), _rule("/admin", ADMIN)])
+    policy.check(ADMIN, "/admin/users")
+    with pytest.raises(PolicyError):
+        policy.check(ANYONE_IN_TD, "/admin/users")
+    policy.check(ANYONE_IN_TD, "/orders")
+
+
+def test_specific_rule_decides_even_when_narrower_in_callers() -> None:
+    # The most specific route decides, also when it is more permissive.
+    policy = CallerPolicy([_rule("/", ADMIN), _rule("/public", "*")])
+    policy.check("spiffe://other.org/x", "/public/doc")
+    with pytest.raises(PolicyError):
+        policy.check("spiffe://other.org/x", "/private")
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        [("/", ["spiffe://example.org"]), ("/admin", [ADMIN])],
+        [("/admin", [ADMIN]), ("/", ["spiffe://example.org"])],
+    ],
+)
+def test_every_constructor_and_order_gives_the_same_answers(
+    rules: list[tuple[str, list[str]]],
+) -> None:
+    built = [
+        CallerPolicy([_rule(r, *c) for r, c in rules]),
+        CallerPolicy.from_mapping(dict(rules)),
+        CallerPolicy.from_rules(rules),
+    ]
+    for policy in built:
+        policy.check(ADMIN, "/admin")
+        policy.check(ANYONE_IN_TD, "/")
+        with pytest.raises(PolicyError):
+            policy.check(ANYONE_IN_TD, "/admin/x")
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        ("/admin", "/admin"),
+        ("/admin", "/admin/"),  # the same route: "/admin" covers exactly what "/admin/" does
+        ("/", "/"),
+    ],
+)
+def test_equal_routes_given_twice_are_a_config_error(routes: tuple[str, str]) -> None:
+    with pytest.raises(PolicyConfigError, match="more than once"):
+        CallerPolicy([_rule(routes[0], ADMIN), _rule(routes[1], "*")])
+    with pytest.raises(PolicyConfigError, match="more than once"):
+        CallerPolicy.from_rules([(routes[0], [ADMIN]), (routes[1], ["*"])])
+
+
+def test_from_mapping_refuses_routes_that_are_equal_after_normalising() -> None:
+    with pytest.raises(PolicyConfigError, match="more than once"):
+        CallerPolicy.from_mapping({"/pay": ["*"], "/pay/": [ADMIN]})
+
+
+def test_rules_are_kept_most_specific_first() -> None:
+    policy = CallerPolicy([_rule("/", "*"), _rule("/a/b", "*"), _rule("/a", "*")])
+    assert [r.route for r in policy.rules] == ["/a/b", "/a", "/"]
+
+
+def test_rules_must_be_rule_objects() -> None:
+    with pytest.raises(PolicyConfigError):
+        CallerPolicy([("/", ["*"])])  # type: ignore[list-item]

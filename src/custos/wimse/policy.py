@@ -1,9 +1,13 @@
 """Which callers may call which routes.
 
-A policy is an ordered list of rules ``route -> allowed callers``. Routes match
-on whole path segments (``/pay`` covers ``/pay`` and ``/pay/x``, never
-``/payroll``); the first rule whose route matches decides. A path no rule
-covers is denied (fail closed) unless ``default_allow`` is set.
+A policy is a set of rules ``route -> allowed callers``. Routes match on whole
+path segments (``/pay`` covers ``/pay`` and ``/pay/x``, never ``/payroll``);
+of the rules covering a path, the most specific one (the longest route)
+decides, whatever order the rules were given in and whichever constructor
+built the policy. Two rules for the same route (``/pay`` and ``/pay/`` are the
+same route) are a configuration error: which of them should decide is exactly
+what the author did not say. A path no rule covers is denied (fail closed)
+unless ``default_allow`` is set.
 
 Caller patterns:
 
@@ -119,28 +123,66 @@ class Rule:
         return any(p.matches(subject) for p in self.callers)
 
 
+def _route_key(route: str) -> str:
+    """The form two routes are compared in: ``/pay/`` covers what ``/pay`` does."""
+    return route.rstrip("/")
+
+
+def _callers_of(route: object, callers: object) -> tuple[CallerPattern, ...]:
+    if isinstance(callers, (str, bytes)) or not isinstance(callers, Iterable):
+        raise PolicyConfigError(
+            f"route {route!r}: callers must be a list of patterns, not a single string"
+        )
+    return tuple(p if isinstance(p, CallerPattern) else CallerPattern(p) for p in callers)
+
+
 class CallerPolicy:
+    """Route -> allowed callers; the most specific covering route decides.
+
+    ``CallerPolicy(rules)``, :meth:`from_mapping` and :meth:`from_rules` build
+    the same thing from the same rules: rules are kept most specific first, so
+    a ``/`` rule listed before ``/admin`` never decides for ``/admin``.
+    """
+
     def __init__(self, rules: Iterable[Rule], *, default_allow: bool = False) -> None:
-        self.rules: tuple[Rule, ...] = tuple(rules)
+        given = tuple(rules)
+        seen: dict[str, str] = {}
+        for rule in given:
+            if not isinstance(rule, Rule):
+                raise PolicyConfigError(
+                    f"a policy rule must be a Rule, not {type(rule).__name__} "
+                    "(CallerPolicy.from_rules takes (route, callers) pairs)"
+                )
+            key = _route_key(rule.route)
+            if key in seen:
+                raise PolicyConfigError(
+                    f"route {rule.route!r} is given more than once (as {seen[key]!r} too); "
+                    "merge the callers into one rule"
+                )
+            seen[key] = rule.route
+        # Longest route first: the first covering rule in this order is the
+        # most specific one. sorted() is stable but no two keys are equal here.
+        self.rules: tuple[Rule, ...] = tuple(
+            sorted(given, key=lambda r: len(_route_key(r.route)), reverse=True)
+        )
         self.default_allow = default_allow
+
+    @classmethod
+    def from_rules(
+        cls, rules: Iterable[tuple[str, Iterable[str]]], *, default_allow: bool = False
+    ) -> CallerPolicy:
+        """``[("/pay", ["spiffe://example.org/ns/shop/*"]), ("/", ["spiffe://example.org"])]``."""
+        return cls(
+            [Rule(route, _callers_of(route, callers)) for route, callers in rules],
+            default_allow=default_allow,
+        )
 
     @classmethod
     def from_mapping(
         cls, mapping: Mapping[str, Sequence[str]], *, default_allow: bool = False
     ) -> CallerPolicy:
-        """``{"/pay": ["spiffe://example.org/ns/shop/*"], "/": ["spiffe://example.org"]}``.
-
-        Longer routes are tried first, so the most specific rule decides.
-        """
-        rules = []
-        for route, callers in mapping.items():
-            if isinstance(callers, (str, bytes)) or not isinstance(callers, Iterable):
-                raise PolicyConfigError(
-                    f"route {route!r}: callers must be a list of patterns, not a single string"
-                )
-            rules.append(Rule(route, tuple(CallerPattern(p) for p in callers)))
-        rules.sort(key=lambda r: len(r.route.rstrip("/")), reverse=True)
-        return cls(rules, default_allow=default_allow)
+        """``{"/pay": ["spiffe://example.org/ns/shop/*"], "/": ["spiffe://example.org"]}``."""
+        return cls.from_rules(mapping.items(), default_allow=default_allow)
 
     @classmethod
     def allow_all(cls) -> CallerPolicy:

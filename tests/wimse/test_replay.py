@@ -262,23 +262,60 @@ def test_redis_ttl_is_counted_from_the_given_now(redis_server) -> None:  # type:
     assert 25_000 < ttl <= 30_000
 
 
-def test_takes_now_tells_which_caches_accept_a_clock() -> None:
-    from custos.wimse.replay import takes_now
+def test_no_call_signature_sniffing_is_left() -> None:
+    """Caches written before ``now=`` existed are not supported (nothing was
+    released with that signature): the protocol has one signature, and no
+    helper inspects a cache's method to guess which one it has."""
+    import custos.wimse.replay as replay_module
 
-    class Old:
-        def check_and_store(self, namespace: str, value: str, expires_at: float) -> bool:
-            return True
+    assert not hasattr(replay_module, "takes_now")
+    assert not hasattr(replay_module, "check_pinned_clock")
+    assert "inspect" not in vars(replay_module)
 
-    class Kw:
-        def check_and_store(
-            self, namespace: str, value: str, expires_at: float, **kw: object
-        ) -> bool:
-            return True
 
-    assert takes_now(MemoryReplayCache())
-    assert takes_now(RedisReplayCache(redis.Redis()))  # no connection is made
-    assert takes_now(Kw())
-    assert not takes_now(Old())
+@pytest.mark.parametrize("size", [0, -1, 1.5, float("nan"), float("inf"), True, "100", 10**12])
+def test_memory_cache_size_is_a_bounded_whole_number(size: object) -> None:
+    from custos._numbers import InvalidNumberError
+
+    with pytest.raises(InvalidNumberError):
+        MemoryReplayCache(max_entries=size)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("expires_at", "now"),
+    [
+        (float("nan"), None),
+        (float("inf"), None),
+        (1_000_060.0, float("nan")),
+        (1_000_060.0, float("-inf")),
+        (float("nan"), 1_000_000.0),
+    ],
+)
+def test_memory_cache_refuses_non_finite_times(expires_at: float, now: float | None) -> None:
+    """A NaN expiry compares false with every clock: stored, it would never be
+    'live', and every replay of it would pass."""
+    from custos._numbers import InvalidNumberError
+
+    cache = MemoryReplayCache(clock=FakeClock())
+    with pytest.raises(InvalidNumberError):
+        cache.check_and_store("ns", "n", expires_at, now=now)
+    assert len(cache) == 0
+
+
+def test_redis_cache_refuses_non_finite_times_before_any_round_trip() -> None:
+    from custos._numbers import InvalidNumberError
+
+    # No server at all: a refusal here cannot come from Redis.
+    cache = RedisReplayCache(redis.Redis(port=1), clock=FakeClock())
+    for expires_at, now in [(float("nan"), None), (1e6, float("inf")), (float("inf"), 1e6)]:
+        with pytest.raises(InvalidNumberError):
+            cache.check_and_store("ns", "n", expires_at, now=now)
+
+
+@pytest.mark.parametrize("prefix", ["", 1, None, "a\x00"])
+def test_redis_prefix_must_be_a_printable_string(prefix: object) -> None:
+    with pytest.raises(ValueError):
+        RedisReplayCache(redis.Redis(), prefix=prefix)  # type: ignore[arg-type]
 
 
 def test_replay_namespaces_of_the_two_variants_never_meet() -> None:

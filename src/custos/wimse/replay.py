@@ -14,13 +14,17 @@ of live entries) they raise :class:`ReplayCacheUnavailableError` instead of
 guessing "new", because a cache that says "new" when it does not know turns
 replay protection off exactly when an attacker floods it.
 
-Whose clock: ``check_and_store`` takes an optional ``now``. A verifier with a
-pinned clock (tests, the CLI's ``--now``) passes its own time, so an entry is
-judged live or expired by the same clock that judged the proof; otherwise a
-cache on the real clock would take every entry stored under a pinned past
-"now" as long expired and never see a replay. Verifiers refuse, at
-construction, a pinned clock together with a cache that cannot take ``now``
-(:func:`takes_now`).
+Whose clock: ``check_and_store`` takes ``now``. A verifier with a pinned clock
+(tests, the CLI's ``--now``) passes its own time, so an entry is judged live or
+expired by the same clock that judged the proof; otherwise a cache on the real
+clock would take every entry stored under a pinned past "now" as long expired
+and never see a replay. ``now=None`` means the cache's own clock. Every cache
+takes ``now=`` (the protocol has one signature; none was ever released
+without it).
+
+Times and sizes are checked (:mod:`custos._numbers`): a NaN ``expires_at``
+compares false with every clock, so an entry stored with it would never be
+live and every replay of it would pass; such a call is refused.
 
 Namespaces: verifiers store ``replay_namespace(variant, subject)``, so a WPT
 ``jti`` and an HTTP-signature ``nonce`` of the same value from the same sender
@@ -31,13 +35,13 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import inspect
 import math
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from custos._numbers import InvalidNumberError, finite_number
 from custos.wimse.errors import WimseError
 
 if TYPE_CHECKING:
@@ -76,44 +80,25 @@ def replay_namespace(variant: str, subject: str) -> str:
     return prefix + subject
 
 
-def takes_now(cache: object) -> bool:
-    """Whether ``cache.check_and_store`` accepts the ``now`` keyword."""
-    method = getattr(cache, "check_and_store", None)
-    if method is None:
-        return False
-    try:
-        params = inspect.signature(method).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(
-        p.kind is inspect.Parameter.VAR_KEYWORD
-        or (
-            p.name == "now"
-            and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        )
-        for p in params
-    )
-
-
-def check_pinned_clock(cache: object, pinned: bool) -> None:
-    """Refuse a verifier configuration whose replay cache cannot follow its pinned clock."""
-    if pinned and not takes_now(cache):
-        raise ValueError(
-            "a verifier with a pinned clock needs a replay cache whose check_and_store "
-            "takes now=; otherwise entries are judged by another clock and replays pass"
-        )
-
-
 def check_and_store(
     cache: ReplayCache, namespace: str, value: str, expires_at: float, now: float | None
 ) -> bool:
-    """``cache.check_and_store``, handing on a verifier's pinned ``now`` only
-    when there is one: a cache written before ``now=`` existed keeps working
-    for verifiers on the real clock (a pinned one refuses it at construction,
-    :func:`check_pinned_clock`)."""
-    if now is None:
-        return cache.check_and_store(namespace, value, expires_at)
+    """``cache.check_and_store`` with ``now`` passed on (None: the cache's clock).
+
+    The one call every verifier makes, so the keyword is spelled in one place.
+    """
     return cache.check_and_store(namespace, value, expires_at, now=now)
+
+
+#: The largest memory cache: beyond this a per-process dict is the wrong tool
+#: (use Redis), and a typo of a few zeros should not reserve gigabytes.
+MAX_MEMORY_ENTRIES = 100_000_000
+
+
+def _finite_times(expires_at: float, now: float | None) -> None:
+    """Refuse NaN / infinite times (math.isfinite: this runs per request)."""
+    if not math.isfinite(expires_at) or (now is not None and not math.isfinite(now)):
+        raise InvalidNumberError("replay cache times must be finite numbers")
 
 
 class ReplayCacheUnavailableError(WimseError):
@@ -159,8 +144,12 @@ class MemoryReplayCache:
     def __init__(
         self, max_entries: int = 100_000, *, clock: Callable[[], float] = time.time
     ) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
+        if not isinstance(max_entries, int):
+            # 1.5 or "100" would pass a float range check; a size is a whole number.
+            raise InvalidNumberError(
+                f"max_entries must be a whole number, not {type(max_entries).__name__}"
+            )
+        finite_number(max_entries, name="max_entries", minimum=1, maximum=MAX_MEMORY_ENTRIES)
         self.max_entries = max_entries
         self._clock = clock
         self._lock = threading.Lock()
@@ -177,6 +166,7 @@ class MemoryReplayCache:
     def check_and_store(
         self, namespace: str, value: str, expires_at: float, *, now: float | None = None
     ) -> bool:
+        _finite_times(expires_at, now)
         key = _entry_key(namespace, value)
         expiry = self._expiry
         with self._lock:
@@ -230,6 +220,8 @@ class RedisReplayCache:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if not isinstance(prefix, str) or not prefix or not prefix.isprintable():
+            raise ValueError("prefix must be a non-empty printable string")
         self._client = client
         self._prefix = prefix
         self._clock = clock
@@ -242,6 +234,7 @@ class RedisReplayCache:
     ) -> bool:
         import redis
 
+        _finite_times(expires_at, now)
         start = self._clock() if now is None else now
         ttl_ms = max(1, math.ceil((expires_at - start) * 1000))
         try:

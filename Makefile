@@ -28,6 +28,7 @@ $(VENV)/.installed: pyproject.toml | deps
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e examples/custos-example-attestor
 	@touch $@
 
 venv: deps $(VENV)/.installed

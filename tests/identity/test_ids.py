@@ -306,3 +306,60 @@ def test_corrupted_ids_are_rejected(value: str, bad: str, where: int) -> None:
     # Only uppercase in the path or a well-formed extra segment can stay valid.
     _assert_valid_by_spec(corrupted)
     assert str(parsed) == corrupted
+
+
+# ---------------------------------------------------------------- plain strings at the boundary
+
+
+def test_coerce_trust_domain_accepts_strings_and_values() -> None:
+    from custos.identity import coerce_trust_domain
+
+    td = TrustDomain("example.org")
+    assert coerce_trust_domain(td) is td
+    assert coerce_trust_domain("example.org") == td
+    assert coerce_trust_domain("spiffe://example.org") == td
+    for bad in ("Example.org", "spiffe://example.org/w", "", b"example.org", 7, None):
+        with pytest.raises(InvalidIdentifierError):
+            coerce_trust_domain(bad)  # type: ignore[arg-type]
+
+
+def test_coerce_spiffe_id_refuses_bare_trust_domain_unless_asked() -> None:
+    from custos.identity import coerce_spiffe_id
+
+    sid = SpiffeId.parse("spiffe://example.org/w")
+    assert coerce_spiffe_id(sid) is sid
+    assert coerce_spiffe_id("spiffe://example.org/w") == sid
+    with pytest.raises(InvalidIdentifierError) as info:
+        coerce_spiffe_id("spiffe://example.org")
+    assert info.value.code == "not_workload_id"
+    with pytest.raises(InvalidIdentifierError) as info:
+        coerce_spiffe_id(TrustDomain("example.org").spiffe_id())
+    assert info.value.code == "not_workload_id"
+    assert coerce_spiffe_id("spiffe://example.org", workload=False).path == ""
+    for bad in ("wimse://example.org/w", "spiffe://example.org/", 3, None):
+        with pytest.raises(InvalidIdentifierError):
+            coerce_spiffe_id(bad)  # type: ignore[arg-type]
+
+
+def test_coerce_workload_id_names_a_workload() -> None:
+    from custos.identity import coerce_workload_id
+
+    assert coerce_workload_id("wimse://example.org/w") == WimseId.parse("wimse://example.org/w")
+    assert coerce_workload_id("spiffe://example.org/w") == SpiffeId.parse("spiffe://example.org/w")
+    wid = WimseId.parse("wimse://example.org/x")
+    assert coerce_workload_id(wid) is wid
+    for bare in ("spiffe://example.org", SpiffeId.parse("spiffe://example.org")):
+        with pytest.raises(InvalidIdentifierError) as info:
+            coerce_workload_id(bare)
+        assert info.value.code == "not_workload_id"
+    for bad in ("https://example.org/w", TrustDomain("example.org"), 1.5):
+        with pytest.raises(InvalidIdentifierError):
+            coerce_workload_id(bad)  # type: ignore[arg-type]
+
+
+def test_from_parts_takes_plain_trust_domain_strings() -> None:
+    assert SpiffeId.from_parts("spiffe://example.org", "/w") == SpiffeId.parse(
+        "spiffe://example.org/w"
+    )
+    with pytest.raises(InvalidIdentifierError):
+        SpiffeId.from_parts(42, "/w")  # type: ignore[arg-type]

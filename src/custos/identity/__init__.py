@@ -9,6 +9,9 @@ from custos.identity.ids import (
     TrustDomain,
     WimseId,
     WorkloadId,
+    coerce_spiffe_id,
+    coerce_trust_domain,
+    coerce_workload_id,
     parse_workload_id,
 )
 
@@ -20,5 +23,8 @@ __all__ = [
     "TrustDomain",
     "WimseId",
     "WorkloadId",
+    "coerce_spiffe_id",
+    "coerce_trust_domain",
+    "coerce_workload_id",
     "parse_workload_id",
 ]

@@ -175,10 +175,6 @@ class TrustDomain:
         return self.name
 
 
-def _as_trust_domain(value: TrustDomain | str) -> TrustDomain:
-    return value if isinstance(value, TrustDomain) else TrustDomain.parse(value)
-
-
 class _WorkloadIdBase:
     """Shared behaviour of :class:`SpiffeId` and :class:`WimseId`."""
 
@@ -227,7 +223,7 @@ class SpiffeId(_WorkloadIdBase):
 
     @classmethod
     def from_parts(cls, trust_domain: TrustDomain | str, path: str) -> SpiffeId:
-        return cls(_as_trust_domain(trust_domain), path)
+        return cls(coerce_trust_domain(trust_domain), path)
 
 
 @dataclass(frozen=True, order=True)
@@ -261,7 +257,7 @@ class WimseId(_WorkloadIdBase):
 
     @classmethod
     def from_parts(cls, trust_domain: TrustDomain | str, path: str) -> WimseId:
-        return cls(_as_trust_domain(trust_domain), path)
+        return cls(coerce_trust_domain(trust_domain), path)
 
 
 WorkloadId = SpiffeId | WimseId
@@ -283,6 +279,72 @@ def parse_workload_id(s: str) -> WorkloadId:
     )
 
 
+# -- plain strings at the boundary -------------------------------------------------
+#
+# Users hold identifiers as strings (config files, CLI flags, environment);
+# every public custos function that takes one accepts the string and converts
+# it here, once, so the checks and the messages are the same everywhere.
+
+
+def coerce_trust_domain(value: TrustDomain | str) -> TrustDomain:
+    """``value`` as a :class:`TrustDomain`: a TrustDomain, ``"example.org"``
+    or ``"spiffe://example.org"``; :class:`InvalidIdentifierError` otherwise."""
+    if isinstance(value, TrustDomain):
+        return value
+    if not isinstance(value, str):
+        raise InvalidIdentifierError(
+            f"trust domain must be a TrustDomain or a string, not {type(value).__name__}"
+        )
+    return TrustDomain.parse(value)
+
+
+def _require_workload(value: WorkloadId) -> WorkloadId:
+    if not value.path:
+        # The trust domain's own ID names no workload (JWT-SVID 3, WIT-SVID:
+        # sub is a workload's ID); accepting it would let a credential "for
+        # the domain" pass policies written for members of the domain.
+        raise InvalidIdentifierError(
+            f"{value} is a trust domain's ID, not a workload's (it needs a path)",
+            code="not_workload_id",
+        )
+    return value
+
+
+def coerce_spiffe_id(value: SpiffeId | str, *, workload: bool = True) -> SpiffeId:
+    """``value`` as a :class:`SpiffeId` (a SpiffeId or ``"spiffe://..."``).
+
+    With ``workload`` (the default) the ID must name a workload: the bare
+    trust-domain ID ``spiffe://example.org`` is refused with code
+    ``not_workload_id``.  Pass ``workload=False`` where the trust domain's own
+    ID is meant (a CA certificate's URI SAN).
+    """
+    if isinstance(value, str):
+        value = SpiffeId.parse(value)
+    elif not isinstance(value, SpiffeId):
+        raise InvalidIdentifierError(
+            f"SPIFFE ID must be a SpiffeId or a string, not {type(value).__name__}"
+        )
+    if workload:
+        _require_workload(value)
+    return value
+
+
+def coerce_workload_id(value: WorkloadId | str) -> WorkloadId:
+    """``value`` as a workload identifier that names a workload.
+
+    A :class:`SpiffeId`, a :class:`WimseId`, or a ``spiffe://`` / ``wimse://``
+    string; the bare trust-domain ID is refused (code ``not_workload_id``), as
+    a WIT ``sub`` or a JWT-SVID ``sub`` must name a workload.
+    """
+    if isinstance(value, str):
+        value = parse_workload_id(value)
+    elif not isinstance(value, (SpiffeId, WimseId)):
+        raise InvalidIdentifierError(
+            f"workload ID must be a SpiffeId, a WimseId or a string, not {type(value).__name__}"
+        )
+    return _require_workload(value)
+
+
 __all__ = [
     "MAX_ID_LENGTH",
     "MAX_TRUST_DOMAIN_LENGTH",
@@ -292,5 +354,8 @@ __all__ = [
     "TrustDomain",
     "WimseId",
     "WorkloadId",
+    "coerce_spiffe_id",
+    "coerce_trust_domain",
+    "coerce_workload_id",
     "parse_workload_id",
 ]

@@ -5,31 +5,13 @@ Each test installs a tiny distribution (a real ``.dist-info`` directory) on sys.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 
 import pytest
+from plugin_site import install_dist
 
 from custos.plugin import DuplicatePluginError, PluginLoadError, discover, load
-
-
-def install_dist(root: Path, dist: str, entry_points: str, modules: dict[str, str]) -> None:
-    info = root / f"{dist}-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(entry_points)
-    for name, source in modules.items():
-        (root / f"{name}.py").write_text(source)
-
-
-@pytest.fixture
-def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.invalidate_caches()
-    yield tmp_path
-    for mod in [m for m in sys.modules if m.startswith("acme_")]:
-        del sys.modules[mod]
 
 
 def test_third_party_attestor_is_discovered_and_loaded(site: Path) -> None:
@@ -48,10 +30,16 @@ def test_third_party_attestor_is_discovered_and_loaded(site: Path) -> None:
 
 def test_same_name_from_two_distributions_is_refused(site: Path) -> None:
     install_dist(
-        site, "acme_one", "[custos.server.node_attestors]\nclash = acme_one:A\n", {"acme_one": "A = 1\n"}
+        site,
+        "acme_one",
+        "[custos.server.node_attestors]\nclash = acme_one:A\n",
+        {"acme_one": "A = 1\n"},
     )
     install_dist(
-        site, "acme_two", "[custos.server.node_attestors]\nclash = acme_two:B\n", {"acme_two": "B = 2\n"}
+        site,
+        "acme_two",
+        "[custos.server.node_attestors]\nclash = acme_two:B\n",
+        {"acme_two": "B = 2\n"},
     )
     with pytest.raises(DuplicatePluginError, match="clash"):
         discover("server_node_attestor")
@@ -78,10 +66,16 @@ def test_load_refuses_a_name_two_distributions_register(site: Path) -> None:
     # Defect (issue 7, item 2): load() took the first entry point with the name
     # while discover() refused the same ambiguity.
     install_dist(
-        site, "acme_one", "[custos.server.node_attestors]\nclash = acme_one:A\n", {"acme_one": "A = 1\n"}
+        site,
+        "acme_one",
+        "[custos.server.node_attestors]\nclash = acme_one:A\n",
+        {"acme_one": "A = 1\n"},
     )
     install_dist(
-        site, "acme_two", "[custos.server.node_attestors]\nclash = acme_two:B\n", {"acme_two": "B = 2\n"}
+        site,
+        "acme_two",
+        "[custos.server.node_attestors]\nclash = acme_two:B\n",
+        {"acme_two": "B = 2\n"},
     )
     with pytest.raises(DuplicatePluginError, match=r"clash.*acme_(one|two).*acme_(one|two)"):
         load("server_node_attestor", "clash")

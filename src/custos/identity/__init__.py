@@ -14,6 +14,7 @@ from custos.identity.ids import (
     coerce_workload_id,
     parse_workload_id,
 )
+from custos.identity.selector import Selector as Selector
 
 __all__ = [
     "MAX_ID_LENGTH",

@@ -1,14 +1,17 @@
-"""The relying party's per-request shortcuts keep every check: the direct JSON
-scanner, the remembered JOSE header, the WIT cache keyed by the token itself,
-the remembered path verdicts, the no-copy header lookup and the WPT caller
-fast path, each against the input it must still refuse."""
+"""The relying party's one verification path keeps every check: strict JSON,
+a private header per token, the WIT cache keyed by the token itself, the
+remembered path verdicts, the public no-copy header lookup and the Caller
+built from the WPT result, each against the input it must still refuse; and
+the structure itself (no second path, no private internals of other libraries)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
+import re
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +24,7 @@ from custos.keys.software import MemoryKeyStore
 from custos.wimse.errors import MalformedRequestError, WitError, WptError
 from custos.wimse.http.message import HttpMessage
 from custos.wimse.replay import MemoryReplayCache
-from custos.wimse.verifier import Caller, RequestVerifier, _caller_from, _wpt_caller
+from custos.wimse.verifier import Caller, RequestVerifier
 from custos.wimse.wit import (
     WitVerifier,
     _fail,
@@ -41,7 +44,7 @@ def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-# -- strict JSON: the direct scanner call and its fallback -------------------------
+# -- strict JSON ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -61,9 +64,9 @@ def test_json_strict_accepts_what_json_accepts(text: str) -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        '{"a":1,"a":2}',  # duplicate member, through the direct scanner
+        '{"a":1,"a":2}',  # duplicate member
         '{"a":{"b":1,"b":2}}',  # nested duplicate
-        ' {"a":1,"a":2}',  # duplicate behind leading whitespace (the fallback path)
+        ' {"a":1,"a":2}',  # duplicate behind leading whitespace
         '{"a":NaN}',
         '{"a":Infinity}',
         '{"a":1}x',  # trailing data after a complete object
@@ -75,12 +78,12 @@ def test_json_strict_accepts_what_json_accepts(text: str) -> None:
         "{",
     ],
 )
-def test_attack_json_strict_refusals_hold_on_both_paths(text: str) -> None:
+def test_attack_json_strict_refusals(text: str) -> None:
     with pytest.raises(ValueError):
         json_object_strict(text.encode())
 
 
-# -- the remembered JOSE header ----------------------------------------------------
+# -- the decoded JOSE header ----------------------------------------------------
 
 
 def _token(header: dict[str, Any], claims: dict[str, Any]) -> str:
@@ -119,18 +122,31 @@ def test_attack_bad_header_is_refused_every_time() -> None:
             _decode(crit)
 
 
-# -- HttpMessage.values_of -----------------------------------------------------------
+# -- HttpMessage.header_values -------------------------------------------------------
 
 
-def test_values_of_reads_without_copy_and_get_all_still_copies() -> None:
+def test_header_values_any_case_immutable_and_get_all_copies() -> None:
     message = HttpMessage.request("GET", "/", [("X-A", "1"), ("x-a", "2"), ("B", "3")])
-    assert list(message.values_of("x-a")) == ["1", "2"]
-    assert list(message.values_of("nope")) == []
-    # names are not folded here: callers pass lowercase
-    assert list(message.values_of("X-A")) == []
+    assert message.header_values("x-a") == ("1", "2")
+    assert message.header_values("X-A") == ("1", "2")
+    assert message.header_values("nope") == ()
+    assert message.has_header("b") and not message.has_header("c")
+    with pytest.raises(AttributeError):
+        message.header_values("x-a").append("evil")  # type: ignore[attr-defined]
     copy = message.get_all("X-A")
     copy.append("evil")
     assert message.get_all("x-a") == ["1", "2"]
+    # The index is derived: equality, hash and repr are the fields' alone.
+    twin = HttpMessage.request("GET", "/", [("X-A", "1"), ("x-a", "2"), ("B", "3")])
+    assert twin == message and hash(twin) == hash(message)
+    assert "_index" not in repr(message)
+
+
+def test_message_built_by_hand_indexes_like_request() -> None:
+    direct = HttpMessage((("Workload-Identity-Token", "w"),), None, "GET", "/", None)
+    assert direct.header_values("workload-identity-token") == ("w",)
+    with pytest.raises(AttributeError):
+        direct.headers = ()  # type: ignore[misc]
 
 
 # -- WIT cache keyed by the token, path cache, caller fast path ---------------------
@@ -216,17 +232,57 @@ def test_path_verdict_ignores_query_but_audience_still_checked(
     assert info.value.code == "wpt_bad_audience"
 
 
-def test_wpt_caller_fast_path_equals_generic(store: MemoryKeyStore, bundles: BundleSet) -> None:
+def test_request_verifier_caller_comes_from_the_wpt_result(
+    store: MemoryKeyStore, bundles: BundleSet
+) -> None:
     v = WptVerifier(bundles, audiences=[ORIGIN], replay=MemoryReplayCache(), now=NOW)
     wit = mint(store)
     result = v.verify(wpt_request(store, wit))
     assert type(result) is VerifiedCaller
-    fast, generic = _wpt_caller(result), _caller_from(result, "wpt")
-    assert fast == generic
-    assert fast.subject == str(SUB) and fast.variant == "wpt" and fast.nonce is None
-    assert RequestVerifier(wpt=v).verify(wpt_request(store, wit)) == Caller(
-        str(SUB), "example.com", "wpt", result.wit_claims
-    )
+    assert result.nonce is None and result.sign_response is False
+    caller = RequestVerifier(wpt=v).verify(wpt_request(store, wit))
+    assert caller == Caller(str(SUB), "example.com", "wpt", result.wit_claims)
+    assert caller.nonce is None and not caller.wants_signed_response
+
+
+class _SubclassedWpt(WptVerifier):
+    """A subclass gets the same treatment as the class: there is no type switch."""
+
+
+def test_subclassed_wpt_verifier_takes_the_same_path(
+    store: MemoryKeyStore, bundles: BundleSet
+) -> None:
+    v = _SubclassedWpt(bundles, audiences=[ORIGIN], replay=MemoryReplayCache(), now=NOW)
+    wit = mint(store)
+    request = wpt_request(store, wit)
+    assert RequestVerifier(wpt=v).verify(request).subject == str(SUB)
+    with pytest.raises(WptError) as info:  # and the same replay check
+        RequestVerifier(wpt=v).verify(request)
+    assert info.value.code == "wpt_replayed"
+
+
+# -- structure: one path, public APIs only -----------------------------------------
+
+_SRC = Path(__file__).resolve().parents[2] / "src" / "custos" / "wimse"
+_OWN = ["wit.py", "wpt.py", "verifier.py", "signer.py", "http/message.py"]
+
+
+@pytest.mark.parametrize("name", _OWN)
+def test_no_private_internals_and_no_hand_built_frozen_values(name: str) -> None:
+    text = (_SRC / name).read_text()
+    for pattern in (
+        r"object\.__new__",
+        r"hazmat\.bindings",
+        r"scan_once",
+        r"\.__dict__\[",
+        r"\.__dict__\.update",
+        r"_index\b(?!_)",
+        r"type\([^)]*\) is (?!str\b)",
+        r"_NotTheFastPath|_verify_request",
+    ):
+        if name == "http/message.py" and pattern.startswith("_index"):
+            continue  # the message's own index
+        assert not re.search(pattern, text), f"{name}: {pattern}"
 
 
 # -- the middleware: headers decoded once, still every check -------------------------

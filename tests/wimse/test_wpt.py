@@ -1056,13 +1056,3 @@ def test_pinned_verifier_with_a_real_clock_memory_cache_catches_replays(
     v.verify(request)
     with pytest.raises(WptReplayError):
         v.verify(request)
-
-
-def test_pinned_verifier_refuses_a_cache_that_cannot_take_its_clock(bundles: BundleSet) -> None:
-    class OldStyleCache:
-        def check_and_store(self, namespace: str, value: str, expires_at: float) -> bool:
-            return True
-
-    with pytest.raises(ValueError):
-        WptVerifier(bundles, audiences=[ORIGIN], replay=OldStyleCache(), now=NOW)
-    WptVerifier(bundles, audiences=[ORIGIN], replay=OldStyleCache())

@@ -3,24 +3,24 @@ variant it uses (WPT, either wire form, or an HTTP message signature)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from custos._numbers import finite_number
 from custos.wimse.errors import MalformedRequestError
 from custos.wimse.http.message import HttpMessage
-from custos.wimse.wpt import VerifiedCaller, WptVerifier
+from custos.wimse.wpt import WptVerifier
 
 if TYPE_CHECKING:
-    from custos.bundle import BundleSet
+    from custos.bundle import BundleSet, TrustBundle
+    from custos.identity import TrustDomain
     from custos.wimse.replay import ReplayCache
 
 VariantName = Literal["wpt", "http-signature"]
 VARIANTS: tuple[VariantName, ...] = ("wpt", "http-signature")
-_new = object.__new__
-#: Where a VerifiedWit keeps its WPT Caller (RequestVerifier.verify).
-_CALLER_MEMO = "_custos_wpt_caller"
 
 
 @dataclass(frozen=True)
@@ -37,16 +37,32 @@ class Caller:
     wants_signed_response: bool = False
 
 
+class _Verified(Protocol):
+    """What both variants' results carry (WPT: :class:`~custos.wimse.wpt.VerifiedCaller`,
+    HTTP signature: :class:`~custos.wimse.httpsig.VerifiedSignature`)."""
+
+    @property
+    def subject(self) -> object: ...
+    @property
+    def trust_domain(self) -> object: ...
+    @property
+    def wit_claims(self) -> Mapping[str, Any]: ...
+    @property
+    def nonce(self) -> str | None: ...
+    @property
+    def sign_response(self) -> bool: ...
+
+
 class _VerifiesRequests(Protocol):
-    def verify(self, request: HttpMessage) -> Any: ...
+    def verify(self, request: HttpMessage) -> _Verified: ...
 
 
 class _VerifiesSignatures(Protocol):
-    def verify_request(self, request: HttpMessage) -> Any: ...
+    def verify_request(self, request: HttpMessage) -> _Verified: ...
 
 
-def _caller_from(result: Any, variant: VariantName) -> Caller:
-    wit_claims = getattr(result, "wit_claims", None)
+def _caller_from(result: _Verified, variant: VariantName) -> Caller:
+    wit_claims = result.wit_claims
     return Caller(
         subject=str(result.subject),
         trust_domain=str(result.trust_domain),
@@ -54,52 +70,22 @@ def _caller_from(result: Any, variant: VariantName) -> Caller:
         # Already read-only (a MappingProxyType from the WIT verifier): no copy per request.
         wit_claims=wit_claims
         if isinstance(wit_claims, MappingProxyType)
-        else MappingProxyType(dict(wit_claims or {})),
-        nonce=getattr(result, "nonce", None),
-        wants_signed_response=bool(getattr(result, "sign_response", False)),
-    )
-
-
-def _wpt_caller(result: VerifiedCaller) -> Caller:
-    """:func:`_caller_from` for the WPT verifier's own result type.
-
-    Its attributes are known, so no ``getattr`` with a default (each a caught
-    AttributeError for the two it lacks) and no isinstance probing; the
-    Caller is the same as the generic path builds.
-    """
-    return _wit_caller(result.subject, result.trust_domain, result.wit_claims)
-
-
-def _wit_caller(subject: object, trust_domain: object, wit_claims: Mapping[str, Any]) -> Caller:
-    """The WPT variant's Caller, built without the frozen dataclass
-    ``__init__`` (one ``object.__setattr__`` per field, plus the defaults):
-    the same fields, equality and hash as ``Caller(...)``, and just as
-    immutable afterwards (the frozen ``__setattr__`` still refuses changes)."""
-    caller: Caller = _new(Caller)
-    caller.__dict__.update(
-        subject=str(subject),
-        trust_domain=str(trust_domain),
-        variant="wpt",
-        # Already read-only (a MappingProxyType from the WIT verifier): no copy per request.
-        wit_claims=wit_claims
-        if type(wit_claims) is MappingProxyType
         else MappingProxyType(dict(wit_claims)),
-        nonce=None,
-        wants_signed_response=False,
+        nonce=result.nonce,
+        wants_signed_response=result.sign_response,
     )
-    return caller
 
 
 def _has_wpt(request: HttpMessage) -> bool:
-    if request.values_of("workload-proof-token"):
+    if request.header_values("workload-proof-token"):
         return True
     return any(
-        v.strip().split(" ", 1)[0].lower() == "wpt" for v in request.values_of("authorization")
+        v.strip().split(" ", 1)[0].lower() == "wpt" for v in request.header_values("authorization")
     )
 
 
 def _has_signature(request: HttpMessage) -> bool:
-    return bool(request.values_of("signature-input") or request.values_of("signature"))
+    return bool(request.header_values("signature-input") or request.header_values("signature"))
 
 
 class RequestVerifier:
@@ -122,36 +108,8 @@ class RequestVerifier:
             raise ValueError("configure at least one variant")
         self._wpt = wpt
         self._sig = http_signature
-        # The WPT verifier is ours (not a subclass, not another type): verify
-        # may call its _verify_request and build the Caller itself.
-        self._wpt_exact = type(wpt) is WptVerifier
 
     def verify(self, request: HttpMessage) -> Caller:
-        if self._wpt_exact:
-            index = request._index
-            if (
-                "signature-input" not in index
-                and "signature" not in index
-                and "workload-proof-token" not in index
-            ):
-                # No signature fields: _has_signature is False, so the
-                # dispatch below sends the request to the WPT verifier (set)
-                # whatever _has_wpt says; this is that branch without the
-                # Authorization parse.
-                assert isinstance(self._wpt, WptVerifier)
-                wit, _, _ = self._wpt._verify_request(request)
-                # Straight from the WIT: no VerifiedCaller made only to be
-                # taken apart (_wpt_caller builds the same Caller from one).
-                # A WPT Caller is a function of the (frozen) WIT alone, and
-                # the WIT cache hands out one VerifiedWit per caller, so the
-                # Caller is made once per WIT and kept beside its fields
-                # (not a field: equality and repr are untouched).  It is
-                # immutable, so every request may share it.
-                caller: Caller | None = wit.__dict__.get(_CALLER_MEMO)
-                if caller is None:
-                    caller = _wit_caller(wit.subject, wit.trust_domain, wit.claims)
-                    wit.__dict__[_CALLER_MEMO] = caller
-                return caller
         has_sig = _has_signature(request)
         has_wpt = _has_wpt(request)
         if has_sig and has_wpt:
@@ -168,29 +126,29 @@ class RequestVerifier:
             raise MalformedRequestError(
                 "the WPT variant is not accepted here", code="variant_not_accepted"
             )
-        result = self._wpt.verify(request)
-        if type(result) is VerifiedCaller:
-            return _wpt_caller(result)
-        return _caller_from(result, "wpt")
+        return _caller_from(self._wpt.verify(request), "wpt")
 
 
 def build_request_verifier(
-    bundles: BundleSet,
-    audiences: Sequence[str],
+    bundles: BundleSet | TrustBundle,
+    audiences: Sequence[str] | str = (),
     *,
     replay: ReplayCache | None = None,
     accept_wpt01: bool = True,
     variants: Sequence[str] = VARIANTS,
     now: float | None = None,
-    wpt_max_ttl: int | None = None,
+    wpt_max_ttl: float | None = None,
     wit_profile: Literal["wimse", "spiffe"] = "wimse",
     exact_audiences: Sequence[str] = (),
 ) -> RequestVerifier:
     """The usual wiring: one WIT verifier (and its cache) shared by both
     variants, one replay cache.
 
-    ``audiences`` are the origins this relying party serves
-    (``https://api.example.com``), from configuration, never from ``Host``.
+    ``bundles``: a :class:`~custos.bundle.BundleSet`, or one
+    :class:`~custos.bundle.TrustBundle` when every caller is in one trust
+    domain. ``audiences`` are the origins this relying party serves
+    (``https://api.example.com``, one string or several), from configuration,
+    never from ``Host``.
     ``now`` pins every clock, the replay cache's included (tests, the CLI's
     ``--now``); a replay cache built here with the real clock would treat every
     entry stored under a pinned past ``now`` as long expired and so never
@@ -198,10 +156,11 @@ def build_request_verifier(
     may lie (:data:`custos.wimse.wpt.DEFAULT_MAX_TTL`). ``wit_profile="spiffe"``
     holds every WIT to the SPIFFE WIT-SVID profile (no EdDSA, no ``aud``,
     ``spiffe://`` subjects only) instead of the WIMSE profile.
-    ``exact_audiences``: deployment-specific ``wimse-aud`` values (say a
-    ``urn:``) that the HTTP-signature variant accepts as they are; WPT
-    audiences are always a configured origin plus the request path.
+    ``exact_audiences``: absolute URIs (say a ``urn:`` or a ``spiffe://`` ID)
+    that a proof may name as they are, whatever the request path, in both
+    variants (``wpt`` and ``wimse-aud``).
     """
+    from custos.bundle import BundleSet, TrustBundle
     from custos.wimse.httpsig import HttpSignatureVerifier
     from custos.wimse.replay import MemoryReplayCache
     from custos.wimse.wit import WitVerifier
@@ -210,11 +169,16 @@ def build_request_verifier(
     unknown = set(variants) - set(VARIANTS)
     if unknown or not variants:
         raise ValueError(f"variants must be a non-empty subset of {VARIANTS}")
+    if isinstance(bundles, TrustBundle):
+        bundles = BundleSet([bundles])
+    if isinstance(audiences, str):
+        audiences = [audiences]
     origins = [normalize_origin(a) for a in audiences]
     if replay is not None:
         cache = replay
     elif now is not None:
-        pinned = float(now)
+        # Checked here too: this lambda is the replay window's clock.
+        pinned = finite_number(now, name="now")
         cache = MemoryReplayCache(clock=lambda: pinned)
     else:
         cache = MemoryReplayCache()
@@ -224,13 +188,34 @@ def build_request_verifier(
         wpt = WptVerifier(
             wit_verifier=wits,
             audiences=origins,
+            exact_audiences=exact_audiences,
             replay=cache,
             accept_wpt01=accept_wpt01,
             max_ttl=DEFAULT_MAX_TTL if wpt_max_ttl is None else wpt_max_ttl,
             now=now,
         )
     if "http-signature" in variants:
-        sig = HttpSignatureVerifier(
-            wits, cache, origins, exact_audiences=exact_audiences, now=now
-        )
+        sig = HttpSignatureVerifier(wits, cache, origins, exact_audiences=exact_audiences, now=now)
     return RequestVerifier(wpt=wpt, http_signature=sig)
+
+
+def verifier_from_bundle_file(
+    path: str | os.PathLike[str],
+    trust_domain: TrustDomain | str,
+    audiences: Sequence[str] | str,
+    **options: Any,
+) -> RequestVerifier:
+    """The common relying party in one line: callers from one trust domain
+    whose bundle is in the file ``path`` (SPIFFE bundle or JWKS JSON), serving
+    ``audiences``; ``options`` are :func:`build_request_verifier`'s::
+
+        verifier = verifier_from_bundle_file("bundle.json", "example.org",
+                                             "https://api.example.org")
+    """
+    from custos.bundle import TrustBundle
+    from custos.identity import TrustDomain
+
+    domain = (
+        trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain.parse(trust_domain)
+    )
+    return build_request_verifier(TrustBundle.load(domain, path), audiences, **options)

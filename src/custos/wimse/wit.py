@@ -54,6 +54,7 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
+from custos._numbers import InvalidNumberError, finite_number, seconds
 from custos.bundle import USE_WIT_SVID, BundleSet, TrustBundle
 from custos.identity import (
     InvalidIdentifierError,
@@ -62,6 +63,8 @@ from custos.identity import (
     WimseId,
     parse_workload_id,
 )
+from custos.keys.base import StoreKey
+from custos.keys.jose import joserfc_key
 from custos.wimse.errors import WimseError, WitError
 
 Profile = Literal["wimse", "spiffe"]
@@ -193,46 +196,11 @@ _STRICT_JSON = json.JSONDecoder(
 )
 
 
-# The C scanner behind _STRICT_JSON (set by JSONDecoder.__init__, untyped in typeshed).
-_SCAN_JSON: Callable[[str, int], tuple[Any, int]] = _STRICT_JSON.scan_once  # type: ignore[attr-defined]
-
-
 def json_object_strict(raw: bytes) -> dict[str, Any]:
-    text = raw.decode("utf-8")
-    doc: object = None
-    if text[:1] == "{":
-        # The decoder's own C scanner, called directly: JSONDecoder.decode
-        # wraps it in Python (whitespace regexes, raw_decode) that costs as
-        # much again for a small token part.  Same scanner, same hooks; any
-        # input it does not consume whole (an error, trailing whitespace or
-        # data) goes through decode() below for decode()'s own verdict.
-        try:
-            doc, end = _SCAN_JSON(text, 0)
-        except StopIteration:
-            end = -1
-        if end != len(text):
-            doc = None
-    if doc is None:
-        doc = _STRICT_JSON.decode(text)
+    doc = _STRICT_JSON.decode(raw.decode("utf-8"))
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
     return doc
-
-
-@functools.lru_cache(maxsize=256)
-def _flat_header(part: str) -> dict[str, Any] | None:
-    """The decoded JOSE header ``part`` if all its values are strings, else None.
-
-    A sender's header is the same few bytes on every token (``alg``, ``typ``,
-    ``kid``), so its decode is remembered.  Only flat headers are kept, so the
-    caller's shallow copy shares nothing mutable with the cache; errors are
-    not cached (they raise through lru_cache).
-    """
-    header = json_object_strict(b64url_decode_strict(part))
-    return header if all(type(v) is str for v in header.values()) else None
-
-
-_new = object.__new__
 
 
 @dataclass(frozen=True)
@@ -253,32 +221,6 @@ def decode_compact(
     ``error(code, message)`` builds the exception; codes are ``<prefix>_malformed``
     and ``<prefix>_too_large``.
     """
-    header, claims, signing_input, signature = decode_compact_parts(token, max_bytes, error, prefix)
-    # Built without the frozen dataclass __init__ (one object.__setattr__
-    # per field): the same instance, as immutable after.
-    decoded: CompactJws = _new(CompactJws)
-    decoded.__dict__.update(
-        # A private copy: the remembered header is shared (_flat_header).
-        header=dict(header),
-        claims=claims,
-        signing_input=signing_input,
-        signature=signature,
-    )
-    return decoded
-
-
-def decode_compact_parts(
-    token: object, max_bytes: int, error: Callable[[str, str], WimseError], prefix: str
-) -> tuple[Mapping[str, Any], dict[str, Any], bytes, bytes]:
-    """:func:`decode_compact` as a tuple (header, claims, signing input,
-    signature), with the same checks in the same order.
-
-    For the per-request WPT path, which reads two header values and keeps
-    nothing of the token but the claims: no CompactJws to build and take
-    apart, and no copy of the header.  The header may be the remembered one
-    (:func:`_flat_header`), shared by every token with the same header:
-    read it, never change it.
-    """
     if not isinstance(token, str):
         raise error(f"{prefix}_malformed", "token is not a string")
     if len(token) > max_bytes:
@@ -288,9 +230,7 @@ def decode_compact_parts(
         raise error(f"{prefix}_malformed", "token is not a compact JWS (three parts)")
     head, body, sig = parts
     try:
-        header = _flat_header(head)
-        if header is None:
-            header = json_object_strict(b64url_decode_strict(head))
+        header = json_object_strict(b64url_decode_strict(head))
         claims = json_object_strict(b64url_decode_strict(body))
         signature = b64url_decode_strict(sig)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -298,7 +238,7 @@ def decode_compact_parts(
     if "crit" in header:
         # RFC 7515 4.1.11: we understand no extension, so any "crit" is fatal.
         raise error(f"{prefix}_malformed", "token has critical header parameters")
-    return header, claims, f"{head}.{body}".encode("ascii"), signature
+    return CompactJws(header, claims, f"{head}.{body}".encode("ascii"), signature)
 
 
 # -- keys ----------------------------------------------------------------------
@@ -354,16 +294,6 @@ _PKCS1 = padding.PKCS1v15()
 _PSS = {n: padding.PSS(mgf=padding.MGF1(h), salt_length=h.digest_size) for n, h in _SHA.items()}
 
 
-try:  # the concrete class behind ec.EllipticCurvePublicKey (a registered ABC subclass)
-    from cryptography.hazmat.bindings._rust import openssl as _rust_openssl
-
-    _EC_PUBLIC_TYPE: type = _rust_openssl.ec.ECPublicKey
-    if not issubclass(_EC_PUBLIC_TYPE, ec.EllipticCurvePublicKey):  # pragma: no cover
-        _EC_PUBLIC_TYPE = ec.EllipticCurvePublicKey
-except (ImportError, AttributeError):  # pragma: no cover - another cryptography layout
-    _EC_PUBLIC_TYPE = ec.EllipticCurvePublicKey
-
-
 def signature_ok(key: object, alg: str, signing_input: bytes, signature: bytes) -> bool:
     """Whether ``signature`` is a valid JWS signature (RFC 7518 encoding) over
     ``signing_input`` under ``alg`` with the cryptography public key ``key``.
@@ -380,13 +310,9 @@ def signature_ok(key: object, alg: str, signing_input: bytes, signature: bytes) 
     try:
         half = _EC_SIG_HALF.get(alg)
         if half is not None:
-            # key_fits_alg for the ECDSA algorithms, inlined.  The exact type
-            # of cryptography's EC keys is tried first: isinstance against
-            # the ABC costs ten times as much, and any other implementation
-            # still gets it.
-            if type(key) is not _EC_PUBLIC_TYPE and not isinstance(key, ec.EllipticCurvePublicKey):
+            # key_fits_alg for the ECDSA algorithms, with the signature length.
+            if not isinstance(key, ec.EllipticCurvePublicKey):
                 return False
-            key = cast(ec.EllipticCurvePublicKey, key)
             if key.curve.name != _EC_CURVES[alg] or len(signature) != 2 * half:
                 return False
             der = encode_dss_signature(
@@ -557,12 +483,12 @@ def new_jti() -> str:
 
 
 def mint_wit(
-    signing_key: JoseKey,
-    alg: str,
-    kid: str,
-    subject: SpiffeId | WimseId,
-    workload_public_jwk: Mapping[str, Any],
-    ttl: timedelta,
+    signing_key: JoseKey | StoreKey,
+    alg: str | None = None,
+    kid: str | None = None,
+    subject: SpiffeId | WimseId | str | None = None,
+    workload_public_jwk: Mapping[str, Any] | StoreKey | None = None,
+    ttl: timedelta | float | None = None,
     *,
     issuer: str | None = None,
     profile: Profile = "wimse",
@@ -571,9 +497,45 @@ def mint_wit(
 ) -> str:
     """Mint a WIT for ``subject`` binding ``workload_public_jwk`` (which must carry ``alg``).
 
-    ``signing_key`` is the Identity Server's joserfc key, e.g.
-    ``custos.keys.jose.joserfc_key(store.get(name))``, so it signs in the device.
+    ``signing_key`` is the Identity Server's key: a :class:`custos.keys.StoreKey`
+    (``store.get(name)``, signs in the device) or a joserfc key.  ``alg`` and
+    ``kid`` default to the key's own JWK members.  ``subject`` may be a string
+    (``"spiffe://example.org/svc"``); ``workload_public_jwk`` may be the
+    workload's StoreKey; ``ttl`` is a timedelta or seconds (at least one).
+    The usual call::
+
+        mint_wit(ca_store.get("wit-ca"), subject="spiffe://example.org/svc",
+                 workload_public_jwk=workload_store.get("svc"), ttl=timedelta(hours=1))
     """
+    if isinstance(signing_key, StoreKey):
+        signing_key = joserfc_key(signing_key)
+    if alg is None:
+        alg = signing_key.alg
+        if not isinstance(alg, str):
+            raise WitMintError("give alg=: the signing key's JWK has no alg")
+    if kid is None:
+        kid = signing_key.kid
+        if not isinstance(kid, str):
+            raise WitMintError("give kid=: the signing key's JWK has no kid")
+    if subject is None or workload_public_jwk is None or ttl is None:
+        raise WitMintError("mint_wit needs subject, workload_public_jwk and ttl")
+    if isinstance(subject, str):
+        try:
+            subject = parse_workload_id(subject)
+        except InvalidIdentifierError as e:
+            raise WitMintError(f"subject is not a workload identifier: {e.message}") from e
+    if isinstance(workload_public_jwk, StoreKey):
+        workload_public_jwk = workload_public_jwk.public_jwk()
+    try:
+        # Whole seconds: exp and iat are NumericDates, and a TTL under one
+        # second would truncate to exp == iat, a token dead on arrival.
+        ttl_seconds = int(seconds(ttl, name="ttl", minimum=1))
+    except InvalidNumberError as e:
+        raise WitMintError(f"ttl must be a finite duration of at least one second: {e}") from e
+    try:
+        issued = int(time.time() if now is None else finite_number(now, name="now"))
+    except InvalidNumberError as e:
+        raise WitMintError(e.message) from e
     if profile not in ("wimse", "spiffe"):
         raise WitMintError(f"unknown profile {profile!r}")
     allowed = SPIFFE_ALGORITHMS if profile == "spiffe" else DEFAULT_ASYMMETRIC
@@ -583,12 +545,11 @@ def mint_wit(
         raise WitMintError("a WIT needs a non-empty kid")
     if not isinstance(subject, (SpiffeId, WimseId)):
         raise WitMintError("subject must be a SpiffeId or WimseId")
+    if not subject.path:
+        # A trust domain's own ID names no workload (JWT-SVIDs refuse it too).
+        raise WitMintError("subject must name a workload, not the bare trust domain")
     if profile == "spiffe" and not isinstance(subject, SpiffeId):
         raise WitMintError("a WIT-SVID's subject must be a spiffe:// ID")
-    # Whole seconds: exp and iat are NumericDates, and a TTL under one second
-    # would truncate to exp == iat, a token dead on arrival.
-    if not isinstance(ttl, timedelta) or ttl.total_seconds() < 1:
-        raise WitMintError("ttl must be a timedelta of at least one second")
     if not key_fits_alg(signing_key.public_key, alg):
         raise WitMintError(f"the signing key does not fit {alg}")
     cnf_jwk = public_cnf_jwk(workload_public_jwk, allowed)
@@ -605,12 +566,11 @@ def mint_wit(
             # WIT-SVID 3.7: iss SHOULD NOT be OIDC-discovery compatible, so the
             # token is never taken for an ID token without its proof.
             raise WitMintError("a WIT-SVID issuer should not be an https:// URL")
-    issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {
         **extra,
         "sub": str(subject),
         "iat": issued,
-        "exp": issued + int(ttl.total_seconds()),
+        "exp": issued + ttl_seconds,
         "jti": new_jti(),
         "cnf": {"jwk": cnf_jwk},
     }
@@ -629,12 +589,21 @@ def mint_wit(
 # -- verification ---------------------------------------------------------------------
 
 
+def check_clock(clock: Clock) -> Clock:
+    """A verifier's ``now`` as given, if usable: None (the real clock), a
+    callable, or a finite pinned time (NaN or infinity would turn every
+    time check off); else :class:`~custos._numbers.InvalidNumberError`."""
+    if clock is None or callable(clock):
+        return clock
+    return finite_number(clock, name="now")
+
+
 def resolve_clock(clock: Clock) -> float:
+    """The time by ``clock`` (see :func:`check_clock`); a callable clock's
+    answer is checked too, each time."""
     if clock is None:
         return time.time()
-    if callable(clock):
-        return float(clock())
-    return float(clock)
+    return finite_number(clock() if callable(clock) else clock, name="now")
 
 
 def numeric_date(value: object) -> float:
@@ -712,6 +681,9 @@ def parse_wit_unverified(
         subject = parse_workload_id(sub)
     except InvalidIdentifierError as e:
         raise _fail("wit_bad_sub", f"WIT sub is not a workload identifier: {e.code}") from e
+    if not subject.path:
+        # spiffe://td is the trust domain itself, not a workload in it.
+        raise _fail("wit_bad_sub", "WIT sub is a bare trust domain, not a workload")
     cnf_jwk, cnf_key, cnf_alg = _import_cnf_jwk(claims.get("cnf"), allowed)
     for name in ("exp", "iat", "nbf"):
         _numeric_date(claims, name)
@@ -755,7 +727,7 @@ def verify_wit(
     bundles: BundleSet,
     *,
     now: Clock = None,
-    leeway: int = DEFAULT_LEEWAY,
+    leeway: float | timedelta = DEFAULT_LEEWAY,
     algorithms: Collection[str] = DEFAULT_ASYMMETRIC,
     profile: Profile = "wimse",
 ) -> VerifiedWit:
@@ -764,7 +736,7 @@ def verify_wit(
         token,
         bundles,
         now=resolve_clock(now),
-        leeway=leeway,
+        leeway=seconds(leeway, name="leeway"),
         algorithms=algorithms,
         profile=profile,
     )[0]
@@ -775,7 +747,7 @@ def _verify(
     bundles: BundleSet,
     *,
     now: float,
-    leeway: int,
+    leeway: float,
     algorithms: Collection[str],
     profile: Profile,
     wth: str | None = None,
@@ -839,18 +811,20 @@ class WitVerifier:
         bundles: BundleSet,
         *,
         now: Clock = None,
-        leeway: int = DEFAULT_LEEWAY,
+        leeway: float | timedelta = DEFAULT_LEEWAY,
         algorithms: Collection[str] = DEFAULT_ASYMMETRIC,
         profile: Profile = "wimse",
         max_entries: int = DEFAULT_CACHE_SIZE,
     ) -> None:
-        if max_entries < 0:
-            raise ValueError("max_entries must be >= 0")
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 0:
+            raise ValueError("max_entries must be an int >= 0")
+        if profile not in ("wimse", "spiffe"):
+            raise ValueError(f"unknown profile {profile!r}")
         self.bundles = bundles
-        self.leeway = leeway
+        self.leeway = seconds(leeway, name="leeway")
         self.algorithms = frozenset(algorithms)
         self.profile: Profile = profile
-        self._clock = now
+        self._clock = check_clock(now)
         self._max = max_entries
         self._cache: OrderedDict[str, tuple[VerifiedWit, TrustBundle]] = OrderedDict()
         self._lock = threading.Lock()
@@ -859,8 +833,7 @@ class WitVerifier:
         return resolve_clock(self._clock)
 
     def verify(self, token: str) -> VerifiedWit:
-        clock = self._clock
-        now = time.time() if clock is None else resolve_clock(clock)  # self.now(), inlined
+        now = self.now()
         if self._max > 0 and type(token) is str:
             # Looked up before the isascii/length test that decides storing:
             # only tokens that passed it are ever stored, so for any other
@@ -922,7 +895,6 @@ __all__ = [
     "b64url_encode",
     "check_jws_signature",
     "decode_compact",
-    "decode_compact_parts",
     "jose_public_key",
     "key_fits_alg",
     "mint_wit",

@@ -48,13 +48,15 @@ import re
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from joserfc import jws
 from joserfc.errors import JoseError
 
+from custos._numbers import seconds
 from custos.bundle import BundleSet
 from custos.errors import CustosError
 from custos.identity import SpiffeId, TrustDomain, WimseId
@@ -73,12 +75,7 @@ from custos.wimse.errors import (
     WptReplayError,
 )
 from custos.wimse.http.message import Endpoint, HttpMessage
-from custos.wimse.replay import (
-    ReplayCache,
-    check_and_store,
-    check_pinned_clock,
-    replay_namespace,
-)
+from custos.wimse.replay import ReplayCache, replay_namespace
 from custos.wimse.wit import (
     DEFAULT_ASYMMETRIC,
     MAX_TOKEN_BYTES,
@@ -87,7 +84,8 @@ from custos.wimse.wit import (
     VerifiedWit,
     WitVerifier,
     b64url_encode,
-    decode_compact_parts,
+    check_clock,
+    decode_compact,
     new_jti,
     numeric_date,
     parse_wit_unverified,
@@ -103,14 +101,10 @@ _WPT_TYPES = frozenset({"wpt+jwt", "application/wpt+jwt"})
 WIT_HEADER = "Workload-Identity-Token"
 WPT01_HEADER = "Workload-Proof-Token"
 TXN_TOKEN_HEADER = "Txn-Token"  # noqa: S105 - a header name, not a secret
-# The same names folded, for HttpMessage.values_of.
+# The same names folded (HttpMessage.header_values folds only on a miss).
 _WIT_FIELD = WIT_HEADER.lower()
 _WPT01_FIELD = WPT01_HEADER.lower()
 _TXN_TOKEN_FIELD = TXN_TOKEN_HEADER.lower()
-_new = object.__new__
-_compare_digest = hmac.compare_digest
-#: Where a VerifiedWit keeps its replay namespace (see _remember_namespace).
-_NAMESPACE_MEMO = "_custos_wpt_replay_namespace"
 
 DEFAULT_WPT_TTL = 60
 #: An exp further ahead than this (plus leeway) is "unreasonably far in the future".
@@ -181,8 +175,11 @@ class WptMintError(WimseError):
     status = 500
 
 
-class _NotTheFastPath(Exception):
-    """The request is not the plain wpt-02 form (WptVerifier._verify_request)."""
+class WptConfigError(WimseError, ValueError):
+    """A relying party's WPT configuration is unusable (a deployment mistake)."""
+
+    code = "wpt_config_invalid"
+    status = 500
 
 
 def _fail(code: str, message: str) -> WptError:
@@ -193,11 +190,47 @@ def _wit_fail(code: str, message: str) -> WitError:
     return WitError(message, code=code)
 
 
+def _hash_equal(claimed: object, expected: str) -> bool:
+    """Whether the claimed hash ``claimed`` is ``expected`` (constant time).
+
+    Hashes are base64url, so ASCII: a claim that is not an ASCII string
+    cannot match (and compare_digest takes ASCII str without encoding).
+    """
+    return isinstance(claimed, str) and claimed.isascii() and hmac.compare_digest(claimed, expected)
+
+
 def _hash_matches(value: str, expected: object) -> bool:
     """Whether ``expected`` is the b64url SHA-256 of ``value`` (constant time)."""
-    if not isinstance(expected, str) or not value.isascii() or not expected.isascii():
-        return False
-    return hmac.compare_digest(token_hash(value), expected)
+    return value.isascii() and _hash_equal(expected, token_hash(value))
+
+
+#: RFC 3986 section 3.1: scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+#: Visible ASCII only: a URI (RFC 3986) has no spaces, controls or non-ASCII.
+_URI_CHARS_RE = re.compile(r"[!-~]+")
+
+
+def check_exact_audience(value: object) -> str:
+    """``value`` if it can be an exact WPT audience, else :class:`WptConfigError`.
+
+    An absolute URI (RFC 3986: a scheme, then visible ASCII), no fragment,
+    at most :data:`MAX_AUDIENCE_LENGTH` characters, compared exactly as
+    given (no normalisation), e.g. ``spiffe://example.org/custos/server/agent/Attest``.
+    An IRI with non-ASCII characters must be converted to its URI form first:
+    the proof's ``aud`` is compared byte for byte.
+    """
+    if (
+        not isinstance(value, str)
+        or len(value) > MAX_AUDIENCE_LENGTH
+        or not _URI_CHARS_RE.fullmatch(value)
+        or not _SCHEME_RE.match(value)
+        or "#" in value
+    ):
+        raise WptConfigError(
+            "an exact audience must be an absolute URI of visible ASCII characters "
+            f"(scheme:...), without a fragment, at most {MAX_AUDIENCE_LENGTH} characters"
+        )
+    return value
 
 
 def _field_value(value: str) -> str:
@@ -375,6 +408,11 @@ class VerifiedCaller:
     wit_claims: Mapping[str, Any]
     wpt_claims: Mapping[str, Any]
     wit: VerifiedWit
+    #: the WPT variant has no request nonce and cannot ask for a signed
+    #: response; the HTTP-signature result carries both, so a relying party
+    #: reads either result the same way
+    nonce: ClassVar[None] = None
+    sign_response: ClassVar[bool] = False
 
 
 def normalize_origin(value: Endpoint | str) -> str:
@@ -472,20 +510,6 @@ def _parse_authorization(value: str) -> tuple[str | None, str]:
     return match.group(1).lower(), match.group(2) or ""
 
 
-def _remember_namespace(wit: VerifiedWit) -> str:
-    """``replay_namespace("wpt", str(wit.subject))``, kept on the VerifiedWit.
-
-    The WIT cache hands out the same VerifiedWit for every request of a
-    caller, and the namespace is a function of its (frozen) subject alone, so
-    it is worked out once per WIT instead of once per request.  It lives in
-    the instance ``__dict__`` beside the fields, not as a field: equality,
-    repr and the frozen fields are untouched.
-    """
-    namespace = replay_namespace("wpt", str(wit.subject))
-    wit.__dict__[_NAMESPACE_MEMO] = namespace
-    return namespace
-
-
 def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
@@ -497,22 +521,38 @@ def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
 
 
 class WptVerifier:
-    """Verifies requests that carry a WIT and a WPT (either wire form)."""
+    """Verifies requests that carry a WIT and a WPT (either wire form).
+
+    Audiences, from configuration only (never from ``Host``):
+
+    - ``audiences``: origins (``https://api.example.com``); a proof's ``aud``
+      must be one of them plus the request's path;
+    - ``exact_audiences``: absolute URIs a proof may name as they are, whatever
+      the request target, e.g. ``spiffe://example.org/custos/server/agent/Attest``
+      for a call that is not an HTTP origin + path;
+    - ``verify(request, audience=...)``: the one audience this call accepts,
+      exactly (a server that knows which method is being called).
+
+    Replay, binding (``wth``, ``tth``, ``oth``, ``ath``) and time checks are
+    the same whichever audience matched.
+    """
 
     def __init__(
         self,
         bundles: BundleSet | None = None,
         *,
         wit_verifier: WitVerifier | None = None,
-        audiences: Iterable[Endpoint | str],
+        audiences: Iterable[Endpoint | str] = (),
+        exact_audiences: Iterable[str] = (),
         replay: ReplayCache,
         accept_wpt01: bool = True,
-        max_ttl: int = DEFAULT_MAX_TTL,
-        leeway: int = DEFAULT_WPT_LEEWAY,
+        max_ttl: float | timedelta = DEFAULT_MAX_TTL,
+        leeway: float | timedelta = DEFAULT_WPT_LEEWAY,
         known_other_tokens: Collection[str] = (),
         algorithms: Collection[str] = DEFAULT_ASYMMETRIC,
         now: Clock = None,
     ) -> None:
+        now = check_clock(now)
         if wit_verifier is None:
             if bundles is None:
                 raise ValueError("give bundles or a wit_verifier")
@@ -521,17 +561,19 @@ class WptVerifier:
             raise ValueError("give bundles or a wit_verifier, not two different sources")
         self.wit_verifier = wit_verifier
         self.origins: tuple[str, ...] = tuple(normalize_origin(a) for a in audiences)
-        if not self.origins:
-            raise ValueError("configure at least one audience origin")
-        self._origins_ascii = all(o.isascii() for o in self.origins)
+        self.exact_audiences: tuple[str, ...] = tuple(
+            check_exact_audience(a) for a in exact_audiences
+        )
+        if not self.origins and not self.exact_audiences:
+            raise ValueError("configure at least one audience origin or exact audience")
+        self._origins = tuple(o.encode() for o in self.origins)
+        self._exact = tuple(a.encode("ascii") for a in self.exact_audiences)
         if replay is None or not callable(getattr(replay, "check_and_store", None)):
             raise ValueError("a replay cache is required")
         self.replay = replay
         self.accept_wpt01 = accept_wpt01
-        if max_ttl <= 0 or leeway < 0:
-            raise ValueError("max_ttl must be > 0 and leeway >= 0")
-        self.max_ttl = max_ttl
-        self.leeway = leeway
+        self.max_ttl = seconds(max_ttl, name="max_ttl", minimum=1)
+        self.leeway = seconds(leeway, name="leeway")
         known = frozenset(n.lower() for n in known_other_tokens)
         bad = [n for n in known if not _HEADER_NAME_RE.fullmatch(n) or n in _RESERVED_FIELDS]
         if bad:
@@ -540,72 +582,27 @@ class WptVerifier:
             )
         self.known_other_tokens = known
         self.algorithms = frozenset(algorithms) & DEFAULT_ASYMMETRIC
-        # A pinned clock is handed to the cache with every check (replay.py).
-        check_pinned_clock(replay, now is not None)
         self._clock = now
+
+    def now(self) -> float:
+        return resolve_clock(self._clock)
 
     # -- the checks ---------------------------------------------------------
 
-    def verify(self, request: HttpMessage) -> VerifiedCaller:
-        wit, wire, claims = self._verify_request(request)
-        # Built without the frozen dataclass __init__ (one object.__setattr__
-        # per field): the same instance, just as immutable afterwards.
-        caller: VerifiedCaller = _new(VerifiedCaller)
-        caller.__dict__.update(
-            subject=wit.subject,
-            trust_domain=wit.trust_domain,
-            variant="wpt",
-            wire=wire,
-            wit_claims=wit.claims,
-            wpt_claims=MappingProxyType(claims),
-            wit=wit,
-        )
-        return caller
+    def verify(self, request: HttpMessage, *, audience: str | None = None) -> VerifiedCaller:
+        """Every receiver check of wpt-02, in the order of the module docstring.
 
-    def _verify_request(self, request: HttpMessage) -> tuple[VerifiedWit, Wire, dict[str, Any]]:
-        """Every check of :meth:`verify`, in the documented order; returns the
-        verified WIT, the wire form and the proof's claims.
-
-        :class:`~custos.wimse.verifier.RequestVerifier` calls this directly
-        and builds its Caller from the WIT, so no VerifiedCaller is made only
-        to be taken apart again.  The per-request helpers are inlined here
-        (the clock, the header lookups, the times, the wth and jti checks) and
-        the token checks run only when the request or the proof carries what
-        they check (``tth``/Txn-Token, ``oth``/known tokens, ``ath``/bearer):
-        with neither present each of them passes without a word, so skipping
-        the call changes no verdict.  Every uncommon case takes the general
-        code below.
+        ``audience``: when given, the proof must name exactly this audience
+        (an absolute URI, see :func:`check_exact_audience`) and the configured
+        ones are not consulted; the request may then lack a target (a gRPC call
+        whose metadata is the message's headers).
         """
-        clock = self._clock
-        now = time.time() if clock is None else resolve_clock(clock)
-        index = request._index
+        expected = None if audience is None else check_exact_audience(audience).encode("ascii")
+        now = self.now()
         wit = self._verify_wit(request)
-        authorizations = index.get("authorization")
-        access_token: str | None = None
-        token = ""
-        if authorizations is not None and len(authorizations) == 1 and _WPT01_FIELD not in index:
-            # The wpt-02 request: one Authorization field and no
-            # Workload-Proof-Token.  "WPT" (any case), spaces, credentials:
-            # what _AUTH_RE parses as scheme "wpt".  The token68 test is left
-            # to the decode: a token that decodes is base64url parts and dots,
-            # all token68 characters.  One that does not goes through
-            # _locate_proof below, which raises what it raised before the
-            # decode was tried (wpt_malformed for non-token68 credentials).
-            value = authorizations[0].strip(" \t")
-            if value[3:4] == " " and value[:3].lower() == "wpt" and value[:3].isascii():
-                token = value[3:].lstrip(" ")
-        wire: Wire = "wpt-02"
-        try:
-            if not token:
-                raise _NotTheFastPath
-            header, claims, signing_input, signature = decode_compact_parts(
-                token, MAX_TOKEN_BYTES, _fail, "wpt"
-            )
-        except (_NotTheFastPath, WptError):
-            token, wire, access_token = self._locate_proof(request)
-            header, claims, signing_input, signature = decode_compact_parts(
-                token, MAX_TOKEN_BYTES, _fail, "wpt"
-            )
+        token, wire, access_token = self._locate_proof(request)
+        jose = decode_compact(token, max_bytes=MAX_TOKEN_BYTES, error=_fail, prefix="wpt")
+        header, claims = jose.header, jose.claims
         typ = header.get("typ")
         if not isinstance(typ, str) or typ.lower() not in _WPT_TYPES:
             raise _fail("wpt_bad_typ", "WPT typ is not wpt+jwt")
@@ -614,20 +611,17 @@ class WptVerifier:
             raise _fail("wpt_bad_alg", "WPT alg is not an accepted asymmetric algorithm")
         if alg != wit.cnf_alg:
             raise _fail("wpt_alg_mismatch", "WPT alg differs from the WIT's cnf.jwk.alg")
-        # Checked on the parts decoded above with the WIT's cryptography key
-        # (signature_ok says why this is not left to joserfc); it refuses a key
-        # that does not fit alg, as joserfc did.
-        if not signature_ok(wit.cnf_key.public_key, alg, signing_input, signature):
+        # Checked with the WIT's confirmation key; it refuses a key that does
+        # not fit alg.
+        if not signature_ok(wit.cnf_key.public_key, alg, jose.signing_input, jose.signature):
             raise _fail("wpt_bad_signature", "signature is not valid")
 
-        # aud: a configured origin + the request's (safe) path, exact strings.
-        path = _request_path(request.target)
         aud = claims.get("aud")
         # A list-valued aud is refused: one proof, one target.
         if not isinstance(aud, str) or len(aud) > MAX_AUDIENCE_LENGTH:
             raise _fail("wpt_bad_audience", "WPT aud is not a single target URI")
-        if not self._aud_matches(aud, path):
-            raise _fail("wpt_bad_audience", "WPT aud does not match this endpoint and path")
+        if not self._aud_matches(aud, request, expected):
+            raise _fail("wpt_bad_audience", "WPT aud does not match this endpoint")
 
         # exp (required), then nbf and iat (optional).
         exp = _numeric(claims, "exp")
@@ -638,62 +632,69 @@ class WptVerifier:
             raise _fail("wpt_expired", "WPT has expired")
         if exp > now + self.max_ttl + leeway:
             raise _fail("wpt_exp_too_far", "WPT exp is unreasonably far in the future")
-        if "nbf" in claims:
-            nbf = _numeric(claims, "nbf")
-            if nbf is not None and nbf > now + leeway:
-                raise _fail("wpt_not_yet_valid", "WPT is not valid yet (nbf)")
-        if "iat" in claims:
-            iat = _numeric(claims, "iat")
-            if iat is not None and iat > now + leeway:
-                raise _fail("wpt_iat_in_future", "WPT iat is in the future")
+        nbf = _numeric(claims, "nbf")
+        if nbf is not None and nbf > now + leeway:
+            raise _fail("wpt_not_yet_valid", "WPT is not valid yet (nbf)")
+        iat = _numeric(claims, "iat")
+        if iat is not None and iat > now + leeway:
+            raise _fail("wpt_iat_in_future", "WPT iat is in the future")
 
         wth = claims.get("wth")
         if wth is None:
             raise _fail("wpt_missing_wth", "WPT has no wth")
-        # token_hash is b64url (ASCII), so a non-ASCII wth cannot match it;
-        # compare_digest takes ASCII str as is (no two encodes per request).
-        if (
-            not isinstance(wth, str)
-            or not wth.isascii()
-            or not _compare_digest(wth, wit.token_hash)
-        ):
+        if not _hash_equal(wth, wit.token_hash):
             raise _fail("wpt_wth_mismatch", "WPT wth does not match the WIT")
         jti = claims.get("jti")
         if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_LENGTH:
             raise _fail("wpt_missing_jti", "WPT has no usable jti")
-        if "tth" in claims or _TXN_TOKEN_FIELD in index:
-            self._check_txn_token(claims, request)
-        if "oth" in claims or self.known_other_tokens:
-            self._check_other_tokens(claims, request)
-        if access_token is not None or "ath" in claims:
-            self._check_ath(claims, wire, access_token)
+        self._check_txn_token(claims, request)
+        self._check_other_tokens(claims, request)
+        self._check_ath(claims, wire, access_token)
         # Last, so only a proof that passed every other check uses up its jti;
-        # per sender (wpt-02 "Replay Protection": within the scope of a sender).
-        namespace = wit.__dict__.get(_NAMESPACE_MEMO)
-        if namespace is None:
-            namespace = _remember_namespace(wit)
-        pinned = None if clock is None else now
-        if not check_and_store(self.replay, namespace, jti, exp + leeway, pinned):
+        # per sender (wpt-02 "Replay Protection": within the scope of a sender),
+        # judged by this verifier's clock when it is pinned.
+        namespace = replay_namespace("wpt", str(wit.subject))
+        pinned = None if self._clock is None else now
+        if not self.replay.check_and_store(namespace, jti, exp + leeway, now=pinned):
             raise WptReplayError("WPT jti was seen before")
-        return wit, wire, claims
+        return VerifiedCaller(
+            subject=wit.subject,
+            trust_domain=wit.trust_domain,
+            variant="wpt",
+            wire=wire,
+            wit_claims=wit.claims,
+            wpt_claims=MappingProxyType(claims),
+            wit=wit,
+        )
 
-    def _aud_matches(self, aud: str, path: str) -> bool:
-        """Whether ``aud`` is one of the origins + ``path`` (constant time)."""
-        if self._origins_ascii:
-            # Every expected value is ASCII (the origins, checked at
-            # construction, and a safe path): a non-ASCII aud matches none,
-            # and compare_digest takes ASCII str without encoding.
-            if not aud.isascii():
-                return False
-            for origin in self.origins:
-                if _compare_digest(aud, origin + path):
-                    return True
+    def _aud_matches(self, aud: str, request: HttpMessage, expected: bytes | None) -> bool:
+        """Whether ``aud`` is the audience this request may name (constant time).
+
+        Compared as UTF-8 bytes: an ``aud`` that has no UTF-8 form (a lone
+        surrogate from a ``\\ud800`` escape) names nothing configured and is
+        refused like any other mismatch.
+        """
+        try:
+            aud_bytes = aud.encode()
+        except UnicodeEncodeError:
             return False
-        aud_bytes = aud.encode()
-        return any(hmac.compare_digest(aud_bytes, (o + path).encode()) for o in self.origins)
+        if expected is not None:
+            return hmac.compare_digest(aud_bytes, expected)
+        matched = False
+        for candidate in self._exact:
+            matched |= hmac.compare_digest(aud_bytes, candidate)
+        if request.target is None and not self.origins:
+            # A non-HTTP message: only exact audiences can name it.
+            return matched
+        # The target is checked even when an exact audience matched: a path
+        # that components could normalise differently is refused everywhere.
+        path = _request_path(request.target).encode("ascii")
+        for origin in self._origins:
+            matched |= hmac.compare_digest(aud_bytes, origin + path)
+        return matched
 
     def _verify_wit(self, request: HttpMessage) -> VerifiedWit:
-        values = request.values_of(_WIT_FIELD)
+        values = request.header_values(_WIT_FIELD)
         if not values:
             raise _wit_fail("wit_missing", "request has no Workload-Identity-Token")
         if len(values) != 1:
@@ -702,9 +703,9 @@ class WptVerifier:
 
     def _locate_proof(self, request: HttpMessage) -> tuple[str, Wire, str | None]:
         """(WPT, wire form, bearer access token of a wpt-01 request)."""
-        authorizations = request.values_of("authorization")
+        authorizations = request.header_values("authorization")
         parsed = [_parse_authorization(v) for v in authorizations]
-        wpt01 = request.values_of(_WPT01_FIELD)
+        wpt01 = request.header_values(_WPT01_FIELD)
         has_wpt_scheme = any(scheme == "wpt" for scheme, _ in parsed)
         if has_wpt_scheme and wpt01:
             # Accepting either would let an attacker choose which proof is checked.
@@ -742,7 +743,7 @@ class WptVerifier:
         return wpt01[0].strip(" \t"), "wpt-01", access_token
 
     def _check_txn_token(self, claims: Mapping[str, Any], request: HttpMessage) -> None:
-        values = request.values_of(_TXN_TOKEN_FIELD)
+        values = request.header_values(_TXN_TOKEN_FIELD)
         tth = claims.get("tth")
         if len(values) > 1:
             raise _fail("wpt_multiple_txn_tokens", "request has more than one Txn-Token")
@@ -762,12 +763,12 @@ class WptVerifier:
             # wpt-02: entries not understood MUST reject; names are lowercase.
             if name not in self.known_other_tokens:
                 raise _fail("wpt_oth_unknown", "WPT oth names a token this endpoint does not know")
-            values = request.values_of(name)
+            values = request.header_values(name)
             if len(values) != 1 or not _hash_matches(_field_value(values[0]), expected):
                 raise _fail("wpt_oth_mismatch", "WPT oth does not match the request's token")
         for name in self.known_other_tokens:
             # A context token the proof does not cover must not reach authorization.
-            if name not in covered and request.values_of(name):
+            if name not in covered and request.header_values(name):
                 raise _fail("wpt_oth_missing", "request has a context token the WPT does not bind")
 
     def _check_ath(self, claims: Mapping[str, Any], wire: Wire, access_token: str | None) -> None:

@@ -2,29 +2,29 @@
 
 Verifiers and signers take this instead of a framework's request object so the
 same code serves ASGI, WSGI, httpx, requests and the CLI.  Header names are
-case-insensitive and a field may repeat: :meth:`get_all` keeps every value,
-which is what "exactly one Authorization field" checks need.
+case-insensitive and a field may repeat: :meth:`HttpMessage.header_values`
+keeps every value, which is what "exactly one Authorization field" checks need.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 _NO_VALUES: tuple[str, ...] = ()
-_new = object.__new__
 
 
-def index_headers(headers: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
-    """Folded field name -> every value, in order (what :meth:`HttpMessage.get_all` reads)."""
-    index: dict[str, list[str]] = {}
+def index_headers(headers: Iterable[tuple[str, str]]) -> dict[str, tuple[str, ...]]:
+    """Folded field name -> every value, in order (what :meth:`HttpMessage.header_values` reads).
+
+    Tuples, so the index can be handed out without a copy and still not be
+    changed by whoever reads it; a repeated field (rare) pays a concatenation.
+    """
+    index: dict[str, tuple[str, ...]] = {}
     for name, value in headers:
         folded = name.lower()
         values = index.get(folded)
-        if values is None:
-            index[folded] = [value]
-        else:
-            values.append(value)
+        index[folded] = (value,) if values is None else (*values, value)
     return index
 
 
@@ -36,6 +36,10 @@ class HttpMessage:
     (RFC 9110 §9.1), so "get" is not "GET" and a signature over ``@method``
     GET must not verify a "get" request. A sender that wants the canonical
     form passes it in that form.
+
+    Header fields are looked up with :meth:`header_values` (every value of a
+    field, case-insensitive name, no copy): the verifiers and the framework
+    adapters use it, so there is one index per message and one way to read it.
     """
 
     headers: tuple[tuple[str, str], ...] = ()
@@ -44,6 +48,15 @@ class HttpMessage:
     #: the request target exactly as received: path + optional query, e.g. "/pay?x=1"
     target: str | None = None
     status: int | None = None
+    #: folded field name -> values, built once from ``headers`` (derived, so
+    #: not part of equality, hash or repr)
+    _index: Mapping[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # The documented way to set a derived field on a frozen dataclass;
+        # a verifier asks for eight or so fields per request, so the index is
+        # built once here instead of a scan per lookup.
+        object.__setattr__(self, "_index", index_headers(self.headers))
 
     @classmethod
     def request(
@@ -53,70 +66,36 @@ class HttpMessage:
         headers: Iterable[tuple[str, str]] = (),
         body: bytes | None = None,
     ) -> HttpMessage:
-        return cls(tuple((k, v) for k, v in headers), body, method, target, None)
+        return cls(tuple(headers), body, method, target, None)
 
     @classmethod
     def response(
         cls, status: int, headers: Iterable[tuple[str, str]] = (), body: bytes | None = None
     ) -> HttpMessage:
-        return cls(tuple((k, v) for k, v in headers), body, None, None, status)
+        return cls(tuple(headers), body, None, None, status)
 
-    @classmethod
-    def _received(
-        cls,
-        headers: tuple[tuple[str, str], ...],
-        index: dict[str, list[str]],
-        body: bytes | None,
-        method: str,
-        target: str,
-    ) -> HttpMessage:
-        """A request built by a transport adapter that has already decoded the
-        headers and folded them into ``index`` (lowercase name -> values, in
-        order), as :attr:`_index` would build it.
+    def header_values(self, name: str) -> Sequence[str]:
+        """Every value of the field ``name`` (any case), in order; empty if absent.
 
-        For the ASGI hot path: the frozen dataclass ``__init__`` pays one
-        ``object.__setattr__`` per field, and the index would be a second pass
-        over the headers.  The instance is the same as ``cls(headers, body,
-        method, target, None)`` (same fields, equality, hash and repr) and just
-        as immutable: the frozen ``__setattr__`` still refuses every change.
+        The message's own immutable record: no copy is made, and nothing
+        a reader does can change what the next reader sees.
         """
-        message: HttpMessage = _new(cls)
-        message.__dict__.update(
-            headers=headers,
-            body=body,
-            method=method,
-            target=target,
-            status=None,
-            _header_index=index,
-        )
-        return message
+        values = self._index.get(name)
+        if values is None:
+            # Most callers pass the lowercase name: fold only on a miss.
+            values = self._index.get(name.lower(), _NO_VALUES)
+        return values
 
-    @property
-    def _index(self) -> dict[str, list[str]]:
-        # Built once per message: a verifier asks for eight or so fields per
-        # request.  Kept in the instance __dict__ by hand rather than with
-        # functools.cached_property, which on Python 3.11 takes a lock on the
-        # first access (a measurable share of a request's verification).
-        index: dict[str, list[str]] | None = self.__dict__.get("_header_index")
-        if index is None:
-            index = index_headers(self.headers)
-            self.__dict__["_header_index"] = index
-        return index
+    def has_header(self, name: str) -> bool:
+        """Whether the field ``name`` (any case) is present at all."""
+        return bool(self.header_values(name))
 
     def get_all(self, name: str) -> list[str]:
-        return list(self._index.get(name.lower(), ()))
-
-    def values_of(self, lowercase_name: str) -> Sequence[str]:
-        """Every value of a field, like :meth:`get_all` but without a copy.
-
-        For the verifiers' hot path: ``lowercase_name`` must already be
-        lowercase (it is not folded here), and the result is the message's own
-        record, to read and never to change.
-        """
-        return self._index.get(lowercase_name, _NO_VALUES)
+        """:meth:`header_values` as a new list."""
+        return list(self.header_values(name))
 
     def get(self, name: str) -> str | None:
-        values = self.get_all(name)
+        values = self.header_values(name)
         return values[0] if values else None
 
     def with_headers(self, extra: Sequence[tuple[str, str]]) -> HttpMessage:

@@ -183,7 +183,6 @@ def test_header_copy_is_private() -> None:
         b"a.b.c",
         f"{HEADER}.{CLAIMS}",
         f"{HEADER}.{CLAIMS}.{SIG}.x",
-        f"{HEADER}.{CLAIMS}.",  # empty signature
         f"{HEADER}=.{CLAIMS}.{SIG}",
         _raw_part('{"alg":"ES256","alg":"none"}') + f".{CLAIMS}.{SIG}",
         f"{HEADER}." + _raw_part('{"sub":"a","sub":"b"}') + f".{SIG}",

@@ -154,11 +154,12 @@ def test_multiple_audiences_jti_and_extra_claims(store: MemoryKeyStore, bundles:
         ({"alg": "none"}, "not allowed"),
         ({"audience": []}, "at least one audience"),
         ({"audience": [""]}, "non-empty strings"),
-        ({"ttl": timedelta(0)}, "ttl must be positive"),
+        ({"ttl": timedelta(0)}, "ttl must be at least 1"),
         ({"kid": ""}, "kid"),
         ({"extra_claims": {"sub": "spiffe://example.org/admin"}}, "may not set"),
         ({"extra_claims": {"exp": 1}}, "may not set"),
-        ({"spiffe_id": "spiffe://example.org/x"}, "SpiffeId"),
+        ({"spiffe_id": "spiffe://example.org/x/"}, "must not end with"),
+        ({"spiffe_id": 42}, "SpiffeId or a string"),
         ({"now": datetime(2026, 1, 1)}, "timezone-aware"),
     ],
 )
@@ -268,7 +269,7 @@ def test_alg_that_does_not_fit_the_key(store: MemoryKeyStore, bundles: BundleSet
         check(token, bundles)
     # ES384 header on a P-256 key
     token = sign_with_store(store, "es256", {"alg": "ES384", "kid": "es256"}, good_claims())
-    with pytest.raises(JwtBadAlgorithmError, match="does not fit"):
+    with pytest.raises(JwtBadAlgorithmError, match="cannot verify ES384"):
         check(token, bundles)
 
 
@@ -538,3 +539,99 @@ def test_trust_domain_id_is_not_a_workload_subject(
         check(token, bundles)
     with pytest.raises(ValueError, match="needs a path"):
         mint(store, spiffe_id=SpiffeId.parse("spiffe://example.org"))
+
+
+# -- issue 7: one strict decoder, finite numbers, clear refusals ------------------------
+
+
+def _raw_signed(store: MemoryKeyStore, head: bytes, body: bytes, name: str = "es256") -> str:
+    signing_input = f"{b64(head)}.{b64(body)}"
+    return f"{signing_input}.{b64(store.sign(name, signing_input.encode()))}"
+
+
+_EXP = int((NOW + TTL).timestamp())
+
+
+@pytest.mark.parametrize(
+    ("head", "body"),
+    [
+        # item 13: the WIT path refuses these; JWT-SVIDs took the last member
+        (
+            b'{"alg":"ES256","kid":"es256"}',
+            b'{"sub":"spiffe://example.org/admin","sub":"spiffe://example.org/ns/prod/sa/web",'
+            b'"aud":"spiffe://example.org/api","exp":%d}' % _EXP,
+        ),
+        (
+            b'{"alg":"ES256","kid":"nope","kid":"es256"}',
+            b'{"sub":"spiffe://example.org/ns/prod/sa/web","aud":"spiffe://example.org/api",'
+            b'"exp":%d}' % _EXP,
+        ),
+        (
+            b'{"alg":"ES256","kid":"es256"}',
+            b'{"sub":"spiffe://example.org/ns/prod/sa/web","aud":"spiffe://example.org/api",'
+            b'"exp":%d,"x":{"a":1,"a":2}}' % _EXP,
+        ),
+    ],
+)
+def test_duplicate_members_are_refused_even_when_signed(
+    store: MemoryKeyStore, bundles: BundleSet, head: bytes, body: bytes
+) -> None:
+    token = _raw_signed(store, head, body)
+    with pytest.raises(JwtMalformedError) as info:
+        check(token, bundles)
+    assert info.value.code == "jwt_malformed"
+
+
+def test_lone_surrogate_aud_against_non_ascii_audience_is_a_clear_refusal(
+    store: MemoryKeyStore, bundles: BundleSet
+) -> None:
+    # item 12: a configured audience with non-ASCII text, a token aud that is
+    # not even valid Unicode: a JWT-SVID error, never a crash.
+    body = (
+        b'{"sub":"spiffe://example.org/ns/prod/sa/web","aud":"\\ud800caf\\u00e9","exp":%d}' % _EXP
+    )
+    token = _raw_signed(store, b'{"alg":"ES256","kid":"es256"}', body)
+    with pytest.raises(JwtSvidError) as info:
+        validate_jwt_svid(token, "caf\u00e9", bundles, now=NOW)
+    assert info.value.code == "jwt_malformed"
+    with pytest.raises(ValueError, match="audience"):
+        validate_jwt_svid(token, "caf\udc00", bundles, now=NOW)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), True, "30"])
+def test_non_finite_leeway_is_refused(
+    store: MemoryKeyStore, bundles: BundleSet, value: Any
+) -> None:
+    # item 11: a NaN leeway makes every "now - leeway >= exp" false: never expired.
+    token = mint(store)
+    with pytest.raises(JwtSvidError) as info:
+        check(token, bundles, leeway=value, now=NOW + timedelta(days=365))
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_pinned_clock_is_refused(
+    store: MemoryKeyStore, bundles: BundleSet, value: float
+) -> None:
+    token = mint(store)
+    with pytest.raises(JwtSvidError):
+        validate_jwt_svid(token, AUD, bundles, now=value)  # type: ignore[arg-type]
+    with pytest.raises(JwtSvidError):
+        mint(store, now=value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0, -5, True])
+def test_non_finite_or_non_positive_ttl_is_refused(store: MemoryKeyStore, value: Any) -> None:
+    with pytest.raises(JwtSvidError) as info:
+        mint(store, ttl=value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_plain_numbers_and_strings_are_accepted(store: MemoryKeyStore, bundles: BundleSet) -> None:
+    # New-user finding: seconds as numbers, a pinned clock as epoch seconds,
+    # the SPIFFE ID as the string the user has.
+    token = mint(store, spiffe_id=str(SUB), ttl=300, now=NOW.timestamp())
+    svid = validate_jwt_svid(token, AUD, bundles, now=NOW.timestamp() + 320, leeway=30)
+    assert svid.spiffe_id == SUB
+    with pytest.raises(JwtExpiredError):
+        validate_jwt_svid(token, AUD, bundles, now=NOW.timestamp() + 340, leeway=30)

@@ -12,7 +12,8 @@ API (stable; callers in ``custos.wimse``, ``custos.jwtsvid``, ``custos.bundle``)
     Split and strictly decode a compact JWS, signature not checked.
     ``CompactJws(header: dict, payload: bytes, claims: dict, signing_input: bytes,
     signature: bytes)``.  Refuses non-str / oversized tokens, anything but three
-    strict-base64url parts, non-strict JSON (below), an empty signature, ``crit``.
+    strict-base64url parts, non-strict JSON (below), ``crit``.  An empty
+    signature decodes (so callers can refuse ``alg: none`` by name) and never verifies.
 ``loads_strict(data: bytes | str) -> dict``
     One JSON object: invalid UTF-8, BOM, duplicate members at any level,
     NaN / Infinity / 1e999, lone surrogates, depth > ``MAX_DEPTH`` (32),

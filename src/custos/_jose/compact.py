@@ -52,7 +52,7 @@ def decode_compact(token: object, *, max_length: int) -> CompactJws:
     (``jose_too_large``, checked before any other work); not exactly three
     parts, any part not strict base64url (:func:`~custos._jose.b64url_decode`),
     header or payload not one strict JSON object (:func:`~custos._jose.loads_strict`),
-    an empty signature, or a ``crit`` header — custos understands no
+    or a ``crit`` header — custos understands no
     extension, so any ``crit`` is fatal (RFC 7515 4.1.11) (``jose_malformed``).
     """
     if not isinstance(token, str):
@@ -72,8 +72,6 @@ def decode_compact(token: object, *, max_length: int) -> CompactJws:
     except ValueError:  # UnicodeError is a ValueError
         # "from None": the decode error may quote bytes of the token.
         raise _malformed("token is not base64url-encoded strict JSON") from None
-    if not signature:
-        raise _malformed("token has no signature")
     if "crit" in header:
         raise _malformed("token has critical header parameters")
     return CompactJws(header, payload, claims, f"{head}.{body}".encode("ascii"), signature)

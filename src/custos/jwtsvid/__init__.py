@@ -1,6 +1,7 @@
 """JWT-SVIDs (SPIFFE JWT-SVID spec): mint and validate."""
 
 from custos.jwtsvid.errors import (
+    JwtArgumentError,
     JwtAudienceError,
     JwtBadAlgorithmError,
     JwtBadSignatureError,
@@ -18,6 +19,7 @@ from custos.jwtsvid.jwtsvid import (
     ASYMMETRIC_ALGORITHMS,
     DEFAULT_ALGORITHMS,
     DEFAULT_LEEWAY,
+    MAX_TOKEN_LENGTH,
     JwtSvid,
     mint_jwt_svid,
     validate_jwt_svid,
@@ -27,6 +29,8 @@ __all__ = [
     "ASYMMETRIC_ALGORITHMS",
     "DEFAULT_ALGORITHMS",
     "DEFAULT_LEEWAY",
+    "MAX_TOKEN_LENGTH",
+    "JwtArgumentError",
     "JwtAudienceError",
     "JwtBadAlgorithmError",
     "JwtBadSignatureError",

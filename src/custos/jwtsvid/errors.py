@@ -64,3 +64,11 @@ class JwtMintError(JwtSvidError):
     """Signing failed (key and ``alg`` do not fit, device error ...)."""
 
     code = "jwt_mint_error"
+
+
+class JwtArgumentError(JwtSvidError, ValueError):
+    """A caller's argument is unusable: audience, algorithms, leeway, clock, TTL,
+    subject.  A ``ValueError`` too, so code written against the old
+    ``ValueError`` keeps working."""
+
+    code = "jwt_invalid_argument"

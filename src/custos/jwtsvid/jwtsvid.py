@@ -1,53 +1,49 @@
-"""JWT-SVIDs (SPIFFE JWT-SVID spec): minting and validation, on joserfc.
+"""JWT-SVIDs (SPIFFE JWT-SVID spec): minting (joserfc, so a device key signs)
+and validation (the strict JOSE core, :mod:`custos._jose`).
 
 Validation order (each step raises its own error class):
 
-1. compact JWS structure, header JSON (``jwt_malformed``);
+1. compact JWS structure, strict base64url, strict JSON — duplicate members at
+   any level, NaN / Infinity, lone surrogates, deep nesting refused — and no
+   ``crit`` (``jwt_malformed``);
 2. ``alg`` in the allowlist — asymmetric algorithms only, so ``none`` and
    HMAC-with-the-public-key confusion never reach a key (``jwt_bad_alg``);
-3. ``typ`` absent, ``JWT`` or ``JOSE``; no ``crit``/``b64`` extensions;
+3. ``typ`` absent, ``JWT`` or ``JOSE``; no ``b64`` extension;
 4. ``kid`` present (``jwt_unknown_kid``);
-5. ``sub`` a SPIFFE ID (``jwt_bad_subject``); the bundle of *its* trust
-   domain (``jwt_untrusted_domain``) holds ``kid`` with ``use`` absent or
-   ``jwt-svid`` (``jwt_unknown_kid``) — a key of another trust domain, or a
-   WIT-SVID key, never validates a JWT-SVID;
+5. ``sub`` a SPIFFE ID naming a workload (``jwt_bad_subject``); the bundle of
+   *its* trust domain (``jwt_untrusted_domain``) holds ``kid`` with ``use``
+   absent or ``jwt-svid`` (``jwt_unknown_kid``) — a key of another trust
+   domain, or a WIT-SVID key, never validates a JWT-SVID;
 6. signature (``jwt_bad_signature``), with the key's own algorithm only;
 7. ``exp`` required and not passed, ``nbf`` if present reached, both with
    ``leeway`` (``jwt_expired`` / ``jwt_not_yet_valid``);
 8. ``aud`` required and containing the expected audience (``jwt_bad_audience``).
 
-joserfc does the JWS parsing and signature math; the claim checks are written
-here because the SPIFFE rules (kid lookup by the subject's trust domain,
-``use`` filtering, exact error classes) are not what a generic claims registry
-expresses.
+The JWS is decoded by the same strict decoder as WITs and WPTs, so a token
+one path refuses is refused by all (issue 7, item 13).  Caller mistakes
+(a bad audience, leeway, clock or TTL argument) raise
+:class:`~custos.jwtsvid.errors.JwtArgumentError`, a ``ValueError``.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import secrets
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NoReturn
 
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from joserfc import jws, jwt
-from joserfc.errors import (
-    InvalidKeyCurveError,
-    InvalidKeyLengthError,
-    InvalidKeyTypeError,
-    JoseError,
-    UnsupportedKeyUseError,
-)
-from joserfc.jwk import ECKey, OKPKey, RSAKey
+from joserfc import jwt
+from joserfc.errors import JoseError as JoserfcError
 
-from custos.bundle.bundle import USE_JWT_SVID, BundleSet, JwtAuthority
+from custos._jose import SPIFFE_ALGORITHMS, JoseError, decode_compact, verify_signature
+from custos._numbers import InvalidNumberError, finite_number, seconds
+from custos.bundle.bundle import USE_JWT_SVID, BundleSet
 from custos.identity.errors import InvalidIdentifierError
-from custos.identity.ids import SpiffeId
+from custos.identity.ids import SpiffeId, coerce_spiffe_id
 from custos.jwtsvid.errors import (
+    JwtArgumentError,
     JwtAudienceError,
     JwtBadAlgorithmError,
     JwtBadSignatureError,
@@ -65,9 +61,7 @@ from custos.keys.jose import JoseKey
 #: Every algorithm the JWT-SVID spec allows (section 2.1: RFC 7518 sections 3.3-3.5,
 #: that is RS*, ES* and PS*; any other ``alg`` MUST be rejected). EdDSA is not
 #: among them, so it is refused on both sides even where WITs allow it.
-ASYMMETRIC_ALGORITHMS = frozenset(
-    {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
-)
+ASYMMETRIC_ALGORITHMS = SPIFFE_ALGORITHMS
 DEFAULT_ALGORITHMS: tuple[str, ...] = (
     "ES256",
     "ES384",
@@ -84,6 +78,9 @@ DEFAULT_LEEWAY = timedelta(seconds=30)
 MAX_TOKEN_LENGTH = 64 * 1024
 #: Claims mint_jwt_svid sets itself; extra_claims may not override them.
 RESERVED_CLAIMS = frozenset({"sub", "aud", "exp", "iat", "jti", "nbf"})
+#: A clock, leeway or TTL: seconds (int / float) or a datetime / timedelta.
+Clock = datetime | float | int | None
+Duration = timedelta | float | int
 
 
 @dataclass(frozen=True)
@@ -97,12 +94,40 @@ class JwtSvid:
     token: str = field(repr=False)
 
 
-def _utc(now: datetime | None) -> datetime:
+# 9999-12-31T23:59:59Z: the last instant a datetime can hold.
+_MAX_NUMERIC_DATE = 253402300799
+
+
+def _argument(error: Exception) -> NoReturn:
+    """Re-raise a shared guard's error as this package's argument error."""
+    message = (
+        error.message
+        if isinstance(error, (InvalidNumberError, InvalidIdentifierError))
+        else str(error)
+    )
+    raise JwtArgumentError(message) from error
+
+
+def _timestamp(now: Clock) -> float:
+    """The pinned clock ``now`` (an aware datetime or epoch seconds) as seconds."""
     if now is None:
-        return datetime.now(UTC)
-    if now.tzinfo is None:
-        raise ValueError("'now' must be timezone-aware")
-    return now
+        return datetime.now(UTC).timestamp()
+    if isinstance(now, datetime):
+        if now.tzinfo is None:
+            raise JwtArgumentError("'now' must be timezone-aware")
+        return now.timestamp()
+    try:
+        # NaN would make every time check false: never expired, never early.
+        return finite_number(now, name="now", minimum=0, maximum=_MAX_NUMERIC_DATE)
+    except InvalidNumberError as e:
+        _argument(e)
+
+
+def _seconds(value: Duration, name: str, *, minimum: float) -> float:
+    try:
+        return seconds(value, name=name, minimum=minimum, maximum=_MAX_NUMERIC_DATE)
+    except InvalidNumberError as e:
+        _argument(e)
 
 
 def _check_algorithms(algorithms: Collection[str]) -> frozenset[str]:
@@ -111,67 +136,78 @@ def _check_algorithms(algorithms: Collection[str]) -> frozenset[str]:
     # exists to stop; that is a programming error, not a token failure.
     bad = allowed - ASYMMETRIC_ALGORITHMS
     if bad:
-        raise ValueError(
+        raise JwtArgumentError(
             f"not allowed for JWT-SVIDs: {sorted(bad)}; choose from {sorted(ASYMMETRIC_ALGORITHMS)}"
         )
     if not allowed:
-        raise ValueError("algorithms must not be empty")
+        raise JwtArgumentError("algorithms must not be empty")
     return allowed
+
+
+def _check_audience(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise JwtArgumentError(f"audience values must be non-empty strings, got {value!r:.40}")
+    try:
+        # A lone surrogate (e.g. from a non-UTF-8 command line) is no audience
+        # any token can carry: say so instead of failing later.
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise JwtArgumentError("audience is not valid Unicode text") from None
+    return value
 
 
 def _audience_list(audience: Sequence[str] | str) -> list[str]:
     # A bare str is itself a Sequence[str]; never split it into characters.
     values = [audience] if isinstance(audience, str) else list(audience)
     if not values:
-        raise ValueError("a JWT-SVID needs at least one audience")
-    for value in values:
-        if not isinstance(value, str) or not value:
-            raise ValueError(f"audience values must be non-empty strings, got {value!r:.40}")
-    return values
+        raise JwtArgumentError("a JWT-SVID needs at least one audience")
+    return [_check_audience(value) for value in values]
 
 
 def mint_jwt_svid(
     signing_key: JoseKey,
     alg: str,
     kid: str,
-    spiffe_id: SpiffeId,
-    audience: Sequence[str],
-    ttl: timedelta,
+    spiffe_id: SpiffeId | str,
+    audience: Sequence[str] | str,
+    ttl: Duration,
     *,
-    now: datetime | None = None,
+    now: Clock = None,
     jti: bool = False,
     extra_claims: Mapping[str, Any] | None = None,
 ) -> str:
-    """Sign a JWT-SVID for ``spiffe_id``.
+    """Sign a JWT-SVID for ``spiffe_id`` (a SpiffeId or ``"spiffe://..."``).
 
     ``signing_key`` is a joserfc key, e.g. ``custos.keys.jose.joserfc_key(store.get(name))``
-    for a key held in a device.  A single audience is written as a string,
-    several as an array (as go-jose, hence SPIRE, does).
+    for a key held in a device.  ``ttl`` is a timedelta or seconds; ``now`` an
+    aware datetime or epoch seconds.  A single audience is written as a
+    string, several as an array (as go-jose, hence SPIRE, does).
     """
     if alg not in ASYMMETRIC_ALGORITHMS:
-        raise ValueError(f"alg {alg!r} is not allowed for JWT-SVIDs")
+        raise JwtArgumentError(f"alg {alg!r} is not allowed for JWT-SVIDs")
     if not isinstance(kid, str) or not kid:
-        raise ValueError("kid must be a non-empty string")
-    if not isinstance(spiffe_id, SpiffeId):
-        raise ValueError(f"spiffe_id must be a SpiffeId, not {type(spiffe_id).__name__}")
-    if not spiffe_id.path:
-        raise ValueError("a JWT-SVID names a workload: spiffe_id needs a path")
+        raise JwtArgumentError("kid must be a non-empty string")
+    try:
+        # A JWT-SVID names a workload: the bare trust-domain ID is refused.
+        subject = coerce_spiffe_id(spiffe_id)
+    except InvalidIdentifierError as e:
+        _argument(e)
     aud = _audience_list(audience)
-    if ttl <= timedelta(0):
-        raise ValueError("ttl must be positive")
-    issued = _utc(now)
+    # Whole seconds: exp is a NumericDate; under one second it would equal iat.
+    lifetime = _seconds(ttl, "ttl", minimum=1)
+    issued = int(_timestamp(now))
     claims: dict[str, Any] = {}
     if extra_claims:
         clash = RESERVED_CLAIMS & set(extra_claims)
         if clash:
-            raise ValueError(f"extra_claims may not set {sorted(clash)}")
+            raise JwtArgumentError(f"extra_claims may not set {sorted(clash)}")
         claims.update(extra_claims)
     claims.update(
         {
-            "sub": str(spiffe_id),
+            "sub": str(subject),
             "aud": aud[0] if len(aud) == 1 else aud,
-            "exp": int((issued + ttl).timestamp()),
-            "iat": int(issued.timestamp()),
+            "exp": issued + int(lifetime),
+            "iat": issued,
         }
     )
     if jti:
@@ -179,21 +215,8 @@ def mint_jwt_svid(
     header = {"typ": "JWT", "alg": alg, "kid": kid}
     try:
         return jwt.encode(header, claims, signing_key, algorithms=[alg])
-    except (JoseError, ValueError, TypeError) as e:
+    except (JoserfcError, ValueError, TypeError) as e:
         raise JwtMintError(f"cannot sign a JWT-SVID with {alg}: {e}") from e
-
-
-def _joserfc_public_key(authority: JwtAuthority) -> JoseKey:
-    key = authority.public_key
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return ECKey.import_key(key)
-    if isinstance(key, rsa.RSAPublicKey):
-        return RSAKey.import_key(key)
-    return OKPKey.import_key(key)
-
-
-# 9999-12-31T23:59:59Z: the last instant a datetime can hold.
-_MAX_NUMERIC_DATE = 253402300799
 
 
 def _number(claims: Mapping[str, Any], name: str) -> float | None:
@@ -202,12 +225,24 @@ def _number(claims: Mapping[str, Any], name: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise JwtMalformedError(f"claim {name!r} must be a number")
-    number = float(value) if not isinstance(value, int) or abs(value) < 2**63 else math.inf
-    # NaN compares false with everything (an "unexpired" NaN exp), and dates past
-    # year 9999 cannot become datetimes: both are malformed, not valid.
-    if not math.isfinite(number) or not 0 <= number <= _MAX_NUMERIC_DATE:
+    # The strict decoder refused NaN and 1e999; a date past year 9999 (or a
+    # huge int) cannot become a datetime: malformed, not valid.
+    if not 0 <= value <= _MAX_NUMERIC_DATE:
         raise JwtMalformedError(f"claim {name!r} is not a usable NumericDate")
-    return number
+    return float(value)
+
+
+#: How each refusal of the JOSE core reads as a JWT-SVID error.
+_JOSE_ERRORS: dict[str, type[JwtMalformedError | JwtBadAlgorithmError | JwtBadSignatureError]] = {
+    "jose_unsupported_alg": JwtBadAlgorithmError,
+    "jose_key_alg_mismatch": JwtBadAlgorithmError,
+    "jose_bad_signature": JwtBadSignatureError,
+}
+
+
+def _jose_error(error: JoseError, what: str) -> NoReturn:
+    cls = _JOSE_ERRORS.get(error.code, JwtMalformedError)
+    raise cls(f"{what}: {error.message}") from error
 
 
 def validate_jwt_svid(
@@ -215,40 +250,41 @@ def validate_jwt_svid(
     audience: str,
     bundles: BundleSet,
     *,
-    now: datetime | None = None,
-    leeway: timedelta = DEFAULT_LEEWAY,
+    now: Clock = None,
+    leeway: Duration = DEFAULT_LEEWAY,
     algorithms: Collection[str] = DEFAULT_ALGORITHMS,
 ) -> JwtSvid:
-    """Validate a JWT-SVID for ``audience`` against the JWT authorities in ``bundles``."""
+    """Validate a JWT-SVID for ``audience`` against the JWT authorities in ``bundles``.
+
+    ``now`` pins the clock (an aware datetime or epoch seconds); ``leeway`` is
+    a timedelta or seconds.  NaN / infinite values are refused, as they would
+    turn the time checks off.
+    """
     allowed = _check_algorithms(algorithms)
     if not isinstance(audience, str) or not audience:
-        raise ValueError("audience must be a non-empty string")
-    if leeway < timedelta(0):
-        raise ValueError("leeway must not be negative")
-    current = _utc(now)
+        raise JwtArgumentError("audience must be a non-empty string")
+    _check_audience(audience)
+    slack = _seconds(leeway, "leeway", minimum=0)
+    now_ts = _timestamp(now)
 
-    # 1. structure
-    if not isinstance(token, str):
-        raise JwtMalformedError(f"token must be a string, not {type(token).__name__}")
-    if len(token) > MAX_TOKEN_LENGTH:
-        raise JwtMalformedError(f"token is longer than {MAX_TOKEN_LENGTH} characters")
+    # 1. structure (the one strict decoder)
     try:
-        obj = jws.extract_compact(token.encode("ascii"))
-        header = obj.headers()
-    except (JoseError, ValueError, TypeError, RecursionError) as e:  # deep nesting: an attack
-        raise JwtMalformedError(f"not a compact JWS: {e}") from e
+        jws = decode_compact(token, max_length=MAX_TOKEN_LENGTH)
+    except JoseError as e:
+        _jose_error(e, "not a strict compact JWS")
+    header, claims = jws.header, jws.claims
 
     # 2. algorithm, before any key is touched
     alg = header.get("alg")
     if not isinstance(alg, str) or alg not in allowed:
         raise JwtBadAlgorithmError(f"algorithm {alg!r:.40} is not allowed")
 
-    # 3. header extensions
+    # 3. header extensions ("crit" was refused by the decoder)
     typ = header.get("typ")
     if typ is not None and typ not in ("JWT", "JOSE"):
         raise JwtMalformedError(f"typ must be JWT or JOSE, not {typ!r:.40}")
-    if "crit" in header or "b64" in header:
-        raise JwtMalformedError("critical header extensions are not supported")
+    if "b64" in header:
+        raise JwtMalformedError("the b64 header extension is not supported")
 
     # 4. kid
     kid = header.get("kid")
@@ -256,26 +292,17 @@ def validate_jwt_svid(
         raise JwtUnknownKeyError("token header has no 'kid'")
 
     # 5. subject -> trust domain -> key
-    try:
-        claims = json.loads(obj.payload)
-    except (ValueError, TypeError, RecursionError) as e:  # deep nesting is an attack
-        raise JwtMalformedError(f"payload is not JSON: {e}") from e
-    if not isinstance(claims, dict):
-        raise JwtMalformedError("payload is not a JSON object")
     sub = claims.get("sub")
     if sub is None:
         raise JwtMissingClaimError("token has no 'sub' claim")
     if not isinstance(sub, str):
         raise JwtBadSubjectError("'sub' must be a string")
     try:
-        spiffe_id = SpiffeId.parse(sub)
+        # JWT-SVID 3: sub is the workload's SPIFFE ID, never the trust
+        # domain's own (that would pass policies written for its members).
+        spiffe_id = coerce_spiffe_id(sub)
     except InvalidIdentifierError as e:
-        raise JwtBadSubjectError(f"'sub' is not a SPIFFE ID: {e.message}") from e
-    if not spiffe_id.path:
-        # The trust domain's own ID names no workload (JWT-SVID 3: sub is the
-        # workload's SPIFFE ID); accepting it would let a token for "the
-        # domain" pass policies written for members of the domain.
-        raise JwtBadSubjectError("'sub' is a trust domain ID, not a workload's SPIFFE ID")
+        raise JwtBadSubjectError(f"'sub' is not a workload's SPIFFE ID: {e.message}") from e
     bundle = bundles.get(spiffe_id.trust_domain)
     if bundle is None:
         raise JwtUntrustedDomainError(
@@ -291,19 +318,11 @@ def validate_jwt_svid(
 
     # 6. signature
     try:
-        valid = jws.validate_compact(obj, _joserfc_public_key(authority), algorithms=[alg])
-    except (InvalidKeyTypeError, InvalidKeyCurveError, InvalidKeyLengthError) as e:
-        raise JwtBadAlgorithmError(f"algorithm {alg} does not fit key {kid!r:.80}: {e}") from e
-    except UnsupportedKeyUseError as e:  # pragma: no cover - we import keys without `use`
-        raise JwtUnknownKeyError(str(e)) from e
-    except (JoseError, ValueError, TypeError) as e:
-        raise JwtBadSignatureError(f"signature check failed: {e}") from e
-    if not valid:
-        raise JwtBadSignatureError("signature does not verify")
+        verify_signature(authority.public_key, alg, jws.signing_input, jws.signature)
+    except JoseError as e:
+        _jose_error(e, f"key {kid!r:.80}")
 
     # 7. time
-    now_ts = current.timestamp()
-    slack = leeway.total_seconds()
     exp = _number(claims, "exp")
     if exp is None:
         raise JwtMissingClaimError("token has no 'exp' claim")
@@ -340,6 +359,7 @@ __all__ = [
     "ASYMMETRIC_ALGORITHMS",
     "DEFAULT_ALGORITHMS",
     "DEFAULT_LEEWAY",
+    "MAX_TOKEN_LENGTH",
     "JwtSvid",
     "mint_jwt_svid",
     "validate_jwt_svid",

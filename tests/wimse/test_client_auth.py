@@ -42,6 +42,7 @@ from custos.integrations.auth import ClientAuthError, WimseAuth, WimseRequestsAu
 from custos.integrations.wsgi import WimseWSGIMiddleware, caller_of
 from custos.keys.software import MemoryKeyStore
 from custos.wimse.digest import content_digest
+from custos.wimse.errors import MalformedRequestError
 from custos.wimse.http.message import HttpMessage
 from custos.wimse.httpsig import parse_signature_input
 from custos.wimse.signer import LocalProofSigner, ProofSigner, WorkloadProof
@@ -371,9 +372,13 @@ def test_pluggable_signer(signer: LocalProofSigner, bundles: BundleSet) -> None:
 
 
 def test_audience_for() -> None:
-    assert audience_for("HTTPS", "API.example.org", 443, "/a?b#c") == "https://api.example.org/a"
+    assert audience_for("HTTPS", "API.example.org", 443, "/a?b") == "https://api.example.org/a"
     assert audience_for("http", "::1", 8080, "") == "http://[::1]:8080/"
-    assert audience_for("http", "h", 80, "/x%2Fy") == "http://h/x%2Fy"
+    assert audience_for("http", "h", 80, "/x%20y") == "http://h/x%20y"
+    # the origin rules: a target every verifier refuses is not signed at all
+    for unsafe in ("/x%2Fy", "/a/../b", "/a/%2e%2e/b", "/a//b"):
+        with pytest.raises(MalformedRequestError):
+            audience_for("http", "h", 80, unsafe)
 
 
 def test_unknown_variant_is_refused(signer: LocalProofSigner) -> None:

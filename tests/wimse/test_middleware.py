@@ -40,6 +40,7 @@ from custos.integrations.auth import WimseAuth
 from custos.integrations.wsgi import WimseWSGIMiddleware, caller_of
 from custos.keys.jose import joserfc_key
 from custos.keys.software import MemoryKeyStore
+from custos.wimse.errors import MalformedRequestError
 from custos.wimse.policy import CallerPolicy
 from custos.wimse.signer import LocalProofSigner
 from custos.wimse.verifier import RequestVerifier, build_request_verifier
@@ -75,7 +76,6 @@ def store() -> MemoryKeyStore:
 @pytest.fixture
 def bundles(store: MemoryKeyStore) -> BundleSet:
     return ca_bundles(store)
-
 
 
 @pytest.fixture
@@ -366,13 +366,16 @@ def test_policy_sees_the_decoded_path(
 def test_dot_segments_are_refused(
     bundles: BundleSet, calls: Calls, billing: LocalProofSigner
 ) -> None:
-    """A signature over the raw target /other/%2e%2e/pay verifies (the
-    HTTP-signature profile compares raw targets), but the decoded path has
-    dot segments that some router could resolve to /pay: refused, not judged
-    under the "/" rule."""
+    """A raw target /other/%2e%2e/pay whose decoded path has dot segments that
+    some router could resolve to /pay: refused (the origin rules refuse the
+    encoded dots, and the routing check the decoded ones), never judged
+    under the "/" rule. No client signs such a target, so the proof is one
+    made for /pay."""
     app = starlette_app(build_request_verifier(bundles, [ORIGIN]), calls)
     raw = "/other/%2e%2e/pay"
-    headers = signed_headers(billing, "GET", f"{ORIGIN}{raw}", variant="http-signature")
+    with pytest.raises(MalformedRequestError):
+        signed_headers(billing, "GET", f"{ORIGIN}{raw}", variant="http-signature")
+    headers = signed_headers(billing, "GET", f"{ORIGIN}/pay", variant="http-signature")
     scope = http_scope("/other/../pay", headers, "GET")
     scope["raw_path"] = raw.encode()
     done = [{"type": "http.request", "body": b"", "more_body": False}]

@@ -69,7 +69,6 @@ def bundles(store: MemoryKeyStore) -> BundleSet:
     return ca_bundles(store)
 
 
-
 @pytest.fixture(scope="module")
 def web_wit(store: MemoryKeyStore) -> str:
     return mint(store, WEB, "web")
@@ -189,7 +188,7 @@ def test_asgi_signs_the_response_the_caller_asked_for(
     result = client_verifier(bundles).verify_response(as_message(got), request)
     assert result is not None and result.subject == str(API)
     assert result.params["wimse-req-nonce"] == request_signature_input(request).params["nonce"]
-    assert '"@request-target";req' in result.covered and '"content-digest"' in result.covered
+    assert '"@path";req' in result.covered and '"content-digest"' in result.covered
     assert calls.n == 1
 
 

@@ -45,8 +45,9 @@ import anyio.to_thread
 import structlog
 
 from custos.integrations.problem import Problem
-from custos.wimse.errors import MalformedRequestError, WimseError
+from custos.wimse.errors import WimseError
 from custos.wimse.http.message import HttpMessage, index_headers
+from custos.wimse.http.origin import routing_path
 from custos.wimse.httpsig import SignedResponseUnavailableError, SignsResponses
 from custos.wimse.policy import CallerPolicy
 from custos.wimse.verifier import Caller, RequestVerifier
@@ -99,25 +100,12 @@ class _ClientGone(Exception):
     """The client disconnected before its request body was complete."""
 
 
-def routing_path_ok(path: str) -> str:
-    """``path`` if the policy can judge it, else a 400.
-
-    Dot segments are refused rather than resolved: some routers resolve them
-    and some do not, and the policy must see the path the handler is chosen by.
-    """
-    if not path.startswith("/") or "\x00" in path:
-        raise MalformedRequestError("unusable request path", code="unsafe_request_target")
-    if any(seg in (".", "..") for seg in path.split("/")):
-        raise MalformedRequestError("request path has dot segments", code="unsafe_request_target")
-    return path
-
-
 @functools.lru_cache(maxsize=1024)
 def _routing_path(path: str) -> str:
-    """:func:`routing_path_ok`, remembered per path: an app serves a handful
-    of routes and the verdict depends on the path alone.  Refusals raise
-    through lru_cache and are not cached."""
-    return routing_path_ok(path)
+    """:func:`custos.wimse.http.origin.routing_path`, remembered per path: an
+    app serves a handful of routes and the verdict depends on the path alone.
+    Refusals raise through lru_cache and are not cached."""
+    return routing_path(path)
 
 
 def declared_length(headers: Iterable[tuple[str, str]]) -> int | None:
@@ -295,7 +283,7 @@ def _headers(scope: Scope) -> tuple[tuple[str, str], ...]:
     return tuple([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", ())])
 
 
-def _decode_headers(scope: Scope) -> tuple[tuple[tuple[str, str], ...], dict[str, list[str]]]:
+def _decode_headers(scope: Scope) -> tuple[tuple[tuple[str, str], ...], dict[str, tuple[str, ...]]]:
     """:func:`_headers` and, from the same pass, the index
     :attr:`HttpMessage._index` would build from them (folded name -> values
     in order): one walk over the headers per request instead of three
@@ -326,7 +314,7 @@ def _to_message(
     scope: Scope,
     body: bytes,
     headers: tuple[tuple[str, str], ...] | None = None,
-    index: dict[str, list[str]] | None = None,
+    index: dict[str, tuple[str, ...]] | None = None,
 ) -> HttpMessage:
     raw_path = scope.get("raw_path")
     path = raw_path.decode("latin-1") if raw_path else scope["path"]
@@ -338,7 +326,7 @@ def _to_message(
         headers = _headers(scope)
     elif index is not None:
         # The index came from these very headers (_decode_headers).
-        return HttpMessage._received(headers, index, body or None, method, target)
+        return HttpMessage(headers, body or None, method, target, None)
     return HttpMessage(headers, body or None, method, target, None)
 
 

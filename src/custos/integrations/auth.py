@@ -1,13 +1,33 @@
-"""Client-side auth: attach a WIT and a fresh proof to every outgoing request.
+"""Client-side auth: attach a WIT and a fresh proof to every outgoing request,
+and check the signed responses that come back.
 
 - :class:`WimseAuth` for httpx (sync and async clients);
 - :class:`WimseRequestsAuth` for requests.
 
 ``variant="wpt"`` sends ``Workload-Identity-Token`` and ``Authorization: WPT <jwt>``
 (draft-ietf-wimse-wpt-02); ``variant="http-signature"`` signs the request per
-draft-ietf-wimse-http-signature-06. The signing itself is a
+draft-ietf-wimse-http-signature. The signing itself is a
 :class:`custos.wimse.signer.ProofSigner`, so the key may sit in a TPM, an HSM,
-this process, or behind the agent.
+this process, or behind the agent. :meth:`WimseAuth.from_key` builds the usual
+one (a store key and its WIT) in one line.
+
+Signed responses (HTTP-signature variant only: a WPT request has no nonce a
+response could be bound to). ``response_verifier`` (an
+:class:`~custos.wimse.httpsig.HttpSignatureVerifier`, or a
+:class:`~custos.bundle.BundleSet` to build one from) checks every response
+that carries a WIMSE signature; ``require_signed_response=True`` also makes
+the request ask for one (``wimse-sign-response``) and refuses an unsigned
+answer (the draft's MUST) with ``signed_response_missing``;
+``expected_responder`` (an identity, a trust domain, ``.../*``, as in a
+:class:`~custos.wimse.policy.CallerPolicy`) names who may sign. Any failure
+raises a :class:`~custos.wimse.errors.WimseError` from the client call
+(``client.get(...)``), so no unchecked response reaches the caller. A signed
+response that arrives while no verifier is configured is refused too
+(``response_not_verifiable``): a signature nobody checks protects nothing.
+
+The signature covers the response body as received after content decoding
+(httpx and requests undo gzip before we see it); a server behind a
+compressing proxy cannot sign usefully, and its responses are refused.
 
 Redirects are not re-signed: a proof names one target URI and is good once, so
 a redirected request carries a proof the new target refuses. Both httpx (by
@@ -16,20 +36,30 @@ default) and requests drop ``Authorization`` when a redirect leaves the origin.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Generator, Mapping
-from typing import TYPE_CHECKING, Literal
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import anyio.to_thread
 import httpx
 
-from custos.wimse.errors import WimseError
+from custos.wimse.errors import HttpSignatureError, WimseError
 from custos.wimse.http.message import HttpMessage
-from custos.wimse.signer import ProofSigner
+from custos.wimse.http.origin import target_uri
+from custos.wimse.httpsig import (
+    HttpSignatureVerifier,
+    VerifiedSignature,
+    request_signature_input,
+)
+from custos.wimse.policy import CallerPattern, PolicyConfigError
+from custos.wimse.signer import LocalProofSigner, ProofSigner
 
 if TYPE_CHECKING:
     import requests
     from requests.auth import AuthBase as _RequestsAuthBase
+
+    from custos.bundle import BundleSet
+    from custos.keys.base import StoreKey
 else:
     try:
         from requests.auth import AuthBase as _RequestsAuthBase
@@ -37,33 +67,44 @@ else:
         _RequestsAuthBase = object
 
 Variant = Literal["wpt", "http-signature"]
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class ClientAuthError(WimseError):
     """The request cannot be signed as it stands (a caller mistake)."""
 
     code = "client_auth_error"
-    status = 500
+
+
+class ResponderMismatchError(HttpSignatureError):
+    """A correctly signed response from someone other than the expected responder."""
+
+    code = "unexpected_responder"
 
 
 def audience_for(scheme: str, host: str, port: int | None, raw_path: str) -> str:
-    """The target URI a proof is bound to: scheme, host, non-default port, path.
+    """The target URI a proof is bound to: scheme, host, non-default port, path
+    (:func:`custos.wimse.http.origin.target_uri`, the rule every verifier uses).
 
     Query and fragment are left out (wpt-02 §3), and the path is taken as it
-    goes on the wire so the receiver compares the same bytes.
+    goes on the wire so the receiver compares the same bytes; a path every
+    verifier would refuse is refused here, before anything is signed.
     """
-    path = raw_path.split("?", 1)[0].split("#", 1)[0] or "/"
-    scheme = scheme.lower()
-    host = host.lower()
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    shown_port = "" if port is None or port == _DEFAULT_PORTS.get(scheme) else f":{port}"
-    return f"{scheme}://{host}{shown_port}{path}"
+    return target_uri(scheme, host, port, raw_path or "/")
+
+
+def _responders(expected: str | Iterable[str] | None) -> tuple[CallerPattern, ...]:
+    if expected is None:
+        return ()
+    items = [expected] if isinstance(expected, str) else list(expected)
+    try:
+        return tuple(CallerPattern(str(p) if not isinstance(p, str) else p) for p in items)
+    except PolicyConfigError as e:
+        raise ClientAuthError(f"expected_responder: {e.message}", code="bad_responder") from e
 
 
 class _Attacher:
-    """What both auth classes share: which header fields one request gets."""
+    """What both auth classes share: which header fields one request gets,
+    and the check of the response that comes back."""
 
     def __init__(
         self,
@@ -71,6 +112,9 @@ class _Attacher:
         variant: Variant,
         txn_token: str | None,
         other_tokens: Mapping[str, str] | None,
+        response_verifier: HttpSignatureVerifier | BundleSet | None,
+        require_signed_response: bool,
+        expected_responder: str | Iterable[str] | None,
     ) -> None:
         if variant not in ("wpt", "http-signature"):
             raise ClientAuthError(f"unknown variant {variant!r}")
@@ -78,6 +122,24 @@ class _Attacher:
         self.variant = variant
         self.txn_token = txn_token
         self.other_tokens = dict(other_tokens or {})
+        self.require_signed_response = bool(require_signed_response)
+        self.responders = _responders(expected_responder)
+        wants_checks = (
+            response_verifier is not None or self.require_signed_response or self.responders
+        )
+        if wants_checks and variant != "http-signature":
+            raise ClientAuthError(
+                "signed responses exist only in the http-signature variant (a WPT request "
+                "has no nonce a response could be bound to)",
+                code="responses_need_http_signature",
+            )
+        if (self.require_signed_response or self.responders) and response_verifier is None:
+            raise ClientAuthError(
+                "checking responses needs response_verifier (a BundleSet or an "
+                "HttpSignatureVerifier): the responder's WIT is verified against it",
+                code="response_verifier_missing",
+            )
+        self.response_verifier = _response_verifier(response_verifier)
 
     def headers_for(
         self,
@@ -86,8 +148,9 @@ class _Attacher:
         target: str,
         existing: list[tuple[str, str]],
         body: bytes | None,
-    ) -> list[tuple[str, str]]:
-        """The header fields (name, value) to add to one request."""
+    ) -> tuple[list[tuple[str, str]], HttpMessage | None]:
+        """The header fields (name, value) to add to one request, and the
+        signed request (HTTP-signature variant) its response is checked against."""
         extra: list[tuple[str, str]] = []
         if self.txn_token is not None:
             extra.append(("Txn-Token", self.txn_token))
@@ -103,24 +166,101 @@ class _Attacher:
             proof = self.signer.wpt(
                 audience, txn_token=self.txn_token, other_tokens=self.other_tokens or None
             )
-            return [
+            added = [
                 *extra,
                 ("Workload-Identity-Token", proof.wit),
                 ("Authorization", f"WPT {proof.wpt}"),
             ]
+            return added, None
         message = HttpMessage.request(method, target, [*existing, *extra], body)
         signed = self.signer.sign_http(message, audience)
         if signed.headers[: len(message.headers)] != message.headers:
             raise ClientAuthError("the signer changed header fields it should only add")
+        if self.require_signed_response:
+            asked = request_signature_input(signed).params.get("wimse-sign-response")
+            if asked is not True:
+                raise ClientAuthError(
+                    "require_signed_response needs a signer that asks for one "
+                    "(LocalProofSigner(..., sign_response=True), or WimseAuth.from_key)",
+                    code="sign_response_not_requested",
+                )
         # What the signer appended: WIT, Content-Digest, Signature-Input, Signature.
-        return [*extra, *signed.headers[len(message.headers) :]]
+        return [*extra, *signed.headers[len(message.headers) :]], signed
+
+    def check_response(
+        self,
+        signed: HttpMessage | None,
+        status: int,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+    ) -> VerifiedSignature | None:
+        """Verify the response to ``signed`` (None: a WPT request, nothing to check).
+
+        Raises a WimseError for an unsigned response that was required or
+        asked for, a signature that does not verify, and a responder that is
+        not the expected one.
+        """
+        if signed is None:
+            return None
+        response = HttpMessage.response(status, list(headers), body or None)
+        verifier = self.response_verifier
+        if verifier is None:
+            if response.get_all("signature-input") or response.get_all("signature"):
+                raise HttpSignatureError(
+                    "a signed response arrived and no response_verifier is configured",
+                    code="response_not_verifiable",
+                )
+            if request_signature_input(signed).params.get("wimse-sign-response") is True:
+                # The signer asked for one; the draft's MUST applies even here.
+                raise HttpSignatureError(
+                    "a signed response was asked for and no response_verifier is configured",
+                    code="response_not_verifiable",
+                )
+            return None
+        verified = verifier.verify_response(
+            response, signed, require_signed=self.require_signed_response
+        )
+        if verified is not None and self.responders:
+            if not any(p.matches(verified.subject) for p in self.responders):
+                raise ResponderMismatchError("the response is signed by an unexpected workload")
+        return verified
+
+
+def _response_verifier(
+    given: HttpSignatureVerifier | BundleSet | None,
+) -> HttpSignatureVerifier | None:
+    """An HttpSignatureVerifier as given, or one built on a BundleSet with its
+    own replay cache (a response nonce is good once, like a request's)."""
+    if given is None or isinstance(given, HttpSignatureVerifier):
+        return given
+    from custos.bundle import BundleSet
+    from custos.wimse.replay import MemoryReplayCache
+    from custos.wimse.wit import WitVerifier
+
+    if not isinstance(given, BundleSet):
+        raise ClientAuthError(
+            "response_verifier must be an HttpSignatureVerifier or a BundleSet, "
+            f"not {type(given).__name__}",
+            code="response_verifier_invalid",
+        )
+    # No audiences: a client checks responses only, never requests.
+    return HttpSignatureVerifier(WitVerifier(given), MemoryReplayCache(), [])
+
+
+def _local_signer(
+    key: StoreKey, wit: str | Callable[[], str], variant: Variant, sign_response: bool
+) -> LocalProofSigner:
+    return LocalProofSigner(key, wit, sign_response=sign_response and variant == "http-signature")
 
 
 class WimseAuth(httpx.Auth):
     """httpx auth: ``httpx.Client(auth=WimseAuth(signer))``, sync or async.
 
     The body is read before signing (the HTTP-signature variant covers it with
-    ``Content-Digest``), so streaming uploads are buffered.
+    ``Content-Digest``), so streaming uploads are buffered; when responses are
+    checked, their bodies are read before the client returns them.
+    See the module docstring for ``response_verifier``,
+    ``require_signed_response`` and ``expected_responder``.
     """
 
     requires_request_body = True
@@ -132,39 +272,93 @@ class WimseAuth(httpx.Auth):
         variant: Variant = "wpt",
         txn_token: str | None = None,
         other_tokens: Mapping[str, str] | None = None,
+        response_verifier: HttpSignatureVerifier | BundleSet | None = None,
+        require_signed_response: bool = False,
+        expected_responder: str | Iterable[str] | None = None,
     ) -> None:
-        self._attacher = _Attacher(signer, variant, txn_token, other_tokens)
+        self._attacher = _Attacher(
+            signer,
+            variant,
+            txn_token,
+            other_tokens,
+            response_verifier,
+            require_signed_response,
+            expected_responder,
+        )
 
-    def _apply(self, request: httpx.Request) -> None:
+    @classmethod
+    def from_key(
+        cls,
+        key: StoreKey,
+        wit: str | Callable[[], str],
+        *,
+        variant: Variant = "wpt",
+        bundles: BundleSet | None = None,
+        require_signed_response: bool = False,
+        expected_responder: str | Iterable[str] | None = None,
+        txn_token: str | None = None,
+        other_tokens: Mapping[str, str] | None = None,
+    ) -> WimseAuth:
+        """One line for the usual client: a store key and the WIT that binds it
+        (``WimseAuth.from_key(store.get("web"), wit)``); with ``bundles`` the
+        signed responses are checked, and ``require_signed_response`` asks for them."""
+        return cls(
+            _local_signer(key, wit, variant, require_signed_response),
+            variant=variant,
+            txn_token=txn_token,
+            other_tokens=other_tokens,
+            response_verifier=bundles,
+            require_signed_response=require_signed_response,
+            expected_responder=expected_responder,
+        )
+
+    def _apply(self, request: httpx.Request) -> HttpMessage | None:
         url = request.url
         raw = url.raw_path.decode("ascii")
         # raw_host: lowercased and IDNA-encoded, the form that goes on the wire.
         audience = audience_for(url.scheme, url.raw_host.decode("ascii"), url.port, raw)
         existing = list(request.headers.multi_items())
         body = request.content or None
-        added = self._attacher.headers_for(request.method, audience, raw, existing, body)
+        added, signed = self._attacher.headers_for(request.method, audience, raw, existing, body)
         for name, value in added:
             request.headers[name] = value
+        return signed
+
+    def _check(self, signed: HttpMessage | None, response: httpx.Response) -> None:
+        self._attacher.check_response(
+            signed, response.status_code, response.headers.multi_items(), response.content
+        )
 
     def sync_auth_flow(
         self, request: httpx.Request
     ) -> Generator[httpx.Request, httpx.Response, None]:
         request.read()
-        self._apply(request)
-        yield request
+        signed = self._apply(request)
+        response = yield request
+        if signed is not None:
+            response.read()  # the signature covers the body
+            self._check(signed, response)
 
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         await request.aread()
         # A TPM signature takes a millisecond or more, an agent call a round
-        # trip: keep both off the event loop.
-        await anyio.to_thread.run_sync(self._apply, request)
-        yield request
+        # trip: keep both off the event loop (and the response check, which
+        # verifies a WIT and may ask a Redis replay cache).
+        signed = await anyio.to_thread.run_sync(self._apply, request)
+        response = yield request
+        if signed is not None:
+            await response.aread()  # the signature covers the body
+            await anyio.to_thread.run_sync(self._check, signed, response)
 
 
 class WimseRequestsAuth(_RequestsAuthBase):
-    """requests auth: ``requests.get(url, auth=WimseRequestsAuth(signer))``."""
+    """requests auth: ``requests.get(url, auth=WimseRequestsAuth(signer))``.
+
+    Responses are checked in a ``response`` hook, so a refused one raises from
+    ``requests.get(...)``; their bodies are read there (``stream=True`` too).
+    """
 
     def __init__(
         self,
@@ -173,8 +367,43 @@ class WimseRequestsAuth(_RequestsAuthBase):
         variant: Variant = "wpt",
         txn_token: str | None = None,
         other_tokens: Mapping[str, str] | None = None,
+        response_verifier: HttpSignatureVerifier | BundleSet | None = None,
+        require_signed_response: bool = False,
+        expected_responder: str | Iterable[str] | None = None,
     ) -> None:
-        self._attacher = _Attacher(signer, variant, txn_token, other_tokens)
+        self._attacher = _Attacher(
+            signer,
+            variant,
+            txn_token,
+            other_tokens,
+            response_verifier,
+            require_signed_response,
+            expected_responder,
+        )
+
+    @classmethod
+    def from_key(
+        cls,
+        key: StoreKey,
+        wit: str | Callable[[], str],
+        *,
+        variant: Variant = "wpt",
+        bundles: BundleSet | None = None,
+        require_signed_response: bool = False,
+        expected_responder: str | Iterable[str] | None = None,
+        txn_token: str | None = None,
+        other_tokens: Mapping[str, str] | None = None,
+    ) -> WimseRequestsAuth:
+        """As :meth:`WimseAuth.from_key`."""
+        return cls(
+            _local_signer(key, wit, variant, require_signed_response),
+            variant=variant,
+            txn_token=txn_token,
+            other_tokens=other_tokens,
+            response_verifier=bundles,
+            require_signed_response=require_signed_response,
+            expected_responder=expected_responder,
+        )
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
         if r.url is None or r.method is None:
@@ -182,7 +411,11 @@ class WimseRequestsAuth(_RequestsAuthBase):
         parts = urlsplit(r.url)
         raw = parts.path or "/"
         target = raw + (f"?{parts.query}" if parts.query else "")
-        audience = audience_for(parts.scheme, parts.hostname or "", parts.port, raw)
+        try:
+            port = parts.port
+        except ValueError as e:  # a port out of range or not a number
+            raise ClientAuthError("the URL's port is not usable", code="bad_url") from e
+        audience = audience_for(parts.scheme, parts.hostname or "", port, raw)
         body = r.body
         if isinstance(body, str):
             # Sign the bytes that will be sent: fix the encoding here rather than
@@ -195,6 +428,25 @@ class WimseRequestsAuth(_RequestsAuthBase):
                 "streaming request bodies cannot be signed; pass bytes", code="body_not_bytes"
             )
         existing = list(r.headers.items())
-        for name, value in self._attacher.headers_for(r.method, audience, target, existing, body):
+        added, signed = self._attacher.headers_for(r.method, audience, target, existing, body)
+        for name, value in added:
             r.headers[name] = value
+        if signed is not None:
+            r.hooks.setdefault("response", []).append(_ResponseHook(self._attacher, signed))
         return r
+
+
+class _ResponseHook:
+    """A requests ``response`` hook bound to the signed request it answers."""
+
+    def __init__(self, attacher: _Attacher, signed: HttpMessage) -> None:
+        self._attacher = attacher
+        self._signed = signed
+
+    def __call__(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        raw_headers = getattr(response.raw, "headers", None)
+        # urllib3's header dict keeps repeated fields apart; requests' own
+        # merges them with ", ", which is what a fallback can offer.
+        items = getattr(raw_headers, "items", None)
+        headers = list(items()) if items is not None else list(response.headers.items())
+        self._attacher.check_response(self._signed, response.status_code, headers, response.content)

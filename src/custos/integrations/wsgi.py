@@ -37,12 +37,12 @@ from custos.integrations.asgi import (
     ResponseSigningError,
     ResponseTooLargeError,
     declared_length,
-    routing_path_ok,
     sign_response_or_refuse,
 )
 from custos.integrations.problem import Problem
 from custos.wimse.errors import MalformedRequestError, WimseError
 from custos.wimse.http.message import HttpMessage
+from custos.wimse.http.origin import routing_path
 from custos.wimse.httpsig import SignedResponseUnavailableError, SignsResponses
 from custos.wimse.policy import CallerPolicy
 from custos.wimse.verifier import Caller, RequestVerifier
@@ -90,7 +90,7 @@ class WimseWSGIMiddleware:
             body = self._read_body(environ)
             request = _to_message(environ, body)
             caller = self.verifier.verify(request)
-            self.policy.check(caller.subject, routing_path_ok(_routing_path(environ)))
+            self.policy.check(caller.subject, routing_path(_routing_path(environ)))
             if caller.wants_signed_response and self.response_signer is None:
                 # Refused before the app runs: nothing it does can be sent unsigned.
                 raise SignedResponseUnavailableError(

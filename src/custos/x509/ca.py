@@ -1,4 +1,7 @@
-"""An X.509 CA for one trust domain, issuing X509-SVIDs (SPIFFE X509-SVID spec).
+"""Issuance: an X.509 CA for one trust domain, issuing X509-SVIDs (SPIFFE X509-SVID spec).
+
+Verification of SVIDs lives in :mod:`custos.x509.verify`; PEM/DER parsing of
+certificates from users in :mod:`custos.x509.pem`.
 
 The CA key is any ``cryptography`` private-key object, including a custos
 device key (``store.get(name).private_key()``) whose private half stays in a
@@ -21,7 +24,8 @@ import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from os import PathLike
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -29,18 +33,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from cryptography.x509.verification import (
-    ExtensionPolicy,
-    PolicyBuilder,
-    Store,
-    VerificationError,
-)
 
-from custos.bundle.bundle import BundleSet
+from custos._files import read_small_file
 from custos.identity.errors import InvalidIdentifierError
 from custos.identity.ids import SpiffeId, TrustDomain
 from custos.keys.cryptography_keys import DeviceRSAPrivateKey
-from custos.x509.errors import CsrError, X509CaError, X509SvidError, X509SvidUntrustedError
+from custos.x509._time import utcnow
+from custos.x509.errors import CsrError, X509CaError
 
 #: Certificates start this long before "now", so a peer whose clock is a little
 #: behind still accepts a certificate issued this instant (SPIRE does the same).
@@ -74,11 +73,7 @@ def _check_ca_key(key: object) -> None:
 
 
 def _utcnow(now: datetime | None) -> datetime:
-    if now is None:
-        return datetime.now(UTC)
-    if now.tzinfo is None:
-        raise X509CaError("'now' must be timezone-aware")
-    return now.astimezone(UTC)
+    return utcnow(now, X509CaError)
 
 
 def _spki(key: CertificatePublicKeyTypes) -> bytes:
@@ -197,6 +192,15 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
         return x509.load_der_x509_csr(raw)
     except ValueError as e:
         raise CsrError(f"malformed CSR: {e}") from e
+
+
+def load_csr_file(path: str | PathLike[str]) -> x509.CertificateSigningRequest:
+    """Read and parse a CSR file (PEM or DER) named by a user.
+
+    Only a regular file of at most :data:`MAX_CSR_BYTES` is read (a FIFO or
+    ``/dev/zero`` is refused, see :mod:`custos._files`).
+    """
+    return load_csr(read_small_file(path, max_bytes=MAX_CSR_BYTES, what="CSR file"))
 
 
 @dataclass(frozen=True)
@@ -496,92 +500,13 @@ def _trust_domain_of(cert: x509.Certificate) -> TrustDomain:
     raise X509CaError("the CA certificate has no SPIFFE ID URI SAN; pass trust_domain explicitly")
 
 
-# -- verification ------------------------------------------------------------------
-
-
-def _leaf_spiffe_id(leaf: x509.Certificate) -> SpiffeId:
-    """Apply the X509-SVID spec's leaf rules (section 5.2) and return the SPIFFE ID."""
-    try:
-        extensions = leaf.extensions
-    except ValueError as e:  # duplicate or malformed extensions
-        raise X509SvidError(f"certificate extensions are malformed: {e}") from e
-    try:
-        san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise X509SvidError("leaf certificate has no subjectAltName (no SPIFFE ID)") from None
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    if len(uris) != 1:
-        raise X509SvidError(f"leaf certificate must have exactly one URI SAN, found {len(uris)}")
-    try:
-        spiffe_id = SpiffeId.parse(uris[0])
-    except InvalidIdentifierError as e:
-        raise X509SvidError(f"leaf URI SAN is not a valid SPIFFE ID: {e.message}") from e
-    if not spiffe_id.path:
-        raise X509SvidError("leaf SPIFFE ID has no path (a trust domain ID cannot be a leaf)")
-    try:
-        bc = extensions.get_extension_for_class(x509.BasicConstraints).value
-        if bc.ca:
-            raise X509SvidError("leaf certificate is a CA (basicConstraints cA is TRUE)")
-    except x509.ExtensionNotFound:
-        pass
-    try:
-        ku = extensions.get_extension_for_class(x509.KeyUsage).value
-        if ku.key_cert_sign:
-            raise X509SvidError("leaf certificate has keyCertSign set")
-        if ku.crl_sign:
-            raise X509SvidError("leaf certificate has cRLSign set")
-    except x509.ExtensionNotFound:
-        pass
-    return spiffe_id
-
-
-def verify_x509_svid(
-    chain: Sequence[x509.Certificate],
-    bundles: BundleSet,
-    now: datetime | None = None,
-) -> SpiffeId:
-    """Verify an X509-SVID chain (leaf first) and return its SPIFFE ID.
-
-    Path validation (RFC 5280, cryptography's verifier) runs against the X.509
-    authorities of the leaf's own trust domain only, so a CA of one federated
-    domain cannot vouch for IDs of another.  EKU is not enforced (as
-    go-spiffe does): SVIDs are used as both TLS client and server certificates.
-    """
-    if not chain:
-        raise X509SvidError("empty certificate chain")
-    leaf = chain[0]
-    spiffe_id = _leaf_spiffe_id(leaf)
-    bundle = bundles.get(spiffe_id.trust_domain)
-    if bundle is None or not bundle.x509_authorities:
-        raise X509SvidUntrustedError(
-            f"no X.509 authorities for trust domain {spiffe_id.trust_domain.name!r}"
-        )
-    try:
-        current = _utcnow(now)
-    except X509CaError as e:
-        raise X509SvidError(e.message) from e
-    verifier = (
-        PolicyBuilder()
-        .store(Store(list(bundle.x509_authorities)))
-        .time(current)
-        .extension_policies(
-            ca_policy=ExtensionPolicy.webpki_defaults_ca(),
-            ee_policy=ExtensionPolicy.permit_all(),
-        )
-        .build_client_verifier()
-    )
-    try:
-        verifier.verify(leaf, list(chain[1:]))
-    except VerificationError as e:
-        raise X509SvidUntrustedError(f"certificate chain does not verify: {e}") from e
-    return spiffe_id
-
-
 __all__ = [
     "BACKDATE",
+    "MAX_CSR_BYTES",
+    "MIN_RSA_BITS",
     "CaPrivateKey",
     "CertificateAuthority",
     "X509Svid",
     "load_csr",
-    "verify_x509_svid",
+    "load_csr_file",
 ]

@@ -28,3 +28,10 @@ class X509SvidUntrustedError(X509SvidError):
     """An X509-SVID does not chain to a trusted authority of its trust domain."""
 
     code = "x509_svid_untrusted"
+
+
+class CertificateFormatError(CustosError):
+    """Certificate data (a file or bytes from a user) is not PEM or DER certificates,
+    or is larger than allowed."""
+
+    code = "invalid_certificate"

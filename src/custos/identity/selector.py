@@ -35,16 +35,19 @@ class InvalidSelectorError(InvalidIdentifierError):
     code = "invalid_selector"
 
 
+def _bounded_str(value: object, part: str, limit: int) -> str:
+    if not isinstance(value, str):
+        raise InvalidSelectorError(f"selector {part} must be a string, not {type(value).__name__}")
+    if not value:
+        raise InvalidSelectorError(f"selector {part} is empty")
+    if len(value) > limit:
+        raise InvalidSelectorError(f"selector {part} is longer than {limit} characters")
+    return value
+
+
 def check_selector_type(value: object) -> str:
     """Return *value* if it is a valid selector type (also the rule for plugin names)."""
-    if not isinstance(value, str):
-        raise InvalidSelectorError(f"selector type must be a string, not {type(value).__name__}")
-    if not value:
-        raise InvalidSelectorError("selector type is empty")
-    if len(value) > MAX_SELECTOR_TYPE_LENGTH:
-        raise InvalidSelectorError(
-            f"selector type is longer than {MAX_SELECTOR_TYPE_LENGTH} characters"
-        )
+    value = _bounded_str(value, "type", MAX_SELECTOR_TYPE_LENGTH)
     bad = next((ch for ch in value if ch not in _TYPE_CHARS), None)
     if bad is not None:
         raise InvalidSelectorError(
@@ -56,14 +59,7 @@ def check_selector_type(value: object) -> str:
 
 def check_selector_value(value: object) -> str:
     """Return *value* if it is a valid selector value."""
-    if not isinstance(value, str):
-        raise InvalidSelectorError(f"selector value must be a string, not {type(value).__name__}")
-    if not value:
-        raise InvalidSelectorError("selector value is empty")
-    if len(value) > MAX_SELECTOR_VALUE_LENGTH:
-        raise InvalidSelectorError(
-            f"selector value is longer than {MAX_SELECTOR_VALUE_LENGTH} characters"
-        )
+    value = _bounded_str(value, "value", MAX_SELECTOR_VALUE_LENGTH)
     for ch in value:
         if unicodedata.category(ch) in _REFUSED_CATEGORIES:
             raise InvalidSelectorError(

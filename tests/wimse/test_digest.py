@@ -127,3 +127,54 @@ def test_parser_raises_only_custos_errors(field: str) -> None:
     except WimseError:
         return
     assert all(isinstance(v, bytes) for v in parsed.values())
+
+
+# -- bounded work (issue 7 item 8): the field is attacker-controlled ---------------------
+
+
+def test_oversized_field_is_refused_unparsed() -> None:
+    from custos.wimse.digest import MAX_DIGEST_FIELD_BYTES
+
+    field = HELLO_SHA256 + ", " + "x" * MAX_DIGEST_FIELD_BYTES
+    with pytest.raises(ContentDigestError) as err:
+        verify_content_digest(field, HELLO)
+    assert err.value.code == "content_digest_too_large"
+    assert err.value.status == 400
+
+
+def test_oversized_field_split_over_many_lines_is_refused() -> None:
+    from custos.wimse.digest import MAX_DIGEST_FIELD_BYTES
+
+    lines = [HELLO_SHA256] * (MAX_DIGEST_FIELD_BYTES // len(HELLO_SHA256) + 1)
+    with pytest.raises(ContentDigestError) as err:
+        parse_content_digest(lines)
+    assert err.value.code == "content_digest_too_large"
+
+
+def test_many_members_are_refused() -> None:
+    from custos.wimse.digest import MAX_DIGEST_MEMBERS
+
+    field = ", ".join([HELLO_SHA256] + [f"x{i}=:AAAA:" for i in range(MAX_DIGEST_MEMBERS)])
+    with pytest.raises(ContentDigestError) as err:
+        verify_content_digest(field, HELLO)
+    assert err.value.code == "content_digest_too_large"
+
+
+def test_the_historic_quadratic_field_is_refused_unparsed() -> None:
+    # 16000 members made the parse take most of a second before (issue 7
+    # item 8); refused by its size now, whatever the member count.
+    field = ", ".join(f"a{i}=:AAAA:" for i in range(16000))
+    with pytest.raises(ContentDigestError) as err:
+        parse_content_digest(field)
+    assert err.value.code == "content_digest_too_large"
+
+
+@pytest.mark.parametrize("value", ["sha-256=:\ud800:", "\udcff", "sha-256=:X48E9qOokq\u00e9:"])
+def test_non_ascii_and_lone_surrogates_are_malformed(value: str) -> None:
+    with pytest.raises(ContentDigestError) as err:
+        verify_content_digest(value, HELLO)
+    assert err.value.code == "content_digest_invalid"
+
+
+def test_a_reasonable_field_with_both_algorithms_still_verifies() -> None:
+    assert verify_content_digest(f"{HELLO_SHA512}, {HELLO_SHA256}", HELLO) == "sha-512"

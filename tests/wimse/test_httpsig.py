@@ -42,6 +42,7 @@ from custos.wimse.httpsig import (
     WIMSE_TAG,
     Component,
     HttpSignatureVerifier,
+    ResponseSigner,
     VerifiedSignature,
     parse_signature,
     parse_signature_input,
@@ -185,6 +186,8 @@ class Ed25519JwkSigner:
 
 def draft_verifier(**kw: Any) -> HttpSignatureVerifier:
     kw.setdefault("now", VECTOR_NOW)
+    # The draft's published example is in the -06 form (@request-target).
+    kw.setdefault("accept_draft_06", True)
     # The cache runs on the verifier's pinned clock: a real-clock cache would
     # take every entry stored at the (past) vector time as long expired.
     pinned = float(kw["now"])
@@ -247,6 +250,7 @@ def test_sign_request_reproduces_the_draft06_signature() -> None:
         ttl=300,
         nonce="abcd1111",
         sign_response=True,
+        form="draft-06",
     )
     assert signed.get_all("Signature-Input") == [REQ_SIGNATURE_INPUT]
     assert signed.get_all("Signature") == [REQ_SIGNATURE]
@@ -392,6 +396,7 @@ def test_draft06_signed_audience_cannot_be_swapped() -> None:
         pinned_cache(VECTOR_NOW),
         [VECTOR_ORIGIN, "https://alias.example"],
         now=VECTOR_NOW,
+        accept_draft_06=True,
     )
     swapped = REQ_SIGNATURE_INPUT.replace(
         "https://svcb.example.com/gimme-ice-cream", "https://alias.example/gimme-ice-cream"
@@ -634,7 +639,8 @@ def base_params(nonce: str = "n-1", **over: object) -> list[tuple[str, object]]:
 
 FULL = [
     Component("@method"),
-    Component("@request-target"),
+    Component("@path"),
+    Component("@query"),
     Component("content-type"),
     Component("content-digest"),
     Component("workload-identity-token"),
@@ -681,7 +687,8 @@ def round_trip(workload: StoreKey, issuer: StoreKey) -> VerifiedSignature:
     assert result.sign_response is False
     assert set(result.covered) == {
         '"@method"',
-        '"@request-target"',
+        '"@path"',
+        '"@query"',
         '"content-type"',
         '"content-digest"',
         '"authorization"',
@@ -825,7 +832,7 @@ def test_forged_request_does_not_burn_the_nonce(
     assert verifier.verify_request(genuine).nonce == "shared-nonce"
 
 
-@pytest.mark.parametrize("missing", ["@method", "@request-target", "workload-identity-token"])
+@pytest.mark.parametrize("missing", ["@method", "@path", "@query", "workload-identity-token"])
 def test_missing_required_component(
     store: MemoryKeyStore, client_wit: str, verifier: HttpSignatureVerifier, missing: str
 ) -> None:
@@ -1113,7 +1120,7 @@ def test_component_parameters_other_than_req_are_refused(
     client_wit: str, verifier: HttpSignatureVerifier
 ) -> None:
     value = (
-        '("@method" "@request-target" "content-type";sf);created=1;expires=2;nonce="n";'
+        '("@method" "@path" "@query" "content-type";sf);created=1;expires=2;nonce="n";'
         'tag="wimse-workload-to-workload"'
     )
     message = unsigned_with_wit(client_wit).with_headers(
@@ -1234,7 +1241,8 @@ def test_response_without_req_nonce(
         Component("content-type"),
         Component("content-digest"),
         Component("@method", req=True),
-        Component("@request-target", req=True),
+        Component("@path", req=True),
+        Component("@query", req=True),
     ]
     forged = forge(
         message,
@@ -1381,12 +1389,19 @@ def test_http_signature_refuses_path_tricks_like_the_wpt_path(target: str) -> No
 
     workload, bundles, wit = _example_org_caller()
     origin = "https://api.example.org"
-    signed = sign_request(
-        HttpMessage.request("GET", target),
+    # The signer refuses such a path itself (its @path line)...
+    with pytest.raises(MalformedRequestError):
+        sign_request(
+            HttpMessage.request("GET", target), signer=workload.get("w"), wit=wit, audience=origin
+        )
+    # ...and a signature moved onto it by a middlebox is refused before anything else.
+    safe = sign_request(
+        HttpMessage.request("GET", "/pay"),
         signer=workload.get("w"),
         wit=wit,
         audience=origin + target.split("?")[0],
     )
+    signed = HttpMessage.request("GET", target, safe.headers)
     verifier = HttpSignatureVerifier(WitVerifier(bundles), MemoryReplayCache(), [origin])
     with pytest.raises(MalformedRequestError) as exc:
         verifier.verify_request(signed)
@@ -1536,21 +1551,14 @@ def test_pinned_verifier_with_a_real_clock_memory_cache_catches_replays() -> Non
     """The verifier's pinned (past) clock is what the cache judges expiry by:
     with the cache's own real clock every entry would be long expired."""
     verifier = HttpSignatureVerifier(
-        DraftWitVerifier(), MemoryReplayCache(), [VECTOR_ORIGIN], now=VECTOR_NOW
+        DraftWitVerifier(),
+        MemoryReplayCache(),
+        [VECTOR_ORIGIN],
+        now=VECTOR_NOW,
+        accept_draft_06=True,
     )
     verifier.verify_request(draft_request())
     assert code_of(lambda: verifier.verify_request(draft_request())) == "replayed_proof"
-
-
-def test_pinned_verifier_refuses_a_cache_that_cannot_take_its_clock() -> None:
-    class OldStyleCache:
-        def check_and_store(self, namespace: str, value: str, expires_at: float) -> bool:
-            return True
-
-    with pytest.raises(ValueError):
-        HttpSignatureVerifier(DraftWitVerifier(), OldStyleCache(), [VECTOR_ORIGIN], now=VECTOR_NOW)
-    # On the real clock there is nothing to pass, so such a cache is fine.
-    HttpSignatureVerifier(DraftWitVerifier(), OldStyleCache(), [VECTOR_ORIGIN])
 
 
 def test_wpt_jti_and_signature_nonce_do_not_collide(
@@ -1598,13 +1606,321 @@ def test_exact_audience_does_not_skip_the_path_checks(
     verifier = HttpSignatureVerifier(
         WitVerifier(bundles, now=NOW), pinned_cache(), [], exact_audiences=["urn:x"], now=NOW
     )
-    signed = sign_request(
-        HttpMessage.request("GET", "/pay/../admin"),
+    safe = sign_request(
+        HttpMessage.request("GET", "/pay"),
         signer=store.get("client"),
         wit=client_wit,
         audience="urn:x",
         created=NOW,
     )
+    signed = HttpMessage.request("GET", "/pay/../admin", safe.headers)
     with pytest.raises(MalformedRequestError) as err:
         verifier.verify_request(signed)
     assert err.value.code == "unsafe_request_target"
+
+
+# ---------------------------------------------------------------------------------------
+# draft-ietf-wimse-http-signature-07/-08: @path + @query, never @request-target
+# ---------------------------------------------------------------------------------------
+
+
+def test_requests_are_signed_in_the_draft08_form(store: MemoryKeyStore, client_wit: str) -> None:
+    signed = signed_order(store, client_wit)
+    sig = request_signature_input(signed)
+    names = [c.serialize() for c in sig.components]
+    assert names[:3] == ['"@method"', '"@path"', '"@query"']
+    assert '"@request-target"' not in names and '"@authority"' not in names
+    assert sig.params["wimse-aud"] == AUD and sig.params["tag"] == WIMSE_TAG
+
+
+def test_query_is_a_lone_question_mark_when_absent(
+    store: MemoryKeyStore, client_wit: str, verifier: HttpSignatureVerifier
+) -> None:
+    request = HttpMessage.request("GET", "/v1/orders", [("Host", "api.example.com")])
+    signed = sign_request(
+        request, signer=store.get("client"), wit=client_wit, audience=AUD, created=NOW
+    )
+    sig = request_signature_input(signed)
+    base = signature_base(signed, sig.components, sig.serialized).decode()
+    assert '"@path": /v1/orders\n"@query": ?\n' in base
+    assert verifier.verify_request(signed).audience == AUD
+    # Adding a query after signing changes @query: refused.
+    moved = HttpMessage.request("GET", "/v1/orders?admin=1", signed.headers)
+    assert code_of(lambda: verifier.verify_request(moved)) == "signature_invalid"
+
+
+def test_draft06_form_is_refused_without_the_compatibility_switch() -> None:
+    strict = draft_verifier(accept_draft_06=False)
+    assert code_of(lambda: strict.verify_request(draft_request())) == "draft06_form_refused"
+    assert (
+        code_of(lambda: strict.verify_response(draft_response(), draft_request()))
+        == "draft06_form_refused"
+    )
+
+
+def test_request_target_next_to_the_new_components_is_still_the_old_form(
+    store: MemoryKeyStore, client_wit: str, verifier: HttpSignatureVerifier
+) -> None:
+    forged = forge(
+        unsigned_with_wit(client_wit),
+        store.get("client"),
+        [*FULL, Component("@request-target")],
+        base_params(),
+    )
+    assert code_of(lambda: verifier.verify_request(forged)) == "draft06_form_refused"
+
+
+def test_responses_are_signed_in_the_draft08_form(
+    store: MemoryKeyStore, client_wit: str, server_wit: str, verifier: HttpSignatureVerifier
+) -> None:
+    request, response = _exchange(store, client_wit, ask=False)
+    signed = sign_response(
+        response, request=request, signer=store.get("server"), wit=server_wit, created=NOW
+    )
+    sig = request_signature_input(signed)
+    names = [c.serialize() for c in sig.components]
+    assert {'"@method";req', '"@path";req', '"@query";req', '"@status"'} <= set(names)
+    assert not any("request-target" in n for n in names)
+    # wimse-req-nonce on every signed response, asked for or not (-07).
+    assert sig.params["wimse-req-nonce"] == request_signature_input(request).params["nonce"]
+    assert verifier.verify_response(signed, request) is not None
+
+
+def test_a_response_to_a_draft06_request_answers_in_the_draft06_form() -> None:
+    signed = sign_response(
+        HttpMessage.response(404, [("Content-Type", "text/plain")], RESP_BODY),
+        request=draft_request(),
+        signer=Ed25519JwkSigner(CALLEE_JWK_D),
+        wit=WIT_B,
+        created=1785155797,
+        ttl=302,
+        nonce="abcd2222",
+    )
+    assert signed.get_all("Signature-Input") == [RESP_SIGNATURE_INPUT]
+
+
+@pytest.mark.parametrize("missing", ["@method", "@path", "@query"])
+def test_response_must_cover_each_request_component(
+    store: MemoryKeyStore,
+    client_wit: str,
+    server_wit: str,
+    verifier: HttpSignatureVerifier,
+    missing: str,
+) -> None:
+    request, response = _exchange(store, client_wit, ask=True)
+    nonce = request_signature_input(request).params["nonce"]
+    message = response.with_headers(
+        [("Workload-Identity-Token", server_wit), ("Content-Digest", content_digest(b"ok"))]
+    )
+    components = [
+        Component("@status"),
+        Component("workload-identity-token"),
+        Component("content-type"),
+        Component("content-digest"),
+        *(Component(n, req=True) for n in ("@method", "@path", "@query") if n != missing),
+    ]
+    forged = forge(
+        message,
+        store.get("server"),
+        components,
+        [
+            ("created", NOW),
+            ("expires", NOW + 60),
+            ("nonce", "r3"),
+            ("tag", WIMSE_TAG),
+            ("wimse-req-nonce", nonce),
+        ],
+        request=request,
+    )
+    assert code_of(lambda: verifier.verify_response(forged, request)) == "component_not_covered"
+
+
+def test_http_signature_errors_are_400(
+    store: MemoryKeyStore, client_wit: str, verifier: HttpSignatureVerifier
+) -> None:
+    forged = forge(unsigned_with_wit(client_wit), store.get("intruder"), FULL, base_params("n-400"))
+    with pytest.raises(HttpSignatureError) as err:
+        verifier.verify_request(forged)
+    assert err.value.status == 400 and err.value.challenge is None
+
+
+# ---------------------------------------------------------------------------------------
+# work before authentication is bounded (issue 7 item 8)
+# ---------------------------------------------------------------------------------------
+
+
+def test_oversized_signature_input_is_refused_unparsed(
+    client_wit: str, verifier: HttpSignatureVerifier
+) -> None:
+    from custos.wimse.httpsig import MAX_FIELD_BYTES
+
+    huge = "wimse=(" + " ".join('"x"' for _ in range(MAX_FIELD_BYTES // 4 + 1)) + ")"
+    message = unsigned_with_wit(client_wit).with_headers(
+        [("Signature-Input", huge), ("Signature", "wimse=:AAAA:")]
+    )
+    with pytest.raises(HttpSignatureError) as err:
+        verifier.verify_request(message)
+    assert err.value.code == "signature_too_large" and err.value.status == 400
+
+
+def test_signature_input_with_many_members_is_refused(
+    client_wit: str, verifier: HttpSignatureVerifier
+) -> None:
+    from custos.wimse.httpsig import MAX_SIGNATURES
+
+    many = ", ".join(f"s{i}=()" for i in range(MAX_SIGNATURES + 1))
+    message = unsigned_with_wit(client_wit).with_headers(
+        [("Signature-Input", many), ("Signature", "wimse=:AAAA:")]
+    )
+    assert code_of(lambda: verifier.verify_request(message)) == "signature_too_large"
+
+
+def test_oversized_signature_is_refused(client_wit: str, verifier: HttpSignatureVerifier) -> None:
+    from custos.wimse.httpsig import MAX_FIELD_BYTES
+
+    message = unsigned_with_wit(client_wit).with_headers(
+        [
+            ("Signature-Input", f"wimse={_params_only()}"),
+            ("Signature", "wimse=:" + "A" * MAX_FIELD_BYTES + ":"),
+        ]
+    )
+    assert code_of(lambda: verifier.verify_request(message)) == "signature_too_large"
+
+
+def _params_only() -> str:
+    inner = InnerList([Item(c.name) for c in FULL])
+    for k, v in base_params():
+        inner.params[k] = v
+    return str(inner)
+
+
+def test_oversized_wit_header_is_refused_before_anything_else(
+    verifier: HttpSignatureVerifier,
+) -> None:
+    message = order_request().with_headers([("Workload-Identity-Token", "e" * 100_000)])
+    with pytest.raises(WitError) as err:
+        verifier.verify_request(message)
+    assert err.value.code == "wit_too_large"
+
+
+def test_content_digest_is_not_parsed_before_the_signature_checks_out(
+    store: MemoryKeyStore, client_wit: str, verifier: HttpSignatureVerifier
+) -> None:
+    # A forged request with a Content-Digest of many members: refused for its
+    # signature, never for (or after parsing) the digest.
+    many = ", ".join(f"a{i}=:AAAA:" for i in range(60))
+    forged = forge(
+        unsigned_with_wit(client_wit).with_headers([]),
+        store.get("intruder"),
+        FULL,
+        base_params("n-digest"),
+    )
+    headers = [(k, many if k == "Content-Digest" else v) for k, v in forged.headers]
+    message = HttpMessage.request("POST", "/v1/orders?dry=1", headers, forged.body)
+    assert code_of(lambda: verifier.verify_request(message)) == "signature_invalid"
+
+
+def test_signed_content_digest_with_many_members_is_refused(
+    store: MemoryKeyStore, client_wit: str, verifier: HttpSignatureVerifier
+) -> None:
+    body = b'{"item": "ice cream"}'
+    many = content_digest(body) + ", " + ", ".join(f"x{i}=:AAAA:" for i in range(40))
+    message = order_request().with_headers(
+        [("Content-Digest", many), ("Workload-Identity-Token", client_wit)]
+    )
+    signed = forge(message, store.get("client"), FULL, base_params("n-many"))
+    assert code_of(lambda: verifier.verify_request(signed)) == "content_digest_too_large"
+
+
+# ---------------------------------------------------------------------------------------
+# numbers and strings from users (issue 7 items 11, 12)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), True, "60"])
+@pytest.mark.parametrize("name", ["max_age", "leeway", "now"])
+def test_verifier_refuses_non_finite_numbers(bundles: BundleSet, name: str, value: object) -> None:
+    from custos._numbers import InvalidNumberError
+
+    kwargs: dict[str, Any] = {"now": NOW, name: value}
+    with pytest.raises(InvalidNumberError):
+        HttpSignatureVerifier(WitVerifier(bundles, now=NOW), pinned_cache(), [ORIGIN], **kwargs)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_clock_that_returns_nan_is_refused(bundles: BundleSet, value: float) -> None:
+    from custos._numbers import InvalidNumberError
+
+    v = HttpSignatureVerifier(
+        WitVerifier(bundles, now=NOW), pinned_cache(), [ORIGIN], now=lambda: value
+    )
+    with pytest.raises(InvalidNumberError):
+        v.now()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0, -5, True])
+def test_signing_refuses_bad_ttls_and_created(
+    store: MemoryKeyStore, client_wit: str, value: object
+) -> None:
+    from custos._numbers import InvalidNumberError
+
+    with pytest.raises((InvalidNumberError, HttpSignatureError)):
+        signed_order(store, client_wit, ttl=value)
+    if value not in (0, -5):
+        with pytest.raises(InvalidNumberError):
+            signed_order(store, client_wit, created=value)
+    with pytest.raises(InvalidNumberError):
+        ResponseSigner(store.get("server"), "wit", ttl=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["nonce", "audience", "label", "wit", "txn_token"],
+)
+@pytest.mark.parametrize("value", ["\ud800", "caf\u00e9", "a\nb"])
+def test_signing_refuses_non_ascii_and_lone_surrogates(
+    store: MemoryKeyStore, client_wit: str, field: str, value: str
+) -> None:
+    kw: dict[str, Any] = {field: value}
+    with pytest.raises(HttpSignatureError) as err:
+        sign_request(
+            order_request(),
+            signer=store.get("client"),
+            wit=kw.pop("wit", client_wit),
+            audience=kw.pop("audience", AUD),
+            created=NOW,
+            **kw,
+        )
+    assert err.value.code in {"sign_input_invalid", "component_value_invalid"}
+
+
+@pytest.mark.parametrize("value", ["\ud800", "\udcff/x", "caf\u00e9"])
+def test_verifying_refuses_lone_surrogates_anywhere(
+    store: MemoryKeyStore, client_wit: str, verifier: HttpSignatureVerifier, value: str
+) -> None:
+    signed = signed_order(store, client_wit)
+    for name in ("Signature-Input", "Signature", "Content-Digest", "Workload-Identity-Token"):
+        headers = [(k, value if k == name else v) for k, v in signed.headers]
+        message = HttpMessage.request("POST", "/v1/orders?dry=1", headers, signed.body)
+        with pytest.raises(WimseError):
+            verifier.verify_request(message)
+    message = HttpMessage.request("POST", "/v1/orders?" + value, signed.headers, signed.body)
+    with pytest.raises(WimseError):
+        verifier.verify_request(message)
+    with pytest.raises(WimseError):
+        verifier.verify_response(
+            HttpMessage.response(200, [("Signature", value)]), signed, request_nonce=value
+        )
+
+
+@pytest.mark.parametrize(
+    "value", ["\ud800", "https://\ud800.example", "https://caf\u00e9.example/x"]
+)
+def test_configured_audiences_with_bad_strings_are_refused(bundles: BundleSet, value: str) -> None:
+    with pytest.raises(ValueError):
+        HttpSignatureVerifier(WitVerifier(bundles, now=NOW), pinned_cache(), [value], now=NOW)
+    if value == "\ud800":
+        with pytest.raises(ValueError):
+            HttpSignatureVerifier(
+                WitVerifier(bundles, now=NOW), pinned_cache(), [], exact_audiences=[value], now=NOW
+            )

@@ -5,6 +5,12 @@ http-sfv; the hashing is hashlib. Only ``sha-256`` and ``sha-512`` count:
 RFC 9530 marks ``md5``, ``sha``, ``unixsum`` and ``unixcksum`` insecure, so a
 field that offers only those (or only algorithms we do not know) is refused
 rather than taken as "nothing to check".
+
+The field arrives before anything about the message is authenticated, and the
+structured-field parse costs more than linear time in its length, so the field
+is refused unparsed above :data:`MAX_DIGEST_FIELD_BYTES` and refused with more
+than :data:`MAX_DIGEST_MEMBERS` members (issue 7 item 8).  A real field has
+one or two members of under 100 bytes each.
 """
 
 from __future__ import annotations
@@ -24,12 +30,22 @@ _ALGORITHMS: dict[str, Callable[[bytes], Any]] = {
     "sha-512": hashlib.sha512,
 }
 SUPPORTED_ALGORITHMS: tuple[str, ...] = tuple(_ALGORITHMS)
+#: All field lines together; a sha-512 member is 98 bytes.
+MAX_DIGEST_FIELD_BYTES = 1024
+#: RFC 9530 registers six algorithms; more members than this is not a real field.
+MAX_DIGEST_MEMBERS = 8
 
 
 class ContentDigestError(HttpSignatureError):
     """The Content-Digest field is missing, malformed or does not match the body."""
 
     code = "content_digest_invalid"
+
+
+class ContentDigestTooLargeError(ContentDigestError):
+    """The field is larger, or has more members, than any real one."""
+
+    code = "content_digest_too_large"
 
 
 class ContentDigestMismatchError(ContentDigestError):
@@ -57,13 +73,25 @@ def parse_content_digest(values: str | Sequence[str]) -> dict[str, bytes]:
 
     Several field lines are combined with ", " as HTTP does (RFC 9110 §5.3).
     """
-    raw = values if isinstance(values, str) else ", ".join(values)
+    lines = [values] if isinstance(values, str) else list(values)
+    # Measured before the join: the cap holds however the field is split.
+    if sum(len(line) + 2 for line in lines) > MAX_DIGEST_FIELD_BYTES + 2:
+        raise ContentDigestTooLargeError(
+            f"Content-Digest is larger than {MAX_DIGEST_FIELD_BYTES} bytes"
+        )
+    raw = ", ".join(lines)
     field = Dictionary()
     try:
+        # ascii: a lone surrogate or any non-ASCII character fails here
+        # (UnicodeEncodeError is a ValueError), never deeper in.
         field.parse(raw.encode("ascii"))
     except (ValueError, IndexError, KeyError, TypeError) as e:
         # http-sfv reports every syntax problem as one of these.
         raise ContentDigestError("Content-Digest is not a structured-field dictionary") from e
+    if len(field) > MAX_DIGEST_MEMBERS:
+        raise ContentDigestTooLargeError(
+            f"Content-Digest has more than {MAX_DIGEST_MEMBERS} members"
+        )
     out: dict[str, bytes] = {}
     for alg, member in field.items():
         value = getattr(member, "value", None)

@@ -1,20 +1,36 @@
 """WIMSE workload-to-workload authentication with HTTP message signatures:
-the RFC 9421 profile of draft-ietf-wimse-http-signature-06.
+the RFC 9421 profile of draft-ietf-wimse-http-signature-08 (-07's wire form).
 
 A request carries the caller's WIT in ``Workload-Identity-Token`` and an RFC
 9421 signature made with the WIT's confirmation key (``cnf.jwk``):
 
-- covered components: ``@method``, ``@request-target`` and, when present,
-  ``content-type``, ``content-digest``, ``authorization``, ``txn-token``,
-  ``workload-identity-token``; a body always comes with ``Content-Digest``
-  (RFC 9530);
+- covered components: ``@method``, ``@path``, ``@query`` (``?`` alone when the
+  request has no query) and, when present, ``content-type``,
+  ``content-digest``, ``authorization``, ``txn-token``,
+  ``workload-identity-token``; never ``@authority`` (proxies rewrite it; the
+  recipient is bound by ``wimse-aud``) and no longer ``@request-target``; a
+  body always comes with ``Content-Digest`` (RFC 9530);
 - parameters: ``created``, ``expires``, ``nonce``,
-  ``tag="wimse-workload-to-workload"``, ``wimse-aud`` and, when the caller wants
-  a signed answer, ``wimse-sign-response``; never ``keyid`` or ``alg`` (the
-  WIT carries the key, ``cnf.jwk.alg`` the algorithm);
+  ``tag="wimse-workload-to-workload"``, ``wimse-aud`` (mandatory) and, when
+  the caller wants a signed answer, ``wimse-sign-response``; never ``keyid``
+  or ``alg`` (the WIT carries the key, ``cnf.jwk.alg`` the algorithm);
 - a signed response covers ``@status``, the responder's WIT, its
-  ``content-type`` / ``content-digest`` and the request's ``@method;req`` and
-  ``@request-target;req``, and echoes the request nonce in ``wimse-req-nonce``.
+  ``content-type`` / ``content-digest`` and the request's ``@method;req``,
+  ``@path;req`` and ``@query;req``, and always echoes the request nonce in
+  ``wimse-req-nonce``;
+- the WIMSE signature is the one tagged ``wimse-workload-to-workload``; two
+  such signatures are refused; every failure is a 400.
+
+The -06 form (``@request-target``, ``@request-target;req``) is accepted only
+by a verifier built with ``accept_draft_06=True`` (off by default), and sent
+only with ``sign_request(..., form="draft-06")``; a response to a -06 request
+is signed in the -06 form so that the old client can check it
+(docs/decisions/0019).
+
+Work before authentication is bounded (issue 7 item 8): the WIT, the
+``Signature-Input`` and ``Signature`` fields are refused unparsed above their
+size caps, a field with more than :data:`MAX_SIGNATURES` members is refused,
+and ``Content-Digest`` is parsed only after the signature checked out.
 
 Why this is built over http-sfv instead of the ``http-message-signatures``
 package: that package (3.0) always emits ``keyid`` and only its own parameter
@@ -36,24 +52,24 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from http_sfv.dictionary import Dictionary
 from http_sfv.item import InnerList, Item
 from joserfc.jws import JWSRegistry
 
+from custos._numbers import finite_number, seconds
 from custos.wimse.digest import ContentDigestError, content_digest, verify_content_digest
 from custos.wimse.errors import AudienceError, HttpSignatureError, ReplayError, WitError
 from custos.wimse.http.message import Endpoint, HttpMessage
-from custos.wimse.http.origin import normalize_origin, request_path
+from custos.wimse.http.origin import normalize_origin, request_path, signature_path_and_query
 from custos.wimse.replay import (
     ReplayCache,
     check_and_store,
-    check_pinned_clock,
     replay_namespace,
 )
-from custos.wimse.wit import key_fits_alg
+from custos.wimse.wit import MAX_TOKEN_BYTES, key_fits_alg
 
 WIMSE_TAG = "wimse-workload-to-workload"
 WIT_HEADER = "workload-identity-token"
@@ -63,8 +79,15 @@ DEFAULT_MAX_AGE = 300
 DEFAULT_LEEWAY = 60
 #: A nonce longer than this is refused before it reaches the replay cache.
 MAX_NONCE_LENGTH = 256
-#: Signature-Input / Signature values larger than this are refused unparsed.
-MAX_FIELD_BYTES = 16 * 1024
+#: Signature-Input / Signature values (all field lines together) larger than
+#: this are refused unparsed: the structured-field parse runs before the
+#: signature is checked, and its cost grows with the input.  A -08 request
+#: signature with a 2 KB ``wimse-aud`` is under 3 KB.
+MAX_FIELD_BYTES = 8 * 1024
+#: More signatures than this in one message are refused (the draft recommends one).
+MAX_SIGNATURES = 8
+#: Which wire form a signature takes: the -07/-08 one, or -06's @request-target.
+Form = Literal["draft-08", "draft-06"]
 
 #: Headers a request signature must cover whenever the request has them (-06 §3).
 REQUEST_CONDITIONAL = ("content-type", "content-digest", "authorization", "txn-token", WIT_HEADER)
@@ -76,6 +99,10 @@ _ALGORITHMS = frozenset(
     {"ES256", "ES384", "ES512", "EdDSA", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
 )
 _DERIVED = frozenset({"@method", "@request-target", "@path", "@query", "@status"})
+_REQUEST_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "draft-08": ("@method", "@path", "@query"),
+    "draft-06": ("@method", "@request-target"),
+}
 _REQUEST_ONLY_DERIVED = frozenset({"@method", "@request-target", "@path", "@query"})
 
 Clock = float | int | Callable[[], float] | None
@@ -124,6 +151,8 @@ HTTPSIG_ERROR_CODES = frozenset(
         "signer_alg_mismatch",
         "sign_input_invalid",
         "signed_response_unavailable",
+        "signature_too_large",
+        "draft06_form_refused",
     }
 )
 
@@ -243,9 +272,11 @@ class VerifiedSignature:
 
 
 def _parse_dictionary(values: Sequence[str], what: str) -> Dictionary:
+    # Size first (a sum over the lines, before any join or parse), members
+    # after: with the bytes capped, the parse itself is bounded.
+    if sum(len(v) + 2 for v in values) > MAX_FIELD_BYTES + 2:
+        raise _fail("signature_too_large", f"{what} is larger than {MAX_FIELD_BYTES} bytes")
     raw = ", ".join(values)
-    if len(raw) > MAX_FIELD_BYTES:
-        raise _fail("signature_malformed", f"{what} is larger than {MAX_FIELD_BYTES} bytes")
     parsed = Dictionary()
     try:
         parsed.parse(raw.encode("ascii"))
@@ -254,6 +285,8 @@ def _parse_dictionary(values: Sequence[str], what: str) -> Dictionary:
         # friends escape on some truncated inputs; any failure of the
         # third-party parser on attacker-supplied bytes means "malformed".
         raise _fail("signature_malformed", f"{what} is not a structured-field dictionary") from e
+    if len(parsed) > MAX_SIGNATURES:
+        raise _fail("signature_too_large", f"{what} has more than {MAX_SIGNATURES} members")
     return parsed
 
 
@@ -346,10 +379,10 @@ def _component_value(
             return source.method
         if name == "@request-target":
             return source.target
-        path, _, query = source.target.partition("?")
-        if name == "@path":
-            return path or "/"
-        return f"?{query}"  # @query: "?" alone when there is none (RFC 9421 §2.2.7)
+        # RFC 9421 §2.2.6 / §2.2.7, through the one set of target rules
+        # (custos.wimse.http.origin): "?" alone when there is no query.
+        path, query = signature_path_and_query(source.target)
+        return path if name == "@path" else query
     values = source.get_all(name)
     if not values:
         raise _fail("component_absent", f"covered header {name[:40]!r} is not in the message")
@@ -403,9 +436,16 @@ def _serialize_params(components: Sequence[Component], params: Sequence[tuple[st
 def _now(clock: Clock) -> float:
     if clock is None:
         return time.time()
-    if callable(clock):
-        return float(clock())
-    return float(clock)
+    # A clock that returns NaN would turn every time check off.
+    return finite_number(clock() if callable(clock) else clock, name="now", minimum=0)
+
+
+def _check_clock(clock: Clock) -> Clock:
+    """A pinned time or a clock callable, refused at construction when it is
+    not a finite number (a callable is checked at every call, in _now)."""
+    if clock is not None and not callable(clock):
+        finite_number(clock, name="now", minimum=0)
+    return clock
 
 
 def new_nonce() -> str:
@@ -492,11 +532,19 @@ def _finish(
     )
 
 
-def _validity(created: int | None, ttl: int) -> tuple[int, int]:
-    if ttl <= 0:
-        raise _fail("sign_input_invalid", "ttl must be positive")
-    start = int(time.time()) if created is None else int(created)
-    return start, start + int(ttl)
+def _ttl(ttl: object) -> int:
+    # At least a second: expires must be after created (RFC 9421 §2.3 integers).
+    return int(seconds(ttl, name="ttl", minimum=1))
+
+
+def _validity(created: object, ttl: object) -> tuple[int, int]:
+    span = _ttl(ttl)
+    start = (
+        int(time.time())
+        if created is None
+        else int(finite_number(created, name="created", minimum=0))
+    )
+    return start, start + span
 
 
 def sign_request(
@@ -511,18 +559,25 @@ def sign_request(
     sign_response: bool = False,
     txn_token: str | None = None,
     label: str = DEFAULT_LABEL,
+    form: Form = "draft-08",
 ) -> HttpMessage:
     """``request`` with WIT, Content-Digest (for a body), Signature-Input and Signature.
 
     ``audience`` becomes ``wimse-aud``: by default the target URI without query
-    or fragment (:func:`custos.integrations.auth.audience_for`). ``sign_response``
-    asks the server for a signed response.
+    or fragment (:func:`custos.wimse.http.origin.target_uri`). ``sign_response``
+    asks the server for a signed response. ``form="draft-06"`` covers
+    ``@request-target`` instead of ``@path`` + ``@query``, for a receiver that
+    still speaks -06 only.
     """
     if request.method is None or request.target is None:
         raise _fail("sign_input_invalid", "sign_request needs a request")
+    if form not in _REQUEST_COMPONENTS:
+        raise _fail("sign_input_invalid", f"unknown form {form!r}")
+    if not isinstance(audience, str) or not audience:
+        raise _fail("sign_input_invalid", "wimse-aud must be a non-empty string")
     headers = _prepare(request, signer, wit, label, txn_token)
     present = {k.lower() for k, _ in headers}
-    components = [Component("@method"), Component("@request-target")]
+    components = [Component(name) for name in _REQUEST_COMPONENTS[form]]
     components += [Component(name) for name in REQUEST_CONDITIONAL if name in present]
     start, end = _validity(created, ttl)
     params: list[tuple[str, object]] = [
@@ -572,7 +627,10 @@ def sign_response(
     present = {k.lower() for k, _ in headers}
     components = [Component("@status"), Component(WIT_HEADER)]
     components += [Component(name) for name in RESPONSE_CONDITIONAL if name in present]
-    components += [Component("@method", req=True), Component("@request-target", req=True)]
+    # Answer in the form the request was signed in: a -06 client (accepted
+    # only behind the compatibility switch) can check only a -06 response.
+    form = _request_form(request)
+    components += [Component(name, req=True) for name in _REQUEST_COMPONENTS[form]]
     start, end = _validity(created, ttl)
     params: list[tuple[str, object]] = [
         ("created", start),
@@ -613,12 +671,10 @@ class ResponseSigner:
         now: Clock = None,
         label: str = DEFAULT_LABEL,
     ) -> None:
-        if ttl <= 0:
-            raise ValueError("ttl must be positive")
         self._signer = signer
         self._wit = wit
-        self._ttl = ttl
-        self._clock = now
+        self._ttl = _ttl(ttl)
+        self._clock = _check_clock(now)
         self._label = label
 
     def wit(self) -> str:
@@ -670,6 +726,20 @@ def _select(message: HttpMessage) -> tuple[SignatureInput, bytes]:
     if value is None:
         raise _fail("signature_value_missing", f"Signature has no member {chosen.label[:40]!r}")
     return chosen, value
+
+
+def _form_of(sig: SignatureInput) -> Form:
+    """-06 when ``@request-target`` is covered (with or without ``;req``), else -08."""
+    if any(c.name == "@request-target" for c in sig.components):
+        return "draft-06"
+    return "draft-08"
+
+
+def _request_form(request: HttpMessage) -> Form:
+    """The form of the request's WIMSE signature; -08 for an unsigned request."""
+    if not request.get_all("signature-input"):
+        return "draft-08"
+    return _form_of(request_signature_input(request))
 
 
 def _int_param(params: Mapping[str, Any], name: str) -> int:
@@ -729,8 +799,13 @@ class HttpSignatureVerifier:
     (the draft wants signatures that live minutes). ``leeway`` absorbs clock skew.
 
     ``now`` pins the clock (tests, the CLI's ``--now``); the pinned time is
-    also handed to the replay cache with every check, and a cache that cannot
-    take it is refused with ValueError (see :mod:`custos.wimse.replay`).
+    also handed to the replay cache with every check (see
+    :mod:`custos.wimse.replay`). ``now``, ``max_age`` and ``leeway`` must be
+    finite numbers (:class:`custos._numbers.InvalidNumberError` otherwise).
+
+    ``accept_draft_06`` accepts signatures in the -06 form (``@request-target``
+    instead of ``@path`` + ``@query``); off by default, such a signature is
+    refused with ``draft06_form_refused``.
     """
 
     def __init__(
@@ -741,9 +816,10 @@ class HttpSignatureVerifier:
         *,
         exact_audiences: Sequence[str] = (),
         now: Clock = None,
-        max_age: int = DEFAULT_MAX_AGE,
-        leeway: int = DEFAULT_LEEWAY,
+        max_age: float = DEFAULT_MAX_AGE,
+        leeway: float = DEFAULT_LEEWAY,
         require_signed_response: bool = False,
+        accept_draft_06: bool = False,
     ) -> None:
         self.wit_verifier = wit_verifier
         self.replay = replay
@@ -752,11 +828,12 @@ class HttpSignatureVerifier:
             if not isinstance(value, str) or not value or not value.isprintable():
                 raise ValueError("exact_audiences must be non-empty printable strings")
         self.exact_audiences: frozenset[str] = frozenset(exact_audiences)
-        self.max_age = max_age
-        self.leeway = leeway
+        # NaN or infinity would switch the time checks off (custos._numbers).
+        self.max_age = seconds(max_age, name="max_age", minimum=1)
+        self.leeway = seconds(leeway, name="leeway", maximum=3600)
         self.require_signed_response = require_signed_response
-        check_pinned_clock(replay, now is not None)
-        self._clock = now
+        self.accept_draft_06 = accept_draft_06 is True
+        self._clock = _check_clock(now)
 
     def now(self) -> float:
         return _now(self._clock)
@@ -772,6 +849,9 @@ class HttpSignatureVerifier:
                 "the message has more than one Workload-Identity-Token", code="wit_multiple"
             )
         token = tokens[0].strip(" \t")
+        if len(token) > MAX_TOKEN_BYTES:
+            # Refused before any decoding: nothing of it is authenticated yet.
+            raise WitError(f"the WIT is larger than {MAX_TOKEN_BYTES} bytes", code="wit_too_large")
         # The WIT is verified before anything in the signature is looked at
         # (-06 §3): its key is what the rest is checked against.
         return token, self.wit_verifier.verify(token)
@@ -851,6 +931,16 @@ class HttpSignatureVerifier:
                 return audience
         raise AudienceError("wimse-aud does not name this service")
 
+    def _form(self, sig: SignatureInput) -> Form:
+        form = _form_of(sig)
+        if form == "draft-06" and not self.accept_draft_06:
+            raise _fail(
+                "draft06_form_refused",
+                "the signature covers @request-target (draft -06 form); this verifier "
+                "expects @path and @query (accept_draft_06 enables the old form)",
+            )
+        return form
+
     def _remember(self, subject: str, nonce: str, created: int, expires: int) -> None:
         # After the signature checked out, so forged messages can neither fill
         # the cache nor burn a legitimate caller's nonce. Kept only as long as
@@ -876,15 +966,14 @@ class HttpSignatureVerifier:
         audience = self._check_audience(params.get("wimse-aud"), request)
         if any(c.req for c in sig.components):
             raise _fail("component_unsupported", "';req' components are for responses")
-        self._check_coverage(
-            sig,
-            request,
-            [Component("@method"), Component("@request-target"), Component(WIT_HEADER)],
-            REQUEST_CONDITIONAL,
-        )
-        self._check_digest(request)
+        form = self._form(sig)
+        required = [Component(name) for name in _REQUEST_COMPONENTS[form]]
+        self._check_coverage(sig, request, [*required, Component(WIT_HEADER)], REQUEST_CONDITIONAL)
         base = signature_base(request, sig.components, sig.serialized)
         _verify_with_cnf(wit, base, signature)
+        # Content-Digest is parsed only now that the signature (which covers
+        # the field) checked out: no unauthenticated caller gets it parsed.
+        self._check_digest(request)
         subject = str(wit.subject)
         self._remember(subject, nonce, created, expires)
         return VerifiedSignature(
@@ -950,23 +1039,16 @@ class HttpSignatureVerifier:
             raise _fail("wimse_req_nonce_missing", "the response signature has no wimse-req-nonce")
         if type(req_nonce) is not str or req_nonce != request_nonce:
             raise _fail("wimse_req_nonce_mismatch", "wimse-req-nonce is not our request's nonce")
-        self._check_coverage(
-            sig,
-            response,
-            [
-                Component("@status"),
-                Component(WIT_HEADER),
-                Component("@method", req=True),
-                Component("@request-target", req=True),
-            ],
-            RESPONSE_CONDITIONAL,
-        )
+        form = self._form(sig)
+        covers = [Component("@status"), Component(WIT_HEADER)]
+        covers += [Component(name, req=True) for name in _REQUEST_COMPONENTS[form]]
+        self._check_coverage(sig, response, covers, RESPONSE_CONDITIONAL)
         for component in sig.components:
             if not component.req and component.name in _REQUEST_ONLY_DERIVED:
                 raise _fail("component_unsupported", f"{component.name} needs ';req' on a response")
-        self._check_digest(response)
         base = signature_base(response, sig.components, sig.serialized, request=request)
         _verify_with_cnf(wit, base, signature)
+        self._check_digest(response)
         subject = str(wit.subject)
         self._remember(subject, nonce, created, expires)
         return VerifiedSignature(
@@ -1006,10 +1088,13 @@ class HttpSignatureVerifier:
 __all__ = [
     "DEFAULT_LABEL",
     "HTTPSIG_ERROR_CODES",
+    "MAX_FIELD_BYTES",
+    "MAX_SIGNATURES",
     "REQUEST_CONDITIONAL",
     "RESPONSE_CONDITIONAL",
     "WIMSE_TAG",
     "Component",
+    "Form",
     "HttpSignatureVerifier",
     "ResponseSigner",
     "SignatureInput",

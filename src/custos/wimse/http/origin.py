@@ -216,13 +216,15 @@ def normalize_origin(value: HasOrigin | str) -> str:
 def target_uri(scheme: str, host: str, port: int | str | None, target: str) -> str:
     """The target URI a proof binds (WPT ``aud``, HTTP-signature ``wimse-aud``):
     the normalised origin and the request path, without query or fragment
-    (wpt-02 §3).  An empty path is "/" (RFC 9110 §4.2.3), the path a client
-    puts on the request line; an unsafe path is refused here, before signing,
-    since every verifier would refuse it."""
+    (wpt-02 §3).  ``target`` is the request target as it goes on the wire
+    (path and query; a client never sends a fragment, so a "#" is refused
+    like every other unsafe target).  An empty target is "/" (RFC 9110
+    §4.2.3), what a client puts on the request line.  An unsafe target is
+    refused here, before signing, since every verifier would refuse it."""
     if not isinstance(target, str):
         raise UnsafeTargetError("the request target is not a string")
-    path = target.split("#", 1)[0].split("?", 1)[0] or "/"
-    return origin_of(scheme, host, port) + request_path(path)
+    origin = origin_of(scheme, host, port)
+    return origin + request_path(target or "/")
 
 
 # -- request targets ------------------------------------------------------------------
@@ -298,17 +300,20 @@ def _checked_path(path: str) -> str:
 
 
 def request_path(target: object) -> str:
-    """The checked path of an origin-form request target (:func:`split_target`
-    then :func:`check_path`).
+    """The checked path of an origin-form request target: :func:`split_target`,
+    then :func:`check_path` on the path and :func:`check_query` on the query.
 
-    Remembered per path: a service has a handful of paths, the verdict depends
-    on the path alone, and the cache is bounded in entry size
-    (:data:`MAX_PATH_LENGTH`) and number (LRU).
+    The path's verdict is remembered per path: a service has a handful of
+    paths, and the cache is bounded in entry size (:data:`MAX_PATH_LENGTH`)
+    and number (LRU).  The query is checked every time (one regex scan).
     """
-    path, _ = split_target(target)
+    path, query = split_target(target)
     if len(path) > MAX_PATH_LENGTH:
         raise UnsafeTargetError("request path too long")
-    return _checked_path(path)
+    checked = _checked_path(path)
+    if query is not None:
+        check_query(query)
+    return checked
 
 
 def check_query(query: str) -> str:
@@ -326,9 +331,8 @@ def signature_path_and_query(target: object) -> tuple[str, str]:
     """The RFC 9421 ``@path`` and ``@query`` values of a request target
     (§2.2.6, §2.2.7): the checked path, and "?" + query ("?" alone when the
     target has none)."""
-    path, query = split_target(target)
-    checked = _checked_path(path) if len(path) <= MAX_PATH_LENGTH else check_path(path)
-    return checked, "?" + ("" if query is None else check_query(query))
+    _, query = split_target(target)
+    return request_path(target), "?" + ("" if query is None else query)
 
 
 def routing_path(path: object) -> str:

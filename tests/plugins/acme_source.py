@@ -51,6 +51,10 @@ class ServerNode(Base):
         )
 
 
+class BadReattest(ServerNode):
+    supports_reattestation = "yes"
+
+
 class NotAPlugin:
     pass
 """
@@ -80,4 +84,5 @@ acme_node = acme_agent_half:AgentNode
 [custos.server.node_attestors]
 acme_node = acme_plugins:ServerNode
 acme_other = acme_plugins:ServerNode
+acme_bad = acme_plugins:BadReattest
 """

@@ -129,6 +129,15 @@ def test_a_plugin_that_is_not_an_attestor_is_refused_and_the_rest_closed(acme: P
     assert [tag for event, tag in events() if event == "close"] == ["one", "node"]
 
 
+def test_a_server_half_must_say_whether_it_can_reattest(acme: Path) -> None:
+    with pytest.raises(PluginMisbehavedError, match="supports_reattestation must be a bool"):
+        ServerCatalog.load(
+            TD, node_attestors=[PluginConfig("acme_node", {"tag": "a"}), PluginConfig("acme_bad")]
+        )
+    # acme_bad was started (then refused before configure): it is closed too.
+    assert [tag for event, tag in events() if event == "close"] == ["?", "a"]
+
+
 def test_close_errors_are_raised_not_swallowed(acme: Path) -> None:
     catalog = agent(
         PluginConfig("acme_one", {"tag": "one", "fail_close": True}),

@@ -39,6 +39,7 @@ from custos.plugin.protocols import (
     AttestedNode,
     Challenge,
     CoreConfig,
+    InvalidPeerCredentialsError,
     PeerCredentials,
     Plugin,
     ServerNodeAttestor,
@@ -133,6 +134,9 @@ class _Loaded(Generic[_P]):
             f"{self._label()}: {message}", plugin=self.name, kind=self.info.kind
         )
 
+    def check(self) -> None:
+        """Checks of what the plugin declares, before it is configured."""
+
     def configure(self, config: Mapping[str, object]) -> None:
         try:
             self.plugin.configure(config, self.core)
@@ -218,7 +222,9 @@ def _incoming(data: object, what: str) -> bytes:
 class LoadedWorkloadAttestor(_Loaded[WorkloadAttestor]):
     async def attest(self, peer: PeerCredentials) -> tuple[Selector, ...]:
         if not isinstance(peer, PeerCredentials):
-            raise TypeError(f"peer must be PeerCredentials, not {type(peer).__name__}")
+            raise InvalidPeerCredentialsError(
+                f"peer must be PeerCredentials, not {type(peer).__name__}"
+            )
         try:
             values = await self.plugin.attest(peer)
         except Exception as e:
@@ -248,13 +254,16 @@ class LoadedAgentNodeAttestor(_Loaded[AgentNodeAttestor]):
 
 
 class LoadedServerNodeAttestor(_Loaded[ServerNodeAttestor]):
-    def __init__(self, info: PluginInfo, plugin: ServerNodeAttestor, core: CoreConfig) -> None:
-        super().__init__(info, plugin, core)
-        reattest = plugin.supports_reattestation
+    supports_reattestation = False
+
+    def check(self) -> None:
+        try:
+            reattest = self.plugin.supports_reattestation
+        except Exception as e:
+            raise self.failed("supports_reattestation", e) from e
         if not isinstance(reattest, bool):
-            raise PluginLoadError(
-                f"{self._label()}: supports_reattestation must be a bool, not "
-                f"{type(reattest).__name__}"
+            raise self.misbehaved(
+                f"supports_reattestation must be a bool, not {type(reattest).__name__}"
             )
         self.supports_reattestation = reattest
 
@@ -330,7 +339,14 @@ def _construct(kind: PluginKind, cfg: PluginConfig, core: CoreConfig) -> _Loaded
             f"{kind_label(kind)} {cfg.name!r} ({info.value}) failed to start: {e}"
         ) from e
     protocol = _PROTOCOLS[kind]
-    if not isinstance(plugin, protocol):
+    try:
+        # isinstance on a runtime protocol reads every member, properties included.
+        implements = isinstance(plugin, protocol)
+    except Exception as e:
+        raise PluginLoadError(
+            f"{kind_label(kind)} {cfg.name!r} ({info.value}) cannot be inspected: {e}"
+        ) from e
+    if not implements:
         raise PluginLoadError(
             f"{kind_label(kind)} {cfg.name!r} ({info.value}) does not implement "
             f"custos.plugin.{protocol.__name__}"
@@ -394,6 +410,7 @@ class _Catalog:
                 for cfg in configs:
                     plugin = _construct(kind, cfg, core)
                     loaded.append(plugin)  # closed on failure from here on, configured or not
+                    plugin.check()
                     plugin.configure(MappingProxyType(dict(cfg.config)))
         except BaseException as e:
             for close_error in _close_all(loaded):

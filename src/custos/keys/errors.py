@@ -47,3 +47,24 @@ class InvalidKeyNameError(KeyStoreError):
 
 class StoreConfigError(KeyStoreError):
     code = "key_store_config"
+
+
+class StoreClosedError(KeyStoreError):
+    """A call on a store (or async facade) after its ``close()``."""
+
+    code = "store_closed"
+
+
+class KeyFileError(KeyStoreError):
+    """A key file in the store's directory is not a key this store can use
+    (not a regular file, too large, corrupt, a key type or algorithm it does not hold)."""
+
+    code = "bad_key_file"
+
+
+class KeyNotCustodyGradeError(KeyStoreError):
+    """A device key that custody cannot vouch for: imported rather than generated on the
+    device, or with a private value the device would let out (PKCS#11: not CKA_LOCAL,
+    not CKA_NEVER_EXTRACTABLE, not CKA_SENSITIVE, or CKA_EXTRACTABLE)."""
+
+    code = "key_not_custody_grade"

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote_to_bytes
 
+from custos._files import UnreadableFileError, read_small_text
 from custos.keys.errors import StoreConfigError
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,14 @@ _PCT = r"%[0-9A-Fa-f]{2}"
 _PATH_VALUE_RE = re.compile(rf"(?:[{_UNRESERVED}:\[\]@!$'()*+,=&]|{_PCT})*")
 _QUERY_VALUE_RE = re.compile(rf"(?:[{_UNRESERVED}:\[\]@!$'()*+,=/?|;]|{_PCT})*")
 _NAME_RE = re.compile(r"[a-z][a-z0-9-]*")
-_LIBRARY_VERSION_RE = re.compile(r"\d+(?:\.\d+)?")
+# ASCII digits only: re's \d, str.isdigit() and int() all take other scripts' digits
+# ("١٢"), and int() also takes " 1", "1_0", "+1".  Bounded: a CK_ULONG has 20 digits,
+# and int() refuses (ValueError) strings past 4300 digits.
+_NUMBER_RE = re.compile(r"[0-9]{1,20}")
+_LIBRARY_VERSION_RE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3})?")  # CK_VERSION: two bytes
+_MAX_SLOT_ID = 2**64 - 1
+# A PIN file holds one short line; anything larger is not a PIN file.
+_MAX_PIN_FILE_BYTES = 4096
 
 # Characters left unescaped when serializing (a subset of what the parser accepts).
 _PATH_SAFE = ":[]@!$'()*+,=&-._~"
@@ -141,15 +149,21 @@ class Pkcs11Uri:
                 kwargs[key] = raw
             elif name == "slot-id":
                 text = _text(name, raw)
-                if not text.isdigit():
-                    raise Pkcs11UriError("slot-id must be a decimal number")
+                if not _NUMBER_RE.fullmatch(text) or int(text) > _MAX_SLOT_ID:
+                    raise Pkcs11UriError(
+                        "slot-id must be a decimal number of ASCII digits (RFC 7512), "
+                        "at most 2^64-1"
+                    )
                 kwargs[key] = int(text)
             else:
                 text = _text(name, raw)
                 if name == "type" and text not in OBJECT_TYPES:
                     raise Pkcs11UriError("type must be one of " + ", ".join(sorted(OBJECT_TYPES)))
                 if name == "library-version" and not _LIBRARY_VERSION_RE.fullmatch(text):
-                    raise Pkcs11UriError("library-version must look like 'M' or 'M.m'")
+                    raise Pkcs11UriError(
+                        "library-version must look like 'M' or 'M.m' (ASCII digits, "
+                        "each at most 3)"
+                    )
                 kwargs[key] = text
         return cls(vendor_path=vendor_path, vendor_query=vendor_query, **kwargs)  # type: ignore[arg-type]
 
@@ -266,18 +280,17 @@ def _read_pin_source(source: str) -> str:
     else:
         path = Path(source)
     try:
+        # A regular file, bounded: a FIFO or /dev/zero named here must not hang startup.
+        text = read_small_text(path, max_bytes=_MAX_PIN_FILE_BYTES, what="pin-source")
         mode = path.stat().st_mode
-        data = path.read_bytes()
+    except UnreadableFileError as e:
+        # The path is configuration, not a secret: naming it helps the operator.  The
+        # message carries no content of the file (read_small_text quotes none).
+        raise Pkcs11UriError(f"cannot read the PIN: {e.message}") from e
     except OSError as e:
-        # The path is configuration, not a secret: naming it helps the operator.
         raise Pkcs11UriError(
             f"cannot read the PIN from pin-source {str(path)!r}: {e.strerror or type(e).__name__}"
         ) from e
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        # "from None": the decode error quotes a byte of the PIN file.
-        raise Pkcs11UriError(f"pin-source {str(path)!r} is not UTF-8 text") from None
     if mode & 0o077:
         log.warning("PIN file %s is readable by group or others; chmod 600 it", path)
     pin = text.splitlines()[0] if text else ""

@@ -12,15 +12,28 @@ import os
 import threading
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric import utils as asym_utils
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
+from custos._files import UnreadableFileError, read_small_file, read_small_text
 from custos.keys.algorithms import Algorithm
 from custos.keys.base import KeyInfo, KeyStore, check_key_name
-from custos.keys.errors import KeyExistsError, KeyNotFoundError, KeyStoreError
+from custos.keys.errors import (
+    KeyExistsError,
+    KeyFileError,
+    KeyNotFoundError,
+    KeyStoreError,
+    StoreConfigError,
+    UnsupportedAlgorithmError,
+)
 from custos.keys.signatures import der_to_raw
+
+# A PKCS#8 PEM of an RSA-2048 key is under 2 KiB; an .alg file holds a JOSE name.
+_MAX_PEM_BYTES = 64 * 1024
+_MAX_ALG_BYTES = 64
 
 SoftwareKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 
@@ -45,7 +58,10 @@ def algorithm_of(key: PrivateKeyTypes | PublicKeyTypes, *, pss: bool = False) ->
         return Algorithm.EdDSA
     elif isinstance(key, (rsa.RSAPrivateKey, rsa.RSAPublicKey)):
         return Algorithm.PS256 if pss else Algorithm.RS256
-    raise KeyStoreError(f"unsupported key type {type(key).__name__}", code="unsupported_algorithm")
+    raise UnsupportedAlgorithmError(
+        f"custos does not sign with {type(key).__name__} keys"
+        + (f" on curve {key.curve.name}" if isinstance(key, ec.EllipticCurvePrivateKey) else "")
+    )
 
 
 def sign_digest_with(key: SoftwareKey, alg: Algorithm, hashed: bytes) -> bytes:
@@ -61,7 +77,7 @@ def sign_digest_with(key: SoftwareKey, alg: Algorithm, hashed: bytes) -> bytes:
             else padding.PKCS1v15()
         )
         return key.sign(hashed, pad, prehashed)
-    raise KeyStoreError("EdDSA keys sign messages, not digests", code="unsupported_algorithm")
+    raise UnsupportedAlgorithmError("EdDSA keys sign messages, not digests")
 
 
 class _SoftwareKeyStore(KeyStore):
@@ -143,7 +159,11 @@ class ExportableKeyStore(_SoftwareKeyStore):
     """The SPIFFE-compatible tier: software keys the workload may receive.
 
     With a ``key_dir`` the keys are kept as mode-0600 PKCS#8 PEM files (so they
-    survive a restart); without one they live in memory only.
+    survive a restart); without one they live in memory only.  The directory is
+    made (mode 0700) when the first key is written, not when the store opens, so
+    read-only use (``custos keys list``) never creates one.  Every file is read as
+    a small regular file and checked completely (key type, ``.alg`` agreeing with
+    the key) when the store opens: a bad file is a :class:`KeyFileError` naming it.
     """
 
     kind = "exportable"
@@ -151,9 +171,12 @@ class ExportableKeyStore(_SoftwareKeyStore):
     def __init__(self, key_dir: Path | str | None = None) -> None:
         super().__init__()
         self._dir = Path(key_dir) if key_dir is not None else None
-        if self._dir is not None:
-            self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            for path in self._dir.glob("*.pem"):
+        if self._dir is not None and self._dir.exists():
+            if not self._dir.is_dir():
+                raise StoreConfigError(
+                    f"the exportable key directory {self._dir} is not a directory"
+                )
+            for path in sorted(self._dir.glob("*.pem")):
                 self._load(path)
 
     @property
@@ -168,16 +191,40 @@ class ExportableKeyStore(_SoftwareKeyStore):
         name = path.stem
         alg_path = path.with_suffix(".alg")
         try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            alg = Algorithm.parse(alg_path.read_text().strip()) if alg_path.exists() else None
-        except (ValueError, OSError) as e:
-            raise KeyStoreError(
-                f"cannot load exportable key {path.name}", code="bad_key_file"
-            ) from e
+            pem = read_small_file(path, max_bytes=_MAX_PEM_BYTES, what="exportable key file")
+            alg_text = (
+                read_small_text(alg_path, max_bytes=_MAX_ALG_BYTES, what="exportable key file")
+                if os.path.lexists(alg_path)
+                else None
+            )
+        except UnreadableFileError as e:
+            raise KeyFileError(e.message) from e
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            # "from None": the parser's message may quote bytes of the key.
+            raise KeyFileError(
+                f"exportable key file {str(path)!r} is not an unencrypted PEM private key "
+                "custos can use"
+            ) from None
+        try:
+            check_key_name(name)
+            implied = algorithm_of(key)
+        except KeyStoreError as e:
+            raise KeyFileError(f"exportable key file {str(path)!r}: {e.message}") from e
+        try:
+            alg = Algorithm.parse(alg_text.strip()) if alg_text is not None else implied
+        except KeyStoreError as e:
+            raise KeyFileError(f"exportable key file {str(alg_path)!r}: {e.message}") from e
+        if algorithm_of(key, pss=alg is Algorithm.PS256) is not alg:
+            raise KeyFileError(
+                f"exportable key file {str(alg_path)!r} says {alg.value}, "
+                f"but {path.name} holds a {implied.value} key"
+            )
         assert isinstance(
             key, (ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, rsa.RSAPrivateKey)
         )
-        self._keys[name] = (alg or algorithm_of(key), key)
+        self._keys[name] = (alg, key)
 
     def _create(self, name: str, alg: Algorithm) -> KeyInfo:
         info = super()._create(name, alg)
@@ -186,6 +233,14 @@ class ExportableKeyStore(_SoftwareKeyStore):
         return info
 
     def _write(self, name: str, alg: Algorithm, key: SoftwareKey) -> None:
+        assert self._dir is not None
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise StoreConfigError(
+                f"cannot create the exportable key directory {self._dir}: "
+                f"{e.strerror or type(e).__name__}"
+            ) from e
         pem = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,

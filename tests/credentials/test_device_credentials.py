@@ -124,11 +124,11 @@ class Devices:
 
 @pytest.fixture(scope="module")
 def devices(
-    swtpm: SwtpmInstance, softhsm: SoftHSMToken, tmp_path_factory: pytest.TempPathFactory
+    swtpm: SwtpmInstance, softhsm_session: SoftHSMToken, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Devices]:
     tpm = TpmKeyStore(tcti=swtpm.tcti, key_dir=tmp_path_factory.mktemp("tpm-keys"))
     try:
-        hsm = Pkcs11KeyStore(module=softhsm.module, uri=softhsm.uri)
+        hsm = Pkcs11KeyStore(module=softhsm_session.module, uri=softhsm_session.uri)
     except BaseException:
         tpm.close()
         raise

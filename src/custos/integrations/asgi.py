@@ -42,8 +42,8 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 import anyio.to_thread
-import structlog
 
+from custos._logging import get_logger
 from custos.integrations.problem import Problem
 from custos.wimse.errors import WimseError
 from custos.wimse.http.message import HttpMessage, index_headers
@@ -58,7 +58,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-log = structlog.get_logger("custos.wimse")
+log = get_logger("custos.wimse")
 DEFAULT_MAX_BODY = 1 << 20
 #: The largest response the middleware buffers to sign it.
 DEFAULT_MAX_RESPONSE = 1 << 20

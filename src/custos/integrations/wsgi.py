@@ -28,8 +28,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote
 
-import structlog
-
+from custos._logging import get_logger
 from custos.integrations.asgi import (
     DEFAULT_MAX_BODY,
     DEFAULT_MAX_RESPONSE,
@@ -49,7 +48,7 @@ from custos.wimse.verifier import Caller, RequestVerifier
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
-log = structlog.get_logger("custos.wimse")
+log = get_logger("custos.wimse")
 
 
 class WimseWSGIMiddleware:

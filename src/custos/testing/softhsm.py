@@ -1,11 +1,12 @@
-"""A real SoftHSM2 token for tests: a private config, its own token directory, fresh tokens.
+"""A real SoftHSM2 token for tests and demos: a private config, its own token directory,
+fresh tokens.
 
-The ``softhsm`` fixture (session scope) writes a ``softhsm2.conf`` into a
-temporary directory, points ``SOFTHSM2_CONF`` at it in ``os.environ`` for the
-whole session (SoftHSM reads that variable once, at ``C_Initialize``), and
-initializes a token with ``softhsm2-util --init-token --free``.  Under
-pytest-xdist every worker has its own base temp directory, so its own config
-and tokens.
+This module does not import pytest (``custos.demo`` uses it); the ``softhsm`` and
+``softhsm_session`` fixtures built on it live in :mod:`custos.testing.plugin`.
+:func:`write_config` writes a private ``softhsm2.conf`` with its own token
+directory; :func:`init_token` runs ``softhsm2-util --init-token --free`` under it.
+SoftHSM reads ``SOFTHSM2_CONF`` once, at ``C_Initialize``, so a process (and its
+children) points that variable at one config and makes every further token in it.
 
 SoftHSM only sees the tokens that existed when it was initialized: a token
 made with :meth:`SoftHSMToken.new_token` after a process loaded the library
@@ -29,8 +30,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
-
-import pytest
 
 from custos.errors import CustosError
 
@@ -161,21 +160,3 @@ def _tokendir_of(conf: Path) -> Path:
         if key.strip() == "directories.tokendir":
             return Path(value.strip())
     raise SoftHSMRigError(f"{conf} has no directories.tokendir")
-
-
-@pytest.fixture(scope="session")
-def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHSMToken]:
-    """A fresh SoftHSM2 token for the test session (per xdist worker)."""
-    module = find_module()
-    _util()
-    conf = write_config(tmp_path_factory.mktemp("softhsm"))
-    saved = os.environ.get("SOFTHSM2_CONF")
-    # SoftHSM reads SOFTHSM2_CONF at C_Initialize, in this process and in children.
-    os.environ["SOFTHSM2_CONF"] = str(conf)
-    try:
-        yield init_token(module, conf, "custos-test")
-    finally:
-        if saved is None:
-            os.environ.pop("SOFTHSM2_CONF", None)
-        else:
-            os.environ["SOFTHSM2_CONF"] = saved

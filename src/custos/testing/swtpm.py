@@ -1,4 +1,8 @@
-"""A real TPM 2.0 for tests: swtpm, provisioned like a shipped TPM, as pytest fixtures.
+"""A real TPM 2.0 for tests and demos: swtpm, provisioned like a shipped TPM.
+
+This module does not import pytest (``custos.demo`` and ``swtpm/provision.sh`` use it
+without a test framework); the fixtures built on it live in
+:mod:`custos.testing.plugin`.
 
 Provisioning (:func:`provision`) runs ``swtpm_setup --tpm2 --create-ek-cert
 --create-platform-cert`` with *private* configuration files, so nothing is written
@@ -22,7 +26,8 @@ The TPM has an RSA-2048 EK (certificate in NV 0x01c00002), an ECC P-384 EK
 sha256 are active, like most shipped TPMs.
 
 ``swtpm/provision.sh`` calls ``python -m custos.testing.swtpm provision DIR``:
-this module is the one implementation.
+this module is the one implementation (it needs nothing outside the standard library
+and custos itself).
 """
 
 from __future__ import annotations
@@ -40,11 +45,8 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pytest
 
 from custos.errors import CustosError
 
@@ -211,7 +213,7 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
 
 
-def _ctrl_answers(ctrl_port: int) -> bool:
+def ctrl_answers(ctrl_port: int) -> bool:
     """Ask swtpm's control channel for its capabilities (CMD_GET_CAPABILITY = 1).
 
     Hand-written because no library speaks swtpm's control protocol; it proves the
@@ -291,7 +293,7 @@ class SwtpmInstance:
                 err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
                 self._proc = None
                 raise SwtpmError(f"swtpm exited at start (port {self.port}): {err.strip()}")
-            if _ctrl_answers(self.ctrl_port):
+            if ctrl_answers(self.ctrl_port):
                 return
             time.sleep(0.02)
         self.kill()
@@ -349,24 +351,23 @@ def copy_state(template: ProvisionedState, dest: Path) -> ProvisionedState:
     return ProvisionedState(dest)
 
 
-# ---- pytest fixtures ---------------------------------------------------------
+# ---- shared template and containers ------------------------------------------
 
 
-def _template(tmp_path_factory: pytest.TempPathFactory) -> ProvisionedState:
-    """One provisioned template per test session, shared by all xdist workers.
+def shared_template(base: Path) -> ProvisionedState:
+    """One provisioned template under ``base``, made once however many processes ask.
 
-    Under pytest-xdist every worker's basetemp is ``<session>/popen-gwN``, so the
-    parent is per session and shared; an ``fcntl`` lock makes exactly one worker
-    provision while the others wait (fcntl instead of the filelock package: the
-    rig is Linux-only anyway, swtpm being a Linux tool here).
+    The pytest plugin passes the directory every xdist worker of one session shares
+    (the parent of each worker's basetemp), so exactly one worker provisions while
+    the others wait on an ``fcntl`` lock (fcntl rather than the filelock package:
+    the rig is Linux-only anyway, swtpm being a Linux tool here). A crashed
+    provisioning leaves only its staging directory, never a half template.
     """
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    template = ProvisionedState(shared / "custos-swtpm-template")
-    with open(shared / "custos-swtpm-template.lock", "w") as lock:
+    template = ProvisionedState(base / "custos-swtpm-template")
+    with open(base / "custos-swtpm-template.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not template.is_complete():
-            staging = shared / f"custos-swtpm-template.{os.getpid()}"
+            staging = base / f"custos-swtpm-template.{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
             provision(staging)
             shutil.rmtree(template.root, ignore_errors=True)
@@ -413,7 +414,7 @@ class DockerSwtpm:
     def start(self, timeout: float = 60.0) -> None:
         self._compose("start", "swtpm")
         deadline = time.monotonic() + timeout
-        while not _ctrl_answers(self.ctrl_port):
+        while not ctrl_answers(self.ctrl_port):
             if time.monotonic() > deadline:
                 raise SwtpmError("swtpm container did not come back")
             time.sleep(0.5)
@@ -424,82 +425,6 @@ class DockerSwtpm:
     def restart(self, timeout: float = 60.0) -> None:
         self.stop()
         self.start(timeout)
-
-
-@pytest.fixture(scope="session")
-def custos_swtpm_compose_file(pytestconfig: pytest.Config) -> str:
-    """The compose file with the ``swtpm`` service: ``swtpm/docker-compose.yml``
-    of the checkout pytest runs in.
-
-    Named apart from pytest-docker's own ``docker_compose_file`` on purpose: a
-    plugin that defined that fixture would replace the compose file of every
-    project that merely has custos installed. A project that wants the
-    container path defines ``docker_compose_file`` in its conftest (returning
-    this fixture's value, or its own file with a ``swtpm`` service).
-    """
-    return str(pytestconfig.rootpath / "swtpm" / "docker-compose.yml")
-
-
-def _docker_swtpm(request: pytest.FixtureRequest) -> DockerSwtpm:
-    try:
-        services = request.getfixturevalue("docker_services")
-    except pytest.FixtureLookupError as e:
-        raise SwtpmError(
-            "--custos-docker needs pytest-docker (pip install 'custos[docker]') and a Docker engine"
-        ) from e
-    port = int(services.port_for("swtpm", 2321))
-    services.wait_until_responsive(
-        check=lambda: _ctrl_answers(port + 1), timeout=180.0, pause=1.0
-    )
-    compose = Path(request.getfixturevalue("custos_swtpm_compose_file"))
-    return DockerSwtpm(port, compose.parent / "state", compose)
-
-
-@pytest.fixture(scope="session")
-def swtpm(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[SwtpmInstance | DockerSwtpm]:
-    """A provisioned swtpm for the whole session (per xdist worker).
-
-    With ``--custos-docker`` it runs in a container through pytest-docker instead.
-    """
-    if request.config.getoption("--custos-docker", default=False):
-        yield _docker_swtpm(request)
-        return
-    template = _template(tmp_path_factory)
-    state = copy_state(template, tmp_path_factory.mktemp("swtpm") / "state")
-    inst = start_instance(state.root)
-    try:
-        yield inst
-    finally:
-        inst.stop()
-
-
-SwtpmFactory = Callable[..., SwtpmInstance]
-
-
-@pytest.fixture
-def swtpm_factory(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[SwtpmFactory]:
-    """Start extra private TPMs; ``swtpm_factory(new_identity=True)`` provisions a new EK
-    (about 1 s) instead of copying the session template. All are stopped at teardown."""
-    started: list[SwtpmInstance] = []
-
-    def make(*, new_identity: bool = False) -> SwtpmInstance:
-        dest = tmp_path_factory.mktemp("swtpm-extra") / "state"
-        state = provision(dest) if new_identity else copy_state(
-            _template(tmp_path_factory), dest
-        )
-        inst = start_instance(state.root)
-        started.append(inst)
-        return inst
-
-    try:
-        yield make
-    finally:
-        for inst in started:
-            inst.stop()
 
 
 # ---- command line (used by swtpm/provision.sh) -------------------------------

@@ -1,0 +1,126 @@
+"""What imports without the optional extras (issue 7, item 5 and "Packaging").
+
+Each check runs in a fresh interpreter with a ``sys.meta_path`` finder that
+makes the named top-level packages unimportable, exactly as on a machine where
+they are not installed (or, for tpm2-pytss, where libtss2 is missing).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+BLOCKER = """
+import importlib.abc, sys
+
+class _Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+        return None
+
+for _name in list(sys.modules):
+    if _name.partition(".")[0] in BLOCKED:
+        del sys.modules[_name]
+sys.meta_path.insert(0, _Blocked())
+"""
+
+
+def run_without(blocked: set[str], body: str) -> subprocess.CompletedProcess[str]:
+    code = f"BLOCKED = {sorted(blocked)!r}\n{BLOCKER}\n{textwrap.dedent(body)}"
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_blocker_blocks() -> None:
+    # Guards the two tests below: they would pass vacuously if nothing was blocked.
+    done = run_without({"pytest"}, "import pytest\n")
+    assert done.returncode != 0
+    assert "blocked" in done.stderr
+
+
+def test_demo_and_rigs_import_without_pytest() -> None:
+    done = run_without(
+        {"pytest", "_pytest"},
+        """
+        import custos.demo
+        import custos.testing.softhsm
+        import custos.testing.swtpm
+        from custos.testing.swtpm import provision, start_instance, copy_state
+        from custos.testing.softhsm import write_config, init_token, find_module
+        import sys
+        assert "pytest" not in sys.modules and "_pytest" not in sys.modules
+        print("ok")
+        """,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "ok"
+
+
+def test_rig_command_line_runs_without_pytest(tmp_path: object) -> None:
+    # swtpm/provision.sh runs `python -m custos.testing.swtpm`: no pytest needed there either.
+    done = run_without(
+        {"pytest", "_pytest"},
+        """
+        import runpy, sys
+        sys.argv = ["custos.testing.swtpm", "--help"]
+        try:
+            runpy.run_module("custos.testing.swtpm", run_name="__main__")
+        except SystemExit as e:
+            assert e.code == 0, e.code
+        """,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "provision" in done.stdout
+
+
+def test_relying_party_verifies_wit_and_wpt_without_device_libraries() -> None:
+    # A relying party installs plain `custos`: no tpm2-pytss (libtss2), no python-pkcs11.
+    done = run_without(
+        {"tpm2_pytss", "pkcs11"},
+        """
+        from datetime import timedelta
+
+        from custos.bundle import USE_WIT_SVID, BundleSet, JwtAuthority, TrustBundle
+        from custos.identity import SpiffeId, TrustDomain
+        from custos.keys import MemoryKeyStore
+        from custos.keys.jose import joserfc_key
+        from custos.wimse.errors import WimseError
+        from custos.wimse.http.message import HttpMessage
+        from custos.wimse.replay import MemoryReplayCache
+        from custos.wimse.wit import mint_wit
+        from custos.wimse.wpt import WptVerifier, create_wpt, wpt_headers
+        import custos.integrations.asgi, custos.integrations.wsgi, custos.wimse.httpsig
+
+        keys = MemoryKeyStore()
+        keys.create("ca", "ES256")
+        keys.create("web", "ES256")
+        wit = mint_wit(
+            joserfc_key(keys.get("ca")), "ES256", "ca-1",
+            SpiffeId.parse("spiffe://example.org/web"), keys.public_jwk("web"),
+            timedelta(minutes=5),
+        )
+        wpt = create_wpt(joserfc_key(keys.get("web")), wit, "https://rp.example.org/pay")
+        authority = JwtAuthority("ca-1", keys.get("ca").public_key(), use=USE_WIT_SVID)
+        bundles = BundleSet([TrustBundle(TrustDomain.parse("example.org"),
+                                         jwt_authorities=(authority,))])
+        verifier = WptVerifier(bundles, audiences=["https://rp.example.org"],
+                               replay=MemoryReplayCache())
+        request = HttpMessage.request("POST", "/pay", wpt_headers(wit, wpt))
+        caller = verifier.verify(request)
+        assert str(caller.subject) == "spiffe://example.org/web", caller
+        try:
+            verifier.verify(request)
+        except WimseError as e:
+            assert e.code == "wpt_replayed", e.code
+        else:
+            raise AssertionError("replay accepted")
+        import sys
+        assert not {"tpm2_pytss", "pkcs11"} & set(sys.modules)
+        print("ok")
+        """,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "ok"

@@ -1,7 +1,8 @@
-"""The hand-written hot paths of WIT/WPT handling, checked against independent
+"""WIT/WPT handling on custos' JOSE core, checked against independent
 implementations and against the attacks their checks stop: strict base64url,
-strict JSON, direct JWS signature checks (``signature_ok``), the cnf key
-import and its cache, and ``create_wpt``'s WIT cache and device-key signing."""
+strict JSON, JWS signature checks (``check_signature`` over
+``custos._jose.verify_signature``), the cnf key import and its cache, and
+``create_wpt``'s WIT cache and device-key signing."""
 
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ from custos.wimse.wit import (
     VerifiedWit,
     WitVerifier,
     b64url_decode_strict,
+    check_signature,
     json_object_strict,
     mint_wit,
     parse_wit_unverified,
-    signature_ok,
     token_hash,
     verify_wit,
 )
@@ -104,7 +105,7 @@ def test_attack_json_bom_and_nested_duplicates_refused() -> None:
     assert json_object_strict(b'{"a":{"b":[1,{"c":null}]}}') == {"a": {"b": [1, {"c": None}]}}
 
 
-# -- signature_ok against joserfc -----------------------------------------------------
+# -- check_signature against joserfc -----------------------------------------------------
 
 EC_KEYS = {
     "ES256": ec.generate_private_key(ec.SECP256R1()),
@@ -145,6 +146,20 @@ def joserfc_token(alg: str, payload: bytes = b'{"hello":"world"}') -> tuple[byte
     token = jws.serialize_compact({"alg": alg}, payload, joserfc_private(alg), algorithms=[alg])
     h, p, s = token.split(".")
     return f"{h}.{p}".encode(), b64url_decode_strict(s)
+
+
+def signature_ok(key: object, alg: str, signing_input: bytes, signature: bytes) -> bool:
+    """Whether check_signature accepts; a refusal must be a WitError with the given code."""
+    try:
+        check_signature(key, alg, signing_input, signature, _wit_error, "wit_bad_signature")
+    except WitError as e:
+        assert e.code == "wit_bad_signature"
+        return False
+    return True
+
+
+def _wit_error(code: str, message: str) -> WitError:
+    return WitError(message, code=code)
 
 
 @pytest.mark.parametrize("alg", ALL_ALGS)
@@ -251,8 +266,9 @@ def test_attack_cnf_point_not_on_curve_and_non_canonical_coordinates() -> None:
     last = jwk["x"][-1]
     twin = ALPHABET[ALPHABET.index(last) ^ 1]
     assert cnf_code({**jwk, "x": jwk["x"][:-1] + twin}) == "wit_bad_cnf"
-    # a P-256 point declared as P-384
-    assert cnf_code({**jwk, "crv": "P-384", "alg": "ES384"}) == "wit_bad_cnf"
+    # a P-256 point declared as P-384: 32-byte coordinates are not P-384's
+    # exact 48-byte encoding (RFC 7518 6.2.1.2)
+    assert cnf_code({**jwk, "crv": "P-384", "alg": "ES384"}) == "wit_weak_cnf"
 
 
 def test_cnf_import_gives_fresh_joserfc_keys_around_the_right_key() -> None:

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from custos.bundle import BundleSet, JwtAuthority, TrustBundle
+from custos.errors import CustosError
 from custos.identity import SpiffeId, TrustDomain, WimseId
 from custos.keys.jose import joserfc_key
 from custos.keys.jwk import public_jwk_members
@@ -203,6 +204,10 @@ def test_draft_wit_fails_when_any_byte_changes() -> None:
     assert verify_wit(DRAFT_WIT, bundles, now=NOW).kid == "June 5"
 
 
+#: RFC 8032 7.1 TEST 1 public key: a valid, full-order Ed25519 point.
+RFC8032_PUB = bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+
+
 @pytest.mark.parametrize(
     "claims",
     [
@@ -212,7 +217,7 @@ def test_draft_wit_fails_when_any_byte_changes() -> None:
         draft_claims(jti="another"),
         draft_claims(iss="https://example.com"),
         draft_claims(
-            cnf={"jwk": {"alg": "EdDSA", "crv": "Ed25519", "kty": "OKP", "x": b64(bytes(32))}}
+            cnf={"jwk": {"alg": "EdDSA", "crv": "Ed25519", "kty": "OKP", "x": b64(RFC8032_PUB)}}
         ),
     ],
     ids=["sub", "exp", "iat", "jti", "iss-added", "cnf"],
@@ -905,3 +910,282 @@ def test_huge_integer_dates_are_malformed_not_a_crash(claim: str) -> None:
     # Signed by the trusted issuer, but a date no float can hold: wit_malformed,
     # never an OverflowError.
     assert code_of(resign(claims={**draft_claims(), claim: 10**400})) == "wit_malformed"
+
+
+# -- issue 7: weak confirmation keys (item 7) ------------------------------------------------
+
+#: 2^255 - 19, the field prime of Curve25519.
+ED25519_P = 2**255 - 19
+
+
+def _p256_with_short_x() -> ec.EllipticCurvePublicKey:
+    """A P-256 key whose x coordinate has a leading zero octet (1 key in 256)."""
+    while True:
+        key = ec.generate_private_key(ec.SECP256R1()).public_key()
+        if key.public_numbers().x < 2**248:
+            return key
+
+
+def _weak_cnfs() -> dict[str, dict[str, Any]]:
+    short = _p256_with_short_x().public_numbers()
+    good = ec.generate_private_key(ec.SECP256R1()).public_key().public_numbers()
+    n = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    rsa_n = n.public_numbers().n.to_bytes(256, "big")
+    return {
+        # the identity point: [S]B == R + [k]A holds for S = 0, R = identity, any message
+        "ed25519-small-order": {
+            "kty": "OKP",
+            "crv": "Ed25519",
+            "x": b64(bytes([1]) + bytes(31)),
+            "alg": "EdDSA",
+        },
+        # y = p + 1 is y = 1 spelled a second way (y >= p: not canonical)
+        "ed25519-non-canonical": {
+            "kty": "OKP",
+            "crv": "Ed25519",
+            "x": b64((ED25519_P + 1).to_bytes(32, "little")),
+            "alg": "EdDSA",
+        },
+        # RFC 7518 6.2.1.2: x and y are exactly 32 octets for P-256, leading zeros kept
+        "ec-x-leading-zero-stripped": {
+            "kty": "EC",
+            "crv": "P-256",
+            "x": b64(short.x.to_bytes(31, "big")),
+            "y": b64(short.y.to_bytes(32, "big")),
+            "alg": "ES256",
+        },
+        "ec-x-extra-leading-zero": {
+            "kty": "EC",
+            "crv": "P-256",
+            "x": b64(b"\x00" + good.x.to_bytes(32, "big")),
+            "y": b64(good.y.to_bytes(32, "big")),
+            "alg": "ES256",
+        },
+        # RFC 7518 6.3.1.1: n is the minimal octet string, no leading zero octet
+        "rsa-n-leading-zero": {
+            "kty": "RSA",
+            "n": b64(b"\x00" + rsa_n),
+            "e": "AQAB",
+            "alg": "RS256",
+        },
+    }
+
+
+WEAK_CNFS = _weak_cnfs()
+
+
+@pytest.mark.parametrize("name", sorted(WEAK_CNFS))
+def test_attack_mint_refuses_weak_cnf_keys(issuer_store: MemoryKeyStore, name: str) -> None:
+    with pytest.raises(WitMintError) as info:
+        mint_wit(
+            issuer_store.get("issuer-es256"),
+            subject=SUBJECT,
+            workload_public_jwk=WEAK_CNFS[name],
+            ttl=timedelta(hours=1),
+        )
+    assert info.value.code == "wit_mint_bad_key"
+
+
+@pytest.mark.parametrize("name", sorted(WEAK_CNFS))
+def test_attack_verifier_refuses_wits_binding_weak_keys(name: str) -> None:
+    # Signed by the trusted issuer: only the bound key is wrong.
+    token = resign(claims=draft_claims(cnf={"jwk": WEAK_CNFS[name]}))
+    assert code_of(token) == "wit_weak_cnf"
+    with pytest.raises(WitError) as info:
+        parse_wit_unverified(token)
+    assert info.value.code == "wit_weak_cnf"
+
+
+def test_the_small_order_key_really_verifies_a_keyless_signature() -> None:
+    # Why the refusal matters: with this cnf key anyone "proves possession".
+    key = ed25519.Ed25519PublicKey.from_public_bytes(bytes([1]) + bytes(31))
+    key.verify(bytes([1]) + bytes(31) + bytes(32), b"any proof at all")
+
+
+# -- issue 7: non-finite numbers (item 11) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_mint_refuses_non_finite_ttl_and_now(issuer_store: MemoryKeyStore, bad: float) -> None:
+    key = issuer_store.get("issuer-es256")
+    jwk = issuer_store.public_jwk("workload")
+    with pytest.raises(WitMintError):
+        mint_wit(key, subject=SUBJECT, workload_public_jwk=jwk, ttl=bad)
+    with pytest.raises(WitMintError):
+        mint_wit(key, subject=SUBJECT, workload_public_jwk=jwk, ttl=60, now=bad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), True])
+def test_wit_verifiers_refuse_non_finite_clock_and_leeway(bad: Any) -> None:
+    bundles = draft_bundles()
+    with pytest.raises(CustosError):
+        WitVerifier(bundles, now=bad)
+    with pytest.raises(CustosError):
+        WitVerifier(bundles, leeway=bad)
+    with pytest.raises(CustosError):
+        verify_wit(DRAFT_WIT, bundles, now=bad)
+    with pytest.raises(CustosError):
+        verify_wit(DRAFT_WIT, bundles, now=NOW, leeway=bad)
+
+
+def test_a_clock_that_answers_nan_is_refused_not_believed() -> None:
+    # NaN compares false with every exp: the token would never expire.
+    verifier = WitVerifier(draft_bundles(), now=lambda: float("nan"), max_entries=0)
+    with pytest.raises(CustosError):
+        verifier.verify(DRAFT_WIT)
+
+
+def test_leeway_as_timedelta() -> None:
+    verifier = WitVerifier(draft_bundles(), now=1745512510 + 30, leeway=timedelta(minutes=1))
+    assert verifier.leeway == 60 and verifier.verify(DRAFT_WIT).kid == "June 5"
+
+
+# -- issue 7: bare trust-domain subjects (item 13) ------------------------------------------
+
+
+def test_attack_bare_trust_domain_sub_is_neither_minted_nor_accepted(
+    issuer_store: MemoryKeyStore,
+) -> None:
+    for subject in (SpiffeId.parse("spiffe://example.com"), "spiffe://example.com"):
+        with pytest.raises(WitMintError):
+            mint_wit(
+                issuer_store.get("issuer-es256"),
+                subject=subject,
+                workload_public_jwk=issuer_store.public_jwk("workload"),
+                ttl=timedelta(hours=1),
+            )
+    token = resign(claims=draft_claims(sub="spiffe://example.com"))
+    assert code_of(token) == "wit_bad_sub"
+
+
+# -- issue 7: what a new user has (keys, strings, timedelta) ---------------------------------
+
+
+def test_mint_takes_alg_and_kid_from_the_store_key(issuer_store: MemoryKeyStore) -> None:
+    # A StoreKey, not joserfc_key(...); alg and kid from its JWK; a string subject;
+    # the workload's own StoreKey; a TTL in seconds.
+    token = mint_wit(
+        issuer_store.get("issuer-es384"),
+        subject="wimse://example.com/svc/a",
+        workload_public_jwk=issuer_store.get("workload"),
+        ttl=600,
+        now=NOW,
+    )
+    header = json.loads(b64d(token.split(".")[0]))
+    assert header == {
+        "alg": "ES384",
+        "kid": issuer_store.public_jwk("issuer-es384")["kid"],
+        "typ": "wit+jwt",
+    }
+    jwks = {"keys": [{**issuer_store.public_jwk("issuer-es384"), "use": "wit-svid"}]}
+    wit = verify_wit(token, BundleSet([TrustBundle.from_jwks(EXAMPLE, jwks)]), now=NOW)
+    assert wit.subject == SUBJECT and wit.expires_at == NOW + 600
+
+
+def test_mint_names_what_is_missing(issuer_store: MemoryKeyStore) -> None:
+    from joserfc.jwk import ECKey
+
+    bare = ECKey.generate_key("P-256")  # no kid, no alg in its JWK
+    with pytest.raises(WitMintError, match="alg="):
+        mint_wit(bare, subject=SUBJECT, workload_public_jwk={}, ttl=60)
+    with pytest.raises(WitMintError, match="kid="):
+        mint_wit(bare, "ES256", subject=SUBJECT, workload_public_jwk={}, ttl=60)
+    with pytest.raises(WitMintError, match="subject"):
+        mint_wit(issuer_store.get("issuer-es256"), ttl=60)
+    with pytest.raises(WitMintError, match="workload identifier"):
+        mint_wit(
+            issuer_store.get("issuer-es256"),
+            subject="https://not.an.id/x",
+            workload_public_jwk=issuer_store.public_jwk("workload"),
+            ttl=60,
+        )
+
+
+# -- SPIFFE WIT-SVID profile, line by line (spiffe/spiffe standards/WIT-SVID.md) -----------
+
+
+def _svid_claims(**changes: Any) -> dict[str, Any]:
+    workload = ec.generate_private_key(ec.SECP256R1()).public_key()
+    cnf = {"jwk": {**public_jwk_members(workload), "alg": "ES256"}}
+    return draft_claims(**{"sub": "spiffe://example.com/w", "cnf": cnf, **changes})
+
+
+def _svid_bundles(use: str | None = "wit-svid") -> BundleSet:
+    key = draft_issuer_private().public_key()
+    return BundleSet(
+        [TrustBundle(EXAMPLE, jwt_authorities=(JwtAuthority("June 5", key, use=use),))]
+    )
+
+
+def test_wit_svid_2_1_kid_must_be_present() -> None:
+    token = resign(header=draft_header(kid=None), claims=_svid_claims())
+    assert code_of(token, _svid_bundles(), profile="spiffe") == "wit_missing_kid"
+    with pytest.raises(WitMintError):
+        mint_wit(
+            draft_issuer_key_jose(),
+            "ES256",
+            "",
+            SpiffeId.parse("spiffe://example.com/w"),
+            _svid_claims()["cnf"]["jwk"],
+            timedelta(hours=1),
+            profile="spiffe",
+        )
+
+
+def draft_issuer_key_jose() -> Any:
+    from joserfc.jwk import ECKey
+
+    return ECKey.import_key(draft_issuer_private())
+
+
+def test_wit_svid_2_3_no_eddsa_signature() -> None:
+    ed = ed25519.Ed25519PrivateKey.generate()
+    bundles = BundleSet(
+        [
+            TrustBundle(
+                EXAMPLE, jwt_authorities=(JwtAuthority("ed", ed.public_key(), use="wit-svid"),)
+            )
+        ]  # type: ignore[arg-type]
+    )
+    token = hand_sign(draft_header(alg="EdDSA", kid="ed"), _svid_claims(), ed, "EdDSA")
+    assert verify_wit(token, bundles, now=NOW).kid == "ed"  # the WIMSE profile takes it
+    assert code_of(token, bundles, profile="spiffe") == "wit_bad_alg"
+
+
+def test_wit_svid_3_2_no_eddsa_cnf_key() -> None:
+    ed = ed25519.Ed25519PrivateKey.generate().public_key()
+    claims = _svid_claims(cnf={"jwk": {**public_jwk_members(ed), "alg": "EdDSA"}})
+    assert code_of(resign(claims=claims), _svid_bundles(), profile="spiffe") == "wit_bad_cnf_alg"
+
+
+def test_wit_svid_no_aud() -> None:
+    token = resign(claims=_svid_claims(aud="https://rp.example.com"))
+    assert verify_wit(token, _svid_bundles(), now=NOW).kid == "June 5"
+    assert code_of(token, _svid_bundles(), profile="spiffe") == "wit_profile_violation"
+
+
+def test_wit_svid_3_3_jti_is_not_used_for_replay() -> None:
+    # The same WIT-SVID is presented with every request (its proof carries the
+    # one-time jti), and two WIT-SVIDs sharing a jti are both still valid.
+    claims = _svid_claims()
+    first, second = resign(claims=claims), resign(claims={**claims, "exp": claims["exp"] + 1})
+    for cache in (0, 16):
+        verifier = WitVerifier(_svid_bundles(), now=NOW, profile="spiffe", max_entries=cache)
+        for token in (first, first, second, second):
+            assert verifier.verify(token).claims["jti"] == claims["jti"]
+
+
+def test_wit_svid_3_6_iat_does_not_limit_earliest_validity() -> None:
+    token = resign(claims=_svid_claims(iat=NOW + 3600))
+    assert code_of(token, _svid_bundles()) == "wit_iat_in_future"  # WIMSE profile
+    assert verify_wit(token, _svid_bundles(), now=NOW, profile="spiffe").kid == "June 5"
+    # nbf does limit it (3.5)
+    late = resign(claims=_svid_claims(nbf=NOW + 3600))
+    assert code_of(late, _svid_bundles(), profile="spiffe") == "wit_not_yet_valid"
+
+
+@pytest.mark.parametrize("use", [None, "jwt-svid", "x509-svid"])
+def test_wit_svid_6_2_bundle_keys_must_say_use_wit_svid(use: str | None) -> None:
+    token = resign(claims=_svid_claims())
+    assert code_of(token, _svid_bundles(use), profile="spiffe") == "wit_key_wrong_use"
+    assert verify_wit(token, _svid_bundles(), now=NOW, profile="spiffe").kid == "June 5"

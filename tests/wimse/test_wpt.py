@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from custos.bundle import BundleSet, JwtAuthority, TrustBundle
+from custos.errors import CustosError
 from custos.identity import TrustDomain, WimseId
 from custos.keys.jose import joserfc_key
 from custos.keys.jwk import public_jwk_members
@@ -39,6 +40,7 @@ from custos.wimse.replay import MemoryReplayCache
 from custos.wimse.wit import WitVerifier, mint_wit, token_hash
 from custos.wimse.wpt import (
     WPT_ERROR_CODES,
+    WptConfigError,
     WptMintError,
     WptVerifier,
     create_wpt,
@@ -236,9 +238,9 @@ def verifier(bundles: BundleSet, **kw: Any) -> WptVerifier:
     return WptVerifier(bundles, **kw)
 
 
-def wpt_code(v: WptVerifier, request: HttpMessage) -> str:
+def wpt_code(v: WptVerifier, request: HttpMessage, audience: str | None = None) -> str:
     with pytest.raises(WptError) as info:
-        v.verify(request)
+        v.verify(request, audience=audience)
     assert info.value.status == 401 and info.value.challenge == "WPT"
     assert info.value.code in WPT_ERROR_CODES
     return info.value.code
@@ -1056,3 +1058,181 @@ def test_pinned_verifier_with_a_real_clock_memory_cache_catches_replays(
     v.verify(request)
     with pytest.raises(WptReplayError):
         v.verify(request)
+
+
+# -- issue 7: exact, non-HTTP audiences ------------------------------------------------------
+
+AGENT_API = "spiffe://example.com/custos/server/agent/Attest"
+
+
+def grpc_like(wit: str, wpt: str) -> HttpMessage:
+    """A call that is not an HTTP request: metadata as headers, no target."""
+    return HttpMessage(tuple(wpt_headers(wit, wpt)))
+
+
+def test_exact_audience_configured(store: MemoryKeyStore, bundles: BundleSet) -> None:
+    wit = mint(store)
+    v = verifier(bundles, audiences=(), exact_audiences=[AGENT_API])
+    assert v.verify(grpc_like(wit, hand_wpt(wit, aud=AGENT_API))).subject == SUB_A
+    # exact: no prefix, no case folding, no trailing slash, no origin + path
+    for aud in (AGENT_API + "/x", AGENT_API.upper(), AGENT_API + "/", ORIGIN + "/pay"):
+        assert wpt_code(v, grpc_like(wit, hand_wpt(wit, aud=aud))) == "wpt_bad_audience"
+    # same replay check as any other proof
+    proof = hand_wpt(wit, aud=AGENT_API)
+    v.verify(grpc_like(wit, proof))
+    assert wpt_code(v, grpc_like(wit, proof)) == "wpt_replayed"
+    # same binding checks: the proof names another WIT
+    other = mint(store, SUB_B)
+    assert wpt_code(v, grpc_like(other, hand_wpt(wit, aud=AGENT_API))) == "wpt_wth_mismatch"
+
+
+def test_exact_audience_next_to_origins(store: MemoryKeyStore, bundles: BundleSet) -> None:
+    wit = mint(store)
+    v = verifier(bundles, exact_audiences=["urn:example:payments"])
+    assert v.verify(req(wit, hand_wpt(wit))).wire == "wpt-02"  # origin + path
+    assert v.verify(req(wit, hand_wpt(wit, aud="urn:example:payments"))).wire == "wpt-02"
+    # the request target is still checked when there is one
+    with pytest.raises(MalformedRequestError):
+        v.verify(req(wit, hand_wpt(wit, aud="urn:example:payments"), target="/a/../pay"))
+    # a message without a target can match an exact audience only
+    assert wpt_code(v, grpc_like(wit, hand_wpt(wit))) == "wpt_bad_audience"
+
+
+def test_per_call_audience(store: MemoryKeyStore, bundles: BundleSet) -> None:
+    wit = mint(store)
+    v = verifier(bundles)
+    method = "spiffe://example.com/custos/server/agent/FetchEntries"
+    proof = hand_wpt(wit, aud=method)
+    assert wpt_code(v, grpc_like(wit, proof)) == "wpt_bad_audience"  # not configured
+    assert v.verify(grpc_like(wit, proof), audience=method).subject == SUB_A
+    # the configured origin does not stand in for the per-call audience
+    assert wpt_code(v, grpc_like(wit, hand_wpt(wit)), audience=method) == "wpt_bad_audience"
+    with pytest.raises(WptError) as info:
+        v.verify(grpc_like(wit, hand_wpt(wit, aud=method)), audience=AGENT_API)
+    assert info.value.code == "wpt_bad_audience"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "no-scheme",
+        "/relative",
+        "spiffe://example.com/a#frag",
+        "spiffe://example.com/a b",
+        "spiffe://bücher.example/a",
+        "x" * 3000,
+        42,
+    ],
+)
+def test_exact_audience_must_be_an_absolute_ascii_uri(bundles: BundleSet, bad: Any) -> None:
+    with pytest.raises(WptConfigError) as info:
+        verifier(bundles, exact_audiences=[bad])
+    assert isinstance(info.value, CustosError) and isinstance(info.value, ValueError)
+    with pytest.raises(WptConfigError):
+        verifier(bundles).verify(HttpMessage(), audience=bad)
+
+
+def test_no_audience_at_all_is_a_config_error(bundles: BundleSet) -> None:
+    with pytest.raises(ValueError):
+        verifier(bundles, audiences=())
+
+
+# -- issue 7: hostile inputs -----------------------------------------------------------------
+
+
+def test_attack_lone_surrogate_aud_against_a_non_ascii_origin(
+    store: MemoryKeyStore, bundles: BundleSet
+) -> None:
+    # item 12: a clear refusal, never a UnicodeEncodeError (a 500)
+    wit = mint(store)
+    v = verifier(bundles, audiences=["https://bücher.example"])
+    for aud in (
+        "https://bücher.example/pay\ud800",
+        "\udc00",
+        "https://xn--bcher-kva.example/pay\ud800",
+    ):
+        proof = hand_wpt(wit, aud=aud)
+        with pytest.raises(WptError) as info:
+            v.verify(req(wit, proof))
+        assert info.value.code in {"wpt_bad_audience", "wpt_malformed"}
+    assert v.verify(req(wit, hand_wpt(wit, aud="https://xn--bcher-kva.example/pay"))).subject
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), True])
+@pytest.mark.parametrize("name", ["now", "leeway", "max_ttl"])
+def test_wpt_verifier_refuses_non_finite_numbers(bundles: BundleSet, name: str, bad: Any) -> None:
+    # item 11: NaN compares false with everything, inf passes every "<=":
+    # either would turn the time checks off.
+    with pytest.raises(CustosError):
+        verifier(bundles, **{name: bad})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_build_request_verifier_refuses_non_finite_numbers(bundles: BundleSet, bad: float) -> None:
+    from custos.wimse.verifier import build_request_verifier
+
+    with pytest.raises(CustosError):
+        build_request_verifier(bundles, [ORIGIN], now=bad)
+    with pytest.raises(CustosError):
+        build_request_verifier(bundles, [ORIGIN], wpt_max_ttl=bad)
+
+
+def test_wpt_times_as_timedelta(bundles: BundleSet) -> None:
+    v = verifier(bundles, leeway=timedelta(seconds=5), max_ttl=timedelta(minutes=2))
+    assert (v.leeway, v.max_ttl) == (5, 120)
+
+
+def test_attack_proof_bound_to_a_small_order_key_is_refused(bundles: BundleSet) -> None:
+    # item 7, end to end: a WIT from the trusted issuer binding the Ed25519
+    # identity point, and a "proof" whose signature was made with no key at
+    # all (R = identity, S = 0 verifies against that point for any message).
+    issuer = MemoryKeyStore()
+    issuer.create("issuer", "ES256")
+    trusted = BundleSet(
+        [
+            TrustBundle(
+                EXAMPLE,
+                jwt_authorities=(
+                    JwtAuthority("issuer", issuer.public_key("issuer"), use="wit-svid"),
+                ),  # type: ignore[arg-type]
+            )
+        ]
+    )
+    point = b64(bytes([1]) + bytes(31))
+    claims = {
+        "sub": str(SUB_A),
+        "exp": NOW + 3600,
+        "iat": NOW - 60,
+        "cnf": {"jwk": {"kty": "OKP", "crv": "Ed25519", "x": point, "alg": "EdDSA"}},
+    }
+    head = b64(json.dumps({"alg": "ES256", "kid": "issuer", "typ": "wit+jwt"}).encode())
+    si = f"{head}.{b64(json.dumps(claims).encode())}"
+    wit = f"{si}.{b64(issuer.sign('issuer', si.encode()))}"
+    proof_claims = {"aud": ORIGIN + "/pay", "exp": NOW + 60, "jti": "j", "wth": token_hash(wit)}
+    proof_si = (
+        b64(json.dumps({"alg": "EdDSA", "typ": "wpt+jwt"}).encode())
+        + "."
+        + b64(json.dumps(proof_claims).encode())
+    )
+    keyless = b64(bytes([1]) + bytes(31) + bytes(32))
+    v = verifier(trusted)
+    with pytest.raises(WitError) as info:
+        v.verify(req(wit, f"{proof_si}.{keyless}"))
+    assert info.value.code == "wit_weak_cnf"
+    # and a sender cannot make one either
+    with pytest.raises(WptMintError):
+        create_wpt(joserfc_key(issuer.get("issuer")), wit, ORIGIN + "/pay")
+
+
+def test_verifier_reads_headers_through_the_public_lookup(
+    store: MemoryKeyStore, bundles: BundleSet
+) -> None:
+    # Header names in any case, as a framework hands them over.
+    wit = mint(store)
+    request = HttpMessage.request(
+        "GET",
+        "/pay",
+        [("WORKLOAD-IDENTITY-TOKEN", wit), ("authorization", f"WPT {hand_wpt(wit)}")],
+    )
+    assert verifier(bundles).verify(request).subject == SUB_A

@@ -140,6 +140,7 @@ def build_request_verifier(
     wpt_max_ttl: float | None = None,
     wit_profile: Literal["wimse", "spiffe"] = "wimse",
     exact_audiences: Sequence[str] = (),
+    known_other_tokens: Sequence[str] = (),
 ) -> RequestVerifier:
     """The usual wiring: one WIT verifier (and its cache) shared by both
     variants, one replay cache.
@@ -159,12 +160,15 @@ def build_request_verifier(
     ``exact_audiences``: absolute URIs (say a ``urn:`` or a ``spiffe://`` ID)
     that a proof may name as they are, whatever the request path, in both
     variants (``wpt`` and ``wimse-aud``).
+    ``known_other_tokens``: header names of the other tokens (``oth``) this
+    relying party understands (:class:`~custos.wimse.wpt.WptVerifier`).
     """
     from custos.bundle import BundleSet, TrustBundle
+    from custos.wimse.http.origin import normalize_origin
     from custos.wimse.httpsig import HttpSignatureVerifier
     from custos.wimse.replay import MemoryReplayCache
     from custos.wimse.wit import WitVerifier
-    from custos.wimse.wpt import DEFAULT_MAX_TTL, normalize_origin
+    from custos.wimse.wpt import DEFAULT_MAX_TTL
 
     unknown = set(variants) - set(VARIANTS)
     if unknown or not variants:
@@ -193,6 +197,7 @@ def build_request_verifier(
             accept_wpt01=accept_wpt01,
             max_ttl=DEFAULT_MAX_TTL if wpt_max_ttl is None else wpt_max_ttl,
             now=now,
+            known_other_tokens=known_other_tokens,
         )
     if "http-signature" in variants:
         sig = HttpSignatureVerifier(wits, cache, origins, exact_audiences=exact_audiences, now=now)

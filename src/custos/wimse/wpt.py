@@ -32,9 +32,13 @@ by the verifier's clock: a pinned ``now`` is passed to the cache.
 Audience: the expected value is a *configured* origin plus the request's path
 (query and fragment dropped), compared as exact strings; the Host and
 X-Forwarded-Host headers are never consulted (wpt-02, "Audience validation").
-Because nothing is normalised, request targets that different components could
+Origins and paths follow :mod:`custos.wimse.http.origin`, the rules every
+sender and verifier share: request targets that different components could
 normalise differently (dot segments, encoded dots/slashes/backslashes, double
-encoding, backslashes, empty segments) are refused outright instead.
+encoding, backslashes, empty segments) are refused outright.  A verifier may
+also accept *exact* audiences, absolute URIs that are not an origin + path
+(``spiffe://example.org/custos/server/agent/Attest``), compared byte for byte
+with the same binding, time and replay checks.
 
 Raw WIT/WPT values never appear in exception messages; this module logs nothing.
 """
@@ -51,7 +55,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal
-from urllib.parse import urlsplit
 
 from joserfc import jws
 from joserfc.errors import JoseError
@@ -68,13 +71,13 @@ from custos.keys.cryptography_keys import (
 )
 from custos.keys.jwk import public_jwk_members
 from custos.wimse.errors import (
-    MalformedRequestError,
     WimseError,
     WitError,
     WptError,
     WptReplayError,
 )
 from custos.wimse.http.message import Endpoint, HttpMessage
+from custos.wimse.http.origin import normalize_origin, request_path
 from custos.wimse.replay import ReplayCache, replay_namespace
 from custos.wimse.wit import (
     DEFAULT_ASYMMETRIC,
@@ -85,12 +88,12 @@ from custos.wimse.wit import (
     WitVerifier,
     b64url_encode,
     check_clock,
+    check_signature,
     decode_compact,
     new_jti,
     numeric_date,
     parse_wit_unverified,
     resolve_clock,
-    signature_ok,
     token_hash,
 )
 
@@ -118,11 +121,6 @@ MAX_JTI_LENGTH = 256
 _AUTH_RE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+)(?: +(.*))?", re.S)
 _TOKEN68_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
-# A fragment, a backslash, controls, space, DEL and anything beyond ASCII.
-_UNSAFE_PATH_CHAR = re.compile(r"[#\\\x00-\x20\x7f-\U0010ffff]")
-# Percent-encodings that decode to ".", "/", "\" or "%" (double encoding) and NUL:
-# a component that decodes them would see a different path than the one signed.
-_UNSAFE_ESCAPES = ("%2e", "%2f", "%5c", "%25", "%00")
 # Header fields that carry the credentials themselves; never "other tokens".
 _RESERVED_FIELDS = frozenset(
     {"authorization", "workload-identity-token", "workload-proof-token", "txn-token"}
@@ -415,94 +413,6 @@ class VerifiedCaller:
     sign_response: ClassVar[bool] = False
 
 
-def normalize_origin(value: Endpoint | str) -> str:
-    """A configured audience origin, checked and in the form senders produce
-    (lowercase scheme and host, no default port, no path)."""
-    text = value.origin() if isinstance(value, Endpoint) else value
-    if not isinstance(text, str):
-        raise ValueError("an audience origin must be an Endpoint or a string")
-    parts = urlsplit(text)
-    scheme = parts.scheme.lower()
-    if scheme not in ("https", "http"):
-        raise ValueError(f"audience origin {text!r} must be http(s)")
-    if "@" in parts.netloc or parts.username is not None:
-        raise ValueError(f"audience origin {text!r} must not contain userinfo")
-    if parts.path not in ("",) or parts.query or parts.fragment or text.endswith("?"):
-        raise ValueError(f"audience origin {text!r} must be scheme://host[:port] only")
-    host = (parts.hostname or "").lower()
-    if not host or host.endswith(".") or "\\" in host or "%" in host:
-        raise ValueError(f"audience origin {text!r} has an unusable host")
-    try:
-        port = parts.port
-    except ValueError as e:
-        raise ValueError(f"audience origin {text!r} has a bad port") from e
-    if ":" in host:
-        host = f"[{host}]"
-    default = {"https": 443, "http": 80}[scheme]
-    return f"{scheme}://{host}" + ("" if port is None or port == default else f":{port}")
-
-
-def safe_request_path(target: object) -> str:
-    """The path of a request target, refusing targets that could be normalised
-    into a different path than the one a proof was made for.
-
-    Empty path: the request line always has at least "/", so a proof for
-    "https://h" does not match a request for "/" (exact strings, no guessing).
-    """
-    if not isinstance(target, str) or not target.startswith("/"):
-        raise MalformedRequestError(
-            "request target must be in origin form (/path)", code="unsafe_request_target"
-        )
-    path = target.split("?", 1)[0]
-    if len(path) > MAX_AUDIENCE_LENGTH:
-        raise MalformedRequestError("request path too long", code="unsafe_request_target")
-    if _UNSAFE_PATH_CHAR.search(path):
-        raise MalformedRequestError(
-            "request path has a fragment, backslash, space or non-ASCII character",
-            code="unsafe_request_target",
-        )
-    lowered = path.lower()
-    if any(esc in lowered for esc in _UNSAFE_ESCAPES):
-        raise MalformedRequestError(
-            "request path has percent-encoded dots, slashes, backslashes or percent signs",
-            code="unsafe_request_target",
-        )
-    segments = path[1:].split("/")
-    for i, segment in enumerate(segments):
-        # ";" parameters: some servers treat "..;" as ".." (the Tomcat trick).
-        if segment.split(";", 1)[0] in (".", ".."):
-            raise MalformedRequestError(
-                "request path has dot segments", code="unsafe_request_target"
-            )
-        if segment == "" and i != len(segments) - 1:
-            raise MalformedRequestError(
-                "request path has empty segments", code="unsafe_request_target"
-            )
-    return path
-
-
-@functools.lru_cache(maxsize=1024)
-def _safe_path_cached(path: str) -> str:
-    return safe_request_path(path)
-
-
-def _request_path(target: object) -> str:
-    """:func:`safe_request_path`, remembered per path.
-
-    A relying party serves a handful of paths, and the check (a regex, a
-    lowercase copy, five substring scans, a segment walk) cost more than the
-    rest of the audience check.  The verdict depends on the path alone, so
-    the cache is keyed by the path without the query (bounded in size by
-    MAX_AUDIENCE_LENGTH, bounded in number by the LRU); refusals raise
-    through lru_cache and are not cached.
-    """
-    if isinstance(target, str) and target.startswith("/"):
-        path = target.split("?", 1)[0]
-        if len(path) <= MAX_AUDIENCE_LENGTH:
-            return _safe_path_cached(path)
-    return safe_request_path(target)
-
-
 def _parse_authorization(value: str) -> tuple[str | None, str]:
     match = _AUTH_RE.fullmatch(value.strip(" \t"))
     if match is None:
@@ -613,8 +523,14 @@ class WptVerifier:
             raise _fail("wpt_alg_mismatch", "WPT alg differs from the WIT's cnf.jwk.alg")
         # Checked with the WIT's confirmation key; it refuses a key that does
         # not fit alg.
-        if not signature_ok(wit.cnf_key.public_key, alg, jose.signing_input, jose.signature):
-            raise _fail("wpt_bad_signature", "signature is not valid")
+        check_signature(
+            wit.cnf_key.public_key,
+            alg,
+            jose.signing_input,
+            jose.signature,
+            _fail,
+            "wpt_bad_signature",
+        )
 
         aud = claims.get("aud")
         # A list-valued aud is refused: one proof, one target.
@@ -683,12 +599,13 @@ class WptVerifier:
         matched = False
         for candidate in self._exact:
             matched |= hmac.compare_digest(aud_bytes, candidate)
-        if request.target is None and not self.origins:
-            # A non-HTTP message: only exact audiences can name it.
+        if request.target is None:
+            # Not an HTTP request (a gRPC call's metadata): only exact
+            # audiences can name it.
             return matched
         # The target is checked even when an exact audience matched: a path
         # that components could normalise differently is refused everywhere.
-        path = _request_path(request.target).encode("ascii")
+        path = request_path(request.target).encode("ascii")
         for origin in self._origins:
             matched |= hmac.compare_digest(aud_bytes, origin + path)
         return matched
@@ -784,9 +701,13 @@ class WptVerifier:
             raise _fail("wpt_ath_mismatch", "WPT ath does not match the bearer token")
 
 
+#: The origin module's request-path rule under the name this module exported.
+safe_request_path = request_path
+
+
 def expected_audiences(origins: Sequence[str], target: str) -> list[str]:
     """What aud values a request for ``target`` accepts (for diagnostics and docs)."""
-    path = safe_request_path(target)
+    path = request_path(target)
     return [normalize_origin(o) + path for o in origins]
 
 

@@ -5,6 +5,9 @@
 #
 #   swtpm/provision.sh STATE_DIR
 #
+# Safe to run twice: a STATE_DIR that already holds a complete TPM is kept as it is
+# (same EK); a half-made one (a run killed midway) is an error naming it.
+#
 # Layout (see src/custos/testing/swtpm.py, the one implementation):
 #   STATE_DIR/conf/   swtpm_setup.conf, swtpm-localca.conf, swtpm-localca.options
 #   STATE_DIR/tpm/    the TPM state (swtpm --tpmstate dir=STATE_DIR/tpm)
@@ -20,6 +23,6 @@ python="${PYTHON:-}"
 if [[ -z "$python" ]]; then
     if [[ -x "$here/../.venv/bin/python" ]]; then python="$here/../.venv/bin/python"; else python=python3; fi
 fi
-# Works from a checkout without installing custos (the module needs only pytest).
+# Works from a checkout without installing custos (the rig needs no test framework).
 export PYTHONPATH="$here/../src${PYTHONPATH:+:$PYTHONPATH}"
 exec "$python" -m custos.testing.swtpm provision "$1"

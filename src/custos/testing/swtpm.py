@@ -437,11 +437,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("state_dir", type=Path)
     p.add_argument("--pcr-banks", default=DEFAULT_PCR_BANKS)
     args = parser.parse_args(argv)
-    try:
-        state = provision(args.state_dir, pcr_banks=args.pcr_banks)
-    except SwtpmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    existing = ProvisionedState(Path(args.state_dir).absolute())
+    if existing.is_complete():
+        # Run twice, keep the first TPM: a new EK would invalidate what was enrolled with it.
+        print(f"already provisioned: {existing.root} (kept; delete it for a new TPM)")
+        state = existing
+    else:
+        try:
+            state = provision(args.state_dir, pcr_banks=args.pcr_banks)
+        except SwtpmError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     print(f"tpm state:   {state.tpm_dir}")
     print(f"EK CA certs: {' '.join(str(p) for p in state.ek_ca_certs)}")
     print(f"EK certs:    {' '.join(str(p) for p in state.ek_certs)}")

@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,11 +33,10 @@ def section(title: str) -> None:
 
 
 def bench_keystores(tpm_tcti: str, key_dir: Path, hsm: object) -> None:
-    from raw_pkcs11 import bench_raw_pkcs11_sign
+    from raw_pkcs11 import bench_pkcs11_rows
     from raw_tpm import bench_raw_tpm_sign
 
     from custos.keys import ExportableKeyStore, KeyStore, MemoryKeyStore
-    from custos.keys.pkcs11 import Pkcs11KeyStore
     from custos.keys.tpm import TpmKeyStore
 
     msg = b"x" * 256
@@ -65,32 +65,10 @@ def bench_keystores(tpm_tcti: str, key_dir: Path, hsm: object) -> None:
         store.delete("b")
         store.close()
 
-    # Raw and store are measured in alternating rounds so that load from other
-    # processes on this shared machine hits both alike.
+    bench_pkcs11_rows(hsm, msg, N_FAST)  # raw C_Sign vs the store, in alternating rounds
     rounds = 5
-    hstore = Pkcs11KeyStore(module=hsm.module, uri=hsm.uri)  # type: ignore[attr-defined]
-    hstore.create("bench", "ES256")
     raw_lat: list[float] = []
     store_lat: list[float] = []
-    for _ in range(rounds):
-        raw_lat += bench_raw_pkcs11_sign(
-            hsm.module,
-            hsm.token_label,
-            hsm.pin,
-            N_FAST // rounds,  # type: ignore[attr-defined]
-        )
-        store_lat += measure("", lambda: hstore.sign("bench", msg), N_FAST // rounds).latencies
-    raw_h = Result("raw python-pkcs11 sign (SoftHSM token key)", raw_lat)
-    print(row(raw_h))
-    print(
-        row(
-            Result("custos pkcs11 store (SoftHSM)", store_lat),
-            raw_h,
-            note="aim <= 1.20x; >= 10,000/s",
-        )
-    )
-    hstore.delete("bench")
-    hstore.close()
 
     # swtpm holds three objects: the raw run (primary + key) and an open store
     # (primary + cached key) cannot coexist, so the store is reopened each round.
@@ -312,6 +290,92 @@ def bench_wimse(tpm_tcti: str, key_dir: Path, hsm: object) -> None:
     tstore.close()
 
 
+def bench_preauth() -> None:
+    """Work before authentication (issue 7 item 8): each header an
+    unauthenticated caller controls, at its size cap, in its worst shape,
+    through the whole verify_request up to the refusal. Aim: <= 5 ms each."""
+    from custos.bundle import BundleSet, JwtAuthority, TrustBundle
+    from custos.identity import SpiffeId, TrustDomain
+    from custos.keys import MemoryKeyStore
+    from custos.keys.jose import joserfc_key
+    from custos.wimse.digest import MAX_DIGEST_FIELD_BYTES, verify_content_digest
+    from custos.wimse.errors import WimseError
+    from custos.wimse.http.message import HttpMessage
+    from custos.wimse.httpsig import MAX_FIELD_BYTES, HttpSignatureVerifier, sign_request
+    from custos.wimse.replay import MemoryReplayCache
+    from custos.wimse.wit import MAX_TOKEN_BYTES, WitVerifier, mint_wit
+
+    keys = MemoryKeyStore()
+    keys.create("ca", "ES256")
+    keys.create("w", "ES256")
+    td = TrustDomain.parse("bench.example")
+    bundles = BundleSet(
+        [TrustBundle(td, (), (JwtAuthority("ca-1", keys.public_key("ca"), None, "ES256"),))]
+    )
+    wit = mint_wit(
+        joserfc_key(keys.get("ca")),
+        "ES256",
+        "ca-1",
+        SpiffeId.parse("spiffe://bench.example/w"),
+        keys.public_jwk("w"),
+        timedelta(hours=1),
+    )
+    origin = "https://api.bench.example"
+    verifier = HttpSignatureVerifier(WitVerifier(bundles), MemoryReplayCache(), [origin])
+    body = b'{"x": 1}'
+    signed = sign_request(
+        HttpMessage.request("POST", "/pay", [("Content-Type", "application/json")], body),
+        signer=keys.get("w"),
+        wit=wit,
+        audience=f"{origin}/pay",
+    )
+
+    def fill(unit: str, cap: int, head: str = "", tail: str = "") -> str:
+        return head + (unit * ((cap - len(head) - len(tail)) // len(unit))) + tail
+
+    def refused(headers: dict[str, str]) -> Callable[[], None]:
+        message = HttpMessage.request(
+            "POST", "/pay", [(k, headers.get(k, v)) for k, v in signed.headers], body
+        )
+
+        def run() -> None:
+            try:
+                verifier.verify_request(message)
+            except WimseError:
+                return
+            raise AssertionError("a worst-case header was accepted")
+
+        return run
+
+    cases = {
+        "Signature-Input 8 KB, one list of many items": {
+            "Signature-Input": fill('"a" ', MAX_FIELD_BYTES, "wimse=(", ")")
+        },
+        "Signature-Input 8 KB, many members": {
+            "Signature-Input": fill("a=(), ", MAX_FIELD_BYTES)[:-2]
+        },
+        "Signature-Input 8 KB, many parameters": {
+            "Signature-Input": fill(";p=1", MAX_FIELD_BYTES, "wimse=()")
+        },
+        "Signature 8 KB, many members": {"Signature": fill("a=:AA==:, ", MAX_FIELD_BYTES)[:-2]},
+        "Workload-Identity-Token 8 KB": {"Workload-Identity-Token": "e" * MAX_TOKEN_BYTES},
+    }
+    section("Work before authentication: worst header at its cap (aim <= 5 ms p99 each)")
+    for label, headers in cases.items():
+        r = measure(f"httpsig refuses: {label}", refused(headers), 300)
+        print(row(r, note=f"p99 {r.p99 * 1e3:.2f} ms"))
+    digest = fill("a=:AAAA:, ", MAX_DIGEST_FIELD_BYTES)[:-2]
+
+    def digest_case() -> None:
+        try:
+            verify_content_digest(digest, body)
+        except WimseError:
+            return
+
+    r = measure("Content-Digest 1 KB, many members (parse only)", digest_case, 300)
+    print(row(r, note=f"p99 {r.p99 * 1e3:.2f} ms"))
+
+
 def main() -> int:
     from custos.testing import softhsm as hsm_rig
     from custos.testing import swtpm as tpm_rig
@@ -325,8 +389,15 @@ def main() -> int:
         hsm = hsm_rig.init_token(hsm_rig.find_module(), conf, "bench")
         try:
             print(f"custos benchmarks — python {sys.version.split()[0]}, {os.cpu_count()} cores")
+            if os.environ.get("BENCH_ONLY") == "pkcs11":  # the PKCS#11 rows alone
+                from raw_pkcs11 import bench_pkcs11_rows
+
+                section("Key stores: PKCS#11 ES256 sign (ratio = p50 / raw call)")
+                bench_pkcs11_rows(hsm, b"x" * 256, N_FAST)
+                return 0
             bench_keystores(tpm.tcti, root / "tpm-keys", hsm)
             bench_wimse(tpm.tcti, root / "tpm-keys2", hsm)
+            bench_preauth()
         finally:
             tpm.stop()
     return 0

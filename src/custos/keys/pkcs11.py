@@ -113,6 +113,7 @@ from custos.keys.errors import (
     AuthenticationError,
     DeviceUnavailableError,
     KeyExistsError,
+    KeyNotCustodyGradeError,
     KeyNotFoundError,
     KeyStoreError,
     StoreConfigError,
@@ -689,7 +690,11 @@ def _find(
     meta = link.meta.get(name)
     # Rebuild when the key is not the cached one (deleted and re-created elsewhere), and
     # always for a key without CKA_ID (made by another tool): nothing tells two apart.
+    # The custody check runs here, so once per key (per CKA_ID), never on the signing path.
     if meta is None or meta.key_id != key_id or not key_id:
+        link.meta.pop(name, None)
+        link.handles.pop(name, None)
+        _check_custody_grade(private, name)
         alg = _algorithm_of(private)
         publics = list(
             session.get_objects(
@@ -708,6 +713,42 @@ def _find(
         link.meta[name] = meta
     link.handles[name] = private
     return private, meta
+
+
+# What makes a key custody-grade: generated on the token (LOCAL), and a private value
+# that never could leave it (NEVER_EXTRACTABLE implies it was never EXTRACTABLE since
+# generation; SENSITIVE and not EXTRACTABLE say it cannot now).  Read in one call.
+_CUSTODY_ATTRIBUTES: dict[Attribute, tuple[bool, str]] = {
+    Attribute.LOCAL: (True, "was imported, not generated on the token (CKA_LOCAL false)"),
+    Attribute.NEVER_EXTRACTABLE: (
+        True,
+        "was extractable at some time (CKA_NEVER_EXTRACTABLE false)",
+    ),
+    Attribute.SENSITIVE: (True, "has a private value the token would reveal (CKA_SENSITIVE false)"),
+    Attribute.EXTRACTABLE: (False, "can be extracted from the token (CKA_EXTRACTABLE true)"),
+}
+
+
+def _check_custody_grade(private: Any, name: str) -> None:
+    """Refuse a private key custody cannot vouch for (imported, or its value can leave)."""
+    try:
+        values = private.get_attributes(list(_CUSTODY_ATTRIBUTES))
+    except (p11e.AttributeTypeInvalid, p11e.AttributeSensitive) as e:
+        # A token that cannot say is a token we cannot vouch for.
+        raise KeyNotCustodyGradeError(
+            f"key {name!r}: the token does not report whether the key was generated on it "
+            f"and never extractable ({type(e).__name__}); not used as a custody key"
+        ) from e
+    problems = [
+        why for attribute, (wanted, why) in _CUSTODY_ATTRIBUTES.items()
+        if values.get(attribute) is not wanted
+    ]  # fmt: skip
+    if problems:
+        raise KeyNotCustodyGradeError(
+            f"key {name!r} is not a custody key: it " + "; it ".join(problems)
+            + ". custos uses only keys generated on the token as sensitive and never "
+            "extractable (create one with 'custos keys create')"
+        )
 
 
 def _version(text: str | None) -> str | None:

@@ -17,11 +17,10 @@ from typing import Any
 
 import pkcs11
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
-from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import utils
+from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from custos.keys import KeyStoreError
@@ -139,11 +138,9 @@ def test_imported_private_key_is_refused(
     handle: Any = raw_session.get_key(ObjectClass.PRIVATE_KEY, label=name)
     digest = b"\x01" * 32
     raw = handle.sign(digest, mechanism=Mechanism.ECDSA)
-    key.public_key().verify(
-        raw_to_der(raw, 32), digest, ec.ECDSA(utils.Prehashed(hashes.SHA256()))
-    )
+    key.public_key().verify(raw_to_der(raw, 32), digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
     _assert_refused(hsm_store, name)
-    with pytest.raises(KeyNotCustodyGradeError, match="imported|generated"):
+    with pytest.raises(KeyNotCustodyGradeError, match=r"imported|generated"):
         hsm_store.info(name)
 
 
@@ -153,7 +150,7 @@ def test_extractable_or_not_sensitive_key_is_refused(
     name = _name("ext")
     generate_exportable(raw_session, name)
     _assert_refused(hsm_store, name)
-    with pytest.raises(KeyNotCustodyGradeError, match="extract|sensitive"):
+    with pytest.raises(KeyNotCustodyGradeError, match=r"extract|sensitive"):
         hsm_store.sign(name, b"m")
 
 

@@ -745,7 +745,8 @@ def _check_custody_grade(private: Any, name: str) -> None:
     ]  # fmt: skip
     if problems:
         raise KeyNotCustodyGradeError(
-            f"key {name!r} is not a custody key: it " + "; it ".join(problems)
+            f"key {name!r} is not a custody key: it "
+            + "; it ".join(problems)
             + ". custos uses only keys generated on the token as sensitive and never "
             "extractable (create one with 'custos keys create')"
         )

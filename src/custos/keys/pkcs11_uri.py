@@ -161,8 +161,7 @@ class Pkcs11Uri:
                     raise Pkcs11UriError("type must be one of " + ", ".join(sorted(OBJECT_TYPES)))
                 if name == "library-version" and not _LIBRARY_VERSION_RE.fullmatch(text):
                     raise Pkcs11UriError(
-                        "library-version must look like 'M' or 'M.m' (ASCII digits, "
-                        "each at most 3)"
+                        "library-version must look like 'M' or 'M.m' (ASCII digits, each at most 3)"
                     )
                 kwargs[key] = text
         return cls(vendor_path=vendor_path, vendor_query=vendor_query, **kwargs)  # type: ignore[arg-type]

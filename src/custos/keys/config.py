@@ -46,7 +46,10 @@ class KeyStoreConfig(BaseModel):
     store: StoreKind
     tcti: str = Field(default=DEFAULT_TCTI, description="TPM TCTI: device:, swtpm:, tabrmd:")
     key_dir: Path = Field(default=DEFAULT_KEY_DIR, description="TPM key blobs / exportable PEMs")
-    pkcs11_module: str | None = Field(default=None, description="path of the PKCS#11 library")
+    pkcs11_module: str | None = Field(
+        default=None,
+        description="path of the PKCS#11 library (or module-path= / module-name= in the URI)",
+    )
     pkcs11_uri: str | None = Field(default=None, description="RFC 7512 pkcs11: URI of the token")
     tpm_loaded_keys: int = Field(
         default=1,
@@ -150,10 +153,11 @@ def open_key_store(config: KeyStoreConfig) -> KeyStore:
     if config.store == "pkcs11":
         from custos.keys.pkcs11 import Pkcs11KeyStore
 
-        if not config.pkcs11_module or not config.pkcs11_uri:
+        if not config.pkcs11_uri:
             raise StoreConfigError(
-                "the pkcs11 store needs a module (--pkcs11-module / CUSTOS_PKCS11_MODULE) "
-                "and a token URI (--pkcs11-uri / CUSTOS_PKCS11_URI)"
+                "the pkcs11 store needs a token URI (--pkcs11-uri / CUSTOS_PKCS11_URI) and a "
+                "module (--pkcs11-module / CUSTOS_PKCS11_MODULE, or the URI's module-path= "
+                "or module-name=)"
             )
         return Pkcs11KeyStore(module=config.pkcs11_module, uri=config.pkcs11_uri)
     raise StoreConfigError(f"unknown key store {config.store!r}")

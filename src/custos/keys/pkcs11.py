@@ -85,7 +85,9 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import re
 import struct
+import sysconfig
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,6 +109,7 @@ from pkcs11 import exceptions as p11e
 from pkcs11.attributes import AttributeMapper
 from pkcs11.util.ec import encode_named_curve_parameters
 
+from custos._files import UnreadableFileError, read_small_text
 from custos.keys.algorithms import Algorithm
 from custos.keys.base import KeyInfo, KeyStore, check_key_name
 from custos.keys.errors import (
@@ -412,13 +415,109 @@ class _Module:
 _MODULES: dict[str, _Module] = {}
 _MODULES_LOCK = threading.Lock()
 
+# RFC 7512 module-name: "the name of the module library without path or suffix"; how a
+# consumer maps it to a file is left to it.  custos does what p11-kit (and so GnuTLS,
+# p11tool) does first: a registered module ``<name>.module`` whose ``module:`` line names
+# the file; then ``lib<name>.so`` / ``<name>.so`` in the system's PKCS#11 directories.
+_MULTIARCH = sysconfig.get_config_var("MULTIARCH") or ""
+_P11KIT_CONFIG_DIRS = ("/etc/pkcs11/modules", "/usr/share/p11-kit/modules")
+_P11KIT_MODULE_DIR = f"/usr/lib/{_MULTIARCH}/pkcs11" if _MULTIARCH else "/usr/lib/pkcs11"
+_LIBRARY_DIRS = tuple(
+    dict.fromkeys(
+        d
+        for d in (
+            _P11KIT_MODULE_DIR,
+            "/usr/lib/pkcs11",
+            "/usr/local/lib/pkcs11",
+            f"/usr/lib/{_MULTIARCH}" if _MULTIARCH else "",
+            "/usr/lib64",
+            "/usr/lib",
+            "/usr/local/lib",
+        )
+        if d
+    )
+)
+_MODULE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
-def _load_module(module: str) -> _Module:
-    if not module:
-        raise StoreConfigError("the pkcs11 store needs the path of a PKCS#11 module")
-    path = os.path.realpath(module)
-    if not os.path.isfile(path):
-        raise StoreConfigError(f"PKCS#11 module {module!r} does not exist")
+
+def _library_file(path: str, what: str) -> str:
+    """``path`` resolved, if it is an existing regular file (a library to load)."""
+    if not os.path.isabs(path):
+        raise StoreConfigError(f"{what} {path!r} must be an absolute path")
+    real = os.path.realpath(path)
+    if not os.path.isfile(real):
+        raise StoreConfigError(f"{what} {path!r} does not exist or is not a regular file")
+    return real
+
+
+def _module_named(name: str) -> str:
+    """The library file RFC 7512 ``module-name=name`` designates here."""
+    if not _MODULE_NAME_RE.fullmatch(name) or ".." in name:
+        raise StoreConfigError(
+            "module-name is a library name without path or suffix (e.g. 'softhsm2')"
+        )
+    for directory in _P11KIT_CONFIG_DIRS:
+        config = os.path.join(directory, f"{name}.module")
+        if not os.path.lexists(config):
+            continue
+        try:
+            text = read_small_text(config, max_bytes=64 * 1024, what="p11-kit module config")
+        except UnreadableFileError as e:
+            raise StoreConfigError(e.message) from e
+        for line in text.splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == "module" and value.strip():
+                target = value.strip()
+                if not os.path.isabs(target):
+                    target = os.path.join(_P11KIT_MODULE_DIR, target)
+                return _library_file(target, f"module {target!r} registered in {config}")
+    found = {
+        os.path.realpath(candidate)
+        for directory in _LIBRARY_DIRS
+        for candidate in (
+            os.path.join(directory, f"lib{name}.so"),
+            os.path.join(directory, f"{name}.so"),
+        )
+        if os.path.isfile(candidate)
+    }
+    if len(found) != 1:
+        raise StoreConfigError(
+            f"module-name={name!r} "
+            + ("matches several libraries: " + ", ".join(sorted(found)) if found else
+               "matches no registered p11-kit module and no lib<name>.so in "
+               + ", ".join(_LIBRARY_DIRS))
+            + "; give module-path= (or --pkcs11-module) instead"
+        )  # fmt: skip
+    return found.pop()
+
+
+def resolve_module(module: str | None, uri: Pkcs11Uri) -> str:
+    """The PKCS#11 library to load: the explicit ``module`` and the URI's RFC 7512
+    ``module-path`` / ``module-name``, which must all designate the same file."""
+    candidates: list[tuple[str, str]] = []
+    if module:
+        candidates.append(("module", _library_file(module, "PKCS#11 module")))
+    if uri.module_path is not None:
+        candidates.append(("module-path", _library_file(uri.module_path, "module-path")))
+    if uri.module_name is not None:
+        candidates.append(("module-name", _module_named(uri.module_name)))
+    if not candidates:
+        raise StoreConfigError(
+            "the pkcs11 store needs a PKCS#11 module: --pkcs11-module / CUSTOS_PKCS11_MODULE, "
+            "or module-path= / module-name= in the token URI"
+        )
+    (first_what, first), *others = candidates
+    for what, path in others:
+        if path != first:
+            raise StoreConfigError(
+                f"the URI's {what} designates {path}, but the {first_what} is {first}"
+            )
+    return first
+
+
+def _load_module(path: str) -> _Module:
+    """The loaded library at ``path`` (resolved by :func:`resolve_module`)."""
+    module = path
     with _MODULES_LOCK:
         loaded = _MODULES.get(path)
         if loaded is None:
@@ -437,7 +536,7 @@ class Pkcs11KeyStore(KeyStore):
     supported_algorithms: ClassVar[frozenset[Algorithm]] = frozenset(Algorithm)
     persistent: ClassVar[bool] = True
 
-    def __init__(self, module: str, uri: str) -> None:
+    def __init__(self, module: str | None, uri: str) -> None:
         self._uri = Pkcs11Uri.parse(uri)
         self._module_arg = module
         key_attributes = [
@@ -453,12 +552,7 @@ class Pkcs11KeyStore(KeyStore):
                 + ", ".join(f"{name}=" for name in key_attributes)
                 + " from it (Pkcs11KeyStore.key_uri(name) gives one key's URI)"
             )
-        if self._uri.module_path is not None and os.path.realpath(
-            self._uri.module_path
-        ) != os.path.realpath(module):
-            raise StoreConfigError(
-                f"the URI's module-path {self._uri.module_path!r} differs from module {module!r}"
-            )
+        module_file = resolve_module(module, self._uri)
         pin = self._uri.resolve_pin()
         if pin is None:
             raise StoreConfigError(
@@ -467,7 +561,7 @@ class Pkcs11KeyStore(KeyStore):
             )
         self._pin = _Pin(pin)
         self._link: _TokenLink | None = None
-        self._module = _load_module(module)
+        self._module = _load_module(module_file)
         self._module.check_library(self._uri)
         # Connect now so a wrong PIN or an absent token shows at startup, not at first use.
         with self._module.lock:

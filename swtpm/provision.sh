@@ -18,7 +18,7 @@ if [[ $# -ne 1 ]]; then
     echo "usage: $0 STATE_DIR" >&2
     exit 2
 fi
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"  # -P: the real checkout, also via a symlink
 python="${PYTHON:-}"
 if [[ -z "$python" ]]; then
     if [[ -x "$here/../.venv/bin/python" ]]; then python="$here/../.venv/bin/python"; else python=python3; fi

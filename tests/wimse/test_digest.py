@@ -178,3 +178,13 @@ def test_non_ascii_and_lone_surrogates_are_malformed(value: str) -> None:
 
 def test_a_reasonable_field_with_both_algorithms_still_verifies() -> None:
     assert verify_content_digest(f"{HELLO_SHA512}, {HELLO_SHA256}", HELLO) == "sha-512"
+
+
+def test_many_tokens_are_refused_before_parsing() -> None:
+    from custos.wimse.digest import MAX_DIGEST_FIELD_BYTES, MAX_DIGEST_TOKENS
+
+    field = "a=1;b" * MAX_DIGEST_TOKENS + "broken("
+    assert len(field) < MAX_DIGEST_FIELD_BYTES
+    with pytest.raises(ContentDigestError) as err:
+        parse_content_digest(field)
+    assert err.value.code == "content_digest_too_large"

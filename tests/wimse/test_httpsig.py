@@ -1335,7 +1335,7 @@ class RecordingCache(MemoryReplayCache):
         return super().check_and_store(namespace, value, expires_at, now=now)
 
 
-def test_replay_entry_is_per_subject_and_bounded_by_max_age(
+def test_replay_entry_is_per_recipient_and_bounded_by_max_age(
     store: MemoryKeyStore, bundles: BundleSet, client_wit: str
 ) -> None:
     cache = RecordingCache()
@@ -1345,10 +1345,10 @@ def test_replay_entry_is_per_subject_and_bounded_by_max_age(
     # A signature claiming a day of validity must not pin its nonce for a day.
     signed = signed_order(store, client_wit, nonce="long-lived", ttl=86400)
     verifier.verify_request(signed)
-    assert cache.calls == [(f"http-sig:{CLIENT}", "long-lived", float(NOW + 300 + 60))]
+    assert cache.calls == [("http-sig:", "long-lived", float(NOW + 300 + 60))]
     short = signed_order(store, client_wit, nonce="short", ttl=30)
     verifier.verify_request(short)
-    assert cache.calls[-1] == (f"http-sig:{CLIENT}", "short", float(NOW + 30 + 60))
+    assert cache.calls[-1] == ("http-sig:", "short", float(NOW + 30 + 60))
 
 
 # -- review findings: path tricks and the replay window edge ---------------------
@@ -1924,3 +1924,49 @@ def test_configured_audiences_with_bad_strings_are_refused(bundles: BundleSet, v
             HttpSignatureVerifier(
                 WitVerifier(bundles, now=NOW), pinned_cache(), [], exact_audiences=[value], now=NOW
             )
+
+
+def test_a_nonce_is_refused_whoever_sends_it_again(
+    store: MemoryKeyStore, client_wit: str, verifier: HttpSignatureVerifier
+) -> None:
+    # -07 (#297): recipients reject a duplicate nonce "without regard to sender".
+    other_wit = wit_for(store, "client-ed", WimseId.parse("wimse://example.com/svc/other"))
+    verifier.verify_request(signed_order(store, client_wit, nonce="same-nonce"))
+    again = signed_order(store, other_wit, key="client-ed", nonce="same-nonce")
+    assert code_of(lambda: verifier.verify_request(again)) == "replayed_proof"
+
+
+@pytest.mark.parametrize("what", ["components", "parameters"])
+def test_a_signature_with_too_many_components_or_parameters_is_refused(
+    client_wit: str, verifier: HttpSignatureVerifier, what: str
+) -> None:
+    from custos.wimse.httpsig import MAX_COMPONENTS, MAX_PARAMETERS
+
+    inner = InnerList([Item(c.name) for c in FULL])
+    for k, v in base_params():
+        inner.params[k] = v
+    if what == "components":
+        inner.extend(Item(f"x-{i}") for i in range(MAX_COMPONENTS))
+    else:
+        for i in range(MAX_PARAMETERS):
+            inner.params[f"p{i}"] = i
+    message = unsigned_with_wit(client_wit).with_headers(
+        [("Signature-Input", f"wimse={inner}"), ("Signature", "wimse=:AAAA:")]
+    )
+    assert code_of(lambda: verifier.verify_request(message)) == "signature_too_large"
+
+
+@pytest.mark.parametrize("field", ["Signature-Input", "Signature"])
+def test_many_tokens_are_refused_before_parsing(
+    store: MemoryKeyStore, client_wit: str, verifier: HttpSignatureVerifier, field: str
+) -> None:
+    from custos.wimse.httpsig import MAX_FIELD_BYTES, MAX_FIELD_TOKENS
+
+    # Under the byte cap, over the token cap, and broken at the end: refused
+    # for its size, which shows the parser never ran on it.
+    value = "a=1, " * MAX_FIELD_TOKENS + "broken("
+    assert len(value) < MAX_FIELD_BYTES
+    signed = signed_order(store, client_wit)
+    headers = [(k, value if k == field else v) for k, v in signed.headers]
+    message = HttpMessage.request("POST", "/v1/orders?dry=1", headers, signed.body)
+    assert code_of(lambda: verifier.verify_request(message)) == "signature_too_large"

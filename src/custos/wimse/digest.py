@@ -34,6 +34,31 @@ SUPPORTED_ALGORITHMS: tuple[str, ...] = tuple(_ALGORITHMS)
 MAX_DIGEST_FIELD_BYTES = 1024
 #: RFC 9530 registers six algorithms; more members than this is not a real field.
 MAX_DIGEST_MEMBERS = 8
+#: Separators (see :func:`bounded_field_text`) a Content-Digest may hold.
+MAX_DIGEST_TOKENS = 32
+#: What separates structured-field tokens: members, inner-list items, parameters.
+_SEPARATORS = " ,;("
+
+
+def bounded_field_text(
+    values: str | Sequence[str], *, max_bytes: int, max_tokens: int
+) -> str | None:
+    """The field lines joined as HTTP does (RFC 9110 §5.3), or None when they
+    are larger than ``max_bytes`` or hold more than ``max_tokens`` separators.
+
+    For structured fields that arrive before anything is authenticated
+    (Content-Digest, Signature-Input, Signature): the structured-field parse
+    costs about a microsecond per token on top of its per-byte cost, so both
+    are bounded before it runs.  Linear: a length sum and four ``str.count``.
+    """
+    lines = [values] if isinstance(values, str) else list(values)
+    # Measured before the join: the cap holds however the field is split.
+    if sum(len(line) + 2 for line in lines) > max_bytes + 2:
+        return None
+    raw = ", ".join(lines)
+    if sum(raw.count(c) for c in _SEPARATORS) > max_tokens:
+        return None
+    return raw
 
 
 class ContentDigestError(HttpSignatureError):
@@ -73,13 +98,12 @@ def parse_content_digest(values: str | Sequence[str]) -> dict[str, bytes]:
 
     Several field lines are combined with ", " as HTTP does (RFC 9110 §5.3).
     """
-    lines = [values] if isinstance(values, str) else list(values)
-    # Measured before the join: the cap holds however the field is split.
-    if sum(len(line) + 2 for line in lines) > MAX_DIGEST_FIELD_BYTES + 2:
+    raw = bounded_field_text(values, max_bytes=MAX_DIGEST_FIELD_BYTES, max_tokens=MAX_DIGEST_TOKENS)
+    if raw is None:
         raise ContentDigestTooLargeError(
-            f"Content-Digest is larger than {MAX_DIGEST_FIELD_BYTES} bytes"
+            f"Content-Digest is larger than {MAX_DIGEST_FIELD_BYTES} bytes or "
+            f"{MAX_DIGEST_TOKENS} tokens"
         )
-    raw = ", ".join(lines)
     field = Dictionary()
     try:
         # ascii: a lone surrogate or any non-ASCII character fails here

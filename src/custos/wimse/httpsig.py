@@ -45,8 +45,6 @@ the draft's verified example bases.
 
 from __future__ import annotations
 
-import base64
-import json
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -54,13 +52,23 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
-from cryptography.exceptions import InvalidSignature
 from http_sfv.dictionary import Dictionary
 from http_sfv.item import InnerList, Item
-from joserfc.jws import JWSRegistry
 
+from custos._jose import (
+    ASYMMETRIC_ALGORITHMS,
+    JoseError,
+    b64url_decode,
+    loads_strict,
+    verify_signature,
+)
 from custos._numbers import finite_number, seconds
-from custos.wimse.digest import ContentDigestError, content_digest, verify_content_digest
+from custos.wimse.digest import (
+    ContentDigestError,
+    bounded_field_text,
+    content_digest,
+    verify_content_digest,
+)
 from custos.wimse.errors import AudienceError, HttpSignatureError, ReplayError, WitError
 from custos.wimse.http.message import Endpoint, HttpMessage
 from custos.wimse.http.origin import normalize_origin, request_path, signature_path_and_query
@@ -69,7 +77,7 @@ from custos.wimse.replay import (
     check_and_store,
     replay_namespace,
 )
-from custos.wimse.wit import MAX_TOKEN_BYTES, key_fits_alg
+from custos.wimse.wit import MAX_TOKEN_BYTES
 
 WIMSE_TAG = "wimse-workload-to-workload"
 WIT_HEADER = "workload-identity-token"
@@ -86,6 +94,12 @@ MAX_NONCE_LENGTH = 256
 MAX_FIELD_BYTES = 8 * 1024
 #: More signatures than this in one message are refused (the draft recommends one).
 MAX_SIGNATURES = 8
+#: Components / parameters of one signature: a WIMSE signature has at most 12 / 7.
+MAX_COMPONENTS = 32
+MAX_PARAMETERS = 16
+#: Separators (members, items, parameters) in one Signature-Input / Signature:
+#: room for MAX_SIGNATURES full signatures, and the parse stays near a millisecond.
+MAX_FIELD_TOKENS = 512
 #: Which wire form a signature takes: the -07/-08 one, or -06's @request-target.
 Form = Literal["draft-08", "draft-06"]
 
@@ -94,10 +108,6 @@ REQUEST_CONDITIONAL = ("content-type", "content-digest", "authorization", "txn-t
 #: Response headers a response signature must cover when present (-06 §3).
 RESPONSE_CONDITIONAL = ("content-type", "content-digest")
 
-#: Asymmetric JWS algorithms a ``cnf.jwk.alg`` may name (RFC 9421 §3.3.7).
-_ALGORITHMS = frozenset(
-    {"ES256", "ES384", "ES512", "EdDSA", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
-)
 _DERIVED = frozenset({"@method", "@request-target", "@path", "@query", "@status"})
 _REQUEST_COMPONENTS: dict[str, tuple[str, ...]] = {
     "draft-08": ("@method", "@path", "@query"),
@@ -207,7 +217,13 @@ class VerifiedWitLike(Protocol):
     def cnf_jwk(self) -> Mapping[str, Any]: ...
 
     @property
-    def cnf_key(self) -> Any: ...
+    def cnf_alg(self) -> str: ...
+
+    @property
+    def cnf_public_key(self) -> Any:
+        """A cryptography public key that came through
+        :func:`custos._jose.import_public_jwk` (weak keys refused there)."""
+        ...
 
     @property
     def expires_at(self) -> float: ...
@@ -272,11 +288,14 @@ class VerifiedSignature:
 
 
 def _parse_dictionary(values: Sequence[str], what: str) -> Dictionary:
-    # Size first (a sum over the lines, before any join or parse), members
-    # after: with the bytes capped, the parse itself is bounded.
-    if sum(len(v) + 2 for v in values) > MAX_FIELD_BYTES + 2:
-        raise _fail("signature_too_large", f"{what} is larger than {MAX_FIELD_BYTES} bytes")
-    raw = ", ".join(values)
+    # Bytes and tokens first (linear scans, before any parse), members after:
+    # with both capped, the parse itself is bounded.
+    raw = bounded_field_text(values, max_bytes=MAX_FIELD_BYTES, max_tokens=MAX_FIELD_TOKENS)
+    if raw is None:
+        raise _fail(
+            "signature_too_large",
+            f"{what} is larger than {MAX_FIELD_BYTES} bytes or {MAX_FIELD_TOKENS} tokens",
+        )
     parsed = Dictionary()
     try:
         parsed.parse(raw.encode("ascii"))
@@ -316,6 +335,13 @@ def parse_signature_input(values: str | Sequence[str]) -> dict[str, SignatureInp
         if not isinstance(member, InnerList):
             raise _fail(
                 "signature_malformed", f"Signature-Input member {label[:40]!r} is not an inner list"
+            )
+        if len(member) > MAX_COMPONENTS or len(member.params) > MAX_PARAMETERS:
+            # Before any per-item work: each item would be converted and re-serialized.
+            raise _fail(
+                "signature_too_large",
+                f"a signature covers more than {MAX_COMPONENTS} components or has more than "
+                f"{MAX_PARAMETERS} parameters",
             )
         components = tuple(_to_component(item) for item in member)
         try:
@@ -457,8 +483,7 @@ def _cnf_alg_of(wit: str) -> str | None:
     # The sender reads its own WIT (no trust decision rests on this): only to
     # catch a signer whose algorithm the receiver would refuse, early.
     try:
-        payload = wit.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        claims = loads_strict(b64url_decode(wit.split(".")[1]))
         alg = claims["cnf"]["jwk"]["alg"]
     except (IndexError, ValueError, KeyError, TypeError):
         return None
@@ -715,13 +740,15 @@ def _select(message: HttpMessage) -> tuple[SignatureInput, bytes]:
     if not input_lines or not sig_lines:
         raise _fail("signature_missing", "the message has no Signature-Input or no Signature")
     inputs = parse_signature_input(input_lines)
-    signatures = parse_signature(sig_lines)
     wimse = [i for i in inputs.values() if _is_wimse(i)]
     if not wimse:
         raise _fail("wimse_signature_missing", f"no signature is tagged {WIMSE_TAG!r}")
     if len(wimse) > 1:
         raise _fail("wimse_signature_ambiguous", f"more than one signature is tagged {WIMSE_TAG!r}")
     chosen = wimse[0]
+    # Parsed only once Signature-Input has one WIMSE signature: the two
+    # parses never both run on a message refused by the first.
+    signatures = parse_signature(sig_lines)
     value = signatures.get(chosen.label)
     if value is None:
         raise _fail("signature_value_missing", f"Signature has no member {chosen.label[:40]!r}")
@@ -752,24 +779,21 @@ def _int_param(params: Mapping[str, Any], name: str) -> int:
 
 
 def _verify_with_cnf(wit: VerifiedWitLike, base: bytes, signature: bytes) -> None:
-    alg = wit.cnf_jwk.get("alg")
-    if not isinstance(alg, str) or alg not in _ALGORITHMS:
+    # RFC 9421 §3.3.7: a JWS algorithm, here always cnf.jwk.alg (the WIT
+    # verifier imported the key through custos._jose, weak keys refused).
+    alg = wit.cnf_alg
+    if not isinstance(alg, str) or alg not in ASYMMETRIC_ALGORITHMS:
         raise _fail("cnf_alg_unsupported", "the WIT's cnf.jwk.alg is not a supported algorithm")
-    key = wit.cnf_key
-    # The WIT verifier checked this already; checked again because joserfc
-    # would happily verify ES256 with a P-384 key.
-    if not key_fits_alg(getattr(key, "public_key", None), alg):
-        raise _fail("cnf_alg_unsupported", "the WIT's cnf key does not fit its alg")
     try:
-        ok = JWSRegistry.algorithms[alg].verify(base, signature, key)
-    except (ValueError, TypeError, InvalidSignature):
-        # A malformed signature (wrong length, bad encoding inside joserfc) is just
-        # an invalid signature; nothing about it deserves another outcome.
-        ok = False
-    if not ok:
-        raise _fail(
-            "signature_invalid", "the HTTP signature does not verify with the WIT's cnf key"
-        )
+        # The one signature check (custos._jose): it also refuses a key that
+        # does not fit alg, and a signature of the wrong length.
+        verify_signature(wit.cnf_public_key, alg, base, signature)
+    except JoseError as e:
+        if e.code == "jose_bad_signature":
+            raise _fail(
+                "signature_invalid", "the HTTP signature does not verify with the WIT's cnf key"
+            ) from None
+        raise _fail("cnf_alg_unsupported", "the WIT's cnf key does not fit its alg") from None
 
 
 class HttpSignatureVerifier:
@@ -941,13 +965,16 @@ class HttpSignatureVerifier:
             )
         return form
 
-    def _remember(self, subject: str, nonce: str, created: int, expires: int) -> None:
+    def _remember(self, nonce: str, created: int, expires: int) -> None:
         # After the signature checked out, so forged messages can neither fill
         # the cache nor burn a legitimate caller's nonce. Kept only as long as
         # the signature could be accepted (max_age caps a far-off expires), so
         # a caller cannot pin entries in the cache for long.
         until = float(min(expires, created + self.max_age) + self.leeway)
-        namespace = replay_namespace("http-sig", subject)
+        # -07 (#297): a nonce seen before is refused "without regard to
+        # sender" -- one namespace per recipient, not per subject (nonces are
+        # random, so honest senders never collide; decision 0019).
+        namespace = replay_namespace("http-sig", "")
         # A pinned clock judges the entry too (custos.wimse.replay).
         pinned = None if self._clock is None else self.now()
         if not check_and_store(self.replay, namespace, nonce, until, pinned):
@@ -975,7 +1002,7 @@ class HttpSignatureVerifier:
         # the field) checked out: no unauthenticated caller gets it parsed.
         self._check_digest(request)
         subject = str(wit.subject)
-        self._remember(subject, nonce, created, expires)
+        self._remember(nonce, created, expires)
         return VerifiedSignature(
             subject=subject,
             trust_domain=str(wit.trust_domain),
@@ -1050,7 +1077,7 @@ class HttpSignatureVerifier:
         _verify_with_cnf(wit, base, signature)
         self._check_digest(response)
         subject = str(wit.subject)
-        self._remember(subject, nonce, created, expires)
+        self._remember(nonce, created, expires)
         return VerifiedSignature(
             subject=subject,
             trust_domain=str(wit.trust_domain),
@@ -1088,7 +1115,10 @@ class HttpSignatureVerifier:
 __all__ = [
     "DEFAULT_LABEL",
     "HTTPSIG_ERROR_CODES",
+    "MAX_COMPONENTS",
     "MAX_FIELD_BYTES",
+    "MAX_FIELD_TOKENS",
+    "MAX_PARAMETERS",
     "MAX_SIGNATURES",
     "REQUEST_CONDITIONAL",
     "RESPONSE_CONDITIONAL",

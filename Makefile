@@ -23,8 +23,11 @@ deps:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-# The venv is rebuilt only when pyproject.toml changes (stamp file).
-$(VENV)/.installed: pyproject.toml | deps
+# The venv is reinstalled only when a pyproject.toml it installs from changes (stamp file,
+# written last: an install that failed midway is retried by the next run). Packages that a
+# pyproject no longer lists stay in an existing venv; `make clean` starts from nothing.
+INSTALL_INPUTS := pyproject.toml $(wildcard examples/*/pyproject.toml)
+$(VENV)/.installed: $(INSTALL_INPUTS) | deps
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

@@ -21,7 +21,7 @@ from custos.bundle import (
     JwtAuthority,
     TrustBundle,
 )
-from custos.identity import TrustDomain
+from custos.identity import SpiffeId, TrustDomain
 from custos.keys.jwk import public_jwk_members
 from custos.x509 import CertificateAuthority
 
@@ -95,10 +95,11 @@ def test_jwt_authority_jwk_members() -> None:
     assert set(_ec_auth("x", use=None).jwk()) == {"kty", "crv", "x", "y", "kid"}
 
 
-def test_authority_without_use_gets_jwt_svid_in_spiffe_output() -> None:
+def test_authority_without_use_is_published_for_both_uses() -> None:
     bundle = TrustBundle(TD, jwt_authorities=(_ec_auth("k", use=None),))
     doc = json.loads(bundle.to_spiffe_json())
-    assert doc["keys"][0]["use"] == "jwt-svid"
+    assert [k["use"] for k in doc["keys"]] == ["jwt-svid", "wit-svid"]
+    assert {k["kid"] for k in doc["keys"]} == {"k"}
     assert "spiffe_sequence" not in doc
 
 
@@ -108,7 +109,7 @@ def test_save_and_load(tmp_path: Path) -> None:
     bundle.save(path)
     assert TrustBundle.load(TD, path) == bundle
     assert [p.name for p in tmp_path.iterdir()] == ["bundle.json"]  # no temp file left
-    with pytest.raises(BundleError, match="cannot read"):
+    with pytest.raises(BundleError, match="does not exist"):
         TrustBundle.load(TD, tmp_path / "missing.json")
     with pytest.raises(BundleError, match="cannot write"):
         bundle.save(tmp_path / "no-such-dir" / "b.json")
@@ -199,7 +200,7 @@ def _jwt_entry(**overrides: Any) -> dict[str, Any]:
     [
         (b"not json", "not valid JSON"),
         (b"\xff\xfe", "not valid JSON"),
-        ("[]", "must be a JSON object"),
+        ("[]", "not a JSON object"),
         ("{}", "no 'keys' list"),
         ('{"keys": {}}', "no 'keys' list"),
         ('{"keys": ["x"]}', "not a JSON object"),
@@ -251,7 +252,7 @@ def test_malformed_bundles_are_rejected(data: str | bytes, fragment: str) -> Non
 def test_small_rsa_key_is_rejected() -> None:
     small = public_jwk_members(rsa.generate_private_key(65537, 1024).public_key())
     doc = {"keys": [{**small, "kid": "weak", "use": "jwt-svid"}]}
-    with pytest.raises(BundleError, match="shorter than 2048"):
+    with pytest.raises(BundleError, match="at least 2048 needed"):
         TrustBundle.from_spiffe_json(TD, json.dumps(doc))
 
 
@@ -268,7 +269,7 @@ def test_non_signing_okp_key_is_rejected() -> None:
         "kid": "x",
         "use": "jwt-svid",
     }
-    with pytest.raises(BundleError, match="unsupported key"):
+    with pytest.raises(BundleError, match="unsupported OKP curve"):
         TrustBundle.from_spiffe_json(TD, json.dumps({"keys": [entry]}))
 
 
@@ -306,7 +307,7 @@ def test_bundle_is_immutable() -> None:
 
 def test_bundle_rejects_bad_values() -> None:
     with pytest.raises(BundleError):
-        TrustBundle("example.org")  # type: ignore[arg-type]
+        TrustBundle(42)  # type: ignore[arg-type]
     with pytest.raises(BundleError):
         TrustBundle(TD, sequence=-1)
     with pytest.raises(BundleError, match="non-empty 'kid'"):
@@ -360,3 +361,105 @@ def test_symmetric_keys_are_still_refused() -> None:
     doc = {"keys": [{"kty": "oct", "use": "jwt-svid", "kid": "h"}]}
     with pytest.raises(BundleError, match="symmetric"):
         TrustBundle.from_spiffe_json(TD, json.dumps(doc))
+
+
+# -- issue 7: bounded reads, the obvious way works for WITs, one JWK import ----------
+
+
+def test_bundle_file_that_is_a_fifo_or_a_device_is_a_clear_error(tmp_path: Path) -> None:
+    # item 9: open() on a FIFO without a writer blocks forever; /dev/zero never ends.
+    import os
+
+    fifo = tmp_path / "bundle.fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero"), tmp_path):
+        with pytest.raises(BundleError) as info:
+            TrustBundle.load(TD, path)
+        assert "not a regular file" in info.value.message
+        assert info.value.code == "unreadable_bundle"
+
+
+def test_oversized_bundle_file_is_refused_before_parsing(tmp_path: Path) -> None:
+    from custos.bundle.bundle import MAX_BUNDLE_BYTES
+
+    path = tmp_path / "big.json"
+    path.write_bytes(b" " * (MAX_BUNDLE_BYTES + 1))
+    with pytest.raises(BundleError, match="larger than") as info:
+        TrustBundle.load(TD, path)
+    assert info.value.code == "unreadable_bundle"
+
+
+def test_jwks_saved_the_obvious_way_still_verifies_wits(tmp_path: Path) -> None:
+    """New-user finding: from_jwks(...).save(...) used to write every key as
+    jwt-svid only, and every WIT then failed with wit_key_wrong_use."""
+    from joserfc.jwk import ECKey as JoseECKey
+
+    from custos.wimse.wit import mint_wit, verify_wit
+
+    issuer = JoseECKey.generate_key("P-256")
+    workload = JoseECKey.generate_key("P-256")
+    jwks = {"keys": [{**issuer.as_dict(private=False), "kid": "ca-1"}]}
+    path = tmp_path / "bundle.json"
+    TrustBundle.from_jwks(TD, json.dumps(jwks)).save(path)
+
+    doc = json.loads(path.read_text())
+    # One entry per use, as SPIFFE bundles publish a key meant for both.
+    assert sorted(k["use"] for k in doc["keys"]) == ["jwt-svid", "wit-svid"]
+    loaded = TrustBundle.load(TD, path)
+    assert loaded.jwt_authority("ca-1", use="wit-svid").use == "wit-svid"  # type: ignore[union-attr]
+    assert loaded.jwt_authority("ca-1", use="jwt-svid").use == "jwt-svid"  # type: ignore[union-attr]
+
+    sub = SpiffeId.parse("spiffe://example.org/w")
+    cnf = {**workload.as_dict(private=False), "alg": "ES256"}
+    token = mint_wit(issuer, "ES256", "ca-1", sub, cnf, timedelta(minutes=5))
+    assert verify_wit(token, BundleSet([loaded])).subject == sub
+    # ... and under the SPIFFE WIT-SVID profile, which wants use: wit-svid.
+    assert verify_wit(token, BundleSet([loaded]), profile="spiffe").subject == sub
+
+
+def test_from_jwks_can_give_keys_one_use() -> None:
+    auth = _ec_auth("k", use=None)
+    other = {**_ec_auth("j").jwk(), "use": "sig"}
+    bundle = TrustBundle.from_jwks(TD, {"keys": [auth.jwk(), other]}, use="wit-svid")
+    assert bundle.jwt_authority("k").use == "wit-svid"  # type: ignore[union-attr]
+    assert bundle.jwt_authority("j").use == "sig"  # an explicit use is kept
+    doc = bundle.to_spiffe_dict()
+    assert [k["use"] for k in doc["keys"] if k["kid"] == "k"] == ["wit-svid"]
+    with pytest.raises(BundleError, match="use"):
+        TrustBundle.from_jwks(TD, {"keys": []}, use="x509-svid")
+
+
+def test_duplicate_members_in_a_bundle_are_refused() -> None:
+    entry = json.dumps(_ec_auth("k").jwk())
+    text = '{"keys": [' + entry[:-1] + ', "kid": "other"}]}'
+    with pytest.raises(BundleError, match="not valid JSON"):
+        TrustBundle.from_spiffe_json(TD, text)
+    with pytest.raises(BundleError, match="not valid JSON"):
+        TrustBundle.from_jwks(TD, '{"keys": [], "keys": [' + entry + "]}")
+
+
+def test_weak_keys_are_refused_in_bundles() -> None:
+    identity = base64.urlsafe_b64encode(bytes([1]) + bytes(31)).decode().rstrip("=")
+    entry = {"kty": "OKP", "crv": "Ed25519", "x": identity, "kid": "e", "use": "wit-svid"}
+    with pytest.raises(BundleError, match="small-order"):
+        TrustBundle.from_spiffe_json(TD, json.dumps({"keys": [entry]}))
+    with pytest.raises(BundleError, match="small-order"):
+        JwtAuthority("e", ed25519.Ed25519PublicKey.from_public_bytes(bytes([1]) + bytes(31)))
+    good = _ec_auth("k").jwk()
+    x = base64.urlsafe_b64decode(good["x"] + "==")
+    padded = {**good, "x": base64.urlsafe_b64encode(b"\0" + x).decode().rstrip("=")}
+    with pytest.raises(BundleError, match="exactly 32 bytes"):
+        TrustBundle.from_spiffe_json(TD, json.dumps({"keys": [padded]}))
+
+
+def test_plain_trust_domain_strings_are_accepted(tmp_path: Path) -> None:
+    bundle = TrustBundle("example.org", jwt_authorities=(_ec_auth("k"),))  # type: ignore[arg-type]
+    assert bundle.trust_domain == TD
+    assert TrustBundle.from_jwks("spiffe://example.org", {"keys": []}).trust_domain == TD
+    bundle.save(tmp_path / "b.json")
+    assert TrustBundle.load("example.org", tmp_path / "b.json") == bundle
+    bundles = BundleSet([bundle])
+    assert bundles.get("example.org") is bundle
+    assert "example.org" in bundles
+    with pytest.raises(BundleError, match="trust domain"):
+        TrustBundle("Example.org")  # type: ignore[arg-type]

@@ -8,9 +8,16 @@ entries carry ``use``: ``x509-svid`` (one CA certificate in ``x5c``, no
 Workload Identity Token authorities) are read like ``jwt-svid`` ones and keep
 their ``use``, so a verifier can tell the two apart.
 
-JWK -> key conversion goes through joserfc (it checks EC points are on the
-curve, RSA parameters are sane ...); only the key's own members are handed to
-it, because joserfc refuses SPIFFE's ``use`` values.
+A key without ``use`` (a plain JWKS key, valid for JWT-SVIDs and WITs alike)
+is published in a SPIFFE bundle once per use, ``jwt-svid`` and ``wit-svid``,
+so a bundle saved from a JWKS verifies what the JWKS verified (decision 0015).
+``TrustBundle.from_jwks(..., use="wit-svid")`` gives such keys one use instead.
+
+JSON is read by the strict reader of :mod:`custos._jose` (duplicate members,
+NaN, lone surrogates refused) and every JWK goes through its one public-key
+import, which also refuses weak keys (small-order Ed25519 points, non-minimal
+encodings, RSA under 2048 bits).  Files are read through
+:func:`custos._files.read_small_file` (regular files only, bounded).
 """
 
 from __future__ import annotations
@@ -28,11 +35,18 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
-from joserfc.errors import JoseError
-from joserfc.jwk import JWKRegistry
 
+from custos._files import UnreadableFileError, read_small_file
+from custos._jose import (
+    PRIVATE_MEMBERS,
+    JoseError,
+    check_public_key,
+    import_public_jwk,
+    loads_strict,
+)
 from custos.bundle.errors import BundleError
-from custos.identity.ids import TrustDomain
+from custos.identity.errors import InvalidIdentifierError
+from custos.identity.ids import TrustDomain, coerce_trust_domain
 from custos.keys.errors import UnsupportedAlgorithmError
 from custos.keys.jwk import public_jwk_members, thumbprint
 
@@ -43,12 +57,10 @@ USE_WIT_SVID = "wit-svid"
 #: Public keys a JWT authority may hold.
 JwtPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
 
-#: JWK members that only a private (or symmetric) key has (RFC 7518 section 6).
-_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
-#: The members that define each key type's public key.
-_KEY_MEMBERS = {"EC": ("crv", "x", "y"), "RSA": ("n", "e"), "OKP": ("crv", "x")}
-_JWT_KEY_TYPES = (ec.EllipticCurvePublicKey, rsa.RSAPublicKey, ed25519.Ed25519PublicKey)
-MIN_RSA_BITS = 2048
+#: The key types a bundle entry may have; entries of other types are ignored.
+_KEY_TYPES = frozenset({"EC", "RSA", "OKP"})
+#: The uses a key without one is published under in a SPIFFE bundle.
+_JWT_USES = (USE_JWT_SVID, USE_WIT_SVID)
 #: Bundles are small (a few keys); this bounds what a hostile endpoint can make us parse.
 MAX_BUNDLE_BYTES = 4 * 1024 * 1024
 
@@ -65,16 +77,11 @@ class JwtAuthority:
     def __post_init__(self) -> None:
         if not isinstance(self.kid, str) or not self.kid:
             raise BundleError("a JWT authority needs a non-empty 'kid'")
-        if not isinstance(self.public_key, _JWT_KEY_TYPES):
-            raise BundleError(
-                f"unsupported JWT authority key type {type(self.public_key).__name__} "
-                "(EC, RSA or Ed25519 public keys only)"
-            )
-        key = self.public_key
-        if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
-            raise BundleError(
-                f"RSA key {self.kid!r} has {key.key_size} bits; at least {MIN_RSA_BITS} needed"
-            )
+        try:
+            # The same weak-key rules as a JWK in a bundle file or a cnf key.
+            check_public_key(self.public_key)
+        except JoseError as e:
+            raise BundleError(f"JWT authority {self.kid!r:.80}: {e.message}") from e
 
     def jwk(self) -> dict[str, Any]:
         """The public JWK of this authority (with ``kid``, and ``use`` / ``alg`` when set)."""
@@ -159,11 +166,9 @@ class TrustBundle:
     refresh_hint: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.trust_domain, TrustDomain):
-            raise BundleError(
-                f"trust_domain must be a TrustDomain, not {type(self.trust_domain).__name__}"
-            )
-        # frozen: normalise through object.__setattr__ (accept any iterable, store tuples)
+        # frozen: normalise through object.__setattr__ (a trust domain may be
+        # given as the string a user has; any iterable, stored as tuples)
+        object.__setattr__(self, "trust_domain", _trust_domain(self.trust_domain))
         object.__setattr__(self, "x509_authorities", _dedupe_certs(self.x509_authorities))
         object.__setattr__(self, "jwt_authorities", _dedupe_jwt(self.jwt_authorities))
         _check_uint(self.sequence, "sequence")
@@ -211,12 +216,14 @@ class TrustBundle:
             keys.append(entry)
         for auth in self.jwt_authorities:
             jwk = auth.jwk()
-            # The SPIFFE format requires `use`; consumers ignore entries without it.
-            # So a key without `use` (a plain JWKS key, valid for WITs and JWT-SVIDs)
-            # is published as `jwt-svid` and, once reloaded, no longer verifies WITs:
-            # give WIT keys `use: wit-svid` before saving a SPIFFE bundle.
-            jwk.setdefault("use", USE_JWT_SVID)
-            keys.append(jwk)
+            if auth.use is not None:
+                keys.append(jwk)
+                continue
+            # The SPIFFE format requires `use` (consumers ignore entries
+            # without it) and has no "any": a key valid for both JWT-SVIDs and
+            # WITs is published once per use, as SPIFFE bundles do, so the
+            # reloaded bundle verifies what this one did (decision 0015).
+            keys.extend({**jwk, "use": use} for use in _JWT_USES)
         out: dict[str, Any] = {"keys": keys}
         if self.sequence is not None:
             out["spiffe_sequence"] = self.sequence
@@ -229,7 +236,7 @@ class TrustBundle:
 
     @classmethod
     def from_spiffe_json(
-        cls, trust_domain: TrustDomain, data: bytes | str | Mapping[str, Any]
+        cls, trust_domain: TrustDomain | str, data: bytes | str | Mapping[str, Any]
     ) -> TrustBundle:
         """Parse a SPIFFE bundle. Entries with an unknown or missing ``use`` are
         ignored, as the spec requires."""
@@ -237,24 +244,31 @@ class TrustBundle:
 
     @classmethod
     def from_jwks(
-        cls, trust_domain: TrustDomain, data: bytes | str | Mapping[str, Any]
+        cls,
+        trust_domain: TrustDomain | str,
+        data: bytes | str | Mapping[str, Any],
+        *,
+        use: str | None = None,
     ) -> TrustBundle:
         """Parse a plain JWKS (e.g. an OIDC ``jwks_uri`` document) as JWT authorities.
 
-        Keys without ``use`` are taken as they are and other ``use`` values are
-        preserved; ``enc`` keys are skipped (they never sign), and ``x509-svid``
-        entries become X.509 authorities.
+        Keys without ``use`` are valid for JWT-SVIDs and WITs alike, unless
+        ``use`` (``"jwt-svid"`` or ``"wit-svid"``) gives them that one use;
+        other ``use`` values are preserved; ``enc`` keys are skipped (they
+        never sign), and ``x509-svid`` entries become X.509 authorities.
         """
-        return _parse(trust_domain, data, spiffe=False)
+        if use is not None and use not in _JWT_USES:
+            raise BundleError(f"use must be {USE_JWT_SVID!r} or {USE_WIT_SVID!r}, not {use!r:.40}")
+        return _parse(trust_domain, data, spiffe=False, default_use=use)
 
     @classmethod
-    def load(cls, trust_domain: TrustDomain, path: str | os.PathLike[str]) -> TrustBundle:
-        """Read a SPIFFE bundle JSON file."""
+    def load(cls, trust_domain: TrustDomain | str, path: str | os.PathLike[str]) -> TrustBundle:
+        """Read a SPIFFE bundle JSON file (a regular file of at most
+        :data:`MAX_BUNDLE_BYTES`; anything else is a clear error)."""
         try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_BUNDLE_BYTES + 1)
-        except OSError as e:
-            raise BundleError(f"cannot read bundle file {os.fspath(path)!r}: {e.strerror}") from e
+            data = read_small_file(path, max_bytes=MAX_BUNDLE_BYTES, what="bundle file")
+        except UnreadableFileError as e:
+            raise BundleError(e.message, code="unreadable_bundle") from e
         return cls.from_spiffe_json(trust_domain, data)
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -280,6 +294,13 @@ class TrustBundle:
 # -- parsing ----------------------------------------------------------------
 
 
+def _trust_domain(value: object) -> TrustDomain:
+    try:
+        return coerce_trust_domain(value)  # type: ignore[arg-type]
+    except InvalidIdentifierError as e:
+        raise BundleError(f"invalid trust domain: {e.message}") from e
+
+
 def _load_json(data: bytes | str | Mapping[str, Any]) -> Mapping[str, Any]:
     if isinstance(data, Mapping):
         return data
@@ -288,42 +309,19 @@ def _load_json(data: bytes | str | Mapping[str, Any]) -> Mapping[str, Any]:
     if len(data) > MAX_BUNDLE_BYTES:
         raise BundleError(f"bundle is larger than {MAX_BUNDLE_BYTES} bytes")
     try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BundleError(f"bundle is not valid JSON: {e}") from e
-    if not isinstance(doc, dict):
-        raise BundleError(f"bundle must be a JSON object, not {type(doc).__name__}")
-    return doc
-
-
-def _b64url_len(value: str) -> int:
-    return len(value.rstrip("=")) * 3 // 4
+        return loads_strict(data)
+    except ValueError as e:  # UnicodeDecodeError is one
+        raise BundleError(f"bundle is not valid JSON (or not one strict JSON object): {e}") from e
 
 
 def _key_from_jwk(entry: Mapping[str, Any], where: str) -> JwtPublicKey:
-    kty = entry.get("kty")
-    if kty == "oct":
+    if entry.get("kty") == "oct":
         raise BundleError(f"{where}: symmetric ('oct') keys are not allowed in a trust bundle")
-    if kty not in _KEY_MEMBERS:
-        raise BundleError(f"{where}: unsupported key type {kty!r:.40} (EC, RSA or OKP expected)")
-    members: dict[str, Any] = {"kty": kty}
-    for name in _KEY_MEMBERS[kty]:
-        value = entry.get(name)
-        if not isinstance(value, str) or not value:
-            raise BundleError(f"{where}: {kty} key member {name!r} is missing or not a string")
-        members[name] = value
-    if kty == "RSA" and _b64url_len(members["n"]) * 8 < MIN_RSA_BITS - 7:
-        # checked before import so joserfc never sees (and warns about) a toy key
-        raise BundleError(f"{where}: RSA key is shorter than {MIN_RSA_BITS} bits")
     try:
-        imported = JWKRegistry.import_key(members)
-        public = imported.public_key
-    # KeyError: joserfc indexes its curve table with "crv" unchecked (seen with "P-999")
-    except (JoseError, ValueError, TypeError, KeyError) as e:
-        raise BundleError(f"{where}: invalid {kty} key: {e}") from e
-    if not isinstance(public, _JWT_KEY_TYPES):
-        raise BundleError(f"{where}: unsupported key ({type(public).__name__})")
-    return public
+        # Only the key's own members are judged there; use / kid / alg here.
+        return import_public_jwk(entry)
+    except JoseError as e:
+        raise BundleError(f"{where}: invalid {entry.get('kty')} key: {e.message}") from e
 
 
 def _x509_from_entry(entry: Mapping[str, Any], where: str) -> x509.Certificate | None:
@@ -353,10 +351,13 @@ def _x509_from_entry(entry: Mapping[str, Any], where: str) -> x509.Certificate |
 
 
 def _parse(
-    trust_domain: TrustDomain, data: bytes | str | Mapping[str, Any], *, spiffe: bool
+    trust_domain: TrustDomain | str,
+    data: bytes | str | Mapping[str, Any],
+    *,
+    spiffe: bool,
+    default_use: str | None = None,
 ) -> TrustBundle:
-    if not isinstance(trust_domain, TrustDomain):
-        raise BundleError(f"trust_domain must be a TrustDomain, not {type(trust_domain).__name__}")
+    trust_domain = _trust_domain(trust_domain)
     doc = _load_json(data)
     keys = doc.get("keys")
     if not isinstance(keys, list):
@@ -370,7 +371,7 @@ def _parse(
         where = f"bundle key {i}"
         if not isinstance(entry, dict):
             raise BundleError(f"{where} is not a JSON object")
-        leaked = [m for m in _PRIVATE_MEMBERS if m in entry]
+        leaked = [m for m in PRIVATE_MEMBERS if m in entry]
         if leaked:
             raise BundleError(
                 f"{where} holds private key material ({', '.join(leaked)}); "
@@ -391,7 +392,7 @@ def _parse(
         kty = entry.get("kty")
         if not isinstance(kty, str) or not kty:
             raise BundleError(f"{where}: a key needs a 'kty'")
-        if kty != "oct" and kty not in _KEY_MEMBERS:
+        if kty != "oct" and kty not in _KEY_TYPES:
             # SPIFFE bundle spec 4.2.1 (and RFC 7517 section 5): an entry whose
             # key type is not understood is ignored, not fatal, so a peer that
             # starts publishing a new key type does not break federation.
@@ -403,6 +404,8 @@ def _parse(
         alg = entry.get("alg")
         if alg is not None and not isinstance(alg, str):
             raise BundleError(f"{where}: 'alg' must be a string")
+        if use is None:
+            use = default_use
         authorities.append(JwtAuthority(kid, _key_from_jwk(entry, where), use=use, alg=alg))
     return TrustBundle(trust_domain, tuple(certs), tuple(authorities), sequence, refresh_hint)
 
@@ -428,16 +431,25 @@ class BundleSet:
             raise BundleError(f"expected a TrustBundle, not {type(bundle).__name__}")
         self._bundles = {**self._bundles, bundle.trust_domain: bundle}
 
-    def remove(self, trust_domain: TrustDomain) -> None:
+    def remove(self, trust_domain: TrustDomain | str) -> None:
+        trust_domain = _trust_domain(trust_domain)
         self._bundles = {td: b for td, b in self._bundles.items() if td != trust_domain}
 
-    def get(self, trust_domain: TrustDomain) -> TrustBundle | None:
+    def get(self, trust_domain: TrustDomain | str) -> TrustBundle | None:
+        """The bundle of ``trust_domain`` (a TrustDomain or ``"example.org"``)."""
+        if type(trust_domain) is not TrustDomain:  # the per-request case skips this
+            trust_domain = _trust_domain(trust_domain)
         return self._bundles.get(trust_domain)
 
     def trust_domains(self) -> tuple[TrustDomain, ...]:
         return tuple(self._bundles)
 
     def __contains__(self, trust_domain: object) -> bool:
+        if isinstance(trust_domain, str):
+            try:
+                trust_domain = coerce_trust_domain(trust_domain)
+            except InvalidIdentifierError:
+                return False
         return trust_domain in self._bundles
 
     def __iter__(self) -> Iterator[TrustBundle]:

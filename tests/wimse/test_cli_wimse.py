@@ -613,3 +613,216 @@ def test_cli_unusable_bundle_or_trust_domain_gives_problem_json(
     jwt += ["--trust-domain", trust_domain] if trust_domain is not None else []
     jwt.append(f"e30.{wit_payload.decode()}.c2ln")
     assert problem_of(custos(*jwt))["code"] == code
+
+
+# -- issue 7: --other-token, absolute audiences, JWT-SVID codes, unreadable files -------
+
+
+def test_verify_other_token_names_the_tokens_understood(issued: dict[str, Path]) -> None:
+    """A WPT whose ``oth`` binds a token the relying party does not know is
+    refused; ``--other-token NAME`` (repeatable) names the ones it knows."""
+    from custos.keys.jose import joserfc_key as _jk  # noqa: F401  (store opened by path below)
+
+    result = custos(
+        "wimse",
+        "sign-wpt",
+        "--store",
+        "exportable",
+        "--key-dir",
+        str(issued["key_dir"]),
+        "--name",
+        "wl",
+        "--wit",
+        str(issued["wit"]),
+        "--audience",
+        "https://api.example.org/pay",
+        "--other-token",
+        "X-Session=s-1",
+        "--other-token",
+        "X-Tenant=t-9",
+        "--headers",
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "X-Session: s-1" in lines and "X-Tenant: t-9" in lines
+    unknown = verify_lines(issued, "https://api.example.org/pay", lines)
+    assert problem_of(unknown)["code"] == "wpt_oth_unknown"
+    only_one = verify_lines(
+        issued, "https://api.example.org/pay", lines, "--other-token", "X-Session"
+    )
+    assert problem_of(only_one)["code"] == "wpt_oth_unknown"
+    both = verify_lines(
+        issued,
+        "https://api.example.org/pay",
+        lines,
+        "--other-token",
+        "X-Session",
+        "--other-token",
+        "x-tenant",
+    )
+    assert both.returncode == 0, (both.stdout, both.stderr)
+    bad = verify_lines(issued, "https://api.example.org/pay", lines, "--other-token", "a b")
+    assert bad.returncode == 2 and "--other-token" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "audience",
+    ["/pay", "api.example.org/pay", "https:///pay", "", "https://api.example.org/p ay", "pay"],
+)
+def test_sign_wpt_audience_must_be_an_absolute_uri(issued: dict[str, Path], audience: str) -> None:
+    result = custos(
+        "wimse",
+        "sign-wpt",
+        "--store",
+        "exportable",
+        "--key-dir",
+        str(issued["key_dir"]),
+        "--name",
+        "wl",
+        "--wit",
+        str(issued["wit"]),
+        "--audience",
+        audience,
+    )
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "--audience" in result.stderr and "absolute URI" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sign_wpt_takes_a_non_http_absolute_audience(issued: dict[str, Path]) -> None:
+    aud = "spiffe://example.org/custos/server/agent/attest"
+    result = custos(
+        "wimse",
+        "sign-wpt",
+        "--store",
+        "exportable",
+        "--key-dir",
+        str(issued["key_dir"]),
+        "--name",
+        "wl",
+        "--wit",
+        str(issued["wit"]),
+        "--audience",
+        aud,
+        "--output",
+        "json",
+    )
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert set(doc) == {"wpt", "headers"}
+    payload = doc["wpt"].split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["aud"] == aud
+    assert [h[0] for h in doc["headers"]] == ["Workload-Identity-Token", "Authorization"]
+
+
+def _special_files(tmp_path: Path) -> dict[str, Path]:
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    latin = tmp_path / "latin1.jwt"
+    latin.write_bytes(b"\xe9t\xe9.\xff\xfe.x")
+    return {"fifo": fifo, "zero": Path("/dev/zero"), "not_utf8": latin, "dir": tmp_path}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero", "not_utf8", "dir"])
+def test_sign_wpt_unreadable_wit_file_is_a_clear_error(
+    issued: dict[str, Path], tmp_path: Path, kind: str
+) -> None:
+    wit = _special_files(tmp_path)[kind]
+    result = custos(
+        "wimse",
+        "sign-wpt",
+        "--store",
+        "exportable",
+        "--key-dir",
+        str(issued["key_dir"]),
+        "--name",
+        "wl",
+        "--wit",
+        str(wit),
+        "--audience",
+        "https://api.example.org/pay",
+    )
+    assert result.returncode in (1, 2), (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert str(wit) in result.stderr or "--wit" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero", "not_utf8"])
+def test_verify_unreadable_bundle_or_body_is_a_clear_error(tmp_path: Path, kind: str) -> None:
+    special = _special_files(tmp_path)[kind]
+    wit_payload = base64.urlsafe_b64encode(b'{"sub":"spiffe://example.org/w"}').rstrip(b"=")
+    base = ["wimse", "verify", "--method", "POST", "--url", "https://a.example/x"]
+    base += ["-H", f"Workload-Identity-Token: e30.{wit_payload.decode()}.c2ln"]
+    bundle = write_json(tmp_path / "b.json", {"keys": []})
+    as_bundle = custos(*base, "--bundle", str(special), "--trust-domain", "example.org")
+    assert problem_of(as_bundle)["code"] == "bundle_unreadable"
+    assert "Traceback" not in as_bundle.stderr
+    if kind != "not_utf8":  # a body is bytes: any bytes are a body
+        as_body = custos(*base, "--bundle", str(bundle), "--body-file", str(special))
+        assert as_body.returncode in (1, 2) and "Traceback" not in as_body.stderr
+        assert str(special) in as_body.stderr
+
+
+def test_jwt_validate_errors_carry_jwt_svid_codes(tmp_path: Path) -> None:
+    bundle = write_json(tmp_path / "b.json", {"keys": []})
+    args = ["jwt", "validate", "--bundle", str(bundle), "--audience", "a"]
+    not_a_jwt = custos(*args, "not-a-jwt")
+    assert problem_of(not_a_jwt)["code"] == "jwt_malformed"
+    payload = base64.urlsafe_b64encode(b'{"sub":"https://x"}').rstrip(b"=").decode()
+    bad_sub = custos(*args, f"e30.{payload}.c2ln")
+    assert problem_of(bad_sub)["code"] == "jwt_bad_subject"
+    no_sub = custos(*args, "e30.e30.c2ln")
+    assert problem_of(no_sub)["code"] in ("jwt_missing_claim", "jwt_malformed")
+    assert not problem_of(no_sub)["code"].startswith("wit_")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_now_is_a_usage_error(tmp_path: Path, value: str) -> None:
+    bundle = write_json(tmp_path / "b.json", {"keys": []})
+    result = custos(
+        "wimse",
+        "verify",
+        "--bundle",
+        str(bundle),
+        "--trust-domain",
+        "example.org",
+        "--now",
+        value,
+        "--method",
+        "GET",
+        "--url",
+        "https://a.example/x",
+    )
+    assert result.returncode == 2 and "--now" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_hostile_header_bytes_are_refused_clearly(tmp_path: Path) -> None:
+    """Arguments that are not UTF-8 reach Python as lone surrogates; a header,
+    URL or method made of them ends in problem JSON or a usage error."""
+    import os
+    import sys
+
+    bundle = write_json(tmp_path / "b.json", {"keys": []})
+    cases = [
+        [b"-H", b"Workload-Identity-Token: \xff\xfe.e30.c2ln", b"--url", b"https://a.example/x"],
+        [b"-H", b"X-\xe9: v", b"--url", b"https://a.example/x"],
+        [b"--url", b"https://a.example/\xff"],
+        [b"--url", b"https://\xff.example/x"],
+        [b"-H", b"Authorization: WPT " + b"a" * 100_000, b"--url", b"https://a.example/x"],
+    ]
+    for extra in cases:
+        argv = [os.fsencode(sys.executable), b"-m", b"custos", b"wimse", b"verify"]
+        argv += [b"--bundle", os.fsencode(bundle), b"--trust-domain", b"example.org"]
+        argv += [b"--method", b"GET", *extra]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CUSTOS_")}
+        env["PYTHONWARNINGS"] = "ignore"
+        done = subprocess.run(argv, capture_output=True, timeout=120, env=env, check=False)
+        stderr = done.stderr.decode("utf-8", "replace")
+        assert done.returncode in (1, 2), (extra, done.stdout, stderr)
+        assert "Traceback" not in stderr, (extra, stderr)
+        if done.returncode == 1:
+            assert json.loads(done.stdout)["code"]

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 import click
 
+from custos._files import DEFAULT_MAX_BYTES, UnreadableFileError, read_small_file
+from custos._numbers import InvalidNumberError, finite_number
 from custos.cli.keys import store_options
 from custos.errors import CustosError
 from custos.keys import KeyStore
@@ -24,30 +28,49 @@ _DEBUG_TRUST_NOTE = (
 )
 
 
-def _peek_subject(token: str) -> str:
-    """The ``sub`` of a JWT WITHOUT verifying it: only to pick a trust domain
-    when --trust-domain is not given."""
-    from custos.wimse.errors import WitError
+def _peek_trust_domain(token: str, *, jwt_svid: bool = False) -> str:
+    """The trust domain of a JWT's ``sub`` WITHOUT verifying it: only to pick a trust domain
+    when --trust-domain is not given. ``jwt_svid``: the token is a JWT-SVID,
+    so a failure carries a JWT-SVID code (``jwt_malformed``,
+    ``jwt_bad_subject``), not a WIT one."""
     from custos.wimse.wit import b64url_decode_strict, json_object_strict
 
+    malformed, bad_sub = _peek_errors(jwt_svid)
     try:
         claims = json_object_strict(b64url_decode_strict(token.strip().split(".")[1]))
-        sub = claims["sub"]
-    except (IndexError, KeyError, TypeError, ValueError, RecursionError) as e:
-        raise WitError("cannot read the token's sub", code="wit_malformed") from e
+    except (IndexError, TypeError, ValueError, RecursionError, CustosError) as e:
+        raise malformed("cannot read the token's claims") from e
+    sub = claims.get("sub")
+    if sub is None:
+        raise malformed("the token has no sub")
     if not isinstance(sub, str):
-        raise WitError("the token's sub is not a string", code="wit_bad_sub")
-    return sub
+        raise bad_sub("the token's sub is not a string")
+    try:
+        return _trust_domain_of(sub)
+    except CustosError as e:
+        raise bad_sub("the token's sub is not a workload identifier") from e
+
+
+def _peek_errors(
+    jwt_svid: bool,
+) -> tuple[Callable[[str], CustosError], Callable[[str], CustosError]]:
+    """The (malformed, bad subject) error makers of the token kind."""
+    if jwt_svid:
+        from custos.jwtsvid.errors import JwtBadSubjectError, JwtMalformedError
+
+        return JwtMalformedError, JwtBadSubjectError
+    from custos.wimse.errors import WitError
+
+    return (
+        lambda m: WitError(m, code="wit_malformed"),
+        lambda m: WitError(m, code="wit_bad_sub"),
+    )
 
 
 def _trust_domain_of(subject: str) -> str:
     from custos.identity import parse_workload_id
-    from custos.wimse.errors import WitError
 
-    try:
-        return str(parse_workload_id(subject).trust_domain)
-    except CustosError as e:
-        raise WitError("the token's sub is not a workload identifier", code="wit_bad_sub") from e
+    return str(parse_workload_id(subject).trust_domain)
 
 
 def _load_bundle(path: Path, trust_domain: str) -> BundleSet:
@@ -62,7 +85,10 @@ def _load_bundle(path: Path, trust_domain: str) -> BundleSet:
     except InvalidIdentifierError as e:
         raise _InputError(f"--trust-domain: {e.message}", code="trust_domain_invalid") from e
     try:
-        data = path.read_bytes()
+        data = read_small_file(path, what="bundle")
+    except UnreadableFileError as e:
+        raise _InputError(e.message, code="bundle_unreadable") from e
+    try:
         doc = json.loads(data)
         if not isinstance(doc, dict):
             raise _InputError(f"{path}: not a JSON object", code="bundle_invalid")
@@ -111,6 +137,83 @@ def _problem_exit(err: CustosError) -> NoReturn:
     sys.exit(1)
 
 
+def _finite_now(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """``--now``: a finite epoch time (NaN would turn every time check off)."""
+    if value is None:
+        return None
+    try:
+        return finite_number(value, name="--now", minimum=0)
+    except InvalidNumberError as e:
+        raise click.BadParameter(e.message) from e
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _absolute_uri(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--audience``: an absolute URI (RFC 3986 §4.3): a scheme, ":", no
+    spaces or controls, and for http(s) a host. A relative path or a bare
+    host would make a WPT no relying party accepts."""
+    scheme, sep, rest = value.partition(":")
+    usable = (
+        bool(sep)
+        and bool(rest)
+        and _SCHEME.fullmatch(scheme) is not None
+        and value.isascii()
+        and value.isprintable()
+        and " " not in value
+    )
+    if usable and scheme.lower() in ("http", "https"):
+        usable = bool(urlsplit(value).hostname)
+    if not usable:
+        raise click.BadParameter(
+            f"{value[:80]!r} is not an absolute URI (e.g. https://api.example.com/pay)"
+        )
+    return value
+
+
+def _other_token_names(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    for name in value:
+        if not _HEADER_NAME.fullmatch(name):
+            raise click.BadParameter(f"{name[:40]!r} is not a header field name")
+    return value
+
+
+def _other_token_pairs(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in value:
+        name, sep, token = item.partition("=")
+        if not sep or not _HEADER_NAME.fullmatch(name) or not token:
+            raise click.BadParameter(f"{item[:40]!r} is not NAME=VALUE")
+        pairs[name] = token
+    return pairs
+
+
+def _read_input(path: str, what: str, *, text: bool) -> bytes | str:
+    """A file the operator named ('-': stdin), bounded; a FIFO, a device, a
+    directory or (``text``) a file that is not UTF-8 is a clear error."""
+    if path == "-":
+        data = sys.stdin.buffer.read(DEFAULT_MAX_BYTES + 1)
+        if len(data) > DEFAULT_MAX_BYTES:
+            raise click.BadParameter(f"stdin holds more than {DEFAULT_MAX_BYTES} bytes")
+    else:
+        try:
+            data = read_small_file(path, what=what)
+        except UnreadableFileError as e:
+            raise click.BadParameter(e.message) from e
+    if not text:
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise click.BadParameter(f"{what} {path!r} is not UTF-8 text") from None
+
+
 @click.group()
 def wimse() -> None:
     """WIMSE tokens and proofs: verify a request, sign a WPT."""
@@ -128,7 +231,9 @@ def wimse() -> None:
 @click.option(
     "--trust-domain", default=None, help=f"trust domain the bundle belongs to. {_DEBUG_TRUST_NOTE}"
 )
-@click.option("--now", type=float, default=None, help="pin the clock (epoch seconds)")
+@click.option(
+    "--now", type=float, default=None, callback=_finite_now, help="pin the clock (epoch seconds)"
+)
 @click.option(
     "--audience",
     default=None,
@@ -138,7 +243,12 @@ def wimse() -> None:
 @click.option("--method", required=True, help="request method, e.g. POST")
 @click.option("--url", required=True, help="the request URL as the client sent it")
 @click.option("-H", "--header", "headers", multiple=True, help="'Name: value', repeatable")
-@click.option("--body-file", type=click.File("rb"), default=None, help="the request body")
+@click.option(
+    "--body-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="the request body ('-': stdin; a regular file of at most 1 MiB)",
+)
 @click.option("--no-wpt01", is_flag=True, help="refuse the wpt-01 wire form")
 @click.option(
     "--max-ttl",
@@ -146,6 +256,14 @@ def wimse() -> None:
     default=None,
     help="how far ahead (seconds) a WPT's exp may lie [default: 300]; the drafts' "
     "example WPT lives ~17 minutes",
+)
+@click.option(
+    "--other-token",
+    "other_tokens",
+    multiple=True,
+    callback=_other_token_names,
+    help="header name of another token (WPT 'oth') this relying party understands; "
+    "repeatable. A WPT binding a token not named here is refused (wpt-02)",
 )
 def verify(
     bundle_path: Path,
@@ -155,9 +273,10 @@ def verify(
     method: str,
     url: str,
     headers: tuple[str, ...],
-    body_file: IO[bytes] | None,
+    body_file: str | None,
     no_wpt01: bool,
     max_ttl: int | None,
+    other_tokens: tuple[str, ...],
 ) -> None:
     """Verify a request carrying a WIT + WPT (either form) or a WIMSE HTTP signature.
 
@@ -179,17 +298,24 @@ def verify(
         raise click.UsageError("--url must be an absolute http(s) URL")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     origin = audience or f"{parts.scheme}://{parts.netloc}"
-    request = HttpMessage.request(method, target, parsed, body_file.read() if body_file else None)
+    body = _read_input(body_file, "--body-file", text=False) if body_file else None
+    assert not isinstance(body, str)
+    request = HttpMessage.request(method, target, parsed, body or None)
     try:
         bundles = _load_bundle(bundle_path, trust_domain) if trust_domain else None
         if bundles is None:
             wit = request.get("workload-identity-token")
             if wit is None:
                 raise WitError("no Workload-Identity-Token header", code="wit_missing")
-            bundles = _load_bundle(bundle_path, _trust_domain_of(_peek_subject(wit)))
+            bundles = _load_bundle(bundle_path, _peek_trust_domain(wit))
         try:
             verifier = build_request_verifier(
-                bundles, [origin], accept_wpt01=not no_wpt01, now=now, wpt_max_ttl=max_ttl
+                bundles,
+                [origin],
+                accept_wpt01=not no_wpt01,
+                now=now,
+                wpt_max_ttl=max_ttl,
+                known_other_tokens=other_tokens,
             )
         except ValueError as e:
             raise click.UsageError(f"--audience: {e}") from e
@@ -208,14 +334,26 @@ def verify(
 @store_options
 @click.option("--name", required=True, help="the workload key (the WIT's cnf key)")
 @click.option(
-    "--wit", "wit_file", required=True, type=click.File("r"), help="file with the WIT ('-': stdin)"
+    "--wit",
+    "wit_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="file with the WIT ('-': stdin)",
 )
 @click.option(
     "--audience",
     required=True,
-    help="target URI, e.g. https://api.example.com/pay (query and fragment are dropped)",
+    callback=_absolute_uri,
+    help="absolute target URI, e.g. https://api.example.com/pay (query and fragment are "
+    "dropped), or an exact non-HTTP audience such as spiffe://example.org/custos/server/x",
 )
-@click.option("--ttl", default=60, show_default=True, type=int, help="seconds the WPT lives")
+@click.option(
+    "--ttl",
+    default=60,
+    show_default=True,
+    type=click.IntRange(1, 3600),
+    help="seconds the WPT lives",
+)
 @click.option(
     "--wire",
     default="wpt-02",
@@ -225,31 +363,55 @@ def verify(
 )
 @click.option("--txn-token", default=None, help="bind this Txn-Token (tth)")
 @click.option("--access-token", default=None, help="wpt-01 only: bind this bearer token (ath)")
-@click.option("--now", type=float, default=None, help="pin the issue time (epoch seconds)")
+@click.option(
+    "--other-token",
+    "other_tokens",
+    multiple=True,
+    callback=_other_token_pairs,
+    help="bind another token (WPT 'oth'), NAME=VALUE with NAME its header field; repeatable",
+)
+@click.option(
+    "--now",
+    type=float,
+    default=None,
+    callback=_finite_now,
+    help="pin the issue time (epoch seconds)",
+)
 @click.option(
     "--headers",
     "as_headers",
     is_flag=True,
     help="print the header lines to send instead of the bare WPT",
 )
+@click.option(
+    "--output",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help='json: {"wpt": ..., "headers": [[name, value], ...]}',
+)
 def sign_wpt(
     store: KeyStore,
     name: str,
-    wit_file: IO[str],
+    wit_file: str,
     audience: str,
     ttl: int,
     wire: str,
     txn_token: str | None,
     access_token: str | None,
+    other_tokens: dict[str, str],
     now: float | None,
     as_headers: bool,
+    output: str,
 ) -> None:
     """Sign a WPT through a key store key; print it (or the headers to send)."""
     from custos.keys.jose import joserfc_key
     from custos.wimse.wpt import create_wpt, wpt_headers
 
     wire_form: Any = wire  # click.Choice checked it is one of the Wire literals
-    wit = wit_file.read().strip()
+    wit_text = _read_input(wit_file, "--wit", text=True)
+    assert isinstance(wit_text, str)
+    wit = wit_text.strip()
     wpt = create_wpt(
         joserfc_key(store.get(name)),
         wit,
@@ -259,13 +421,17 @@ def sign_wpt(
         wire=wire_form,
         access_token=access_token,
         now=now,
+        other_tokens=other_tokens or None,
     )
-    if as_headers:
-        lines = wpt_headers(wit, wpt, wire=wire_form)
-        if txn_token is not None:
-            lines.append(("Txn-Token", txn_token))
-        if access_token is not None:
-            lines.append(("Authorization", f"Bearer {access_token}"))
+    lines = wpt_headers(wit, wpt, wire=wire_form)
+    if txn_token is not None:
+        lines.append(("Txn-Token", txn_token))
+    lines.extend(other_tokens.items())
+    if access_token is not None:
+        lines.append(("Authorization", f"Bearer {access_token}"))
+    if output == "json":
+        click.echo(json.dumps({"wpt": wpt, "headers": [list(h) for h in lines]}))
+    elif as_headers:
         for k, v in lines:
             click.echo(f"{k}: {v}")
     else:
@@ -289,7 +455,9 @@ def jwt() -> None:
     "--trust-domain", default=None, help=f"trust domain the bundle belongs to. {_DEBUG_TRUST_NOTE}"
 )
 @click.option("--audience", required=True, help="the audience this validator is")
-@click.option("--now", type=float, default=None, help="pin the clock (epoch seconds)")
+@click.option(
+    "--now", type=float, default=None, callback=_finite_now, help="pin the clock (epoch seconds)"
+)
 @click.argument("token")
 def validate(
     bundle_path: Path, trust_domain: str | None, audience: str, now: float | None, token: str
@@ -304,7 +472,7 @@ def validate(
     try:
         bundles = _load_bundle(bundle_path, trust_domain) if trust_domain else None
         if bundles is None:
-            bundles = _load_bundle(bundle_path, _trust_domain_of(_peek_subject(token)))
+            bundles = _load_bundle(bundle_path, _peek_trust_domain(token, jwt_svid=True))
         svid = validate_jwt_svid(token, audience, bundles, now=when)
     except CustosError as err:
         _problem_exit(err)

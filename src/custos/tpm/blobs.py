@@ -141,10 +141,14 @@ def _check(tss: Any, what: str, required: TPMA_OBJECT, forbidden: TPMA_OBJECT) -
     missing = required & ~attributes
     extra = attributes & forbidden
     if missing or extra:
+        kind = "workload signing key" if forbidden & TPMA_OBJECT.RESTRICTED else "attestation key"
+        why = [f"lacks {TPMA_OBJECT(missing)!s}"] if missing else []
+        why += [f"has {TPMA_OBJECT(extra)!s}"] if extra else []
+        if extra & TPMA_OBJECT.RESTRICTED:
+            why.append("a restricted key is an attestation key, not a workload key")
         raise BadKeyBlobError(
-            f"{what} is not a {'' if forbidden & TPMA_OBJECT.RESTRICTED else 'restricted '}"
-            f"non-duplicable TPM-generated signing key (attributes {attributes!s}; "
-            f"missing {TPMA_OBJECT(missing)!s}, forbidden {TPMA_OBJECT(extra)!s})"
+            f"{what} is not a non-duplicable TPM-generated {kind}: it {'; '.join(why)} "
+            f"(attributes {attributes!s})"
         )
     alg = algorithm_of(public)
     try:

@@ -534,55 +534,69 @@ class TpmContext:
                 self._flush(handle)
         return signature
 
-    def _load_key(self, key: LoadedKey, blob: KeyBlob) -> Any:
-        """Load a key file's blob, first making room in the LRU."""
-        # Make room first: swtpm has three object slots and no resource manager; a
+    def _make_room(self) -> None:
+        # Before a load: swtpm has three object slots and no resource manager; a
         # user that keeps no key loaded still never holds more than the cache would.
         room = max(self.capacity, 1)
         while self._loaded and len(self._loaded) >= room:
             _, (_, old) = self._loaded.popitem(last=False)
             self._flush(old)
+
+    def _load_key(self, key: LoadedKey, blob: KeyBlob) -> Any:
+        """Load a key file's blob, first making room in the LRU."""
+        self._make_room()
+        return self._load_blob(key[1], blob)
+
+    def _load_blob(self, what: str, blob: KeyBlob) -> Any:
         try:
-            return self.load(key[1], blob.tss)
+            return self.load(what, blob.tss)
         except TSS2_Exception as e:
             if is_device_loss(e):
                 raise
             raise BadKeyBlobError(
-                f"the TPM refused to load key {key[1]!r} ({e}): the key file is corrupt, "
+                f"the TPM refused to load key {what!r} ({e}): the key file is corrupt, "
                 "its public area does not match its private part, or it was made by "
                 "another TPM or under another owner seed"
             ) from e
 
-    def verify(self, key: LoadedKey, stamp: Stamp, blob: KeyBlob, keep: bool) -> None:
-        """Check with the TPM that ``blob`` is a key of this TPM, as its file says.
+    def load_checked(self, what: str, blob: KeyBlob) -> Any:
+        """TPM2_Load ``blob`` and check the loaded object is the key its file says.
 
-        TPM2_Load, then TPM2_ReadPublic on the loaded object: the name the TPM
-        returns must be the name of the file's public area.  A refused load or
-        another name is :class:`BadKeyBlobError`.  The key then stays loaded
-        (``keep``, as after a signature), so checking costs the first signature
-        nothing extra.
+        TPM2_ReadPublic on the loaded object: the name the TPM returns must be the
+        name of the file's public area.  A refused load or another name is
+        :class:`BadKeyBlobError` (nothing stays loaded).  The caller flushes the
+        returned handle (:meth:`flush`).  Lock held (inside :meth:`device`).
         """
-        loaded = self._loaded.pop(key, None)
-        if loaded is not None and loaded[0] != stamp:
-            self._flush(loaded[1])  # loaded from an older file
-            loaded = None
-        handle = loaded[1] if loaded is not None else self._load_key(key, blob)
-        keep = keep and self.capacity > 0
-        ok = False
+        handle = self._load_blob(what, blob)
         try:
             _, tpm_name, _ = self._ectx.read_public(handle)
             ok = bytes(tpm_name) == blob.name
-        finally:
-            if ok and keep:
-                self._loaded[key] = (stamp, handle)
-            else:
-                self._loaded.pop(key, None)
-                self._flush(handle)
+        except BaseException:
+            self._flush(handle)
+            raise
         if not ok:
+            self._flush(handle)
             raise BadKeyBlobError(
-                f"key {key[1]!r}: the TPM computes another name for the loaded key than "
+                f"key {what!r}: the TPM computes another name for the loaded key than "
                 "its file's public area has; the file was tampered with"
             )
+        return handle
+
+    def verify(self, key: LoadedKey, stamp: Stamp, blob: KeyBlob, keep: bool) -> None:
+        """Check with the TPM (:meth:`load_checked`) that a key file's blob is ours.
+
+        The key then stays loaded (``keep``, as after a signature), so checking
+        costs the first signature nothing extra.  Lock held.
+        """
+        loaded = self._loaded.pop(key, None)
+        if loaded is not None:
+            self._flush(loaded[1])  # loaded from another (older) file, or unchecked
+        self._make_room()
+        handle = self.load_checked(key[1], blob)
+        if keep and self.capacity > 0:
+            self._loaded[key] = (stamp, handle)
+        else:
+            self._flush(handle)
 
     def flush(self, handle: Any) -> None:
         """Flush a transient object the caller loaded (an attestation key, say)."""

@@ -11,25 +11,18 @@ from __future__ import annotations
 from typing import Any
 
 from cryptography import x509
-from tpm2_pytss import ESAPI, TSS2_Exception
+from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.constants import TPM2_ALG, TPM2_CAP, TPM2_PT
 
-from custos.keys.errors import DeviceUnavailableError, StoreConfigError
-from custos.keys.tpm import TpmError, is_device_loss
-
-#: TCG EK Credential Profile NV indices (low range + the P-384 one swtpm uses).
-EK_CERT_INDICES: dict[str, int] = {
-    "rsa2048": 0x01C00002,
-    "ecc-p256": 0x01C0000A,
-    "ecc-p384": 0x01C00016,
-}
-PLATFORM_CERT_INDEX = 0x01C08000
+from custos.keys.errors import DeviceUnavailableError
+from custos.tpm.context import open_esapi
+from custos.tpm.ek import EK_CERT_INDICES, PLATFORM_CERT_INDEX, der_prefix, read_nv
+from custos.tpm.errors import TpmError, is_device_loss
 
 # TPM_PT_* values (TPM 2.0 Part 2, 6.13) that tpm2-pytss 3.0 does not name.
 PT_VENDOR_STRING = (0x106, 0x107, 0x108, 0x109)
 PT_FIRMWARE_VERSION_1 = 0x10B
 PT_FIRMWARE_VERSION_2 = 0x10C
-PT_NV_BUFFER_MAX = 0x12C
 # Fixed properties from TPM_PT_FAMILY_INDICATOR through FIRMWARE_VERSION_2, in one call.
 _PT_FIRST = int(TPM2_PT.FAMILY_INDICATOR)
 _PT_COUNT = PT_FIRMWARE_VERSION_2 - _PT_FIRST + 1
@@ -39,22 +32,6 @@ def _chars(value: int) -> str:
     """A 32-bit property holding 4 ASCII characters (manufacturer, vendor strings)."""
     raw = value.to_bytes(4, "big")
     return "".join(chr(b) for b in raw if 0x20 <= b < 0x7F).strip()
-
-
-def _der_prefix(data: bytes) -> bytes:
-    """The leading DER element of ``data``: NV indices are often padded past the cert.
-
-    Hand-written (8 lines) because cryptography rejects trailing bytes and offers no
-    "parse one element" call.
-    """
-    if len(data) < 2 or data[0] != 0x30:
-        return data
-    first = data[1]
-    if first < 0x80:
-        return data[: 2 + first]
-    n = first & 0x7F
-    length = int.from_bytes(data[2 : 2 + n], "big")
-    return data[: 2 + n + length]
 
 
 def _properties(ectx: Any) -> dict[int, int]:
@@ -84,30 +61,9 @@ def _pcr_banks(ectx: Any) -> list[str]:
     return banks
 
 
-def read_nv(ectx: Any, index: int) -> bytes | None:
-    """The whole contents of an NV index, or None when it is not defined."""
-    try:
-        handle = ectx.tr_from_tpmpublic(index)
-    except TSS2_Exception as e:
-        if is_device_loss(e):
-            raise
-        return None
-    try:
-        nv_public, _ = ectx.nv_read_public(handle)
-        size = int(nv_public.nvPublic.dataSize)
-        _more, cap = ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, PT_NV_BUFFER_MAX, 1)
-        chunk = int(cap.data.tpmProperties[0].value) or 512
-        data = b""
-        while len(data) < size:
-            data += bytes(ectx.nv_read(handle, min(chunk, size - len(data)), len(data)))
-        return data
-    finally:
-        ectx.tr_close(handle)
-
-
 def _cert_summary(der: bytes) -> dict[str, str]:
     try:
-        cert = x509.load_der_x509_certificate(_der_prefix(der))
+        cert = x509.load_der_x509_certificate(der_prefix(der))
     except ValueError as e:
         return {"error": f"unparseable certificate: {e}"}
     return {
@@ -129,12 +85,7 @@ def tpm_info(tcti: str) -> dict[str, Any]:
     ``ek_certificate_subject`` / ``ek_certificate_issuer`` (of the first one found,
     RSA first).
     """
-    try:
-        ectx = ESAPI(tcti)
-    except TSS2_Exception as e:
-        if is_device_loss(e):
-            raise DeviceUnavailableError(f"cannot reach the TPM at {tcti!r} ({e})") from e
-        raise StoreConfigError(f"invalid TPM TCTI {tcti!r}: {e}") from e
+    ectx = open_esapi(tcti)
     try:
         props = _properties(ectx)
         fw1 = props.get(PT_FIRMWARE_VERSION_1, 0)

@@ -65,15 +65,21 @@ def validate_tcti(value: str, *, source: str = "tcti") -> str:
     return value
 
 
-def resolve_tcti(explicit: str | None, environ: Mapping[str, str] | None = None) -> str:
+def resolve_tcti(
+    explicit: str | None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    explicit_source: str = "tcti",
+) -> str:
     """The TCTI to use, validated: ``explicit``, else the first set of
     :data:`TCTI_ENV_VARS`, else :data:`DEFAULT_TCTI`.
 
     An environment variable set to the empty string counts as unset (as in
-    tpm2-tools); an explicit empty string is refused.
+    tpm2-tools); an explicit empty string is refused.  ``explicit_source`` names
+    the explicit value in errors ("--tcti", "tcti").
     """
     if explicit is not None:
-        return validate_tcti(explicit)
+        return validate_tcti(explicit, source=explicit_source)
     env = os.environ if environ is None else environ
     for var in TCTI_ENV_VARS:
         value = env.get(var)

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from joserfc.jwk import ECKey
 
 from custos.bundle import BundleSet, JwtAuthority, TrustBundle
 from custos.errors import CustosError
@@ -153,6 +154,7 @@ def bundles(store: MemoryKeyStore) -> BundleSet:
 
 
 WL_KEY = ec.generate_private_key(ec.SECP256R1())
+WL_JOSE = ECKey.import_key(WL_KEY)
 SUB_A = WimseId.parse("wimse://example.com/svc/a")
 SUB_B = WimseId.parse("wimse://example.com/svc/b")
 
@@ -1236,3 +1238,45 @@ def test_verifier_reads_headers_through_the_public_lookup(
         [("WORKLOAD-IDENTITY-TOKEN", wit), ("authorization", f"WPT {hand_wpt(wit)}")],
     )
     assert verifier(bundles).verify(request).subject == SUB_A
+
+
+# -- issue 7: what a new user has ---------------------------------------------------------
+
+
+def test_create_wpt_takes_a_store_key_and_a_timedelta(store: MemoryKeyStore) -> None:
+    wit = mint_wit(
+        store.get("issuer"),
+        subject="wimse://example.com/svc/store",
+        workload_public_jwk=store.get("wl-store"),
+        ttl=timedelta(hours=1),
+        now=NOW - 60,
+    )
+    proof = create_wpt(
+        store.get("wl-store"), wit, ORIGIN + "/pay", ttl_seconds=timedelta(seconds=30), now=NOW
+    )
+    claims = json.loads(b64d(proof.split(".")[1]))
+    assert claims["exp"] == NOW + 30
+
+
+@pytest.mark.parametrize(
+    "bad", [float("nan"), float("inf"), 0, 301, 1.5, timedelta(milliseconds=500), True]
+)
+def test_create_wpt_refuses_bad_ttls_and_clocks(store: MemoryKeyStore, bad: Any) -> None:
+    wit = mint(store)
+    with pytest.raises(WptMintError):
+        create_wpt(WL_JOSE, wit, ORIGIN + "/pay", ttl_seconds=bad)
+    for clock in (float("nan"), float("inf"), True):
+        with pytest.raises(WptMintError):
+            create_wpt(WL_JOSE, wit, ORIGIN + "/pay", now=clock)
+
+
+def test_verifier_from_bundle_file(store: MemoryKeyStore, tmp_path: Any) -> None:
+    from custos.wimse.verifier import verifier_from_bundle_file
+
+    jwks = {"keys": [{**store.public_jwk("issuer"), "kid": "issuer", "use": "wit-svid"}]}
+    path = tmp_path / "bundle.json"
+    TrustBundle.from_jwks(EXAMPLE, jwks).save(path)
+    rp = verifier_from_bundle_file(path, "example.com", ORIGIN, now=NOW)
+    wit = mint(store)
+    caller = rp.verify(req(wit, hand_wpt(wit)))
+    assert caller.subject == str(SUB_A) and caller.variant == "wpt"

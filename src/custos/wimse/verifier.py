@@ -111,22 +111,25 @@ class RequestVerifier:
 
     def verify(self, request: HttpMessage) -> Caller:
         has_sig = _has_signature(request)
+        if not has_sig and self._wpt is not None:
+            # No signature fields: the WPT verifier decides, and its errors
+            # say what is missing (wit_missing, wpt_missing).
+            return _caller_from(self._wpt.verify(request), "wpt")
         has_wpt = _has_wpt(request)
         if has_sig and has_wpt:
             raise MalformedRequestError(
                 "request carries both a WPT and an HTTP signature", code="ambiguous_proof"
             )
-        if has_sig or (not has_wpt and self._wpt is None):
+        if has_sig or not has_wpt:
             if self._sig is None:
                 raise MalformedRequestError(
                     "the HTTP-signature variant is not accepted here", code="variant_not_accepted"
                 )
             return _caller_from(self._sig.verify_request(request), "http-signature")
-        if self._wpt is None:
-            raise MalformedRequestError(
-                "the WPT variant is not accepted here", code="variant_not_accepted"
-            )
-        return _caller_from(self._wpt.verify(request), "wpt")
+        # A WPT next to no signature, and only the signature variant is on.
+        raise MalformedRequestError(
+            "the WPT variant is not accepted here", code="variant_not_accepted"
+        )
 
 
 def build_request_verifier(

@@ -52,6 +52,7 @@ from joserfc.jwk import ECKey, OKPKey, RSAKey
 from custos._jose import (
     ASYMMETRIC_ALGORITHMS,
     PRIVATE_MEMBERS,
+    CompactJws,
     JoseError,
     b64url_decode,
     b64url_encode,
@@ -147,46 +148,30 @@ def token_hash(token: str) -> str:
     return b64url_encode(hashlib.sha256(token.encode("ascii")).digest())
 
 
-@dataclass(frozen=True)
-class CompactJws:
-    """A compact JWS split and decoded, signature not yet checked."""
-
-    header: dict[str, Any]
-    claims: dict[str, Any]
-    signing_input: bytes
-    signature: bytes
-
-
 def decode_compact(
     token: object, *, max_bytes: int, error: Callable[[str, str], WimseError], prefix: str
 ) -> CompactJws:
     """:func:`custos._jose.decode_compact` with the core's error mapped to
     ``error(code, message)``: ``<prefix>_too_large`` or ``<prefix>_malformed``."""
     try:
-        jose = _decode_compact(token, max_length=max_bytes)
+        return _decode_compact(token, max_length=max_bytes)
     except JoseError as e:
         kind = "too_large" if e.code == "jose_too_large" else "malformed"
         raise error(f"{prefix}_{kind}", e.message) from None
-    return CompactJws(jose.header, jose.claims, jose.signing_input, jose.signature)
 
 
 # -- keys ----------------------------------------------------------------------
 
 
-def check_signature(
-    key: object,
-    alg: str,
-    signing_input: bytes,
-    signature: bytes,
-    error: Callable[[str, str], WimseError],
-    code: str,
-) -> None:
-    """:func:`custos._jose.verify_signature`, any refusal (a bad signature, a
-    key that does not fit ``alg``) raised as ``error(code, ...)``."""
+def signature_valid(key: object, alg: str, signing_input: bytes, signature: bytes) -> bool:
+    """Whether :func:`custos._jose.verify_signature` accepts: False for a bad
+    signature and for a key that does not fit ``alg`` (the caller raises its
+    own code)."""
     try:
         verify_signature(key, alg, signing_input, signature)
-    except JoseError as e:
-        raise error(code, e.message) from None
+    except JoseError:
+        return False
+    return True
 
 
 def _joserfc_public(key: PublicKey, members: dict[str, Any]) -> JoseKey:
@@ -200,13 +185,6 @@ def _joserfc_public(key: PublicKey, members: dict[str, Any]) -> JoseKey:
 
 #: The members of each key type a cnf.jwk keeps (RFC 7518 6.2.1, 6.3.1, RFC 8037 2).
 _KEY_MEMBERS = {"EC": ("crv", "x", "y"), "RSA": ("n", "e"), "OKP": ("crv", "x")}
-#: The core's key refusals as WIT codes (anything else is wit_bad_cnf).
-_CNF_CODES = {
-    "jose_key_private": "wit_private_cnf",
-    "jose_key_weak": "wit_weak_cnf",
-    "jose_key_alg_mismatch": "wit_bad_cnf_alg",
-    "jose_unsupported_alg": "wit_bad_cnf_alg",
-}
 
 
 def _import_cnf_jwk(
@@ -235,7 +213,13 @@ def _import_cnf_jwk(
     try:
         key = import_public_jwk(jwk, alg=alg)
     except JoseError as e:
-        raise _fail(_CNF_CODES.get(e.code, "wit_bad_cnf"), f"cnf.jwk: {e.message}") from None
+        if e.code == "jose_key_weak":
+            raise _fail("wit_weak_cnf", f"cnf.jwk is a weak key: {e.message}") from None
+        if e.code in ("jose_key_alg_mismatch", "jose_unsupported_alg"):
+            raise _fail(
+                "wit_bad_cnf_alg", f"cnf.jwk alg does not fit the key: {e.message}"
+            ) from None
+        raise _fail("wit_bad_cnf", f"cnf.jwk is not a valid public key: {e.message}") from None
     # Only the key's own members (and alg) are kept: "use"/"key_ops" and the
     # like are not ours to enforce, and joserfc would interpret them.
     members = {"kty": jwk["kty"], **{m: jwk[m] for m in _KEY_MEMBERS[jwk["kty"]]}}
@@ -570,9 +554,8 @@ def _verify(
     assert isinstance(token, str)  # parse_wit_unverified checked it
     # The bundle's cryptography key verifies the parts decoded above directly
     # (no joserfc key import, no second decode).
-    check_signature(
-        public_key, shape.alg, shape.signing_input, shape.signature, _fail, "wit_bad_signature"
-    )
+    if not signature_valid(public_key, shape.alg, shape.signing_input, shape.signature):
+        raise _fail("wit_bad_signature", "signature is not valid")
 
     claims = shape.claims
     exp = _numeric_date(claims, "exp")
@@ -704,13 +687,13 @@ __all__ = [
     "WitVerifier",
     "b64url_decode_strict",
     "b64url_encode",
-    "check_signature",
     "decode_compact",
     "key_fits_alg",
     "mint_wit",
     "new_jti",
     "parse_wit_unverified",
     "resolve_clock",
+    "signature_valid",
     "token_hash",
     "verify_wit",
 ]

@@ -59,7 +59,7 @@ from typing import Any, ClassVar, Literal
 from joserfc import jws
 from joserfc.errors import JoseError
 
-from custos._numbers import seconds
+from custos._numbers import InvalidNumberError, finite_number, seconds
 from custos.bundle import BundleSet
 from custos.errors import CustosError
 from custos.identity import SpiffeId, TrustDomain, WimseId
@@ -69,6 +69,7 @@ from custos.keys.cryptography_keys import (
     DeviceEd25519PrivateKey,
     DeviceRSAPrivateKey,
 )
+from custos.keys.jose import joserfc_key
 from custos.keys.jwk import public_jwk_members
 from custos.wimse.errors import (
     WimseError,
@@ -88,12 +89,12 @@ from custos.wimse.wit import (
     WitVerifier,
     b64url_encode,
     check_clock,
-    check_signature,
     decode_compact,
     new_jti,
     numeric_date,
     parse_wit_unverified,
     resolve_clock,
+    signature_valid,
     token_hash,
 )
 
@@ -244,11 +245,11 @@ def strip_query_and_fragment(uri: str) -> str:
 
 
 def create_wpt(
-    signer: JoseKey,
+    signer: JoseKey | StoreKey,
     wit: str,
     audience: str,
     *,
-    ttl_seconds: int = DEFAULT_WPT_TTL,
+    ttl_seconds: int | timedelta = DEFAULT_WPT_TTL,
     txn_token: str | None = None,
     other_tokens: Mapping[str, str] | None = None,
     wire: Wire = "wpt-02",
@@ -258,19 +259,32 @@ def create_wpt(
     """Make a WPT for one request to ``audience`` (the target URI; query and
     fragment are stripped here).
 
-    ``signer`` is the workload's joserfc key (``custos.keys.jose.joserfc_key``
-    signs in the device); it must be the key the WIT binds, and the algorithm
-    is the WIT's ``cnf.jwk.alg``.  ``other_tokens`` maps header field names to
+    ``signer`` is the workload's key: a :class:`custos.keys.StoreKey` (signs in
+    the device) or a joserfc key; it must be the key the WIT binds, and the
+    algorithm is the WIT's ``cnf.jwk.alg``.  ``ttl_seconds`` is whole seconds
+    or a timedelta, 1 to 300.  ``other_tokens`` maps header field names to
     the values sent in those fields; ``access_token`` (wpt-01 only) adds ``ath``.
     """
     if wire not in ("wpt-02", "wpt-01"):
         raise WptMintError(f"unknown wire form {wire!r}")
+    given = ttl_seconds.total_seconds() if isinstance(ttl_seconds, timedelta) else ttl_seconds
     if (
-        isinstance(ttl_seconds, bool)
-        or not isinstance(ttl_seconds, int)
-        or not (0 < ttl_seconds <= DEFAULT_MAX_TTL)
+        isinstance(given, bool)
+        or not isinstance(given, (int, float))
+        or not (1 <= given <= DEFAULT_MAX_TTL)  # NaN fails this too
+        or given != int(given)
     ):
-        raise WptMintError(f"ttl_seconds must be 1..{DEFAULT_MAX_TTL}: a WPT is short-lived")
+        raise WptMintError(
+            f"ttl_seconds must be whole seconds, 1..{DEFAULT_MAX_TTL}: a WPT is short-lived"
+        )
+    ttl = int(given)
+    if now is not None:
+        try:
+            now = finite_number(now, name="now")
+        except InvalidNumberError as e:
+            raise WptMintError(e.message) from e
+    if isinstance(signer, StoreKey):
+        signer = joserfc_key(signer)
     if access_token is not None and wire != "wpt-01":
         raise WptMintError(
             "wpt-02 has no ath: the WPT takes the Authorization field, so no bearer token "
@@ -299,7 +313,7 @@ def create_wpt(
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {
         "aud": aud,
-        "exp": issued + ttl_seconds,
+        "exp": issued + ttl,
         "jti": new_jti(),
         "wth": binding.wth,
     }
@@ -523,14 +537,8 @@ class WptVerifier:
             raise _fail("wpt_alg_mismatch", "WPT alg differs from the WIT's cnf.jwk.alg")
         # Checked with the WIT's confirmation key; it refuses a key that does
         # not fit alg.
-        check_signature(
-            wit.cnf_key.public_key,
-            alg,
-            jose.signing_input,
-            jose.signature,
-            _fail,
-            "wpt_bad_signature",
-        )
+        if not signature_valid(wit.cnf_key.public_key, alg, jose.signing_input, jose.signature):
+            raise _fail("wpt_bad_signature", "signature is not valid")
 
         aud = claims.get("aud")
         # A list-valued aud is refused: one proof, one target.

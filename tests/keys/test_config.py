@@ -111,3 +111,65 @@ def test_config_with_a_pin_still_opens_the_store(softhsm: SoftHSMToken) -> None:
     with open_key_store(config) as store:
         assert softhsm.pin not in repr(store)
         store.list()
+
+
+# ---- the TPM transport (issue 7 item 13): allowlist and tpm2-tools' variables -------------
+
+_TCTI_VARS = ("CUSTOS_TCTI", "TPM2TOOLS_TCTI", "TSS2_TCTI")
+
+
+@pytest.fixture
+def no_tcti_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for var in _TCTI_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    "tcti", ["cmd:touch /tmp/owned", "libtpms:", "/tmp/evil.so", "device\x00:/dev/tpm0", ""]
+)
+def test_tcti_outside_the_allowlist_is_refused(no_tcti_env: pytest.MonkeyPatch, tcti: str) -> None:
+    with pytest.raises(ValidationError):
+        KeyStoreConfig(store="tpm", tcti=tcti)
+    with pytest.raises(StoreConfigError, match="tcti"):
+        KeyStoreConfig.from_env("tpm", tcti=tcti)
+    # (the environment cannot hold a NUL, and an empty variable counts as unset)
+    no_tcti_env.setenv("TPM2TOOLS_TCTI", tcti if tcti.isprintable() and tcti else "cmd:x")
+    with pytest.raises(StoreConfigError, match="TCTI"):
+        KeyStoreConfig.from_env("tpm")
+
+
+def test_tcti_comes_from_custos_then_tpm2_tools_then_tss2(
+    no_tcti_env: pytest.MonkeyPatch,
+) -> None:
+    assert KeyStoreConfig.from_env("tpm").tcti == "device:/dev/tpmrm0"
+    no_tcti_env.setenv("TSS2_TCTI", "mssim:port=2321")
+    assert KeyStoreConfig.from_env("tpm").tcti == "mssim:port=2321"
+    no_tcti_env.setenv("TPM2TOOLS_TCTI", "tabrmd:bus_type=session")
+    assert KeyStoreConfig.from_env("tpm").tcti == "tabrmd:bus_type=session"
+    no_tcti_env.setenv("CUSTOS_TCTI", "swtpm:port=2321")
+    assert KeyStoreConfig.from_env("tpm").tcti == "swtpm:port=2321"
+    explicit = KeyStoreConfig.from_env("tpm", tcti="device:/dev/tpm0")
+    assert explicit.tcti == "device:/dev/tpm0"
+
+
+def test_tpm_variables_do_not_concern_other_stores(no_tcti_env: pytest.MonkeyPatch) -> None:
+    # A shell set up for some other TPM tool must not break a PKCS#11 or software store.
+    no_tcti_env.setenv("TSS2_TCTI", "cmd:whatever")
+    assert KeyStoreConfig.from_env("memory").store == "memory"
+    assert KeyStoreConfig.from_env("pkcs11").store == "pkcs11"
+
+
+def test_importing_custos_keys_needs_no_device_library() -> None:
+    # A relying party installs custos without the tpm / pkcs11 extras.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, custos.keys, custos.keys.config, custos.keys.jose, custos.keys.aio\n"
+        "bad = sorted(m for m in ('tpm2_pytss', 'pkcs11') if m in sys.modules)\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""

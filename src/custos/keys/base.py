@@ -17,19 +17,17 @@ import builtins
 import hashlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from custos.keys.algorithms import Algorithm
 from custos.keys.errors import InvalidKeyNameError, UnsupportedAlgorithmError
 from custos.keys.jwk import public_jwk
-
-if TYPE_CHECKING:
-    from custos.keys.cryptography_keys import DevicePrivateKey
 
 # hashlib rather than custos.keys.algorithms.digest (cryptography's Hash): the same
 # digests, and measured in place right before a SoftHSM C_Sign it added ~4 µs per
@@ -127,6 +125,15 @@ class KeyStore(ABC):
             )
         return self._sign_digest(info, hashed)
 
+    @property
+    def device_id(self) -> Hashable:
+        """What identifies the device behind this store: stores with equal values
+        share the device, and the async facade (:mod:`custos.keys.aio`) lets one
+        call at a time reach it.  A backend whose stores share a device says so
+        (PKCS#11: the library file; TPM: the TCTI); by default each store is its
+        own device."""
+        return ("store", id(self))
+
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op for software stores
         """Release device sessions and worker threads. Idempotent."""
 
@@ -185,13 +192,17 @@ class StoreKey:
     def public_jwk(self) -> dict[str, Any]:
         return self.store.public_jwk(self.info.name)
 
-    def private_key(self) -> DevicePrivateKey:
+    def private_key(
+        self,
+    ) -> ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey:
         """A ``cryptography`` private-key object that signs through the store.
 
         Hand it to joserfc, to ``CertificateSigningRequestBuilder.sign`` or to
         anything else that takes a ``cryptography`` key; its ``private_bytes``
-        refuses.
+        refuses.  (It is a :data:`custos.keys.cryptography_keys.DevicePrivateKey`.)
         """
+        # Imported here, not at the top: the adapters build on this module
+        # (cryptography_keys imports StoreKey), never the other way round.
         from custos.keys.cryptography_keys import device_private_key
 
         return device_private_key(self)

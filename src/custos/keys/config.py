@@ -1,7 +1,13 @@
 """Key-store configuration (pydantic) and the one factory that opens a store.
 
 Settings come from explicit values, then ``CUSTOS_*`` environment variables,
-then defaults — the same precedence the CLI flags use.
+then defaults — the same precedence the CLI flags use.  The TPM transport also
+honours tpm2-tools' variables after ``CUSTOS_TCTI`` (``TPM2TOOLS_TCTI``, then
+``TSS2_TCTI``), and is checked against the allowlist of
+:mod:`custos.tpm.tcti` (device, swtpm, mssim, tabrmd) wherever it comes from.
+
+Backends are imported inside :func:`open_key_store` only: ``import custos.keys``
+needs neither tpm2-pytss nor python-pkcs11 (a relying party installs neither).
 
 ``pkcs11_uri`` may carry the token PIN (``pin-value=``).  It is kept as given
 (``config.pkcs11_uri``, ``model_dump()``) but never shown: ``repr()``/``str()``
@@ -24,17 +30,19 @@ from pydantic import (
     ValidationError,
     ValidatorFunctionWrapHandler,
     field_serializer,
+    field_validator,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from custos._extras import extra_needed
 from custos.keys.base import KeyStore
 from custos.keys.errors import StoreConfigError
 from custos.keys.pkcs11_uri import redact
+from custos.tpm.tcti import DEFAULT_TCTI, resolve_tcti, validate_tcti
 
 StoreKind = Literal["tpm", "pkcs11", "memory", "exportable"]
 
-DEFAULT_TCTI = "device:/dev/tpmrm0"
 DEFAULT_KEY_DIR = Path("/var/lib/custos/keys")
 
 
@@ -57,6 +65,15 @@ class KeyStoreConfig(BaseModel):
         le=16,
         description="signing keys the TPM store keeps loaded between calls (0: load per call)",
     )
+
+    @field_validator("tcti")
+    @classmethod
+    def _allowed_tcti(cls, value: str) -> str:
+        try:
+            return validate_tcti(value)
+        except StoreConfigError as e:
+            # As a pydantic error, so that it is reported like every other field's.
+            raise PydanticCustomError("tcti_not_allowed", e.message) from None
 
     @model_validator(mode="wrap")
     @classmethod
@@ -92,9 +109,22 @@ class KeyStoreConfig(BaseModel):
 
     @classmethod
     def from_env(cls, store: str, **explicit: object) -> KeyStoreConfig:
-        """Explicit (non-None) values win over ``CUSTOS_*`` variables."""
+        """Explicit (non-None) values win over ``CUSTOS_*`` variables.
+
+        The TCTI is looked up (explicit, ``CUSTOS_TCTI``, ``TPM2TOOLS_TCTI``,
+        ``TSS2_TCTI``) only for the ``tpm`` store: a shell set up for another TPM
+        tool does not concern a PKCS#11 or software store.
+        """
+        explicit_tcti = explicit.pop("tcti", None)
+        if explicit_tcti is not None and not isinstance(explicit_tcti, str):
+            raise StoreConfigError("invalid key store configuration: tcti must be a string")
+        tcti = explicit_tcti
+        if store == "tpm":
+            tcti = resolve_tcti(explicit_tcti, explicit_source="tcti")
+        elif explicit_tcti is not None:
+            validate_tcti(explicit_tcti, source="tcti")
         env = {
-            "tcti": os.environ.get("CUSTOS_TCTI"),
+            "tcti": tcti,
             "key_dir": os.environ.get("CUSTOS_KEY_DIR"),
             "pkcs11_module": os.environ.get("CUSTOS_PKCS11_MODULE"),
             "pkcs11_uri": os.environ.get("CUSTOS_PKCS11_URI"),
@@ -145,13 +175,15 @@ def open_key_store(config: KeyStoreConfig) -> KeyStore:
 
         return ExportableKeyStore(config.key_dir)
     if config.store == "tpm":
-        from custos.keys.tpm import TpmKeyStore
+        with extra_needed("tpm"):
+            from custos.keys.tpm import TpmKeyStore
 
         return TpmKeyStore(
             tcti=config.tcti, key_dir=config.key_dir, loaded_key_cache=config.tpm_loaded_keys
         )
     if config.store == "pkcs11":
-        from custos.keys.pkcs11 import Pkcs11KeyStore
+        with extra_needed("pkcs11"):
+            from custos.keys.pkcs11 import Pkcs11KeyStore
 
         if not config.pkcs11_uri:
             raise StoreConfigError(

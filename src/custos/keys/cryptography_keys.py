@@ -10,18 +10,16 @@ method that would reveal private material (``private_bytes``,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric import utils as asym_utils
 
 from custos.keys.algorithms import Algorithm
+from custos.keys.base import StoreKey
 from custos.keys.errors import ExportRefusedError, UnsupportedAlgorithmError
 from custos.keys.signatures import raw_to_der
-
-if TYPE_CHECKING:
-    from custos.keys.base import StoreKey
 
 
 def _refuse(what: str) -> NoReturn:

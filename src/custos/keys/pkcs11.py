@@ -89,7 +89,7 @@ import re
 import struct
 import sysconfig
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -577,6 +577,12 @@ class Pkcs11KeyStore(KeyStore):
                     f"PKCS#11 token {self._uri} is unavailable ({type(e).__name__})"
                 ) from e
         return self._link
+
+    @property
+    def device_id(self) -> Hashable:
+        # Every call into one library is serialized by its lock (SoftHSM crashes with
+        # concurrent sessions): the library, not the token, is the device to queue on.
+        return ("pkcs11", self._module.path)
 
     def __repr__(self) -> str:
         return f"Pkcs11KeyStore(module={self._module_arg!r}, uri={str(self._uri)!r})"

@@ -1280,3 +1280,42 @@ def test_verifier_from_bundle_file(store: MemoryKeyStore, tmp_path: Any) -> None
     wit = mint(store)
     caller = rp.verify(req(wit, hand_wpt(wit)))
     assert caller.subject == str(SUB_A) and caller.variant == "wpt"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0, 301, True])
+def test_local_proof_signer_checks_lifetimes_at_construction(
+    store: MemoryKeyStore, bad: Any
+) -> None:
+    from custos.wimse.signer import LocalProofSigner
+
+    wit = mint(store)
+    with pytest.raises(CustosError):
+        LocalProofSigner(store.get("wl-store"), wit, wpt_ttl=bad)
+    if bad not in (301,):
+        with pytest.raises(CustosError):
+            LocalProofSigner(store.get("wl-store"), wit, signature_ttl=bad)
+
+
+def test_local_proof_signer_takes_timedeltas(store: MemoryKeyStore, bundles: BundleSet) -> None:
+    from custos.wimse.signer import LocalProofSigner
+
+    wit = mint_wit(
+        store.get("issuer"),
+        "ES256",
+        "issuer",
+        subject="wimse://example.com/svc/signer",
+        workload_public_jwk=store.get("wl-store"),
+        ttl=timedelta(hours=1),
+    )
+    signer = LocalProofSigner(
+        store.get("wl-store"),
+        wit,
+        wpt_ttl=timedelta(seconds=20),
+        signature_ttl=timedelta(seconds=30),
+    )
+    proof = signer.wpt(ORIGIN + "/pay")
+    claims = json.loads(b64d(proof.wpt.split(".")[1]))
+    assert claims["exp"] - int(claims.get("iat", claims["exp"] - 20)) == 20
+    assert verifier(bundles, now=None, replay=MemoryReplayCache()).verify(
+        req(proof.wit, proof.wpt)
+    ).subject == WimseId.parse("wimse://example.com/svc/signer")

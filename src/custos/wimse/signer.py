@@ -10,14 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Protocol, runtime_checkable
 
+from custos._numbers import seconds
 from custos.keys.base import StoreKey
 from custos.keys.jose import joserfc_key
 from custos.wimse.http.message import HttpMessage
 from custos.wimse.httpsig import DEFAULT_TTL as DEFAULT_SIGNATURE_TTL
 from custos.wimse.httpsig import sign_request
 from custos.wimse.wpt import DEFAULT_WPT_TTL, create_wpt
+from custos.wimse.wpt import wpt_ttl as check_wpt_ttl
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,12 @@ class LocalProofSigner:
     """Signs WPTs and HTTP signatures with a key held in a local key store.
 
     ``wit`` is a string or a callable returning the current WIT, so a caller that
-    rotates its WIT can hand in a getter. ``signature_ttl`` is how long an HTTP
-    signature stays valid (``expires - created``); ``sign_response`` asks the
-    server to sign its responses (``wimse-sign-response``).
+    rotates its WIT can hand in a getter. ``wpt_ttl`` (1 to 300 s) and
+    ``signature_ttl`` (how long an HTTP signature stays valid, ``expires -
+    created``) are whole seconds or timedeltas, checked here so a NaN or an
+    infinite lifetime is refused at construction, not at the first request;
+    ``sign_response`` asks the server to sign its responses
+    (``wimse-sign-response``).
     """
 
     def __init__(
@@ -70,15 +76,15 @@ class LocalProofSigner:
         key: StoreKey,
         wit: str | Callable[[], str],
         *,
-        wpt_ttl: int = DEFAULT_WPT_TTL,
-        signature_ttl: int = DEFAULT_SIGNATURE_TTL,
+        wpt_ttl: int | timedelta = DEFAULT_WPT_TTL,
+        signature_ttl: int | timedelta = DEFAULT_SIGNATURE_TTL,
         sign_response: bool = False,
     ) -> None:
         self._key = key
         self._jose_key = joserfc_key(key)
         self._wit = wit
-        self._ttl = wpt_ttl
-        self._sig_ttl = signature_ttl
+        self._ttl = check_wpt_ttl(wpt_ttl)
+        self._sig_ttl = int(seconds(signature_ttl, name="signature_ttl", minimum=1))
         self._sign_response = sign_response
 
     def wit(self) -> str:

@@ -244,6 +244,23 @@ def strip_query_and_fragment(uri: str) -> str:
 # -- sending ---------------------------------------------------------------------
 
 
+def wpt_ttl(value: object) -> int:
+    """A WPT lifetime (whole seconds or a timedelta) as seconds, 1 to
+    :data:`DEFAULT_MAX_TTL`; else :class:`WptMintError`.  NaN, infinity and
+    bool are refused: a WPT is short-lived by definition."""
+    given = value.total_seconds() if isinstance(value, timedelta) else value
+    if (
+        isinstance(given, bool)
+        or not isinstance(given, (int, float))
+        or not (1 <= given <= DEFAULT_MAX_TTL)  # NaN fails this too
+        or given != int(given)
+    ):
+        raise WptMintError(
+            f"a WPT ttl must be whole seconds, 1..{DEFAULT_MAX_TTL}: a WPT is short-lived"
+        )
+    return int(given)
+
+
 def create_wpt(
     signer: JoseKey | StoreKey,
     wit: str,
@@ -267,17 +284,7 @@ def create_wpt(
     """
     if wire not in ("wpt-02", "wpt-01"):
         raise WptMintError(f"unknown wire form {wire!r}")
-    given = ttl_seconds.total_seconds() if isinstance(ttl_seconds, timedelta) else ttl_seconds
-    if (
-        isinstance(given, bool)
-        or not isinstance(given, (int, float))
-        or not (1 <= given <= DEFAULT_MAX_TTL)  # NaN fails this too
-        or given != int(given)
-    ):
-        raise WptMintError(
-            f"ttl_seconds must be whole seconds, 1..{DEFAULT_MAX_TTL}: a WPT is short-lived"
-        )
-    ttl = int(given)
+    ttl = wpt_ttl(ttl_seconds)
     if now is not None:
         try:
             now = finite_number(now, name="now")
@@ -733,4 +740,5 @@ __all__ = [
     "safe_request_path",
     "strip_query_and_fragment",
     "wpt_headers",
+    "wpt_ttl",
 ]

@@ -74,11 +74,20 @@ def device_round(store: Any, label: str) -> None:
 
 
 def main() -> int:
-    from custos.keys.pkcs11 import Pkcs11KeyStore
-    from custos.keys.tpm import TpmKeyStore
+    from custos._extras import MissingExtraError, extra_needed
     from custos.testing import softhsm as hsm_rig
     from custos.testing import swtpm as tpm_rig
-    from custos.tpm.info import tpm_info
+
+    try:
+        # The demo drives both devices: it needs custos[tpm,pkcs11] (`make demo` installs them).
+        with extra_needed("tpm"):
+            from custos.keys.tpm import TpmKeyStore
+            from custos.tpm.info import tpm_info
+        with extra_needed("pkcs11"):
+            from custos.keys.pkcs11 import Pkcs11KeyStore
+    except MissingExtraError as e:
+        print(f"error [{e.code}]: {e.message}", file=sys.stderr)
+        return 1
 
     os.environ.setdefault("TSS2_LOG", "esys+none,tcti+none")
     if STATE.exists():

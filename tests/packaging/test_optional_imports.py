@@ -124,3 +124,47 @@ def test_relying_party_verifies_wit_and_wpt_without_device_libraries() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "ok"
+
+
+def test_a_missing_extra_is_a_clear_custos_error() -> None:
+    # The TPM or PKCS#11 store asked for without its extra: a custos error naming the extra,
+    # from the library and from the command line, never an ImportError traceback.
+    done = run_without(
+        {"tpm2_pytss", "pkcs11"},
+        """
+        import io, contextlib
+        from custos.errors import CustosError
+        from custos.keys import KeyStoreConfig, open_key_store
+        from custos.cli.main import cli
+
+        for store, extra, config in (
+            ("tpm", "tpm", KeyStoreConfig(store="tpm", tcti="swtpm:port=1",
+                                          key_dir="/nonexistent")),
+            ("pkcs11", "pkcs11", KeyStoreConfig(store="pkcs11", pkcs11_module="/x.so",
+                                                pkcs11_uri="pkcs11:token=t")),
+        ):
+            try:
+                open_key_store(config)
+            except CustosError as e:
+                assert e.code == "missing_extra", e.code
+                assert f"pip install 'custos[{extra}]'" in str(e), str(e)
+            else:
+                raise AssertionError(f"{store} opened without its library")
+
+        for argv in (["keys", "list", "--store", "tpm", "--tcti", "swtpm:port=1",
+                      "--key-dir", "/nonexistent"],
+                     ["tpm", "info", "--tcti", "swtpm:port=1"]):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                try:
+                    cli.main(argv, prog_name="custos")
+                except SystemExit as e:
+                    code = e.code
+            assert code == 1, (argv, code, err.getvalue())
+            text = err.getvalue()
+            assert "missing_extra" in text and "Traceback" not in text, text
+        print("ok")
+        """,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from custos._extras import extra_needed
 from custos.tpm.tcti import resolve_tcti
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -66,7 +67,8 @@ def tpm() -> None:
 @click.option("--json", "as_json", is_flag=True, hidden=True, help="same as --output json")
 def info(tcti: str | None, output: str, as_json: bool) -> None:
     """Manufacturer, firmware, PCR banks and the EK certificates' subject and issuer."""
-    from custos.tpm.info import tpm_info
+    with extra_needed("tpm"):
+        from custos.tpm.info import tpm_info
 
     data = tpm_info(resolve_tcti(tcti, explicit_source="--tcti"))
     if as_json or output == "json":

@@ -1086,3 +1086,44 @@ def test_p384_ek_is_what_swtpm_makes(swtpm: SwtpmInstance) -> None:
     assert isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name == "secp384r1"
     assert "ecc-p256" not in tpm_info(swtpm.tcti)["ek_certificates"]
     assert int(TPM2_ECC.NIST_P384) == 4  # the curve id the store's ES384 template uses
+
+
+# ---- module structure (issue 7 item 7 / Structure) ---------------------------------
+
+
+def test_tpm_store_does_not_import_the_config_module() -> None:
+    """keys/config imports the backends (lazily), never the reverse: no import cycle."""
+    import ast
+
+    import custos.keys.tpm as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "custos.keys.config" not in imported
+    # Each import order works in a fresh interpreter.
+    for first in ("custos.tpm.context", "custos.keys.tpm", "custos.keys.config", "custos.tpm.ak"):
+        result = subprocess.run(
+            [sys.executable, "-c", f"import {first}; import custos.keys.tpm, custos.tpm.info"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, (first, result.stderr)
+
+
+def test_default_key_dir_is_the_config_default() -> None:
+    from custos.keys.config import DEFAULT_KEY_DIR
+    from custos.keys.tpm import DEFAULT_KEY_DIR as STORE_DEFAULT
+
+    assert STORE_DEFAULT == DEFAULT_KEY_DIR
+
+
+def test_store_resolves_its_tcti_from_the_environment(
+    swtpm: SwtpmInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CUSTOS_TCTI", raising=False)
+    monkeypatch.setenv("TPM2TOOLS_TCTI", swtpm.tcti)
+    with TpmKeyStore(key_dir=tmp_path / "keys") as store:
+        assert store.tcti == swtpm.tcti
+    monkeypatch.setenv("CUSTOS_TCTI", "cmd:true")
+    with pytest.raises(StoreConfigError, match="CUSTOS_TCTI"):
+        TpmKeyStore(key_dir=tmp_path / "keys")

@@ -463,3 +463,21 @@ def test_plain_trust_domain_strings_are_accepted(tmp_path: Path) -> None:
     assert "example.org" in bundles
     with pytest.raises(BundleError, match="trust domain"):
         TrustBundle("Example.org")  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(120)  # a hang guard, not a timing assertion: linear work takes ~1 s
+def test_many_entries_do_not_make_loading_quadratic() -> None:
+    # A federated bundle is fetched from another domain: 4 MiB of entries that
+    # share one key under many kids (or one kid under many algs) used to cost
+    # a thumbprint per pair of entries (2,000 entries: about a minute).
+    members = public_jwk_members(ec.generate_private_key(ec.SECP256R1()).public_key())
+    kids = [{**members, "kid": f"k{i}", "use": "jwt-svid"} for i in range(6000)]
+    algs = [{**members, "kid": "same", "alg": f"A{i}"} for i in range(6000)]
+    bundle = TrustBundle.from_spiffe_json(TD, json.dumps({"keys": kids}))
+    assert len(bundle.jwt_authorities) == 6000
+    assert len(TrustBundle.from_jwks(TD, json.dumps({"keys": algs})).jwt_authorities) == 6000
+    # the conflict rule still holds for entries far apart
+    other = public_jwk_members(ec.generate_private_key(ec.SECP256R1()).public_key())
+    clash = [*algs, {**other, "kid": "same", "alg": "B"}]
+    with pytest.raises(BundleError, match="share kid 'same'"):
+        TrustBundle.from_jwks(TD, json.dumps({"keys": clash}))

@@ -28,7 +28,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,8 @@ class JwtAuthority:
     public_key: JwtPublicKey
     use: str | None = None
     alg: str | None = None
+    #: RFC 7638 thumbprint of ``public_key``, computed once (identity, dedupe)
+    thumbprint: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.kid, str) or not self.kid:
@@ -82,6 +84,9 @@ class JwtAuthority:
             check_public_key(self.public_key)
         except JoseError as e:
             raise BundleError(f"JWT authority {self.kid!r:.80}: {e.message}") from e
+        # A derived field, set once here: cryptography's keys are not
+        # hashable, and the thumbprint identifies the key itself.
+        object.__setattr__(self, "thumbprint", thumbprint(self.public_key))
 
     def jwk(self) -> dict[str, Any]:
         """The public JWK of this authority (with ``kid``, and ``use`` / ``alg`` when set)."""
@@ -94,9 +99,7 @@ class JwtAuthority:
         return members
 
     def _identity(self) -> tuple[str, str | None, str | None, str]:
-        # cryptography's public keys are not hashable; the RFC 7638 thumbprint
-        # identifies the key itself.
-        return (self.kid, self.use, self.alg, thumbprint(self.public_key))
+        return (self.kid, self.use, self.alg, self.thumbprint)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, JwtAuthority):
@@ -105,10 +108,6 @@ class JwtAuthority:
 
     def __hash__(self) -> int:
         return hash(self._identity())
-
-
-def _same_key(a: JwtAuthority, b: JwtAuthority) -> bool:
-    return thumbprint(a.public_key) == thumbprint(b.public_key)
 
 
 def _dedupe_certs(certs: Iterable[x509.Certificate]) -> tuple[x509.Certificate, ...]:
@@ -124,23 +123,44 @@ def _dedupe_certs(certs: Iterable[x509.Certificate]) -> tuple[x509.Certificate, 
     return tuple(out)
 
 
+class _KidKeys:
+    """The keys seen under one ``kid``: by ``use``, and all distinct ones."""
+
+    def __init__(self) -> None:
+        self.by_use: dict[str | None, str] = {}
+        self.distinct: set[str] = set()
+
+    def conflicts(self, auth: JwtAuthority) -> bool:
+        """Whether a lookup by this kid (and use) could return ``auth`` or
+        another key; ``use=None`` matches every use."""
+        if auth.use is None:
+            return bool(self.distinct - {auth.thumbprint})
+        return any(
+            self.by_use.get(use, auth.thumbprint) != auth.thumbprint for use in (auth.use, None)
+        )
+
+    def add(self, auth: JwtAuthority) -> None:
+        self.by_use.setdefault(auth.use, auth.thumbprint)
+        self.distinct.add(auth.thumbprint)
+
+
 def _dedupe_jwt(authorities: Iterable[JwtAuthority]) -> tuple[JwtAuthority, ...]:
-    out: list[JwtAuthority] = []
+    # Linear: a federated bundle is another domain's document, and the
+    # pairwise version cost minutes for a few thousand entries.
+    out: dict[JwtAuthority, None] = {}
+    kids: dict[str, _KidKeys] = {}
     for auth in authorities:
         if not isinstance(auth, JwtAuthority):
             raise BundleError(f"JWT authorities must be JwtAuthority, not {type(auth).__name__}")
         if auth in out:
             continue
-        for other in out:
+        seen = kids.setdefault(auth.kid, _KidKeys())
+        if seen.conflicts(auth):
             # Two different keys that a lookup by kid (and use) could both
             # return would make signature checks depend on list order.
-            if (
-                other.kid == auth.kid
-                and (other.use == auth.use or other.use is None or auth.use is None)
-                and not _same_key(other, auth)
-            ):
-                raise BundleError(f"two different keys share kid {auth.kid!r} in one bundle")
-        out.append(auth)
+            raise BundleError(f"two different keys share kid {auth.kid!r} in one bundle")
+        seen.add(auth)
+        out[auth] = None
     return tuple(out)
 
 

@@ -201,3 +201,14 @@ def test_malformed_tokens_refused(token: object) -> None:
 def test_size_cap_checked_first() -> None:
     assert _code("x" * 101, max_length=100) == "jose_too_large"
     assert _code(f"{HEADER}.{CLAIMS}.{SIG}", max_length=10) == "jose_too_large"
+
+
+def test_long_and_nested_headers_decode_and_stay_private() -> None:
+    long_head = _part({"alg": "ES256", "kid": "k" * 1000})
+    assert (
+        decode_compact(f"{long_head}.{CLAIMS}.{SIG}", max_length=8192).header["kid"] == "k" * 1000
+    )
+    nested = _part({"alg": "ES256", "jwk": {"kty": "EC"}})
+    token = f"{nested}.{CLAIMS}.{SIG}"
+    decode_compact(token, max_length=8192).header["jwk"]["kty"] = "changed"
+    assert decode_compact(token, max_length=8192).header["jwk"] == {"kty": "EC"}

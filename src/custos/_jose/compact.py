@@ -31,6 +31,10 @@ def _malformed(message: str) -> JoseError:
     return JoseError(message, code="jose_malformed")
 
 
+#: Longest header part (characters) whose decode is remembered.
+_MAX_CACHED_HEADER = 512
+
+
 @functools.lru_cache(maxsize=256)
 def _flat_header(part: str) -> dict[str, Any] | None:
     """The decoded JOSE header ``part`` if all its values are strings, else None.
@@ -64,7 +68,9 @@ def decode_compact(token: object, *, max_length: int) -> CompactJws:
         raise _malformed("token is not a compact JWS (three parts)")
     head, body, sig = parts
     try:
-        flat = _flat_header(head)
+        # Only short headers are remembered, so hostile input cannot fill the
+        # cache with large entries (real headers are about 100 characters).
+        flat = _flat_header(head) if len(head) <= _MAX_CACHED_HEADER else None
         header = dict(flat) if flat is not None else loads_strict(b64url_decode(head))
         payload = b64url_decode(body)
         claims = loads_strict(payload)

@@ -11,6 +11,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from custos.integrations.problem import http_status
 from custos.wimse.errors import WimseError
 from custos.wimse.replay import (
     MemoryReplayCache,
@@ -71,7 +72,7 @@ def test_memory_full_of_live_entries_fails_closed() -> None:
     with pytest.raises(ReplayCacheFullError) as err:
         cache.check_and_store("ns", "n3", clock.t + 60)
     assert err.value.code == "replay_cache_full"
-    assert err.value.status == 503
+    assert http_status(err.value) == 503
     assert isinstance(err.value, WimseError)
     # The live entries were not evicted: they still count as replays.
     for i in range(3):
@@ -223,7 +224,7 @@ def test_dead_redis_fails_closed(redis_server_factory) -> None:  # type: ignore[
     with pytest.raises(ReplayCacheUnavailableError) as err:
         cache.check_and_store("ns", "after", time.time() + 60)
     assert err.value.code == "replay_cache_unavailable"
-    assert err.value.status == 503
+    assert http_status(err.value) == 503
     assert isinstance(err.value.__cause__, redis.RedisError)
     # Nor does a replay of an entry stored before the outage slip through.
     with pytest.raises(ReplayCacheUnavailableError):

@@ -126,13 +126,11 @@ class _InputError(CustosError):
 def _problem_exit(err: CustosError) -> NoReturn:
     """Print the RFC 9457 problem JSON for ``err`` (the code, nothing more) and exit 1."""
     from custos.integrations.problem import Problem
-    from custos.wimse.errors import WimseError
 
     if isinstance(err, _InputError):
         click.echo(f"error: {err.message}", err=True)
 
-    status = err.status if isinstance(err, WimseError) else 400
-    body = json.loads(Problem(status, err.code).body())
+    body = json.loads(Problem.from_error(err).body())
     click.echo(json.dumps(body, sort_keys=True))
     sys.exit(1)
 

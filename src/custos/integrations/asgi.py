@@ -44,12 +44,17 @@ from typing import Any
 import anyio.to_thread
 
 from custos._logging import get_logger
-from custos.integrations.problem import Problem
+from custos.integrations.errors import (
+    BodyTooLargeError,
+    ResponseSigningError,
+    ResponseTooLargeError,
+)
+from custos.integrations.problem import Problem, http_status
 from custos.wimse.errors import WimseError
 from custos.wimse.http.message import HttpMessage, index_headers
 from custos.wimse.http.origin import routing_path
 from custos.wimse.httpsig import SignedResponseUnavailableError, SignsResponses
-from custos.wimse.policy import CallerPolicy
+from custos.wimse.policy import PolicyLike, as_policy
 from custos.wimse.verifier import Caller, RequestVerifier
 
 Scope = MutableMapping[str, Any]
@@ -74,26 +79,6 @@ _HIDDEN_EXTENSIONS = (
 )
 #: Close code for a refused WebSocket handshake (RFC 6455: policy violation).
 _WS_POLICY_VIOLATION = 1008
-
-
-class BodyTooLargeError(WimseError):
-    code = "body_too_large"
-    status = 413
-
-
-class ResponseTooLargeError(WimseError):
-    """A response that must be signed is larger than ``max_response``."""
-
-    code = "response_too_large"
-    status = 500
-
-
-class ResponseSigningError(WimseError):
-    """A response that must be signed cannot be (incomplete, trailers, a
-    Content-Digest that does not match, the signer refused)."""
-
-    code = "response_signing_failed"
-    status = 500
 
 
 class _ClientGone(Exception):
@@ -145,7 +130,7 @@ class WimseASGIMiddleware:
         app: ASGIApp,
         verifier: RequestVerifier,
         *,
-        policy: CallerPolicy | None = None,
+        policy: PolicyLike = None,
         max_body: int = DEFAULT_MAX_BODY,
         exempt_paths: Iterable[str] = (),
         verify_in_thread: bool = True,
@@ -160,7 +145,7 @@ class WimseASGIMiddleware:
         self.max_response = max_response
         self.app = app
         self.verifier = verifier
-        self.policy = policy if policy is not None else CallerPolicy.allow_all()
+        self.policy = as_policy(policy)
         self.max_body = max_body
         self.exempt = frozenset(exempt_paths)
         self.verify_in_thread = verify_in_thread
@@ -192,7 +177,7 @@ class WimseASGIMiddleware:
             return
         except WimseError as err:
             # Only the code reaches the log and the client; tokens never do.
-            log.info("wimse_request_refused", code=err.code, status=err.status)
+            log.info("wimse_request_refused", code=err.code, status=http_status(err))
             if kind == "websocket":
                 await send({"type": "websocket.close", "code": _WS_POLICY_VIOLATION})
             else:
@@ -237,7 +222,7 @@ class WimseASGIMiddleware:
             else:
                 signed = self._sign(response, request, caller)
         except WimseError as err:
-            log.info("wimse_response_refused", code=err.code, status=err.status)
+            log.info("wimse_response_refused", code=err.code, status=http_status(err))
             await _send_problem(send, Problem.from_error(err))
             return
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in signed.headers]

@@ -43,7 +43,8 @@ from urllib.parse import urlsplit
 import anyio.to_thread
 import httpx
 
-from custos.wimse.errors import HttpSignatureError, WimseError
+from custos.integrations.errors import ClientAuthError
+from custos.wimse.errors import HttpSignatureError
 from custos.wimse.http.message import HttpMessage
 from custos.wimse.http.origin import target_uri
 from custos.wimse.httpsig import (
@@ -67,12 +68,6 @@ else:
         _RequestsAuthBase = object
 
 Variant = Literal["wpt", "http-signature"]
-
-
-class ClientAuthError(WimseError):
-    """The request cannot be signed as it stands (a caller mistake)."""
-
-    code = "client_auth_error"
 
 
 class ResponderMismatchError(HttpSignatureError):
@@ -450,3 +445,12 @@ class _ResponseHook:
         items = getattr(raw_headers, "items", None)
         headers = list(items()) if items is not None else list(response.headers.items())
         self._attacher.check_response(self._signed, response.status_code, headers, response.content)
+
+
+__all__ = [
+    "ClientAuthError",
+    "ResponderMismatchError",
+    "WimseAuth",
+    "WimseRequestsAuth",
+    "audience_for",
+]

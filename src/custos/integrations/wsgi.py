@@ -32,18 +32,20 @@ from custos._logging import get_logger
 from custos.integrations.asgi import (
     DEFAULT_MAX_BODY,
     DEFAULT_MAX_RESPONSE,
-    BodyTooLargeError,
-    ResponseSigningError,
-    ResponseTooLargeError,
     declared_length,
     sign_response_or_refuse,
 )
-from custos.integrations.problem import Problem
+from custos.integrations.errors import (
+    BodyTooLargeError,
+    ResponseSigningError,
+    ResponseTooLargeError,
+)
+from custos.integrations.problem import Problem, http_status
 from custos.wimse.errors import MalformedRequestError, WimseError
 from custos.wimse.http.message import HttpMessage
 from custos.wimse.http.origin import routing_path
 from custos.wimse.httpsig import SignedResponseUnavailableError, SignsResponses
-from custos.wimse.policy import CallerPolicy
+from custos.wimse.policy import PolicyLike, as_policy
 from custos.wimse.verifier import Caller, RequestVerifier
 
 StartResponse = Callable[..., Any]
@@ -64,7 +66,7 @@ class WimseWSGIMiddleware:
         app: WSGIApp,
         verifier: RequestVerifier,
         *,
-        policy: CallerPolicy | None = None,
+        policy: PolicyLike = None,
         max_body: int = DEFAULT_MAX_BODY,
         exempt_paths: Iterable[str] = (),
         response_signer: SignsResponses | None = None,
@@ -76,7 +78,7 @@ class WimseWSGIMiddleware:
             raise ValueError("max_response must be >= 0")
         self.app = app
         self.verifier = verifier
-        self.policy = policy if policy is not None else CallerPolicy.allow_all()
+        self.policy = as_policy(policy)
         self.max_body = max_body
         self.exempt = frozenset(exempt_paths)
         self.response_signer = response_signer
@@ -97,7 +99,7 @@ class WimseWSGIMiddleware:
                 )
         except WimseError as err:
             # Only the code reaches the log and the client; tokens never do.
-            log.info("wimse_request_refused", code=err.code, status=err.status)
+            log.info("wimse_request_refused", code=err.code, status=http_status(err))
             return _problem(start_response, err)
         environ["custos.caller"] = caller
         if caller.wants_signed_response:
@@ -129,7 +131,7 @@ class WimseWSGIMiddleware:
                 self.response_signer, capture.response(), request, caller
             )
         except WimseError as err:
-            log.info("wimse_response_refused", code=err.code, status=err.status)
+            log.info("wimse_response_refused", code=err.code, status=http_status(err))
             return _problem(start_response, err)
         start_response(capture.status_line, list(signed.headers))
         return [signed.body or b""]

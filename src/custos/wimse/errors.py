@@ -1,24 +1,16 @@
-"""WIMSE errors. Each carries a stable ``code`` and the HTTP status a relying
-party answers with; the response body (RFC 9457 problem+json) says no more
-than the code.
-
-- WPT failures: 401 with ``WWW-Authenticate: WPT`` (draft-ietf-wimse-wpt-02).
-- WIT and other failures: 400 (draft-ietf-wimse-workload-creds-02 advises
-  against 401 there, since no other credential would help).
+"""WIMSE errors. Each carries a stable ``code``; the HTTP status and
+``WWW-Authenticate`` challenge a relying party answers with are decided in one
+table, :mod:`custos.integrations.problem` (the only place HTTP statuses live),
+and the response body (RFC 9457 problem+json) says no more than the code.
 """
 
 from __future__ import annotations
-
-from typing import ClassVar
 
 from custos.errors import CustosError
 
 
 class WimseError(CustosError):
     code = "wimse_error"
-    status: ClassVar[int] = 400
-    #: value of WWW-Authenticate to send, if any
-    challenge: ClassVar[str | None] = None
 
 
 class MalformedRequestError(WimseError):
@@ -31,8 +23,6 @@ class WitError(WimseError):
 
 class WptError(WimseError):
     code = "invalid_wpt"
-    status = 401
-    challenge = "WPT"
 
 
 class HttpSignatureError(WimseError):
@@ -57,4 +47,3 @@ class PolicyError(WimseError):
     """Authentic caller, but not allowed on this route."""
 
     code = "caller_not_allowed"
-    status = 403

@@ -196,3 +196,22 @@ class CallerPolicy:
                 raise PolicyError("caller not allowed on this route")
         if not self.default_allow:
             raise PolicyError("no policy rule covers this route")
+
+
+PolicyLike = CallerPolicy | Mapping[str, Sequence[str]] | None
+
+
+def as_policy(policy: PolicyLike) -> CallerPolicy:
+    """What the middlewares accept as ``policy``: a :class:`CallerPolicy`, a
+    mapping for :meth:`CallerPolicy.from_mapping` (so the common case needs
+    no extra object), or None for :meth:`CallerPolicy.allow_all` (any
+    authenticated caller)."""
+    if policy is None:
+        return CallerPolicy.allow_all()
+    if isinstance(policy, CallerPolicy):
+        return policy
+    if isinstance(policy, Mapping):
+        return CallerPolicy.from_mapping(policy)
+    raise PolicyConfigError(
+        f"policy must be a CallerPolicy or a mapping of routes, not {type(policy).__name__}"
+    )

@@ -105,7 +105,6 @@ class ReplayCacheUnavailableError(WimseError):
     """The replay cache cannot tell whether a proof is new; the request is refused."""
 
     code = "replay_cache_unavailable"
-    status = 503
 
 
 class ReplayCacheFullError(ReplayCacheUnavailableError):

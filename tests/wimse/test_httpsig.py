@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from custos.bundle import BundleSet, JwtAuthority, TrustBundle
 from custos.identity import SpiffeId, TrustDomain, WimseId
+from custos.integrations.problem import challenge_for, http_status
 from custos.keys.base import StoreKey
 from custos.keys.jose import joserfc_key
 from custos.keys.software import MemoryKeyStore
@@ -818,7 +819,7 @@ def test_dead_replay_cache_fails_closed(
     server.stop()
     with pytest.raises(ReplayCacheUnavailableError) as err:
         verifier.verify_request(signed_order(store, client_wit))
-    assert err.value.status == 503
+    assert http_status(err.value) == 503
 
 
 def test_forged_request_does_not_burn_the_nonce(
@@ -1254,35 +1255,6 @@ def test_response_without_req_nonce(
     assert code_of(lambda: verifier.verify_response(forged, request)) == "wimse_req_nonce_missing"
 
 
-def test_response_missing_req_components(
-    store: MemoryKeyStore, client_wit: str, server_wit: str, verifier: HttpSignatureVerifier
-) -> None:
-    request, response = _exchange(store, client_wit, ask=True)
-    nonce = request_signature_input(request).params["nonce"]
-    message = response.with_headers(
-        [("Workload-Identity-Token", server_wit), ("Content-Digest", content_digest(b"ok"))]
-    )
-    components = [
-        Component("@status"),
-        Component("workload-identity-token"),
-        Component("content-type"),
-        Component("content-digest"),
-    ]
-    forged = forge(
-        message,
-        store.get("server"),
-        components,
-        [
-            ("created", NOW),
-            ("expires", NOW + 60),
-            ("nonce", "r2"),
-            ("tag", WIMSE_TAG),
-            ("wimse-req-nonce", nonce),
-        ],
-    )
-    assert code_of(lambda: verifier.verify_response(forged, request)) == "component_not_covered"
-
-
 # -- parsers never raise anything but custos errors --
 
 
@@ -1699,7 +1671,7 @@ def test_a_response_to_a_draft06_request_answers_in_the_draft06_form() -> None:
     assert signed.get_all("Signature-Input") == [RESP_SIGNATURE_INPUT]
 
 
-@pytest.mark.parametrize("missing", ["@method", "@path", "@query"])
+@pytest.mark.parametrize("missing", ["@method", "@path", "@query", "all"])
 def test_response_must_cover_each_request_component(
     store: MemoryKeyStore,
     client_wit: str,
@@ -1717,7 +1689,11 @@ def test_response_must_cover_each_request_component(
         Component("workload-identity-token"),
         Component("content-type"),
         Component("content-digest"),
-        *(Component(n, req=True) for n in ("@method", "@path", "@query") if n != missing),
+        *(
+            Component(n, req=True)
+            for n in ("@method", "@path", "@query")
+            if missing not in (n, "all")
+        ),
     ]
     forged = forge(
         message,
@@ -1741,7 +1717,7 @@ def test_http_signature_errors_are_400(
     forged = forge(unsigned_with_wit(client_wit), store.get("intruder"), FULL, base_params("n-400"))
     with pytest.raises(HttpSignatureError) as err:
         verifier.verify_request(forged)
-    assert err.value.status == 400 and err.value.challenge is None
+    assert http_status(err.value) == 400 and challenge_for(err.value) is None
 
 
 # ---------------------------------------------------------------------------------------
@@ -1760,7 +1736,7 @@ def test_oversized_signature_input_is_refused_unparsed(
     )
     with pytest.raises(HttpSignatureError) as err:
         verifier.verify_request(message)
-    assert err.value.code == "signature_too_large" and err.value.status == 400
+    assert err.value.code == "signature_too_large" and http_status(err.value) == 400
 
 
 def test_signature_input_with_many_members_is_refused(

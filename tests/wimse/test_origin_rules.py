@@ -34,6 +34,7 @@ from custos.errors import CustosError
 from custos.identity import SpiffeId
 from custos.integrations.asgi import WimseASGIMiddleware
 from custos.integrations.auth import WimseAuth, WimseRequestsAuth, audience_for
+from custos.integrations.problem import http_status
 from custos.integrations.wsgi import WimseWSGIMiddleware
 from custos.keys import MemoryKeyStore
 from custos.wimse.errors import WimseError
@@ -348,7 +349,7 @@ def test_target_rules(row: TargetRow) -> None:
     if row.expected is REFUSED:
         with pytest.raises(UnsafeTargetError) as err:
             request_path(row.target)
-        assert err.value.code == "unsafe_request_target" and err.value.status == 400
+        assert err.value.code == "unsafe_request_target" and http_status(err.value) == 400
     else:
         assert request_path(row.target) == row.expected
 
@@ -470,3 +471,23 @@ def test_target_rules_middlewares(
     wsgi = WimseWSGIMiddleware(_wsgi_ok, verifier)
     status = _wsgi_status(wsgi, message)
     assert status == expected if isinstance(expected, int) else status in expected
+
+
+@pytest.mark.parametrize("value", [None, 42, b"https://api.example.org", ["https://a.example"]])
+def test_an_origin_that_is_not_a_string_is_a_clear_error(value: object) -> None:
+    with pytest.raises(InvalidOriginError):
+        normalize_origin(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [None, 42, b"/pay", "\ud800", "/\ud800"])
+def test_a_target_that_is_not_a_usable_string_is_a_clear_error(value: object) -> None:
+    with pytest.raises(UnsafeTargetError):
+        request_path(value)
+    with pytest.raises(UnsafeTargetError):
+        target_uri("https", "api.example.org", None, value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("host", ["\ud800.example", "a" * 300, "", "bad host", "[::1"])
+def test_hosts_that_cannot_be_names_are_clear_errors(host: str) -> None:
+    with pytest.raises(InvalidOriginError):
+        target_uri("https", host, None, "/pay")

@@ -205,7 +205,8 @@ def normalize_origin(value: HasOrigin | str) -> str:
     """A configured origin, checked and in the form senders produce
     (lower-case scheme and host, A-labels, bracketed RFC 5952 IPv6, no default
     port, no path).  Raises :class:`InvalidOriginError` (a ``ValueError``)."""
-    text = value if isinstance(value, str) else value.origin()
+    origin = None if isinstance(value, str) else getattr(value, "origin", None)
+    text = origin() if callable(origin) else value
     if not isinstance(text, str):
         raise InvalidOriginError("an origin must be a string or an Endpoint")
     if len(text) > MAX_PATH_LENGTH:

@@ -103,9 +103,9 @@ MAX_FIELD_TOKENS = 512
 #: Which wire form a signature takes: the -07/-08 one, or -06's @request-target.
 Form = Literal["draft-08", "draft-06"]
 
-#: Headers a request signature must cover whenever the request has them (-06 §3).
+#: Headers a request signature must cover whenever the request has them (-08 §3).
 REQUEST_CONDITIONAL = ("content-type", "content-digest", "authorization", "txn-token", WIT_HEADER)
-#: Response headers a response signature must cover when present (-06 §3).
+#: Response headers a response signature must cover when present (-08 §3).
 RESPONSE_CONDITIONAL = ("content-type", "content-digest")
 
 _DERIVED = frozenset({"@method", "@request-target", "@path", "@query", "@status"})
@@ -171,7 +171,7 @@ class SignedResponseUnavailableError(HttpSignatureError):
     """The caller asked for a signed response (``wimse-sign-response``) and
     this server cannot sign one.
 
-    httpsig-06 ("Signing the Response", "Error Conditions"): a server required
+    httpsig-08 ("Signing the Response", "Error Conditions"): a server required
     to sign MUST NOT return a successful unsigned response, and SHOULD answer
     400 or 501. 400 is chosen: the refusal concerns this request's parameters
     (the caller can retry without ``wimse-sign-response``), it matches the
@@ -181,7 +181,6 @@ class SignedResponseUnavailableError(HttpSignatureError):
     """
 
     code = "signed_response_unavailable"
-    status = 400
 
 
 # -- what the verifier needs from others --------------------------------------------
@@ -807,7 +806,7 @@ class HttpSignatureVerifier:
     fragment, or a non-http(s) one, is refused with ValueError, because an
     origin is all it may be.
 
-    The ``wimse-aud`` rule (httpsig-06, "The wimse-aud Signature
+    The ``wimse-aud`` rule (httpsig-08, "The wimse-aud Signature
     Parameter"): by default the sender sets it to the request's target URI
     without query or fragment, so it is accepted when it equals exactly, as a
     string, a configured origin followed by the request path (checked with
@@ -824,8 +823,9 @@ class HttpSignatureVerifier:
 
     ``now`` pins the clock (tests, the CLI's ``--now``); the pinned time is
     also handed to the replay cache with every check (see
-    :mod:`custos.wimse.replay`). ``now``, ``max_age`` and ``leeway`` must be
-    finite numbers (:class:`custos._numbers.InvalidNumberError` otherwise).
+    :mod:`custos.wimse.replay`). ``now``, ``max_age`` (at least 1 s) and
+    ``leeway`` (0 to 3600 s) must be finite numbers or timedeltas
+    (:class:`custos._numbers.InvalidNumberError` otherwise).
 
     ``accept_draft_06`` accepts signatures in the -06 form (``@request-target``
     instead of ``@path`` + ``@query``); off by default, such a signature is
@@ -877,7 +877,7 @@ class HttpSignatureVerifier:
             # Refused before any decoding: nothing of it is authenticated yet.
             raise WitError(f"the WIT is larger than {MAX_TOKEN_BYTES} bytes", code="wit_too_large")
         # The WIT is verified before anything in the signature is looked at
-        # (-06 §3): its key is what the rest is checked against.
+        # (-08 §3): its key is what the rest is checked against.
         return token, self.wit_verifier.verify(token)
 
     def _check_time(self, params: Mapping[str, Any]) -> tuple[int, int]:
@@ -901,7 +901,7 @@ class HttpSignatureVerifier:
         if "keyid" in params:
             raise _fail("keyid_forbidden", "WIMSE signatures must not carry keyid")
         if "alg" in params:
-            # -06 §3: alg MUST NOT be used; the algorithm is cnf.jwk.alg.
+            # -08 §3: alg MUST NOT be used; the algorithm is cnf.jwk.alg.
             raise _fail("alg_forbidden", "WIMSE signatures must not carry alg")
         nonce = params.get("nonce")
         if nonce is None:
@@ -1035,7 +1035,7 @@ class HttpSignatureVerifier:
         (``wimse-sign-response``, always read from the request's signature),
         when this verifier is configured to require one, or when
         ``require_signed`` is true: the argument can only make the check
-        stricter, never waive what the request asked for (httpsig-06: the
+        stricter, never waive what the request asked for (httpsig-08: the
         client MUST reject an unsigned response then). A WIMSE signature that
         is present is always checked. ``request_nonce`` defaults to the
         request signature's nonce.

@@ -49,6 +49,7 @@ from joserfc import jws
 from custos.bundle import USE_JWT_SVID, USE_WIT_SVID, BundleSet, JwtAuthority, TrustBundle
 from custos.identity import SpiffeId, TrustDomain
 from custos.integrations.auth import WimseAuth
+from custos.integrations.problem import http_status
 from custos.jwtsvid import JwtBadSignatureError, mint_jwt_svid, validate_jwt_svid
 from custos.keys import (
     Algorithm,
@@ -550,7 +551,7 @@ def test_httpx_client_auth_through_tpm(devices: Devices, variant: str) -> None:
         try:
             caller = verifier.verify(message)
         except WimseError as e:
-            return httpx.Response(e.status, json={"code": e.code})
+            return httpx.Response(http_status(e), json={"code": e.code})
         return httpx.Response(200, json={"subject": caller.subject, "variant": caller.variant})
 
     auth = WimseAuth(LocalProofSigner(workload, wit), variant=variant)  # type: ignore[arg-type]
@@ -597,7 +598,7 @@ def test_async_client_signs_concurrently_through_device(devices: Devices, device
         try:
             verifier.verify(message)
         except WimseError as e:
-            return httpx.Response(e.status, json={"code": e.code})
+            return httpx.Response(http_status(e), json={"code": e.code})
         wpt = message.get_all("authorization")[0].split(" ", 1)[1]
         jtis.add(json_object_strict(b64url_decode_strict(wpt.split(".")[1]))["jti"])
         return httpx.Response(204)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from custos.bundle import BundleSet, JwtAuthority, TrustBundle
 from custos.errors import CustosError
 from custos.identity import SpiffeId, TrustDomain, WimseId
+from custos.integrations.problem import http_status
 from custos.keys.jose import joserfc_key
 from custos.keys.jwk import public_jwk_members
 from custos.keys.software import MemoryKeyStore
@@ -148,7 +149,7 @@ def code_of(token: str, bundles: BundleSet | None = None, **kw: Any) -> str:
     with pytest.raises(WitError) as info:
         verify_wit(token, bundles or draft_bundles(), now=kw.pop("now", NOW), **kw)
     assert info.value.code in WIT_ERROR_CODES
-    assert info.value.status == 400
+    assert http_status(info.value) == 400
     return info.value.code
 
 

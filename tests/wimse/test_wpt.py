@@ -26,6 +26,7 @@ from joserfc.jwk import ECKey
 from custos.bundle import BundleSet, JwtAuthority, TrustBundle
 from custos.errors import CustosError
 from custos.identity import TrustDomain, WimseId
+from custos.integrations.problem import challenge_for, http_status
 from custos.keys.jose import joserfc_key
 from custos.keys.jwk import public_jwk_members
 from custos.keys.software import MemoryKeyStore
@@ -243,7 +244,7 @@ def verifier(bundles: BundleSet, **kw: Any) -> WptVerifier:
 def wpt_code(v: WptVerifier, request: HttpMessage, audience: str | None = None) -> str:
     with pytest.raises(WptError) as info:
         v.verify(request, audience=audience)
-    assert info.value.status == 401 and info.value.challenge == "WPT"
+    assert http_status(info.value) == 401 and challenge_for(info.value) == "WPT"
     assert info.value.code in WPT_ERROR_CODES
     return info.value.code
 
@@ -313,7 +314,7 @@ def test_draft_wpt_fails_when_any_byte_changes() -> None:
 def test_draft_request_fails_when_the_wit_changes(part: int) -> None:
     with pytest.raises(WitError) as info:
         draft_verifier().verify(draft_request(Workload_Identity_Token=_flip(DRAFT_WIT, part, 11)))
-    assert info.value.status == 400
+    assert http_status(info.value) == 400
 
 
 @pytest.mark.parametrize(
@@ -360,7 +361,7 @@ def test_draft_request_replayed() -> None:
     v.verify(draft_request())
     with pytest.raises(WptReplayError) as info:
         v.verify(draft_request())
-    assert info.value.code == "wpt_replayed" and info.value.status == 401
+    assert info.value.code == "wpt_replayed" and http_status(info.value) == 401
 
 
 def test_draft_wpt_is_reproducible_with_the_draft_keys() -> None:
@@ -483,7 +484,7 @@ def test_check_wit_header_exactly_one(store: MemoryKeyStore, bundles: BundleSet)
     ):
         with pytest.raises(WitError) as info:
             verifier(bundles).verify(request)
-        assert info.value.code == code and info.value.status == 400
+        assert info.value.code == code and http_status(info.value) == 400
 
 
 def test_check_wit_verified_first(store: MemoryKeyStore, bundles: BundleSet) -> None:
@@ -491,7 +492,7 @@ def test_check_wit_verified_first(store: MemoryKeyStore, bundles: BundleSet) -> 
     wit = mint(store)
     with pytest.raises(WitError) as info:
         verifier(bundles).verify(req(_flip(wit, 2, 4), "garbage", extra=[("Authorization", "x")]))
-    assert info.value.status == 400 and info.value.challenge is None
+    assert http_status(info.value) == 400 and challenge_for(info.value) is None
 
 
 def test_check_proof_present(store: MemoryKeyStore, bundles: BundleSet) -> None:
@@ -850,7 +851,7 @@ def test_attack_path_and_audience_confusion(
         verifier(bundles).verify(req(wit, hand_wpt(wit, aud=aud), target=target))
     assert info.value.code in {"wpt_bad_audience", "unsafe_request_target"}
     if info.value.code == "unsafe_request_target":
-        assert isinstance(info.value, MalformedRequestError) and info.value.status == 400
+        assert isinstance(info.value, MalformedRequestError) and http_status(info.value) == 400
 
 
 def test_exact_path_matches(store: MemoryKeyStore, bundles: BundleSet) -> None:

@@ -129,7 +129,6 @@ class WitMintError(WimseError):
     """A WIT could not be minted with the arguments given (a caller mistake)."""
 
     code = "wit_mint_invalid"
-    status = 500
 
 
 def _fail(code: str, message: str) -> WitError:

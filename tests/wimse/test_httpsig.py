@@ -1946,3 +1946,17 @@ def test_many_tokens_are_refused_before_parsing(
     headers = [(k, value if k == field else v) for k, v in signed.headers]
     message = HttpMessage.request("POST", "/v1/orders?dry=1", headers, signed.body)
     assert code_of(lambda: verifier.verify_request(message)) == "signature_too_large"
+
+
+def test_leeway_and_max_age_take_timedeltas(bundles: BundleSet) -> None:
+    from datetime import timedelta as td
+
+    v = HttpSignatureVerifier(
+        WitVerifier(bundles, now=NOW),
+        pinned_cache(),
+        [ORIGIN],
+        now=NOW,
+        max_age=td(minutes=2),
+        leeway=td(seconds=5),
+    )
+    assert (v.max_age, v.leeway) == (120.0, 5.0)

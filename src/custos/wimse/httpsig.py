@@ -49,6 +49,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
@@ -840,8 +841,8 @@ class HttpSignatureVerifier:
         *,
         exact_audiences: Sequence[str] = (),
         now: Clock = None,
-        max_age: float = DEFAULT_MAX_AGE,
-        leeway: float = DEFAULT_LEEWAY,
+        max_age: float | timedelta = DEFAULT_MAX_AGE,
+        leeway: float | timedelta = DEFAULT_LEEWAY,
         require_signed_response: bool = False,
         accept_draft_06: bool = False,
     ) -> None:

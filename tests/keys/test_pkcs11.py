@@ -36,7 +36,7 @@ from custos.keys import (
 from custos.keys.pkcs11 import Pkcs11KeyStore
 from custos.keys.pkcs11_uri import PIN_ENV_VAR, Pkcs11Uri, Pkcs11UriError
 from custos.keys.signatures import raw_to_der
-from custos.testing.softhsm import SoftHSMToken
+from custos.testing.softhsm import SoftHSMToken, write_config
 
 Namer = Callable[[str], str]
 
@@ -719,7 +719,13 @@ def test_key_uri_round_trips_and_other_tools_find_the_key(
             public = again.public_key("k.1")
             verify_es256(public, b"m", store.sign("k.1", b"m"))
 
-    env = {**os.environ, **token.env}
+    # The other tools get a SoftHSM configuration of their own holding a copy of this
+    # token only: GnuTLS (p11tool) reads at most 48 slots, and the session's token
+    # directory holds more tokens than that by the end of a full run.
+    private = tmp_path / "tools"
+    conf = write_config(private)
+    shutil.copytree(token.token_dir, private / "tokens" / token.token_dir.name)
+    env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
     # pkcs11-tool (no URI support) shows the key under the URI's token and object label.
     assert uri.token is not None and uri.object is not None
     out = subprocess.run(

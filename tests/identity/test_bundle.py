@@ -376,7 +376,7 @@ def test_bundle_file_that_is_a_fifo_or_a_device_is_a_clear_error(tmp_path: Path)
         with pytest.raises(BundleError) as info:
             TrustBundle.load(TD, path)
         assert "not a regular file" in info.value.message
-        assert info.value.code == "unreadable_bundle"
+        assert info.value.code == "bundle_unreadable"
 
 
 def test_oversized_bundle_file_is_refused_before_parsing(tmp_path: Path) -> None:
@@ -386,7 +386,7 @@ def test_oversized_bundle_file_is_refused_before_parsing(tmp_path: Path) -> None
     path.write_bytes(b" " * (MAX_BUNDLE_BYTES + 1))
     with pytest.raises(BundleError, match="larger than") as info:
         TrustBundle.load(TD, path)
-    assert info.value.code == "unreadable_bundle"
+    assert info.value.code == "bundle_unreadable"
 
 
 def test_jwks_saved_the_obvious_way_still_verifies_wits(tmp_path: Path) -> None:

@@ -288,7 +288,7 @@ class TrustBundle:
         try:
             data = read_small_file(path, max_bytes=MAX_BUNDLE_BYTES, what="bundle file")
         except UnreadableFileError as e:
-            raise BundleError(e.message, code="unreadable_bundle") from e
+            raise BundleError(e.message, code="bundle_unreadable") from e
         return cls.from_spiffe_json(trust_domain, data)
 
     def save(self, path: str | os.PathLike[str]) -> None:

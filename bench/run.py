@@ -34,7 +34,7 @@ def section(title: str) -> None:
 
 def bench_keystores(tpm_tcti: str, key_dir: Path, hsm: object) -> None:
     from raw_pkcs11 import bench_pkcs11_rows
-    from raw_tpm import bench_raw_tpm_sign
+    from raw_tpm import bench_tpm_rows
 
     from custos.keys import ExportableKeyStore, KeyStore, MemoryKeyStore
     from custos.keys.tpm import TpmKeyStore
@@ -66,28 +66,7 @@ def bench_keystores(tpm_tcti: str, key_dir: Path, hsm: object) -> None:
         store.close()
 
     bench_pkcs11_rows(hsm, msg, N_FAST)  # raw C_Sign vs the store, in alternating rounds
-    rounds = 5
-    raw_lat: list[float] = []
-    store_lat: list[float] = []
-
-    # swtpm holds three objects: the raw run (primary + key) and an open store
-    # (primary + cached key) cannot coexist, so the store is reopened each round.
-    with TpmKeyStore(tcti=tpm_tcti, key_dir=key_dir) as tstore:
-        tstore.create("bench", "ES256")
-    raw_lat, store_lat = [], []
-    for _ in range(rounds):
-        raw_lat += bench_raw_tpm_sign(tpm_tcti, N_TPM // rounds)
-        with TpmKeyStore(tcti=tpm_tcti, key_dir=key_dir) as tstore:
-            store_lat += measure("", lambda: tstore.sign("bench", msg), N_TPM // rounds).latencies
-    raw_t = Result("raw tpm2-pytss ESAPI sign (swtpm, key loaded)", raw_lat)
-    print(row(raw_t))
-    print(
-        row(
-            Result("custos tpm store (swtpm)", store_lat),
-            raw_t,
-            note="aim <= 1.20x; >= 1,000/s",
-        )
-    )
+    bench_tpm_rows(tpm_tcti, key_dir, msg, N_TPM)
 
 
 def bench_wimse(tpm_tcti: str, key_dir: Path, hsm: object) -> None:
@@ -413,6 +392,12 @@ def main() -> int:
 
                 section("Key stores: PKCS#11 ES256 sign (ratio = p50 / raw call)")
                 bench_pkcs11_rows(hsm, b"x" * 256, N_FAST)
+                return 0
+            if os.environ.get("BENCH_ONLY") == "tpm":  # the TPM store rows alone
+                from raw_tpm import bench_tpm_rows
+
+                section("Key stores: TPM ES256 sign (ratio = p50 / raw call)")
+                bench_tpm_rows(tpm.tcti, root / "tpm-keys", b"x" * 256, N_TPM)
                 return 0
             bench_keystores(tpm.tcti, root / "tpm-keys", hsm)
             bench_wimse(tpm.tcti, root / "tpm-keys2", hsm)

@@ -37,7 +37,6 @@ def bench_keystores(tpm_tcti: str, key_dir: Path, hsm: object) -> None:
     from raw_tpm import bench_tpm_rows
 
     from custos.keys import ExportableKeyStore, KeyStore, MemoryKeyStore
-    from custos.keys.tpm import TpmKeyStore
 
     msg = b"x" * 256
     section("Key stores: single-threaded ES256 sign (ratio = p50 / raw call on the same device)")

@@ -33,6 +33,7 @@ from custos.integrations.asgi import (
     DEFAULT_MAX_BODY,
     DEFAULT_MAX_RESPONSE,
     declared_length,
+    request_method,
     sign_response_or_refuse,
 )
 from custos.integrations.errors import (
@@ -43,7 +44,7 @@ from custos.integrations.errors import (
 from custos.integrations.problem import Problem, http_status
 from custos.wimse.errors import MalformedRequestError, WimseError
 from custos.wimse.http.message import HttpMessage
-from custos.wimse.http.origin import routing_path
+from custos.wimse.http.origin import UnsafeTargetError, routing_path
 from custos.wimse.httpsig import SignedResponseUnavailableError, SignsResponses
 from custos.wimse.policy import PolicyLike, as_policy
 from custos.wimse.verifier import Caller, RequestVerifier
@@ -88,10 +89,11 @@ class WimseWSGIMiddleware:
         if _routing_path(environ) in self.exempt:
             return self.app(environ, start_response)
         try:
+            path = routing_path(_native(_routing_path(environ), "request path"))
             body = self._read_body(environ)
             request = _to_message(environ, body)
             caller = self.verifier.verify(request)
-            self.policy.check(caller.subject, routing_path(_routing_path(environ)))
+            self.policy.check(caller.subject, path)
             if caller.wants_signed_response and self.response_signer is None:
                 # Refused before the app runs: nothing it does can be sent unsigned.
                 raise SignedResponseUnavailableError(
@@ -212,6 +214,17 @@ class _ResponseCapture:
         return HttpMessage.response(int(status), self.headers, b"".join(self.chunks) or None)
 
 
+def _native(value: str, what: str) -> str:
+    """``value`` if it is a PEP 3333 native string (Latin-1: one character per
+    byte received); a lone surrogate (a server that decoded with
+    ``surrogateescape``) has no byte to stand for and is refused."""
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise UnsafeTargetError(f"the {what} is not Latin-1 text (PEP 3333)") from None
+    return value
+
+
 def _routing_path(environ: dict[str, Any]) -> str:
     return str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", "")) or "/"
 
@@ -237,8 +250,9 @@ def _to_message(environ: dict[str, Any], body: bytes) -> HttpMessage:
         headers.append(("content-type", environ["CONTENT_TYPE"]))
     if environ.get("CONTENT_LENGTH"):
         headers.append(("content-length", environ["CONTENT_LENGTH"]))
-    method = environ["REQUEST_METHOD"]
-    return HttpMessage.request(method, _raw_target(environ), headers, body or None)
+    method = request_method(environ.get("REQUEST_METHOD"))
+    target = _native(_raw_target(environ), "request target")
+    return HttpMessage.request(method, target, headers, body or None)
 
 
 def caller_of(environ: dict[str, Any]) -> Caller | None:

@@ -94,8 +94,8 @@ def test_pkcs11_key_uri_command(softhsm: Any) -> None:
         assert "pin" not in uri.lower()
     finally:
         ok(custos("keys", "delete", *flags, "--name", name, extra_env=env))
-    memory = custos("keys", "uri", "--store", "memory", "--name", name)
-    assert memory.returncode == 2 and "only PKCS#11" in memory.stderr
+    exportable = custos("keys", "uri", "--store", "exportable", "--name", name)
+    assert exportable.returncode == 2 and "only PKCS#11" in exportable.stderr
 
 
 def test_pkcs11_wrong_pin_is_clear_and_never_echoed(softhsm: Any) -> None:
@@ -140,3 +140,112 @@ def test_tpm_info_without_a_device_is_a_clear_error() -> None:
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
     assert "unavailable" in result.stderr.lower()
+
+
+# ---- conventions (issue 7, "what a new user tripped on") -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["keys"],
+        ["keys", "list"],
+        ["keys", "create"],
+        ["keys", "info"],
+        ["keys", "sign"],
+        ["keys", "uri"],
+        ["tpm", "info"],
+        ["wimse"],
+        ["wimse", "sign-wpt"],
+        ["jwt"],
+    ],
+)
+def test_dash_h_is_help_everywhere(argv: list[str]) -> None:
+    result = custos(*argv, "-h")
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout and "-h, --help" in result.stdout
+
+
+def test_help_shows_the_default_key_directory_and_the_variables() -> None:
+    text = ok(custos("keys", "list", "-h"))
+    flat = " ".join(text.split())
+    assert "/var/lib/custos/keys" in flat
+    for var in ("CUSTOS_STORE", "CUSTOS_KEY_DIR", "CUSTOS_TCTI", "TPM2TOOLS_TCTI", "TSS2_TCTI"):
+        assert var in flat, var
+
+
+def test_store_from_the_environment_and_list_as_json(tmp_path: Path) -> None:
+    key_dir = str(tmp_path / "keys")
+    env = {"CUSTOS_STORE": "exportable", "CUSTOS_KEY_DIR": key_dir}
+    ok(custos("keys", "create", "--name", "a", extra_env=env))
+    ok(custos("keys", "create", "--name", "b", "--alg", "EdDSA", extra_env=env))
+    listed = json.loads(ok(custos("keys", "list", "--output", "json", extra_env=env)))
+    assert listed == [
+        {"name": "a", "alg": "ES256", "store": "exportable"},
+        {"name": "b", "alg": "EdDSA", "store": "exportable"},
+    ]
+    assert json.loads(ok(custos("keys", "list", "-o", "json", extra_env=env))) == listed
+    info = json.loads(ok(custos("keys", "info", "--name", "b", "-o", "json", extra_env=env)))
+    assert info == {"name": "b", "alg": "EdDSA", "store": "exportable"}
+    assert "alg: ES256" in ok(custos("keys", "info", "--name", "a", extra_env=env))
+    # the flag wins over the variable
+    flagged = custos("keys", "list", "--store", "pkcs11", extra_env=env)
+    assert flagged.returncode == 1 and "pkcs11" in flagged.stderr
+
+
+def test_memory_store_is_refused_with_a_reason() -> None:
+    for argv in (["keys", "create", "--name", "k"], ["keys", "list"]):
+        result = custos(*argv, "--store", "memory")
+        assert result.returncode == 2, result.stderr
+        assert "memory" in result.stderr and "process" in result.stderr
+        assert "Traceback" not in result.stderr
+    via_env = custos("keys", "list", extra_env={"CUSTOS_STORE": "memory"})
+    assert via_env.returncode == 2 and "process" in via_env.stderr
+
+
+@pytest.mark.parametrize("store", ["exportable", "tpm"])
+def test_read_only_commands_create_no_directory(
+    store: str, tmp_path: Path, swtpm: Any
+) -> None:
+    missing = tmp_path / "not" / "here"
+    flags = ["--store", store, "--key-dir", str(missing), "--tcti", swtpm.tcti]
+    assert ok(custos("keys", "list", *flags)) == ""
+    assert json.loads(ok(custos("keys", "list", *flags, "-o", "json"))) == []
+    msg = tmp_path / "msg"
+    msg.write_bytes(b"m")
+    for argv in (
+        ["info", "--name", "k"],
+        ["public", "--name", "k"],
+        ["sign", "--name", "k", "--input", str(msg)],
+    ):
+        result = custos("keys", *argv, *flags)
+        assert result.returncode == 1, (argv, result.stderr)
+        assert "key_not_found" in result.stderr and str(missing) in result.stderr
+        assert "Traceback" not in result.stderr
+    uri = custos("keys", "uri", "--name", "k", *flags)
+    assert uri.returncode == 2 and "only PKCS#11" in uri.stderr
+    assert not (tmp_path / "not").exists()
+
+
+def test_tcti_from_tpm2_tools_variables_and_the_allowlist(swtpm: Any, tmp_path: Path) -> None:
+    key_dir = str(tmp_path / "keys")
+    ok(custos("keys", "create", "--store", "tpm", "--tcti", swtpm.tcti, "--key-dir", key_dir,
+              "--name", "t"))  # fmt: skip
+    for var in ("TPM2TOOLS_TCTI", "TSS2_TCTI"):
+        listed = ok(custos("keys", "list", "--store", "tpm", "--key-dir", key_dir,
+                           extra_env={var: swtpm.tcti}))  # fmt: skip
+        assert "t\tES256" in listed.splitlines(), var
+    # CUSTOS_TCTI comes first: a dead port there wins over a working TPM2TOOLS_TCTI.
+    first = custos("keys", "list", "--store", "tpm", "--key-dir", key_dir,
+                   extra_env={"CUSTOS_TCTI": "swtpm:host=127.0.0.1,port=1",
+                              "TPM2TOOLS_TCTI": swtpm.tcti})  # fmt: skip
+    assert first.returncode == 1 and "unavailable" in first.stderr.lower()
+    marker = tmp_path / "ran"
+    for how in ({"args": ("--tcti", f"cmd:touch {marker}")},
+                {"env": {"TPM2TOOLS_TCTI": f"cmd:touch {marker}"}}):  # fmt: skip
+        result = custos("keys", "list", "--store", "tpm", "--key-dir", key_dir,
+                        *how.get("args", ()), extra_env=how.get("env"))  # type: ignore[arg-type]  # fmt: skip
+        assert result.returncode == 1, result.stderr
+        assert "not allowed" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()

@@ -29,7 +29,8 @@ class CustosGroup(click.Group):
             sys.exit(1)
 
 
-@click.group(cls=CustosGroup)
+# -h as well as --help, on every command: subcommands inherit it from this group.
+@click.group(cls=CustosGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="custos")
 def cli() -> None:
     """custos: hardware-backed key custody and workload identity."""

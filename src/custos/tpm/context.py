@@ -64,7 +64,12 @@ from tpm2_pytss.types import (
     TPMT_PUBLIC,
 )
 
-from custos.keys.errors import DeviceUnavailableError, KeyStoreError, StoreConfigError
+from custos.keys.errors import (
+    DeviceUnavailableError,
+    KeyStoreError,
+    StoreClosedError,
+    StoreConfigError,
+)
 from custos.tpm.blobs import KeyBlob, Stamp
 from custos.tpm.errors import (
     BadKeyBlobError,
@@ -424,7 +429,7 @@ class TpmContext:
         """Run ``op(ectx)`` under the lock; connect first; translate every failure."""
         with self.lock:
             if self.closed:
-                raise KeyStoreError("the tpm key store is closed", code="store_closed")
+                raise StoreClosedError("the tpm context is closed")
             try:
                 if self._ectx is None:
                     self._connect()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.constants import TPM2_RC, TSS2_RC
 
-from custos.keys.errors import KeyStoreError
+from custos.keys.errors import KeyFileError, KeyStoreError
 from custos.tpm import _tss  # noqa: F401  (quiet libtss2 before its first call)
 
 
@@ -19,11 +19,9 @@ class TpmSlotsExhaustedError(TpmError):
     """The TPM has no free object slot, even after we flushed the keys we keep loaded."""
 
 
-class BadKeyBlobError(KeyStoreError):
-    """A key file is not a key this store can use (unreadable, corrupt, wrong type or
-    parent, restricted or duplicable, or not a key of this TPM)."""
-
-    code = "bad_key_file"
+class BadKeyBlobError(KeyFileError):
+    """A TPM key file is not a key custos can use (unreadable, corrupt, wrong type or
+    parent, restricted or duplicable, or not a key of this TPM). Code ``bad_key_file``."""
 
 
 # TCTI/ESYS failures that mean "the device went away", as opposed to a TPM that

@@ -621,8 +621,6 @@ def test_cli_unusable_bundle_or_trust_domain_gives_problem_json(
 def test_verify_other_token_names_the_tokens_understood(issued: dict[str, Path]) -> None:
     """A WPT whose ``oth`` binds a token the relying party does not know is
     refused; ``--other-token NAME`` (repeatable) names the ones it knows."""
-    from custos.keys.jose import joserfc_key as _jk  # noqa: F401  (store opened by path below)
-
     result = custos(
         "wimse",
         "sign-wpt",
@@ -751,7 +749,7 @@ def test_sign_wpt_unreadable_wit_file_is_a_clear_error(
 
 
 @pytest.mark.parametrize("kind", ["fifo", "zero", "not_utf8"])
-def test_verify_unreadable_bundle_or_body_is_a_clear_error(tmp_path: Path, kind: str) -> None:
+def test_verify_bundle_unreadable_or_body_is_a_clear_error(tmp_path: Path, kind: str) -> None:
     special = _special_files(tmp_path)[kind]
     wit_payload = base64.urlsafe_b64encode(b'{"sub":"spiffe://example.org/w"}').rstrip(b"=")
     base = ["wimse", "verify", "--method", "POST", "--url", "https://a.example/x"]

@@ -442,3 +442,43 @@ def test_requirement_without_a_verifier_is_a_config_error(
     assert err.value.code == "response_verifier_invalid"
     with pytest.raises(ClientAuthError) as err:
         WimseAuth(signer, variant="http-signature", response_verifier=None, expected_responder="x")
+
+
+# -- hostile responses: a clear WimseError, never another exception ---------------------------
+
+HOSTILE_RESPONSES: dict[str, list[tuple[bytes, bytes]]] = {
+    "latin1_signature_input": [
+        (b"signature-input", b'wimse=(\xff);tag="wimse-workload-to-workload"')
+    ],
+    "latin1_wit": [
+        (b"workload-identity-token", b"\xff\xfe.e30.x"),
+        (b"signature-input", b'wimse=("@status");tag="wimse-workload-to-workload"'),
+        (b"signature", b"wimse=:AAAA:"),
+    ],
+    "huge_signature": [
+        (b"signature-input", b"a=(" + b'"x" ' * 50_000 + b")"),
+        (b"signature", b"a=:AA==:"),
+    ],
+    "signature_only": [(b"signature", b"wimse=:AAAA:")],
+    "two_wimse_signatures": [
+        (
+            b"signature-input",
+            b'a=();tag="wimse-workload-to-workload", b=();tag="wimse-workload-to-workload"',
+        ),
+        (b"signature", b"a=:AA==:, b=:AA==:"),
+    ],
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_RESPONSES))
+def test_hostile_signed_response_is_a_clear_error(
+    case: str, store: MemoryKeyStore, bundles: BundleSet, web_wit: str
+) -> None:
+    auth = WimseAuth.from_key(store.get("web"), web_wit, variant="http-signature", bundles=bundles)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers=HOSTILE_RESPONSES[case], content=b"{}")
+
+    with httpx.Client(transport=httpx.MockTransport(answer), auth=auth) as client:
+        with pytest.raises(WimseError):
+            client.get(f"{ORIGIN}/pay")

@@ -131,6 +131,7 @@ def main() -> int:
 def wimse_round(tpm_store: Any, hsm_store: Any) -> None:
     from custos.bundle import BundleSet, JwtAuthority, TrustBundle
     from custos.identity import SpiffeId, TrustDomain
+    from custos.integrations.problem import http_status
     from custos.keys.jose import joserfc_key
     from custos.wimse.errors import WimseError
     from custos.wimse.http.message import HttpMessage
@@ -183,7 +184,7 @@ def wimse_round(tpm_store: Any, hsm_store: Any) -> None:
             verifier.verify(bad)
             raise SystemExit(f"BUG: {label} was accepted")
         except WimseError as e:
-            show(f"{label}", f"refused: {e.status} [{e.code}]")
+            show(f"{label}", f"refused: {http_status(e)} [{e.code}]")
 
     say("the same workload signs the request instead (RFC 9421, httpsig-06), through the TPM")
     from custos.wimse.httpsig import HttpSignatureVerifier, sign_request
@@ -209,7 +210,7 @@ def wimse_round(tpm_store: Any, hsm_store: Any) -> None:
         ).verify_request(tampered)
         raise SystemExit("BUG: a tampered body was accepted")
     except WimseError as e:
-        show("body changed in transit", f"refused: {e.status} [{e.code}]")
+        show("body changed in transit", f"refused: {http_status(e)} [{e.code}]")
 
 
 if __name__ == "__main__":

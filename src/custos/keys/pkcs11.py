@@ -21,6 +21,14 @@ Finding keys
     mechanisms for RSA.  Algorithms, public keys and key handles are cached in
     memory together with the key's ``CKA_ID``.
 
+Custody grade
+    A key is used only if the token generated it and never let its value out:
+    ``CKA_LOCAL``, ``CKA_NEVER_EXTRACTABLE``, ``CKA_SENSITIVE`` true and
+    ``CKA_EXTRACTABLE`` false, read in one call when the key is first looked up
+    and kept with its ``CKA_ID`` (so never on the signing path).  An imported or
+    extractable key is :class:`KeyNotCustodyGradeError`; ``list()`` still shows it.
+    See docs/decisions/0013-pkcs11-custody-grade-and-module-selection.md.
+
 Keys replaced behind our back
     Another process (or tool) may delete a key and create a new one under the
     same name.  ``public_key()`` / ``public_jwk()`` always search the token and
@@ -41,6 +49,8 @@ Sessions and threads
     library serialized by that library's lock.
 
 Libraries
+    The library is ``module`` and/or the URI's RFC 7512 ``module-path`` /
+    ``module-name`` (:func:`resolve_module`; all given must designate one file).
     python-pkcs11 0.10.1 caches one ``pkcs11.lib`` per path string and can hold
     several different libraries at once.  Two path strings naming the same
     file (Debian's ``/usr/lib/softhsm/libsofthsm2.so`` is a symlink) would

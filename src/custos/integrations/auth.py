@@ -37,7 +37,7 @@ default) and requests drop ``Authorization`` when a redirect leaves the origin.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Self
 from urllib.parse import urlsplit
 
 import anyio.to_thread
@@ -248,17 +248,9 @@ def _local_signer(
     return LocalProofSigner(key, wit, sign_response=sign_response and variant == "http-signature")
 
 
-class WimseAuth(httpx.Auth):
-    """httpx auth: ``httpx.Client(auth=WimseAuth(signer))``, sync or async.
-
-    The body is read before signing (the HTTP-signature variant covers it with
-    ``Content-Digest``), so streaming uploads are buffered; when responses are
-    checked, their bodies are read before the client returns them.
-    See the module docstring for ``response_verifier``,
-    ``require_signed_response`` and ``expected_responder``.
-    """
-
-    requires_request_body = True
+class _AuthOptions:
+    """What both auth classes take: a signer and the options of the module
+    docstring, or (``from_key``) a store key and its WIT."""
 
     def __init__(
         self,
@@ -293,9 +285,10 @@ class WimseAuth(httpx.Auth):
         expected_responder: str | Iterable[str] | None = None,
         txn_token: str | None = None,
         other_tokens: Mapping[str, str] | None = None,
-    ) -> WimseAuth:
+    ) -> Self:
         """One line for the usual client: a store key and the WIT that binds it
-        (``WimseAuth.from_key(store.get("web"), wit)``); with ``bundles`` the
+        (``WimseAuth.from_key(store.get("web"), wit)``, likewise
+        ``WimseRequestsAuth.from_key``); with ``bundles`` the
         signed responses are checked, and ``require_signed_response`` asks for them."""
         return cls(
             _local_signer(key, wit, variant, require_signed_response),
@@ -306,6 +299,19 @@ class WimseAuth(httpx.Auth):
             require_signed_response=require_signed_response,
             expected_responder=expected_responder,
         )
+
+
+class WimseAuth(_AuthOptions, httpx.Auth):
+    """httpx auth: ``httpx.Client(auth=WimseAuth(signer))``, sync or async.
+
+    The body is read before signing (the HTTP-signature variant covers it with
+    ``Content-Digest``), so streaming uploads are buffered; when responses are
+    checked, their bodies are read before the client returns them.
+    See the module docstring for ``response_verifier``,
+    ``require_signed_response`` and ``expected_responder``.
+    """
+
+    requires_request_body = True
 
     def _apply(self, request: httpx.Request) -> HttpMessage | None:
         url = request.url
@@ -348,57 +354,12 @@ class WimseAuth(httpx.Auth):
             await anyio.to_thread.run_sync(self._check, signed, response)
 
 
-class WimseRequestsAuth(_RequestsAuthBase):
+class WimseRequestsAuth(_AuthOptions, _RequestsAuthBase):
     """requests auth: ``requests.get(url, auth=WimseRequestsAuth(signer))``.
 
     Responses are checked in a ``response`` hook, so a refused one raises from
     ``requests.get(...)``; their bodies are read there (``stream=True`` too).
     """
-
-    def __init__(
-        self,
-        signer: ProofSigner,
-        *,
-        variant: Variant = "wpt",
-        txn_token: str | None = None,
-        other_tokens: Mapping[str, str] | None = None,
-        response_verifier: HttpSignatureVerifier | BundleSet | None = None,
-        require_signed_response: bool = False,
-        expected_responder: str | Iterable[str] | None = None,
-    ) -> None:
-        self._attacher = _Attacher(
-            signer,
-            variant,
-            txn_token,
-            other_tokens,
-            response_verifier,
-            require_signed_response,
-            expected_responder,
-        )
-
-    @classmethod
-    def from_key(
-        cls,
-        key: StoreKey,
-        wit: str | Callable[[], str],
-        *,
-        variant: Variant = "wpt",
-        bundles: BundleSet | None = None,
-        require_signed_response: bool = False,
-        expected_responder: str | Iterable[str] | None = None,
-        txn_token: str | None = None,
-        other_tokens: Mapping[str, str] | None = None,
-    ) -> WimseRequestsAuth:
-        """As :meth:`WimseAuth.from_key`."""
-        return cls(
-            _local_signer(key, wit, variant, require_signed_response),
-            variant=variant,
-            txn_token=txn_token,
-            other_tokens=other_tokens,
-            response_verifier=bundles,
-            require_signed_response=require_signed_response,
-            expected_responder=expected_responder,
-        )
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
         if r.url is None or r.method is None:

@@ -4,8 +4,9 @@ Python runs as written.
 - ``softhsm`` is a fresh, empty token for every test; ``softhsm_session`` is one
   token for the whole session;
 - the README's Python blocks run unchanged: the library one against a real swtpm
-  (with the environment the tour exports), the fixture one as a test file of a
-  project that merely has custos installed.
+  (with the environment the tour exports), the relying-party one serving a real call
+  through Starlette, the fixture one as a test file of a project that merely has custos
+  installed; the tour's shell block runs too.
 """
 
 from __future__ import annotations
@@ -121,3 +122,48 @@ def test_readme_tour_runs_as_written(tmp_path: Path) -> None:
                        capture_output=True, timeout=60)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "deleted web" in done.stdout
+
+
+def test_readme_relying_party_snippet_serves_a_real_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The block runs unchanged with what the text around it supplies: an ASGI `app`, the
+    # tour's `store` holding "web", a `wit` for it, and a bundle.json of the caller's domain.
+    import json
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from custos.bundle import USE_WIT_SVID
+    from custos.keys import MemoryKeyStore
+    from custos.wimse.wit import mint_wit
+
+    keys = MemoryKeyStore()
+    keys.create("wit-ca", "ES256")
+    keys.create("web", "ES256")
+    (tmp_path / "bundle.json").write_text(
+        json.dumps({"keys": [{**keys.public_jwk("wit-ca"), "use": USE_WIT_SVID}]})
+    )
+    subject = "spiffe://example.org/ns/shop/sa/web"
+    wit = mint_wit(keys.get("wit-ca"), subject=subject, workload_public_jwk=keys.get("web"),
+                   ttl=600)
+
+    async def handler(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(str(request.state.wimse_caller.subject))
+
+    app = Starlette(routes=[Route("/pay", handler, methods=["POST"]),
+                            Route("/admin", handler, methods=["POST"])])
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"app": app, "store": keys, "wit": wit}
+    exec(readme_block("WimseASGIMiddleware"), namespace)
+
+    with TestClient(namespace["app"], base_url="https://api.example.org") as client:  # type: ignore[arg-type]
+        paid = client.post("/pay", content=b"{}", auth=namespace["auth"])  # type: ignore[arg-type]
+        assert (paid.status_code, paid.text) == (200, subject)
+        unlisted = client.post("/admin", content=b"{}", auth=namespace["auth"])  # type: ignore[arg-type]
+        assert unlisted.status_code == 403
+        anonymous = client.post("/pay", content=b"{}")
+        assert anonymous.status_code in (400, 401)

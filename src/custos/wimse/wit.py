@@ -173,13 +173,17 @@ def signature_valid(key: object, alg: str, signing_input: bytes, signature: byte
     return True
 
 
-def _joserfc_public(key: PublicKey, members: dict[str, Any]) -> JoseKey:
-    """The joserfc form of a cryptography public key (VerifiedWit.cnf_key)."""
+def _joserfc_public(key: PublicKey) -> JoseKey:
+    """The joserfc form of a cryptography public key (VerifiedWit.cnf_key).
+
+    Made from the key object itself (joserfc's own ``import_key`` path), so
+    joserfc derives its JWK members from the key when asked instead of
+    re-validating the members the core has just checked."""
     if isinstance(key, ec.EllipticCurvePublicKey):
-        return ECKey(key, members)
+        return ECKey(key, key)
     if isinstance(key, rsa.RSAPublicKey):
-        return RSAKey(key, members)
-    return OKPKey(key, members)
+        return RSAKey(key, key)
+    return OKPKey(key, key)
 
 
 #: The members of each key type a cnf.jwk keeps (RFC 7518 6.2.1, 6.3.1, RFC 8037 2).
@@ -222,7 +226,7 @@ def _import_cnf_jwk(
     # Only the key's own members (and alg) are kept: "use"/"key_ops" and the
     # like are not ours to enforce, and joserfc would interpret them.
     members = {"kty": jwk["kty"], **{m: jwk[m] for m in _KEY_MEMBERS[jwk["kty"]]}}
-    return {**members, "alg": alg}, _joserfc_public(key, members), alg
+    return {**members, "alg": alg}, _joserfc_public(key), alg
 
 
 def public_cnf_jwk(

@@ -96,13 +96,16 @@ def _routing_path(path: str) -> str:
 
 #: RFC 9110 §9.1 / §5.6.2: a method is a token.
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")
+_COMMON_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
 def request_method(method: object) -> str:
     """``method`` if it is an RFC 9110 token, else a 400: a method no router
     knows must not reach the app as if the proof had vouched for it (the WPT
     variant does not cover the method)."""
-    if not isinstance(method, str) or not _METHOD.fullmatch(method):
+    if not isinstance(method, str):
+        raise MalformedRequestError("the request method is not a string")
+    if method not in _COMMON_METHODS and not _METHOD.fullmatch(method):
         raise MalformedRequestError("the request method is not an RFC 9110 token")
     return method
 

@@ -18,6 +18,9 @@ from custos.errors import CustosError
 EXTRAS: dict[str, tuple[frozenset[str], str]] = {
     "tpm": (frozenset({"tpm2_pytss"}), "the tpm2-tss libraries (Debian: libtss2-dev)"),
     "pkcs11": (frozenset({"pkcs11"}), "a PKCS#11 module for your token"),
+    "httpx": (frozenset({"httpx"}), ""),
+    "requests": (frozenset({"requests"}), ""),
+    "redis": (frozenset({"redis"}), ""),
 }
 
 
@@ -29,8 +32,9 @@ class MissingExtraError(CustosError):
     def __init__(self, extra: str, cause: ImportError) -> None:
         needs = EXTRAS[extra][1]
         super().__init__(
-            f"this needs the '{extra}' extra: pip install 'custos[{extra}]' "
-            f"(and {needs}); {cause}"
+            f"this needs the '{extra}' extra: pip install 'custos[{extra}]'"
+            + (f" (and {needs})" if needs else "")
+            + f"; {cause}"
         )
         self.extra = extra
 

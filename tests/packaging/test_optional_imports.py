@@ -168,3 +168,20 @@ def test_a_missing_extra_is_a_clear_custos_error() -> None:
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert done.stdout.strip().endswith("ok")
+
+
+def test_extra_needed_names_only_the_extras_own_import_errors() -> None:
+    import pytest
+
+    from custos._extras import MissingExtraError, extra_needed
+
+    with pytest.raises(MissingExtraError) as caught, extra_needed("httpx"):
+        raise ModuleNotFoundError("No module named 'httpx'", name="httpx")
+    assert caught.value.code == "missing_extra" and caught.value.extra == "httpx"
+    assert "pip install 'custos[httpx]';" in str(caught.value)
+    with pytest.raises(MissingExtraError, match=r"libtss2-dev"), extra_needed("tpm"):
+        raise ImportError("libtss2-esys.so.0: cannot open shared object file")
+    # Any other ImportError is a bug to see, not an extra to install.
+    with pytest.raises(ImportError) as other, extra_needed("tpm"):
+        raise ImportError("cannot import name 'X' from 'custos.tpm'", name="custos.tpm")
+    assert not isinstance(other.value, MissingExtraError)

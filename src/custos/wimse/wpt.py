@@ -495,8 +495,8 @@ class WptVerifier:
         )
         if not self.origins and not self.exact_audiences:
             raise ValueError("configure at least one audience origin or exact audience")
-        self._origins = tuple(o.encode() for o in self.origins)
-        self._exact = tuple(a.encode("ascii") for a in self.exact_audiences)
+        if not all(o.isascii() for o in self.origins):  # pragma: no cover - origin.py's A-labels
+            raise WptConfigError("configured origins must normalise to ASCII")
         if replay is None or not callable(getattr(replay, "check_and_store", None)):
             raise ValueError("a replay cache is required")
         self.replay = replay
@@ -526,7 +526,7 @@ class WptVerifier:
         ones are not consulted; the request may then lack a target (a gRPC call
         whose metadata is the message's headers).
         """
-        expected = None if audience is None else check_exact_audience(audience).encode("ascii")
+        expected = None if audience is None else check_exact_audience(audience)
         now = self.now()
         wit = self._verify_wit(request)
         token, wire, access_token = self._locate_proof(request)
@@ -602,31 +602,29 @@ class WptVerifier:
             wit=wit,
         )
 
-    def _aud_matches(self, aud: str, request: HttpMessage, expected: bytes | None) -> bool:
+    def _aud_matches(self, aud: str, request: HttpMessage, expected: str | None) -> bool:
         """Whether ``aud`` is the audience this request may name (constant time).
 
-        Compared as UTF-8 bytes: an ``aud`` that has no UTF-8 form (a lone
-        surrogate from a ``\\ud800`` escape) names nothing configured and is
-        refused like any other mismatch.
+        Every configured value is ASCII (origins in their IDNA A-label form,
+        exact audiences by :func:`check_exact_audience`), so an ``aud`` with
+        anything beyond ASCII — a lone surrogate from a ``\\ud800`` escape
+        included — matches none of them and is refused like any other
+        mismatch, never encoded.  The request target, when there is one, is
+        checked first: an unsafe path is refused whatever the ``aud``.
         """
-        try:
-            aud_bytes = aud.encode()
-        except UnicodeEncodeError:
+        path = None if request.target is None else request_path(request.target)
+        if not aud.isascii():
             return False
         if expected is not None:
-            return hmac.compare_digest(aud_bytes, expected)
+            return hmac.compare_digest(aud, expected)
         matched = False
-        for candidate in self._exact:
-            matched |= hmac.compare_digest(aud_bytes, candidate)
-        if request.target is None:
-            # Not an HTTP request (a gRPC call's metadata): only exact
-            # audiences can name it.
-            return matched
-        # The target is checked even when an exact audience matched: a path
-        # that components could normalise differently is refused everywhere.
-        path = request_path(request.target).encode("ascii")
-        for origin in self._origins:
-            matched |= hmac.compare_digest(aud_bytes, origin + path)
+        for candidate in self.exact_audiences:
+            matched |= hmac.compare_digest(aud, candidate)
+        if path is not None:
+            # A message without a target (a gRPC call's metadata) can be
+            # named by exact audiences only.
+            for origin in self.origins:
+                matched |= hmac.compare_digest(aud, origin + path)
         return matched
 
     def _verify_wit(self, request: HttpMessage) -> VerifiedWit:

@@ -285,6 +285,17 @@ def test_no_private_internals_and_no_hand_built_frozen_values(name: str) -> None
         assert not re.search(pattern, text), f"{name}: {pattern}"
 
 
+@pytest.mark.parametrize("name", _OWN)
+def test_token_modules_log_nothing(name: str) -> None:
+    # wpt-02: raw WPTs must not be logged. These modules hold WITs, WPTs and
+    # signatures, so they do not log at all (what happened is said by the
+    # error code, which the integrations log); the end-to-end capture of every
+    # log record through the middlewares is in the integration tests.
+    text = (_SRC / name).read_text()
+    assert not re.search(r"^\s*(import|from)\s+(logging|structlog)\b", text, re.M)
+    assert "getLogger" not in text and "print(" not in text
+
+
 # -- the middleware: headers decoded once, still every check -------------------------
 
 

@@ -221,9 +221,7 @@ def verifier_from_bundle_file(
                                              "https://api.example.org")
     """
     from custos.bundle import TrustBundle
-    from custos.identity import TrustDomain
+    from custos.identity import coerce_trust_domain
 
-    domain = (
-        trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain.parse(trust_domain)
-    )
-    return build_request_verifier(TrustBundle.load(domain, path), audiences, **options)
+    bundle = TrustBundle.load(coerce_trust_domain(trust_domain), path)
+    return build_request_verifier(bundle, audiences, **options)

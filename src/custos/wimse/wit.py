@@ -70,7 +70,7 @@ from custos.identity import (
     SpiffeId,
     TrustDomain,
     WimseId,
-    parse_workload_id,
+    coerce_workload_id,
 )
 from custos.keys.base import StoreKey
 from custos.keys.jose import joserfc_key
@@ -314,11 +314,12 @@ def mint_wit(
             raise WitMintError("give kid=: the signing key's JWK has no kid")
     if subject is None or workload_public_jwk is None or ttl is None:
         raise WitMintError("mint_wit needs subject, workload_public_jwk and ttl")
-    if isinstance(subject, str):
-        try:
-            subject = parse_workload_id(subject)
-        except InvalidIdentifierError as e:
-            raise WitMintError(f"subject is not a workload identifier: {e.message}") from e
+    try:
+        # A string or an id; the bare trust domain names no workload (as for
+        # JWT-SVIDs), so it is refused here too.
+        subject = coerce_workload_id(subject)
+    except InvalidIdentifierError as e:
+        raise WitMintError(f"subject is not a workload identifier: {e.message}") from e
     if isinstance(workload_public_jwk, StoreKey):
         workload_public_jwk = workload_public_jwk.public_jwk()
     try:
@@ -338,11 +339,6 @@ def mint_wit(
         raise WitMintError(f"algorithm {alg!r} is not allowed for the {profile} profile")
     if not isinstance(kid, str) or not kid:
         raise WitMintError("a WIT needs a non-empty kid")
-    if not isinstance(subject, (SpiffeId, WimseId)):
-        raise WitMintError("subject must be a SpiffeId or WimseId")
-    if not subject.path:
-        # A trust domain's own ID names no workload (JWT-SVIDs refuse it too).
-        raise WitMintError("subject must name a workload, not the bare trust domain")
     if profile == "spiffe" and not isinstance(subject, SpiffeId):
         raise WitMintError("a WIT-SVID's subject must be a spiffe:// ID")
     if not key_fits_alg(signing_key.public_key, alg):
@@ -473,12 +469,10 @@ def parse_wit_unverified(
     if not isinstance(sub, str):
         raise _fail("wit_bad_sub", "WIT has no sub")
     try:
-        subject = parse_workload_id(sub)
+        # spiffe://td is the trust domain itself, not a workload in it: refused.
+        subject = coerce_workload_id(sub)
     except InvalidIdentifierError as e:
         raise _fail("wit_bad_sub", f"WIT sub is not a workload identifier: {e.code}") from e
-    if not subject.path:
-        # spiffe://td is the trust domain itself, not a workload in it.
-        raise _fail("wit_bad_sub", "WIT sub is a bare trust domain, not a workload")
     cnf_jwk, cnf_key, cnf_alg = _import_cnf_jwk(claims.get("cnf"), allowed)
     for name in ("exp", "iat", "nbf"):
         _numeric_date(claims, name)

@@ -406,3 +406,14 @@ def test_attack_too_large_non_token68_proof_is_malformed_first(
     with pytest.raises(WptError) as info:
         v.verify(big)
     assert info.value.code == "wpt_too_large"
+
+
+def test_endpoint_origin_follows_the_origin_rules() -> None:
+    from custos.wimse.http.message import Endpoint
+    from custos.wimse.http.origin import InvalidOriginError
+
+    assert Endpoint("HTTPS", "API.Example.COM", 443).origin() == "https://api.example.com"
+    assert Endpoint("http", "::1", 8080).origin() == "http://[::1]:8080"
+    assert Endpoint("https", "bücher.example").origin() == "https://xn--bcher-kva.example"
+    with pytest.raises(InvalidOriginError):
+        Endpoint("ftp", "h").origin()

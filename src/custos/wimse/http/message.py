@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from custos.wimse.http.origin import origin_of
+
 _NO_VALUES: tuple[str, ...] = ()
 
 
@@ -119,6 +121,7 @@ class Endpoint:
     port: int | None = None
 
     def origin(self) -> str:
-        default = {"https": 443, "http": 80}.get(self.scheme)
-        port = "" if self.port is None or self.port == default else f":{self.port}"
-        return f"{self.scheme}://{self.host}{port}"
+        """The normalised origin (:func:`custos.wimse.http.origin.origin_of`:
+        lower case, IDNA A-labels, bracketed IPv6, no default port), the form
+        every sender and verifier compares; InvalidOriginError if unusable."""
+        return origin_of(self.scheme, self.host, self.port)

@@ -52,7 +52,7 @@ from custos.integrations.errors import (
 )
 from custos.integrations.problem import Problem, http_status
 from custos.wimse.errors import MalformedRequestError, WimseError
-from custos.wimse.http.message import HttpMessage, index_headers
+from custos.wimse.http.message import HttpMessage
 from custos.wimse.http.origin import routing_path
 from custos.wimse.httpsig import SignedResponseUnavailableError, SignsResponses
 from custos.wimse.policy import PolicyLike, as_policy
@@ -129,9 +129,7 @@ def declared_length(headers: Iterable[tuple[str, str]]) -> int | None:
 
 
 def _single_length(values: Iterable[str] | None) -> int | None:
-    """:func:`declared_length` given the Content-Length values already
-    picked out (the request path reads them from the header index instead of
-    scanning the headers a second time)."""
+    """:func:`declared_length` given the Content-Length values already picked out."""
     if values is None:
         return None
     distinct = {v.strip() for v in values}
@@ -188,11 +186,10 @@ class WimseASGIMiddleware:
         body = b""
         more = False
         try:
-            # Decoded once, in one pass that also builds the verifier's
-            # name index: the length check and the verifier share both.
-            headers, index = _decode_headers(scope)
+            # Decoded once; HttpMessage indexes them itself (one public lookup).
+            headers = _headers(scope)
             if kind == "http":
-                length = request_length(index.get("content-length"))
+                length = request_length([v for k, v in headers if k.lower() == "content-length"])
                 if length is not None and length > self.max_body:
                     raise BodyTooLargeError("request body over the configured limit")
                 body, more = await self._read_body(receive)
@@ -296,15 +293,6 @@ def _headers(scope: Scope) -> tuple[tuple[str, str], ...]:
     # Latin-1 maps every byte to one character and back: nothing is lost or
     # rejected on the way to the verifier.
     return tuple([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", ())])
-
-
-def _decode_headers(scope: Scope) -> tuple[tuple[tuple[str, str], ...], dict[str, tuple[str, ...]]]:
-    """:func:`_headers` and, from the same pass, the index
-    :attr:`HttpMessage._index` would build from them (folded name -> values
-    in order): one walk over the headers per request instead of three
-    (decode, Content-Length scan, index)."""
-    headers = _headers(scope)
-    return headers, index_headers(headers)
 
 
 def sign_response_or_refuse(

@@ -482,3 +482,18 @@ def test_hostile_signed_response_is_a_clear_error(
     with httpx.Client(transport=httpx.MockTransport(answer), auth=auth) as client:
         with pytest.raises(WimseError):
             client.get(f"{ORIGIN}/pay")
+
+
+def test_one_trust_bundle_is_enough_to_check_responses(
+    store: MemoryKeyStore, bundles: BundleSet, web_wit: str, api_signer: ResponseSigner
+) -> None:
+    from wimse_rig import TD
+
+    bundle = bundles.get(TD)
+    assert bundle is not None
+    app = flask_app(bundles, ORIGIN, api_signer, tamper_with("status"))
+    auth = WimseAuth.from_key(store.get("web"), web_wit, **auth_kwargs(bundles, bundles=bundle))
+    with httpx.Client(transport=httpx.WSGITransport(app=app), base_url=ORIGIN, auth=auth) as c:
+        with pytest.raises(WimseError) as err:
+            c.post("/pay", json={})
+    assert err.value.code == "signature_invalid"

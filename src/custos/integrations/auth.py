@@ -14,7 +14,8 @@ one (a store key and its WIT) in one line.
 Signed responses (HTTP-signature variant only: a WPT request has no nonce a
 response could be bound to). ``response_verifier`` (an
 :class:`~custos.wimse.httpsig.HttpSignatureVerifier`, or a
-:class:`~custos.bundle.BundleSet` to build one from) checks every response
+:class:`~custos.bundle.BundleSet` or one :class:`~custos.bundle.TrustBundle` to build
+one from) checks every response
 that carries a WIMSE signature; ``require_signed_response=True`` also makes
 the request ask for one (``wimse-sign-response``) and refuses an unsigned
 answer (the draft's MUST) with ``signed_response_missing``;
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
     import requests
     from requests.auth import AuthBase as _RequestsAuthBase
 
-    from custos.bundle import BundleSet
+    from custos.bundle import BundleSet, TrustBundle
     from custos.keys.base import StoreKey
 else:
     try:
@@ -107,7 +108,7 @@ class _Attacher:
         variant: Variant,
         txn_token: str | None,
         other_tokens: Mapping[str, str] | None,
-        response_verifier: HttpSignatureVerifier | BundleSet | None,
+        response_verifier: HttpSignatureVerifier | BundleSet | TrustBundle | None,
         require_signed_response: bool,
         expected_responder: str | Iterable[str] | None,
     ) -> None:
@@ -222,16 +223,19 @@ class _Attacher:
 
 
 def _response_verifier(
-    given: HttpSignatureVerifier | BundleSet | None,
+    given: HttpSignatureVerifier | BundleSet | TrustBundle | None,
 ) -> HttpSignatureVerifier | None:
-    """An HttpSignatureVerifier as given, or one built on a BundleSet with its
+    """An HttpSignatureVerifier as given, or one built on a BundleSet (or one
+    TrustBundle) with its
     own replay cache (a response nonce is good once, like a request's)."""
     if given is None or isinstance(given, HttpSignatureVerifier):
         return given
-    from custos.bundle import BundleSet
+    from custos.bundle import BundleSet, TrustBundle
     from custos.wimse.replay import MemoryReplayCache
     from custos.wimse.wit import WitVerifier
 
+    if isinstance(given, TrustBundle):  # one trust domain: the common case
+        given = BundleSet([given])
     if not isinstance(given, BundleSet):
         raise ClientAuthError(
             "response_verifier must be an HttpSignatureVerifier or a BundleSet, "
@@ -259,7 +263,7 @@ class _AuthOptions:
         variant: Variant = "wpt",
         txn_token: str | None = None,
         other_tokens: Mapping[str, str] | None = None,
-        response_verifier: HttpSignatureVerifier | BundleSet | None = None,
+        response_verifier: HttpSignatureVerifier | BundleSet | TrustBundle | None = None,
         require_signed_response: bool = False,
         expected_responder: str | Iterable[str] | None = None,
     ) -> None:
@@ -280,7 +284,7 @@ class _AuthOptions:
         wit: str | Callable[[], str],
         *,
         variant: Variant = "wpt",
-        bundles: BundleSet | None = None,
+        bundles: BundleSet | TrustBundle | None = None,
         require_signed_response: bool = False,
         expected_responder: str | Iterable[str] | None = None,
         txn_token: str | None = None,

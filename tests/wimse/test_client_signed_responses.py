@@ -35,7 +35,7 @@ from werkzeug.serving import make_server
 from wimse_rig import ca_bundles
 from wimse_rig import mint_example_wit as mint
 
-from custos.bundle import BundleSet
+from custos.bundle import BundleSet, TrustBundle
 from custos.identity import SpiffeId
 from custos.integrations.asgi import WimseASGIMiddleware
 from custos.integrations.auth import (
@@ -104,7 +104,7 @@ def api_signer(store: MemoryKeyStore) -> ResponseSigner:
     return ResponseSigner(store.get("api"), mint(store, API, "api"))
 
 
-def auth_kwargs(bundles: BundleSet, **over: Any) -> dict[str, Any]:
+def auth_kwargs(bundles: BundleSet | TrustBundle, **over: Any) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "variant": "http-signature",
         "bundles": bundles,
@@ -492,7 +492,7 @@ def test_one_trust_bundle_is_enough_to_check_responses(
     bundle = bundles.get(TD)
     assert bundle is not None
     app = flask_app(bundles, ORIGIN, api_signer, tamper_with("status"))
-    auth = WimseAuth.from_key(store.get("web"), web_wit, **auth_kwargs(bundles, bundles=bundle))
+    auth = WimseAuth.from_key(store.get("web"), web_wit, **auth_kwargs(bundle))
     with httpx.Client(transport=httpx.WSGITransport(app=app), base_url=ORIGIN, auth=auth) as c:
         with pytest.raises(WimseError) as err:
             c.post("/pay", json={})

@@ -226,3 +226,16 @@ def test_rules_are_kept_most_specific_first() -> None:
 def test_rules_must_be_rule_objects() -> None:
     with pytest.raises(PolicyConfigError):
         CallerPolicy([("/", ["*"])])  # type: ignore[list-item]
+
+
+def test_identifier_objects_are_accepted_as_exact_patterns() -> None:
+    from custos.identity import SpiffeId, TrustDomain
+
+    admin = SpiffeId.parse(ADMIN)
+    policy = CallerPolicy.from_mapping({"/admin": [admin], "/": ["spiffe://example.org"]})
+    policy.check(ADMIN, "/admin")
+    with pytest.raises(PolicyError):
+        policy.check(ANYONE_IN_TD, "/admin")
+    # a bare TrustDomain has no scheme: say which one with a string
+    with pytest.raises(PolicyConfigError):
+        CallerPolicy.from_mapping({"/": [TrustDomain.parse("example.org")]})  # type: ignore[list-item]

@@ -32,7 +32,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from custos.errors import CustosError
-from custos.identity import InvalidIdentifierError, TrustDomain, parse_workload_id
+from custos.identity import (
+    InvalidIdentifierError,
+    SpiffeId,
+    TrustDomain,
+    WimseId,
+    parse_workload_id,
+)
 from custos.wimse.errors import PolicyError
 
 
@@ -133,7 +139,21 @@ def _callers_of(route: object, callers: object) -> tuple[CallerPattern, ...]:
         raise PolicyConfigError(
             f"route {route!r}: callers must be a list of patterns, not a single string"
         )
-    return tuple(p if isinstance(p, CallerPattern) else CallerPattern(p) for p in callers)
+    return tuple(_pattern(p) for p in callers)
+
+
+#: What a rule's caller list may hold.
+CallerLike = str | SpiffeId | WimseId | CallerPattern
+
+
+def _pattern(value: object) -> CallerPattern:
+    """A caller pattern from what a user has: a string, a ``SpiffeId`` /
+    ``WimseId`` (exactly that identity), or a ready ``CallerPattern``."""
+    if isinstance(value, CallerPattern):
+        return value
+    if isinstance(value, SpiffeId | WimseId):
+        return CallerPattern(str(value))
+    return CallerPattern(value)  # type: ignore[arg-type]  # validated: not a str -> error
 
 
 class CallerPolicy:
@@ -169,7 +189,7 @@ class CallerPolicy:
 
     @classmethod
     def from_rules(
-        cls, rules: Iterable[tuple[str, Iterable[str]]], *, default_allow: bool = False
+        cls, rules: Iterable[tuple[str, Iterable[CallerLike]]], *, default_allow: bool = False
     ) -> CallerPolicy:
         """``[("/pay", ["spiffe://example.org/ns/shop/*"]), ("/", ["spiffe://example.org"])]``."""
         return cls(
@@ -179,7 +199,7 @@ class CallerPolicy:
 
     @classmethod
     def from_mapping(
-        cls, mapping: Mapping[str, Sequence[str]], *, default_allow: bool = False
+        cls, mapping: Mapping[str, Sequence[CallerLike]], *, default_allow: bool = False
     ) -> CallerPolicy:
         """``{"/pay": ["spiffe://example.org/ns/shop/*"], "/": ["spiffe://example.org"]}``."""
         return cls.from_rules(mapping.items(), default_allow=default_allow)
@@ -198,7 +218,7 @@ class CallerPolicy:
             raise PolicyError("no policy rule covers this route")
 
 
-PolicyLike = CallerPolicy | Mapping[str, Sequence[str]] | None
+PolicyLike = CallerPolicy | Mapping[str, Sequence[CallerLike]] | None
 
 
 def as_policy(policy: PolicyLike) -> CallerPolicy:

@@ -92,8 +92,7 @@ def two_stores(
     gauge = Gauge()
     stores: list[Any] = []
     if request.param == "pkcs11":
-        hsm: SoftHSMToken = request.getfixturevalue("softhsm")
-        token = hsm.new_token(f"aio-{tmp_path.name[-20:]}")
+        token: SoftHSMToken = request.getfixturevalue("softhsm")  # a fresh token per test
         for _ in range(2):
             stores.append(GaugedPkcs11(token.module, token.uri))
     else:

@@ -189,3 +189,25 @@ def test_ascii_numbers_still_parse() -> None:
     assert Pkcs11Uri.parse("pkcs11:slot-id=0").slot_id == 0
     assert Pkcs11Uri.parse("pkcs11:slot-id=18446744073709551615").slot_id == 2**64 - 1
     assert Pkcs11Uri.parse("pkcs11:library-version=2.6").library_version == "2.6"
+
+
+# ---- NUL bytes in paths: a clear refusal, not ValueError("embedded null byte") -------------
+
+
+@pytest.mark.parametrize("attribute", ["pin-source", "module-path", "module-name"])
+def test_nul_or_control_characters_in_uri_paths(attribute: str) -> None:
+    for value in ("/tmp/a%00b", "/tmp/a%0Ab"):
+        with pytest.raises(Pkcs11UriError, match=attribute):
+            Pkcs11Uri.parse(f"pkcs11:token=t?{attribute}={value}")
+
+
+def test_nul_in_a_module_or_key_directory_path() -> None:
+    from custos.keys import KeyStoreConfig, StoreConfigError
+    from custos.keys.pkcs11 import resolve_module
+
+    with pytest.raises(StoreConfigError, match="module"):
+        resolve_module("/usr/lib/a\0b.so", Pkcs11Uri.parse("pkcs11:token=t"))
+    with pytest.raises(StoreConfigError, match="key_dir"):
+        KeyStoreConfig.from_env("exportable", key_dir="/tmp/a\0b")
+    with pytest.raises(StoreConfigError):
+        ExportableKeyStore("/tmp/a\0b")

@@ -66,6 +66,14 @@ class KeyStoreConfig(BaseModel):
         description="signing keys the TPM store keeps loaded between calls (0: load per call)",
     )
 
+    @field_validator("key_dir", "pkcs11_module")
+    @classmethod
+    def _no_nul(cls, value: Path | str | None) -> Path | str | None:
+        # The OS cannot take a path with a NUL: say so here, not as ValueError later.
+        if value is not None and "\0" in str(value):
+            raise PydanticCustomError("nul_in_path", "a path must not contain a NUL character")
+        return value
+
     @field_validator("tcti")
     @classmethod
     def _allowed_tcti(cls, value: str) -> str:

@@ -452,6 +452,8 @@ _MODULE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 def _library_file(path: str, what: str) -> str:
     """``path`` resolved, if it is an existing regular file (a library to load)."""
+    if "\0" in path:
+        raise StoreConfigError(f"{what} must not contain a NUL character")
     if not os.path.isabs(path):
         raise StoreConfigError(f"{what} {path!r} must be an absolute path")
     real = os.path.realpath(path)

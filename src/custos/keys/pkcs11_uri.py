@@ -159,6 +159,10 @@ class Pkcs11Uri:
                 text = _text(name, raw)
                 if name == "type" and text not in OBJECT_TYPES:
                     raise Pkcs11UriError("type must be one of " + ", ".join(sorted(OBJECT_TYPES)))
+                if name in ("pin-source", "module-path", "module-name") and not text.isprintable():
+                    # A path with a NUL or a newline names no file (and os calls would raise
+                    # ValueError on the NUL); not echoed, it may be near a PIN.
+                    raise Pkcs11UriError(f"{name} must not contain control characters")
                 if name == "library-version" and not _LIBRARY_VERSION_RE.fullmatch(text):
                     raise Pkcs11UriError(
                         "library-version must look like 'M' or 'M.m' (ASCII digits, each at most 3)"

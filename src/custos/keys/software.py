@@ -171,6 +171,8 @@ class ExportableKeyStore(_SoftwareKeyStore):
     def __init__(self, key_dir: Path | str | None = None) -> None:
         super().__init__()
         self._dir = Path(key_dir) if key_dir is not None else None
+        if self._dir is not None and "\0" in str(self._dir):
+            raise StoreConfigError("the exportable key directory must not contain a NUL character")
         if self._dir is not None and self._dir.exists():
             if not self._dir.is_dir():
                 raise StoreConfigError(

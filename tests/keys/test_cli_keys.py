@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -205,9 +207,7 @@ def test_memory_store_is_refused_with_a_reason() -> None:
 
 
 @pytest.mark.parametrize("store", ["exportable", "tpm"])
-def test_read_only_commands_create_no_directory(
-    store: str, tmp_path: Path, swtpm: Any
-) -> None:
+def test_read_only_commands_create_no_directory(store: str, tmp_path: Path, swtpm: Any) -> None:
     missing = tmp_path / "not" / "here"
     flags = ["--store", store, "--key-dir", str(missing), "--tcti", swtpm.tcti]
     assert ok(custos("keys", "list", *flags)) == ""
@@ -249,3 +249,35 @@ def test_tcti_from_tpm2_tools_variables_and_the_allowlist(swtpm: Any, tmp_path: 
         assert result.returncode == 1, result.stderr
         assert "not allowed" in result.stderr and "Traceback" not in result.stderr
     assert not marker.exists()
+
+
+def test_sign_input_is_a_bounded_regular_file_or_stdin(tmp_path: Path) -> None:
+    env = {"CUSTOS_STORE": "exportable", "CUSTOS_KEY_DIR": str(tmp_path / "keys")}
+    ok(custos("keys", "create", "--name", "s", extra_env=env))
+    huge = tmp_path / "huge"
+    with open(huge, "wb") as f:
+        f.truncate(64 << 20)  # sparse; over the 16 MiB cap
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # no writer: opening it for reading would block
+    for path in ("/dev/zero", str(huge), str(fifo), str(tmp_path)):
+        result = custos("keys", "sign", "--name", "s", "--input", path, extra_env=env)
+        assert result.returncode == 1, (path, result.stderr)
+        assert "unreadable_file" in result.stderr and "Traceback" not in result.stderr, path
+    # stdin ('-') still works, and is bounded too
+    msg = tmp_path / "msg"
+    msg.write_bytes(b"from stdin")
+    with open(msg, "rb") as stdin:
+        piped = subprocess.run(
+            [sys.executable, "-m", "custos", "keys", "sign", "--name", "s", "--input", "-"],
+            stdin=stdin, capture_output=True, text=True, timeout=120,
+            env={**os.environ, **env},
+        )  # fmt: skip
+    assert piped.returncode == 0, piped.stderr
+    assert len(b64url_decode(piped.stdout.strip())) == 64
+    with open(huge, "rb") as stdin:
+        too_big = subprocess.run(
+            [sys.executable, "-m", "custos", "keys", "sign", "--name", "s", "--input", "-"],
+            stdin=stdin, capture_output=True, text=True, timeout=120,
+            env={**os.environ, **env},
+        )  # fmt: skip
+    assert too_big.returncode == 1 and "larger than" in too_big.stderr

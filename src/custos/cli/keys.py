@@ -14,6 +14,7 @@ import base64
 import functools
 import importlib
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 import click
 
 from custos._extras import extra_needed
+from custos._files import UnreadableFileError, read_small_file
 from custos.keys import KeyInfo, KeyNotFoundError, KeyStore, KeyStoreConfig, open_key_store
 from custos.keys.algorithms import Algorithm
 from custos.keys.config import DEFAULT_KEY_DIR
@@ -30,6 +32,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
 _STORES = ["tpm", "pkcs11", "exportable", "memory"]
+#: What ``keys sign --input`` reads at most: messages, not disk images.
+_MAX_SIGN_INPUT = 16 << 20
 #: Stores that keep their keys as files in --key-dir.
 _FILE_STORES = ("tpm", "exportable")
 
@@ -159,6 +163,21 @@ def _open(store: KeyStore | None, key_dir: Path, name: str | None = None) -> Key
     return store
 
 
+def _read_input(path: str) -> bytes:
+    """The bytes to sign: a bounded regular file (a FIFO or /dev/zero would hang or exhaust
+    memory), or stdin with the same bound ('-', for pipes)."""
+    if path != "-":
+        return read_small_file(path, max_bytes=_MAX_SIGN_INPUT, what="--input")
+    data = sys.stdin.buffer.read(_MAX_SIGN_INPUT + 1)
+    if len(data) > _MAX_SIGN_INPUT:
+        raise UnreadableFileError(
+            f"--input '-' (stdin) is larger than {_MAX_SIGN_INPUT} bytes",
+            path="-",
+            reason="too_large",
+        )
+    return data
+
+
 def _info_json(info: KeyInfo) -> dict[str, str]:
     return {"name": info.name, "alg": info.alg.value, "store": info.store}
 
@@ -218,7 +237,10 @@ def public(store: KeyStore | None, key_dir: Path, name: str) -> None:
 @_keys_options(read_only=True)
 @click.option("--name", required=True)
 @click.option(
-    "--input", "input_", required=True, type=click.File("rb"), help="file to sign ('-' for stdin)"
+    "--input",
+    "input_",
+    required=True,
+    help=f"file to sign, a regular file of at most {_MAX_SIGN_INPUT >> 20} MiB ('-': stdin)",
 )
 @click.option(
     "--format",
@@ -228,11 +250,11 @@ def public(store: KeyStore | None, key_dir: Path, name: str) -> None:
     show_default=True,
     help="jose: base64url raw r||s; der: base64 DER (ECDSA)",
 )
-def sign(store: KeyStore | None, key_dir: Path, name: str, input_: Any, fmt: str) -> None:
+def sign(store: KeyStore | None, key_dir: Path, name: str, input_: str, fmt: str) -> None:
     """Sign the file's bytes (SHA-256 for ES256) and print the signature."""
     opened = _open(store, key_dir, name)
     found = opened.info(name)
-    sig = opened.sign(name, input_.read())
+    sig = opened.sign(name, _read_input(input_))
     if fmt == "der":
         if found.alg.spec.family != "ec":
             raise click.UsageError("--format der applies to ECDSA keys")

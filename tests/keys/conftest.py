@@ -60,7 +60,7 @@ def store_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreE
         )
     yield se
     for store in se.opened:
-        # PKCS#11 keys live on a shared session token: remove what this test made.
+        # Tidy the token (fresh per test, but left in the session's directory).
         if kind == "pkcs11":
             for info in store.list():
                 if info.name.startswith("ct-"):

@@ -12,7 +12,8 @@ Fixtures:
 - ``softhsm`` (function): a fresh, empty SoftHSM2 token for each test, in the
   session's private ``SOFTHSM2_CONF``; yields
   :class:`custos.testing.softhsm.SoftHSMToken` (``module``, ``uri``, ``token_label``,
-  ``pin``...). About 50 ms each.
+  ``pin``...). About 15 ms each (softhsm2-util), plus one library
+  re-initialization when a store first opens it.
 - ``softhsm_session`` (session): one token shared by the whole session (per
   xdist worker), for test modules that create many keys and do not need an
   empty token (give keys unique names).

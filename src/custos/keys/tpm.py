@@ -56,6 +56,7 @@ from custos.keys.errors import (
     KeyExistsError,
     KeyNotFoundError,
     KeyStoreError,
+    StoreClosedError,
     StoreConfigError,
     UnsupportedAlgorithmError,
 )
@@ -147,9 +148,14 @@ class TpmKeyStore(KeyStore):
         """
         return self._capacity
 
+    @property
+    def device_id(self) -> tuple[str, str]:
+        # Stores on one TCTI share one TPM (and one context): the async facade queues on it.
+        return ("tpm", self.tcti)
+
     def _check_open(self) -> None:
         if self._closed:
-            raise KeyStoreError("the tpm key store is closed", code="store_closed")
+            raise StoreClosedError("the tpm key store is closed")
 
     # -- files --
 

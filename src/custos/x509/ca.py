@@ -267,16 +267,7 @@ class CertificateAuthority:
         now: datetime | None = None,
     ) -> CertificateAuthority:
         """A new root CA whose certificate is signed by ``key`` itself."""
-        _check_ca_key(key)
-        current = _utcnow(now)
-        if ttl <= timedelta(0):
-            raise X509CaError("CA ttl must be positive")
-        name = subject if subject is not None else _default_ca_subject(trust_domain)
-        public = key.public_key()
-        builder = _ca_builder(
-            name, name, public, trust_domain, current - BACKDATE, current + ttl, path_length
-        ).add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
-        return cls(key, (_sign(builder, key),), trust_domain)
+        return cls._create(key, trust_domain, None, ttl, subject, path_length, now)
 
     @classmethod
     def intermediate(
@@ -291,26 +282,42 @@ class CertificateAuthority:
         now: datetime | None = None,
     ) -> CertificateAuthority:
         """A new intermediate CA for ``key``, signed by ``parent`` (lifetime clamped to it)."""
+        return cls._create(key, trust_domain, parent, ttl, subject, path_length, now)
+
+    @classmethod
+    def _create(
+        cls,
+        key: CaPrivateKey,
+        trust_domain: TrustDomain,
+        parent: CertificateAuthority | None,
+        ttl: timedelta,
+        subject: x509.Name | None,
+        path_length: int | None,
+        now: datetime | None,
+    ) -> CertificateAuthority:
+        """A CA certificate for ``key``: self-signed without ``parent``, else signed by it."""
         _check_ca_key(key)
         current = _utcnow(now)
-        not_before, not_after = parent._validity(current, ttl)
         name = subject if subject is not None else _default_ca_subject(trust_domain)
-        builder = _ca_builder(
+        public = key.public_key()
+        if parent is None:
+            if ttl <= timedelta(0):
+                raise X509CaError("CA ttl must be positive")
+            validity = (current - BACKDATE, current + ttl)
+        else:
+            validity = parent._validity(current, ttl)
+        builder = _builder(
             name,
-            parent.certificate.subject,
-            key.public_key(),
-            trust_domain,
-            not_before,
-            not_after,
-            path_length,
-        ).add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-                _ski(parent.certificate)
-            ),
-            critical=False,
+            public,
+            validity,
+            parent,
+            x509.BasicConstraints(ca=True, path_length=path_length),
+            _key_usage(ca=True),
+            [x509.UniformResourceIdentifier(trust_domain.id_string())],
         )
-        cert = _sign(builder, parent._key)
-        return cls(key, (cert, *parent.chain), trust_domain)
+        if parent is None:
+            return cls(key, (_sign(builder, key),), trust_domain)
+        return cls(key, (_sign(builder, parent._key), *parent.chain), trust_domain)
 
     # -- accessors ----------------------------------------------------------------
 
@@ -393,95 +400,86 @@ class CertificateAuthority:
             raise X509CaError("an X509-SVID's SPIFFE ID must have a path (spec 3.1)")
         names = [_check_dns_name(n) for n in dns_names]
 
-        not_before, not_after = self._validity(_utcnow(now), ttl)
+        validity = self._validity(_utcnow(now), ttl)
         attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "custos")]
         if names and len(names[0]) <= 64:
             # CN = first DNS name, as SPIRE does, for clients that still read
             # CN; X.520 caps CN at 64 characters, so longer names live only
             # in the SAN.
             attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, names[0]))
-        is_rsa = isinstance(public, rsa.RSAPublicKey)
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
         sans += [x509.DNSName(n) for n in names]
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name(attrs))
-            .issuer_name(self.certificate.subject)
-            .public_key(public)
-            .serial_number(_random_serial())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=is_rsa,  # SPIRE sets it for RSA keys (TLS RSA key exchange)
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-                    _ski(self.certificate)
-                ),
-                critical=False,
-            )
+        builder = _builder(
+            x509.Name(attrs),
+            public,
+            validity,
+            self,
+            x509.BasicConstraints(ca=False, path_length=None),
+            # keyEncipherment for RSA keys as SPIRE sets it (TLS RSA key exchange)
+            _key_usage(ca=False, key_encipherment=isinstance(public, rsa.RSAPublicKey)),
+            sans,
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
         )
         leaf = _sign(builder, self._key)
         return X509Svid(spiffe_id, (leaf, *self.intermediates))
 
 
-def _ca_builder(
+def _key_usage(*, ca: bool, key_encipherment: bool = False) -> x509.KeyUsage:
+    """keyCertSign + cRLSign for a CA, digitalSignature for an SVID (the profile above)."""
+    return x509.KeyUsage(
+        digital_signature=not ca,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _builder(
     subject: x509.Name,
-    issuer: x509.Name,
     public: CertificatePublicKeyTypes,
-    trust_domain: TrustDomain,
-    not_before: datetime,
-    not_after: datetime,
-    path_length: int | None,
+    validity: tuple[datetime, datetime],
+    issuer: CertificateAuthority | None,
+    basic_constraints: x509.BasicConstraints,
+    key_usage: x509.KeyUsage,
+    sans: list[x509.GeneralName],
+    eku: x509.ExtendedKeyUsage | None = None,
 ) -> x509.CertificateBuilder:
-    return (
+    """Every certificate custos issues, CA or SVID, in one extension order.
+
+    Without ``issuer`` the certificate is self-issued: its issuer name is its
+    subject and its AKI is its own key's.
+    """
+    not_before, not_after = validity
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(issuer)
+        .issuer_name(subject if issuer is None else issuer.certificate.subject)
         .public_key(public)
         .serial_number(_random_serial())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(basic_constraints, critical=True)
+        .add_extension(key_usage, critical=True)
+    )
+    if eku is not None:
+        builder = builder.add_extension(eku, critical=False)
+    ski = x509.SubjectKeyIdentifier.from_public_key(public)
+    # A self-issued certificate's AKI is its own SKI (RFC 5280 4.2.1.1).
+    issuer_ski = ski if issuer is None else _ski(issuer.certificate)
+    return (
+        builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(ski, critical=False)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(trust_domain.id_string())]),
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
             critical=False,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
     )
 
 

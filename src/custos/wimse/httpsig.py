@@ -284,6 +284,18 @@ class VerifiedSignature:
     variant: str = "http-signature"
 
 
+@dataclass(frozen=True)
+class _Opened:
+    """A message's WIT and signature after the checks that need no signature base."""
+
+    wit: VerifiedWitLike
+    sig: SignatureInput
+    signature: bytes
+    nonce: str
+    created: int
+    expires: int
+
+
 # -- parsing ----------------------------------------------------------------------------
 
 
@@ -572,6 +584,17 @@ def _validity(created: object, ttl: object) -> tuple[int, int]:
     return start, start + span
 
 
+def _common_params(created: int | None, ttl: int, nonce: str | None) -> list[tuple[str, object]]:
+    """The parameters every WIMSE signature carries, request or response."""
+    start, end = _validity(created, ttl)
+    return [
+        ("created", start),
+        ("expires", end),
+        ("nonce", nonce if nonce is not None else new_nonce()),
+        ("tag", WIMSE_TAG),
+    ]
+
+
 def sign_request(
     request: HttpMessage,
     *,
@@ -604,14 +627,7 @@ def sign_request(
     present = {k.lower() for k, _ in headers}
     components = [Component(name) for name in _REQUEST_COMPONENTS[form]]
     components += [Component(name) for name in REQUEST_CONDITIONAL if name in present]
-    start, end = _validity(created, ttl)
-    params: list[tuple[str, object]] = [
-        ("created", start),
-        ("expires", end),
-        ("nonce", nonce if nonce is not None else new_nonce()),
-        ("tag", WIMSE_TAG),
-        ("wimse-aud", audience),
-    ]
+    params = [*_common_params(created, ttl, nonce), ("wimse-aud", audience)]
     if sign_response:
         params.append(("wimse-sign-response", True))
     return _finish(request, headers, components, params, signer, label, None)
@@ -620,6 +636,14 @@ def sign_request(
 def request_signature_input(request: HttpMessage) -> SignatureInput:
     """The WIMSE signature of a (signed) request, selected by its tag."""
     return _select(request)[0]
+
+
+def _nonce_of(request_signature: SignatureInput) -> str:
+    """The request signature's nonce: what a response's ``wimse-req-nonce`` answers."""
+    nonce = request_signature.params.get("nonce")
+    if type(nonce) is not str:
+        raise _fail("wimse_req_nonce_missing", "the request's signature has no nonce")
+    return nonce
 
 
 def sign_response(
@@ -644,10 +668,7 @@ def sign_response(
     if request.method is None or request.target is None:
         raise _fail("sign_input_invalid", "request must be the request being answered")
     if request_nonce is None:
-        req_nonce = request_signature_input(request).params.get("nonce")
-        if type(req_nonce) is not str:
-            raise _fail("wimse_req_nonce_missing", "the request's signature has no nonce")
-        request_nonce = req_nonce
+        request_nonce = _nonce_of(request_signature_input(request))
     headers = _prepare(response, signer, wit, label, None)
     present = {k.lower() for k, _ in headers}
     components = [Component("@status"), Component(WIT_HEADER)]
@@ -656,14 +677,7 @@ def sign_response(
     # only behind the compatibility switch) can check only a -06 response.
     form = _request_form(request)
     components += [Component(name, req=True) for name in _REQUEST_COMPONENTS[form]]
-    start, end = _validity(created, ttl)
-    params: list[tuple[str, object]] = [
-        ("created", start),
-        ("expires", end),
-        ("nonce", nonce if nonce is not None else new_nonce()),
-        ("tag", WIMSE_TAG),
-        ("wimse-req-nonce", request_nonce),
-    ]
+    params = [*_common_params(created, ttl, nonce), ("wimse-req-nonce", request_nonce)]
     return _finish(response, headers, components, params, signer, label, request)
 
 
@@ -981,42 +995,69 @@ class HttpSignatureVerifier:
         if not check_and_store(self.replay, namespace, nonce, until, pinned):
             raise ReplayError("this nonce has been seen before")
 
+    def _open(self, message: HttpMessage) -> _Opened:
+        """The steps every message takes before its components are looked at:
+        the WIT first (-08 §3: its key is what the rest is checked against),
+        then the signature's common parameters and its time."""
+        _, wit = self._wit(message)
+        sig, signature = _select(message)
+        nonce = self._check_common_params(sig.params)
+        created, expires = self._check_time(sig.params)
+        return _Opened(wit, sig, signature, nonce, created, expires)
+
+    def _accept(
+        self,
+        opened: _Opened,
+        message: HttpMessage,
+        request: HttpMessage | None = None,
+        *,
+        sign_response: bool,
+        audience: str | None,
+    ) -> VerifiedSignature:
+        """Check the signature itself, then the body, then remember the nonce.
+
+        ``request`` is the request a response answers (its ``;req`` components).
+        """
+        sig = opened.sig
+        base = signature_base(message, sig.components, sig.serialized, request=request)
+        _verify_with_cnf(opened.wit, base, opened.signature)
+        # Content-Digest is parsed only now that the signature (which covers
+        # the field) checked out: no unauthenticated caller gets it parsed.
+        self._check_digest(message)
+        self._remember(opened.nonce, opened.created, opened.expires)
+        return VerifiedSignature(
+            subject=str(opened.wit.subject),
+            trust_domain=str(opened.wit.trust_domain),
+            nonce=opened.nonce,
+            label=sig.label,
+            created=opened.created,
+            expires=opened.expires,
+            covered=tuple(c.serialize() for c in sig.components),
+            params=sig.params,
+            sign_response=sign_response,
+            audience=audience,
+            wit_claims=opened.wit.claims,
+            wit=opened.wit,
+        )
+
     # -- requests --
 
     def verify_request(self, request: HttpMessage) -> VerifiedSignature:
         if request.method is None or request.target is None:
             raise _fail("component_unsupported", "verify_request needs a request")
-        _, wit = self._wit(request)
-        sig, signature = _select(request)
-        params = sig.params
-        nonce = self._check_common_params(params)
-        created, expires = self._check_time(params)
-        audience = self._check_audience(params.get("wimse-aud"), request)
+        opened = self._open(request)
+        sig = opened.sig
+        audience = self._check_audience(sig.params.get("wimse-aud"), request)
         if any(c.req for c in sig.components):
             raise _fail("component_unsupported", "';req' components are for responses")
         form = self._form(sig)
         required = [Component(name) for name in _REQUEST_COMPONENTS[form]]
         self._check_coverage(sig, request, [*required, Component(WIT_HEADER)], REQUEST_CONDITIONAL)
-        base = signature_base(request, sig.components, sig.serialized)
-        _verify_with_cnf(wit, base, signature)
-        # Content-Digest is parsed only now that the signature (which covers
-        # the field) checked out: no unauthenticated caller gets it parsed.
-        self._check_digest(request)
-        subject = str(wit.subject)
-        self._remember(nonce, created, expires)
-        return VerifiedSignature(
-            subject=subject,
-            trust_domain=str(wit.trust_domain),
-            nonce=nonce,
-            label=sig.label,
-            created=created,
-            expires=expires,
-            covered=tuple(c.serialize() for c in sig.components),
-            params=params,
-            sign_response=params.get("wimse-sign-response") is True,
+        return self._accept(
+            opened,
+            request,
+            sign_response=sig.params.get("wimse-sign-response") is True,
             audience=audience,
-            wit_claims=wit.claims,
-            wit=wit,
         )
 
     # -- responses --
@@ -1048,21 +1089,15 @@ class HttpSignatureVerifier:
         req_sig = request_signature_input(request)
         asked = req_sig.params.get("wimse-sign-response") is True
         if request_nonce is None:
-            found = req_sig.params.get("nonce")
-            if type(found) is not str:
-                raise _fail("wimse_req_nonce_missing", "the request's signature has no nonce")
-            request_nonce = found
+            request_nonce = _nonce_of(req_sig)
         required = asked or self.require_signed_response or bool(require_signed)
         if not self._has_wimse_signature(response):
             if required:
                 raise _fail("signed_response_missing", "a signed response was required")
             return None
-        _, wit = self._wit(response)
-        sig, signature = _select(response)
-        params = sig.params
-        nonce = self._check_common_params(params)
-        created, expires = self._check_time(params)
-        req_nonce = params.get("wimse-req-nonce")
+        opened = self._open(response)
+        sig = opened.sig
+        req_nonce = sig.params.get("wimse-req-nonce")
         if req_nonce is None:
             raise _fail("wimse_req_nonce_missing", "the response signature has no wimse-req-nonce")
         if type(req_nonce) is not str or req_nonce != request_nonce:
@@ -1074,25 +1109,7 @@ class HttpSignatureVerifier:
         for component in sig.components:
             if not component.req and component.name in _REQUEST_ONLY_DERIVED:
                 raise _fail("component_unsupported", f"{component.name} needs ';req' on a response")
-        base = signature_base(response, sig.components, sig.serialized, request=request)
-        _verify_with_cnf(wit, base, signature)
-        self._check_digest(response)
-        subject = str(wit.subject)
-        self._remember(nonce, created, expires)
-        return VerifiedSignature(
-            subject=subject,
-            trust_domain=str(wit.trust_domain),
-            nonce=nonce,
-            label=sig.label,
-            created=created,
-            expires=expires,
-            covered=tuple(c.serialize() for c in sig.components),
-            params=params,
-            sign_response=False,
-            audience=None,
-            wit_claims=wit.claims,
-            wit=wit,
-        )
+        return self._accept(opened, response, request, sign_response=False, audience=None)
 
     @staticmethod
     def _has_wimse_signature(response: HttpMessage) -> bool:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import click
@@ -21,6 +21,8 @@ from custos.keys import KeyStore
 
 if TYPE_CHECKING:
     from custos.bundle import BundleSet
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 _DEBUG_TRUST_NOTE = (
     "Without it the bundle is trusted for whatever trust domain the token's sub "
@@ -112,6 +114,20 @@ def _load_bundle(path: Path, trust_domain: str) -> BundleSet:
     except BundleError as e:
         raise _InputError(f"unusable bundle {path}: {e.message}", code="bundle_invalid") from e
     return BundleSet([bundle])
+
+
+def _bundles_for(
+    path: Path, trust_domain: str | None, token: str | None, *, jwt_svid: bool = False
+) -> BundleSet:
+    """The bundle file's keys for ``--trust-domain``, or (debugging only) for
+    the trust domain the unverified ``token``'s sub names."""
+    if trust_domain:
+        return _load_bundle(path, trust_domain)
+    if token is None:
+        from custos.wimse.errors import WitError
+
+        raise WitError("no Workload-Identity-Token header", code="wit_missing")
+    return _load_bundle(path, _peek_trust_domain(token, jwt_svid=jwt_svid))
 
 
 class _InputError(CustosError):
@@ -212,25 +228,48 @@ def _read_input(path: str, what: str, *, text: bool) -> bytes | str:
         raise click.BadParameter(f"{what} {path!r} is not UTF-8 text") from None
 
 
+def _bundle_options(bundle_help: str) -> Callable[[_F], _F]:
+    """``--bundle``, ``--trust-domain`` and ``--now``: what every verifying command takes."""
+
+    def apply(command: _F) -> _F:
+        for option in reversed(
+            (
+                click.option(
+                    "--bundle",
+                    "bundle_path",
+                    required=True,
+                    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                    help=bundle_help,
+                ),
+                click.option(
+                    "--trust-domain",
+                    default=None,
+                    help=f"trust domain the bundle belongs to. {_DEBUG_TRUST_NOTE}",
+                ),
+                click.option(
+                    "--now",
+                    type=float,
+                    default=None,
+                    callback=_finite_now,
+                    help="pin the clock (epoch seconds)",
+                ),
+            )
+        ):
+            command = option(command)
+        return command
+
+    return apply
+
+
 @click.group()
 def wimse() -> None:
     """WIMSE tokens and proofs: verify a request, sign a WPT."""
 
 
 @wimse.command()
-@click.option(
-    "--bundle",
-    "bundle_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="JWKS or SPIFFE bundle file with the WIT signing keys (each with no 'use' or "
-    "'use': 'wit-svid'; a key marked 'sig' or for another credential is refused)",
-)
-@click.option(
-    "--trust-domain", default=None, help=f"trust domain the bundle belongs to. {_DEBUG_TRUST_NOTE}"
-)
-@click.option(
-    "--now", type=float, default=None, callback=_finite_now, help="pin the clock (epoch seconds)"
+@_bundle_options(
+    "JWKS or SPIFFE bundle file with the WIT signing keys (each with no 'use' or "
+    "'use': 'wit-svid'; a key marked 'sig' or for another credential is refused)"
 )
 @click.option(
     "--audience",
@@ -281,7 +320,6 @@ def verify(
     Prints {"sub", "trust_domain", "variant"} and exits 0 when authentic;
     prints the problem JSON and exits 1 otherwise.
     """
-    from custos.wimse.errors import WitError
     from custos.wimse.http.message import HttpMessage
     from custos.wimse.verifier import build_request_verifier
 
@@ -300,12 +338,7 @@ def verify(
     assert not isinstance(body, str)
     request = HttpMessage.request(method, target, parsed, body or None)
     try:
-        bundles = _load_bundle(bundle_path, trust_domain) if trust_domain else None
-        if bundles is None:
-            wit = request.get("workload-identity-token")
-            if wit is None:
-                raise WitError("no Workload-Identity-Token header", code="wit_missing")
-            bundles = _load_bundle(bundle_path, _peek_trust_domain(wit))
+        bundles = _bundles_for(bundle_path, trust_domain, request.get("workload-identity-token"))
         try:
             verifier = build_request_verifier(
                 bundles,
@@ -442,20 +475,8 @@ def jwt() -> None:
 
 
 @jwt.command()
-@click.option(
-    "--bundle",
-    "bundle_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="JWKS or SPIFFE bundle file with the JWT-SVID signing keys",
-)
-@click.option(
-    "--trust-domain", default=None, help=f"trust domain the bundle belongs to. {_DEBUG_TRUST_NOTE}"
-)
+@_bundle_options("JWKS or SPIFFE bundle file with the JWT-SVID signing keys")
 @click.option("--audience", required=True, help="the audience this validator is")
-@click.option(
-    "--now", type=float, default=None, callback=_finite_now, help="pin the clock (epoch seconds)"
-)
 @click.argument("token")
 def validate(
     bundle_path: Path, trust_domain: str | None, audience: str, now: float | None, token: str
@@ -468,9 +489,7 @@ def validate(
     except (OverflowError, ValueError, OSError) as e:
         raise click.BadParameter("not a usable epoch time", param_hint="--now") from e
     try:
-        bundles = _load_bundle(bundle_path, trust_domain) if trust_domain else None
-        if bundles is None:
-            bundles = _load_bundle(bundle_path, _peek_trust_domain(token, jwt_svid=True))
+        bundles = _bundles_for(bundle_path, trust_domain, token, jwt_svid=True)
         svid = validate_jwt_svid(token, audience, bundles, now=when)
     except CustosError as err:
         _problem_exit(err)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Self
 
 from custos.identity.errors import InvalidIdentifierError
 
@@ -184,6 +184,14 @@ class _WorkloadIdBase:
     trust_domain: TrustDomain
     path: str
 
+    if TYPE_CHECKING:
+        # What the dataclass subclasses generate; declared so parse and
+        # from_parts can be written once here.
+        def __init__(self, trust_domain: TrustDomain, path: str) -> None: ...
+
+    def __post_init__(self) -> None:
+        self._validate()
+
     def _validate(self) -> None:
         if not isinstance(self.trust_domain, TrustDomain):
             raise InvalidIdentifierError(
@@ -191,6 +199,15 @@ class _WorkloadIdBase:
             )
         _check_path(self.path, self._path_chars, self._path_desc)
         _check_length(self.scheme, self.trust_domain.name, self.path)
+
+    @classmethod
+    def parse(cls, s: str) -> Self:
+        authority, path = _split(s, cls.scheme)
+        return cls(TrustDomain(authority), path)
+
+    @classmethod
+    def from_parts(cls, trust_domain: TrustDomain | str, path: str) -> Self:
+        return cls(coerce_trust_domain(trust_domain), path)
 
     def is_member_of(self, trust_domain: TrustDomain) -> bool:
         return self.trust_domain == trust_domain
@@ -213,18 +230,6 @@ class SpiffeId(_WorkloadIdBase):
     trust_domain: TrustDomain
     path: str
 
-    def __post_init__(self) -> None:
-        self._validate()
-
-    @classmethod
-    def parse(cls, s: str) -> SpiffeId:
-        authority, path = _split(s, SPIFFE_SCHEME)
-        return cls(TrustDomain(authority), path)
-
-    @classmethod
-    def from_parts(cls, trust_domain: TrustDomain | str, path: str) -> SpiffeId:
-        return cls(coerce_trust_domain(trust_domain), path)
-
 
 @dataclass(frozen=True, order=True)
 class WimseId(_WorkloadIdBase):
@@ -244,20 +249,11 @@ class WimseId(_WorkloadIdBase):
     path: str
 
     def __post_init__(self) -> None:
-        self._validate()
+        super().__post_init__()
         if not self.path:
             raise InvalidIdentifierError(
                 "a wimse:// workload identifier needs a path (wimse://<trust-domain>/<path>)"
             )
-
-    @classmethod
-    def parse(cls, s: str) -> WimseId:
-        authority, path = _split(s, WIMSE_SCHEME)
-        return cls(TrustDomain(authority), path)
-
-    @classmethod
-    def from_parts(cls, trust_domain: TrustDomain | str, path: str) -> WimseId:
-        return cls(coerce_trust_domain(trust_domain), path)
 
 
 WorkloadId = SpiffeId | WimseId

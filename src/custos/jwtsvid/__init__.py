@@ -1,49 +1,9 @@
 """JWT-SVIDs (SPIFFE JWT-SVID spec): mint and validate."""
 
-from custos.jwtsvid.errors import (
-    JwtArgumentError,
-    JwtAudienceError,
-    JwtBadAlgorithmError,
-    JwtBadSignatureError,
-    JwtBadSubjectError,
-    JwtExpiredError,
-    JwtMalformedError,
-    JwtMintError,
-    JwtMissingClaimError,
-    JwtNotYetValidError,
-    JwtSvidError,
-    JwtUnknownKeyError,
-    JwtUntrustedDomainError,
-)
-from custos.jwtsvid.jwtsvid import (
-    ASYMMETRIC_ALGORITHMS,
-    DEFAULT_ALGORITHMS,
-    DEFAULT_LEEWAY,
-    MAX_TOKEN_LENGTH,
-    JwtSvid,
-    mint_jwt_svid,
-    validate_jwt_svid,
-)
+from custos.jwtsvid import errors, jwtsvid
+from custos.jwtsvid.errors import *  # noqa: F403 -- exactly errors.__all__
+from custos.jwtsvid.jwtsvid import *  # noqa: F403 -- exactly jwtsvid.__all__
 
-__all__ = [
-    "ASYMMETRIC_ALGORITHMS",
-    "DEFAULT_ALGORITHMS",
-    "DEFAULT_LEEWAY",
-    "MAX_TOKEN_LENGTH",
-    "JwtArgumentError",
-    "JwtAudienceError",
-    "JwtBadAlgorithmError",
-    "JwtBadSignatureError",
-    "JwtBadSubjectError",
-    "JwtExpiredError",
-    "JwtMalformedError",
-    "JwtMintError",
-    "JwtMissingClaimError",
-    "JwtNotYetValidError",
-    "JwtSvid",
-    "JwtSvidError",
-    "JwtUnknownKeyError",
-    "JwtUntrustedDomainError",
-    "mint_jwt_svid",
-    "validate_jwt_svid",
-]
+# The package exports what its modules export, listed once in each module.
+__all__ = list(errors.__all__)
+__all__ += jwtsvid.__all__

@@ -72,3 +72,20 @@ class JwtArgumentError(JwtSvidError, ValueError):
     ``ValueError`` keeps working."""
 
     code = "jwt_invalid_argument"
+
+
+__all__ = [
+    "JwtArgumentError",
+    "JwtAudienceError",
+    "JwtBadAlgorithmError",
+    "JwtBadSignatureError",
+    "JwtBadSubjectError",
+    "JwtExpiredError",
+    "JwtMalformedError",
+    "JwtMintError",
+    "JwtMissingClaimError",
+    "JwtNotYetValidError",
+    "JwtSvidError",
+    "JwtUnknownKeyError",
+    "JwtUntrustedDomainError",
+]

@@ -9,6 +9,7 @@
 """
 
 from custos.identity.selector import Selector
+from custos.plugin import protocols
 from custos.plugin.catalog import (
     AGENT_ID_PREFIX,
     AgentCatalog,
@@ -35,34 +36,17 @@ from custos.plugin.errors import (
     PluginLoadError,
     PluginMisbehavedError,
 )
-from custos.plugin.protocols import (
-    AgentNodeAttestor,
-    AttestedNode,
-    Challenge,
-    CoreConfig,
-    InvalidPeerCredentialsError,
-    PeerCredentials,
-    Plugin,
-    ServerNodeAttestor,
-    WorkloadAttestor,
-)
+from custos.plugin.protocols import *  # noqa: F403 -- exactly protocols.__all__, listed once there
 
 __all__ = [
     "AGENT_ID_PREFIX",
     "GROUPS",
     "KINDS",
     "AgentCatalog",
-    "AgentNodeAttestor",
     "AttestationExchangeError",
-    "AttestedNode",
-    "Challenge",
     "Constraints",
-    "CoreConfig",
     "DuplicatePluginError",
-    "InvalidPeerCredentialsError",
     "NodeAttestationResult",
-    "PeerCredentials",
-    "Plugin",
     "PluginCallError",
     "PluginConfig",
     "PluginConfigError",
@@ -73,9 +57,8 @@ __all__ = [
     "PluginMisbehavedError",
     "Selector",
     "ServerCatalog",
-    "ServerNodeAttestor",
-    "WorkloadAttestor",
     "discover",
     "installed",
     "load",
 ]
+__all__ += protocols.__all__

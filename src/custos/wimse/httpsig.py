@@ -19,7 +19,8 @@ A request carries the caller's WIT in ``Workload-Identity-Token`` and an RFC
   ``@path;req`` and ``@query;req``, and always echoes the request nonce in
   ``wimse-req-nonce``;
 - the WIMSE signature is the one tagged ``wimse-workload-to-workload``; two
-  such signatures are refused; every failure is a 400.
+  such signatures are refused; every failure is a custos error with a stable
+  ``code`` (HTTP statuses live in :mod:`custos.integrations.problem`).
 
 The -06 form (``@request-target``, ``@request-target;req``) is accepted only
 by a verifier built with ``accept_draft_06=True`` (off by default), and sent

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import custos.integrations.errors  # its WimseError subclasses count as published
 import custos.wimse
 from custos.wimse.errors import WimseError
 from custos.wimse.httpsig import HTTPSIG_ERROR_CODES
@@ -34,6 +35,9 @@ MODULES = sorted(
 _LITERALS = [
     re.compile(r"""\b_(?:wit_)?fail\(\s*["']([a-z0-9_]+)["']"""),
     re.compile(r"""\bcode\s*=\s*["']([a-z0-9_]+)["']"""),
+    # wit.decode_typed(..., codes=("wpt_bad_typ", "wpt_bad_alg")): each code of the pair
+    re.compile(r"""\bcodes=\(\s*["']([a-z0-9_]+)["']"""),
+    re.compile(r"""\bcodes=\(\s*["'][a-z0-9_]+["'],\s*["']([a-z0-9_]+)["']"""),
 ]
 #: codes not tied to one variant: request-level refusals shared by both.
 GENERIC_REQUEST_CODES = frozenset(

@@ -140,7 +140,54 @@ def _single_length(values: Iterable[str] | None) -> int | None:
     return int(value) if value.isascii() and value.isdigit() else None
 
 
-class WimseASGIMiddleware:
+class WimseMiddlewareBase:
+    """What the ASGI and WSGI middlewares share: their options and the checks
+    a request goes through once its :class:`HttpMessage` is built."""
+
+    def __init__(
+        self,
+        app: Any,
+        verifier: RequestVerifier,
+        *,
+        policy: PolicyLike = None,
+        max_body: int = DEFAULT_MAX_BODY,
+        exempt_paths: Iterable[str] = (),
+        response_signer: SignsResponses | None = None,
+        max_response: int = DEFAULT_MAX_RESPONSE,
+    ) -> None:
+        if max_body < 0:
+            raise ValueError("max_body must be >= 0")
+        if max_response < 0:
+            raise ValueError("max_response must be >= 0")
+        self.app = app
+        self.verifier = verifier
+        self.policy = as_policy(policy)
+        self.max_body = max_body
+        self.exempt = frozenset(exempt_paths)
+        self.response_signer = response_signer
+        self.max_response = max_response
+
+    def verify_caller(self, request: HttpMessage, path: str, *, can_sign: bool = True) -> Caller:
+        """The verified caller of ``request``, allowed by the policy for the
+        decoded routing ``path``; a caller that asks for a signed response
+        that cannot be made here (no signer, or ``can_sign`` False) is
+        refused before the app runs: nothing it does can be sent unsigned."""
+        caller = self.verifier.verify(request)
+        self.policy.check(caller.subject, path)
+        if caller.wants_signed_response and (self.response_signer is None or not can_sign):
+            raise SignedResponseUnavailableError(
+                "the caller asked for a signed response and none can be made here"
+            )
+        return caller
+
+
+def log_refusal(event: str, err: WimseError) -> None:
+    """Log a refused request or response: only the code and the status reach
+    the log (and the client), never a token."""
+    log.info(event, code=err.code, status=http_status(err))
+
+
+class WimseASGIMiddleware(WimseMiddlewareBase):
     """``app = WimseASGIMiddleware(app, build_request_verifier(...), policy=...)``.
 
     ``verify_in_thread``: run verification (and response signing) in a worker
@@ -165,17 +212,16 @@ class WimseASGIMiddleware:
         response_signer: SignsResponses | None = None,
         max_response: int = DEFAULT_MAX_RESPONSE,
     ) -> None:
-        if max_body < 0:
-            raise ValueError("max_body must be >= 0")
-        if max_response < 0:
-            raise ValueError("max_response must be >= 0")
-        self.response_signer = response_signer
-        self.max_response = max_response
-        self.app = app
-        self.verifier = verifier
-        self.policy = as_policy(policy)
-        self.max_body = max_body
-        self.exempt = frozenset(exempt_paths)
+        super().__init__(
+            app,
+            verifier,
+            policy=policy,
+            max_body=max_body,
+            exempt_paths=exempt_paths,
+            response_signer=response_signer,
+            max_response=max_response,
+        )
+        self.app: ASGIApp = app
         self.verify_in_thread = verify_in_thread
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -203,8 +249,7 @@ class WimseASGIMiddleware:
             log.debug("wimse_client_disconnected")
             return
         except WimseError as err:
-            # Only the code reaches the log and the client; tokens never do.
-            log.info("wimse_request_refused", code=err.code, status=http_status(err))
+            log_refusal("wimse_request_refused", err)
             if kind == "websocket":
                 await send({"type": "websocket.close", "code": _WS_POLICY_VIOLATION})
             else:
@@ -220,16 +265,10 @@ class WimseASGIMiddleware:
             await self.app(scope, _replay_body(body, more, receive), send)
 
     def _check(self, scope: Scope, request: HttpMessage) -> Caller:
-        caller = self.verifier.verify(request)
-        self.policy.check(caller.subject, _routing_path(scope["path"]))
-        if caller.wants_signed_response and (
-            self.response_signer is None or scope["type"] == "websocket"
-        ):
-            # Refused before the app runs: nothing it does can be sent unsigned.
-            raise SignedResponseUnavailableError(
-                "the caller asked for a signed response and none can be made here"
-            )
-        return caller
+        # A WebSocket handshake's 101 cannot be signed.
+        return self.verify_caller(
+            request, _routing_path(scope["path"]), can_sign=scope["type"] != "websocket"
+        )
 
     async def _signed(
         self, scope: Scope, receive: Receive, send: Send, request: HttpMessage, caller: Caller
@@ -249,7 +288,7 @@ class WimseASGIMiddleware:
             else:
                 signed = self._sign(response, request, caller)
         except WimseError as err:
-            log.info("wimse_response_refused", code=err.code, status=http_status(err))
+            log_refusal("wimse_response_refused", err)
             await _send_problem(send, Problem.from_error(err))
             return
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in signed.headers]
@@ -329,17 +368,44 @@ def _to_message(
     return HttpMessage(headers, body or None, method, target, None)
 
 
-class _ResponseCapture:
-    """An ASGI ``send`` that keeps the app's response instead of sending it,
-    holding at most ``limit`` body bytes (beyond that it only counts)."""
+class ResponseBuffer:
+    """An app's response headers and body kept for signing, at most ``limit``
+    body bytes (beyond that it only counts); shared by the ASGI and WSGI
+    captures."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.status: int | None = None
         self.headers: list[tuple[str, str]] = []
         self.chunks: list[bytes] = []
         self.size = 0
         self.too_large = False
+
+    def set_headers(self, headers: list[tuple[str, str]]) -> None:
+        self.headers = headers
+        length = declared_length(headers)
+        if self.size > self.limit or (length is not None and length > self.limit):
+            self.too_large = True
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            self.too_large = True
+            self.chunks.clear()
+        elif not self.too_large:
+            self.chunks.append(bytes(chunk))
+
+    def message(self, status: int) -> HttpMessage:
+        if self.too_large:
+            raise ResponseTooLargeError("the response is over the configured limit for signing")
+        return HttpMessage.response(status, self.headers, b"".join(self.chunks) or None)
+
+
+class _ResponseCapture(ResponseBuffer):
+    """An ASGI ``send`` that keeps the app's response instead of sending it."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.status: int | None = None
         self.complete = False
         self.unsignable = False
 
@@ -349,22 +415,13 @@ class _ResponseCapture:
             self.unsignable = True  # nothing may follow the last body message
         elif kind == "http.response.start" and self.status is None:
             self.status = int(message["status"])
-            self.headers = [
-                (k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", ())
-            ]
+            self.set_headers(
+                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", ())]
+            )
             if message.get("trailers"):
                 self.unsignable = True
-            length = declared_length(self.headers)
-            if length is not None and length > self.limit:
-                self.too_large = True
         elif kind == "http.response.body" and self.status is not None:
-            chunk = bytes(message.get("body", b""))
-            self.size += len(chunk)
-            if self.size > self.limit:
-                self.too_large = True
-                self.chunks.clear()
-            elif not self.too_large:
-                self.chunks.append(chunk)
+            self.add(message.get("body", b""))
             if not message.get("more_body", False):
                 self.complete = True
         else:
@@ -372,11 +429,9 @@ class _ResponseCapture:
             self.unsignable = True
 
     def response(self) -> HttpMessage:
-        if self.too_large:
-            raise ResponseTooLargeError("the response is over the configured limit for signing")
-        if self.unsignable or not self.complete or self.status is None:
+        if not self.too_large and (self.unsignable or not self.complete or self.status is None):
             raise ResponseSigningError("the app's response cannot be signed as sent")
-        return HttpMessage.response(self.status, self.headers, b"".join(self.chunks) or None)
+        return self.message(self.status or 0)
 
 
 def _replay_body(body: bytes, more: bool, receive: Receive) -> Receive:

@@ -30,31 +30,28 @@ from urllib.parse import quote
 
 from custos._logging import get_logger
 from custos.integrations.asgi import (
-    DEFAULT_MAX_BODY,
-    DEFAULT_MAX_RESPONSE,
-    declared_length,
+    ResponseBuffer,
+    WimseMiddlewareBase,
+    log_refusal,
     request_method,
     sign_response_or_refuse,
 )
 from custos.integrations.errors import (
     BodyTooLargeError,
     ResponseSigningError,
-    ResponseTooLargeError,
 )
-from custos.integrations.problem import Problem, http_status
+from custos.integrations.problem import Problem
 from custos.wimse.errors import MalformedRequestError, WimseError
 from custos.wimse.http.message import HttpMessage
 from custos.wimse.http.origin import UnsafeTargetError, routing_path
-from custos.wimse.httpsig import SignedResponseUnavailableError, SignsResponses
-from custos.wimse.policy import PolicyLike, as_policy
-from custos.wimse.verifier import Caller, RequestVerifier
+from custos.wimse.verifier import Caller
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 log = get_logger("custos.wimse")
 
 
-class WimseWSGIMiddleware:
+class WimseWSGIMiddleware(WimseMiddlewareBase):
     """``app.wsgi_app = WimseWSGIMiddleware(app.wsgi_app, verifier, policy=...)``.
 
     ``response_signer`` (a :class:`~custos.wimse.httpsig.ResponseSigner`)
@@ -62,28 +59,7 @@ class WimseWSGIMiddleware:
     buffered to do so.
     """
 
-    def __init__(
-        self,
-        app: WSGIApp,
-        verifier: RequestVerifier,
-        *,
-        policy: PolicyLike = None,
-        max_body: int = DEFAULT_MAX_BODY,
-        exempt_paths: Iterable[str] = (),
-        response_signer: SignsResponses | None = None,
-        max_response: int = DEFAULT_MAX_RESPONSE,
-    ) -> None:
-        if max_body < 0:
-            raise ValueError("max_body must be >= 0")
-        if max_response < 0:
-            raise ValueError("max_response must be >= 0")
-        self.app = app
-        self.verifier = verifier
-        self.policy = as_policy(policy)
-        self.max_body = max_body
-        self.exempt = frozenset(exempt_paths)
-        self.response_signer = response_signer
-        self.max_response = max_response
+    app: WSGIApp
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if _routing_path(environ) in self.exempt:
@@ -92,16 +68,9 @@ class WimseWSGIMiddleware:
             path = routing_path(_native(_routing_path(environ), "request path"))
             body = self._read_body(environ)
             request = _to_message(environ, body)
-            caller = self.verifier.verify(request)
-            self.policy.check(caller.subject, path)
-            if caller.wants_signed_response and self.response_signer is None:
-                # Refused before the app runs: nothing it does can be sent unsigned.
-                raise SignedResponseUnavailableError(
-                    "the caller asked for a signed response and none can be made here"
-                )
+            caller = self.verify_caller(request, path)
         except WimseError as err:
-            # Only the code reaches the log and the client; tokens never do.
-            log.info("wimse_request_refused", code=err.code, status=http_status(err))
+            log_refusal("wimse_request_refused", err)
             return _problem(start_response, err)
         environ["custos.caller"] = caller
         if caller.wants_signed_response:
@@ -133,7 +102,7 @@ class WimseWSGIMiddleware:
                 self.response_signer, capture.response(), request, caller
             )
         except WimseError as err:
-            log.info("wimse_response_refused", code=err.code, status=http_status(err))
+            log_refusal("wimse_response_refused", err)
             return _problem(start_response, err)
         start_response(capture.status_line, list(signed.headers))
         return [signed.body or b""]
@@ -174,17 +143,13 @@ def _problem(start_response: StartResponse, err: WimseError) -> list[bytes]:
     return [payload]
 
 
-class _ResponseCapture:
+class _ResponseCapture(ResponseBuffer):
     """A ``start_response`` and ``write`` that keep the app's response instead
-    of sending it, holding at most ``limit`` body bytes."""
+    of sending it."""
 
     def __init__(self, limit: int) -> None:
-        self.limit = limit
+        super().__init__(limit)
         self.status_line: str | None = None
-        self.headers: list[tuple[str, str]] = []
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.too_large = False
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
@@ -192,26 +157,19 @@ class _ResponseCapture:
         # Nothing has been sent yet, so a later call (with exc_info, PEP 3333)
         # simply replaces what the app said first.
         self.status_line = status
-        self.headers = list(headers)
-        length = declared_length(self.headers)
-        self.too_large = self.size > self.limit or (length is not None and length > self.limit)
-        return self.write
+        self.too_large = False
+        self.set_headers(list(headers))
+        return self.add
 
     def write(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.limit:
-            self.too_large = True
-            self.chunks.clear()
-        elif not self.too_large:
-            self.chunks.append(bytes(data))
+        self.add(data)
 
     def response(self) -> HttpMessage:
-        if self.too_large:
-            raise ResponseTooLargeError("the response is over the configured limit for signing")
         status = self.status_line.split(" ", 1)[0] if self.status_line else ""
-        if not (len(status) == 3 and status.isascii() and status.isdigit()):
+        usable = len(status) == 3 and status.isascii() and status.isdigit()
+        if not self.too_large and not usable:
             raise ResponseSigningError("the app's response cannot be signed as sent")
-        return HttpMessage.response(int(status), self.headers, b"".join(self.chunks) or None)
+        return self.message(int(status) if usable else 0)
 
 
 def _native(value: str, what: str) -> str:

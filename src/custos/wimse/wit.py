@@ -159,6 +159,32 @@ def decode_compact(
         raise error(f"{prefix}_{kind}", e.message) from None
 
 
+def decode_typed(
+    token: object,
+    *,
+    types: Collection[str],
+    algorithms: Collection[str],
+    error: Callable[[str, str], WimseError],
+    prefix: str,
+    codes: tuple[str, str],
+) -> tuple[CompactJws, str]:
+    """:func:`decode_compact`, then the two header checks a WIT and a WPT
+    share, in this order: ``typ`` (any case) in ``types`` (``codes[0]``),
+    ``alg`` in ``algorithms`` (``codes[1]``).  Returns the decoded JWS and
+    its ``alg``.  (The codes are spelled out by the callers, so each code
+    is written where it is raised.)"""
+    jose = decode_compact(token, max_bytes=MAX_TOKEN_BYTES, error=error, prefix=prefix)
+    header = jose.header
+    name = prefix.upper()
+    typ = header.get("typ")
+    if not isinstance(typ, str) or typ.lower() not in types:
+        raise error(codes[0], f"{name} typ is not {prefix}+jwt")
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in algorithms:
+        raise error(codes[1], f"{name} alg is not an accepted asymmetric algorithm")
+    return jose, alg
+
+
 # -- keys ----------------------------------------------------------------------
 
 
@@ -414,14 +440,22 @@ def numeric_date(value: object) -> float:
     return float(value)
 
 
-def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+def numeric_claim(
+    claims: Mapping[str, Any], name: str, code: str, error: Callable[[str, str], WimseError]
+) -> float | None:
+    """The claim ``name`` as a NumericDate, None when absent, else
+    ``error(code, ...)`` (the one rule for WIT and WPT times)."""
     value = claims.get(name)
     if value is None:
         return None
     try:
         return numeric_date(value)
     except ValueError:
-        raise _fail("wit_malformed", f"{name} is not a NumericDate") from None
+        raise error(code, f"{name} is not a NumericDate") from None
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+    return numeric_claim(claims, name, "wit_malformed", _fail)
 
 
 @dataclass(frozen=True)
@@ -454,14 +488,15 @@ def parse_wit_unverified(
     allowed = frozenset(algorithms) & DEFAULT_ASYMMETRIC  # "none"/HS* can never be enabled
     if profile == "spiffe":
         allowed &= SPIFFE_ALGORITHMS
-    jose = decode_compact(token, max_bytes=MAX_TOKEN_BYTES, error=_fail, prefix="wit")
+    jose, alg = decode_typed(
+        token,
+        types=_WIT_TYPES,
+        algorithms=allowed,
+        error=_fail,
+        prefix="wit",
+        codes=("wit_bad_typ", "wit_bad_alg"),
+    )
     header, claims = jose.header, jose.claims
-    typ = header.get("typ")
-    if not isinstance(typ, str) or typ.lower() not in _WIT_TYPES:
-        raise _fail("wit_bad_typ", "WIT typ is not wit+jwt")
-    alg = header.get("alg")
-    if not isinstance(alg, str) or alg not in allowed:
-        raise _fail("wit_bad_alg", "WIT alg is not an accepted asymmetric algorithm")
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
         raise _fail("wit_missing_kid", "WIT has no kid")
@@ -685,9 +720,11 @@ __all__ = [
     "b64url_decode_strict",
     "b64url_encode",
     "decode_compact",
+    "decode_typed",
     "key_fits_alg",
     "mint_wit",
     "new_jti",
+    "numeric_claim",
     "parse_wit_unverified",
     "resolve_clock",
     "signature_valid",

@@ -82,16 +82,15 @@ from custos.wimse.http.origin import normalize_origin, request_path
 from custos.wimse.replay import ReplayCache, replay_namespace
 from custos.wimse.wit import (
     DEFAULT_ASYMMETRIC,
-    MAX_TOKEN_BYTES,
     Clock,
     JoseKey,
     VerifiedWit,
     WitVerifier,
     b64url_encode,
     check_clock,
-    decode_compact,
+    decode_typed,
     new_jti,
-    numeric_date,
+    numeric_claim,
     parse_wit_unverified,
     resolve_clock,
     signature_valid,
@@ -440,13 +439,7 @@ def _parse_authorization(value: str) -> tuple[str | None, str]:
 
 
 def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
-    value = claims.get(name)
-    if value is None:
-        return None
-    try:
-        return numeric_date(value)
-    except ValueError:
-        raise _fail("wpt_malformed", f"{name} is not a NumericDate") from None
+    return numeric_claim(claims, name, "wpt_malformed", _fail)
 
 
 class WptVerifier:
@@ -530,14 +523,15 @@ class WptVerifier:
         now = self.now()
         wit = self._verify_wit(request)
         token, wire, access_token = self._locate_proof(request)
-        jose = decode_compact(token, max_bytes=MAX_TOKEN_BYTES, error=_fail, prefix="wpt")
-        header, claims = jose.header, jose.claims
-        typ = header.get("typ")
-        if not isinstance(typ, str) or typ.lower() not in _WPT_TYPES:
-            raise _fail("wpt_bad_typ", "WPT typ is not wpt+jwt")
-        alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in self.algorithms:
-            raise _fail("wpt_bad_alg", "WPT alg is not an accepted asymmetric algorithm")
+        jose, alg = decode_typed(
+            token,
+            types=_WPT_TYPES,
+            algorithms=self.algorithms,
+            error=_fail,
+            prefix="wpt",
+            codes=("wpt_bad_typ", "wpt_bad_alg"),
+        )
+        claims = jose.claims
         if alg != wit.cnf_alg:
             raise _fail("wpt_alg_mismatch", "WPT alg differs from the WIT's cnf.jwk.alg")
         # Checked with the WIT's confirmation key; it refuses a key that does

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from custos._jose.b64 import b64url_decode
 from custos._jose.errors import JoseError
 from custos._jose.strict_json import loads_strict
 
 
-@dataclass(frozen=True)
-class CompactJws:
-    """A compact JWS split and strictly decoded; its signature NOT yet checked."""
+class CompactJws(NamedTuple):
+    """A compact JWS split and strictly decoded; its signature NOT yet checked.
+
+    An immutable named tuple rather than a frozen dataclass: one is built per
+    token on every request, and a tuple is built in a third of the time
+    (the frozen dataclass sets each field through ``object.__setattr__``).
+    """
 
     #: the JOSE header (a private copy: callers may keep or change it)
     header: dict[str, Any]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
@@ -50,21 +52,21 @@ def verify_signature(key: object, alg: str, signing_input: bytes, signature: byt
         raise JoseError(f"the key cannot verify {alg}", code="jose_key_alg_mismatch")
     if spec.signature_length is not None and len(signature) != spec.signature_length:
         raise _bad_signature()
+    # key_fits_alg has just checked the key's type against spec.kty, so the
+    # casts below restate that for mypy without a second isinstance per call.
     try:
         if spec.kty == "EC":
             half = len(signature) // 2
             der = encode_dss_signature(
                 int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big")
             )
-            assert isinstance(key, ec.EllipticCurvePublicKey)
-            key.verify(der, signing_input, _ECDSA[alg])
+            cast("ec.EllipticCurvePublicKey", key).verify(der, signing_input, _ECDSA[alg])
         elif spec.kty == "RSA":
-            assert isinstance(key, rsa.RSAPublicKey) and spec.hash is not None
             pad = _PKCS1 if spec.padding == "pkcs1" else _PSS[alg]
-            key.verify(signature, signing_input, pad, spec.hash)
+            hash_ = cast("hashes.HashAlgorithm", spec.hash)
+            cast("rsa.RSAPublicKey", key).verify(signature, signing_input, pad, hash_)
         else:
-            assert isinstance(key, ed25519.Ed25519PublicKey)
-            key.verify(signature, signing_input)
+            cast("ed25519.Ed25519PublicKey", key).verify(signature, signing_input)
     except (InvalidSignature, ValueError):
         raise _bad_signature() from None
 

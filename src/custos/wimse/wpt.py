@@ -438,10 +438,6 @@ def _parse_authorization(value: str) -> tuple[str | None, str]:
     return match.group(1).lower(), match.group(2) or ""
 
 
-def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
-    return numeric_claim(claims, name, "wpt_malformed", _fail)
-
-
 class WptVerifier:
     """Verifies requests that carry a WIT and a WPT (either wire form).
 
@@ -547,7 +543,7 @@ class WptVerifier:
             raise _fail("wpt_bad_audience", "WPT aud does not match this endpoint")
 
         # exp (required), then nbf and iat (optional).
-        exp = _numeric(claims, "exp")
+        exp = numeric_claim(claims, "exp", "wpt_malformed", _fail)
         if exp is None:
             raise _fail("wpt_missing_exp", "WPT has no exp")
         leeway = self.leeway
@@ -555,10 +551,10 @@ class WptVerifier:
             raise _fail("wpt_expired", "WPT has expired")
         if exp > now + self.max_ttl + leeway:
             raise _fail("wpt_exp_too_far", "WPT exp is unreasonably far in the future")
-        nbf = _numeric(claims, "nbf")
+        nbf = numeric_claim(claims, "nbf", "wpt_malformed", _fail)
         if nbf is not None and nbf > now + leeway:
             raise _fail("wpt_not_yet_valid", "WPT is not valid yet (nbf)")
-        iat = _numeric(claims, "iat")
+        iat = numeric_claim(claims, "iat", "wpt_malformed", _fail)
         if iat is not None and iat > now + leeway:
             raise _fail("wpt_iat_in_future", "WPT iat is in the future")
 
@@ -586,14 +582,16 @@ class WptVerifier:
         pinned = None if self._clock is None else now
         if not self.replay.check_and_store(namespace, jti, exp + leeway, now=pinned):
             raise WptReplayError("WPT jti was seen before")
+        # Positional, in field order (subject, trust_domain, variant, wire,
+        # wit_claims, wpt_claims, wit): cheaper than keywords, per request.
         return VerifiedCaller(
-            subject=wit.subject,
-            trust_domain=wit.trust_domain,
-            variant="wpt",
-            wire=wire,
-            wit_claims=wit.claims,
-            wpt_claims=MappingProxyType(claims),
-            wit=wit,
+            wit.subject,
+            wit.trust_domain,
+            "wpt",
+            wire,
+            wit.claims,
+            MappingProxyType(claims),
+            wit,
         )
 
     def _aud_matches(self, aud: str, request: HttpMessage, expected: str | None) -> bool:
@@ -634,7 +632,13 @@ class WptVerifier:
         authorizations = request.header_values("authorization")
         parsed = [_parse_authorization(v) for v in authorizations]
         wpt01 = request.header_values(_WPT01_FIELD)
-        has_wpt_scheme = any(scheme == "wpt" for scheme, _ in parsed)
+        # A plain loop: a generator for any() costs more than the one or two
+        # fields it looks at.
+        has_wpt_scheme = False
+        for scheme, _ in parsed:
+            if scheme == "wpt":
+                has_wpt_scheme = True
+                break
         if has_wpt_scheme and wpt01:
             # Accepting either would let an attacker choose which proof is checked.
             raise _fail("wpt_both_forms", "request carries a WPT in both wire forms")

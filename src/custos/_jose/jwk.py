@@ -177,7 +177,7 @@ def import_public_jwk(jwk: Mapping[str, Any], *, alg: str | None = None) -> Publ
     """
     if not isinstance(jwk, Mapping):
         raise JoseError("a JWK must be a JSON object", code="jose_key_invalid")
-    if any(m in jwk for m in PRIVATE_MEMBERS):
+    if not jwk.keys().isdisjoint(PRIVATE_MEMBERS):
         raise JoseError("the JWK holds private or symmetric key material", code="jose_key_private")
     kty = jwk.get("kty")
     if kty == "EC":

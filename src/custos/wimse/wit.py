@@ -31,6 +31,7 @@ WIT code.  joserfc mints tokens and holds the cnf key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -42,7 +43,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from joserfc import jws
@@ -230,7 +231,7 @@ def _import_cnf_jwk(
     jwk = cnf["jwk"]
     if not isinstance(jwk, dict):
         raise _fail("wit_bad_cnf", "cnf.jwk is not a JSON object")
-    if any(m in jwk for m in PRIVATE_MEMBERS):
+    if not jwk.keys().isdisjoint(PRIVATE_MEMBERS):
         # Before the alg checks: a symmetric "alg": "HS256" key is first of
         # all key material that must never travel in a token.
         raise _fail("wit_private_cnf", "cnf.jwk holds private or symmetric key material")
@@ -458,9 +459,12 @@ def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
     return numeric_claim(claims, name, "wit_malformed", _fail)
 
 
-@dataclass(frozen=True)
-class WitShape:
-    """The structure of a WIT, every check done except signature and time."""
+class WitShape(NamedTuple):
+    """The structure of a WIT, every check done except signature and time.
+
+    An immutable named tuple: one is built for every WIT verified, and a
+    tuple costs a fraction of a frozen dataclass's per-field setattr.
+    """
 
     header: dict[str, Any]
     claims: dict[str, Any]
@@ -473,6 +477,21 @@ class WitShape:
     signing_input: bytes
     #: the decoded JWS signature (``b""`` when a caller builds a shape by hand)
     signature: bytes = b""
+    #: ``exp``, ``nbf``, ``iat`` as checked NumericDates (None when absent),
+    #: so the time checks do not parse them a second time
+    exp: float | None = None
+    nbf: float | None = None
+    iat: float | None = None
+
+
+@functools.lru_cache(maxsize=1024)
+def _workload_id(sub: str) -> SpiffeId | WimseId:
+    """:func:`custos.identity.coerce_workload_id` remembered per ``sub``
+    string: a relying party sees the same few subjects on every request, and
+    the parse was a tenth of a WIT's checks.  Bounded (LRU, and ``sub`` is
+    within a token of at most MAX_TOKEN_BYTES), the result is immutable, and
+    refusals raise through the cache and are not kept."""
+    return coerce_workload_id(sub)
 
 
 def parse_wit_unverified(
@@ -485,9 +504,19 @@ def parse_wit_unverified(
     """
     if profile not in ("wimse", "spiffe"):
         raise ValueError(f"unknown profile {profile!r}")
+    return _parse(token, _allowed(algorithms, profile), profile)
+
+
+def _allowed(algorithms: Collection[str], profile: Profile) -> frozenset[str]:
     allowed = frozenset(algorithms) & DEFAULT_ASYMMETRIC  # "none"/HS* can never be enabled
     if profile == "spiffe":
         allowed &= SPIFFE_ALGORITHMS
+    return allowed
+
+
+def _parse(token: object, allowed: frozenset[str], profile: Profile) -> WitShape:
+    """:func:`parse_wit_unverified` with the algorithm set already worked out
+    (a :class:`WitVerifier` does that once, not per token)."""
     jose, alg = decode_typed(
         token,
         types=_WIT_TYPES,
@@ -505,12 +534,13 @@ def parse_wit_unverified(
         raise _fail("wit_bad_sub", "WIT has no sub")
     try:
         # spiffe://td is the trust domain itself, not a workload in it: refused.
-        subject = coerce_workload_id(sub)
+        subject = _workload_id(sub)
     except InvalidIdentifierError as e:
         raise _fail("wit_bad_sub", f"WIT sub is not a workload identifier: {e.code}") from e
     cnf_jwk, cnf_key, cnf_alg = _import_cnf_jwk(claims.get("cnf"), allowed)
-    for name in ("exp", "iat", "nbf"):
-        _numeric_date(claims, name)
+    exp = _numeric_date(claims, "exp")
+    iat = _numeric_date(claims, "iat")
+    nbf = _numeric_date(claims, "nbf")
     if profile == "spiffe":
         if not isinstance(subject, SpiffeId):
             raise _fail("wit_profile_violation", "a WIT-SVID's sub must be a spiffe:// ID")
@@ -527,6 +557,9 @@ def parse_wit_unverified(
         cnf_alg,
         jose.signing_input,
         jose.signature,
+        exp,
+        nbf,
+        iat,
     )
 
 
@@ -556,12 +589,14 @@ def verify_wit(
     profile: Profile = "wimse",
 ) -> VerifiedWit:
     """Verify a WIT against the trust bundles; raise :class:`WitError` (with a code) if bad."""
+    if profile not in ("wimse", "spiffe"):
+        raise ValueError(f"unknown profile {profile!r}")
     return _verify(
         token,
         bundles,
         now=resolve_clock(now),
         leeway=seconds(leeway, name="leeway"),
-        algorithms=algorithms,
+        allowed=_allowed(algorithms, profile),
         profile=profile,
     )[0]
 
@@ -572,12 +607,12 @@ def _verify(
     *,
     now: float,
     leeway: float,
-    algorithms: Collection[str],
+    allowed: frozenset[str],
     profile: Profile,
     wth: str | None = None,
 ) -> tuple[VerifiedWit, TrustBundle]:
     """Verify ``token``; ``wth`` is its :func:`token_hash` if the caller has it already."""
-    shape = parse_wit_unverified(token, algorithms=algorithms, profile=profile)
+    shape = _parse(token, allowed, profile)
     trust_domain = shape.subject.trust_domain
     bundle = bundles.get(trust_domain)
     if bundle is None:
@@ -590,15 +625,15 @@ def _verify(
         raise _fail("wit_bad_signature", "signature is not valid")
 
     claims = shape.claims
-    exp = _numeric_date(claims, "exp")
+    exp = shape.exp  # the shape's NumericDates, checked once by _parse
     if exp is None:
         raise _fail("wit_missing_exp", "WIT has no exp")
     if now >= exp + leeway:
         raise _fail("wit_expired", "WIT has expired")
-    nbf = _numeric_date(claims, "nbf")
+    nbf = shape.nbf
     if nbf is not None and nbf > now + leeway:
         raise _fail("wit_not_yet_valid", "WIT is not valid yet (nbf)")
-    iat = _numeric_date(claims, "iat")
+    iat = shape.iat
     # WIT-SVID 3.6: iat "MUST NOT be used for limiting the earliest validity"
     # (that is nbf's job), so the spiffe profile only checks it is a date.
     if iat is not None and iat > now + leeway and profile != "spiffe":
@@ -650,6 +685,7 @@ class WitVerifier:
         self.leeway = seconds(leeway, name="leeway")
         self.algorithms = frozenset(algorithms)
         self.profile: Profile = profile
+        self._allowed = _allowed(self.algorithms, profile)
         self._clock = check_clock(now)
         self._max = max_entries
         self._cache: OrderedDict[str, tuple[VerifiedWit, TrustBundle]] = OrderedDict()
@@ -689,7 +725,7 @@ class WitVerifier:
             self.bundles,
             now=now,
             leeway=self.leeway,
-            algorithms=self.algorithms,
+            allowed=self._allowed,
             profile=self.profile,
         )
         if cacheable:

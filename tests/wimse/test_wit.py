@@ -253,6 +253,27 @@ def test_spiffe_wit_svid_example_has_the_profile() -> None:
     assert code_of(SPIFFE_WIT_SVID, now=1765453000, profile="spiffe") == "wit_unknown_kid"
 
 
+def test_shape_carries_its_checked_dates() -> None:
+    # The time checks read these instead of parsing the claims again.
+    shape = parse_wit_unverified(DRAFT_WIT)
+    claims = draft_claims()
+    assert shape.exp == float(claims["exp"])
+    assert shape.iat == (float(claims["iat"]) if "iat" in claims else None)
+    assert shape.nbf == (float(claims["nbf"]) if "nbf" in claims else None)
+    later = parse_wit_unverified(resign(claims=draft_claims(nbf=claims["exp"] - 10)))
+    assert later.nbf == float(claims["exp"] - 10)
+
+
+def test_remembered_subjects_never_let_a_refused_one_through() -> None:
+    # The sub parse is remembered per string; refusals are not, so the same
+    # bad sub is refused every time, before and after good ones are cached.
+    bad = resign(claims=draft_claims(sub="wimse://example.com/a/../b"))
+    assert code_of(bad) == "wit_bad_sub"
+    first = verify_wit(DRAFT_WIT, draft_bundles(), now=NOW).subject
+    assert code_of(bad) == "wit_bad_sub"
+    assert verify_wit(DRAFT_WIT, draft_bundles(), now=NOW).subject == first
+
+
 def test_draft_wit_is_not_a_wit_svid() -> None:
     # EdDSA cnf and a wimse:// subject: both outside the SPIFFE profile
     with pytest.raises(WitError) as info:

@@ -252,8 +252,12 @@ def _import_cnf_jwk(
         raise _fail("wit_bad_cnf", f"cnf.jwk is not a valid public key: {e.message}") from None
     # Only the key's own members (and alg) are kept: "use"/"key_ops" and the
     # like are not ours to enforce, and joserfc would interpret them.
-    members = {"kty": jwk["kty"], **{m: jwk[m] for m in _KEY_MEMBERS[jwk["kty"]]}}
-    return {**members, "alg": alg}, _joserfc_public(key), alg
+    kty = jwk["kty"]
+    public = {"kty": kty}
+    for member in _KEY_MEMBERS[kty]:
+        public[member] = jwk[member]
+    public["alg"] = alg
+    return public, _joserfc_public(key), alg
 
 
 def public_cnf_jwk(

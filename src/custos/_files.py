@@ -53,6 +53,14 @@ def read_small_file(
             path=name,
             reason="os_error",
         ) from e
+    except ValueError:
+        # os.open raises ValueError, not OSError, for a path with an embedded NUL byte
+        # (no such path can exist on POSIX); "from None": nothing more to say.
+        raise UnreadableFileError(
+            f"cannot open {what} {name!r}: the path contains a NUL byte",
+            path=name,
+            reason="os_error",
+        ) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -89,3 +89,21 @@ def test_ranges_and_timedeltas() -> None:
         finite_number(5, name="x", maximum=4)
     with pytest.raises(InvalidNumberError):
         seconds(timedelta.max * 0 + timedelta(days=1), name="ttl", maximum=60)
+
+
+def test_nul_byte_in_path_is_a_clear_error() -> None:
+    # os.open raises ValueError (not OSError) for an embedded NUL: it must not escape raw.
+    with pytest.raises(UnreadableFileError) as e:
+        read_small_file("a\0b", what="bundle file")
+    assert e.value.reason == "os_error"
+    assert "NUL" in str(e.value) and "bundle file" in str(e.value)
+    with pytest.raises(UnreadableFileError):
+        read_small_text(Path("a\0b"))
+
+
+def test_nul_byte_in_bundle_path_is_a_clear_error() -> None:
+    from custos.bundle.bundle import TrustBundle
+
+    with pytest.raises(UnreadableFileError) as e:
+        TrustBundle.load("example.org", "a\0b")
+    assert e.value.reason == "os_error"

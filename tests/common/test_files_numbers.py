@@ -103,7 +103,9 @@ def test_nul_byte_in_path_is_a_clear_error() -> None:
 
 def test_nul_byte_in_bundle_path_is_a_clear_error() -> None:
     from custos.bundle.bundle import TrustBundle
+    from custos.errors import CustosError
 
-    with pytest.raises(UnreadableFileError) as e:
+    with pytest.raises(CustosError) as e:
         TrustBundle.load("example.org", "a\0b")
-    assert e.value.reason == "os_error"
+    assert e.value.code == "bundle_unreadable"
+    assert isinstance(e.value.__cause__, UnreadableFileError)

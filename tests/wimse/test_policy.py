@@ -239,3 +239,43 @@ def test_identifier_objects_are_accepted_as_exact_patterns() -> None:
     # a bare TrustDomain has no scheme: say which one with a string
     with pytest.raises(PolicyConfigError):
         CallerPolicy.from_mapping({"/": [TrustDomain.parse("example.org")]})  # type: ignore[list-item]
+
+
+# -- Rule(...) itself takes what from_mapping takes (audit of issue 7) --------------------
+
+from custos.identity import SpiffeId, WimseId  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "caller",
+    [
+        SpiffeId.parse("spiffe://example.org/a"),
+        WimseId.parse("wimse://example.org/a"),
+        "spiffe://example.org/a",
+    ],
+    ids=["SpiffeId", "WimseId", "str"],
+)
+def test_rule_built_directly_converts_its_callers(caller: object) -> None:
+    # Before: Rule kept a SpiffeId as it was and check() raised AttributeError
+    # (a 500 in the middleware) on the first request.
+    subject = str(caller)
+    policy = CallerPolicy([Rule("/", (caller,))])  # type: ignore[arg-type]
+    policy.check(subject, "/x")
+    assert all(type(p).__name__ == "CallerPattern" for p in policy.rules[0].callers)
+    with pytest.raises(PolicyError):
+        policy.check(subject + "b", "/x")
+
+
+@pytest.mark.parametrize(
+    "callers",
+    ["spiffe://example.org/a", ("spiffe://Example.org/a",), (42,), ("spiffe://example.org/*/x",)],
+)
+def test_rule_built_directly_refuses_bad_callers(callers: object) -> None:
+    with pytest.raises(PolicyConfigError):
+        Rule("/", callers)  # type: ignore[arg-type]
+
+
+def test_rule_accepts_any_iterable_of_callers_and_keeps_a_tuple() -> None:
+    rule = Rule("/", ["spiffe://example.org/a", "*"])
+    assert isinstance(rule.callers, tuple)
+    assert rule == Rule("/", ("spiffe://example.org/a", "*"))

@@ -114,13 +114,24 @@ class CallerPattern:
         return subject == self.raw
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Rule:
+    """One route and who may call it.
+
+    ``callers`` may hold strings, ``SpiffeId`` / ``WimseId`` values or
+    ``CallerPattern`` objects; they are converted and validated here, by the
+    same function :meth:`CallerPolicy.from_mapping` uses, so a rule built
+    directly behaves exactly like one from a mapping (a ``SpiffeId`` kept as
+    it was would fail only at the first request, as a 500).
+    """
+
     route: str
     callers: tuple[CallerPattern, ...]
 
-    def __post_init__(self) -> None:
-        _validated_route(self.route)
+    def __init__(self, route: str, callers: Iterable[CallerLike]) -> None:
+        # A frozen dataclass sets its fields this way in its own generated __init__.
+        object.__setattr__(self, "route", _validated_route(route))
+        object.__setattr__(self, "callers", _callers_of(route, callers))
 
     def covers(self, path: str) -> bool:
         return _segments_prefix(self.route, path)
@@ -193,7 +204,7 @@ class CallerPolicy:
     ) -> CallerPolicy:
         """``[("/pay", ["spiffe://example.org/ns/shop/*"]), ("/", ["spiffe://example.org"])]``."""
         return cls(
-            [Rule(route, _callers_of(route, callers)) for route, callers in rules],
+            [Rule(route, callers) for route, callers in rules],
             default_allow=default_allow,
         )
 

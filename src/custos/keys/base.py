@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from custos.keys.algorithms import Algorithm
+from custos.keys.cryptography_keys import device_private_key
 from custos.keys.errors import InvalidKeyNameError, UnsupportedAlgorithmError
 from custos.keys.jwk import public_jwk
 
@@ -201,10 +202,6 @@ class StoreKey:
         anything else that takes a ``cryptography`` key; its ``private_bytes``
         refuses.  (It is a :data:`custos.keys.cryptography_keys.DevicePrivateKey`.)
         """
-        # Imported here, not at the top: the adapters build on this module
-        # (cryptography_keys imports StoreKey), never the other way round.
-        from custos.keys.cryptography_keys import device_private_key
-
         return device_private_key(self)
 
 

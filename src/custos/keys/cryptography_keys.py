@@ -10,16 +10,20 @@ method that would reveal private material (``private_bytes``,
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric import utils as asym_utils
 
 from custos.keys.algorithms import Algorithm
-from custos.keys.base import StoreKey
 from custos.keys.errors import ExportRefusedError, UnsupportedAlgorithmError
 from custos.keys.signatures import raw_to_der
+
+if TYPE_CHECKING:
+    # Annotations only: custos.keys.base imports this module at its top (StoreKey's
+    # private_key() hands out these adapters), so a run-time import back would be a cycle.
+    from custos.keys.base import StoreKey
 
 
 def _refuse(what: str) -> NoReturn:

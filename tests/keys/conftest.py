@@ -60,7 +60,8 @@ def store_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreE
         )
     yield se
     for store in se.opened:
-        # Tidy the token (fresh per test, but left in the session's directory).
+        # Tidy the token: it is fresh per test, but its files stay in the session's
+        # directory (softhsm_session) until the session ends.
         if kind == "pkcs11":
             for info in store.list():
                 if info.name.startswith("ct-"):
@@ -75,7 +76,11 @@ def store(store_env: StoreEnv) -> KeyStore:
 
 @pytest.fixture
 def unique_name(request: pytest.FixtureRequest) -> Callable[[str], str]:
-    """Key names unique per test (the PKCS#11 token is shared by the session)."""
+    """Key names unique per test.
+
+    The ``softhsm`` token is fresh per test (only ``softhsm_session``, the SoftHSM
+    config and its directory, is shared), but the ``swtpm`` is one per session and
+    its persistent handles outlive a test, so names never repeat."""
     import uuid
 
     def make(prefix: str = "k") -> str:

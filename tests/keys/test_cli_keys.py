@@ -281,3 +281,51 @@ def test_sign_input_is_a_bounded_regular_file_or_stdin(tmp_path: Path) -> None:
             env={**os.environ, **env},
         )  # fmt: skip
     assert too_big.returncode == 1 and "larger than" in too_big.stderr
+
+
+_BLOCK_PKCS11 = """
+import importlib.abc, sys
+
+class _Blocked(importlib.abc.MetaPathFinder):
+    # As on a machine without python-pkcs11 (the pkcs11 extra).
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "pkcs11":
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+        return None
+
+sys.meta_path.insert(0, _Blocked())
+try:
+    import pkcs11
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("the blocker did not block")
+from custos.cli.main import main
+sys.argv = ["custos", *sys.argv[1:]]
+main()
+"""
+
+
+def test_keys_uri_without_the_pkcs11_extra_is_clear(swtpm: Any, tmp_path: Path) -> None:
+    key_dir = tmp_path / "keys"
+    flags = ["--store", "tpm", "--tcti", swtpm.tcti, "--key-dir", str(key_dir)]
+    name = f"cli-{uuid.uuid4().hex[:8]}"
+    ok(custos("keys", "create", *flags, "--name", name))
+    try:
+        for store_flags in (flags, ["--store", "pkcs11", "--pkcs11-module", "/nonexistent.so"]):
+            result = subprocess.run(
+                [sys.executable, "-c", _BLOCK_PKCS11, "keys", "uri", *store_flags, "--name", name],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={k: v for k, v in os.environ.items() if not k.startswith("CUSTOS_")},
+            )
+            assert "Traceback" not in result.stderr, result.stderr
+            assert result.returncode != 0
+            if store_flags is flags:
+                # A TPM key has no pkcs11: URI, with or without the extra.
+                assert "only PKCS#11" in result.stderr, result.stderr
+            else:
+                assert "missing_extra" in result.stderr and "custos[pkcs11]" in result.stderr
+    finally:
+        ok(custos("keys", "delete", *flags, "--name", name))

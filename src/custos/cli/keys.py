@@ -279,6 +279,8 @@ def uri(store: KeyStore | None, key_dir: Path, name: str) -> None:
     """Print the key's RFC 7512 URI (PKCS#11 only; no PIN) for other PKCS#11 tools."""
     if store is None or store.kind != "pkcs11":
         raise click.UsageError("only PKCS#11 keys have a pkcs11: URI")
+    # Imported only now: a PKCS#11 store is open, so the pkcs11 extra is present; before
+    # the check above, a TPM user without python-pkcs11 would get an ImportError.
     from custos.keys.pkcs11 import Pkcs11KeyStore
 
     assert isinstance(store, Pkcs11KeyStore)

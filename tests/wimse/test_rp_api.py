@@ -119,3 +119,50 @@ def test_readme_relying_party_block_runs_as_written(
     assert ok.status_code == 200 and ok.json() == {"sub": str(WEB)}
     refused = asyncio.run(call("/admin"))  # no rule covers /admin: fail closed
     assert refused.status_code == 403 and refused.json()["code"] == "caller_not_allowed"
+
+
+# -- audit of issue 7: the -06 switch and the message types at the API's top ------------
+
+
+def test_build_request_verifier_takes_accept_draft_06() -> None:
+    from custos.wimse.http.message import HttpMessage
+    from custos.wimse.httpsig import sign_request
+
+    store = MemoryKeyStore()
+    store.create("ca", "ES256")
+    store.create("client", "ES256")
+    request = HttpMessage.request("GET", "/pay?x=1", [("Host", "api.example.org")])
+    signed = sign_request(
+        request,
+        signer=store.get("client"),
+        wit=mint_example_wit(store, WEB, "client"),
+        audience="https://api.example.org/pay",  # the -06 form names origin + path
+        form="draft-06",
+    )
+    assert '"@request-target"' in dict(signed.headers)["Signature-Input"]
+    origin = ["https://api.example.org"]
+    off = custos.wimse.build_request_verifier(ca_bundles(store), origin)
+    with pytest.raises(custos.wimse.WimseError) as info:
+        off.verify(signed)
+    assert info.value.code == "draft06_form_refused"
+    on = custos.wimse.build_request_verifier(ca_bundles(store), origin, accept_draft_06=True)
+    assert on.verify(signed).subject == str(WEB)
+
+
+def test_http_message_types_come_from_the_package_tops() -> None:
+    import custos.wimse.http
+    from custos.wimse.http.message import Endpoint, HttpMessage
+
+    assert custos.wimse.http.HttpMessage is HttpMessage
+    assert custos.wimse.http.Endpoint is Endpoint
+    assert custos.wimse.HttpMessage is HttpMessage
+    assert custos.wimse.Endpoint is Endpoint
+    assert {"HttpMessage", "Endpoint"} <= set(custos.wimse.__all__)
+    assert {"HttpMessage", "Endpoint"} <= set(custos.wimse.http.__all__)
+
+
+def test_a_single_trust_bundle_or_nothing_else_in_build_request_verifier() -> None:
+    from custos.wimse.wit import BundlesTypeError
+
+    with pytest.raises(BundlesTypeError):
+        custos.wimse.build_request_verifier({"example.org": "x"}, ["https://api.example.org"])  # type: ignore[arg-type]

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from custos.integrations.problem import Problem
     from custos.integrations.wsgi import WimseWSGIMiddleware
     from custos.wimse.errors import PolicyError, WimseError
+    from custos.wimse.http.message import Endpoint, HttpMessage
     from custos.wimse.httpsig import HttpSignatureVerifier, ResponseSigner
     from custos.wimse.policy import CallerPolicy, PolicyConfigError
     from custos.wimse.replay import (
@@ -50,6 +51,8 @@ _EXPORTS: dict[str, str] = {
     "verifier_from_bundle_file": "custos.wimse.verifier",
     "RequestVerifier": "custos.wimse.verifier",
     "Caller": "custos.wimse.verifier",
+    "HttpMessage": "custos.wimse.http.message",
+    "Endpoint": "custos.wimse.http.message",
     "WitVerifier": "custos.wimse.wit",
     "WptVerifier": "custos.wimse.wpt",
     "HttpSignatureVerifier": "custos.wimse.httpsig",
@@ -83,6 +86,8 @@ __all__ = [
     "Caller",
     "CallerPolicy",
     "ClientAuthError",
+    "Endpoint",
+    "HttpMessage",
     "HttpSignatureVerifier",
     "LocalProofSigner",
     "MemoryReplayCache",

@@ -79,7 +79,7 @@ from custos.wimse.replay import (
     check_and_store,
     replay_namespace,
 )
-from custos.wimse.wit import MAX_TOKEN_BYTES
+from custos.wimse.wit import MAX_LEEWAY, MAX_PROOF_LIFETIME, MAX_TOKEN_BYTES
 
 WIMSE_TAG = "wimse-workload-to-workload"
 WIT_HEADER = "workload-identity-token"
@@ -571,8 +571,9 @@ def _finish(
 
 
 def _ttl(ttl: object) -> int:
-    # At least a second: expires must be after created (RFC 9421 §2.3 integers).
-    return int(seconds(ttl, name="ttl", minimum=1))
+    # At least a second: expires must be after created (RFC 9421 §2.3 integers);
+    # at most what any verifier's max_age can accept.
+    return int(seconds(ttl, name="ttl", minimum=1, maximum=MAX_PROOF_LIFETIME))
 
 
 def _validity(created: object, ttl: object) -> tuple[int, int]:
@@ -839,7 +840,7 @@ class HttpSignatureVerifier:
 
     ``now`` pins the clock (tests, the CLI's ``--now``); the pinned time is
     also handed to the replay cache with every check (see
-    :mod:`custos.wimse.replay`). ``now``, ``max_age`` (at least 1 s) and
+    :mod:`custos.wimse.replay`). ``now``, ``max_age`` (1 s to a day) and
     ``leeway`` (0 to 3600 s) must be finite numbers or timedeltas
     (:class:`custos._numbers.InvalidNumberError` otherwise).
 
@@ -869,8 +870,8 @@ class HttpSignatureVerifier:
                 raise ValueError("exact_audiences must be non-empty printable strings")
         self.exact_audiences: frozenset[str] = frozenset(exact_audiences)
         # NaN or infinity would switch the time checks off (custos._numbers).
-        self.max_age = seconds(max_age, name="max_age", minimum=1)
-        self.leeway = seconds(leeway, name="leeway", maximum=3600)
+        self.max_age = seconds(max_age, name="max_age", minimum=1, maximum=MAX_PROOF_LIFETIME)
+        self.leeway = seconds(leeway, name="leeway", maximum=MAX_LEEWAY)
         self.require_signed_response = require_signed_response
         self.accept_draft_06 = accept_draft_06 is True
         self._clock = _check_clock(now)

@@ -146,6 +146,7 @@ def build_request_verifier(
     wit_profile: Literal["wimse", "spiffe"] = "wimse",
     exact_audiences: Sequence[str] = (),
     known_other_tokens: Sequence[str] = (),
+    accept_draft_06: bool = False,
 ) -> RequestVerifier:
     """The usual wiring: one WIT verifier (and its cache) shared by both
     variants, one replay cache.
@@ -167,8 +168,12 @@ def build_request_verifier(
     variants (``wpt`` and ``wimse-aud``).
     ``known_other_tokens``: header names of the other tokens (``oth``) this
     relying party understands (:class:`~custos.wimse.wpt.WptVerifier`).
+    ``accept_draft_06``: also accept HTTP signatures in the httpsig-06 form
+    (``@request-target`` instead of ``@path`` + ``@query``), for callers not
+    yet on -08; off by default (:class:`~custos.wimse.httpsig.HttpSignatureVerifier`).
+    Anything but a ``BundleSet`` or a ``TrustBundle`` as ``bundles`` is a
+    :class:`~custos.wimse.wit.BundlesTypeError` here, not at the first request.
     """
-    from custos.bundle import BundleSet, TrustBundle
     from custos.wimse.http.origin import normalize_origin
     from custos.wimse.httpsig import HttpSignatureVerifier
     from custos.wimse.replay import MemoryReplayCache
@@ -178,8 +183,6 @@ def build_request_verifier(
     unknown = set(variants) - set(VARIANTS)
     if unknown or not variants:
         raise ValueError(f"variants must be a non-empty subset of {VARIANTS}")
-    if isinstance(bundles, TrustBundle):
-        bundles = BundleSet([bundles])
     if isinstance(audiences, str):
         audiences = [audiences]
     origins = [normalize_origin(a) for a in audiences]
@@ -205,7 +208,14 @@ def build_request_verifier(
             known_other_tokens=known_other_tokens,
         )
     if "http-signature" in variants:
-        sig = HttpSignatureVerifier(wits, cache, origins, exact_audiences=exact_audiences, now=now)
+        sig = HttpSignatureVerifier(
+            wits,
+            cache,
+            origins,
+            exact_audiences=exact_audiences,
+            now=now,
+            accept_draft_06=accept_draft_06,
+        )
     return RequestVerifier(wpt=wpt, http_signature=sig)
 
 

@@ -95,6 +95,16 @@ _WIT_TYPES = frozenset({"wit+jwt", "application/wit+jwt"})
 #: Upper bound on a WIT (and a WPT) in bytes; real ones are well under 2 KiB.
 MAX_TOKEN_BYTES = 8 * 1024
 DEFAULT_LEEWAY = 60
+# Upper bounds on the durations a user sets. A finite but huge value turns a
+# time check off as surely as infinity does (leeway=1e15: nothing ever
+# expires), so custos._numbers refuses anything above these. They match the
+# JWT-SVID path and RFC 9421's own advice (signatures live minutes).
+#: clock skew allowance of every verifier (WIT, WPT, HTTP signature): an hour
+MAX_LEEWAY = 3600
+#: how long a WPT or an HTTP signature may live (max_ttl, max_age, signing ttl): a day
+MAX_PROOF_LIFETIME = 86400
+#: the longest WIT mint_wit makes: a year (SPIRE's X509-SVIDs live an hour)
+MAX_WIT_TTL = 365 * 86400
 DEFAULT_CACHE_SIZE = 4096
 
 #: Every code a WIT verification failure can carry.
@@ -124,6 +134,25 @@ WIT_ERROR_CODES = frozenset(
         "wit_profile_violation",
     }
 )
+
+
+class BundlesTypeError(WimseError, TypeError):
+    """Something other than a BundleSet or a TrustBundle was given as ``bundles``."""
+
+    code = "bundles_invalid"
+
+
+def as_bundle_set(bundles: object) -> BundleSet:
+    """``bundles`` as a :class:`BundleSet`: one :class:`TrustBundle` (every caller
+    in one trust domain) is wrapped; anything else is refused now, when the
+    verifier is built, rather than as an AttributeError at the first request."""
+    if isinstance(bundles, BundleSet):
+        return bundles
+    if isinstance(bundles, TrustBundle):
+        return BundleSet([bundles])
+    raise BundlesTypeError(
+        f"bundles must be a BundleSet or a TrustBundle, not {type(bundles).__name__}"
+    )
 
 
 class WitMintError(WimseError):
@@ -356,9 +385,9 @@ def mint_wit(
     try:
         # Whole seconds: exp and iat are NumericDates, and a TTL under one
         # second would truncate to exp == iat, a token dead on arrival.
-        ttl_seconds = int(seconds(ttl, name="ttl", minimum=1))
+        ttl_seconds = int(seconds(ttl, name="ttl", minimum=1, maximum=MAX_WIT_TTL))
     except InvalidNumberError as e:
-        raise WitMintError(f"ttl must be a finite duration of at least one second: {e}") from e
+        raise WitMintError(f"ttl must be at least one second and at most a year: {e}") from e
     try:
         issued = int(time.time() if now is None else finite_number(now, name="now"))
     except InvalidNumberError as e:
@@ -585,7 +614,7 @@ def _find_key(bundle: TrustBundle, kid: str, alg: str, profile: Profile) -> Publ
 
 def verify_wit(
     token: str,
-    bundles: BundleSet,
+    bundles: BundleSet | TrustBundle,
     *,
     now: Clock = None,
     leeway: float | timedelta = DEFAULT_LEEWAY,
@@ -597,9 +626,9 @@ def verify_wit(
         raise ValueError(f"unknown profile {profile!r}")
     return _verify(
         token,
-        bundles,
+        as_bundle_set(bundles),
         now=resolve_clock(now),
-        leeway=seconds(leeway, name="leeway"),
+        leeway=seconds(leeway, name="leeway", maximum=MAX_LEEWAY),
         allowed=_allowed(algorithms, profile),
         profile=profile,
     )[0]
@@ -673,7 +702,7 @@ class WitVerifier:
 
     def __init__(
         self,
-        bundles: BundleSet,
+        bundles: BundleSet | TrustBundle,
         *,
         now: Clock = None,
         leeway: float | timedelta = DEFAULT_LEEWAY,
@@ -685,8 +714,8 @@ class WitVerifier:
             raise ValueError("max_entries must be an int >= 0")
         if profile not in ("wimse", "spiffe"):
             raise ValueError(f"unknown profile {profile!r}")
-        self.bundles = bundles
-        self.leeway = seconds(leeway, name="leeway")
+        self.bundles = as_bundle_set(bundles)
+        self.leeway = seconds(leeway, name="leeway", maximum=MAX_LEEWAY)
         self.algorithms = frozenset(algorithms)
         self.profile: Profile = profile
         self._allowed = _allowed(self.algorithms, profile)
@@ -750,13 +779,18 @@ class WitVerifier:
 
 __all__ = [
     "DEFAULT_ASYMMETRIC",
+    "MAX_LEEWAY",
+    "MAX_PROOF_LIFETIME",
     "MAX_TOKEN_BYTES",
+    "MAX_WIT_TTL",
     "SPIFFE_ALGORITHMS",
     "WIT_ERROR_CODES",
+    "BundlesTypeError",
     "VerifiedWit",
     "WitMintError",
     "WitShape",
     "WitVerifier",
+    "as_bundle_set",
     "b64url_decode_strict",
     "b64url_encode",
     "decode_compact",

@@ -60,7 +60,7 @@ from joserfc import jws
 from joserfc.errors import JoseError
 
 from custos._numbers import InvalidNumberError, finite_number, seconds
-from custos.bundle import BundleSet
+from custos.bundle import BundleSet, TrustBundle
 from custos.errors import CustosError
 from custos.identity import SpiffeId, TrustDomain, WimseId
 from custos.keys.base import StoreKey
@@ -82,10 +82,13 @@ from custos.wimse.http.origin import normalize_origin, request_path
 from custos.wimse.replay import ReplayCache, replay_namespace
 from custos.wimse.wit import (
     DEFAULT_ASYMMETRIC,
+    MAX_LEEWAY,
+    MAX_PROOF_LIFETIME,
     Clock,
     JoseKey,
     VerifiedWit,
     WitVerifier,
+    as_bundle_set,
     b64url_encode,
     check_clock,
     decode_typed,
@@ -457,7 +460,7 @@ class WptVerifier:
 
     def __init__(
         self,
-        bundles: BundleSet | None = None,
+        bundles: BundleSet | TrustBundle | None = None,
         *,
         wit_verifier: WitVerifier | None = None,
         audiences: Iterable[Endpoint | str] = (),
@@ -475,7 +478,7 @@ class WptVerifier:
             if bundles is None:
                 raise ValueError("give bundles or a wit_verifier")
             wit_verifier = WitVerifier(bundles, now=now)
-        elif bundles is not None and bundles is not wit_verifier.bundles:
+        elif bundles is not None and as_bundle_set(bundles) is not wit_verifier.bundles:
             raise ValueError("give bundles or a wit_verifier, not two different sources")
         self.wit_verifier = wit_verifier
         self.origins: tuple[str, ...] = tuple(normalize_origin(a) for a in audiences)
@@ -490,8 +493,8 @@ class WptVerifier:
             raise ValueError("a replay cache is required")
         self.replay = replay
         self.accept_wpt01 = accept_wpt01
-        self.max_ttl = seconds(max_ttl, name="max_ttl", minimum=1)
-        self.leeway = seconds(leeway, name="leeway")
+        self.max_ttl = seconds(max_ttl, name="max_ttl", minimum=1, maximum=MAX_PROOF_LIFETIME)
+        self.leeway = seconds(leeway, name="leeway", maximum=MAX_LEEWAY)
         known = frozenset(n.lower() for n in known_other_tokens)
         bad = [n for n in known if not _HEADER_NAME_RE.fullmatch(n) or n in _RESERVED_FIELDS]
         if bad:

@@ -186,7 +186,7 @@ def wimse_round(tpm_store: Any, hsm_store: Any) -> None:
         except WimseError as e:
             show(f"{label}", f"refused: {http_status(e)} [{e.code}]")
 
-    say("the same workload signs the request instead (RFC 9421, httpsig-06), through the TPM")
+    say("the same workload signs the request instead (RFC 9421, httpsig-08), through the TPM")
     from custos.wimse.httpsig import HttpSignatureVerifier, sign_request
     from custos.wimse.wit import WitVerifier
 

@@ -17,7 +17,8 @@ WebSocket handshakes are verified the same way (no body); a refused one is
 closed before it is accepted, which servers answer with HTTP 403. Lifespan
 events pass through.
 
-Signed responses (httpsig-06, "Signing the Response"): when a verified
+Signed responses (httpsig-08, "Signing the Response"; a request accepted in
+the -06 form behind ``accept_draft_06`` is answered in that form): when a verified
 HTTP-signature caller asked for one (``wimse-sign-response``) and a
 ``response_signer`` is configured, the app's response is buffered (at most
 ``max_response`` bytes), signed with the server's own WIT and key (adding

@@ -185,3 +185,139 @@ def test_extra_needed_names_only_the_extras_own_import_errors() -> None:
     with pytest.raises(ImportError) as other, extra_needed("tpm"):
         raise ImportError("cannot import name 'X' from 'custos.tpm'", name="custos.tpm")
     assert not isinstance(other.value, MissingExtraError)
+
+
+# -- audit of issue 7: each client extra works without the other ------------------
+
+CLIENT_RIG = """
+from datetime import timedelta
+
+from custos.bundle import USE_WIT_SVID, BundleSet, JwtAuthority, TrustBundle
+from custos.identity import SpiffeId, TrustDomain
+from custos.integrations.wsgi import WimseWSGIMiddleware
+from custos.keys import MemoryKeyStore
+from custos.keys.jose import joserfc_key
+from custos.wimse.signer import LocalProofSigner
+from custos.wimse.verifier import build_request_verifier
+from custos.wimse.wit import mint_wit
+
+keys = MemoryKeyStore()
+keys.create("ca", "ES256")
+keys.create("web", "ES256")
+wit = mint_wit(
+    joserfc_key(keys.get("ca")), "ES256", "ca-1",
+    SpiffeId.parse("spiffe://example.org/web"), keys.public_jwk("web"),
+    timedelta(minutes=5),
+)
+signer = LocalProofSigner(keys.get("web"), wit)
+authority = JwtAuthority("ca-1", keys.get("ca").public_key(), use=USE_WIT_SVID)
+bundles = BundleSet([TrustBundle(TrustDomain.parse("example.org"),
+                                 jwt_authorities=(authority,))])
+
+
+def whoami(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [str(environ["custos.caller"].subject).encode()]
+
+
+def relying_party(origin):
+    return WimseWSGIMiddleware(whoami, build_request_verifier(bundles, [origin]))
+"""
+
+
+def test_requests_auth_works_without_httpx() -> None:
+    # A requests-only install: WimseRequestsAuth signs real HTTP requests that a
+    # WSGI relying party (wsgiref, 127.0.0.1) verifies; WimseAuth is a custos error.
+    done = run_without(
+        {"httpx"},
+        CLIENT_RIG
+        + """
+import sys, threading
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+import requests
+
+from custos.errors import CustosError
+from custos.wimse import WimseRequestsAuth
+from custos.integrations.auth import WimseRequestsAuth as same
+
+
+class Quiet(WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+server = make_server("127.0.0.1", 0, whoami, handler_class=Quiet)  # app set below
+origin = f"http://127.0.0.1:{server.server_port}"
+server.set_app(relying_party(origin))
+threading.Thread(target=server.serve_forever, daemon=True).start()
+try:
+    for variant in ("wpt", "http-signature"):
+        # Content-Type given: wsgiref reports a missing one as "text/plain",
+        # a header the signature would then not cover.
+        got = requests.post(f"{origin}/pay", data=b"5", timeout=30,
+                            headers={"Content-Type": "text/plain"},
+                            auth=WimseRequestsAuth(signer, variant=variant))
+        assert got.status_code == 200, (variant, got.status_code, got.text)
+        assert got.text == "spiffe://example.org/web", got.text
+    bare = requests.post(f"{origin}/pay", timeout=30)  # no auth: refused
+    assert bare.status_code == 400 and bare.json()["code"] == "wit_missing", bare.text
+finally:
+    server.shutdown()
+assert same is WimseRequestsAuth
+for reach in ("from custos.wimse import WimseAuth",
+              "from custos.integrations.auth import WimseAuth"):
+    try:
+        exec(reach)
+    except CustosError as e:
+        assert e.code == "missing_extra", e.code
+        assert "pip install 'custos[httpx]'" in str(e), str(e)
+    else:
+        raise AssertionError(f"{reach}: worked without httpx")
+assert "httpx" not in sys.modules
+print("ok")
+""",
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.stdout.strip() == "ok"
+
+
+def test_httpx_auth_works_without_requests() -> None:
+    # An httpx-only install: WimseAuth signs requests that the WSGI relying party
+    # verifies (httpx's WSGI transport); WimseRequestsAuth is a custos error.
+    done = run_without(
+        {"requests"},
+        CLIENT_RIG
+        + """
+import sys
+
+import httpx
+
+from custos.errors import CustosError
+from custos.wimse import WimseAuth
+from custos.integrations.auth import WimseAuth as same
+
+origin = "https://api.example.org"
+transport = httpx.WSGITransport(app=relying_party(origin))
+for variant in ("wpt", "http-signature"):
+    auth = WimseAuth(signer, variant=variant)
+    with httpx.Client(transport=transport, base_url=origin, auth=auth) as client:
+        got = client.post("/pay", content=b"5")
+    assert got.status_code == 200, (variant, got.status_code, got.text)
+    assert got.text == "spiffe://example.org/web", got.text
+assert same is WimseAuth
+for reach in ("from custos.wimse import WimseRequestsAuth",
+              "from custos.integrations.auth import WimseRequestsAuth"):
+    try:
+        exec(reach)
+    except CustosError as e:
+        assert e.code == "missing_extra", e.code
+        assert "pip install 'custos[requests]'" in str(e), str(e)
+    else:
+        raise AssertionError(f"{reach}: worked without requests")
+assert "requests" not in sys.modules
+print("ok")
+""",
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.stdout.strip() == "ok"

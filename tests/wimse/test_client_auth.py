@@ -395,3 +395,32 @@ def test_problem_body_is_json(bundles: BundleSet) -> None:
         "status": 400,
         "code": "wit_missing",
     }
+
+
+# -- audit of issue 7: userinfo in the URL is refused, not silently dropped -------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    "url", ["https://user:pw@api.example.org/pay", "https://user@api.example.org/pay"]
+)
+def test_url_with_userinfo_is_refused_by_both_clients(
+    signer: LocalProofSigner, variant: str, url: str
+) -> None:
+    # The proof would name https://api.example.org/pay while the request goes out
+    # with credentials in its URL (RFC 9110 §4.2.4: userinfo must not be sent).
+    cap = Capture()
+    auth = WimseAuth(signer, variant=variant)  # type: ignore[arg-type]
+    with (
+        httpx.Client(transport=httpx.MockTransport(cap), auth=auth) as client,
+        pytest.raises(ClientAuthError) as from_httpx,
+    ):
+        client.get(url)
+    assert cap.sent == []  # nothing left the client
+    prepared = requests.Request("GET", url).prepare()
+    with pytest.raises(ClientAuthError) as from_requests:
+        WimseRequestsAuth(signer, variant=variant)(prepared)  # type: ignore[arg-type]
+    for err in (from_httpx.value, from_requests.value):
+        assert err.code == "url_has_userinfo"
+        assert "userinfo" in err.message and "pw" not in err.message
+    assert "Workload-Identity-Token" not in prepared.headers

@@ -1,8 +1,16 @@
 """Client-side auth: attach a WIT and a fresh proof to every outgoing request,
 and check the signed responses that come back.
 
-- :class:`WimseAuth` for httpx (sync and async clients);
-- :class:`WimseRequestsAuth` for requests.
+- :class:`WimseAuth` for httpx (sync and async clients), defined in
+  :mod:`custos.integrations.httpx`, needs only the ``httpx`` extra;
+- :class:`WimseRequestsAuth` for requests, defined in
+  :mod:`custos.integrations.requests`, needs only the ``requests`` extra.
+
+Both are importable from here (and from :mod:`custos.wimse`) and are loaded on
+first use: without its library, a class is a
+:class:`~custos._extras.MissingExtraError` (``missing_extra``) naming the extra.
+A request URL with userinfo (``https://user:pw@host/``) is refused
+(``url_has_userinfo``): it would be dropped silently, never signed.
 
 ``variant="wpt"`` sends ``Workload-Identity-Token`` and ``Authorization: WPT <jwt>``
 (draft-ietf-wimse-wpt-02); ``variant="http-signature"`` signs the request per
@@ -37,13 +45,11 @@ default) and requests drop ``Authorization`` when a redirect leaves the origin.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping
+import importlib
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Self
-from urllib.parse import urlsplit
 
-import anyio.to_thread
-import httpx
-
+from custos._extras import extra_needed
 from custos.integrations.errors import ClientAuthError
 from custos.wimse.errors import HttpSignatureError
 from custos.wimse.http.message import HttpMessage
@@ -57,16 +63,10 @@ from custos.wimse.policy import CallerPattern, PolicyConfigError
 from custos.wimse.signer import LocalProofSigner, ProofSigner
 
 if TYPE_CHECKING:
-    import requests
-    from requests.auth import AuthBase as _RequestsAuthBase
-
     from custos.bundle import BundleSet, TrustBundle
+    from custos.integrations.httpx import WimseAuth
+    from custos.integrations.requests import WimseRequestsAuth
     from custos.keys.base import StoreKey
-else:
-    try:
-        from requests.auth import AuthBase as _RequestsAuthBase
-    except ImportError:  # pragma: no cover - requests is an optional extra
-        _RequestsAuthBase = object
 
 Variant = Literal["wpt", "http-signature"]
 
@@ -98,7 +98,7 @@ def _responders(expected: str | Iterable[str] | None) -> tuple[CallerPattern, ..
         raise ClientAuthError(f"expected_responder: {e.message}", code="bad_responder") from e
 
 
-class _Attacher:
+class Attacher:
     """What both auth classes share: which header fields one request gets,
     and the check of the response that comes back."""
 
@@ -252,7 +252,7 @@ def _local_signer(
     return LocalProofSigner(key, wit, sign_response=sign_response and variant == "http-signature")
 
 
-class _AuthOptions:
+class AuthOptions:
     """What both auth classes take: a signer and the options of the module
     docstring, or (``from_key``) a store key and its WIT."""
 
@@ -267,7 +267,7 @@ class _AuthOptions:
         require_signed_response: bool = False,
         expected_responder: str | Iterable[str] | None = None,
     ) -> None:
-        self._attacher = _Attacher(
+        self._attacher = Attacher(
             signer,
             variant,
             txn_token,
@@ -305,117 +305,49 @@ class _AuthOptions:
         )
 
 
-class WimseAuth(_AuthOptions, httpx.Auth):
-    """httpx auth: ``httpx.Client(auth=WimseAuth(signer))``, sync or async.
+def refuse_userinfo(present: bool) -> None:
+    """Refuse a request URL that carries userinfo (``https://user:pw@host/pay``).
 
-    The body is read before signing (the HTTP-signature variant covers it with
-    ``Content-Digest``), so streaming uploads are buffered; when responses are
-    checked, their bodies are read before the client returns them.
-    See the module docstring for ``response_verifier``,
-    ``require_signed_response`` and ``expected_responder``.
+    Neither client sends it on the wire, and the proof would name
+    ``https://host/pay``: the credentials the caller wrote would vanish
+    without a word. RFC 9110 §4.2.4 deprecates userinfo in http(s) URIs, and
+    :func:`custos.wimse.http.origin.normalize_origin` refuses it in origins
+    for the same reason. The message never repeats the URL (it holds a secret).
     """
-
-    requires_request_body = True
-
-    def _apply(self, request: httpx.Request) -> HttpMessage | None:
-        url = request.url
-        raw = url.raw_path.decode("ascii")
-        # raw_host: lowercased and IDNA-encoded, the form that goes on the wire.
-        audience = audience_for(url.scheme, url.raw_host.decode("ascii"), url.port, raw)
-        existing = list(request.headers.multi_items())
-        body = request.content or None
-        added, signed = self._attacher.headers_for(request.method, audience, raw, existing, body)
-        for name, value in added:
-            request.headers[name] = value
-        return signed
-
-    def _check(self, signed: HttpMessage | None, response: httpx.Response) -> None:
-        self._attacher.check_response(
-            signed, response.status_code, response.headers.multi_items(), response.content
+    if present:
+        raise ClientAuthError(
+            "the request URL carries userinfo (user:password@host); it is never sent and "
+            "a proof cannot name it: put credentials in a header field instead",
+            code="url_has_userinfo",
         )
 
-    def sync_auth_flow(
-        self, request: httpx.Request
-    ) -> Generator[httpx.Request, httpx.Response, None]:
-        request.read()
-        signed = self._apply(request)
-        response = yield request
-        if signed is not None:
-            response.read()  # the signature covers the body
-            self._check(signed, response)
 
-    async def async_auth_flow(
-        self, request: httpx.Request
-    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        await request.aread()
-        # A TPM signature takes a millisecond or more, an agent call a round
-        # trip: keep both off the event loop (and the response check, which
-        # verifies a WIT and may ask a Redis replay cache).
-        signed = await anyio.to_thread.run_sync(self._apply, request)
-        response = yield request
-        if signed is not None:
-            await response.aread()  # the signature covers the body
-            await anyio.to_thread.run_sync(self._check, signed, response)
+#: public name -> (module that defines it, the extra it needs): each client
+#: class is imported on first use, so a requests-only install never imports
+#: httpx and an httpx-only install never imports requests.
+_CLIENTS: dict[str, tuple[str, str]] = {
+    "WimseAuth": ("custos.integrations.httpx", "httpx"),
+    "WimseRequestsAuth": ("custos.integrations.requests", "requests"),
+}
 
 
-class WimseRequestsAuth(_AuthOptions, _RequestsAuthBase):
-    """requests auth: ``requests.get(url, auth=WimseRequestsAuth(signer))``.
-
-    Responses are checked in a ``response`` hook, so a refused one raises from
-    ``requests.get(...)``; their bodies are read there (``stream=True`` too).
-    """
-
-    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
-        if r.url is None or r.method is None:
-            raise ClientAuthError("the request is not prepared")
-        parts = urlsplit(r.url)
-        raw = parts.path or "/"
-        target = raw + (f"?{parts.query}" if parts.query else "")
-        try:
-            port = parts.port
-        except ValueError as e:  # a port out of range or not a number
-            raise ClientAuthError("the URL's port is not usable", code="bad_url") from e
-        audience = audience_for(parts.scheme, parts.hostname or "", port, raw)
-        body = r.body
-        if isinstance(body, str):
-            # Sign the bytes that will be sent: fix the encoding here rather than
-            # leave it to http.client (which would pick Latin-1).
-            body = body.encode("utf-8")
-            r.body = body
-            r.headers["Content-Length"] = str(len(body))
-        if body is not None and not isinstance(body, bytes):
-            raise ClientAuthError(
-                "streaming request bodies cannot be signed; pass bytes", code="body_not_bytes"
-            )
-        existing = list(r.headers.items())
-        added, signed = self._attacher.headers_for(r.method, audience, target, existing, body)
-        for name, value in added:
-            r.headers[name] = value
-        if signed is not None:
-            r.hooks.setdefault("response", []).append(_ResponseHook(self._attacher, signed))
-        return r
-
-
-class _ResponseHook:
-    """A requests ``response`` hook bound to the signed request it answers."""
-
-    def __init__(self, attacher: _Attacher, signed: HttpMessage) -> None:
-        self._attacher = attacher
-        self._signed = signed
-
-    def __call__(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
-        raw_headers = getattr(response.raw, "headers", None)
-        # urllib3's header dict keeps repeated fields apart; requests' own
-        # merges them with ", ", which is what a fallback can offer.
-        items = getattr(raw_headers, "items", None)
-        headers = list(items()) if items is not None else list(response.headers.items())
-        self._attacher.check_response(self._signed, response.status_code, headers, response.content)
+def __getattr__(name: str) -> Any:
+    where = _CLIENTS.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, extra = where
+    with extra_needed(extra):  # a missing extra: MissingExtraError naming it
+        value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
 
 __all__ = [
+    "AuthOptions",
     "ClientAuthError",
     "ResponderMismatchError",
     "WimseAuth",
     "WimseRequestsAuth",
     "audience_for",
+    "refuse_userinfo",
 ]

@@ -491,3 +491,54 @@ def test_a_target_that_is_not_a_usable_string_is_a_clear_error(value: object) ->
 def test_hosts_that_cannot_be_names_are_clear_errors(host: str) -> None:
     with pytest.raises(InvalidOriginError):
         target_uri("https", host, None, "/pay")
+
+
+def _both_statuses(store: MemoryKeyStore, origin: str, message: HttpMessage) -> tuple[int, int]:
+    """(ASGI status, WSGI status) of ``message`` through middlewares whose
+    verifiers are configured with ``origin`` (each a fresh verifier: a proof
+    is good once)."""
+    asgi = WimseASGIMiddleware(
+        _ok_app, build_request_verifier(ca_bundles(store), [origin]), verify_in_thread=False
+    )
+    wsgi = WimseWSGIMiddleware(_wsgi_ok, build_request_verifier(ca_bundles(store), [origin]))
+    return _asgi_status(asgi, message), _wsgi_status(wsgi, message)
+
+
+@pytest.mark.parametrize("variant", ["wpt", "http-signature"])
+@pytest.mark.parametrize("row", ORIGIN_ROWS, ids=_ids(ORIGIN_ROWS))
+def test_origin_rules_middlewares(
+    store: MemoryKeyStore, wit: str, signer: LocalProofSigner, row: OriginRow, variant: str
+) -> None:
+    """The origin rows through both middlewares. The raw requests carry the
+    Host / server of api.example.org whatever the row: a middleware answers
+    for its configured origin, never for what the request says it was sent to."""
+
+    def proof(aud: str) -> HttpMessage:
+        if variant == "wpt":
+            return _wpt_request(signer, "/pay", aud)
+        return _sig_request(store, wit, "/pay", aud)
+
+    # problem.py: WPT refusals answer 401, HTTP-signature refusals 400
+    refused = (401, 401) if variant == "wpt" else (400, 400)
+    if row.expected is REFUSED:
+        # Such a middleware cannot be configured at all ...
+        with pytest.raises(ValueError):
+            build_request_verifier(ca_bundles(store), [row.given])
+        # ... and a proof naming the refused spelling (if a signer makes one
+        # at all) opens no middleware configured with a good origin.
+        try:
+            message = proof(f"{row.given}/pay")
+        except CustosError:
+            return
+        assert _both_statuses(store, ORIGIN, message) == refused
+        return
+    # A proof naming the normalised origin passes a middleware configured
+    # with any spelling of it ...
+    assert _both_statuses(store, row.given, proof(f"{row.expected}/pay")) == (200, 200)
+    if row.given != row.expected:
+        # ... and the configured spelling is not a second audience.
+        try:
+            message = proof(f"{row.given}/pay")
+        except CustosError:
+            return
+        assert _both_statuses(store, row.given, message) == refused

@@ -15,6 +15,7 @@ import jwt as pyjwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from joserfc.jwk import ECKey
 from jwcrypto import jwk as jwc_jwk
 from jwcrypto import jwt as jwc_jwt
 
@@ -173,6 +174,51 @@ def test_mint_with_key_that_does_not_fit_alg(store: MemoryKeyStore) -> None:
     with pytest.raises(JwtMintError) as info:
         mint(store, "es256", "RS256")
     assert info.value.code == "jwt_mint_error"
+
+
+def _bundles_by_thumbprint(store: MemoryKeyStore, name: str) -> BundleSet:
+    """A bundle whose authority's kid is the key's own JWK kid (its thumbprint)."""
+    kid = store.get(name).public_jwk()["kid"]
+    auth = JwtAuthority(kid, store.public_key(name), use="jwt-svid")  # type: ignore[arg-type]
+    return BundleSet([TrustBundle(TD, jwt_authorities=(auth,))])
+
+
+@pytest.mark.parametrize("name", ["es256", "rs256"])
+def test_mint_with_a_store_key_positional_call(store: MemoryKeyStore, name: str) -> None:
+    # The documented call with a StoreKey (no joserfc_key wrapping) signs in the store.
+    key = store.get(name)
+    kid = key.public_jwk()["kid"]
+    token = mint_jwt_svid(key, name.upper(), kid, SUB, AUD, TTL, now=NOW)
+    svid = check(token, _bundles_by_thumbprint(store, name))
+    assert svid.spiffe_id == SUB
+
+
+def test_mint_with_a_store_key_defaults_alg_and_kid(
+    store: MemoryKeyStore, bundles: BundleSet
+) -> None:
+    # As mint_wit: alg and kid default to the members of the key's public JWK.
+    key = store.get("es384")
+    token = mint_jwt_svid(key, spiffe_id=SUB, audience=AUD, ttl=TTL, now=NOW)
+    header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+    assert header == {"typ": "JWT", "alg": "ES384", "kid": key.public_jwk()["kid"]}
+    assert check(token, _bundles_by_thumbprint(store, "es384")).spiffe_id == SUB
+    # Explicit values still win over the JWK's.
+    token = mint_jwt_svid(key, "ES384", "es384", SUB, AUD, TTL, now=NOW)
+    assert check(token, bundles).spiffe_id == SUB
+
+
+def test_mint_with_a_store_key_refuses_eddsa_and_missing_arguments(store: MemoryKeyStore) -> None:
+    with pytest.raises(JwtSvidError, match="EdDSA"):
+        mint_jwt_svid(store.get("eddsa"), spiffe_id=SUB, audience=AUD, ttl=TTL, now=NOW)
+    with pytest.raises(JwtSvidError, match="spiffe_id, audience and ttl"):
+        mint_jwt_svid(store.get("es256"), audience=AUD, ttl=TTL)
+    # A joserfc key whose JWK has no alg/kid needs them given.
+    bare = ECKey.generate_key("P-256")
+    with pytest.raises(JwtSvidError, match="give alg="):
+        mint_jwt_svid(bare, spiffe_id=SUB, audience=AUD, ttl=TTL)
+    with pytest.raises(JwtSvidError, match="give kid="):
+        mint_jwt_svid(bare, "ES256", spiffe_id=SUB, audience=AUD, ttl=TTL)
+    assert mint_jwt_svid(bare, "ES256", "k1", SUB, AUD, TTL).count(".") == 2
 
 
 # ------------------------------------------------------------------ interop

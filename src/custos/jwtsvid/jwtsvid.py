@@ -56,7 +56,8 @@ from custos.jwtsvid.errors import (
     JwtUnknownKeyError,
     JwtUntrustedDomainError,
 )
-from custos.keys.jose import JoseKey
+from custos.keys.base import StoreKey
+from custos.keys.jose import JoseKey, signing_key_with_defaults
 
 #: Every algorithm the JWT-SVID spec allows (section 2.1: RFC 7518 sections 3.3-3.5,
 #: that is RS*, ES* and PS*; any other ``alg`` MUST be rejected). EdDSA is not
@@ -165,12 +166,12 @@ def _audience_list(audience: Sequence[str] | str) -> list[str]:
 
 
 def mint_jwt_svid(
-    signing_key: JoseKey,
-    alg: str,
-    kid: str,
-    spiffe_id: SpiffeId | str,
-    audience: Sequence[str] | str,
-    ttl: Duration,
+    signing_key: JoseKey | StoreKey,
+    alg: str | None = None,
+    kid: str | None = None,
+    spiffe_id: SpiffeId | str | None = None,
+    audience: Sequence[str] | str | None = None,
+    ttl: Duration | None = None,
     *,
     now: Clock = None,
     jti: bool = False,
@@ -178,11 +179,23 @@ def mint_jwt_svid(
 ) -> str:
     """Sign a JWT-SVID for ``spiffe_id`` (a SpiffeId or ``"spiffe://..."``).
 
-    ``signing_key`` is a joserfc key, e.g. ``custos.keys.jose.joserfc_key(store.get(name))``
-    for a key held in a device.  ``ttl`` is a timedelta or seconds; ``now`` an
-    aware datetime or epoch seconds.  A single audience is written as a
-    string, several as an array (as go-jose, hence SPIRE, does).
+    ``signing_key`` is a :class:`custos.keys.StoreKey` (``store.get(name)``, signs
+    in the device) or a joserfc key; ``alg`` and ``kid`` default to the key's own
+    JWK members, as for :func:`custos.wimse.wit.mint_wit`.  ``ttl`` is a
+    timedelta or seconds; ``now`` an aware datetime or epoch seconds.  A single
+    audience is written as a string, several as an array (as go-jose, hence
+    SPIRE, does).  The usual call::
+
+        mint_jwt_svid(ca_store.get("jwt-ca"), spiffe_id="spiffe://example.org/svc",
+                      audience="spiffe://example.org/api", ttl=timedelta(minutes=5))
     """
+    signing_key, alg, kid = signing_key_with_defaults(signing_key, alg, kid)
+    if alg is None:
+        raise JwtArgumentError("give alg=: the signing key's JWK has no alg")
+    if kid is None:
+        raise JwtArgumentError("give kid=: the signing key's JWK has no kid")
+    if spiffe_id is None or audience is None or ttl is None:
+        raise JwtArgumentError("mint_jwt_svid needs spiffe_id, audience and ttl")
     if alg not in ASYMMETRIC_ALGORITHMS:
         raise JwtArgumentError(f"alg {alg!r} is not allowed for JWT-SVIDs")
     if not isinstance(kid, str) or not kid:

@@ -30,3 +30,17 @@ def joserfc_key(key: StoreKey) -> JoseKey:
         return OKPKey(device, jwk)
     assert isinstance(device, DeviceRSAPrivateKey)
     return RSAKey(device, jwk)
+
+
+def signing_key_with_defaults(
+    key: JoseKey | StoreKey, alg: str | None = None, kid: str | None = None
+) -> tuple[JoseKey, str | None, str | None]:
+    """``key`` as a joserfc key, with ``alg`` and ``kid`` taken from its JWK where
+    the caller gave none (``None`` where the JWK has none either: the caller says
+    what is missing in its own error).  A store key's JWK always carries both."""
+    jose_key = joserfc_key(key) if isinstance(key, StoreKey) else key
+    if alg is None and isinstance(jose_key.alg, str):
+        alg = jose_key.alg
+    if kid is None and isinstance(jose_key.kid, str):
+        kid = jose_key.kid
+    return jose_key, alg, kid

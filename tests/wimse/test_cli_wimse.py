@@ -223,6 +223,19 @@ class Ed25519JwkSigner:
         return self._key.sign(data)
 
 
+def svc_wit(store: MemoryKeyStore, subject: str) -> str:
+    """A WIT our issuer minted for the draft's caller key (at the draft's time)."""
+    return mint_wit(
+        joserfc_key(store.get("issuer")),
+        "EdDSA",
+        "issuer-key",
+        WimseId.parse(subject),
+        SVC_A_JWK,
+        timedelta(minutes=5),
+        now=1785155797,
+    )
+
+
 def test_http_signature_example(tmp_path: Path) -> None:
     store = MemoryKeyStore()
     store.create("issuer", "EdDSA")
@@ -254,15 +267,7 @@ def test_http_signature_example(tmp_path: Path) -> None:
 
     # The same request, signed with the draft's caller key, under a WIT for
     # wimse://example.com/svcA that our issuer minted for that key.
-    wit = mint_wit(
-        joserfc_key(store.get("issuer")),
-        "EdDSA",
-        "issuer-key",
-        WimseId.parse("wimse://example.com/svcA"),
-        SVC_A_JWK,
-        timedelta(minutes=5),
-        now=1785155797,
-    )
+    wit = svc_wit(store, "wimse://example.com/svcA")
     request = HttpMessage.request(
         "GET", "/gimme-ice-cream?flavor=vanilla", [("Host", "svcb.example.com")]
     )
@@ -289,15 +294,7 @@ def test_http_signature_example(tmp_path: Path) -> None:
         "variant": "http-signature",
     }
     # A changed covered header (the WIT of someone else) or target: exit 1.
-    other = mint_wit(
-        joserfc_key(store.get("issuer")),
-        "EdDSA",
-        "issuer-key",
-        WimseId.parse("wimse://example.com/svcC"),
-        SVC_A_JWK,
-        timedelta(minutes=5),
-        now=1785155797,
-    )
+    other = svc_wit(store, "wimse://example.com/svcC")
     assert problem_of(verify(dict(headers, **{"Workload-Identity-Token": other})))["code"] == (
         "signature_invalid"
     )
@@ -587,12 +584,12 @@ def test_cli_hostile_bundle_and_clock_give_clear_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "trust_domain", "code"),
     [
-        ("not json", "example.org", "bundle_unreadable"),
+        ("not json", "example.org", "bundle_invalid"),
         ("[1]", "example.org", "bundle_invalid"),
         ('{"keys": [{"kty": "oct", "kid": "h"}]}', "example.org", "bundle_invalid"),
         ('{"keys": []}', "Example.org", "trust_domain_invalid"),
         # without --trust-domain: the bundle is read after the token's sub is peeked
-        ("not json", None, "bundle_unreadable"),
+        ("not json", None, "bundle_invalid"),
     ],
 )
 def test_cli_unusable_bundle_or_trust_domain_gives_problem_json(
@@ -665,7 +662,18 @@ def test_verify_other_token_names_the_tokens_understood(issued: dict[str, Path])
 
 @pytest.mark.parametrize(
     "audience",
-    ["/pay", "api.example.org/pay", "https:///pay", "", "https://api.example.org/p ay", "pay"],
+    [
+        "/pay",
+        "api.example.org/pay",
+        "https:///pay",
+        "",
+        "https://api.example.org/p ay",
+        "pay",
+        # urlsplit raises ValueError("Invalid IPv6 URL") on these (audit of issue 7, item 12)
+        "https://[::1/pay",
+        "https://::1]/pay",
+        "https://user:pw@api.example.org/pay",
+    ],
 )
 def test_sign_wpt_audience_must_be_an_absolute_uri(issued: dict[str, Path], audience: str) -> None:
     result = custos(
@@ -756,7 +764,10 @@ def test_verify_bundle_unreadable_or_body_is_a_clear_error(tmp_path: Path, kind:
     base += ["-H", f"Workload-Identity-Token: e30.{wit_payload.decode()}.c2ln"]
     bundle = write_json(tmp_path / "b.json", {"keys": []})
     as_bundle = custos(*base, "--bundle", str(special), "--trust-domain", "example.org")
-    assert problem_of(as_bundle)["code"] == "bundle_unreadable"
+    # A file that cannot be read is unreadable; bytes that are not strict UTF-8
+    # JSON are an invalid bundle, as TrustBundle says.
+    expected = "bundle_invalid" if kind == "not_utf8" else "bundle_unreadable"
+    assert problem_of(as_bundle)["code"] == expected
     assert "Traceback" not in as_bundle.stderr
     if kind != "not_utf8":  # a body is bytes: any bytes are a body
         as_body = custos(*base, "--bundle", str(bundle), "--body-file", str(special))
@@ -824,3 +835,97 @@ def test_hostile_header_bytes_are_refused_clearly(tmp_path: Path) -> None:
         assert "Traceback" not in stderr, (extra, stderr)
         if done.returncode == 1:
             assert json.loads(done.stdout)["code"]
+
+
+# -- audit of issue 7: URLs urlsplit cannot parse, strict bundle JSON, the -06 form ------
+
+
+@pytest.mark.parametrize(
+    "url", ["https://[::1/pay", "https://::1]/pay", "https://[fe80::1%eth0]/x"]
+)
+def test_verify_unparsable_url_is_a_usage_error(tmp_path: Path, url: str) -> None:
+    bundle = write_json(tmp_path / "b.json", {"keys": []})
+    result = custos(
+        "wimse",
+        "verify",
+        "--bundle",
+        str(bundle),
+        "--trust-domain",
+        "example.org",
+        "--method",
+        "GET",
+        "--url",
+        url,
+    )
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "--url" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        # Python's json takes the last "keys"; the library's reader refuses both.
+        ('{"keys": [], "keys": []}', "duplicate member"),
+        ('{"keys": [], "x": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
+        ('{"keys": [], "x": ' + "[" * 40 + "]" * 40 + "}", "nested too deeply"),
+        ('{"keys": [], "spiffe_refresh_hint": NaN}', "NaN"),
+    ],
+)
+def test_verify_reads_the_bundle_with_the_strict_json_reader(
+    tmp_path: Path, content: str, why: str
+) -> None:
+    bundle = tmp_path / "bundle.json"
+    bundle.write_text(content)
+    base = ["--bundle", str(bundle), "--trust-domain", "example.org"]
+    verify = custos("wimse", "verify", *base, "--method", "GET", "--url", "https://a.example/x")
+    assert problem_of(verify)["code"] == "bundle_invalid"
+    assert why in verify.stderr and "Traceback" not in verify.stderr
+    jwt = custos("jwt", "validate", *base, "--audience", "a", "e30.e30.c2ln")
+    assert problem_of(jwt)["code"] == "bundle_invalid"
+    assert why in jwt.stderr
+
+
+def test_verify_accept_draft_06_lets_the_old_signature_form_in(tmp_path: Path) -> None:
+    store = MemoryKeyStore()
+    store.create("issuer", "EdDSA")
+    jwks = write_json(
+        tmp_path / "issuer.json", {"keys": [dict(store.public_jwk("issuer"), kid="issuer-key")]}
+    )
+    wit = svc_wit(store, "wimse://example.com/svcA")
+    request = HttpMessage.request(
+        "GET", "/gimme-ice-cream?flavor=vanilla", [("Host", "svcb.example.com")]
+    )
+    signed = sign_request(
+        request,
+        signer=Ed25519JwkSigner(SVC_A_D),
+        wit=wit,
+        audience="https://svcb.example.com/gimme-ice-cream",
+        created=1785155797,
+        ttl=300,
+        form="draft-06",
+    )
+    assert '"@request-target"' in dict(signed.headers)["Signature-Input"]
+
+    def verify(*extra: str) -> subprocess.CompletedProcess[str]:
+        return custos(
+            "wimse",
+            "verify",
+            "--bundle",
+            str(jwks),
+            "--trust-domain",
+            "example.com",
+            "--now",
+            SIG_NOW,
+            "--method",
+            "GET",
+            "--url",
+            SIG_URL,
+            *header_args(dict(signed.headers)),
+            *extra,
+        )
+
+    assert problem_of(verify())["code"] == "draft06_form_refused"
+    accepted = verify("--accept-draft-06")
+    assert accepted.returncode == 0, (accepted.stdout, accepted.stderr)
+    assert json.loads(accepted.stdout)["variant"] == "http-signature"
+    assert "--accept-draft-06" in custos("wimse", "verify", "--help").stdout

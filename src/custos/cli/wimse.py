@@ -9,11 +9,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import click
 
 from custos._files import DEFAULT_MAX_BYTES, UnreadableFileError, read_small_file
+from custos._jose import loads_strict
 from custos._numbers import InvalidNumberError, finite_number
 from custos.cli.keys import store_options
 from custos.errors import CustosError
@@ -91,9 +92,14 @@ def _load_bundle(path: Path, trust_domain: str) -> BundleSet:
     except UnreadableFileError as e:
         raise _InputError(e.message, code="bundle_unreadable") from e
     try:
-        doc = json.loads(data)
-        if not isinstance(doc, dict):
-            raise _InputError(f"{path}: not a JSON object", code="bundle_invalid")
+        # The library's one strict reader (duplicate members, NaN, deep nesting
+        # refused), so the command line refuses exactly what TrustBundle does.
+        doc = loads_strict(data)
+    except ValueError as e:  # UnicodeDecodeError is one
+        raise _InputError(
+            f"unusable bundle {path}: not one strict JSON object ({e})", code="bundle_invalid"
+        ) from e
+    try:
         entries = doc.get("keys")
         uses = (
             {e.get("use") for e in entries if isinstance(e, dict) and isinstance(e.get("use"), str)}
@@ -105,12 +111,11 @@ def _load_bundle(path: Path, trust_domain: str) -> BundleSet:
             or "spiffe_refresh_hint" in doc
             or bool(uses & {"x509-svid", "jwt-svid", "wit-svid"})
         )
+        # The parsed document itself: read once, by the reader above.
         if is_spiffe:
-            bundle = TrustBundle.from_spiffe_json(td, data)
+            bundle = TrustBundle.from_spiffe_json(td, doc)
         else:
-            bundle = TrustBundle.from_jwks(td, data)
-    except (OSError, ValueError, RecursionError) as e:
-        raise _InputError(f"cannot read bundle {path}: {e}", code="bundle_unreadable") from e
+            bundle = TrustBundle.from_jwks(td, doc)
     except BundleError as e:
         raise _InputError(f"unusable bundle {path}: {e.message}", code="bundle_invalid") from e
     return BundleSet([bundle])
@@ -179,12 +184,28 @@ def _absolute_uri(ctx: click.Context, param: click.Parameter, value: str) -> str
         and " " not in value
     )
     if usable and scheme.lower() in ("http", "https"):
-        usable = bool(urlsplit(value).hostname)
+        try:
+            _http_origin(value)
+        except ValueError:
+            usable = False
     if not usable:
         raise click.BadParameter(
             f"{value[:80]!r} is not an absolute URI (e.g. https://api.example.com/pay)"
         )
     return value
+
+
+def _http_origin(url: str) -> tuple[SplitResult, str]:
+    """The parts of an http(s) URL and its origin, through the one origin module
+    (:func:`custos.wimse.http.origin.normalize_origin`): a ValueError for what
+    urlsplit cannot parse (``https://[::1/pay``), an unusable host or port, or
+    userinfo (RFC 9110 §4.2.4) -- a proof never names those."""
+    from custos.wimse.http.origin import normalize_origin
+
+    parts = urlsplit(url)  # ValueError("Invalid IPv6 URL") and the like
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise ValueError("not an absolute http(s) URL")
+    return parts, normalize_origin(f"{parts.scheme}://{parts.netloc}")
 
 
 def _other_token_names(
@@ -288,6 +309,12 @@ def wimse() -> None:
 )
 @click.option("--no-wpt01", is_flag=True, help="refuse the wpt-01 wire form")
 @click.option(
+    "--accept-draft-06",
+    is_flag=True,
+    help="also accept HTTP signatures in the draft -06 form (@request-target instead of "
+    "@path and @query); off by default, such a signature is refused (draft06_form_refused)",
+)
+@click.option(
     "--max-ttl",
     type=click.IntRange(min=1),
     default=None,
@@ -312,6 +339,7 @@ def verify(
     headers: tuple[str, ...],
     body_file: str | None,
     no_wpt01: bool,
+    accept_draft_06: bool,
     max_ttl: int | None,
     other_tokens: tuple[str, ...],
 ) -> None:
@@ -329,11 +357,14 @@ def verify(
         if not sep or not name.strip() or name != name.strip():
             raise click.UsageError(f"header {h[:40]!r}... is not 'Name: value'")
         parsed.append((name, value.strip(" \t")))
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise click.UsageError("--url must be an absolute http(s) URL")
+    try:
+        parts, url_origin = _http_origin(url)
+    except ValueError as e:  # InvalidOriginError is one
+        raise click.BadParameter(
+            f"{url[:80]!r} is not a usable absolute http(s) URL: {e}", param_hint="--url"
+        ) from e
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    origin = audience or f"{parts.scheme}://{parts.netloc}"
+    origin = audience or url_origin
     body = _read_input(body_file, "--body-file", text=False) if body_file else None
     assert not isinstance(body, str)
     request = HttpMessage.request(method, target, parsed, body or None)
@@ -347,6 +378,7 @@ def verify(
                 now=now,
                 wpt_max_ttl=max_ttl,
                 known_other_tokens=other_tokens,
+                accept_draft_06=accept_draft_06,
             )
         except ValueError as e:
             raise click.UsageError(f"--audience: {e}") from e

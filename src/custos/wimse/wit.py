@@ -97,8 +97,8 @@ MAX_TOKEN_BYTES = 8 * 1024
 DEFAULT_LEEWAY = 60
 # Upper bounds on the durations a user sets. A finite but huge value turns a
 # time check off as surely as infinity does (leeway=1e15: nothing ever
-# expires), so custos._numbers refuses anything above these. They match the
-# JWT-SVID path and RFC 9421's own advice (signatures live minutes).
+# expires), so custos._numbers refuses anything above these, each far above
+# what a deployment needs (the drafts' proofs and signatures live minutes).
 #: clock skew allowance of every verifier (WIT, WPT, HTTP signature): an hour
 MAX_LEEWAY = 3600
 #: how long a WPT or an HTTP signature may live (max_ttl, max_age, signing ttl): a day

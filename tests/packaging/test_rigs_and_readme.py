@@ -167,3 +167,34 @@ def test_readme_relying_party_snippet_serves_a_real_call(
         assert unlisted.status_code == 403
         anonymous = client.post("/pay", content=b"{}")
         assert anonymous.status_code in (400, 401)
+
+
+def test_readme_relying_party_snippet_says_where_its_free_names_come_from() -> None:
+    # Audit of issue 7: read after the tour, the block used `app`, `store` and `wit`
+    # that nothing defined (the tour's store is closed, its key deleted). Every name
+    # the block uses without defining it is explained in one of its comments.
+    import ast
+    import builtins
+
+    block = readme_block("WimseASGIMiddleware")
+    tree = ast.parse(block)
+    defined = set(dir(builtins))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    free = set()
+    # Statements in order: a name read before the block assigns it is free (`app`).
+    for statement in tree.body:
+        for node in ast.walk(statement):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+                if node.id not in defined:
+                    free.add(node.id)
+        for node in ast.walk(statement):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                defined.add(node.id)
+    assert free == {"app", "store", "wit"}, free
+    comments = "\n".join(ln for ln in block.splitlines() if ln.lstrip().startswith("#"))
+    for name in free:
+        assert re.search(rf"^#\s+{name}\s", comments, flags=re.MULTILINE), name
+    # Building an identifier from a string is shown the one supported way.
+    assert 'SpiffeId.parse("spiffe://' in README.read_text()

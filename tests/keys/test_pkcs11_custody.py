@@ -4,8 +4,9 @@ A key that was imported into the token (``C_CreateObject`` with its private
 value: someone else had the value) or whose value the token would let out
 (``CKA_EXTRACTABLE`` true, ``CKA_SENSITIVE`` false) is refused with
 :class:`KeyNotCustodyGradeError` when it is first looked up, against a real
-SoftHSM token.  The verdict is kept with the key's ``CKA_ID``: a key replaced
-under the same name by an imported one is refused on its next lookup.
+SoftHSM token, and left out of ``list()`` with a warning.  The verdict is kept
+with the key's ``CKA_ID`` and object handle: a key replaced under the same name by
+an imported one (with a new or the same ``CKA_ID``) is refused on its next lookup.
 """
 
 from __future__ import annotations
@@ -55,11 +56,13 @@ def _name(prefix: str) -> str:
     return f"cg-{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-def import_p256(session: pkcs11.Session, name: str) -> ec.EllipticCurvePrivateKey:
+def import_p256(
+    session: pkcs11.Session, name: str, key_id: bytes | None = None
+) -> ec.EllipticCurvePrivateKey:
     """Put a software-made P-256 key on the token with C_CreateObject, as a migration
     tool would: the private object is SENSITIVE and not EXTRACTABLE, but not LOCAL."""
     key = ec.generate_private_key(ec.SECP256R1())
-    key_id = os.urandom(16)
+    key_id = key_id or os.urandom(16)
     scalar = key.private_numbers().private_value.to_bytes(32, "big")
     session.create_object(
         {
@@ -155,11 +158,22 @@ def test_extractable_or_not_sensitive_key_is_refused(
 
 
 def test_store_made_keys_are_custody_grade_and_others_keep_working(
-    softhsm: SoftHSMToken, hsm_store: Pkcs11KeyStore, raw_session: pkcs11.Session
+    softhsm: SoftHSMToken,
+    hsm_store: Pkcs11KeyStore,
+    raw_session: pkcs11.Session,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     good = _name("good")
     hsm_store.create(good, "ES256")
-    import_p256(raw_session, _name("imp"))
+    imported, exportable = _name("imp"), _name("ext")
+    import_p256(raw_session, imported)
+    generate_exportable(raw_session, exportable)
+    # list() names only keys info()/sign() accept (as the TPM store's list does); the
+    # skipped ones are said in a warning, so an operator sees why a key is missing.
+    with caplog.at_level("WARNING", logger="custos"):
+        assert [info.name for info in hsm_store.list()] == [good]
+    skipped = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert imported in skipped and exportable in skipped
     # A fresh store (nothing cached) looks the key up on the token and accepts it.
     with Pkcs11KeyStore(softhsm.module, softhsm.uri) as other:
         assert other.info(good).name == good
@@ -182,3 +196,24 @@ def test_key_replaced_by_an_imported_one_is_refused_on_its_next_use(
         hsm_store.sign(name, b"m")  # the stale handle makes the store look again
     with pytest.raises(KeyNotCustodyGradeError):
         hsm_store.public_key(name)
+
+
+def test_key_replaced_with_the_same_label_and_cka_id_is_checked_again(
+    hsm_store: Pkcs11KeyStore, raw_session: pkcs11.Session
+) -> None:
+    # The verdict is cached by CKA_ID; a tool that re-creates the key with the same
+    # label *and* CKA_ID (an import keeping the old id) must not inherit it.
+    name = _name("sameid")
+    hsm_store.create(name, "ES256")
+    hsm_store.sign(name, b"cached handle and verdict")
+    private: Any = raw_session.get_key(ObjectClass.PRIVATE_KEY, label=name)
+    key_id = private[Attribute.ID]
+    for obj in list(raw_session.get_objects({Attribute.LABEL: name})):
+        obj.destroy()
+    import_p256(raw_session, name, key_id)
+    with pytest.raises(KeyNotCustodyGradeError):
+        hsm_store.sign(name, b"m")  # the stale handle makes the store look again
+    with pytest.raises(KeyNotCustodyGradeError):
+        hsm_store.public_key(name)
+    with pytest.raises(KeyNotCustodyGradeError):
+        hsm_store.info(name)

@@ -26,7 +26,10 @@ Custody grade
     ``CKA_LOCAL``, ``CKA_NEVER_EXTRACTABLE``, ``CKA_SENSITIVE`` true and
     ``CKA_EXTRACTABLE`` false, read in one call when the key is first looked up
     and kept with its ``CKA_ID`` (so never on the signing path).  An imported or
-    extractable key is :class:`KeyNotCustodyGradeError`; ``list()`` still shows it.
+    extractable key is :class:`KeyNotCustodyGradeError`, and ``list()`` leaves it
+    out with a warning in the log (as the TPM store's ``list()`` does a key file
+    that fails its checks).  A key re-created elsewhere under the same label and
+    ``CKA_ID`` is another object (another handle): it is checked again.
     See docs/decisions/0013-pkcs11-custody-grade-and-module-selection.md.
 
 Keys replaced behind our back
@@ -246,6 +249,9 @@ class _KeyMeta:
     info: KeyInfo
     public_key: PublicKeyTypes
     key_id: bytes  # CKA_ID: tells a re-created key of the same name from the cached one
+    # The private object's handle when checked: a key re-created elsewhere with the same
+    # label *and* CKA_ID is another object (another handle) and is checked again.
+    handle: int
 
 
 class _TokenLink:
@@ -649,7 +655,7 @@ class Pkcs11KeyStore(KeyStore):
             public, private, key_id = _generate(session, name, alg)
             info = KeyInfo(name, alg, self.kind)
             link.handles[name] = private
-            link.meta[name] = _KeyMeta(info, _public_key_of(public, alg), key_id)
+            link.meta[name] = _KeyMeta(info, _public_key_of(public, alg), key_id, private.handle)
             return info
 
         return self._run(op)
@@ -675,6 +681,12 @@ class Pkcs11KeyStore(KeyStore):
                     alg = _algorithm_of(obj)
                 except (KeyStoreError, p11e.PKCS11Error):
                     continue  # some other application's object
+                try:
+                    # As the TPM store's list: only keys info()/sign() would use.
+                    _check_custody_grade(obj, label)
+                except KeyNotCustodyGradeError as e:
+                    log.warning("skipping PKCS#11 key %r: %s", label, e)
+                    continue
                 out.append(KeyInfo(label, alg, self.kind))
             return out
 
@@ -800,10 +812,11 @@ def _find(
     private: Any = found[0]
     key_id = private[Attribute.ID]
     meta = link.meta.get(name)
-    # Rebuild when the key is not the cached one (deleted and re-created elsewhere), and
-    # always for a key without CKA_ID (made by another tool): nothing tells two apart.
-    # The custody check runs here, so once per key (per CKA_ID), never on the signing path.
-    if meta is None or meta.key_id != key_id or not key_id:
+    # Rebuild when the key is not the cached one (deleted and re-created elsewhere: another
+    # CKA_ID, or the same CKA_ID on another object handle), and always for a key without
+    # CKA_ID (made by another tool): nothing tells two apart.  The custody check runs
+    # here, so once per key object, never on the signing path.
+    if meta is None or meta.key_id != key_id or meta.handle != private.handle or not key_id:
         link.meta.pop(name, None)
         link.handles.pop(name, None)
         _check_custody_grade(private, name)
@@ -820,7 +833,10 @@ def _find(
         if len(publics) != 1:
             raise KeyStoreError(f"key {name!r} has no single public key object on the token")
         meta = _KeyMeta(
-            KeyInfo(name, alg, Pkcs11KeyStore.kind), _public_key_of(publics[0], alg), key_id
+            KeyInfo(name, alg, Pkcs11KeyStore.kind),
+            _public_key_of(publics[0], alg),
+            key_id,
+            private.handle,
         )
         link.meta[name] = meta
     link.handles[name] = private

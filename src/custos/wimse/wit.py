@@ -74,7 +74,7 @@ from custos.identity import (
     coerce_workload_id,
 )
 from custos.keys.base import StoreKey
-from custos.keys.jose import joserfc_key
+from custos.keys.jose import signing_key_with_defaults
 from custos.wimse.errors import WimseError, WitError
 
 Profile = Literal["wimse", "spiffe"]
@@ -362,16 +362,11 @@ def mint_wit(
         mint_wit(ca_store.get("wit-ca"), subject="spiffe://example.org/svc",
                  workload_public_jwk=workload_store.get("svc"), ttl=timedelta(hours=1))
     """
-    if isinstance(signing_key, StoreKey):
-        signing_key = joserfc_key(signing_key)
+    signing_key, alg, kid = signing_key_with_defaults(signing_key, alg, kid)
     if alg is None:
-        alg = signing_key.alg
-        if not isinstance(alg, str):
-            raise WitMintError("give alg=: the signing key's JWK has no alg")
+        raise WitMintError("give alg=: the signing key's JWK has no alg")
     if kid is None:
-        kid = signing_key.kid
-        if not isinstance(kid, str):
-            raise WitMintError("give kid=: the signing key's JWK has no kid")
+        raise WitMintError("give kid=: the signing key's JWK has no kid")
     if subject is None or workload_public_jwk is None or ttl is None:
         raise WitMintError("mint_wit needs subject, workload_public_jwk and ttl")
     try:

@@ -13,6 +13,7 @@ import click
 
 from custos import __version__
 from custos.cli.keys import keys
+from custos.cli.server import server
 from custos.cli.tpm import tpm
 from custos.cli.wimse import jwt, wimse
 from custos.errors import CustosError
@@ -38,6 +39,7 @@ def cli() -> None:
 
 cli.add_command(keys)
 cli.add_command(tpm)
+cli.add_command(server)
 
 cli.add_command(wimse)
 cli.add_command(jwt)

@@ -1,0 +1,1 @@
+"""The custos server (issue 8): the datastore first (:mod:`custos.server.datastore`)."""

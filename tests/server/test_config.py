@@ -247,3 +247,11 @@ def test_huge_file_is_refused(tmp_path: Path) -> None:
     path.write_text(MINIMAL + "#" * (300 * 1024) + "\n", encoding="utf-8")
     with pytest.raises(ServerConfigError, match="larger than"):
         load_server_config(path)
+
+
+def test_the_documented_example_loads() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text(encoding="utf-8")
+    section = doc.split("## Server", 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    config = server_config_from_toml(example)
+    assert config.admin.uids == frozenset({0, 1000})

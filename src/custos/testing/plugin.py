@@ -14,6 +14,8 @@ Fixtures:
   :class:`custos.testing.softhsm.SoftHSMToken` (``module``, ``uri``, ``token_label``,
   ``pin``...). About 15 ms each (softhsm2-util), plus one library
   re-initialization when a store first opens it.
+- ``postgres`` (session) / ``postgres_db`` (function): a throwaway PostgreSQL
+  server (:mod:`custos.testing.postgres`) and a fresh database URL on it per test.
 - ``softhsm_session`` (session): one token shared by the whole session (per
   xdist worker), for test modules that create many keys and do not need an
   empty token (give keys unique names).
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+from custos.testing.postgres import PostgresServer, start_postgres
 from custos.testing.softhsm import SoftHSMToken, find_module, init_token, write_config
 from custos.testing.swtpm import (
     DockerSwtpm,
@@ -182,3 +185,25 @@ def softhsm(softhsm_session: SoftHSMToken) -> SoftHSMToken:
     slot enumeration in that process until its next ``C_Initialize``.
     """
     return softhsm_session.new_token(f"custos-test-{next(_token_numbers)}")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server for the session (per xdist worker), run as
+    ``nobody`` when we are root; :meth:`PostgresServer.url` gives a
+    ``postgresql+psycopg://`` URL. Stopped and removed at session end."""
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def postgres_db(postgres: PostgresServer) -> Iterator[str]:
+    """The URL of a fresh, empty database on the session's server (dropped after)."""
+    url = postgres.create_database()
+    try:
+        yield url
+    finally:
+        postgres.drop_database(url.rsplit("/", 1)[1])

@@ -1,0 +1,117 @@
+"""Attested node agents: record on attestation, list, show, evict, ban.
+
+Evicting marks the agent so its next attestation must start again (SPIRE's
+``agent evict``); a new attestation clears the mark. A banned agent stays
+banned: :meth:`AgentRepository.attested` refuses it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import time
+from collections.abc import Iterable
+
+from sqlalchemy import Engine, Row, insert, select, update
+
+from custos._numbers import finite_number
+from custos.identity import Selector, SpiffeId, TrustDomain
+from custos.server.datastore.database import transaction
+from custos.server.datastore.errors import DatastoreError, InvalidEntryError, NotFoundError
+from custos.server.datastore.records import Agent, member_id, selector_tuple
+from custos.server.datastore.schema import agents
+
+
+def _short(value: object, name: str, limit: int) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= limit:
+        raise InvalidEntryError(
+            f"{name} must be a string of 1 to {limit} characters", code=f"invalid_{name}"
+        )
+    return value
+
+
+class AgentRepository:
+    def __init__(self, engine: Engine, trust_domain: TrustDomain) -> None:
+        self._engine = engine
+        self._trust_domain = trust_domain
+
+    def attested(
+        self,
+        agent_id: SpiffeId | str,
+        *,
+        attestor: str,
+        selectors: Iterable[Selector | str],
+        serial: str,
+        expires_at: float,
+        now: float | None = None,
+    ) -> Agent:
+        """Record a (re-)attestation: create the agent or refresh it, clearing ``evicted``."""
+        agent = Agent(
+            id=member_id(agent_id, self._trust_domain, "agent_id"),
+            attestor=_short(attestor, "attestor", 256),
+            selectors=selector_tuple(selectors, required=False),
+            serial=_short(serial, "serial", 128),
+            expires_at=finite_number(expires_at, name="expires_at", minimum=0),
+            evicted=False,
+            banned=False,
+            updated_at=time.time() if now is None else finite_number(now, name="now"),
+        )
+        values = {
+            "attestor": agent.attestor,
+            "selectors": json.dumps([str(s) for s in agent.selectors]),
+            "serial": agent.serial,
+            "expires_at": agent.expires_at,
+            "evicted": False,
+            "updated_at": agent.updated_at,
+        }
+        with transaction(self._engine) as conn:
+            row = conn.execute(
+                select(agents.c.banned).where(agents.c.id == str(agent.id)).with_for_update()
+            ).first()
+            if row is None:
+                conn.execute(insert(agents).values(id=str(agent.id), banned=False, **values))
+            elif row.banned:
+                raise DatastoreError(f"agent {agent.id} is banned", code="agent_banned")
+            else:
+                conn.execute(update(agents).where(agents.c.id == str(agent.id)).values(values))
+        return agent
+
+    def get(self, agent_id: SpiffeId | str) -> Agent:
+        with transaction(self._engine) as conn:
+            row = conn.execute(select(agents).where(agents.c.id == str(agent_id)[:2048])).first()
+        if row is None:
+            raise NotFoundError(f"no agent {str(agent_id)[:120]!r}", code="agent_not_found")
+        return _agent(row)
+
+    def list(self) -> builtins.list[Agent]:
+        with transaction(self._engine) as conn:
+            return [_agent(r) for r in conn.execute(select(agents).order_by(agents.c.id)).all()]
+
+    def evict(self, agent_id: SpiffeId | str) -> Agent:
+        return self._flag(agent_id, evicted=True)
+
+    def ban(self, agent_id: SpiffeId | str) -> Agent:
+        """Ban (and evict) the agent: it cannot attest again under this ID."""
+        return self._flag(agent_id, evicted=True, banned=True)
+
+    def _flag(self, agent_id: SpiffeId | str, **flags: bool) -> Agent:
+        with transaction(self._engine) as conn:
+            changed = conn.execute(
+                update(agents).where(agents.c.id == str(agent_id)[:2048]).values(flags)
+            ).rowcount
+        if changed != 1:
+            raise NotFoundError(f"no agent {str(agent_id)[:120]!r}", code="agent_not_found")
+        return self.get(agent_id)
+
+
+def _agent(row: Row[object]) -> Agent:
+    return Agent(
+        id=SpiffeId.parse(row.id),
+        attestor=row.attestor,
+        selectors=tuple(Selector.parse(s) for s in json.loads(row.selectors)),
+        serial=row.serial,
+        expires_at=row.expires_at,
+        evicted=bool(row.evicted),
+        banned=bool(row.banned),
+        updated_at=row.updated_at,
+    )

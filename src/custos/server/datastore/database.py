@@ -1,0 +1,108 @@
+"""Opening a database: URL check, engine, migrations at open, and the one place
+driver errors become :class:`DatastoreUnavailableError`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, CursorResult, Engine, create_engine, event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
+
+from custos.server.datastore.errors import (
+    DatastoreError,
+    DatastoreUnavailableError,
+    UnsupportedDatastoreURLError,
+)
+
+_MIGRATIONS = Path(__file__).parent / "migrations"
+#: Any fixed number: the advisory lock that keeps two servers opening one fresh
+#: PostgreSQL database from running the migrations at once.
+_MIGRATION_LOCK = 0x637573746F73  # "custos"
+#: How long a PostgreSQL connection attempt waits before the datastore is "unavailable".
+CONNECT_TIMEOUT = 5
+#: How long a SQLite writer waits for another writer's lock.
+SQLITE_BUSY_SECONDS = 30.0
+
+
+def parse_url(url: str) -> URL:
+    """``sqlite:///<path>`` or ``postgresql[+psycopg]://...`` (psycopg 3), else one error."""
+    if not isinstance(url, str):
+        raise UnsupportedDatastoreURLError(
+            f"datastore URL must be a string, not {type(url).__name__}"
+        )
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UnsupportedDatastoreURLError(
+            "datastore URL is malformed; use sqlite:///<path> or postgresql://user@host/db"
+        ) from None
+    if parsed.drivername in ("postgresql", "postgresql+psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername == "sqlite":
+        if parsed.database in (None, "", ":memory:") or parsed.host:
+            # Each pooled connection would get its own empty in-memory database.
+            raise UnsupportedDatastoreURLError("a SQLite datastore needs a file: sqlite:///<path>")
+        return parsed
+    raise UnsupportedDatastoreURLError(
+        f"unsupported datastore scheme {parsed.drivername!r}; use sqlite:/// or postgresql://"
+    )
+
+
+def make_engine(url: URL) -> Engine:
+    if url.get_backend_name() == "sqlite":
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_SECONDS})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:
+            cursor = dbapi_conn.cursor()  # type: ignore[attr-defined]
+            cursor.execute("PRAGMA foreign_keys=ON")  # ON DELETE CASCADE of selectors
+            cursor.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
+            cursor.close()
+
+        return engine
+    # pre_ping: a connection left from before a database restart is replaced, not used.
+    return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": CONNECT_TIMEOUT})
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest migration (a no-op when it is there)."""
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    with transaction(engine) as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Connection]:
+    """One transaction; a lost or refused connection becomes DatastoreUnavailableError."""
+    try:
+        with engine.begin() as conn:
+            yield conn
+    except (OperationalError, InterfaceError) as exc:
+        raise DatastoreUnavailableError(_reason(exc)) from None
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise DatastoreUnavailableError(_reason(exc)) from None
+        raise
+
+
+def _reason(exc: DBAPIError) -> str:
+    first = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else ""
+    return f"the datastore is unavailable: {first[:300]}"
+
+
+def inserted_key(result: CursorResult[Any]) -> int:
+    """The autoincremented primary key an INSERT just generated."""
+    key = result.inserted_primary_key
+    if key is None:  # only for an INSERT without a generated key: a bug here
+        raise DatastoreError("the insert generated no key", code="datastore_bug")
+    return int(key[0])

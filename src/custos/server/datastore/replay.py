@@ -1,0 +1,43 @@
+"""A replay cache in the datastore, shared by every server that uses it
+(the :class:`custos.wimse.replay.ReplayCache` Protocol).
+
+Each proof is one row keyed by SHA-256(namespace NUL value); the primary key
+makes the insert the check: of two servers storing one proof, the second's
+insert fails and it sees a replay. Expired rows are pruned in the same
+transaction, before the insert, so an expired proof id may be used again.
+"""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import Engine, delete, insert
+from sqlalchemy.exc import IntegrityError
+
+from custos.server.datastore.database import transaction
+from custos.server.datastore.errors import DatastoreUnavailableError
+from custos.server.datastore.schema import replay
+from custos.wimse.replay import ReplayCacheUnavailableError, _entry_key, _finite_times
+
+
+class DatastoreReplayCache:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def check_and_store(
+        self, namespace: str, value: str, expires_at: float, *, now: float | None = None
+    ) -> bool:
+        _finite_times(expires_at, now)
+        at = time.time() if now is None else now
+        key = _entry_key(namespace, value).hex()
+        try:
+            with transaction(self._engine) as conn:
+                conn.execute(delete(replay).where(replay.c.expires_at <= at))
+                if expires_at <= at:
+                    return True  # already expired: nothing to remember
+                conn.execute(insert(replay).values(key=key, expires_at=expires_at))
+        except IntegrityError:
+            return False
+        except DatastoreUnavailableError as exc:
+            raise ReplayCacheUnavailableError(exc.message) from None
+        return True

@@ -1,0 +1,115 @@
+"""The current tables (SQLAlchemy Core). Migrations under ``migrations/versions``
+create them; a change here needs a new migration.
+
+Times are epoch seconds (float), the unit of every other custos clock.
+Selector lists are stored one row per selector so "entries with selector X"
+is an index lookup.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+#: An autoincrementing key: BIGINT on PostgreSQL; SQLite's ROWID alias must be INTEGER.
+SequenceKey = BigInteger().with_variant(Integer(), "sqlite")
+
+entries = Table(
+    "entries",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("spiffe_id", String(2048), nullable=False, index=True),
+    Column("parent_id", String(2048), nullable=False, index=True),
+    Column("x509_svid_ttl", Float, nullable=False),
+    Column("jwt_svid_ttl", Float, nullable=False),
+    Column("wit_ttl", Float, nullable=False),
+    Column("dns_names", Text, nullable=False),  # JSON list
+    Column("key_custody", String(16), nullable=False),
+    Column("hint", String(1024), nullable=False),
+    Column("admin", Boolean, nullable=False),
+    Column("downstream", Boolean, nullable=False),
+    Column("expires_at", Float, nullable=True),
+    Column("revision", Integer, nullable=False),
+    Column("change_seq", SequenceKey, nullable=False),
+)
+
+entry_selectors = Table(
+    "entry_selectors",
+    metadata,
+    Column(
+        "entry_id",
+        String(64),
+        ForeignKey("entries.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("type", String(256), primary_key=True),
+    Column("value", String(2048), primary_key=True),
+    Index("ix_entry_selectors_type_value", "type", "value"),
+)
+
+entry_changes = Table(
+    "entry_changes",
+    metadata,
+    Column("seq", SequenceKey, primary_key=True, autoincrement=True),
+    Column("entry_id", String(64), nullable=False),
+    Column("op", String(8), nullable=False),  # create | update | delete
+    Column("at", Float, nullable=False),
+    sqlite_autoincrement=True,  # never reuse a sequence number after a delete
+)
+
+join_tokens = Table(
+    "join_tokens",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("secret_sha256", String(64), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("consumed_at", Float, nullable=True),
+)
+
+agents = Table(
+    "agents",
+    metadata,
+    Column("id", String(2048), primary_key=True),
+    Column("attestor", String(256), nullable=False),
+    Column("selectors", Text, nullable=False),  # JSON list of "type:value"
+    Column("serial", String(128), nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("evicted", Boolean, nullable=False),
+    Column("banned", Boolean, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+replay = Table(
+    "replay",
+    metadata,
+    Column("key", String(64), primary_key=True),  # sha256(namespace NUL value), hex
+    Column("expires_at", Float, nullable=False, index=True),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("seq", SequenceKey, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("who", String(2048), nullable=False),
+    Column("attestor", String(256), nullable=False),
+    Column("selectors", Text, nullable=False),  # JSON list of "type:value"
+    Column("identity", String(2048), nullable=False),
+    Column("serial_or_jti", String(256), nullable=False),
+    Column("not_after", Float, nullable=False),
+    sqlite_autoincrement=True,
+)

@@ -1,0 +1,61 @@
+"""The :class:`Datastore`: one database, its repositories, opened and migrated."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from custos.identity import TrustDomain, coerce_trust_domain
+from custos.server.datastore.agents import AgentRepository
+from custos.server.datastore.audit import AuditLog
+from custos.server.datastore.database import make_engine, migrate, parse_url
+from custos.server.datastore.entries import EntryRepository
+from custos.server.datastore.replay import DatastoreReplayCache
+from custos.server.datastore.tokens import JoinTokenRepository
+
+
+class Datastore:
+    """The server's datastore on SQLite (``sqlite:///<path>``) or PostgreSQL.
+
+    ``entries``, ``join_tokens``, ``agents``, ``audit`` and ``replay`` (a
+    :class:`~custos.wimse.replay.ReplayCache`) share one connection pool.
+    Each method is its own transaction; thread-safe.
+    """
+
+    def __init__(self, url: str, trust_domain: TrustDomain | str) -> None:
+        self.trust_domain = coerce_trust_domain(trust_domain)
+        parsed = parse_url(url)
+        self.backend = parsed.get_backend_name()
+        self._engine = make_engine(parsed)
+        try:
+            migrate(self._engine)
+        except BaseException:
+            self._engine.dispose()
+            raise
+        self.entries = EntryRepository(self._engine, self.trust_domain)
+        self.join_tokens = JoinTokenRepository(self._engine)
+        self.agents = AgentRepository(self._engine, self.trust_domain)
+        self.audit = AuditLog(self._engine)
+        self.replay = DatastoreReplayCache(self._engine)
+
+    @classmethod
+    def open(cls, url: str, *, trust_domain: TrustDomain | str) -> Datastore:
+        """Connect, run any pending migrations, and return the datastore.
+
+        Raises UnsupportedDatastoreURLError for another scheme and
+        DatastoreUnavailableError when the database cannot be reached.
+        """
+        return cls(url, trust_domain)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Datastore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

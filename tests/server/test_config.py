@@ -255,3 +255,22 @@ def test_the_documented_example_loads() -> None:
     example = section.split("```toml\n", 1)[1].split("```", 1)[0]
     config = server_config_from_toml(example)
     assert config.admin.uids == frozenset({0, 1000})
+
+
+@pytest.mark.parametrize(
+    ("address", "host", "port"),
+    [
+        ("localhost:8081", "localhost", 8081),
+        ("spire.example.org:443", "spire.example.org", 443),
+        ("0.0.0.0:65535", "0.0.0.0", 65535),
+        ("[2001:db8::1]:1", "2001:db8::1", 1),
+    ],
+)
+def test_good_addresses(address: str, host: str, port: int) -> None:
+    config = server_config_from_toml(MINIMAL + f'[agent_api]\naddress = "{address}"\n')
+    assert (config.agent_api.host, config.agent_api.port) == (host, port)
+
+
+def test_a_bool_is_not_a_uid() -> None:
+    message = _error(MINIMAL + "[admin]\nallowed_uids = [true]\n").message
+    assert message.startswith("server.toml: admin.allowed_uids[0]: ")

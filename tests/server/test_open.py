@@ -1,0 +1,92 @@
+"""Opening: URL schemes, migrations at open, restart, and the database gone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from custos.server.datastore import (
+    Datastore,
+    DatastoreUnavailableError,
+    UnsupportedDatastoreURLError,
+)
+from custos.testing.postgres import PostgresServer, start_postgres
+from custos.wimse.replay import ReplayCacheUnavailableError
+
+from .conftest import AGENT, TRUST_DOMAIN
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://u@h/db",
+        "redis://localhost",
+        "sqlite://",
+        "sqlite:///:memory:",
+        "not a url",
+        "",
+        42,
+    ],
+)
+def test_unsupported_url(url: object) -> None:
+    with pytest.raises(UnsupportedDatastoreURLError) as err:
+        Datastore.open(url, trust_domain=TRUST_DOMAIN)  # type: ignore[arg-type]
+    assert err.value.code == "unsupported_datastore_url"
+
+
+def test_plain_postgresql_scheme_uses_psycopg(postgres_db: str) -> None:
+    plain = postgres_db.replace("postgresql+psycopg://", "postgresql://")
+    with Datastore.open(plain, trust_domain=TRUST_DOMAIN) as ds:
+        assert ds.backend == "postgresql"
+        assert ds.entries.count() == 0
+
+
+def test_restart_keeps_everything(store_url: str) -> None:
+    with Datastore.open(store_url, trust_domain=TRUST_DOMAIN) as ds:
+        entry = ds.entries.create("spiffe://example.org/w", AGENT, ["unix:uid:1"])
+        _, secret = ds.join_tokens.create(600)
+        agent = ds.agents.attested(AGENT, attestor="t", selectors=[], serial="1", expires_at=9.0)
+        ds.replay.check_and_store("ns", "v", 9e9)
+        seq = ds.entries.last_change_seq()
+    with Datastore.open(store_url, trust_domain=TRUST_DOMAIN) as ds:  # migrations: a no-op
+        assert ds.entries.get(entry.id) == entry
+        assert ds.entries.last_change_seq() == seq
+        assert ds.agents.get(AGENT) == agent
+        assert not ds.replay.check_and_store("ns", "v", 9e9)
+        ds.join_tokens.consume(secret)
+
+
+def test_sqlite_in_missing_directory_is_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(DatastoreUnavailableError):
+        Datastore.open(f"sqlite:///{tmp_path}/no/such/dir/x.db", trust_domain=TRUST_DOMAIN)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    # Its own server: this test stops it, which must not hit the shared one.
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+def test_database_gone_and_back(own_postgres: PostgresServer) -> None:
+    url = own_postgres.create_database("gone")
+    with Datastore.open(url, trust_domain=TRUST_DOMAIN) as ds:
+        entry = ds.entries.create("spiffe://example.org/w", AGENT, ["unix:uid:1"])
+        own_postgres.stop()
+        with pytest.raises(DatastoreUnavailableError) as err:
+            ds.entries.get(entry.id)
+        assert err.value.code == "datastore_unavailable"
+        with pytest.raises(DatastoreUnavailableError):
+            ds.join_tokens.create(60)
+        with pytest.raises(ReplayCacheUnavailableError):
+            ds.replay.check_and_store("ns", "v", 9e9)
+        with pytest.raises(DatastoreUnavailableError):
+            Datastore.open(url, trust_domain=TRUST_DOMAIN)
+        own_postgres.start()
+        assert ds.entries.get(entry.id) == entry
+        assert ds.entries.count() == 1

@@ -279,3 +279,15 @@ def test_rule_accepts_any_iterable_of_callers_and_keeps_a_tuple() -> None:
     rule = Rule("/", ["spiffe://example.org/a", "*"])
     assert isinstance(rule.callers, tuple)
     assert rule == Rule("/", ("spiffe://example.org/a", "*"))
+
+
+def test_a_trust_domain_id_object_is_not_a_whole_domain_pattern() -> None:
+    # Review of issue 7: SpiffeId("spiffe://example.org") became a whole-domain pattern,
+    # while an ID object means exactly one identity.
+    with pytest.raises(PolicyConfigError, match="trust domain"):
+        CallerPolicy.from_mapping({"/admin": [SpiffeId.parse("spiffe://example.org")]})
+    with pytest.raises(PolicyConfigError, match="trust domain"):
+        CallerPolicy([Rule("/admin", (SpiffeId.parse("spiffe://example.org"),))])
+    # the string form still admits the trust domain, as documented
+    policy = CallerPolicy.from_mapping({"/admin": ["spiffe://example.org"]})
+    policy.check("spiffe://example.org/anyone", "/admin")

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import jwcrypto.jwk
@@ -590,7 +591,11 @@ def test_spiffe_profile_needs_use_wit_svid() -> None:
     cnf = {"jwk": {**public_jwk_members(evil.public_key()), "alg": "ES256"}}
     claims = draft_claims(sub="spiffe://example.com/w", cnf=cnf)
     token = resign(claims=claims)
-    assert code_of(token, profile="spiffe") == "wit_key_wrong_use"  # the draft key has no use
+    # The draft's key has no use: read from a SPIFFE bundle such an
+    # entry is ignored (spec 4.2.2), so the WIT-SVID names an unknown key.
+    key_only = draft_bundles().get(EXAMPLE).jwt_authorities[0].jwk()
+    spiffe = BundleSet([TrustBundle.from_spiffe_json(EXAMPLE, {"keys": [key_only]})])
+    assert code_of(token, spiffe, profile="spiffe") == "wit_unknown_kid"
     assert (
         code_of(resign(claims={**claims, "aud": "x"}), profile="spiffe") == "wit_profile_violation"
     )
@@ -1206,8 +1211,37 @@ def test_wit_svid_3_6_iat_does_not_limit_earliest_validity() -> None:
     assert code_of(late, _svid_bundles(), profile="spiffe") == "wit_not_yet_valid"
 
 
-@pytest.mark.parametrize("use", [None, "jwt-svid", "x509-svid"])
-def test_wit_svid_6_2_bundle_keys_must_say_use_wit_svid(use: str | None) -> None:
+@pytest.mark.parametrize("use", ["jwt-svid", "x509-svid"])
+def test_wit_svid_6_2_bundle_keys_must_say_use_wit_svid(use: str) -> None:
     token = resign(claims=_svid_claims())
     assert code_of(token, _svid_bundles(use), profile="spiffe") == "wit_key_wrong_use"
     assert verify_wit(token, _svid_bundles(), now=NOW, profile="spiffe").kid == "June 5"
+
+
+def test_wit_svid_6_2_spiffe_bundle_entries_without_use_are_ignored() -> None:
+    token = resign(claims=_svid_claims())
+    jwk = _svid_bundles().get(EXAMPLE).jwt_authorities[0].jwk()
+    del jwk["use"]
+    spiffe = BundleSet([TrustBundle.from_spiffe_json(EXAMPLE, {"keys": [jwk]})])
+    assert code_of(token, spiffe, profile="spiffe") == "wit_unknown_kid"
+
+
+@pytest.mark.parametrize("profile", ["wimse", "spiffe"])
+def test_a_saved_bundle_accepts_exactly_what_it_did_in_memory(
+    tmp_path: Path, profile: str
+) -> None:
+    # The review of issue 7 found a plain-JWKS key refused under the spiffe profile in
+    # memory but accepted after save + load (saved under both uses). One rule now: a key
+    # imported without use= is valid for JWT-SVIDs and WITs alike (decision 0015), before
+    # and after a round trip; a key given one use keeps exactly that use.
+    token = resign(claims=_svid_claims())
+    for use, expected in ((None, None), ("wit-svid", None), ("jwt-svid", "wit_key_wrong_use")):
+        memory = _svid_bundles(use)
+        path = tmp_path / f"{use}.json"
+        memory.get(EXAMPLE).save(path)
+        reloaded = BundleSet([TrustBundle.load(EXAMPLE, path)])
+        for bundles in (memory, reloaded):
+            if expected is None:
+                assert verify_wit(token, bundles, now=NOW, profile=profile).kid == "June 5"
+            else:
+                assert code_of(token, bundles, profile=profile) == expected

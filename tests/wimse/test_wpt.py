@@ -1136,6 +1136,31 @@ def test_exact_audience_must_be_an_absolute_ascii_uri(bundles: BundleSet, bad: A
         verifier(bundles).verify(HttpMessage(), audience=bad)
 
 
+@pytest.mark.parametrize("http_aud", [ORIGIN, ORIGIN + "/", ORIGIN + "/pay", "HTTP://api.example.com"])
+def test_an_http_uri_is_never_an_exact_wpt_audience(bundles: BundleSet, http_aud: str) -> None:
+    # Review of issue 7: an exact audience is compared without the request path, and a
+    # WPT binds the path only through aud: an origin as exact audience made one proof
+    # good on every route (/public and /admin/delete alike).
+    with pytest.raises(WptConfigError, match="http"):
+        verifier(bundles, exact_audiences=[http_aud])
+
+
+def test_build_request_verifier_keeps_http_exact_audiences_from_wpts(
+    store: MemoryKeyStore, bundles: BundleSet
+) -> None:
+    from custos.wimse.verifier import build_request_verifier
+
+    wit = mint(store)
+    # The HTTP-signature variant signs @path, so it may keep an agreed http(s) wimse-aud;
+    # the WPT variant must not take it.
+    v = build_request_verifier(bundles, [ORIGIN], exact_audiences=[ORIGIN], now=NOW)
+    for target in ("/public", "/admin/delete"):
+        with pytest.raises(WptError) as info:
+            v.verify(req(wit, hand_wpt(wit, aud=ORIGIN), target=target))
+        assert info.value.code == "wpt_bad_audience"
+    assert v.verify(req(wit, hand_wpt(wit, aud=ORIGIN + "/pay"))).subject == str(SUB_A)
+
+
 def test_no_audience_at_all_is_a_config_error(bundles: BundleSet) -> None:
     with pytest.raises(ValueError):
         verifier(bundles, audiences=())

@@ -163,6 +163,13 @@ def _pattern(value: object) -> CallerPattern:
     if isinstance(value, CallerPattern):
         return value
     if isinstance(value, SpiffeId | WimseId):
+        if not value.path:
+            # A bare trust-domain ID would become a whole-domain pattern, while
+            # an ID object means exactly one identity.
+            raise PolicyConfigError(
+                f"{value} names a trust domain, not a workload; write the string "
+                f"'{value}' (or '{value}/*') to admit the whole trust domain"
+            )
         return CallerPattern(str(value))
     return CallerPattern(value)  # type: ignore[arg-type]  # validated: not a str -> error
 

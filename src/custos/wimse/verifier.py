@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from custos._numbers import finite_number
 from custos.wimse.errors import MalformedRequestError
 from custos.wimse.http.message import HttpMessage
-from custos.wimse.wpt import WptVerifier
+from custos.wimse.wpt import WptVerifier, is_http_uri
 
 if TYPE_CHECKING:
     from custos.bundle import BundleSet, TrustBundle
@@ -200,7 +200,10 @@ def build_request_verifier(
         wpt = WptVerifier(
             wit_verifier=wits,
             audiences=origins,
-            exact_audiences=exact_audiences,
+            # The HTTP-signature variant signs @path, so an agreed http(s)
+            # wimse-aud is safe there; a WPT binds the path only through its
+            # aud, so http(s) exact audiences are not handed to it.
+            exact_audiences=[a for a in exact_audiences if not is_http_uri(a)],
             replay=cache,
             accept_wpt01=accept_wpt01,
             max_ttl=DEFAULT_MAX_TTL if wpt_max_ttl is None else wpt_max_ttl,

@@ -591,15 +591,20 @@ def _parse(token: object, allowed: frozenset[str], profile: Profile) -> WitShape
     )
 
 
-def _find_key(bundle: TrustBundle, kid: str, alg: str, profile: Profile) -> PublicKey:
+def _find_key(bundle: TrustBundle, kid: str, alg: str) -> PublicKey:
     authority = bundle.jwt_authority(kid, use=USE_WIT_SVID)
     if authority is None:
         if bundle.jwt_authority(kid) is not None:
             raise _fail("wit_key_wrong_use", "the kid names a key that is not for WITs")
         raise _fail("wit_unknown_kid", "no WIT key with this kid in the trust domain's bundle")
-    if profile == "spiffe" and authority.use != USE_WIT_SVID:
-        # WIT-SVID 6.2: only entries marked wit-svid are WIT-SVID keys.
-        raise _fail("wit_key_wrong_use", "a WIT-SVID key must be marked use=wit-svid")
+    # WIT-SVID 6.2: only entries marked wit-svid are WIT-SVID keys. A SPIFFE
+    # bundle never yields a key without `use` (the loader skips such entries),
+    # so the lookup above (use wit-svid, or none) is that rule for every
+    # bundle read from the SPIFFE format. A key without `use` exists only when
+    # a user imported a plain JWKS (TrustBundle.from_jwks without use=), which
+    # documents it as valid for JWT-SVIDs and WITs alike and saves it under
+    # both uses; treating it the same way here keeps a saved and reloaded
+    # bundle accepting exactly what the in-memory one did (decision 0015).
     if authority.alg is not None and authority.alg != alg:
         raise _fail("wit_key_alg_mismatch", "the WIT alg differs from its key's alg")
     if not key_fits_alg(authority.public_key, alg):
@@ -645,7 +650,7 @@ def _verify(
     bundle = bundles.get(trust_domain)
     if bundle is None:
         raise _fail("wit_unknown_trust_domain", "no trust bundle for the WIT's trust domain")
-    public_key = _find_key(bundle, shape.kid, shape.alg, profile)
+    public_key = _find_key(bundle, shape.kid, shape.alg)
     assert isinstance(token, str)  # parse_wit_unverified checked it
     # The bundle's cryptography key verifies the parts decoded above directly
     # (no joserfc key import, no second decode).

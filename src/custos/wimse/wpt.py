@@ -229,7 +229,20 @@ def check_exact_audience(value: object) -> str:
             "an exact audience must be an absolute URI of visible ASCII characters "
             f"(scheme:...), without a fragment, at most {MAX_AUDIENCE_LENGTH} characters"
         )
+    if is_http_uri(value):
+        # A WPT's only binding to the request path is its `aud`; an http(s)
+        # exact audience is compared without the path, so one proof would be
+        # good on every route. HTTP audiences are configured as origins.
+        raise WptConfigError(
+            "an http(s) URI cannot be an exact WPT audience (it would accept a proof on "
+            "every path); configure its origin in audiences instead"
+        )
     return value
+
+
+def is_http_uri(value: str) -> bool:
+    """Whether ``value`` names an http or https URI (any case)."""
+    return value[:8].lower().startswith(("http://", "https://"))
 
 
 def _field_value(value: str) -> str:

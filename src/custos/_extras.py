@@ -21,6 +21,7 @@ EXTRAS: dict[str, tuple[frozenset[str], str]] = {
     "httpx": (frozenset({"httpx"}), ""),
     "requests": (frozenset({"requests"}), ""),
     "redis": (frozenset({"redis"}), ""),
+    "server": (frozenset({"sqlalchemy", "alembic", "psycopg"}), ""),
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,3 +92,35 @@ def test_database_gone_and_back(own_postgres: PostgresServer) -> None:
         own_postgres.start()
         assert ds.entries.get(entry.id) == entry
         assert ds.entries.count() == 1
+
+
+@pytest.mark.parametrize("missing", ["sqlalchemy", "alembic"])
+def test_without_the_server_extra_a_clear_error(missing: str) -> None:
+    # A None in sys.modules makes the import fail as on a machine without the library.
+    code = (
+        f"import sys; sys.modules[{missing!r}] = None\n"
+        "from custos.errors import CustosError\n"
+        "try:\n"
+        "    import custos.server.datastore\n"
+        "except CustosError as e:\n"
+        "    print(e.code, e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("missing_extra"), done.stdout
+    assert "pip install 'custos[server]'" in done.stdout
+
+
+def test_postgresql_without_psycopg_a_clear_error() -> None:
+    code = (
+        "import sys; sys.modules['psycopg'] = None\n"
+        "from custos.errors import CustosError\n"
+        "from custos.server.datastore import Datastore\n"
+        "try:\n"
+        "    Datastore.open('postgresql://u@127.0.0.1:1/db', trust_domain='example.org')\n"
+        "except CustosError as e:\n"
+        "    print(e.code, e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("missing_extra"), done.stdout

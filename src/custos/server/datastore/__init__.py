@@ -7,6 +7,7 @@ atomically), ``agents``, ``audit`` and ``replay`` (a shared
 :class:`custos.wimse.replay.ReplayCache`). See docs/server-datastore.md.
 """
 
+from custos._extras import extra_needed
 from custos.server.datastore.errors import (
     DatastoreError,
     DatastoreUnavailableError,
@@ -24,7 +25,10 @@ from custos.server.datastore.records import (
     JoinToken,
     RegistrationEntry,
 )
-from custos.server.datastore.store import Datastore
+
+# SQLAlchemy, Alembic and psycopg come with the 'server' extra (decision 0025).
+with extra_needed("server"):
+    from custos.server.datastore.store import Datastore
 
 __all__ = [
     "KEY_CUSTODIES",

@@ -14,6 +14,7 @@ from sqlalchemy import Connection, CursorResult, Engine, create_engine, event, t
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 
+from custos._extras import extra_needed
 from custos.server.datastore.errors import (
     DatastoreError,
     DatastoreUnavailableError,
@@ -67,7 +68,10 @@ def make_engine(url: URL) -> Engine:
 
         return engine
     # pre_ping: a connection left from before a database restart is replaced, not used.
-    return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": CONNECT_TIMEOUT})
+    with extra_needed("server"):  # SQLAlchemy imports psycopg here, not at our import
+        return create_engine(
+            url, pool_pre_ping=True, connect_args={"connect_timeout": CONNECT_TIMEOUT}
+        )
 
 
 def migrate(engine: Engine) -> None:

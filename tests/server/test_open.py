@@ -8,9 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from custos.server.datastore import (
     Datastore,
+    DatastoreError,
     DatastoreUnavailableError,
     UnsupportedDatastoreURLError,
 )
@@ -124,3 +126,23 @@ def test_postgresql_without_psycopg_a_clear_error() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("missing_extra"), done.stdout
+
+
+def test_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.db"
+    path.write_bytes(b"this is not SQLite" * 100)
+    with pytest.raises(DatastoreUnavailableError) as err:
+        Datastore.open(f"sqlite:///{path}", trust_domain=TRUST_DOMAIN)
+    assert "not a database" in err.value.message
+
+
+def test_a_schema_newer_than_this_custos_is_refused(store_url: str) -> None:
+    Datastore.open(store_url, trust_domain=TRUST_DOMAIN).close()
+    engine = create_engine(store_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
+    engine.dispose()
+    with pytest.raises(DatastoreError) as err:
+        Datastore.open(store_url, trust_domain=TRUST_DOMAIN)
+    assert err.value.code == "datastore_schema_unknown"
+    assert "9999_future" in err.value.message

@@ -10,9 +10,16 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.util import CommandError
 from sqlalchemy import Connection, CursorResult, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DatabaseError,
+    DBAPIError,
+    InterfaceError,
+    OperationalError,
+)
 
 from custos._extras import extra_needed
 from custos.server.datastore.errors import (
@@ -82,7 +89,16 @@ def migrate(engine: Engine) -> None:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
         config.attributes["connection"] = conn
-        command.upgrade(config, "head")
+        try:
+            command.upgrade(config, "head")
+        except CommandError as exc:
+            # A revision this custos does not ship: a newer custos migrated the
+            # database. Running on a schema we do not know would corrupt it.
+            raise DatastoreError(
+                f"the database's schema is not one this custos knows ({exc}); "
+                "was it migrated by a newer custos?",
+                code="datastore_schema_unknown",
+            ) from None
 
 
 @contextmanager
@@ -94,7 +110,10 @@ def transaction(engine: Engine) -> Iterator[Connection]:
     except (OperationalError, InterfaceError) as exc:
         raise DatastoreUnavailableError(_reason(exc)) from None
     except DBAPIError as exc:
-        if exc.connection_invalidated:
+        # A plain DatabaseError is SQLite's "file is not a database": the datastore
+        # cannot be used, as when it is unreachable; its subclasses (integrity,
+        # programming errors) are about one statement and pass through.
+        if exc.connection_invalidated or type(exc) is DatabaseError:
             raise DatastoreUnavailableError(_reason(exc)) from None
         raise
 

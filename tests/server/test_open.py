@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,3 +148,16 @@ def test_a_schema_newer_than_this_custos_is_refused(store_url: str) -> None:
         Datastore.open(store_url, trust_domain=TRUST_DOMAIN)
     assert err.value.code == "datastore_schema_unknown"
     assert "9999_future" in err.value.message
+
+
+def _open_in_child(url: str, start: float) -> int:
+    time.sleep(max(0.0, start - time.time()))  # line the children up
+    with Datastore.open(url, trust_domain=TRUST_DOMAIN) as ds:
+        return ds.entries.count()
+
+
+def test_servers_opening_one_fresh_database_at_once(store_url: str) -> None:
+    # Each runs the migrations; exactly one must create the tables, the others wait.
+    start = time.time() + 2.0
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        assert pool.starmap(_open_in_child, [(store_url, start)] * 3) == [0, 0, 0]

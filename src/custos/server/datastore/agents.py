@@ -77,14 +77,14 @@ class AgentRepository:
         return agent
 
     def get(self, agent_id: SpiffeId | str) -> Agent:
-        with transaction(self._engine) as conn:
+        with transaction(self._engine, read_only=True) as conn:
             row = conn.execute(select(agents).where(agents.c.id == str(agent_id)[:2048])).first()
         if row is None:
             raise NotFoundError(f"no agent {str(agent_id)[:120]!r}", code="agent_not_found")
         return _agent(row)
 
     def list(self) -> builtins.list[Agent]:
-        with transaction(self._engine) as conn:
+        with transaction(self._engine, read_only=True) as conn:
             return [_agent(r) for r in conn.execute(select(agents).order_by(agents.c.id)).all()]
 
     def evict(self, agent_id: SpiffeId | str) -> Agent:

@@ -60,7 +60,7 @@ class AuditLog:
 
     def since(self, seq: int = 0, *, limit: int = 1000) -> list[AuditRecord]:
         """Audit records after ``seq``, oldest first."""
-        with transaction(self._engine) as conn:
+        with transaction(self._engine, read_only=True) as conn:
             rows = conn.execute(
                 select(audit).where(audit.c.seq > seq).order_by(audit.c.seq).limit(limit)
             ).all()

@@ -3,6 +3,7 @@ driver errors become :class:`DatastoreUnavailableError`."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,8 @@ _MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 0x637573746F73  # "custos"
 #: How long a PostgreSQL connection attempt waits before the datastore is "unavailable".
 CONNECT_TIMEOUT = 5
+#: The execution option that marks a read-only transaction.
+_READ_ONLY = "custos_read_only"
 #: How long a SQLite writer waits for another writer's lock.
 SQLITE_BUSY_SECONDS = 30.0
 
@@ -67,11 +70,26 @@ def make_engine(url: URL) -> Engine:
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_SECONDS})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:
-            cursor = dbapi_conn.cursor()  # type: ignore[attr-defined]
-            cursor.execute("PRAGMA foreign_keys=ON")  # ON DELETE CASCADE of selectors
-            cursor.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
-            cursor.close()
+        def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: object) -> None:
+            # Python's sqlite3 opens transactions only before INSERT/UPDATE/DELETE,
+            # so reads and DDL (the migrations) ran outside any; we say BEGIN ourselves.
+            dbapi_conn.isolation_level = None
+            dbapi_conn.execute("PRAGMA foreign_keys=ON")  # ON DELETE CASCADE of selectors
+            try:
+                dbapi_conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+            except sqlite3.OperationalError:
+                pass  # another connection is switching the file to WAL right now
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            # IMMEDIATE takes the write lock at BEGIN: a transaction that reads
+            # then writes (a check, then the change) cannot be overtaken between
+            # the two; read-only transactions stay DEFERRED and never wait.
+            conn.exec_driver_sql(
+                "BEGIN DEFERRED"
+                if conn.get_execution_options().get(_READ_ONLY)
+                else "BEGIN IMMEDIATE"
+            )
 
         return engine
     # pre_ping: a connection left from before a database restart is replaced, not used.
@@ -102,11 +120,16 @@ def migrate(engine: Engine) -> None:
 
 
 @contextmanager
-def transaction(engine: Engine) -> Iterator[Connection]:
-    """One transaction; a lost or refused connection becomes DatastoreUnavailableError."""
+def transaction(engine: Engine, *, read_only: bool = False) -> Iterator[Connection]:
+    """One transaction; a lost or refused connection becomes DatastoreUnavailableError.
+
+    ``read_only`` lets SQLite readers run beside a writer (see make_engine).
+    """
     try:
-        with engine.begin() as conn:
-            yield conn
+        with engine.connect() as conn:
+            conn.execution_options(**{_READ_ONLY: read_only})
+            with conn.begin():
+                yield conn
     except (OperationalError, InterfaceError) as exc:
         raise DatastoreUnavailableError(_reason(exc)) from None
     except DBAPIError as exc:

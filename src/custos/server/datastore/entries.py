@@ -86,7 +86,7 @@ class EntryRepository:
         return entry
 
     def get(self, entry_id: str) -> RegistrationEntry:
-        with transaction(self._engine) as conn:
+        with transaction(self._engine, read_only=True) as conn:
             found = _load(conn, entries.c.id == _entry_id(entry_id))
         if not found:
             raise NotFoundError(f"no registration entry {entry_id[:80]!r}", code="entry_not_found")
@@ -128,14 +128,14 @@ class EntryRepository:
                 )
             )
             where.append(entries.c.id.in_(select(entry_selectors.c.entry_id).where(shares)))
-        with transaction(self._engine) as conn:
+        with transaction(self._engine, read_only=True) as conn:
             found = _load(conn, and_(*where) if where else None)
         if wanted is None:
             return found
         return [e for e in found if _matches(frozenset(e.selectors), wanted, match)]
 
     def count(self) -> int:
-        with transaction(self._engine) as conn:
+        with transaction(self._engine, read_only=True) as conn:
             return int(conn.execute(select(func.count()).select_from(entries)).scalar_one())
 
     def update(self, entry: RegistrationEntry) -> RegistrationEntry:
@@ -179,7 +179,7 @@ class EntryRepository:
 
     def changes_since(self, seq: int, *, limit: int = 1000) -> builtins.list[EntryChange]:
         """Entry writes with a sequence number above ``seq``, oldest first."""
-        with transaction(self._engine) as conn:
+        with transaction(self._engine, read_only=True) as conn:
             rows = conn.execute(
                 select(entry_changes)
                 .where(entry_changes.c.seq > seq)
@@ -189,7 +189,7 @@ class EntryRepository:
         return [EntryChange(seq=r.seq, entry_id=r.entry_id, op=r.op, at=r.at) for r in rows]
 
     def last_change_seq(self) -> int:
-        with transaction(self._engine) as conn:
+        with transaction(self._engine, read_only=True) as conn:
             return int(
                 conn.execute(select(func.coalesce(func.max(entry_changes.c.seq), 0))).scalar_one()
             )

@@ -90,7 +90,7 @@ class JoinTokenRepository:
         return _token(row)
 
     def get(self, token_id: str) -> JoinToken:
-        with transaction(self._engine) as conn:
+        with transaction(self._engine, read_only=True) as conn:
             row = conn.execute(
                 select(join_tokens).where(join_tokens.c.id == str(token_id)[:64])
             ).first()

@@ -95,7 +95,7 @@ def check_and_store(
 MAX_MEMORY_ENTRIES = 100_000_000
 
 
-def _finite_times(expires_at: float, now: float | None) -> None:
+def check_finite_times(expires_at: float, now: float | None) -> None:
     """Refuse NaN / infinite times (math.isfinite: this runs per request)."""
     if not math.isfinite(expires_at) or (now is not None and not math.isfinite(now)):
         raise InvalidNumberError("replay cache times must be finite numbers")
@@ -116,7 +116,8 @@ class ReplayCacheFullError(ReplayCacheUnavailableError):
 _heappush = heapq.heappush
 
 
-def _entry_key(namespace: str, value: str) -> bytes:
+def entry_key(namespace: str, value: str) -> bytes:
+    """The fixed-size key one (namespace, value) pair is stored under, in every cache."""
     # A NUL separator keeps ("a", "b:c") and ("a:b", "c") apart; UTF-8 with
     # surrogatepass so any str a framework hands us hashes instead of raising.
     data = (
@@ -165,8 +166,8 @@ class MemoryReplayCache:
     def check_and_store(
         self, namespace: str, value: str, expires_at: float, *, now: float | None = None
     ) -> bool:
-        _finite_times(expires_at, now)
-        key = _entry_key(namespace, value)
+        check_finite_times(expires_at, now)
+        key = entry_key(namespace, value)
         expiry = self._expiry
         with self._lock:
             known = expiry.get(key)
@@ -226,14 +227,14 @@ class RedisReplayCache:
         self._clock = clock
 
     def key_for(self, namespace: str, value: str) -> str:
-        return self._prefix + _entry_key(namespace, value).hex()
+        return self._prefix + entry_key(namespace, value).hex()
 
     def check_and_store(
         self, namespace: str, value: str, expires_at: float, *, now: float | None = None
     ) -> bool:
         import redis
 
-        _finite_times(expires_at, now)
+        check_finite_times(expires_at, now)
         start = self._clock() if now is None else now
         ttl_ms = max(1, math.ceil((expires_at - start) * 1000))
         try:

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from custos.server.datastore.database import transaction
 from custos.server.datastore.errors import DatastoreUnavailableError
 from custos.server.datastore.schema import replay
-from custos.wimse.replay import ReplayCacheUnavailableError, _entry_key, _finite_times
+from custos.wimse.replay import ReplayCacheUnavailableError, check_finite_times, entry_key
 
 
 class DatastoreReplayCache:
@@ -27,9 +27,9 @@ class DatastoreReplayCache:
     def check_and_store(
         self, namespace: str, value: str, expires_at: float, *, now: float | None = None
     ) -> bool:
-        _finite_times(expires_at, now)
+        check_finite_times(expires_at, now)
         at = time.time() if now is None else now
-        key = _entry_key(namespace, value).hex()
+        key = entry_key(namespace, value).hex()
         try:
             with transaction(self._engine) as conn:
                 conn.execute(delete(replay).where(replay.c.expires_at <= at))

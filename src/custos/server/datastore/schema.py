@@ -113,3 +113,20 @@ audit = Table(
     Column("not_after", Float, nullable=False),
     sqlite_autoincrement=True,
 )
+
+#: Signing-key metadata (migration 0002); key material lives in the key store only.
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    Column("kid", String(64), primary_key=True),
+    Column("purpose", String(16), nullable=False),  # x509-ca | jwt-svid | wit
+    Column("key_name", String(128), nullable=False, unique=True),
+    Column("alg", String(16), nullable=False),
+    Column("status", String(16), nullable=False),  # published | active | retired
+    Column("created_at", Float, nullable=False),
+    Column("published_at", Float, nullable=False),
+    Column("active_from", Float, nullable=True),
+    Column("retired_at", Float, nullable=True),
+    Column("last_not_after", Float, nullable=True),
+    Column("certificate", Text, nullable=True),  # PEM root of an x509-ca key (public)
+)

@@ -10,13 +10,15 @@ from custos.server.datastore.audit import AuditLog
 from custos.server.datastore.database import make_engine, migrate, parse_url
 from custos.server.datastore.entries import EntryRepository
 from custos.server.datastore.replay import DatastoreReplayCache
+from custos.server.datastore.signing_keys import SigningKeyRepository
 from custos.server.datastore.tokens import JoinTokenRepository
 
 
 class Datastore:
     """The server's datastore on SQLite (``sqlite:///<path>``) or PostgreSQL.
 
-    ``entries``, ``join_tokens``, ``agents``, ``audit`` and ``replay`` (a
+    ``entries``, ``join_tokens``, ``agents``, ``audit``, ``signing_keys`` (key
+    metadata) and ``replay`` (a
     :class:`~custos.wimse.replay.ReplayCache`) share one connection pool.
     Each method is its own transaction; thread-safe.
     """
@@ -36,6 +38,7 @@ class Datastore:
         self.agents = AgentRepository(self._engine, self.trust_domain)
         self.audit = AuditLog(self._engine)
         self.replay = DatastoreReplayCache(self._engine)
+        self.signing_keys = SigningKeyRepository(self._engine)
 
     @classmethod
     def open(cls, url: str, *, trust_domain: TrustDomain | str) -> Datastore:

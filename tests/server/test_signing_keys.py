@@ -309,3 +309,20 @@ def test_servers_rotating_at_once_make_one_key(store_url: str, tmp_path: Path) -
         # no orphan keys in the store: one per record
         assert sorted(i.name for i in ks.list()) == sorted(r.key_name for r in records)
     assert [r.status for r in records] == ["retired", "active"]
+
+
+def test_scheduled_rotation_follows_the_period(store: Datastore, key_store: KeyStore) -> None:
+    keys = SigningKeys(
+        store, key_store, "wit", key_name="wit", propagation_delay=DELAY, rotation_period=6000
+    )
+    first = keys.rotate(now=T0)
+    assert keys.rotate(now=T0 + 2999).kid == first.kid
+    assert len(keys.keys()) == 1  # nothing prepared before half the period
+    assert keys.rotate(now=T0 + 3000).kid == first.kid
+    nxt = [k for k in keys.keys() if k.record.status == "published"]
+    assert len(nxt) == 1 and nxt[0].kid in {a.kid for a in keys.bundle().jwt_authorities}
+    assert keys.rotate(now=T0 + 4999).kid == first.kid
+    assert keys.rotate(now=T0 + 5000).kid == nxt[0].kid  # five sixths: the next key signs
+    # the old key signed nothing: it goes once servers can no longer hold it
+    assert keys.rotate(now=T0 + 5000 + DELAY).kid == nxt[0].kid
+    assert [k.kid for k in keys.keys()] == [nxt[0].kid]

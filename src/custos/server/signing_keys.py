@@ -87,6 +87,7 @@ class SigningKeys:
         alg: Algorithm | str = Algorithm.ES256,
         propagation_delay: timedelta | float = DEFAULT_PROPAGATION_DELAY,
         ca_ttl: timedelta = timedelta(hours=24),
+        rotation_period: timedelta | float | None = None,
     ) -> None:
         if purpose not in PURPOSES:
             raise SigningKeyError(
@@ -100,6 +101,13 @@ class SigningKeys:
         self.alg = Algorithm.parse(alg)
         self.propagation_delay = seconds(propagation_delay, name="propagation_delay")
         self.ca_ttl = ca_ttl
+        #: How long a key signs before the scheduled :meth:`rotate` replaces it
+        #: (default: the CA TTL, so a CA key is replaced before its root expires).
+        self.rotation_period = seconds(
+            ca_ttl if rotation_period is None else rotation_period,
+            name="rotation_period",
+            minimum=1.0,
+        )
         self._repo = datastore.signing_keys
 
     # -- state changes ------------------------------------------------------
@@ -131,13 +139,21 @@ class SigningKeys:
         return self._key(record)
 
     def rotate(self, *, now: float | None = None) -> SigningKey:
-        """One scheduled step: a first key on a fresh datastore, a next key when
-        none is published, activation when the published one is due, pruning.
-        Returns the key that signs now."""
+        """One scheduled step (run it every minute or so on every server).
+
+        SPIRE's schedule: the next key is prepared when the active one is half
+        way through ``rotation_period`` and activated at five sixths of it
+        (and never before it has been published for ``propagation_delay``);
+        a first key on a fresh datastore; then pruning.  Returns the key that
+        signs now.
+        """
         at = _now(now)
-        self.ensure_active(now=at)
-        self.prepare(now=at)
-        self.activate(now=at)
+        active = self.ensure_active(now=at)
+        age = at - (active.record.active_from or at)
+        if age >= self.rotation_period / 2:
+            self.prepare(now=at)
+        if age >= self.rotation_period * 5 / 6:
+            self.activate(now=at)
         self.prune(now=at)
         return self.current()
 

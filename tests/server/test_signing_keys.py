@@ -264,6 +264,15 @@ def test_unknown_purpose_and_hostile_times(store: Datastore, key_store: KeyStore
     with pytest.raises(SigningKeyError) as err:
         SigningKeys(store, key_store, "ssh", key_name="k")
     assert err.value.code == "signing_key_purpose"
+    with pytest.raises(SigningKeyError) as err:
+        SigningKeys(store, key_store, "x509-ca", key_name="ca", alg="EdDSA")
+    assert err.value.code == "signing_key_alg"
+    for name in ("", "-x", "a/b", "x" * 129):
+        with pytest.raises(CustosError) as bad:
+            SigningKeys(store, key_store, "jwt-svid", key_name=name)
+        assert bad.value.code == "invalid_key_name"
+    with pytest.raises(CustosError):
+        SigningKeys(store, key_store, "jwt-svid", key_name="k", propagation_delay=float("nan"))
     keys = _manager(store, key_store)
     key = keys.ensure_active(now=T0)
     for bad in (float("nan"), float("inf"), True):

@@ -29,6 +29,7 @@ from custos.bundle import USE_JWT_SVID, USE_WIT_SVID, JwtAuthority, TrustBundle
 from custos.errors import CustosError
 from custos.identity import TrustDomain
 from custos.keys import Algorithm, KeyNotFoundError, KeyStore, StoreKey
+from custos.keys.base import check_key_name
 from custos.server.datastore.signing_keys import PURPOSES, SigningKeyRecord
 from custos.server.datastore.store import Datastore
 from custos.x509.ca import CertificateAuthority
@@ -97,10 +98,15 @@ class SigningKeys:
         self.purpose = purpose
         self.datastore = datastore
         self.key_store = key_store
-        self.key_name = key_name[:_MAX_PREFIX]
+        self.key_name = check_key_name(key_name)[:_MAX_PREFIX]
         self.alg = Algorithm.parse(alg)
+        if purpose == "x509-ca" and self.alg is Algorithm.EdDSA:
+            # X.509 SVID verifiers (Go crypto/x509 in SPIRE) take ECDSA and RSA CAs only.
+            raise SigningKeyError(
+                "a CA key must be ECDSA or RSA, not EdDSA", code="signing_key_alg"
+            )
         self.propagation_delay = seconds(propagation_delay, name="propagation_delay")
-        self.ca_ttl = ca_ttl
+        self.ca_ttl = timedelta(seconds=seconds(ca_ttl, name="ca_ttl", minimum=1.0))
         #: How long a key signs before the scheduled :meth:`rotate` replaces it
         #: (default: the CA TTL, so a CA key is replaced before its root expires).
         self.rotation_period = seconds(
@@ -311,7 +317,6 @@ def trust_bundle(trust_domain: TrustDomain, *managers: SigningKeys) -> TrustBund
 def _ca_key(key: StoreKey) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
     private = key.private_key()
     if not isinstance(private, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        # X.509 SVID verifiers (Go crypto/x509 in SPIRE) take ECDSA and RSA CAs only.
         raise SigningKeyError(
             f"a CA key must be ECDSA or RSA, not {key.alg.value}", code="signing_key_alg"
         )

@@ -335,3 +335,47 @@ def test_scheduled_rotation_follows_the_period(store: Datastore, key_store: KeyS
     # the old key signed nothing: it goes once servers can no longer hold it
     assert keys.rotate(now=T0 + 5000 + DELAY).kid == nxt[0].kid
     assert [k.kid for k in keys.keys()] == [nxt[0].kid]
+
+
+def test_servers_with_their_own_hsm_sessions_make_one_key(
+    store_url: str, request: pytest.FixtureRequest
+) -> None:
+    """Each server opens its own PKCS#11 store on one SoftHSM token, as servers
+    sharing a network HSM do; keys one makes the others find."""
+    hsm = request.getfixturevalue("softhsm")
+    config = KeyStoreConfig(store="pkcs11", pkcs11_module=hsm.module, pkcs11_uri=hsm.uri)
+    barrier = threading.Barrier(3)
+    active: list[str] = []
+    errors: list[BaseException] = []
+
+    def server() -> None:
+        try:
+            with (
+                Datastore.open(store_url, trust_domain=TRUST_DOMAIN) as ds,
+                open_key_store(config) as ks,
+            ):
+                keys = _manager(ds, ks)
+                barrier.wait()
+                active.append(keys.ensure_active(now=T0).kid)
+                barrier.wait()
+                keys.prepare(now=T0 + 1)
+                barrier.wait()
+                keys.activate(now=T0 + 1 + DELAY)
+                barrier.wait()
+                active.append(keys.current().kid)
+        except BaseException as exc:  # noqa: BLE001 - the main thread asserts on it
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=server) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(set(active[:3])) == 1 and len(set(active[3:])) == 1
+    assert active[0] != active[3]
+    with open_key_store(config) as ks, Datastore.open(store_url, trust_domain=TRUST_DOMAIN) as ds:
+        records = ds.signing_keys.of_purpose("jwt-svid")
+        assert [r.status for r in records] == ["retired", "active"]
+        assert sorted(i.name for i in ks.list()) == sorted(r.key_name for r in records)

@@ -1,0 +1,1 @@
+"""Node attestors (each a pair of halves in its own subpackage)."""

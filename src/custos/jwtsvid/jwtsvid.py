@@ -189,11 +189,7 @@ def mint_jwt_svid(
         mint_jwt_svid(ca_store.get("jwt-ca"), spiffe_id="spiffe://example.org/svc",
                       audience="spiffe://example.org/api", ttl=timedelta(minutes=5))
     """
-    signing_key, alg, kid = signing_key_with_defaults(signing_key, alg, kid)
-    if alg is None:
-        raise JwtArgumentError("give alg=: the signing key's JWK has no alg")
-    if kid is None:
-        raise JwtArgumentError("give kid=: the signing key's JWK has no kid")
+    signing_key, alg, kid = signing_key_with_defaults(signing_key, alg, kid, error=JwtArgumentError)
     if spiffe_id is None or audience is None or ttl is None:
         raise JwtArgumentError("mint_jwt_svid needs spiffe_id, audience and ttl")
     if alg not in ASYMMETRIC_ALGORITHMS:

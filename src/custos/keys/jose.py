@@ -7,6 +7,8 @@ refuses; handing it the public JWK as the key's dict value lets it sign through
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from custos.keys.base import StoreKey
@@ -33,14 +35,23 @@ def joserfc_key(key: StoreKey) -> JoseKey:
 
 
 def signing_key_with_defaults(
-    key: JoseKey | StoreKey, alg: str | None = None, kid: str | None = None
-) -> tuple[JoseKey, str | None, str | None]:
+    key: JoseKey | StoreKey,
+    alg: str | None = None,
+    kid: str | None = None,
+    *,
+    error: Callable[[str], Exception],
+) -> tuple[JoseKey, str, str]:
     """``key`` as a joserfc key, with ``alg`` and ``kid`` taken from its JWK where
-    the caller gave none (``None`` where the JWK has none either: the caller says
-    what is missing in its own error).  A store key's JWK always carries both."""
+    the caller gave none.  Where neither the caller nor the JWK has one, raises
+    ``error(message)`` (the caller's own error class).  A store key's JWK always
+    carries both."""
     jose_key = joserfc_key(key) if isinstance(key, StoreKey) else key
     if alg is None and isinstance(jose_key.alg, str):
         alg = jose_key.alg
     if kid is None and isinstance(jose_key.kid, str):
         kid = jose_key.kid
+    if alg is None:
+        raise error("give alg=: the signing key's JWK has no alg")
+    if kid is None:
+        raise error("give kid=: the signing key's JWK has no kid")
     return jose_key, alg, kid

@@ -362,11 +362,7 @@ def mint_wit(
         mint_wit(ca_store.get("wit-ca"), subject="spiffe://example.org/svc",
                  workload_public_jwk=workload_store.get("svc"), ttl=timedelta(hours=1))
     """
-    signing_key, alg, kid = signing_key_with_defaults(signing_key, alg, kid)
-    if alg is None:
-        raise WitMintError("give alg=: the signing key's JWK has no alg")
-    if kid is None:
-        raise WitMintError("give kid=: the signing key's JWK has no kid")
+    signing_key, alg, kid = signing_key_with_defaults(signing_key, alg, kid, error=WitMintError)
     if subject is None or workload_public_jwk is None or ttl is None:
         raise WitMintError("mint_wit needs subject, workload_public_jwk and ttl")
     try:

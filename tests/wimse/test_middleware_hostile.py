@@ -140,6 +140,8 @@ def hostile_asgi_cases(proof: list[tuple[bytes, bytes]]) -> dict[str, dict[str, 
         "odd_method": {"headers": proof, "method": "G\u00c9T"},
         "bad_content_length": {"headers": [*proof, (b"content-length", b"\xb2")]},
         "huge_content_length": {"headers": [*proof, (b"content-length", b"9" * 400)]},
+        # past int()'s 4300-digit limit: a ValueError, not a 400, before the final review
+        "endless_content_length": {"headers": [*proof, (b"content-length", b"9" * 5000)]},
     }
 
 
@@ -219,6 +221,7 @@ WSGI_CASES: dict[str, dict[str, Any]] = {
     "oversized_content_digest": {"HTTP_CONTENT_DIGEST": "sha-256=:AAAA:," * 5000},
     "bad_content_length": {"CONTENT_LENGTH": "\u00b2"},
     "huge_content_length": {"CONTENT_LENGTH": "9" * 400},
+    "endless_content_length": {"CONTENT_LENGTH": "9" * 5000},
     "negative_content_length": {"CONTENT_LENGTH": "-1"},
     "nul_in_path": {"PATH_INFO": "/pay\x00x"},
 }

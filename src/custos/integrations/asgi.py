@@ -136,9 +136,19 @@ def _single_length(values: Iterable[str] | None) -> int | None:
     distinct = {v.strip() for v in values}
     if len(distinct) != 1:
         return None
-    value = distinct.pop()
+    return content_length(distinct.pop())
+
+
+#: No body limit needs more digits; int() raises ValueError past 4300 digits.
+_MAX_LENGTH_DIGITS = 19
+
+
+def content_length(value: str) -> int | None:
+    """One Content-Length value as a number, or None when it is not one
+    (ASCII digits only, at most 19 of them)."""
     # isascii(): str.isdigit() also accepts digits like "²" that int() refuses.
-    return int(value) if value.isascii() and value.isdigit() else None
+    ok = value.isascii() and value.isdigit() and len(value) <= _MAX_LENGTH_DIGITS
+    return int(value) if ok else None
 
 
 class WimseMiddlewareBase:

@@ -32,6 +32,7 @@ from custos._logging import get_logger
 from custos.integrations.asgi import (
     ResponseBuffer,
     WimseMiddlewareBase,
+    content_length,
     log_refusal,
     request_method,
     sign_response_or_refuse,
@@ -111,9 +112,9 @@ class WimseWSGIMiddleware(WimseMiddlewareBase):
         stream = environ["wsgi.input"]
         declared = environ.get("CONTENT_LENGTH") or ""
         if declared:
-            if not (declared.isascii() and declared.isdigit()):  # "²" is a digit to isdigit()
+            length = content_length(declared)
+            if length is None:
                 raise MalformedRequestError("bad Content-Length")
-            length = int(declared)
             if length > self.max_body:
                 raise BodyTooLargeError("request body over the configured limit")
             body: bytes = stream.read(length) if length else b""

@@ -1127,3 +1127,24 @@ def test_store_resolves_its_tcti_from_the_environment(
     monkeypatch.setenv("CUSTOS_TCTI", "cmd:true")
     with pytest.raises(StoreConfigError, match="CUSTOS_TCTI"):
         TpmKeyStore(key_dir=tmp_path / "keys")
+
+
+def test_listing_keys_never_checked_says_the_tpm_is_lost(
+    swtpm_factory: Callable[..., SwtpmInstance], tmp_path: Path
+) -> None:
+    # Final review of issue 7: list() checks each key against the TPM the first time;
+    # with the TPM gone, every key was "skipped" as if its file were bad and the
+    # listing came back empty, with no error.
+    tpm = swtpm_factory()
+    lister = TpmKeyStore(tcti=tpm.tcti, key_dir=tmp_path / "keys")
+    try:
+        maker = TpmKeyStore(tcti=tpm.tcti, key_dir=tmp_path / "keys")
+        try:
+            maker.create("unseen", "ES256")  # made by another store: never checked by lister
+        finally:
+            maker.close()
+        tpm.kill()
+        with pytest.raises(DeviceUnavailableError):
+            lister.list()
+    finally:
+        lister.close()

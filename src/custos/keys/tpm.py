@@ -53,6 +53,7 @@ from tpm2_pytss.constants import TPMA_OBJECT
 from custos.keys.algorithms import Algorithm
 from custos.keys.base import KeyInfo, KeyStore, check_key_name
 from custos.keys.errors import (
+    DeviceUnavailableError,
     KeyExistsError,
     KeyNotFoundError,
     KeyStoreError,
@@ -250,6 +251,8 @@ class TpmKeyStore(KeyStore):
                 out.append(self._info(check_key_name(name)))
             except KeyNotFoundError:
                 continue  # deleted while we listed
+            except DeviceUnavailableError:
+                raise  # a lost TPM is not a bad file: an empty listing would hide it
             except KeyStoreError as e:
                 # One bad file must not hide the others; say so in the log.
                 log.warning("skipping TPM key file %s: %s", path, e)

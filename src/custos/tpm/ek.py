@@ -74,7 +74,10 @@ def read_nv(ectx: Any, index: int) -> bytes | None:
         chunk = int(cap.data.tpmProperties[0].value) or 512
         data = b""
         while len(data) < size:
-            data += bytes(ectx.nv_read(handle, min(chunk, size - len(data)), len(data)))
+            part = bytes(ectx.nv_read(handle, min(chunk, size - len(data)), len(data)))
+            if not part:  # a broken TPM answering nothing would loop here forever
+                raise TpmError(f"NV index {index:#010x}: the TPM returned no data")
+            data += part
         return data
     finally:
         ectx.tr_close(handle)

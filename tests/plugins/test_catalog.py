@@ -343,3 +343,10 @@ def test_peer_credentials_are_checked() -> None:
         fields: dict[str, Any] = {"pid": 1, "uid": 0, "gid": 0, "pidfd": 3, **bad}
         with pytest.raises(InvalidPeerCredentialsError):
             PeerCredentials(**fields)
+
+
+def test_plugin_settings_never_show_in_repr() -> None:
+    # settings may hold a secret (a join token): a logged PluginConfig must not show it
+    config = PluginConfig("join_token", {"token": "s3cret-join-token"})
+    assert "s3cret" not in repr(config) and "s3cret" not in str(config)
+    assert config.config["token"] == "s3cret-join-token"

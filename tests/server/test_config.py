@@ -274,3 +274,12 @@ def test_good_addresses(address: str, host: str, port: int) -> None:
 def test_a_bool_is_not_a_uid() -> None:
     message = _error(MINIMAL + "[admin]\nallowed_uids = [true]\n").message
     assert message.startswith("server.toml: admin.allowed_uids[0]: ")
+
+
+def test_a_datastore_password_never_shows_in_repr() -> None:
+    # configs get logged; a PostgreSQL URL may carry a password
+    text = MINIMAL + '[datastore]\nurl = "postgresql://custos:hunter2@db.example/custos"\n'
+    config = server_config_from_toml(text)
+    assert "hunter2" in config.datastore.url
+    assert "hunter2" not in repr(config) and "hunter2" not in str(config)
+    assert "hunter2" not in repr(config.datastore)

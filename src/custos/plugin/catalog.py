@@ -70,7 +70,8 @@ class PluginConfig:
     """One configured plugin: its name (the entry point's) and its settings table."""
 
     name: str
-    config: Mapping[str, object] = field(default_factory=dict)
+    # repr=False: settings may hold secrets (a join token, a datastore handle).
+    config: Mapping[str, object] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)

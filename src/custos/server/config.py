@@ -220,7 +220,8 @@ class X509SvidConfig(_Section):
 
 
 class DatastoreConfig(_Section):
-    url: str = f"sqlite:///{DEFAULT_DATA_DIR}/datastore.sqlite3"
+    # repr=False: a PostgreSQL URL may carry a password, and configs get logged.
+    url: str = Field(default=f"sqlite:///{DEFAULT_DATA_DIR}/datastore.sqlite3", repr=False)
 
     @field_validator("url")
     @classmethod

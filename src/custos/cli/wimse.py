@@ -93,7 +93,7 @@ def _load_bundle(path: Path, trust_domain: str) -> BundleSet:
         raise _InputError(e.message, code="bundle_unreadable") from e
     try:
         # The library's one strict reader (duplicate members, NaN, deep nesting
-        # refused), so the command line refuses exactly what TrustBundle does.
+        # refused), so the CLI parses as TrustBundle does (its file cap is 1 MiB, not 4).
         doc = loads_strict(data)
     except ValueError as e:  # UnicodeDecodeError is one
         raise _InputError(

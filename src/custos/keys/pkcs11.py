@@ -25,7 +25,8 @@ Custody grade
     A key is used only if the token generated it and never let its value out:
     ``CKA_LOCAL``, ``CKA_NEVER_EXTRACTABLE``, ``CKA_SENSITIVE`` true and
     ``CKA_EXTRACTABLE`` false, read in one call when the key is first looked up
-    and kept with its ``CKA_ID`` (so never on the signing path).  An imported or
+    and kept with its ``CKA_ID`` (so never on the signing path; a key without
+    ``CKA_ID``, made by another tool, is checked at every lookup).  An imported or
     extractable key is :class:`KeyNotCustodyGradeError`, and ``list()`` leaves it
     out with a warning in the log (as the TPM store's ``list()`` does a key file
     that fails its checks).  A key re-created elsewhere under the same label and

@@ -288,7 +288,7 @@ class SigningKeys:
                 f"{self.purpose} signing key {record.kid} ({record.status}) is missing "
                 f"from the {self.key_store.kind} key store (key name "
                 f"{record.key_name!r}): it was deleted outside custos; restore it, or "
-                "run 'custos server rotate-keys' to replace an active key",
+                "replace an active key with SigningKeys.rotate_now()",
                 code="signing_key_missing",
             ) from None
         return SigningKey(record, handle, self.datastore.trust_domain)

@@ -9,7 +9,7 @@ DEB_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev libtss2-tcti-swtpm0 sof
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?= -n 2
 
-.PHONY: all deps venv demo test bench lint clean
+.PHONY: all deps venv demo test bench lint proto clean
 
 all: test
 
@@ -48,6 +48,12 @@ bench: venv
 lint: venv
 	$(VENV)/bin/ruff check src attestors tests bench
 	$(VENV)/bin/mypy
+
+# The generated gRPC code is committed (a wheel needs no protoc); tests/test_proto.py
+# checks it matches proto/. grpcio-tools' protoc makes *_pb2 and the grpcio stubs,
+# grpclib's plugin the grpclib stubs; the stubs a side does not serve are not kept.
+proto: venv
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m custos._proto.generate src
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist

@@ -31,6 +31,14 @@ def test_expired_rows_are_pruned_and_reusable(store: Datastore) -> None:
     assert store.replay.check_and_store("ns", "v", 1030.0, now=1010.0)
 
 
+def test_prune_removes_only_expired_rows(store: Datastore) -> None:
+    assert store.replay.check_and_store("ns", "old", 1010.0, now=1000.0)
+    assert store.replay.check_and_store("ns", "live", 5000.0, now=1000.0)
+    assert store.replay.prune(now=2000.0) == 1
+    assert not store.replay.check_and_store("ns", "live", 5000.0, now=2001.0)
+    assert store.replay.check_and_store("ns", "old", 5000.0, now=2001.0)
+
+
 @pytest.mark.parametrize(("expires", "now"), [(math.nan, 1.0), (math.inf, 1.0), (5.0, math.nan)])
 def test_non_finite_times_refused(store: Datastore, expires: float, now: float) -> None:
     with pytest.raises(InvalidNumberError):

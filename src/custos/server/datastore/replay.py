@@ -3,15 +3,18 @@
 
 Each proof is one row keyed by SHA-256(namespace NUL value); the primary key
 makes the insert the check: of two servers storing one proof, the second's
-insert fails and it sees a replay. Expired rows are pruned in the same
-transaction, before the insert, so an expired proof id may be used again.
+insert fails and it sees a replay. The proof's own row, if expired, is deleted
+in the same transaction before the insert, so an expired proof id may be used
+again; every other expired row is pruned at most once a minute per cache
+(a delete of all expired rows on every check made concurrent servers queue on
+each other's row locks).
 """
 
 from __future__ import annotations
 
 import time
 
-from sqlalchemy import Engine, delete, insert
+from sqlalchemy import Engine, and_, delete, insert
 from sqlalchemy.exc import IntegrityError
 
 from custos.server.datastore.database import transaction
@@ -19,10 +22,24 @@ from custos.server.datastore.errors import DatastoreUnavailableError
 from custos.server.datastore.schema import replay
 from custos.wimse.replay import ReplayCacheUnavailableError, check_finite_times, entry_key
 
+#: Seconds between two prunes of every expired row (per cache object).
+PRUNE_INTERVAL = 60.0
+
 
 class DatastoreReplayCache:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._next_prune = 0.0
+
+    def prune(self, *, now: float | None = None) -> int:
+        """Delete every expired row; returns how many went."""
+        at = time.time() if now is None else now
+        check_finite_times(at, None)
+        try:
+            with transaction(self._engine) as conn:
+                return conn.execute(delete(replay).where(replay.c.expires_at <= at)).rowcount
+        except DatastoreUnavailableError as exc:
+            raise ReplayCacheUnavailableError(exc.message) from None
 
     def check_and_store(
         self, namespace: str, value: str, expires_at: float, *, now: float | None = None
@@ -30,9 +47,15 @@ class DatastoreReplayCache:
         check_finite_times(expires_at, now)
         at = time.time() if now is None else now
         key = entry_key(namespace, value).hex()
+        # The monotonic clock paces pruning: `now` may be a verifier's pinned time.
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PRUNE_INTERVAL
+            self.prune(now=at)
         try:
             with transaction(self._engine) as conn:
-                conn.execute(delete(replay).where(replay.c.expires_at <= at))
+                conn.execute(
+                    delete(replay).where(and_(replay.c.key == key, replay.c.expires_at <= at))
+                )
                 if expires_at <= at:
                     return True  # already expired: nothing to remember
                 conn.execute(insert(replay).values(key=key, expires_at=expires_at))

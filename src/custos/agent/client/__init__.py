@@ -1,0 +1,7 @@
+"""The Agent API client: node attestation (:mod:`.attest`, :mod:`.channel`), the
+authenticated calls (:mod:`.calls`), the entry and bundle streams (:mod:`.streams`)
+and one error type for every refusal the server sends (:mod:`.errors`).
+
+Modules are imported on use (``from custos.agent.client.calls import AgentApiClient``):
+grpcio is the ``server`` extra's dependency, and importing this package must not need it.
+"""

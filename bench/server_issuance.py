@@ -1,0 +1,127 @@
+"""Server benchmark (issue 8, "Speed"): X.509-SVID issuance through the Agent API.
+
+The measured case is one ``BatchNewX509SVID`` call of 100 CSRs made by a real agent
+client (WIT + a fresh WPT per call, TLS to a real ``custos server run`` process, the
+issuer's entitlement check, audit rows, the datastore) — what an agent pays when it
+renews 100 workload identities at once.
+
+The limit is what no server can avoid: for the same 100 CSRs, ``cryptography`` alone
+loads each CSR, checks its signature (proof of possession) and builds and signs a
+certificate with the same profile, with a CA key of the same type (EC P-256, what
+``custos server init`` configures). The two are measured in alternating rounds, as the
+key-store rows are, so load hits both alike. The ratio printed is p50(server) /
+p50(limit); the issue's aim "≥ 50% of the limit" is a ratio ≤ 2.0x.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+#: CSRs per call, as the issue asks.
+BATCH = 100
+
+
+def make_csrs(n: int = BATCH) -> list[bytes]:
+    """``n`` DER CSRs, each for a fresh P-256 key (what an agent's ``memory`` tier makes).
+
+    The subject is a throwaway: only the public key is used (decision 0003).
+    """
+    out = []
+    for _ in range(n):
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")]))
+            .sign(key, hashes.SHA256())
+        )
+        out.append(csr.public_bytes(Encoding.DER))
+    return out
+
+
+def _ca(trust_domain: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "bench")])
+    now = datetime.now(UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
+            critical=False,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+_SVID_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+_EKU = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+
+
+def limit_batch(csrs: Sequence[bytes], trust_domain: str = "bench.example") -> Callable[[], None]:
+    """One call = the in-process limit for one batch: every CSR loaded, its
+    signature checked, and an X.509-SVID with custos' profile (one URI SAN,
+    cA=FALSE, keyUsage, EKU, SKI, AKI, 128-bit serial) built and signed by an
+    EC P-256 CA key. Nothing else: no policy, no datastore, no audit, no wire."""
+    key, ca_cert = _ca(trust_domain)
+    issuer = ca_cert.subject
+    aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+        ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    )
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "custos")])
+    ids = [f"spiffe://{trust_domain}/workload/{i}" for i in range(len(csrs))]
+
+    def run() -> None:
+        now = datetime.now(UTC)
+        for der, spiffe_id in zip(csrs, ids, strict=True):
+            csr = x509.load_der_x509_csr(der)
+            if not csr.is_signature_valid:
+                raise AssertionError("bench CSR does not verify")
+            public = csr.public_key()
+            (
+                x509.CertificateBuilder()
+                .subject_name(subject)
+                .issuer_name(issuer)
+                .public_key(public)
+                .serial_number(secrets.randbits(128) or 1)
+                .not_valid_before(now - timedelta(seconds=10))
+                .not_valid_after(now + timedelta(hours=1))
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(_SVID_KEY_USAGE, critical=True)
+                .add_extension(_EKU, critical=False)
+                .add_extension(
+                    x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
+                    critical=False,
+                )
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+                .add_extension(aki, critical=False)
+                .sign(key, hashes.SHA256())
+            )
+
+    return run

@@ -37,6 +37,9 @@ from custos.server.datastore.schema import entries, entry_changes, entry_selecto
 #: with selectors G gets), superset S >= G, any: S and G share one.
 SelectorMatch = Literal["exact", "subset", "superset", "any"]
 _MATCHES = ("exact", "subset", "superset", "any")
+#: Parents per query in :meth:`EntryRepository.list_by_parents`: well under
+#: SQLite's and PostgreSQL's bound-parameter limits.
+PARENT_BATCH = 500
 
 
 class EntryRepository:
@@ -134,6 +137,22 @@ class EntryRepository:
             return found
         return [e for e in found if _matches(frozenset(e.selectors), wanted, match)]
 
+    def list_by_parents(
+        self, parent_ids: Iterable[SpiffeId | str]
+    ) -> builtins.list[RegistrationEntry]:
+        """Entries whose parent is any of ``parent_ids``: one query per
+        :data:`PARENT_BATCH` parents, not one per parent (the entitlement walk
+        asks for a whole level of the tree at once)."""
+        wanted = sorted(
+            {str(records.member_id(p, self._trust_domain, "parent_id")) for p in parent_ids}
+        )
+        found: builtins.list[RegistrationEntry] = []
+        with transaction(self._engine, read_only=True) as conn:
+            for start in range(0, len(wanted), PARENT_BATCH):
+                batch = wanted[start : start + PARENT_BATCH]
+                found.extend(_load(conn, entries.c.parent_id.in_(batch)))
+        return found
+
     def count(self) -> int:
         with transaction(self._engine, read_only=True) as conn:
             return int(conn.execute(select(func.count()).select_from(entries)).scalar_one())
@@ -225,7 +244,13 @@ def _lock_feed(conn: Connection) -> None:
 def _record_change(conn: Connection, entry_id: str, op: str) -> int:
     _lock_feed(conn)
     result = conn.execute(insert(entry_changes).values(entry_id=entry_id, op=op, at=time.time()))
-    return inserted_key(result)
+    seq = inserted_key(result)
+    if conn.dialect.name == "postgresql":
+        # Every server LISTENs on this channel (custos.server.events). NOTIFY is
+        # transactional: it is delivered when this write commits, never for a
+        # write that rolls back.
+        conn.execute(text("SELECT pg_notify('custos_entries', :seq)"), {"seq": str(seq)})
+    return seq
 
 
 def _raise_missing_or_stale(conn: Connection, entry_id: str) -> None:
@@ -266,18 +291,25 @@ def _insert_selectors(conn: Connection, entry: RegistrationEntry) -> None:
 
 
 def _load(conn: Connection, where: Any) -> list[RegistrationEntry]:
-    query = select(entries).order_by(entries.c.id)
+    # One statement (entries joined with their selectors): one round trip, and
+    # under PostgreSQL's READ COMMITTED a second statement could see another
+    # writer's newer selectors beside this one's older row.
+    query = (
+        select(entries, entry_selectors.c.type.label("sel_type"), entry_selectors.c.value)
+        .select_from(entries.outerjoin(entry_selectors, entry_selectors.c.entry_id == entries.c.id))
+        .order_by(entries.c.id)
+    )
     if where is not None:
         query = query.where(where)
-    rows = conn.execute(query).all()
-    if not rows:
-        return []
-    by_entry: dict[str, list[Selector]] = {r.id: [] for r in rows}
-    for sel in conn.execute(
-        select(entry_selectors).where(entry_selectors.c.entry_id.in_(list(by_entry)))
-    ).all():
-        by_entry[sel.entry_id].append(Selector(sel.type, sel.value))
-    return [_from_row(r, by_entry[r.id]) for r in rows]
+    rows: dict[str, Row[Any]] = {}
+    by_entry: dict[str, list[Selector]] = {}
+    for r in conn.execute(query).all():
+        if r.id not in rows:
+            rows[r.id] = r
+            by_entry[r.id] = []
+        if r.sel_type is not None:
+            by_entry[r.id].append(Selector(r.sel_type, r.value))
+    return [_from_row(r, by_entry[key]) for key, r in rows.items()]
 
 
 def _from_row(r: Row[Any], selectors: list[Selector]) -> RegistrationEntry:

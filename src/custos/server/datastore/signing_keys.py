@@ -81,6 +81,7 @@ class SigningKeyRepository:
                 return _record(row), False
             record = make()
             conn.execute(insert(signing_keys).values(**record.__dict__))
+            _bundle_changed(conn, purpose)
             return record, True
 
     def activate(
@@ -92,6 +93,7 @@ class SigningKeyRepository:
             row = conn.execute(_of(purpose, "published")).first()
             if row is None or row.published_at > published_before:
                 return None
+            _bundle_changed(conn, purpose)
             return _switch(conn, purpose, row.kid, now)
 
     def activate_now(
@@ -109,6 +111,7 @@ class SigningKeyRepository:
                 row = conn.execute(_of(purpose, "active")).first()
                 if row is not None:
                     return _record(row), False
+            _bundle_changed(conn, purpose)
             row = conn.execute(_of(purpose, "published")).first()
             if row is not None:
                 return _switch(conn, purpose, row.kid, now), False
@@ -177,7 +180,15 @@ class SigningKeyRepository:
                 conn.execute(
                     delete(signing_keys).where(signing_keys.c.kid.in_([r.kid for r in rows]))
                 )
+                _bundle_changed(conn, purpose)
         return [_record(r) for r in rows]
+
+
+def _bundle_changed(conn: Connection, purpose: str) -> None:
+    """Tell every server (custos.server.events LISTENs on ``custos_bundle``) that
+    the keys in the bundle changed; PostgreSQL delivers it only if this commits."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_notify('custos_bundle', :p)"), {"p": purpose})
 
 
 def _switch(conn: Connection, purpose: str, kid: str, now: float) -> SigningKeyRecord:

@@ -1,15 +1,20 @@
-"""``custos server``: write a single-machine configuration, and check one.
+"""``custos server``: write a single-machine configuration, check one, run the
+server, ask a running one whether it is healthy.
 
-``server run`` (a later slice) loads its file with the same
-:func:`custos.server.config.load_server_config`, so ``check-config`` says exactly
-what ``run`` would refuse.
+``server run`` loads its file with the same
+:func:`custos.server.config.load_server_config` as ``check-config``, so
+``check-config`` says exactly what ``run`` would refuse.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
+
 import click
 
-from custos.server.config import load_server_config
+from custos.server.config import AdminConfig, load_server_config
 from custos.server.init import init_server
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -17,7 +22,7 @@ _CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 @click.group(context_settings=_CONTEXT)
 def server() -> None:
-    """The custos server: configuration (init, check-config)."""
+    """The custos server: configuration (init, check-config), run, healthcheck."""
 
 
 @server.command("init", context_settings=_CONTEXT)
@@ -49,3 +54,76 @@ def check_config_cmd(config_path: str) -> None:
     """Validate a server configuration: prints "ok", or one line naming the bad key."""
     load_server_config(config_path)
     click.echo("ok")
+
+
+_CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    required=True,
+    envvar="CUSTOS_SERVER_CONFIG",
+    show_envvar=True,
+    help="the server's TOML configuration file",
+)
+
+
+@server.command("run", context_settings=_CONTEXT)
+@_CONFIG_OPTION
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="log records at this level and above go to stderr",
+)
+def run_cmd(config_path: str, log_level: str) -> None:
+    """Run the server in the foreground until SIGTERM or SIGINT.
+
+    Prints "custos server ready: ..." with its addresses on stdout once it serves.
+    """
+    from custos.server.run import configure_logging, ready_line, run_server
+
+    config = load_server_config(config_path)
+    configure_logging(log_level)
+
+    def ready(srv: object) -> None:
+        click.echo(ready_line(srv))  # type: ignore[arg-type]
+        sys.stdout.flush()
+
+    asyncio.run(run_server(config, on_ready=ready))
+
+
+@server.command("healthcheck", context_settings=_CONTEXT)
+@click.option(
+    "--admin-socket",
+    envvar="CUSTOS_ADMIN_SOCKET",
+    show_envvar=True,
+    default=None,
+    help="the server's admin socket (a path or unix:// URL); default: the one in "
+    "--config, else " + str(AdminConfig().socket),
+)
+@click.option(
+    "--config",
+    "config_path",
+    envvar="CUSTOS_SERVER_CONFIG",
+    default=None,
+    help="read the admin socket path from this server configuration",
+)
+@click.option("--verbose", "-v", is_flag=True, help="say why it is unhealthy")
+def healthcheck_cmd(admin_socket: str | None, config_path: str | None, verbose: bool) -> None:
+    """Exit 0 when the server answers its gRPC health check with SERVING, else 1."""
+    from custos.server.health import admin_health
+
+    if admin_socket is not None:
+        path = admin_socket.removeprefix("unix://")
+    elif config_path is not None:
+        path = str(load_server_config(config_path).admin.socket)
+    else:
+        path = str(AdminConfig().socket)
+    if asyncio.run(admin_health(path)):
+        click.echo("server is healthy")
+        return
+    if verbose or not os.path.exists(path):
+        click.echo(f"server is unhealthy: no SERVING answer on {path}", err=True)
+    else:
+        click.echo("server is unhealthy", err=True)
+    sys.exit(1)

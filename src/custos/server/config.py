@@ -49,6 +49,11 @@ MAX_CONFIG_BYTES = 256 * 1024
 
 DEFAULT_DATA_DIR = Path("/var/lib/custos/server")
 DEFAULT_AGENT_API_ADDRESS = "127.0.0.1:8081"
+DEFAULT_AGENT_API_DNS_NAME = "custos-server"
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Below 64 KiB one attestation message would not fit; above 64 MiB is a typo.
+MIN_MESSAGE_BYTES = 64 * 1024
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 _DAY = 86400.0
 # A TTL above these is a typo (a missing unit, an extra zero), not a policy.
@@ -288,14 +293,42 @@ def parse_address(value: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def check_dns_name(value: str) -> str:
+    """A DNS host name (letters, digits, hyphens; dot-separated labels; no wildcard)."""
+    labels = value.removesuffix(".").split(".")
+    if not value or len(value) > 253 or not all(_HOST_LABEL_RE.fullmatch(x) for x in labels):
+        raise PydanticCustomError(
+            "dns_name", "must be a DNS name such as custos-server or custos.example.org"
+        )
+    return value.removesuffix(".").lower()
+
+
+def _optional_address(value: str | None) -> str | None:
+    if value is not None:
+        parse_address(value)
+    return value
+
+
 class AgentApiConfig(_Section):
     address: str = DEFAULT_AGENT_API_ADDRESS
+    #: The DNS SAN of the server's TLS certificate: agents verify it (grpcio checks
+    #: only DNS and IP SANs), and no workload certificate or entry may carry it.
+    dns_name: str = DEFAULT_AGENT_API_DNS_NAME
+    #: The largest gRPC message the Agent API receives or sends (a batch of CSRs).
+    max_message_bytes: Annotated[
+        int, Field(ge=MIN_MESSAGE_BYTES, le=MAX_MESSAGE_BYTES, strict=True)
+    ] = DEFAULT_MAX_MESSAGE_BYTES
 
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
         parse_address(value)
         return value
+
+    @field_validator("dns_name")
+    @classmethod
+    def _dns_name(cls, value: str) -> str:
+        return check_dns_name(value)
 
     @property
     def host(self) -> str:
@@ -325,6 +358,91 @@ class AdminConfig(_Section):
         return frozenset((0, *self.allowed_uids))
 
 
+class JoinTokenConfig(_Section):
+    #: Lifetime of a join token when ``custos token generate`` is given no ``--ttl``.
+    default_ttl: SvidTtl = timedelta(minutes=10)
+
+
+class HttpConfig(_Section):
+    """The plain-HTTP operations listener: ``/metrics`` and ``/healthz``; off when
+    ``address`` is not set."""
+
+    address: str | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        return _optional_address(value)
+
+
+class FederationConfig(_Section):
+    """The SPIFFE federation bundle endpoint (``https_web`` profile): the trust
+    domain's bundle as SPIFFE bundle JSON over TLS, with a web-PKI certificate the
+    operator gives.  Off when ``address`` is not set."""
+
+    address: str | None = None
+    cert_file: ConfigPath | None = None
+    key_file: ConfigPath | None = None
+    #: ``spiffe_refresh_hint`` of the served bundle.
+    refresh_hint: SvidTtl = timedelta(minutes=5)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        return _optional_address(value)
+
+    @field_validator("cert_file", "key_file")
+    @classmethod
+    def _files_absolute(cls, value: Path | None) -> Path | None:
+        return None if value is None else _absolute(value)
+
+    @model_validator(mode="after")
+    def _complete(self) -> FederationConfig:
+        if self.address is not None and (self.cert_file is None or self.key_file is None):
+            raise PydanticCustomError(
+                "federation_tls",
+                "the https_web federation endpoint needs cert_file and key_file "
+                "(a web-PKI certificate chain and its key, PEM)",
+            )
+        return self
+
+
+class EventsConfig(_Section):
+    #: How often a server re-reads the entry change sequence even without a
+    #: notification (a safety net for a lost PostgreSQL NOTIFY; SQLite's only source
+    #: of other processes' writes).
+    poll_interval: SvidTtl = timedelta(seconds=5)
+
+
+def _plugin_settings(value: object) -> dict[str, dict[str, object]]:
+    if not isinstance(value, dict):
+        raise PydanticCustomError("node_attestors", "must be a table of [node_attestors.<name>]")
+    out: dict[str, dict[str, object]] = {}
+    for name, settings in value.items():
+        if not isinstance(settings, dict):
+            raise PydanticCustomError(
+                "node_attestors",
+                "[node_attestors.{name}] must be a table of settings",
+                {"name": str(name)[:64]},
+            )
+        enabled = settings.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise PydanticCustomError(
+                "node_attestors",
+                "node_attestors.{name}.enabled must be true or false",
+                {"name": str(name)[:64]},
+            )
+        if "datastore" in settings:
+            raise PydanticCustomError(
+                "node_attestors",
+                "node_attestors.{name}.datastore is given to the plugin by the server, "
+                "not by the file",
+                {"name": str(name)[:64]},
+            )
+        out[str(name)] = dict(settings)
+    return out
+
+
 class ServerConfig(_Section):
     """The whole server configuration (``server.toml``)."""
 
@@ -336,6 +454,25 @@ class ServerConfig(_Section):
     datastore: DatastoreConfig = DatastoreConfig()
     agent_api: AgentApiConfig = AgentApiConfig()
     admin: AdminConfig = AdminConfig()
+    join_token: JoinTokenConfig = JoinTokenConfig()
+    http: HttpConfig = HttpConfig()
+    federation: FederationConfig = FederationConfig()
+    events: EventsConfig = EventsConfig()
+    #: ``[node_attestors.<name>]``: settings per server node attestor (plugin name);
+    #: ``enabled = false`` turns one off.  ``join_token`` is on unless turned off.
+    node_attestors: Annotated[dict[str, dict[str, object]], PlainValidator(_plugin_settings)] = (
+        Field(default_factory=dict, repr=False)
+    )
+
+    def node_attestor_settings(self) -> dict[str, dict[str, object]]:
+        """The enabled node attestors and their settings (``enabled`` removed);
+        ``join_token`` first unless the file turns it off."""
+        tables = {"join_token": {}, **self.node_attestors}
+        return {
+            name: {k: v for k, v in settings.items() if k != "enabled"}
+            for name, settings in tables.items()
+            if settings.get("enabled", True)
+        }
 
     @model_validator(mode="after")
     def _svid_fits_ca(self) -> ServerConfig:
@@ -403,6 +540,10 @@ __all__ = [
     "AgentApiConfig",
     "CaConfig",
     "DatastoreConfig",
+    "EventsConfig",
+    "FederationConfig",
+    "HttpConfig",
+    "JoinTokenConfig",
     "JwtSvidConfig",
     "ServerConfig",
     "ServerConfigError",
@@ -410,6 +551,7 @@ __all__ = [
     "WitConfig",
     "X509SvidConfig",
     "check_datastore_url",
+    "check_dns_name",
     "format_duration",
     "load_server_config",
     "parse_address",

@@ -16,6 +16,13 @@ Fixtures:
   re-initialization when a store first opens it.
 - ``postgres`` (session) / ``postgres_db`` (function): a throwaway PostgreSQL
   server (:mod:`custos.testing.postgres`) and a fresh database URL on it per test.
+- ``server_rig_factory`` / ``server_config_factory`` (function): a custos server
+  configuration with free ports in a short private directory
+  (:class:`custos.testing.server.ServerRig`); ``server_config_factory(datastore_url=None,
+  **rig_options)`` returns its :class:`~custos.server.config.ServerConfig` (SQLite by
+  default, or give ``postgres_db``'s URL), ``server_rig_factory`` the rig itself (for
+  :class:`~custos.testing.server.ServerProcess`). Run one in the test's loop with
+  ``async with running_server(config) as srv``.
 - ``softhsm_session`` (session): one token shared by the whole session (per
   xdist worker), for test modules that create many keys and do not need an
   empty token (give keys unique names).
@@ -37,7 +44,9 @@ from pathlib import Path
 
 import pytest
 
+from custos.server.config import ServerConfig
 from custos.testing.postgres import PostgresServer, start_postgres
+from custos.testing.server import ServerRig
 from custos.testing.softhsm import SoftHSMToken, find_module, init_token, write_config
 from custos.testing.swtpm import (
     DockerSwtpm,
@@ -207,3 +216,38 @@ def postgres_db(postgres: PostgresServer) -> Iterator[str]:
         yield url
     finally:
         postgres.drop_database(url.rsplit("/", 1)[1])
+
+
+# ---- custos server -------------------------------------------------------------
+
+ServerRigFactory = Callable[..., ServerRig]
+
+
+@pytest.fixture
+def server_rig_factory() -> Iterator[ServerRigFactory]:
+    """``make(datastore_url=None, trust_domain="example.org", with_http=False,
+    sections={...})`` -> :class:`ServerRig` in a fresh short temp directory (removed
+    at teardown; stop the servers you started first)."""
+    made: list[ServerRig] = []
+
+    def make(**options: object) -> ServerRig:
+        rig = ServerRig.create(**options)
+        made.append(rig)
+        return rig
+
+    try:
+        yield make
+    finally:
+        for rig in made:
+            rig.destroy()
+
+
+@pytest.fixture
+def server_config_factory(server_rig_factory: ServerRigFactory) -> Callable[..., ServerConfig]:
+    """``make(datastore_url=None, **rig_options)`` -> a validated server configuration
+    (see :class:`custos.testing.server.ServerRig`)."""
+
+    def make(datastore_url: str | None = None, **options: object) -> ServerConfig:
+        return server_rig_factory(datastore_url=datastore_url, **options).config()
+
+    return make

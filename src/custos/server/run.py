@@ -1,0 +1,63 @@
+"""``custos server run``: the server in the foreground until SIGTERM or SIGINT.
+
+Logs go to stderr, one line per event (``time level logger: message``; audit events
+are JSON documents on the ``custos.audit`` logger).  When everything listens, one
+line on stdout says so with the addresses, for scripts and supervisors to wait on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+from custos.server.app import Server
+from custos.server.config import ServerConfig
+
+#: The first words of the line printed when the server is ready.
+READY_LINE = "custos server ready"
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str = "info") -> None:
+    """stderr, one line per record, at *level* (debug | info | warning | error)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def ready_line(srv: Server) -> str:
+    parts = [f"agent_api={srv.agent_api_address}", f"admin_socket={srv.admin_socket}"]
+    if srv.http_address is not None:
+        parts.append(f"http={srv.http_address}")
+    if srv.federation_address is not None:
+        parts.append(f"federation={srv.federation_address}")
+    return f"{READY_LINE}: " + " ".join(parts)
+
+
+async def run_server(
+    config: ServerConfig, *, on_ready: Callable[[Server], None] | None = None
+) -> None:
+    """Start, report ready, serve until SIGTERM/SIGINT, stop cleanly."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        async with Server(config) as srv:
+            if on_ready is not None:
+                on_ready(srv)
+            await stopping.wait()
+            logging.getLogger(__name__).info("stopping (signal received)")
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+__all__ = ["READY_LINE", "configure_logging", "ready_line", "run_server"]

@@ -1,0 +1,179 @@
+"""The composition root: start, serve, stop, start again; the Agent API's TLS and
+health; the operations listener."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import urllib.request
+from collections.abc import Callable
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from custos.bundle import TrustBundle
+from custos.server.app import Server, ServerStartError
+from custos.server.config import ServerConfig
+from custos.server.health import HealthCheckRequest, HealthCheckResponse
+from custos.testing.server import ServerRig, running_server
+
+ConfigFactory = Callable[..., ServerConfig]
+RigFactory = Callable[..., ServerRig]
+
+
+def _roots(bundle: TrustBundle) -> bytes:
+    return b"".join(c.public_bytes(Encoding.PEM) for c in bundle.x509_authorities)
+
+
+async def agent_api_health(srv: Server, *, server_name: str | None = None) -> int:
+    """The overall status over the Agent API's TLS, verified against the bundle."""
+    creds = grpc.ssl_channel_credentials(root_certificates=_roots(srv.ctx.bundle()))
+    name = server_name or srv.config.agent_api.dns_name
+    async with grpc.aio.secure_channel(
+        srv.agent_api_address, creds, options=[("grpc.ssl_target_name_override", name)]
+    ) as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=HealthCheckRequest.SerializeToString,
+            response_deserializer=HealthCheckResponse.FromString,
+        )
+        reply = await check(HealthCheckRequest(service=""), timeout=10)
+        return int(reply.status)
+
+
+async def peer_certificate(address: str) -> x509.Certificate:
+    import ssl
+
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    _, writer = await asyncio.open_connection(host, int(port), ssl=context)
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    return x509.load_der_x509_certificate(der)
+
+
+def test_agent_api_serves_tls_with_the_server_svid_and_health(
+    server_config_factory: ConfigFactory,
+) -> None:
+    config = server_config_factory()
+
+    async def run() -> None:
+        async with running_server(config) as srv:
+            assert await agent_api_health(srv) == HealthCheckResponse.SERVING
+            leaf = await peer_certificate(srv.agent_api_address)
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+                "spiffe://example.org/custos/server"
+            ]
+            assert san.get_values_for_type(x509.DNSName) == ["custos-server"]
+            # A client that expects another name is refused by TLS itself.
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await agent_api_health(srv, server_name="not-custos")
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    asyncio.run(run())
+
+
+def test_the_tls_certificate_is_renewed_without_closing_the_port(
+    server_config_factory: ConfigFactory,
+) -> None:
+    config = server_config_factory()
+
+    async def run() -> None:
+        async with running_server(config) as srv:
+            before = await peer_certificate(srv.agent_api_address)
+            await srv.renew_tls(force=True)
+            after = await peer_certificate(srv.agent_api_address)
+            assert after.serial_number != before.serial_number
+            assert await agent_api_health(srv) == HealthCheckResponse.SERVING
+
+    asyncio.run(run())
+
+
+def test_start_stop_twice_keeps_the_keys(server_config_factory: ConfigFactory) -> None:
+    config = server_config_factory()
+
+    async def run() -> tuple[TrustBundle, TrustBundle]:
+        async with running_server(config) as srv:
+            first = srv.ctx.bundle()
+        srv = Server(config)
+        await srv.start()
+        try:
+            second = srv.ctx.bundle()
+            assert await agent_api_health(srv) == HealthCheckResponse.SERVING
+        finally:
+            await srv.stop()
+            await srv.stop()  # idempotent
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert first.x509_authorities == second.x509_authorities
+    assert [a.kid for a in first.jwt_authorities] == [a.kid for a in second.jwt_authorities]
+
+
+def test_a_started_server_refuses_a_second_start(server_config_factory: ConfigFactory) -> None:
+    config = server_config_factory()
+
+    async def run() -> None:
+        async with running_server(config) as srv:
+            with pytest.raises(ServerStartError, match="already started"):
+                await srv.start()
+
+    asyncio.run(run())
+
+
+def test_agent_api_port_in_use_is_one_line_and_nothing_stays_open(
+    server_config_factory: ConfigFactory,
+) -> None:
+    config = server_config_factory()
+    with socket.socket() as taken:
+        taken.bind((config.agent_api.host, config.agent_api.port))
+        taken.listen()
+
+        async def run() -> None:
+            srv = Server(config)
+            with pytest.raises(ServerStartError) as info:
+                await srv.start()
+            assert info.value.message.startswith("agent_api.address: cannot listen on")
+            assert "\n" not in info.value.message
+
+        asyncio.run(run())
+    # Everything opened before the failure was closed: the same config starts now.
+
+    async def again() -> None:
+        async with running_server(config) as srv:
+            assert await agent_api_health(srv) == HealthCheckResponse.SERVING
+
+    asyncio.run(again())
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return int(r.status), bytes(r.read())
+    except urllib.error.HTTPError as e:
+        return int(e.code), bytes(e.read())
+
+
+def test_http_listener_serves_metrics_and_healthz(server_config_factory: ConfigFactory) -> None:
+    config = server_config_factory(with_http=True)
+
+    async def run() -> None:
+        async with running_server(config) as srv:
+            base = f"http://{srv.http_address}"
+            status, body = await asyncio.to_thread(_get, base + "/healthz")
+            assert (status, body) == (200, b"ok\n")
+            status, body = await asyncio.to_thread(_get, base + "/metrics")
+            assert status == 200
+            assert b"custos_server_issued" in body
+            status, _ = await asyncio.to_thread(_get, base + "/nope")
+            assert status == 404
+            srv.health.set("", False)
+            status, _ = await asyncio.to_thread(_get, base + "/healthz")
+            assert status == 503
+
+    asyncio.run(run())

@@ -32,6 +32,26 @@ url = {datastore_url}
 
 [agent_api]
 address = {agent_api}
+# The DNS name in the server's TLS certificate; agents connect with it as server name.
+dns_name = "custos-server"
+max_message_bytes = 4194304
+
+# Prometheus /metrics and /healthz over plain HTTP (off unless an address is set):
+# [http]
+# address = "127.0.0.1:8082"
+
+# The SPIFFE federation bundle endpoint (https_web), with a web-PKI certificate:
+# [federation]
+# address = "0.0.0.0:8443"
+# cert_file = "/etc/custos/federation.crt"
+# key_file = "/etc/custos/federation.key"
+
+[join_token]
+default_ttl = "10m"
+
+# Node attestors (server halves) and their settings; join_token is on by default.
+[node_attestors.join_token]
+enabled = true
 
 [admin]
 socket = {admin_socket}

@@ -1,0 +1,141 @@
+"""``custos server run`` and ``custos server healthcheck`` as an operator runs them,
+and the configuration keys the server added (each mistake: one line naming the key)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cli_runner import run_custos
+from custos.server.config import ServerConfigError, server_config_from_toml
+from custos.testing.server import ServerProcess, ServerRig, ServerRigError
+
+RigFactory = Callable[..., ServerRig]
+
+KEYS = """
+[ca]
+key_name = "ca"
+[ca.key_store]
+store = "exportable"
+key_dir = "/var/lib/custos/keys"
+[jwt_svid]
+key_name = "jwt"
+[jwt_svid.key_store]
+store = "exportable"
+key_dir = "/var/lib/custos/keys"
+[wit]
+key_name = "wit"
+[wit.key_store]
+store = "exportable"
+key_dir = "/var/lib/custos/keys"
+"""
+MINIMAL = 'trust_domain = "example.org"\n' + KEYS
+
+
+@pytest.mark.parametrize(
+    ("extra", "where"),
+    [
+        ('[agent_api]\ndns_name = "not a name"', "agent_api.dns_name:"),
+        ('[agent_api]\ndns_name = "*.example.org"', "agent_api.dns_name:"),
+        ("[agent_api]\ndns_name = 7", "agent_api.dns_name:"),
+        ("[agent_api]\nmax_message_bytes = 10", "agent_api.max_message_bytes:"),
+        ("[agent_api]\nmax_message_bytes = 1e9", "agent_api.max_message_bytes:"),
+        ('[agent_api]\nmax_message_bytes = "4MiB"', "agent_api.max_message_bytes:"),
+        ('[http]\naddress = "localhost"', "http.address:"),
+        ('[http]\naddress = "127.0.0.1:0"', "http.address:"),
+        ("[http]\nport = 1", "http.port: unknown key"),
+        ('[federation]\naddress = "127.0.0.1:8443"', "federation:"),
+        ('[federation]\naddress = "127.0.0.1:8443"\ncert_file = "c.pem"', "federation.cert_file:"),
+        ('[federation]\nrefresh_hint = "0s"', "federation.refresh_hint:"),
+        ('[join_token]\ndefault_ttl = "forever"', "join_token.default_ttl:"),
+        ("[join_token]\ndefault_ttl = 0", "join_token.default_ttl:"),
+        ('[events]\npoll_interval = "nan"', "events.poll_interval:"),
+        ("[events]\npoll = 1", "events.poll: unknown key"),
+        ("node_attestors = 3", "node_attestors:"),
+        ("[node_attestors]\njoin_token = 1", "[node_attestors.join_token] must be a table"),
+        ('[node_attestors.tpm]\nenabled = "yes"', "node_attestors.tpm.enabled must be"),
+        ('[node_attestors.join_token]\ndatastore = "x"', "node_attestors.join_token.datastore"),
+    ],
+)
+def test_a_bad_new_key_is_one_line_naming_it(extra: str, where: str) -> None:
+    with pytest.raises(ServerConfigError) as info:
+        server_config_from_toml(MINIMAL + extra, source="server.toml")
+    message = info.value.message
+    assert "\n" not in message
+    assert message.startswith("server.toml: ")
+    assert where in message
+
+
+def test_the_new_keys_have_their_documented_defaults() -> None:
+    config = server_config_from_toml(MINIMAL)
+    assert config.agent_api.dns_name == "custos-server"
+    assert config.agent_api.max_message_bytes == 4 * 1024 * 1024
+    assert config.join_token.default_ttl.total_seconds() == 600
+    assert config.http.address is None
+    assert config.federation.address is None
+    assert config.events.poll_interval.total_seconds() == 5
+    assert config.node_attestor_settings() == {"join_token": {}}
+
+
+def test_node_attestor_tables_give_settings_and_turn_join_token_off() -> None:
+    config = server_config_from_toml(
+        MINIMAL
+        + '[node_attestors.join_token]\nenabled = false\n[node_attestors.acme]\nregion = "eu"\n'
+    )
+    assert config.node_attestor_settings() == {"acme": {"region": "eu"}}
+
+
+def test_run_with_a_missing_config_is_one_line(tmp_path: Path) -> None:
+    result = run_custos("server", "run", "--config", str(tmp_path / "nope.toml"))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error [server_config]: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_run_with_the_agent_api_port_taken_is_one_line(server_rig_factory: RigFactory) -> None:
+    rig = server_rig_factory()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", rig.agent_api_port))
+        taken.listen()
+        result = run_custos("server", "run", "--config", str(rig.config_path))
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error [server_start]: agent_api.address: cannot listen on")
+    assert "Traceback" not in result.stderr
+
+
+def test_run_serves_until_sigterm_and_healthcheck_says_so(server_rig_factory: RigFactory) -> None:
+    rig = server_rig_factory(with_http=True)
+    with ServerProcess(rig) as proc:
+        log = proc.log_path.read_text()
+        assert f"custos server ready: agent_api={rig.agent_api_address}" in log
+        assert f"http=127.0.0.1:{rig.http_port}" in log
+        ok = run_custos("server", "healthcheck", "--admin-socket", str(rig.admin_socket))
+        assert (ok.returncode, ok.stdout.strip()) == (0, "server is healthy"), ok.stderr
+        by_config = run_custos("server", "healthcheck", "--config", str(rig.config_path))
+        assert by_config.returncode == 0, by_config.stderr
+        assert proc.terminate() == 0
+    assert not rig.admin_socket.exists()
+    down = run_custos(
+        "server", "healthcheck", extra_env={"CUSTOS_ADMIN_SOCKET": f"unix://{rig.admin_socket}"}
+    )
+    assert down.returncode == 1
+    assert "unhealthy" in down.stderr
+
+
+def test_healthcheck_of_a_path_that_is_not_a_socket_fails_cleanly(tmp_path: Path) -> None:
+    plain = tmp_path / "file"
+    plain.write_text("x")
+    result = run_custos("server", "healthcheck", "--admin-socket", str(plain))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_the_rig_reports_a_server_that_exits(server_rig_factory: RigFactory) -> None:
+    rig = server_rig_factory()
+    rig.config_path.write_text(rig.config_path.read_text() + "\n[bogus]\nx = 1\n")
+    with pytest.raises(ServerRigError, match="bogus: unknown key"):
+        ServerProcess(rig).start()

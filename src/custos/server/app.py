@@ -25,13 +25,15 @@ from typing import Any, Protocol
 import grpc
 
 from custos.errors import CustosError
+from custos.identity import SpiffeId
 from custos.keys import KeyStore, open_key_store
 from custos.keys.config import KeyStoreConfig
 from custos.plugin.catalog import PluginConfig, ServerCatalog
 from custos.server.audit import Auditor
 from custos.server.config import ServerConfig
 from custos.server.context import ServerContext, server_id
-from custos.server.datastore import Datastore, DatastoreUnavailableError
+from custos.server.datastore import Agent, Datastore, DatastoreUnavailableError, RegistrationEntry
+from custos.server.entitlement import entries_for_agent
 from custos.server.events import ChangeEvents
 from custos.server.health import OVERALL, AgentApiHealth
 from custos.server.http import HttpListener, Response
@@ -207,10 +209,13 @@ class Server:
             metrics=metrics,
             entitlement=_entitlement(datastore, own_id),
         )
-        events = _construct(ChangeEvents, datastore, config.datastore.url)
-        if hasattr(events, "start"):  # TEMPORARY until SYNC's ChangeEvents lands
-            await events.start()
-            self._closers.append(events.stop)
+        events = ChangeEvents(
+            datastore,
+            config.datastore.url,
+            poll_interval=config.events.poll_interval.total_seconds(),
+        )
+        await events.start()
+        self._closers.append(events.stop)
 
         catalog = ServerCatalog.load(
             td,
@@ -332,7 +337,7 @@ class Server:
             for keys in (ctx.ca_keys, ctx.jwt_keys, ctx.wit_keys):
                 await asyncio.to_thread(keys.rotate)
             if await asyncio.to_thread(_kids, ctx) != before:
-                _bundle_changed(ctx)
+                ctx.events.bundle_changed()
             await asyncio.to_thread(ctx.datastore.join_tokens.prune)
             await self.renew_tls(ctx)
             self._health.set(OVERALL, True)
@@ -406,16 +411,10 @@ def _kids(ctx: ServerContext) -> frozenset[str]:
     )
 
 
-def _bundle_changed(ctx: ServerContext) -> None:
-    notify = getattr(ctx.events, "bundle_changed", None)
-    if notify is not None:  # TEMPORARY until SYNC's ChangeEvents lands
-        notify()
-
-
-def _entitlement(datastore: Datastore, own_id: Any) -> Callable[[Any], Any]:
-    def entitled(agent: Any) -> Any:
-        from custos.server.entitlement import entries_for_agent
-
+def _entitlement(
+    datastore: Datastore, own_id: SpiffeId
+) -> Callable[[Agent], list[RegistrationEntry]]:
+    def entitled(agent: Agent) -> list[RegistrationEntry]:
         return entries_for_agent(datastore, agent, own_id)
 
     return entitled

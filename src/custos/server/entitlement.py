@@ -56,10 +56,10 @@ def entries_for_agent(
     if agent.evicted or agent.banned:
         return []
     now = time.time()
-    frontier = {str(agent.id), *(str(a) for a in alias_ids(datastore, agent, server_id))}
+    frontier = {agent.id, *alias_ids(datastore, agent, server_id)}
     # The server's own ID is never a parent to walk from: its children are the
     # alias entries, which every agent would otherwise get.
-    expanded = {str(server_id)}
+    expanded = {server_id}
     found: dict[str, RegistrationEntry] = {}
     for _ in range(MAX_DEPTH):
         frontier -= expanded
@@ -69,7 +69,7 @@ def entries_for_agent(
         children = [e for e in datastore.entries.list_by_parents(frontier) if not _expired(e, now)]
         for entry in children:
             found.setdefault(entry.id, entry)
-        frontier = {str(e.spiffe_id) for e in children}
+        frontier = {e.spiffe_id for e in children}
     return [found[k] for k in sorted(found)]
 
 

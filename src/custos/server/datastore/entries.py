@@ -309,14 +309,22 @@ def _load(conn: Connection, where: Any) -> list[RegistrationEntry]:
             by_entry[r.id] = []
         if r.sel_type is not None:
             by_entry[r.id].append(Selector(r.sel_type, r.value))
-    return [_from_row(r, by_entry[key]) for key, r in rows.items()]
+    # Siblings share a parent: parse each distinct parent ID once (an agent's
+    # thousand entries are mostly children of one or two IDs).
+    parents: dict[str, SpiffeId] = {}
+    return [_from_row(r, by_entry[key], parents) for key, r in rows.items()]
 
 
-def _from_row(r: Row[Any], selectors: list[Selector]) -> RegistrationEntry:
+def _from_row(
+    r: Row[Any], selectors: list[Selector], parents: dict[str, SpiffeId]
+) -> RegistrationEntry:
+    parent_id = parents.get(r.parent_id)
+    if parent_id is None:
+        parent_id = parents[r.parent_id] = SpiffeId.parse(r.parent_id)
     return RegistrationEntry(
         id=r.id,
         spiffe_id=SpiffeId.parse(r.spiffe_id),
-        parent_id=SpiffeId.parse(r.parent_id),
+        parent_id=parent_id,
         selectors=tuple(sorted(selectors)),
         x509_svid_ttl=r.x509_svid_ttl,
         jwt_svid_ttl=r.jwt_svid_ttl,

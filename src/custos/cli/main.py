@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from custos import __version__
+from custos.cli.admin import agent, bundle, entry, rotate_keys, token
 from custos.cli.keys import keys
 from custos.cli.server import server
 from custos.cli.tpm import tpm
@@ -40,6 +41,11 @@ def cli() -> None:
 cli.add_command(keys)
 cli.add_command(tpm)
 cli.add_command(server)
+cli.add_command(entry)
+cli.add_command(token)
+cli.add_command(agent)
+cli.add_command(bundle)
+server.add_command(rotate_keys)
 
 cli.add_command(wimse)
 cli.add_command(jwt)

@@ -19,9 +19,10 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from custos._proto import admin_v1_grpc, admin_v1_pb2, types_v1_pb2
 from custos.errors import CustosError
+from custos.server.config import AdminConfig
 
-#: Where ``custos server init`` puts the socket (config key ``admin.socket``).
-DEFAULT_ADMIN_SOCKET = "/var/lib/custos/server/admin.sock"
+#: The socket of a server configured with the defaults (config key ``admin.socket``).
+DEFAULT_ADMIN_SOCKET = str(AdminConfig().socket)
 #: The environment variable naming the socket (a path or a ``unix://`` URL).
 ADMIN_SOCKET_ENV = "CUSTOS_ADMIN_SOCKET"
 #: Seconds one admin call may take (a rotation makes three keys, maybe in an HSM).

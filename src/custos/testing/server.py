@@ -32,6 +32,12 @@ from custos.errors import CustosError
 from custos.server.config import ServerConfig, load_server_config
 
 if TYPE_CHECKING:  # the rig imports the server (grpc) only when it runs one
+    import grpc
+
+    from custos.agent.client.attest import AgentIdentity
+    from custos.agent.client.calls import AgentApiClient
+    from custos.bundle import TrustBundle
+    from custos.keys import StoreKey
     from custos.server.app import Server
 
 TRUST_DOMAIN = "example.org"
@@ -256,11 +262,102 @@ class ServerProcess:
                 self.terminate()
 
 
+@dataclass
+class RigAgent:
+    """An agent attested with a join token through the real client library: its
+    identity, its key (a memory-store key), its channel and its Agent API client."""
+
+    identity: AgentIdentity
+    key: StoreKey
+    channel: grpc.aio.Channel
+    client: AgentApiClient
+    address: str
+    bundle: TrustBundle
+    server_name: str
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    def reconnect(self, address: str | None = None) -> AgentApiClient:
+        """A client on a new channel (to *address*, e.g. another server), same identity."""
+        from custos.agent.client.calls import AgentApiClient
+        from custos.agent.client.channel import open_channel
+
+        channel = open_channel(
+            address or self.address, bundle=self.bundle, server_name=self.server_name
+        )
+        return AgentApiClient(channel, self.identity, self.key)
+
+    async def __aenter__(self) -> RigAgent:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def join_token_agent(
+    address: str,
+    bundle: TrustBundle,
+    secret: str,
+    *,
+    server_name: str = "custos-server",
+    trust_domain: str = TRUST_DOMAIN,
+) -> RigAgent:
+    """Attest a new agent (fresh P-256 key in a memory store) with the join token
+    *secret* at the Agent API on *address*, trusting *bundle*."""
+    from custos.agent.client.attest import attest_agent
+    from custos.agent.client.calls import AgentApiClient
+    from custos.agent.client.channel import open_channel
+    from custos.keys import KeyStoreConfig, open_key_store
+    from custos.plugin import AgentCatalog, PluginConfig
+
+    store = open_key_store(KeyStoreConfig(store="memory"))
+    store.create("agent", "ES256")
+    key = store.get("agent")
+    channel = open_channel(address, bundle=bundle, server_name=server_name)
+    try:
+        with AgentCatalog.load(
+            trust_domain,
+            node_attestors=[PluginConfig("join_token", {"token": secret})],
+            workload_attestors=[PluginConfig("example")],
+        ) as catalog:
+            identity = await attest_agent(
+                channel, attestor=catalog.node_attestor, key=key, custody="memory"
+            )
+    except BaseException:
+        await channel.close()
+        raise
+    return RigAgent(
+        identity=identity,
+        key=key,
+        channel=channel,
+        client=AgentApiClient(channel, identity, key),
+        address=address,
+        bundle=bundle,
+        server_name=server_name,
+    )
+
+
+async def server_agent(srv: Server) -> RigAgent:
+    """A join-token agent of the in-loop server *srv* (token made in its datastore)."""
+    _, secret = await asyncio.to_thread(srv.ctx.datastore.join_tokens.create, 600)
+    return await join_token_agent(
+        srv.agent_api_address,
+        await asyncio.to_thread(srv.ctx.bundle),
+        secret,
+        server_name=srv.config.agent_api.dns_name,
+        trust_domain=srv.config.trust_domain.name,
+    )
+
+
 __all__ = [
     "TRUST_DOMAIN",
+    "RigAgent",
     "ServerProcess",
     "ServerRig",
     "ServerRigError",
     "free_port",
+    "join_token_agent",
     "running_server",
+    "server_agent",
 ]

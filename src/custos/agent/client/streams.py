@@ -1,0 +1,186 @@
+"""The agent's side of the server's push streams: ``SyncEntries`` and ``StreamBundle``.
+
+``async for entry_set in sync_entries(client)`` yields the agent's whole entry
+set as the server sends it: once at once, then after each change that touches
+it (decision 10: pushed, not polled).  ``stream_bundle(client)`` does the same
+for the trust bundle.  Each message is checked before it is yielded (IDs and
+selectors parsed, entries in the agent's trust domain, the bundle of that
+trust domain); a refusal or a dropped stream ends the iterator with an
+:class:`~custos.agent.client.errors.AgentApiError` (``retryable`` says whether
+to reconnect with backoff).  The agent never imports server code: entries
+arrive as :class:`AgentEntry`, this module's own value type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+import grpc
+
+from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc, types_v1_pb2
+from custos.agent.client.attest import InvalidServerResponseError
+from custos.agent.client.errors import AgentApiError
+from custos.bundle import BundleError, TrustBundle
+from custos.errors import CustosError
+from custos.identity import Selector, SpiffeId, TrustDomain
+
+if TYPE_CHECKING:
+    from custos.agent.client.calls import AgentApiClient
+
+ENTRIES_SERVICE = "custos.agent.v1.Entries"
+BUNDLES_SERVICE = "custos.agent.v1.Bundles"
+#: Key custody tiers an entry may name (issue 8, "Registration entries").
+KEY_CUSTODIES = frozenset({"tpm", "pkcs11", "memory", "exportable"})
+
+M = TypeVar("M")
+
+
+@dataclass(frozen=True)
+class AgentEntry:
+    """One registration entry as the agent receives it (times in Unix seconds)."""
+
+    id: str
+    spiffe_id: SpiffeId
+    parent_id: SpiffeId
+    selectors: tuple[Selector, ...]
+    x509_svid_ttl: float
+    jwt_svid_ttl: float
+    wit_ttl: float
+    dns_names: tuple[str, ...]
+    key_custody: str
+    hint: str
+    admin: bool
+    downstream: bool
+    expires_at: float | None
+    revision: int
+
+
+@dataclass(frozen=True)
+class EntrySet:
+    """Every entry the agent serves now; ``change_seq`` is the server's change
+    feed position the set reflects (it grows; equal sets may repeat it)."""
+
+    entries: tuple[AgentEntry, ...]
+    change_seq: int
+
+
+def entry_from_proto(message: types_v1_pb2.Entry, trust_domain: TrustDomain) -> AgentEntry:
+    """An :class:`AgentEntry` from the wire; raises
+    :class:`~custos.agent.client.attest.InvalidServerResponseError` for anything malformed."""
+    try:
+        spiffe_id = SpiffeId.parse(message.spiffe_id)
+        parent_id = SpiffeId.parse(message.parent_id)
+        selectors = tuple(sorted({Selector.parse(s) for s in message.selectors}))
+    except CustosError as e:
+        raise InvalidServerResponseError(
+            f"entry {message.id[:64]!r} from the server is malformed: {e.message}"
+        ) from e
+    problem = _entry_problem(message, spiffe_id, trust_domain)
+    if problem:
+        raise InvalidServerResponseError(
+            f"entry {message.id[:64]!r} from the server is malformed: {problem}"
+        )
+    return AgentEntry(
+        id=message.id,
+        spiffe_id=spiffe_id,
+        parent_id=parent_id,
+        selectors=selectors,
+        x509_svid_ttl=float(message.x509_svid_ttl),
+        jwt_svid_ttl=float(message.jwt_svid_ttl),
+        wit_ttl=float(message.wit_ttl),
+        dns_names=tuple(message.dns_names),
+        key_custody=message.key_custody,
+        hint=message.hint,
+        admin=message.admin,
+        downstream=message.downstream,
+        expires_at=float(message.expires_at) if message.expires_at else None,
+        revision=message.revision,
+    )
+
+
+def _entry_problem(message: types_v1_pb2.Entry, spiffe_id: SpiffeId, td: TrustDomain) -> str:
+    if not 0 < len(message.id) <= 64:
+        return "its id is not 1 to 64 characters"
+    if not spiffe_id.is_member_of(td):
+        return f"{spiffe_id} is not in the agent's trust domain {td}"
+    if not message.selectors:
+        return "it has no selectors"
+    if message.key_custody not in KEY_CUSTODIES:
+        return f"unknown key custody {message.key_custody[:20]!r}"
+    if min(message.x509_svid_ttl, message.jwt_svid_ttl, message.wit_ttl) <= 0:
+        return "a TTL is not positive"
+    return ""
+
+
+def bundle_from_proto(message: types_v1_pb2.Bundle, trust_domain: TrustDomain) -> TrustBundle:
+    """The trust bundle the server sent; it must be ``trust_domain``'s."""
+    if message.trust_domain != str(trust_domain):
+        raise InvalidServerResponseError(
+            f"the server sent the bundle of {message.trust_domain[:255]!r}, not of {trust_domain}"
+        )
+    try:
+        return TrustBundle.from_spiffe_json(trust_domain, message.spiffe_bundle)
+    except BundleError as e:
+        raise InvalidServerResponseError(
+            f"the bundle from the server is malformed: {e.message}"
+        ) from e
+
+
+async def sync_entries(client: AgentApiClient) -> AsyncIterator[EntrySet]:
+    """The agent's entry set now, then after every change (``SyncEntries``)."""
+    td = client.identity.spiffe_id.trust_domain
+    stub = agent_v1_pb2_grpc.EntriesStub(client.channel)  # type: ignore[no-untyped-call]
+    metadata = await asyncio.to_thread(client.metadata, ENTRIES_SERVICE, "SyncEntries")
+    call = stub.SyncEntries(agent_v1_pb2.SyncEntriesRequest(), metadata=metadata)
+    try:
+        async for update in _messages(call, agent_v1_pb2.EntriesUpdate):
+            entries = tuple(entry_from_proto(e, td) for e in update.entries)
+            yield EntrySet(entries, update.change_seq)
+    finally:
+        call.cancel()
+
+
+async def stream_bundle(client: AgentApiClient) -> AsyncIterator[TrustBundle]:
+    """The trust bundle now, then after every change (``StreamBundle``)."""
+    td = client.identity.spiffe_id.trust_domain
+    stub = agent_v1_pb2_grpc.BundlesStub(client.channel)  # type: ignore[no-untyped-call]
+    metadata = await asyncio.to_thread(client.metadata, BUNDLES_SERVICE, "StreamBundle")
+    call = stub.StreamBundle(agent_v1_pb2.StreamBundleRequest(), metadata=metadata)
+    try:
+        async for message in _messages(call, types_v1_pb2.Bundle):
+            yield bundle_from_proto(message, td)
+    finally:
+        call.cancel()
+
+
+async def _messages(call: grpc.aio.UnaryStreamCall, kind: type[M]) -> AsyncIterator[M]:
+    """The stream's messages; a refusal or a lost stream becomes AgentApiError."""
+    try:
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                # A server ends these streams only with an error status; a clean
+                # end is a server going away (restart): reconnect.
+                raise AgentApiError(
+                    "the server ended the stream", status=grpc.StatusCode.UNAVAILABLE
+                )
+            if not isinstance(message, kind):
+                raise InvalidServerResponseError(
+                    f"the server sent a {type(message).__name__}, not a {kind.__name__}"
+                )
+            yield message
+    except grpc.aio.AioRpcError as e:
+        raise AgentApiError.from_rpc_error(e) from e
+
+
+__all__ = [
+    "AgentEntry",
+    "EntrySet",
+    "bundle_from_proto",
+    "entry_from_proto",
+    "stream_bundle",
+    "sync_entries",
+]

@@ -1,0 +1,144 @@
+"""The ``custos.agent.v1.Entries`` service: ``SyncEntries`` (decision 10, 0037).
+
+One server stream per connected agent.  It sends the agent's whole entry set
+(:func:`custos.server.entitlement.entries_for_agent`) at once, then waits on
+the server's :class:`~custos.server.events.ChangeEvents`; each time the entry
+generation moves it reads the set again and sends it only when the entries or
+their revisions changed.  Bumps that arrive while a read is running are
+answered by the next read (a burst of writes costs one or two reads, not one
+per write).
+
+The stream also wakes when the nearest ``expires_at`` of a sent entry passes
+(an expiring entry is no write: nothing would bump) and at least every
+:data:`RECHECK_SECONDS`, to look at the agent again: an evicted or banned
+agent's stream ends with PERMISSION_DENIED at its next wake-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import grpc
+
+from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc
+from custos.errors import CustosError
+from custos.server.agent_api.auth import authenticate
+from custos.server.agent_api.status import AgentApiForbiddenError, abort
+from custos.server.datastore.errors import DatastoreUnavailableError
+from custos.server.datastore.records import Agent, RegistrationEntry
+from custos.server.entitlement import entries_for_agent
+from custos.server.wire import entry_to_proto
+
+if TYPE_CHECKING:
+    from custos.server.context import ServerContext
+
+SERVICE = "custos.agent.v1.Entries"
+#: Longest wait before a stream looks at its agent again (eviction and ban
+#: write no entry, so nothing else would wake it).
+RECHECK_SECONDS = 30.0
+#: A short pause after a wake-up, so the bumps of one burst of writes (and the
+#: local bump plus the NOTIFY of the same write) are answered by one read.
+COALESCE_SECONDS = 0.02
+
+
+async def current_agent(ctx: ServerContext, agent: Agent) -> Agent:
+    """The agent as stored now; refuses (PERMISSION_DENIED) once it is evicted or
+    banned, and an agent that is gone (``agent_not_found``: UNAUTHENTICATED).
+    The streams check it at every wake-up."""
+    stored = await asyncio.to_thread(ctx.datastore.agents.get, agent.id)
+    if stored.banned:
+        raise AgentApiForbiddenError(f"agent {stored.id} is banned", code="agent_banned")
+    if stored.evicted:
+        raise AgentApiForbiddenError(
+            f"agent {stored.id} was evicted; attest again", code="agent_evicted"
+        )
+    return stored
+
+
+async def wait_at_most(wait: Coroutine[Any, Any, int], timeout: float) -> None:
+    """Await a ``ChangeEvents.wait_*`` for at most ``timeout`` seconds, then
+    (after a change) :data:`COALESCE_SECONDS` more for the rest of its burst."""
+    try:
+        await asyncio.wait_for(wait, max(timeout, 0.0))
+    except TimeoutError:
+        return
+    await asyncio.sleep(COALESCE_SECONDS)
+
+
+async def refuse(
+    context: grpc.aio.ServicerContext[Any, Any], ctx: ServerContext, error: CustosError
+) -> NoReturn:
+    """End a stream with the status for ``error`` (counted when the datastore was away)."""
+    if isinstance(error, DatastoreUnavailableError):
+        ctx.metrics.datastore_errors.labels(operation="stream").inc()
+    await abort(context, error)
+
+
+class EntriesServicer(agent_v1_pb2_grpc.EntriesServicer):
+    def __init__(self, ctx: ServerContext, *, recheck_seconds: float = RECHECK_SECONDS) -> None:
+        self._ctx = ctx
+        self._recheck = recheck_seconds
+
+    async def SyncEntries(  # the gRPC method name
+        self,
+        request: agent_v1_pb2.SyncEntriesRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        ctx = self._ctx
+        agent = await authenticate(context, ctx, SERVICE, "SyncEntries")
+        try:
+            await self._stream(agent, context)
+        except CustosError as e:
+            await refuse(context, ctx, e)
+
+    async def _stream(self, agent: Agent, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        ctx = self._ctx
+        events = ctx.events
+        sent: tuple[tuple[str, int], ...] | None = None
+        while True:
+            # The generation is read before the datastore: a write landing
+            # during the read bumps it past `seen` and brings us back here.
+            seen = events.entries_generation
+            seq, entries = await asyncio.to_thread(self._read, agent)
+            state = tuple((e.id, e.revision) for e in entries)
+            if state != sent:
+                await context.write(
+                    agent_v1_pb2.EntriesUpdate(
+                        entries=[entry_to_proto(e) for e in entries], change_seq=seq
+                    )
+                )
+                ctx.metrics.entry_updates.inc()
+                sent = state
+            await wait_at_most(events.wait_entries(seen), _next_wake(entries, self._recheck))
+            agent = await current_agent(ctx, agent)
+
+    def _read(self, agent: Agent) -> tuple[int, list[RegistrationEntry]]:
+        # The feed position first: the set read after it reflects at least that change.
+        seq = self._ctx.datastore.entries.last_change_seq()
+        return seq, entries_for_agent(self._ctx.datastore, agent, self._ctx.server_id)
+
+
+def _next_wake(entries: list[RegistrationEntry], recheck: float) -> float:
+    now = time.time()
+    expiring = [e.expires_at - now for e in entries if e.expires_at is not None]
+    return min([recheck, *expiring])
+
+
+def register(server: grpc.aio.Server, ctx: ServerContext) -> None:
+    """Serve ``custos.agent.v1.Entries`` on ``server``."""
+    agent_v1_pb2_grpc.add_EntriesServicer_to_server(EntriesServicer(ctx), server)  # type: ignore[no-untyped-call]
+
+
+__all__ = [
+    "COALESCE_SECONDS",
+    "RECHECK_SECONDS",
+    "SERVICE",
+    "EntriesServicer",
+    "current_agent",
+    "refuse",
+    "register",
+    "wait_at_most",
+]

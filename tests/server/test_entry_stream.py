@@ -1,0 +1,325 @@
+"""SyncEntries and StreamBundle end to end: a real server (``custos.testing.server``),
+an agent attested with a join token through the client library, entries written
+through the admin API, and the agent's streams (``custos.agent.client.streams``).
+
+Every wait is bounded (a missing update fails the test instead of hanging it);
+nothing here asserts how fast an update arrives (that is ``make bench``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+
+from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc, types_v1_pb2
+from custos.agent.client.attest import InvalidServerResponseError, attest_agent
+from custos.agent.client.calls import AgentApiClient
+from custos.agent.client.channel import open_channel
+from custos.agent.client.errors import AgentApiError
+from custos.agent.client.streams import (
+    EntrySet,
+    bundle_from_proto,
+    entry_from_proto,
+    stream_bundle,
+    sync_entries,
+)
+from custos.bundle import TrustBundle
+from custos.identity import TrustDomain
+from custos.keys import KeyStore, KeyStoreConfig, open_key_store
+from custos.plugin import AgentCatalog, PluginConfig
+from custos.server.admin.client import AdminClient
+from custos.server.app import Server
+from custos.testing.server import ServerRig, running_server
+
+TD = "example.org"
+T = TypeVar("T")
+BOUND = 20.0
+#: Only a notification or a local bump may wake a stream in these tests, never the poll.
+NO_POLL = {"events": {"poll_interval": "1h"}}
+
+
+async def bounded(aw: Awaitable[T]) -> T:
+    return await asyncio.wait_for(aw, BOUND)
+
+
+@pytest.fixture
+def keys() -> Iterator[KeyStore]:
+    store = open_key_store(KeyStoreConfig(store="memory"))
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def rig() -> Iterator[ServerRig]:
+    rig = ServerRig.create(sections=NO_POLL)
+    yield rig
+    rig.destroy()
+
+
+@dataclass
+class Agent:
+    client: AgentApiClient
+    channel: grpc.aio.Channel
+
+    @property
+    def id(self) -> str:
+        return str(self.client.identity.spiffe_id)
+
+
+def _entry(spiffe_id: str, parent_id: str, *selectors: str, **extra: Any) -> types_v1_pb2.Entry:
+    return types_v1_pb2.Entry(
+        spiffe_id=spiffe_id,
+        parent_id=parent_id,
+        selectors=list(selectors or ["unix:uid:1"]),
+        **extra,
+    )
+
+
+@asynccontextmanager
+async def attested(srv: Server, keys: KeyStore, name: str) -> AsyncIterator[Agent]:
+    """An agent attested to ``srv`` with a fresh join token (made through the admin API)."""
+    async with AdminClient(srv.admin_socket) as admin:
+        token = await admin.generate_token()
+    keys.create(name, "ES256")
+    key = keys.get(name)
+    channel = open_channel(
+        srv.agent_api_address,
+        bundle=srv.ctx.bundle(),
+        server_name=srv.ctx.config.agent_api.dns_name,
+    )
+    async with channel:
+        with AgentCatalog.load(
+            TD,
+            node_attestors=[PluginConfig("join_token", {"token": token.token})],
+            workload_attestors=[PluginConfig("example")],
+        ) as catalog:
+            identity = await attest_agent(
+                channel, attestor=catalog.node_attestor, key=key, custody="memory"
+            )
+        yield Agent(AgentApiClient(channel, identity, key), channel)
+
+
+def ids(entry_set: EntrySet) -> set[str]:
+    return {str(e.spiffe_id) for e in entry_set.entries}
+
+
+async def next_set(stream: AsyncIterator[EntrySet]) -> EntrySet:
+    return await bounded(anext(stream))
+
+
+def serve(rig: ServerRig, scenario: Callable[[Server], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with running_server(rig) as srv:
+            await scenario(srv)
+
+    asyncio.run(main())
+
+
+def test_entries_created_updated_deleted_after_the_stream_opened_arrive(
+    rig: ServerRig, keys: KeyStore
+) -> None:
+    async def scenario(srv: Server) -> None:
+        async with attested(srv, keys, "a1") as agent, AdminClient(srv.admin_socket) as admin:
+            stream = sync_entries(agent.client)
+            first = await next_set(stream)
+            assert first.entries == ()
+            made = await admin.create_entry(_entry(f"spiffe://{TD}/web", agent.id))
+            got = await next_set(stream)
+            assert ids(got) == {f"spiffe://{TD}/web"}
+            assert got.change_seq > first.change_seq
+            [web] = got.entries
+            assert (web.id, web.revision, web.key_custody) == (made.id, 1, "memory")
+            assert str(web.parent_id) == agent.id
+
+            # An entry for another agent does not send this agent a set: the next
+            # set it gets is the one with its own second entry.
+            await admin.create_entry(
+                _entry(f"spiffe://{TD}/elsewhere", f"spiffe://{TD}/custos/agent/x/y")
+            )
+            await admin.create_entry(_entry(f"spiffe://{TD}/db", agent.id, "unix:uid:2"))
+            got = await next_set(stream)
+            assert ids(got) == {f"spiffe://{TD}/web", f"spiffe://{TD}/db"}
+
+            made.hint = "front end"
+            made.revision = 1
+            await admin.update_entry(made)
+            got = await next_set(stream)
+            assert {(e.hint, e.revision) for e in got.entries if e.id == made.id} == {
+                ("front end", 2)
+            }
+            await admin.delete_entry(made.id)
+            got = await next_set(stream)
+            assert ids(got) == {f"spiffe://{TD}/db"}
+            await stream.aclose()
+        assert srv.ctx.metrics.registry.get_sample_value("custos_server_entry_updates_total") == 5
+
+    serve(rig, scenario)
+
+
+def test_alias_entries_reach_the_agent(rig: ServerRig, keys: KeyStore) -> None:
+    """A join token's --spiffe-id alias and the entries under it are the agent's."""
+
+    async def scenario(srv: Server) -> None:
+        async with AdminClient(srv.admin_socket) as admin:
+            async with attested(srv, keys, "a1") as agent:
+                stream = sync_entries(agent.client)
+                assert (await next_set(stream)).entries == ()
+                # the node-group entry made under the agent as `token generate
+                # --spiffe-id` does, then a workload under the group
+                group = f"spiffe://{TD}/rack/7"
+                await admin.create_entry(_entry(group, agent.id, f"spiffe_id:{agent.id}"))
+                assert ids(await next_set(stream)) == {group}
+                await admin.create_entry(_entry(f"spiffe://{TD}/rack/7/web", group))
+                assert ids(await next_set(stream)) == {group, f"spiffe://{TD}/rack/7/web"}
+                await stream.aclose()
+
+    serve(rig, scenario)
+
+
+def test_an_evicted_agents_stream_ends_permission_denied(rig: ServerRig, keys: KeyStore) -> None:
+    async def scenario(srv: Server) -> None:
+        async with attested(srv, keys, "a1") as agent, AdminClient(srv.admin_socket) as admin:
+            stream = sync_entries(agent.client)
+            await next_set(stream)
+            await admin.evict_agent(agent.id)
+            # any entry write wakes the stream, which looks at its agent again
+            await admin.create_entry(_entry(f"spiffe://{TD}/web", agent.id))
+            with pytest.raises(AgentApiError) as info:
+                await next_set(stream)
+            assert (info.value.status, info.value.code) == (
+                grpc.StatusCode.PERMISSION_DENIED,
+                "agent_evicted",
+            )
+
+    serve(rig, scenario)
+
+
+def test_a_call_without_credentials_is_unauthenticated(rig: ServerRig, keys: KeyStore) -> None:
+    async def scenario(srv: Server) -> None:
+        async with attested(srv, keys, "a1") as agent:
+            stub = agent_v1_pb2_grpc.EntriesStub(agent.channel)
+            call = stub.SyncEntries(agent_v1_pb2.SyncEntriesRequest())
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await bounded(call.read())
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            bundles = agent_v1_pb2_grpc.BundlesStub(agent.channel)
+            call = bundles.StreamBundle(agent_v1_pb2.StreamBundleRequest())
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await bounded(call.read())
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    serve(rig, scenario)
+
+
+def test_bundle_stream_sends_the_bundle_then_each_rotation(rig: ServerRig, keys: KeyStore) -> None:
+    async def scenario(srv: Server) -> None:
+        async with attested(srv, keys, "a1") as agent, AdminClient(srv.admin_socket) as admin:
+            stream = stream_bundle(agent.client)
+            first = await bounded(anext(stream))
+            assert isinstance(first, TrustBundle)
+            assert first.to_spiffe_dict()["keys"] == srv.ctx.bundle().to_spiffe_dict()["keys"]
+            kids = await admin.rotate_keys()
+            second = await bounded(anext(stream))
+            published = {a.kid for a in second.jwt_authorities}
+            assert {kids[1], kids[2]} <= published
+            assert len(second.x509_authorities) == len(first.x509_authorities) + 1
+            await stream.aclose()
+
+    serve(rig, scenario)
+
+
+@pytest.mark.slow
+def test_an_entry_created_through_server_a_reaches_an_agent_on_server_b(
+    postgres_db: str, keys: KeyStore
+) -> None:
+    """Two servers on one PostgreSQL: the write through A is heard by B through
+    LISTEN/NOTIFY (the safety poll is an hour: it cannot be what delivers it)."""
+    rig_a = ServerRig.create(datastore_url=postgres_db, sections=NO_POLL)
+    # The servers share their signing keys as they would share an HSM token.
+    shared = {"store": "exportable", "key_dir": str(rig_a.base / "keys")}
+    rig_b = ServerRig.create(
+        datastore_url=postgres_db,
+        sections={
+            **NO_POLL,
+            **{f"{p}.key_store": shared for p in ("ca", "jwt_svid", "wit")},
+        },
+    )
+
+    async def main() -> None:
+        async with running_server(rig_a) as a, running_server(rig_b) as b:
+            async with attested(b, keys, "on-b") as agent, AdminClient(a.admin_socket) as admin:
+                stream = sync_entries(agent.client)
+                assert (await next_set(stream)).entries == ()
+                await admin.create_entry(_entry(f"spiffe://{TD}/web", agent.id))
+                assert ids(await next_set(stream)) == {f"spiffe://{TD}/web"}
+                await stream.aclose()
+                # A key rotation through A wakes B's bundle streams. (Not read through
+                # B's stream here: B's exportable key store loads its directory
+                # once, at open, so it cannot sign with or list A's new key files;
+                # servers sharing keys share an HSM token in production.)
+                seen = b.ctx.events.bundle_generation
+                await admin.rotate_keys()
+                assert await bounded(b.ctx.events.wait_bundle(seen)) > seen
+
+    try:
+        asyncio.run(main())
+    finally:
+        rig_a.destroy()
+        rig_b.destroy()
+
+
+# -- what the client refuses from a server ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"spiffe_id": "spiffe://other.org/web"}, "not in the agent's trust domain"),
+        ({"spiffe_id": "not an id"}, "malformed"),
+        ({"parent_id": ""}, "malformed"),
+        ({"selectors": ["no-colon"]}, "malformed"),
+        ({"selectors": []}, "no selectors"),
+        ({"key_custody": "floppy"}, "unknown key custody"),
+        ({"x509_svid_ttl": 0}, "TTL"),
+        ({"id": ""}, "id"),
+        ({"id": "x" * 65}, "id"),
+    ],
+)
+def test_a_malformed_entry_from_the_server_is_refused(
+    change: dict[str, Any], fragment: str
+) -> None:
+    fields: dict[str, Any] = {
+        "id": "e1",
+        "spiffe_id": f"spiffe://{TD}/web",
+        "parent_id": f"spiffe://{TD}/custos/agent/join_token/t",
+        "selectors": ["unix:uid:1"],
+        "x509_svid_ttl": 3600,
+        "jwt_svid_ttl": 300,
+        "wit_ttl": 300,
+        "key_custody": "tpm",
+        "revision": 1,
+    }
+    good = entry_from_proto(types_v1_pb2.Entry(**fields), TrustDomain(TD))
+    assert good.key_custody == "tpm" and good.expires_at is None
+    with pytest.raises(InvalidServerResponseError) as info:
+        entry_from_proto(types_v1_pb2.Entry(**{**fields, **change}), TrustDomain(TD))
+    assert fragment in str(info.value)
+    assert info.value.code == "agent_api_bad_response"
+
+
+def test_a_bundle_of_another_trust_domain_or_malformed_is_refused() -> None:
+    with pytest.raises(InvalidServerResponseError, match=r"other\.org"):
+        bundle_from_proto(
+            types_v1_pb2.Bundle(trust_domain="other.org", spiffe_bundle='{"keys": []}'),
+            TrustDomain(TD),
+        )
+    with pytest.raises(InvalidServerResponseError, match="malformed"):
+        bundle_from_proto(
+            types_v1_pb2.Bundle(trust_domain=TD, spiffe_bundle="{not json"), TrustDomain(TD)
+        )

@@ -391,6 +391,15 @@ def bench_preauth() -> None:
     print(row(r, note=f"p99 {r.p99 * 1e3:.2f} ms"))
 
 
+def bench_server() -> None:
+    """Issue 8: the server against its in-process limits (bench/server_*.py)."""
+    from server_entries import bench_entries_rows
+    from server_issuance import bench_issuance_rows
+
+    bench_issuance_rows(section)
+    bench_entries_rows(section)
+
+
 def main() -> int:
     from custos.testing import softhsm as hsm_rig
     from custos.testing import swtpm as tpm_rig
@@ -419,9 +428,13 @@ def main() -> int:
             if os.environ.get("BENCH_ONLY") == "rp":  # the relying-party rows alone
                 bench_wimse(tpm.tcti, root / "tpm-keys2", hsm)
                 return 0
+            if os.environ.get("BENCH_ONLY") == "server":  # the server rows alone
+                bench_server()
+                return 0
             bench_keystores(tpm.tcti, root / "tpm-keys", hsm)
             bench_wimse(tpm.tcti, root / "tpm-keys2", hsm)
             bench_preauth()
+            bench_server()
         finally:
             tpm.stop()
     return 0

@@ -61,7 +61,9 @@ def _ca(trust_domain: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate
         .not_valid_after(now + timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
+            ),
             critical=False,
         )
         .add_extension(ski, critical=False)
@@ -125,3 +127,79 @@ def limit_batch(csrs: Sequence[bytes], trust_domain: str = "bench.example") -> C
             )
 
     return run
+
+
+def _issuance_rounds(rounds: int) -> tuple[list[float], list[float]]:
+    """Alternating rounds: one ``BatchNewX509SVID`` of 100 CSRs through a real server,
+    then the in-process limit for the same CSRs. Returns (server, limit) seconds."""
+    import asyncio
+    import time
+
+    from server_common import attested_agent, entry, server_processes
+
+    from custos.agent.client.calls import X509Params
+    from custos.server.admin.client import AdminClient
+    from custos.testing.server import ServerRig
+
+    csrs = make_csrs()
+    limit = limit_batch(csrs)
+
+    async def drive(rig: ServerRig) -> tuple[list[float], list[float]]:
+        async with AdminClient(rig.admin_socket) as admin:
+            token = await admin.generate_token()
+            ids = [
+                (
+                    await admin.create_entry(
+                        entry(
+                            f"spiffe://{rig.trust_domain}/workload/{i}",
+                            token.agent_id,
+                            f"unix:uid:{1000 + i}",
+                        )
+                    )
+                ).id
+                for i in range(BATCH)
+            ]
+        requests = [X509Params(i, c, "memory") for i, c in zip(ids, csrs, strict=True)]
+        server_out: list[float] = []
+        limit_out: list[float] = []
+        async with attested_agent(rig, token.token) as client:
+            clock = time.perf_counter
+            for i in range(rounds + 3):  # 3 warm-up rounds (TLS session, caches)
+                t0 = clock()
+                issued = await client.new_x509_svids(requests)
+                t1 = clock()
+                limit()
+                t2 = clock()
+                failed = [r.error for r in issued if r.error is not None]
+                assert not failed and len(issued) == BATCH, f"bench issuance failed: {failed[:1]}"
+                if i >= 3:
+                    server_out.append(t1 - t0)
+                    limit_out.append(t2 - t1)
+        return server_out, limit_out
+
+    # The rig's start waits with asyncio.run: start the server outside the loop.
+    with server_processes() as [(rig, _)]:
+        return asyncio.run(drive(rig))
+
+
+def bench_issuance_rows(section: Callable[[str], None]) -> None:
+    """``make bench`` rows: the limit, then the server with its ratio."""
+    from server_common import env_int
+    from timing import Result, row
+
+    rounds = env_int("BENCH_SERVER_BATCHES", 30)
+    server, limit = _issuance_rounds(rounds)
+    section(
+        f"Server: X.509-SVID issuance, batches of {BATCH} CSRs "
+        "(ratio = p50 / in-process limit; aim >= 50% of it, i.e. <= 2.0x)"
+    )
+    lim = Result(f"in-process limit: {BATCH} CSRs load+verify+sign", limit)
+    srv = Result(f"Agent API BatchNewX509SVID, {BATCH} CSRs (SQLite)", server)
+    print(row(lim, note=f"{BATCH / lim.p50:,.0f} SVIDs/s"))
+    print(
+        row(
+            srv,
+            lim,
+            note=f"{BATCH / srv.p50:,.0f} SVIDs/s = {100 * lim.p50 / srv.p50:.0f}% of the limit",
+        )
+    )

@@ -1,0 +1,119 @@
+"""What the server benchmarks share: a ``custos server run`` process (the rig of
+:mod:`custos.testing.server`), its admin client, and an agent attested to it with a
+join token through the real client library (``custos.agent.client``).
+
+The server is a subprocess so that it and the benchmark's client each have a core
+(decision 0043); nothing here reaches into the server's process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
+
+from custos._proto import types_v1_pb2
+from custos.agent.client.attest import attest_agent
+from custos.agent.client.calls import AgentApiClient
+from custos.agent.client.channel import open_channel
+from custos.agent.client.streams import bundle_from_proto
+from custos.identity import TrustDomain
+from custos.keys import MemoryKeyStore
+from custos.plugin import AgentCatalog, PluginConfig
+from custos.server.admin.client import AdminClient
+from custos.testing.server import ServerProcess, ServerRig
+
+TRUST_DOMAIN = "bench.example"
+
+
+def shared_keys(key_dir: Path) -> dict[str, Mapping[str, object]]:
+    """Config sections that put every signing key in one ``exportable`` directory:
+    servers sharing a database must share the key material its metadata names."""
+    store = {"store": "exportable", "key_dir": str(key_dir)}
+    return {f"{purpose}.key_store": store for purpose in ("ca", "jwt_svid", "wit")}
+
+
+@contextlib.contextmanager
+def server_processes(
+    count: int = 1,
+    *,
+    datastore_url: str | None = None,
+    prepare: Callable[[str], None] | None = None,
+) -> Iterator[list[tuple[ServerRig, ServerProcess]]]:
+    """``count`` running servers; with several, give a shared (PostgreSQL) ``datastore_url``.
+
+    ``prepare(url)`` runs on the (first) datastore before any server starts. Servers
+    start one after the other (the first makes the signing keys) and are stopped with
+    SIGTERM at the end, their directories removed.
+    """
+    keys = Path(tempfile.mkdtemp(prefix="custos-bench-keys-"))
+    rigs = [
+        ServerRig.create(
+            trust_domain=TRUST_DOMAIN, datastore_url=datastore_url, sections=shared_keys(keys)
+        )
+        for _ in range(count)
+    ]
+    started = [(rig, ServerProcess(rig)) for rig in rigs]
+    try:
+        if prepare is not None:
+            prepare(rigs[0].url)
+        for _, process in started:
+            process.start()
+        yield started
+    finally:
+        for _, process in started:
+            # Also one whose start failed half-way: it may be running.
+            if process.process is not None and process.process.poll() is None:
+                with contextlib.suppress(Exception):
+                    process.terminate()
+        for rig in rigs:
+            rig.destroy()
+        with contextlib.suppress(OSError):
+            for f in keys.iterdir():
+                f.unlink()
+            keys.rmdir()
+
+
+def entry(spiffe_id: str, parent_id: str, selector: str) -> types_v1_pb2.Entry:
+    """A registration entry for the admin API with the default TTLs."""
+    return types_v1_pb2.Entry(
+        spiffe_id=spiffe_id,
+        parent_id=parent_id,
+        selectors=[selector],
+        key_custody="memory",
+        x509_svid_ttl=3600,
+        jwt_svid_ttl=300,
+        wit_ttl=300,
+    )
+
+
+@contextlib.asynccontextmanager
+async def attested_agent(rig: ServerRig, secret: str) -> AsyncIterator[AgentApiClient]:
+    """An agent attested to ``rig``'s server with the join token ``secret``: a client
+    whose every call carries the agent's WIT and a fresh WPT (its key: ``memory`` tier)."""
+    td = TrustDomain.parse(rig.trust_domain)
+    async with AdminClient(rig.admin_socket) as admin:
+        bundle = bundle_from_proto(await admin.get_bundle(), td)
+    keys = MemoryKeyStore()
+    keys.create("agent", "ES256")
+    key = keys.get("agent")
+    dns_name = rig.config().agent_api.dns_name
+    with AgentCatalog.load(
+        td.name,
+        node_attestors=[PluginConfig("join_token", {"token": secret})],
+        workload_attestors=[PluginConfig("example")],
+    ) as catalog:
+        async with open_channel(
+            rig.agent_api_address, bundle=bundle, server_name=dns_name
+        ) as channel:
+            identity = await attest_agent(
+                channel, attestor=catalog.node_attestor, key=key, custody="memory"
+            )
+            yield AgentApiClient(channel, identity, key)
+    keys.close()
+
+
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, str(default)))

@@ -1,12 +1,15 @@
-"""The audit trail: one row per credential issued (who, how, what, until when)."""
+"""The audit trail: one row per attestation and per credential issued (who, how,
+what, until when, and how the key was held)."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
 
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, Row, insert, select
 
 from custos._numbers import finite_number
 from custos.identity import Selector
@@ -15,7 +18,17 @@ from custos.server.datastore.errors import InvalidEntryError
 from custos.server.datastore.records import AuditRecord, selector_tuple
 from custos.server.datastore.schema import audit
 
-_LIMITS = {"who": 2048, "attestor": 256, "identity": 2048, "serial_or_jti": 256}
+#: Column widths (schema.py); custody evidence is a TPM2_Certify statement and its
+#: signature in base64, well under 16 KiB (the issuer caps each blob at 4 KiB).
+_LIMITS = {
+    "who": 2048,
+    "attestor": 256,
+    "identity": 2048,
+    "serial_or_jti": 256,
+    "event": 32,
+    "custody": 16,
+    "evidence": 16384,
+}
 
 
 class AuditLog:
@@ -31,32 +44,47 @@ class AuditLog:
         identity: str,
         serial_or_jti: str,
         not_after: float,
+        event: str = "",
+        custody: str = "",
+        evidence: str = "",
         now: float | None = None,
     ) -> AuditRecord:
-        texts = {
-            "who": who,
-            "attestor": attestor,
-            "identity": identity,
-            "serial_or_jti": serial_or_jti,
-        }
-        for name, value in texts.items():
-            if not isinstance(value, str) or len(value) > _LIMITS[name]:
-                raise InvalidEntryError(
-                    f"audit {name} must be a string of at most {_LIMITS[name]} characters",
-                    code="invalid_audit_record",
-                )
-        sels = selector_tuple(selectors, required=False)
+        """Write one record."""
+        fields: dict[str, Any] = dict(
+            who=who,
+            attestor=attestor,
+            selectors=selectors,
+            identity=identity,
+            serial_or_jti=serial_or_jti,
+            not_after=not_after,
+            event=event,
+            custody=custody,
+            evidence=evidence,
+        )
+        return self.record_many([fields], now=now)[0]
+
+    def record_many(
+        self, items: Sequence[Mapping[str, Any]], *, now: float | None = None
+    ) -> list[AuditRecord]:
+        """Write several records (each the keyword arguments of :meth:`record`) in one
+        transaction: every one is checked first, then all are written or none."""
         at = time.time() if now is None else finite_number(now, name="now")
-        end = finite_number(not_after, name="not_after")
+        records = [_checked(item, at) for item in items]
         with transaction(self._engine) as conn:
-            seq = inserted_key(
-                conn.execute(
-                    insert(audit).values(
-                        at=at, selectors=json.dumps([str(s) for s in sels]), not_after=end, **texts
+            for i, rec in enumerate(records):
+                values = {name: getattr(rec, name) for name in _LIMITS}
+                seq = inserted_key(
+                    conn.execute(
+                        insert(audit).values(
+                            at=at,
+                            selectors=json.dumps([str(s) for s in rec.selectors]),
+                            not_after=rec.not_after,
+                            **values,
+                        )
                     )
                 )
-            )
-        return AuditRecord(seq=seq, at=at, selectors=sels, not_after=end, **texts)
+                records[i] = replace(rec, seq=seq)
+        return records
 
     def since(self, seq: int = 0, *, limit: int = 1000) -> list[AuditRecord]:
         """Audit records after ``seq``, oldest first."""
@@ -64,16 +92,37 @@ class AuditLog:
             rows = conn.execute(
                 select(audit).where(audit.c.seq > seq).order_by(audit.c.seq).limit(limit)
             ).all()
-        return [
-            AuditRecord(
-                seq=r.seq,
-                at=r.at,
-                who=r.who,
-                attestor=r.attestor,
-                selectors=tuple(Selector.parse(s) for s in json.loads(r.selectors)),
-                identity=r.identity,
-                serial_or_jti=r.serial_or_jti,
-                not_after=r.not_after,
+        return [_record(r) for r in rows]
+
+
+def _checked(item: Mapping[str, Any], at: float) -> AuditRecord:
+    texts = {name: item.get(name, "") for name in _LIMITS}
+    for name, value in texts.items():
+        if not isinstance(value, str) or len(value) > _LIMITS[name]:
+            raise InvalidEntryError(
+                f"audit {name} must be a string of at most {_LIMITS[name]} characters",
+                code="invalid_audit_record",
             )
-            for r in rows
-        ]
+    return AuditRecord(
+        seq=0,
+        at=at,
+        selectors=selector_tuple(item.get("selectors", ()), required=False),
+        not_after=finite_number(item.get("not_after"), name="not_after"),
+        **texts,
+    )
+
+
+def _record(row: Row[object]) -> AuditRecord:
+    return AuditRecord(
+        seq=row.seq,
+        at=row.at,
+        who=row.who,
+        attestor=row.attestor,
+        selectors=tuple(Selector.parse(s) for s in json.loads(row.selectors)),
+        identity=row.identity,
+        serial_or_jti=row.serial_or_jti,
+        not_after=row.not_after,
+        event=row.event,
+        custody=row.custody,
+        evidence=row.evidence,
+    )

@@ -76,6 +76,11 @@ class AuditRecord:
     identity: str
     serial_or_jti: str
     not_after: float
+    #: attestation | x509-svid | wit | jwt-svid | agent-renewal ("" before migration 0003)
+    event: str = ""
+    #: the key custody tier the agent stated, and base64 of its custody evidence
+    custody: str = ""
+    evidence: str = ""
 
 
 @dataclass(frozen=True)

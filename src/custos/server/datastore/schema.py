@@ -111,6 +111,10 @@ audit = Table(
     Column("identity", String(2048), nullable=False),
     Column("serial_or_jti", String(256), nullable=False),
     Column("not_after", Float, nullable=False),
+    # migration 0003: what happened, and the custody tier + evidence the agent sent
+    Column("event", String(32), nullable=False, server_default=""),
+    Column("custody", String(16), nullable=False, server_default=""),
+    Column("evidence", Text, nullable=False, server_default=""),
     sqlite_autoincrement=True,
 )
 

@@ -1,0 +1,125 @@
+"""The one place the Agent API turns errors into gRPC statuses (issue 8: "gRPC status
+codes that say why").
+
+:func:`status_for` chooses by error class, then by code; :func:`abort` ends a call
+with that status and a one-line detail ``"<code>: <message>"`` (the form
+:class:`custos.agent.client.errors.AgentApiError` parses). An error that is not a
+custos error is a bug: the caller gets ``INTERNAL`` and ``"internal: internal
+error"``, the traceback goes to the log, never to the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NoReturn
+
+import grpc
+
+from custos.errors import CustosError
+from custos.identity.errors import InvalidIdentifierError
+from custos.jwtsvid.errors import JwtArgumentError
+from custos.plugin.errors import PluginError
+from custos.server.datastore.errors import (
+    DatastoreUnavailableError,
+    InvalidEntryError,
+    JoinTokenError,
+    NotFoundError,
+    RevisionConflictError,
+)
+from custos.server.issuer import IssuanceArgumentError, NotEntitledError
+from custos.server.signing_keys import SigningKeyError
+from custos.wimse.errors import WitError, WptError
+from custos.wimse.replay import ReplayCacheUnavailableError
+from custos.x509.errors import CsrError
+
+log = logging.getLogger("custos.server.agent_api")
+
+#: Longest detail line sent (the message is for people; the code is for programs).
+MAX_DETAIL = 300
+
+
+class AgentApiAuthError(CustosError):
+    """A call's credentials are missing, malformed or do not verify: UNAUTHENTICATED."""
+
+    code = "unauthenticated"
+
+
+class AgentApiForbiddenError(CustosError):
+    """The caller is known but may not do this (banned agent): PERMISSION_DENIED."""
+
+    code = "permission_denied"
+
+
+class AgentApiArgumentError(CustosError):
+    """A request message is malformed or out of bounds: INVALID_ARGUMENT."""
+
+    code = "invalid_argument"
+
+
+# First match wins: subclasses before their bases.
+_BY_CLASS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (ReplayCacheUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (DatastoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (AgentApiAuthError, grpc.StatusCode.UNAUTHENTICATED),
+    (WitError, grpc.StatusCode.UNAUTHENTICATED),
+    (WptError, grpc.StatusCode.UNAUTHENTICATED),  # WptReplayError included
+    (AgentApiForbiddenError, grpc.StatusCode.PERMISSION_DENIED),
+    (NotEntitledError, grpc.StatusCode.PERMISSION_DENIED),
+    (JoinTokenError, grpc.StatusCode.PERMISSION_DENIED),
+    (PluginError, grpc.StatusCode.PERMISSION_DENIED),  # node attestation refused
+    (AgentApiArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (IssuanceArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (CsrError, grpc.StatusCode.INVALID_ARGUMENT),
+    (JwtArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidEntryError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidIdentifierError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (RevisionConflictError, grpc.StatusCode.ABORTED),
+    # No active signing key yet (a server just started, keys deleted behind its back):
+    # the server cannot issue now; another server or a later try may.
+    (SigningKeyError, grpc.StatusCode.UNAVAILABLE),
+)
+#: Codes whose class is too general to say (the datastore raises DatastoreError
+#: with code "agent_banned").
+_BY_CODE = {
+    "agent_banned": grpc.StatusCode.PERMISSION_DENIED,
+    "agent_evicted": grpc.StatusCode.PERMISSION_DENIED,
+    "agent_not_found": grpc.StatusCode.UNAUTHENTICATED,
+    "attestation_timeout": grpc.StatusCode.DEADLINE_EXCEEDED,  # custos.server.attestation
+    "renew_by_attesting": grpc.StatusCode.FAILED_PRECONDITION,  # custos.server.attestation
+}
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    """The gRPC status for ``error``: by class, then by code; anything else INTERNAL."""
+    if isinstance(error, CustosError):
+        by_code = _BY_CODE.get(error.code)
+        if by_code is not None:
+            return by_code
+    for cls, status in _BY_CLASS:
+        if isinstance(error, cls):
+            return status
+    return grpc.StatusCode.INTERNAL
+
+
+def detail_for(error: BaseException) -> str:
+    """The one line sent with the status: ``"<code>: <message>"``; generic for INTERNAL."""
+    if not isinstance(error, CustosError) or status_for(error) is grpc.StatusCode.INTERNAL:
+        return "internal: internal error"
+    message = " ".join(error.message.split())  # one line, whatever the message held
+    return f"{error.code}: {message}"[:MAX_DETAIL]
+
+
+async def abort(
+    context: grpc.aio.ServicerContext[object, object], error: BaseException
+) -> NoReturn:
+    """End the call with ``error``'s status and detail line (never returns).
+
+    Unexpected errors are logged with their traceback; refusals at INFO, one line."""
+    status = status_for(error)
+    if status is grpc.StatusCode.INTERNAL:
+        log.error("agent_api_internal_error", exc_info=error)
+    else:
+        log.info("agent_api_refused status=%s code=%s", status.name, getattr(error, "code", ""))
+    await context.abort(status, detail_for(error))
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises

@@ -141,8 +141,14 @@ def _ttl(value: str | None, flag: str) -> int:
     (the server's default)."""
     if value is None:
         return 0
+    given: str | float = value
     try:
-        seconds = parse_duration(value, name=flag, maximum=_MAX_TTL).total_seconds()
+        # A bare number is seconds, as in the config file (where it is a TOML number).
+        given = float(value)
+    except ValueError:
+        pass
+    try:
+        seconds = parse_duration(given, name=flag, maximum=_MAX_TTL).total_seconds()
     except InvalidNumberError as e:
         raise AdminInputError(f"{flag} {value[:40]!r}: {e.message}", code=e.code) from None
     return math.ceil(seconds)
@@ -329,7 +335,7 @@ def _entry_flags(*, create: bool) -> Callable[[F], F]:
 @entry.command("create", context_settings=_CONTEXT)
 @_entry_flags(create=True)
 @_admin_command
-def entry_create(admin: _Admin, **flags: Any) -> None:
+def entry_create(api: _Admin, **flags: Any) -> None:
     """Create a registration entry (like spire-server entry create)."""
     from custos._proto import types_v1_pb2
 
@@ -347,8 +353,8 @@ def entry_create(admin: _Admin, **flags: Any) -> None:
         downstream=flags["downstream"],
         expires_at=_expires_at(flags["expires_at"]),
     )
-    created = admin.run(lambda c: c.create_entry(message))
-    admin.emit(entry_json(created), _entry_pretty(created))
+    created = api.run(lambda c: c.create_entry(message))
+    api.emit(entry_json(created), _entry_pretty(created))
 
 
 @entry.command("update", context_settings=_CONTEXT)
@@ -362,7 +368,7 @@ def entry_create(admin: _Admin, **flags: Any) -> None:
 )
 @_entry_flags(create=False)
 @_admin_command
-def entry_update(admin: _Admin, entry_id: str, revision: int | None, **flags: Any) -> None:
+def entry_update(api: _Admin, entry_id: str, revision: int | None, **flags: Any) -> None:
     """Change the given fields of entry ENTRY_ID; the others stay as they are."""
     # Check every flag before reading: bad input must not reach the server.
     changes: dict[str, Any] = {}
@@ -404,17 +410,17 @@ def entry_update(admin: _Admin, entry_id: str, revision: int | None, **flags: An
             current.revision = revision
         return await client.update_entry(current)
 
-    updated = admin.run(update)
-    admin.emit(entry_json(updated), _entry_pretty(updated))
+    updated = api.run(update)
+    api.emit(entry_json(updated), _entry_pretty(updated))
 
 
 @entry.command("show", context_settings=_CONTEXT)
 @click.argument("entry_id")
 @_admin_command
-def entry_show(admin: _Admin, entry_id: str) -> None:
+def entry_show(api: _Admin, entry_id: str) -> None:
     """Show entry ENTRY_ID."""
-    found = admin.run(lambda c: c.get_entry(entry_id))
-    admin.emit(entry_json(found), _entry_pretty(found))
+    found = api.run(lambda c: c.get_entry(entry_id))
+    api.emit(entry_json(found), _entry_pretty(found))
 
 
 @entry.command("list", context_settings=_CONTEXT)
@@ -430,7 +436,7 @@ def entry_show(admin: _Admin, entry_id: str) -> None:
 )
 @_admin_command
 def entry_list(
-    admin: _Admin,
+    api: _Admin,
     parent_id: str | None,
     spiffe_id: str | None,
     selectors: tuple[str, ...],
@@ -440,10 +446,10 @@ def entry_list(
     parent = _spiffe_id(parent_id, "--parent-id") if parent_id is not None else ""
     spiffe = _spiffe_id(spiffe_id, "--spiffe-id") if spiffe_id is not None else ""
     wanted = tuple(_selectors(selectors))
-    found = admin.run(
+    found = api.run(
         lambda c: c.list_entries(parent_id=parent, spiffe_id=spiffe, selectors=wanted, match=match)
     )
-    admin.emit(
+    api.emit(
         {"entries": [entry_json(e) for e in found]},
         _many([_entry_pretty(e) for e in found], "entry", "entries"),
     )
@@ -458,18 +464,18 @@ def entry_list(
     help="delete only if the entry is still at this revision",
 )
 @_admin_command
-def entry_delete(admin: _Admin, entry_id: str, revision: int | None) -> None:
+def entry_delete(api: _Admin, entry_id: str, revision: int | None) -> None:
     """Delete entry ENTRY_ID."""
-    admin.run(lambda c: c.delete_entry(entry_id, revision=revision or 0))
-    admin.emit({"deleted": entry_id}, f"Deleted entry {entry_id}")
+    api.run(lambda c: c.delete_entry(entry_id, revision=revision or 0))
+    api.emit({"deleted": entry_id}, f"Deleted entry {entry_id}")
 
 
 @entry.command("count", context_settings=_CONTEXT)
 @_admin_command
-def entry_count(admin: _Admin) -> None:
+def entry_count(api: _Admin) -> None:
     """How many registration entries there are."""
-    count = admin.run(lambda c: c.count_entries())
-    admin.emit({"count": count}, f"{count} registration entr{'y' if count == 1 else 'ies'}")
+    count = api.run(lambda c: c.count_entries())
+    api.emit({"count": count}, f"{count} registration entr{'y' if count == 1 else 'ies'}")
 
 
 # -- custos token ----------------------------------------------------------------------
@@ -488,11 +494,11 @@ def token() -> None:
     help="also create an alias entry: this SPIFFE ID for the agent that uses the token",
 )
 @_admin_command
-def token_generate(admin: _Admin, ttl: str | None, spiffe_id: str | None) -> None:
+def token_generate(api: _Admin, ttl: str | None, spiffe_id: str | None) -> None:
     """Make a join token (shown once) for `custos agent` on a new node."""
     seconds = _ttl(ttl, "--ttl")
     alias = _spiffe_id(spiffe_id, "--spiffe-id") if spiffe_id is not None else ""
-    made = admin.run(lambda c: c.generate_token(ttl=seconds, spiffe_id=alias))
+    made = api.run(lambda c: c.generate_token(ttl=seconds, spiffe_id=alias))
     data = {
         "token": made.token,
         "token_id": made.token_id,
@@ -508,7 +514,7 @@ def token_generate(admin: _Admin, ttl: str | None, spiffe_id: str | None) -> Non
     ]
     if made.HasField("alias"):
         rows.append(("Alias entry", f"{made.alias.id} ({made.alias.spiffe_id})"))
-    admin.emit(data, _table(rows))
+    api.emit(data, _table(rows))
 
 
 # -- custos agent ----------------------------------------------------------------------
@@ -521,10 +527,10 @@ def agent() -> None:
 
 @agent.command("list", context_settings=_CONTEXT)
 @_admin_command
-def agent_list(admin: _Admin) -> None:
+def agent_list(api: _Admin) -> None:
     """List the attested agents."""
-    found = admin.run(lambda c: c.list_agents())
-    admin.emit(
+    found = api.run(lambda c: c.list_agents())
+    api.emit(
         {"agents": [agent_json(a) for a in found]},
         _many([_agent_pretty(a) for a in found], "agent", "agents"),
     )
@@ -536,11 +542,11 @@ def _agent_verb(name: str, doc: str) -> None:
     @agent.command(name, context_settings=_CONTEXT, help=doc)
     @click.argument("agent_id")
     @_admin_command
-    def command(admin: _Admin, agent_id: str) -> None:
+    def command(api: _Admin, agent_id: str) -> None:
         checked = _spiffe_id(agent_id, "AGENT_ID")
         calls = {"show": "get_agent", "evict": "evict_agent", "ban": "ban_agent"}
-        found = admin.run(lambda c: getattr(c, calls[name])(checked))
-        admin.emit(agent_json(found), _agent_pretty(found))
+        found = api.run(lambda c: getattr(c, calls[name])(checked))
+        api.emit(agent_json(found), _agent_pretty(found))
 
 
 _agent_verb("show", "Show agent AGENT_ID (its SPIFFE ID).")
@@ -570,13 +576,13 @@ def bundle() -> None:
     "JWT-SVID and WIT keys",
 )
 @_admin_command
-def bundle_show(admin: _Admin, fmt: str) -> None:
+def bundle_show(api: _Admin, fmt: str) -> None:
     """Print the trust domain's bundle."""
     from cryptography.hazmat.primitives.serialization import Encoding
 
     from custos.server.wire import bundle_from_proto
 
-    message = admin.run(lambda c: c.get_bundle())
+    message = api.run(lambda c: c.get_bundle())
     parsed = bundle_from_proto(message)
     content: Any
     if fmt == "pem":
@@ -596,20 +602,20 @@ def bundle_show(admin: _Admin, fmt: str) -> None:
         "format": fmt,
         "bundle": content,
     }
-    admin.emit(data, text)
+    api.emit(data, text)
 
 
 @click.command("rotate-keys", context_settings=_CONTEXT)
 @_admin_command
-def rotate_keys(admin: _Admin) -> None:
+def rotate_keys(api: _Admin) -> None:
     """Make new CA, JWT-SVID and WIT signing keys and sign with them now.
 
     Relying parties that have not fetched the new bundle reject what the new keys
     sign until they do: the scheduled rotation (no command) avoids that.
     """
-    kids = admin.run(lambda c: c.rotate_keys())
+    kids = api.run(lambda c: c.rotate_keys())
     purposes = ("x509-ca", "jwt-svid", "wit")
-    admin.emit(
+    api.emit(
         {"kids": kids},
         "\n".join(f"{purpose:<9} {kid}" for purpose, kid in zip(purposes, kids, strict=False)),
     )

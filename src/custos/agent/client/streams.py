@@ -14,7 +14,7 @@ arrive as :class:`AgentEntry`, this module's own value type.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -133,31 +133,45 @@ async def sync_entries(client: AgentApiClient) -> AsyncIterator[EntrySet]:
     """The agent's entry set now, then after every change (``SyncEntries``)."""
     td = client.identity.spiffe_id.trust_domain
     stub = agent_v1_pb2_grpc.EntriesStub(client.channel)  # type: ignore[no-untyped-call]
-    metadata = await asyncio.to_thread(client.metadata, ENTRIES_SERVICE, "SyncEntries")
-    call = stub.SyncEntries(agent_v1_pb2.SyncEntriesRequest(), metadata=metadata)
-    try:
-        async for update in _messages(call, agent_v1_pb2.EntriesUpdate):
-            entries = tuple(entry_from_proto(e, td) for e in update.entries)
-            yield EntrySet(entries, update.change_seq)
-    finally:
-        call.cancel()
+    request = agent_v1_pb2.SyncEntriesRequest()
+    updates = _server_stream(
+        client,
+        ENTRIES_SERVICE,
+        "SyncEntries",
+        lambda metadata: stub.SyncEntries(request, metadata=metadata),
+        agent_v1_pb2.EntriesUpdate,
+    )
+    async for update in updates:
+        yield EntrySet(tuple(entry_from_proto(e, td) for e in update.entries), update.change_seq)
 
 
 async def stream_bundle(client: AgentApiClient) -> AsyncIterator[TrustBundle]:
     """The trust bundle now, then after every change (``StreamBundle``)."""
     td = client.identity.spiffe_id.trust_domain
     stub = agent_v1_pb2_grpc.BundlesStub(client.channel)  # type: ignore[no-untyped-call]
-    metadata = await asyncio.to_thread(client.metadata, BUNDLES_SERVICE, "StreamBundle")
-    call = stub.StreamBundle(agent_v1_pb2.StreamBundleRequest(), metadata=metadata)
-    try:
-        async for message in _messages(call, types_v1_pb2.Bundle):
-            yield bundle_from_proto(message, td)
-    finally:
-        call.cancel()
+    request = agent_v1_pb2.StreamBundleRequest()
+    bundles = _server_stream(
+        client,
+        BUNDLES_SERVICE,
+        "StreamBundle",
+        lambda metadata: stub.StreamBundle(request, metadata=metadata),
+        types_v1_pb2.Bundle,
+    )
+    async for message in bundles:
+        yield bundle_from_proto(message, td)
 
 
-async def _messages(call: grpc.aio.UnaryStreamCall, kind: type[M]) -> AsyncIterator[M]:
-    """The stream's messages; a refusal or a lost stream becomes AgentApiError."""
+async def _server_stream(
+    client: AgentApiClient,
+    service: str,
+    method: str,
+    start: Callable[[tuple[tuple[str, str], ...]], grpc.aio.UnaryStreamCall],
+    kind: type[M],
+) -> AsyncIterator[M]:
+    """One authenticated server stream's messages; a refusal or a lost stream
+    becomes :class:`AgentApiError`, and the call is cancelled when the caller stops."""
+    # The WPT is signed by the agent's key (a TPM, an HSM): off the loop.
+    call = start(await asyncio.to_thread(client.metadata, service, method))
     try:
         while True:
             message = await call.read()
@@ -174,6 +188,8 @@ async def _messages(call: grpc.aio.UnaryStreamCall, kind: type[M]) -> AsyncItera
             yield message
     except grpc.aio.AioRpcError as e:
         raise AgentApiError.from_rpc_error(e) from e
+    finally:
+        call.cancel()
 
 
 __all__ = [

@@ -20,14 +20,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc
-from custos.errors import CustosError
-from custos.server.agent_api.auth import authenticate
-from custos.server.agent_api.entries import (
-    RECHECK_SECONDS,
-    current_agent,
-    refuse,
-    wait_at_most,
-)
+from custos.server.agent_api.entries import PushStream, current_agent, wait_at_most
 from custos.server.datastore.records import Agent
 from custos.server.wire import bundle_to_proto
 
@@ -37,21 +30,16 @@ if TYPE_CHECKING:
 SERVICE = "custos.agent.v1.Bundles"
 
 
-class BundlesServicer(agent_v1_pb2_grpc.BundlesServicer):
-    def __init__(self, ctx: ServerContext, *, recheck_seconds: float = RECHECK_SECONDS) -> None:
-        self._ctx = ctx
-        self._recheck = recheck_seconds
+class BundlesServicer(PushStream, agent_v1_pb2_grpc.BundlesServicer):
+    service = SERVICE
+    method = "StreamBundle"
 
     async def StreamBundle(  # the gRPC method name
         self,
         request: agent_v1_pb2.StreamBundleRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        agent = await authenticate(context, self._ctx, SERVICE, "StreamBundle")
-        try:
-            await self._stream(agent, context)
-        except CustosError as e:
-            await refuse(context, self._ctx, e)
+        await self.serve(context)
 
     async def _stream(self, agent: Agent, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         ctx = self._ctx

@@ -77,22 +77,38 @@ async def refuse(
     await abort(context, error)
 
 
-class EntriesServicer(agent_v1_pb2_grpc.EntriesServicer):
+class PushStream:
+    """What both push streams share: authenticate the call, run the stream,
+    end it with the status of whatever custos error stopped it."""
+
+    service = ""
+    method = ""
+
     def __init__(self, ctx: ServerContext, *, recheck_seconds: float = RECHECK_SECONDS) -> None:
         self._ctx = ctx
         self._recheck = recheck_seconds
+
+    async def serve(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        agent = await authenticate(context, self._ctx, self.service, self.method)
+        try:
+            await self._stream(agent, context)
+        except CustosError as e:
+            await refuse(context, self._ctx, e)
+
+    async def _stream(self, agent: Agent, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        raise NotImplementedError
+
+
+class EntriesServicer(PushStream, agent_v1_pb2_grpc.EntriesServicer):
+    service = SERVICE
+    method = "SyncEntries"
 
     async def SyncEntries(  # the gRPC method name
         self,
         request: agent_v1_pb2.SyncEntriesRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        ctx = self._ctx
-        agent = await authenticate(context, ctx, SERVICE, "SyncEntries")
-        try:
-            await self._stream(agent, context)
-        except CustosError as e:
-            await refuse(context, ctx, e)
+        await self.serve(context)
 
     async def _stream(self, agent: Agent, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         ctx = self._ctx
@@ -137,6 +153,7 @@ __all__ = [
     "RECHECK_SECONDS",
     "SERVICE",
     "EntriesServicer",
+    "PushStream",
     "current_agent",
     "refuse",
     "register",

@@ -11,16 +11,25 @@ from collections.abc import Callable
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from custos.agent.client.calls import X509Params
 from custos.bundle import TrustBundle
 from custos.server.app import Server, ServerStartError
 from custos.server.config import ServerConfig
 from custos.server.health import HealthCheckRequest, HealthCheckResponse
-from custos.testing.server import ServerRig, running_server
+from custos.testing.server import ServerRig, running_server, server_agent
 
 ConfigFactory = Callable[..., ServerConfig]
 RigFactory = Callable[..., ServerRig]
+
+
+def _csr() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    return csr.sign(key, hashes.SHA256()).public_bytes(Encoding.DER)
 
 
 def _roots(bundle: TrustBundle) -> bytes:
@@ -175,5 +184,55 @@ def test_http_listener_serves_metrics_and_healthz(server_config_factory: ConfigF
             srv.health.set("", False)
             status, _ = await asyncio.to_thread(_get, base + "/healthz")
             assert status == 503
+
+    asyncio.run(run())
+
+
+def test_metrics_count_issuance_and_agent_api_calls(server_config_factory: ConfigFactory) -> None:
+    config = server_config_factory(with_http=True)
+
+    async def run() -> None:
+        async with running_server(config) as srv, await server_agent(srv) as agent:
+            entry = await asyncio.to_thread(
+                srv.ctx.datastore.entries.create,
+                "spiffe://example.org/w",
+                agent.identity.spiffe_id,
+                ["unix:uid:1"],
+            )
+            issued = await agent.client.new_x509_svids(
+                [X509Params(entry.id, _csr(), "memory"), X509Params("nope", _csr(), "memory")]
+            )
+            assert issued[0].error is None and issued[1].error is not None
+            _, body = await asyncio.to_thread(_get, f"http://{srv.http_address}/metrics")
+            text = body.decode()
+            assert 'custos_server_issued_total{kind="x509-svid"} 1.0' in text
+            assert 'custos_server_attestations_total{attestor="join_token",outcome="ok"} 1.0' in (
+                text
+            )
+            method = "/custos.agent.v1.Svids/BatchNewX509SVID"
+            assert f'custos_server_call_seconds_count{{code="OK",method="{method}"}} 1.0' in text
+            # A refused call is counted under its status.
+            with pytest.raises(grpc.aio.AioRpcError):
+                await agent.channel.unary_unary(method)(b"", timeout=10)
+            _, body = await asyncio.to_thread(_get, f"http://{srv.http_address}/metrics")
+            assert f'code="UNAUTHENTICATED",method="{method}"' in body.decode()
+
+    asyncio.run(run())
+
+
+def test_a_key_change_seen_by_maintenance_tells_connected_agents(
+    server_config_factory: ConfigFactory,
+) -> None:
+    config = server_config_factory()
+
+    async def run() -> None:
+        async with running_server(config) as srv:
+            before = srv.ctx.events.bundle_generation
+            await srv.maintain_once()
+            assert srv.ctx.events.bundle_generation == before  # nothing changed
+            # Another server publishes a next key (its own SigningKeys on the datastore).
+            await asyncio.to_thread(srv.ctx.wit_keys.prepare)
+            await srv.maintain_once()
+            assert srv.ctx.events.bundle_generation > before
 
     asyncio.run(run())

@@ -38,7 +38,7 @@ from custos.server.events import ChangeEvents
 from custos.server.health import OVERALL, AgentApiHealth
 from custos.server.http import HttpListener, Response
 from custos.server.issuer import Issuer
-from custos.server.metrics import ServerMetrics
+from custos.server.metrics import CallMetricsInterceptor, ServerMetrics
 from custos.server.signing_keys import SigningKeys
 from custos.server.tls import ServerTls, make_server_certificate
 
@@ -82,6 +82,7 @@ class Server:
         self._tasks: list[asyncio.Task[None]] = []
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._agent_api_port: int | None = None
+        self._kids: frozenset[str] = frozenset()
         self._started = False
 
     # -- public surface --------------------------------------------------------
@@ -196,10 +197,9 @@ class Server:
             await asyncio.to_thread(keys.ensure_active)
 
         metrics = ServerMetrics()
-        auditor = _construct(Auditor, datastore)
+        auditor = Auditor(datastore)
         own_id = server_id(td)
-        issuer = _construct(
-            Issuer,
+        issuer = Issuer(
             config=config,
             datastore=datastore,
             ca_keys=ca_keys,
@@ -239,6 +239,7 @@ class Server:
             events=events,
         )
         self._ctx = ctx
+        self._kids = await asyncio.to_thread(_kids, ctx)
 
         await self._serve_agent_api(ctx)
         await self._serve_admin(ctx)
@@ -251,6 +252,7 @@ class Server:
         self._tls = ServerTls(first)
         limit = config.agent_api.max_message_bytes
         server = grpc.aio.server(
+            interceptors=[CallMetricsInterceptor(ctx.metrics)],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -261,9 +263,7 @@ class Server:
         )
         self._health.register(server)
         for name in AGENT_API_PARTS:
-            module = _optional_part(name)
-            if module is not None:
-                module.register(server, ctx)
+            importlib.import_module(name).register(server, ctx)
         try:
             port = server.add_secure_port(config.agent_api.address, self._tls.credentials())
         except RuntimeError:
@@ -283,10 +283,9 @@ class Server:
         self._closers.append(close)
 
     async def _serve_admin(self, ctx: ServerContext) -> None:
-        admin = _optional_part("custos.server.admin")
-        if admin is None or not hasattr(admin, "serve_admin"):
-            return  # TEMPORARY until ADMIN's module lands
-        server: _Closable = await admin.serve_admin(ctx)
+        from custos.server.admin import serve_admin
+
+        server = await serve_admin(ctx)
         self._admin = server
         self._closers.append(server.close)
 
@@ -333,10 +332,13 @@ class Server:
         the bundle changed), prune expired join tokens, renew the TLS certificate."""
         ctx = ctx or self.ctx
         try:
-            before = await asyncio.to_thread(_kids, ctx)
             for keys in (ctx.ca_keys, ctx.jwt_keys, ctx.wit_keys):
                 await asyncio.to_thread(keys.rotate)
-            if await asyncio.to_thread(_kids, ctx) != before:
+            # Compared with the last round, not with before this round's rotation: a
+            # key another server (or `rotate-keys`) added counts too.
+            kids = await asyncio.to_thread(_kids, ctx)
+            if kids != self._kids:
+                self._kids = kids
                 ctx.events.bundle_changed()
             await asyncio.to_thread(ctx.datastore.join_tokens.prune)
             await self.renew_tls(ctx)
@@ -418,26 +420,6 @@ def _entitlement(
         return entries_for_agent(datastore, agent, own_id)
 
     return entitled
-
-
-def _construct(cls: type[Any], *args: Any, **kwargs: Any) -> Any:
-    # TEMPORARY: until ISSUE's Issuer/Auditor and SYNC's ChangeEvents replace their
-    # placeholders (which take no arguments).  Removed by 19:15.
-    if cls.__init__ is object.__init__:
-        return cls()
-    return cls(*args, **kwargs)
-
-
-def _optional_part(name: str) -> Any:
-    # TEMPORARY: a part whose module (or a custos module it imports) has not landed
-    # yet is skipped.  Removed by 19:15, when every part is required.
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        if e.name is not None and e.name.startswith("custos."):
-            log.warning("server part %s is not there yet (%s); skipped", name, e)
-            return None
-        raise
 
 
 def _operations_listener(address: str, ctx: ServerContext, health: AgentApiHealth) -> HttpListener:

@@ -6,6 +6,13 @@ servers in one process, and a process-global registry would refuse the second.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 
@@ -48,5 +55,108 @@ class ServerMetrics:
         )
         #: Entry-set updates sent to connected agents.
         self.entry_updates = Counter(
-            "custos_server_entry_updates", "Entry-set updates sent to agents", registry=self.registry
+            "custos_server_entry_updates",
+            "Entry-set updates sent to agents",
+            registry=self.registry,
         )
+
+
+class CallMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Observes ``call_seconds{method, code}`` for every Agent API call.
+
+    Wraps each handler's behaviour: the status is what the servicer set (``abort``
+    sets it), ``OK`` when it returned normally, ``UNKNOWN`` for an exception that
+    escaped, ``CANCELLED`` when the client went away.
+    """
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        observe = self._observer(method)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _timed_call(handler.unary_unary, observe),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                _timed_call(handler.stream_unary, observe),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _timed_stream(handler.unary_stream, observe),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                _timed_stream(handler.stream_stream, observe),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _observer(self, method: str) -> Callable[[Any, float, str], None]:
+        def observe(context: Any, started: float, fallback: str) -> None:
+            code = context.code()
+            name = code.name if isinstance(code, grpc.StatusCode) else fallback
+            self._metrics.call_seconds.labels(method, name).observe(time.perf_counter() - started)
+
+        return observe
+
+
+def _timed_call(
+    behaviour: Callable[..., Any], observe: Callable[[Any, float, str], None]
+) -> Callable[..., Any]:
+    if not inspect.iscoroutinefunction(behaviour):
+        return behaviour  # a synchronous handler: none on this server
+
+    async def timed(request: Any, context: Any) -> Any:
+        started, fallback = time.perf_counter(), "OK"
+        try:
+            return await behaviour(request, context)
+        except asyncio.CancelledError:
+            fallback = "CANCELLED"
+            raise
+        except BaseException:
+            fallback = "UNKNOWN"
+            raise
+        finally:
+            observe(context, started, fallback)
+
+    return timed
+
+
+def _timed_stream(
+    behaviour: Callable[..., Any], observe: Callable[[Any, float, str], None]
+) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def timed_gen(request: Any, context: Any) -> AsyncIterator[Any]:
+            started, fallback = time.perf_counter(), "OK"
+            try:
+                async for item in behaviour(request, context):
+                    yield item
+            except (asyncio.CancelledError, GeneratorExit):
+                fallback = "CANCELLED"
+                raise
+            except BaseException:
+                fallback = "UNKNOWN"
+                raise
+            finally:
+                observe(context, started, fallback)
+
+        return timed_gen
+    return _timed_call(behaviour, observe)

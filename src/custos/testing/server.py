@@ -201,11 +201,8 @@ class ServerProcess:
                 raise ServerRigError(
                     f"custos server run exited with {self.process.returncode}: {self.log_tail()}"
                 )
-            if self._said_ready() and (
-                # TEMPORARY: until the admin API lands there is no socket to ask
-                not self.rig.admin_socket.exists()
-                or asyncio.run(admin_health(self.rig.admin_socket))
-            ):
+            # The ready line first: a socket left by a killed predecessor may exist.
+            if self._said_ready() and asyncio.run(admin_health(self.rig.admin_socket)):
                 return
             time.sleep(0.1)
         raise ServerRigError(f"custos server did not become ready: {self.log_tail()}")

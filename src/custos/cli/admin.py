@@ -100,6 +100,7 @@ def _admin_command(func: F) -> F:
     )
     @click.option(
         "--output",
+        "-o",
         type=click.Choice(["pretty", "json"]),
         default="pretty",
         show_default=True,

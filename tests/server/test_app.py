@@ -11,8 +11,6 @@ from collections.abc import Callable
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from custos.agent.client.calls import X509Params
@@ -20,16 +18,10 @@ from custos.bundle import TrustBundle
 from custos.server.app import Server, ServerStartError
 from custos.server.config import ServerConfig
 from custos.server.health import HealthCheckRequest, HealthCheckResponse
-from custos.testing.server import ServerRig, running_server, server_agent
+from custos.testing.server import ServerRig, new_csr, running_server, server_agent
 
 ConfigFactory = Callable[..., ServerConfig]
 RigFactory = Callable[..., ServerRig]
-
-
-def _csr() -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
-    return csr.sign(key, hashes.SHA256()).public_bytes(Encoding.DER)
 
 
 def _roots(bundle: TrustBundle) -> bytes:
@@ -200,7 +192,7 @@ def test_metrics_count_issuance_and_agent_api_calls(server_config_factory: Confi
                 ["unix:uid:1"],
             )
             issued = await agent.client.new_x509_svids(
-                [X509Params(entry.id, _csr(), "memory"), X509Params("nope", _csr(), "memory")]
+                [X509Params(entry.id, new_csr(), "memory"), X509Params("nope", new_csr(), "memory")]
             )
             assert issued[0].error is None and issued[1].error is not None
             _, body = await asyncio.to_thread(_get, f"http://{srv.http_address}/metrics")

@@ -11,10 +11,6 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509 import CertificateSigningRequestBuilder, Name
 from grpclib.const import Status
 
 from custos.agent.client.calls import X509Params
@@ -29,22 +25,13 @@ from custos.testing.server import (
     ServerProcess,
     ServerRig,
     join_token_agent,
+    new_csr,
     running_server,
     server_agent,
 )
 
 RigFactory = Callable[..., ServerRig]
 TD = "example.org"
-
-
-def _csr() -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    return (
-        CertificateSigningRequestBuilder()
-        .subject_name(Name([]))
-        .sign(key, hashes.SHA256())
-        .public_bytes(Encoding.DER)
-    )
 
 
 @pytest.fixture
@@ -83,7 +70,7 @@ def test_database_gone_is_unavailable_and_the_server_recovers_without_restart(
                 agent.identity.spiffe_id,
                 ["unix:uid:1"],
             )
-            request = [X509Params(entry.id, _csr(), "memory")]
+            request = [X509Params(entry.id, new_csr(), "memory")]
             async with AdminClient(rig.admin_socket, timeout=20) as admin:
                 assert await admin.count_entries() == 1
                 assert not (await agent.client.new_x509_svids(request))[0].error
@@ -157,7 +144,7 @@ def test_a_restart_keeps_entries_tokens_agents_keys_and_bundle(
             client = agent.reconnect(srv.agent_api_address)
             try:
                 issued = await client.new_x509_svids(
-                    [X509Params(entry.id, _csr(), "memory")]  # type: ignore[attr-defined]
+                    [X509Params(entry.id, new_csr(), "memory")]  # type: ignore[attr-defined]
                 )
                 assert not issued[0].error
             finally:
@@ -225,7 +212,7 @@ def test_sigkill_during_batch_issuance_leaves_no_half_written_state(
             assert again.x509_authorities == bundle.x509_authorities
             client = agent.reconnect()
             try:
-                issued = await client.new_x509_svids([X509Params(entry_id, _csr(), "memory")])
+                issued = await client.new_x509_svids([X509Params(entry_id, new_csr(), "memory")])
                 assert not issued[0].error
             finally:
                 await client.channel.close()
@@ -242,7 +229,7 @@ async def _load_then_kill(
     agent = await join_token_agent(rig.agent_api_address, bundle, secret)
     with Datastore.open(rig.url, trust_domain=TD) as ds:
         entry = ds.entries.create("spiffe://example.org/w", agent.identity.spiffe_id, ["a:b"])
-    csrs = [_csr() for _ in range(BATCH)]
+    csrs = [new_csr() for _ in range(BATCH)]
     received: dict[str, float] = {}
     first_batch = asyncio.Event()
 

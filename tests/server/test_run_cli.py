@@ -3,6 +3,7 @@ and the configuration keys the server added (each mistake: one line naming the k
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -10,8 +11,18 @@ from pathlib import Path
 import pytest
 
 from cli_runner import run_custos
+from custos.agent.client.calls import X509Params
+from custos.server.admin.client import AdminClient
 from custos.server.config import ServerConfigError, server_config_from_toml
-from custos.testing.server import ServerProcess, ServerRig, ServerRigError
+from custos.server.datastore import Datastore
+from custos.server.wire import bundle_from_proto
+from custos.testing.server import (
+    ServerProcess,
+    ServerRig,
+    ServerRigError,
+    join_token_agent,
+    new_csr,
+)
 
 RigFactory = Callable[..., ServerRig]
 
@@ -139,3 +150,46 @@ def test_the_rig_reports_a_server_that_exits(server_rig_factory: RigFactory) -> 
     rig.config_path.write_text(rig.config_path.read_text() + "\n[bogus]\nx = 1\n")
     with pytest.raises(ServerRigError, match="bogus: unknown key"):
         ServerProcess(rig).start()
+
+
+def test_two_server_processes_on_one_postgresql_both_serve(
+    server_rig_factory: RigFactory, postgres_db: str, tmp_path: Path
+) -> None:
+    shared_keys = tmp_path / "keys"
+    rigs = [server_rig_factory(datastore_url=postgres_db, key_dir=shared_keys) for _ in range(2)]
+    procs = [ServerProcess(rig) for rig in rigs]
+    try:
+        for proc in procs:  # both start at once: migrations and first keys race
+            proc.start(wait=False)
+        for proc in procs:
+            proc.wait_ready()
+        for rig in rigs:
+            ok = run_custos("server", "healthcheck", "--admin-socket", str(rig.admin_socket))
+            assert ok.returncode == 0, ok.stderr
+        asyncio.run(_agent_of_one_served_by_the_other(rigs))
+    finally:
+        for proc in procs:
+            if proc.process is not None and proc.process.poll() is None:
+                proc.terminate()
+
+
+async def _agent_of_one_served_by_the_other(rigs: list[ServerRig]) -> None:
+    first, second = rigs
+    async with AdminClient(first.admin_socket) as admin:
+        secret = (await admin.generate_token(ttl=600)).token
+        bundle = bundle_from_proto(await admin.get_bundle())
+    async with AdminClient(second.admin_socket) as admin:
+        assert bundle_from_proto(await admin.get_bundle()) == bundle  # one set of keys
+    agent = await join_token_agent(first.agent_api_address, bundle, secret)
+    try:
+        with Datastore.open(first.url, trust_domain="example.org") as ds:
+            entry = ds.entries.create("spiffe://example.org/w", agent.identity.spiffe_id, ["a:b"])
+        for rig in rigs:
+            client = agent.reconnect(rig.agent_api_address)
+            try:
+                issued = await client.new_x509_svids([X509Params(entry.id, new_csr(), "memory")])
+                assert issued[0].error is None
+            finally:
+                await client.channel.close()
+    finally:
+        await agent.close()

@@ -52,6 +52,18 @@ class ServerRigError(CustosError):
     code = "server_rig_error"
 
 
+def new_csr() -> bytes:
+    """A DER CSR for a fresh P-256 key (what a workload's key would sign)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    return csr.sign(key, hashes.SHA256()).public_bytes(Encoding.DER)
+
+
 def free_port() -> int:
     """A loopback TCP port nobody listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -80,7 +92,8 @@ class ServerRig:
     """One server's directory and configuration file.
 
     ``sections`` adds or overrides keys: ``{"http": {"address": "127.0.0.1:0"}}``;
-    ``with_http=True`` turns the ``/metrics`` listener on at a free port.
+    ``with_http=True`` turns the ``/metrics`` listener on at a free port.  Several
+    servers on one datastore: give them the same ``datastore_url`` and ``key_dir``.
     """
 
     base: Path
@@ -88,6 +101,9 @@ class ServerRig:
     datastore_url: str | None = None
     with_http: bool = False
     sections: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    #: Where the three signing keys live (exportable tier); servers that share a
+    #: datastore must share it, as they share an HSM in production.
+    key_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
@@ -116,7 +132,7 @@ class ServerRig:
         return self.datastore_url or f"sqlite:///{self.base / 'datastore.sqlite3'}"
 
     def render(self) -> str:
-        keys = self.base / "keys"
+        keys = self.key_dir or self.base / "keys"
         tables: dict[str, dict[str, object]] = {
             "datastore": {"url": self.url},
             "agent_api": {"address": self.agent_api_address},
@@ -355,6 +371,7 @@ __all__ = [
     "ServerRigError",
     "free_port",
     "join_token_agent",
+    "new_csr",
     "running_server",
     "server_agent",
 ]

@@ -1,6 +1,6 @@
 """Agent API call authentication (decision 4): the agent's WIT and a WPT for this call.
 
-Metadata (lower-case gRPC keys, exactly one of each, at most 8 KiB each):
+Metadata (lower-case gRPC keys, exactly one of each, at most 4 KiB each):
 ``workload-identity-token: <WIT>`` and ``workload-proof-token: <WPT>``.
 
 Checks, all through :class:`custos.wimse.wpt.WptVerifier` (the one WIT/WPT verifier;
@@ -11,8 +11,9 @@ the proof travels in the wpt-01 field, which gRPC metadata maps onto unchanged):
    call (``aud`` = ``spiffe://<td>/custos/server/<service>/<method>``), is fresh, and
    its ``jti`` was never seen by any server of this datastore (``ctx.datastore.replay``);
 3. the WIT's subject is an agent ID (``spiffe://<td>/custos/agent/...``) the
-   datastore knows, not evicted (UNAUTHENTICATED: attest again) and not banned
-   (PERMISSION_DENIED: nothing helps);
+   datastore knows (else UNAUTHENTICATED), neither evicted (it must attest again)
+   nor banned: both PERMISSION_DENIED, as SPIRE answers an agent that is "not
+   attested or no longer valid";
 4. the WIT is the agent's current one: issued no earlier than the agent's last
    (re-)attestation or renewal, minus :data:`AGENT_WIT_LEEWAY` (SPIRE refuses an
    agent SVID whose serial is not the current one: after an eviction and a new
@@ -39,8 +40,11 @@ from custos.wimse.wpt import WptVerifier
 
 WIT_METADATA = "workload-identity-token"
 WPT_METADATA = "workload-proof-token"
-#: Largest WIT or WPT accepted in metadata (a WIT-SVID is well under 2 KiB).
-MAX_TOKEN_METADATA = 8 * 1024
+#: Largest WIT or WPT accepted in metadata. A WIT-SVID binding an RSA-4096 key and
+#: signed by one is under 3 KiB; 4 KiB each keeps a call's metadata under grpc's
+#: 8 KiB soft limit, above which grpc itself refuses calls (RESOURCE_EXHAUSTED) at
+#: random until its 16 KiB hard limit, so our refusal is the one a caller sees.
+MAX_TOKEN_METADATA = 4 * 1024
 #: How much older than the agent's last attestation its WIT may be (issuing the
 #: credentials and recording the agent are two steps).
 AGENT_WIT_LEEWAY = 30.0
@@ -91,7 +95,7 @@ def verify_call(
     if agent.banned:
         raise AgentApiForbiddenError(f"agent {agent.id} is banned", code="agent_banned")
     if agent.evicted:
-        raise AgentApiAuthError(
+        raise AgentApiForbiddenError(
             f"agent {agent.id} was evicted and must attest again", code="agent_evicted"
         )
     iat = caller.wit_claims.get("iat")

@@ -1,0 +1,197 @@
+"""The ``custos.agent.v1.Svids`` service end to end: the agent's client library
+(:class:`custos.agent.client.calls.AgentApiClient`) against a real server over TLS,
+on SQLite and PostgreSQL. Refusals per item and per call first, then issuance."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from custos.agent.client.calls import IssuedX509, WitParams, X509Params
+from custos.agent.client.errors import AgentApiError
+from custos.bundle import BundleSet
+from custos.errors import CustosError
+from custos.jwtsvid import validate_jwt_svid
+from custos.keys import KeyStore
+from custos.keys.jwk import public_jwk_members
+from custos.server.agent_api.status import detail_for, status_for
+from custos.server.datastore import DatastoreUnavailableError, NotFoundError
+from custos.server.issuer import MAX_BATCH, NotEntitledError
+from custos.testing.server import ServerRig
+from custos.wimse.errors import WptReplayError
+from custos.wimse.wit import verify_wit
+from custos.x509 import verify_x509_svid
+
+from .test_agent_api_auth import TD, Harness, agent_keys, serve, server_rig
+from .test_issuer import break_audit_writes, csr_for
+
+
+@pytest.fixture
+def rig(store_url: str) -> Iterator[ServerRig]:
+    yield from server_rig(store_url)
+
+
+@pytest.fixture
+def keys() -> Iterator[KeyStore]:
+    yield from agent_keys()
+
+
+def ec_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def error_code(item: IssuedX509) -> str | None:
+    return None if item.error is None else item.error.code
+
+
+def test_x509_batch_refuses_items_alone_and_issues_the_rest(rig: ServerRig, keys: KeyStore) -> None:
+    async def scenario(h: Harness) -> None:
+        agent = h.make_agent("n1")
+        other = h.make_agent("n2")
+        web = h.entry(agent, "/web", dns_names=["web.example.org"], key_custody="tpm")
+        theirs = h.entry(other, "/theirs")
+        key = ec_key()
+        requests = [
+            X509Params(web, csr_for(key), "tpm", b"\x01certify", b"\x02sig"),
+            X509Params(theirs, csr_for(ec_key()), "memory"),
+            X509Params(web, csr_for(ec_key()), "memory"),
+            X509Params(web, b"garbage", "tpm"),
+        ]
+
+        results = await agent.new_x509_svids(requests)
+
+        assert [error_code(r) for r in results] == [
+            None,
+            "not_entitled",
+            "custody_mismatch",
+            "invalid_csr",
+        ]
+        assert all(r.error.status is grpc.StatusCode.OK for r in results[1:])  # type: ignore[union-attr]
+        assert results[1].cert_chain == () and results[1].expires_at == 0
+        chain = results[0].cert_chain
+        bundles = BundleSet([h.srv.ctx.bundle()])
+        assert str(verify_x509_svid(chain, bundles)) == f"spiffe://{TD}/web"
+        assert results[0].expires_at == int(chain[0].not_valid_after_utc.timestamp())
+        sans = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert sans.get_values_for_type(x509.DNSName) == ["web.example.org"]
+        row = h.datastore.audit.since()[-1]
+        assert (row.event, row.who, row.custody) == (
+            "x509-svid",
+            str(agent.identity.spiffe_id),
+            "tpm",
+        )
+        assert row.evidence == "AWNlcnRpZnk=.AnNpZw=="
+
+    serve(rig, keys, scenario)
+
+
+def test_a_batch_over_the_cap_is_invalid_argument(rig: ServerRig, keys: KeyStore) -> None:
+    async def scenario(h: Harness) -> None:
+        agent = h.make_agent("n1")
+        web = h.entry(agent, "/web")
+        csr = csr_for(ec_key())
+        with pytest.raises(AgentApiError) as info:
+            await agent.new_x509_svids([X509Params(web, csr, "memory")] * (MAX_BATCH + 1))
+        assert (info.value.status, info.value.code) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "batch_too_large",
+        )
+
+    serve(rig, keys, scenario)
+
+
+def test_wits_for_public_keys_only(rig: ServerRig, keys: KeyStore) -> None:
+    async def scenario(h: Harness) -> None:
+        agent = h.make_agent("n1")
+        svc = h.entry(agent, "/svc")
+        workload = h.key("workload")
+        public = workload.public_jwk()
+        private = {**public_jwk_members(ec_key().public_key()), "alg": "ES256", "d": "AAAA"}
+
+        results = await agent.new_wits(
+            [WitParams(svc, private, "memory"), WitParams(svc, public, "memory")]
+        )
+
+        assert results[0].error is not None and results[0].error.code == "private_key_sent"
+        assert results[0].wit == ""
+        wit = verify_wit(results[1].wit, h.srv.ctx.bundle(), profile="spiffe")
+        assert str(wit.subject) == f"spiffe://{TD}/svc"
+        assert wit.cnf_public_key == workload.public_key()
+        assert results[1].expires_at == int(wit.expires_at)
+
+    serve(rig, keys, scenario)
+
+
+def test_jwt_svid_refusals_are_statuses(rig: ServerRig, keys: KeyStore) -> None:
+    async def scenario(h: Harness) -> None:
+        agent = h.make_agent("n1")
+        other = h.make_agent("n2")
+        svc = h.entry(agent, "/svc")
+        theirs = h.entry(other, "/theirs")
+
+        denied = await h.refused(agent.new_jwt_svid(theirs, ["rp"]))
+        assert (denied.status, denied.code) == (grpc.StatusCode.PERMISSION_DENIED, "not_entitled")
+        bad = await h.refused(agent.new_jwt_svid(svc, ["a"] * 17))
+        assert (bad.status, bad.code) == (grpc.StatusCode.INVALID_ARGUMENT, "invalid_audience")
+
+        issued = await agent.new_jwt_svid(svc, ["rp"])
+        svid = validate_jwt_svid(issued.token, "rp", BundleSet([h.srv.ctx.bundle()]))
+        assert str(svid.spiffe_id) == f"spiffe://{TD}/svc"
+        assert issued.expires_at > time.time()
+
+    serve(rig, keys, scenario)
+
+
+def test_an_audit_store_that_is_down_is_unavailable_and_nothing_issued(
+    rig: ServerRig, keys: KeyStore
+) -> None:
+    async def scenario(h: Harness) -> None:
+        agent = h.make_agent("n1")
+        svc = h.entry(agent, "/svc")
+        before = len(h.datastore.audit.since())
+        await asyncio.to_thread(break_audit_writes, rig.url)
+
+        error = await h.refused(agent.new_jwt_svid(svc, ["rp"]))
+        assert (error.status, error.code) == (grpc.StatusCode.UNAVAILABLE, "datastore_unavailable")
+        assert error.retryable
+        results = await h.refused(
+            agent.new_x509_svids([X509Params(svc, csr_for(ec_key()), "memory")])
+        )
+        assert results.status is grpc.StatusCode.UNAVAILABLE
+        assert len(h.datastore.audit.since()) == before
+
+    serve(rig, keys, scenario)
+
+
+def test_the_api_answers_refusals_in_one_line(rig: ServerRig, keys: KeyStore) -> None:
+    async def scenario(h: Harness) -> None:
+        agent = h.make_agent("n1")
+        error = await h.refused(agent.new_jwt_svid("0" * 32, ["rp"]))
+        assert error.status is grpc.StatusCode.PERMISSION_DENIED
+        assert "\n" not in error.message and error.code == "not_entitled"
+
+    serve(rig, keys, scenario)
+
+
+# -- the one status mapping ----------------------------------------------------------
+
+
+def test_status_mapping(caplog: pytest.LogCaptureFixture) -> None:
+    assert status_for(NotEntitledError("x")) is grpc.StatusCode.PERMISSION_DENIED
+    assert status_for(WptReplayError("x")) is grpc.StatusCode.UNAUTHENTICATED
+    assert status_for(DatastoreUnavailableError("x")) is grpc.StatusCode.UNAVAILABLE
+    assert status_for(NotFoundError("x", code="entry_not_found")) is grpc.StatusCode.NOT_FOUND
+    assert status_for(CustosError("x", code="agent_banned")) is grpc.StatusCode.PERMISSION_DENIED
+    # Anything not ours is a bug: INTERNAL, and nothing of it on the wire.
+    with caplog.at_level(logging.INFO):
+        assert status_for(KeyError("secret-path")) is grpc.StatusCode.INTERNAL
+        assert detail_for(KeyError("secret-path")) == "internal: internal error"
+    assert status_for(CustosError("what")) is grpc.StatusCode.INTERNAL
+    assert detail_for(NotEntitledError("no\nsuch entry")) == "not_entitled: no such entry"

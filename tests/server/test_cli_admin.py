@@ -5,7 +5,12 @@ docs/cli.md, and bad input refused with one line before anything is written."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,10 +19,11 @@ from cryptography import x509
 
 from custos.bundle import TrustBundle
 from custos.cli.main import cli
-from custos.testing.server import ServerRig
+from custos.testing.server import READY_LINE, ServerRig, free_port
 
 from .test_admin_api import ServerThread
 
+README = Path(__file__).resolve().parents[2] / "README.md"
 TD = "example.org"
 AGENT = f"spiffe://{TD}/custos/agent/join_token/cli"
 ENTRY_KEYS = {
@@ -293,3 +299,48 @@ def test_no_server_is_one_line(tmp_path: Any) -> None:
     )
     line = refused(result, "admin_unreachable")
     assert "cannot reach the admin socket" in line
+
+
+# -- the README's server tour --------------------------------------------------------------
+
+
+def test_readme_server_tour_runs_as_written(tmp_path: Path) -> None:
+    # The two shell blocks after "A server on this machine", with the data directory
+    # in tmp_path and a free Agent API port (init's default 8081 may be taken).
+    text = README.read_text()
+    tour = text[text.index("A server on this machine") :]
+    blocks = re.findall(r"```sh\n(.*?)```", tour, flags=re.DOTALL)[:2]
+    data_dir = tmp_path / "srv"
+    server_lines, admin_script = (b.replace("/tmp/custos-server", str(data_dir)) for b in blocks)
+    init_line, run_line = server_lines.strip().splitlines()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    subprocess.run(["bash", "-euo", "pipefail", "-c", init_line], env=env, check=True)
+    config = data_dir / "server.toml"
+    assert '"127.0.0.1:8081"' in config.read_text()
+    config.write_text(config.read_text().replace('"127.0.0.1:8081"', f'"127.0.0.1:{free_port()}"'))
+    server = subprocess.Popen(
+        ["bash", "-c", f"exec {run_line}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        for line in server.stdout:  # until `custos server run` says it is ready
+            if READY_LINE in line:
+                break
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", admin_script],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Alias entry" in done.stdout
+    assert '"spiffe_id": "spiffe://example.org/web"' in done.stdout
+    assert "-----BEGIN CERTIFICATE-----" in done.stdout

@@ -26,11 +26,10 @@ from custos.bundle import TrustBundle
 from custos.identity import Selector, SpiffeId
 from custos.server.admin import AdminServer, AdminSocketError, serve_admin
 from custos.server.admin.client import AdminApiError, AdminClient, AdminUnreachableError
-from custos.server.admin.server import status_for
 from custos.server.app import Server
 from custos.server.config import AdminConfig, ServerConfig
-from custos.server.datastore import DatastoreUnavailableError
 from custos.server.wire import bundle_from_proto
+from custos.testing.postgres import PostgresServer
 from custos.testing.server import ServerRig, running_server
 
 T = TypeVar("T")
@@ -327,10 +326,6 @@ def test_calls_are_timed_by_method_and_status(running: ServerThread) -> None:
     )
 
 
-def test_datastore_down_is_unavailable() -> None:
-    assert status_for(DatastoreUnavailableError("gone")) == Status.UNAVAILABLE
-
-
 # -- who may call ------------------------------------------------------------------------
 
 
@@ -496,6 +491,18 @@ class TestOnPostgreSQL:
         listed = running.call(lambda c: c.list_entries(spiffe_id=WORKLOAD))
         assert [e.revision for e in listed] == [2]
         assert running.call(lambda c: c.count_entries()) == 1
+
+    def test_database_gone_is_unavailable_and_counted(
+        self, running: ServerThread, postgres: PostgresServer, postgres_db: str
+    ) -> None:
+        postgres.drop_database(postgres_db.rsplit("/", 1)[1])
+        down = _refused(running, lambda c: c.count_entries())
+        assert (down.status, down.code) == (Status.UNAVAILABLE, "datastore_unavailable")
+        assert "\n" not in down.message
+        assert running.server.ctx.metrics.registry.get_sample_value(
+            "custos_server_datastore_errors_total",
+            {"operation": "/custos.admin.v1.Entries/CountEntries"},
+        )
 
     def test_token_alias_and_rotation(self, running: ServerThread) -> None:
         made = running.call(lambda c: c.generate_token(spiffe_id=f"spiffe://{TD}/node/pg"))

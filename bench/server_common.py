@@ -15,15 +15,11 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 from custos._proto import types_v1_pb2
-from custos.agent.client.attest import attest_agent
 from custos.agent.client.calls import AgentApiClient
-from custos.agent.client.channel import open_channel
 from custos.agent.client.streams import bundle_from_proto
 from custos.identity import TrustDomain
-from custos.keys import MemoryKeyStore
-from custos.plugin import AgentCatalog, PluginConfig
 from custos.server.admin.client import AdminClient
-from custos.testing.server import ServerProcess, ServerRig
+from custos.testing.server import ServerProcess, ServerRig, join_token_agent
 
 TRUST_DOMAIN = "bench.example"
 
@@ -91,28 +87,21 @@ def entry(spiffe_id: str, parent_id: str, selector: str) -> types_v1_pb2.Entry:
 
 @contextlib.asynccontextmanager
 async def attested_agent(rig: ServerRig, secret: str) -> AsyncIterator[AgentApiClient]:
-    """An agent attested to ``rig``'s server with the join token ``secret``: a client
-    whose every call carries the agent's WIT and a fresh WPT (its key: ``memory`` tier)."""
+    """An agent attested to ``rig``'s server with the join token ``secret`` (the rig's
+    :func:`~custos.testing.server.join_token_agent`: the real client library, a
+    ``memory``-tier key): a client whose every call carries its WIT and a fresh WPT."""
     td = TrustDomain.parse(rig.trust_domain)
     async with AdminClient(rig.admin_socket) as admin:
         bundle = bundle_from_proto(await admin.get_bundle(), td)
-    keys = MemoryKeyStore()
-    keys.create("agent", "ES256")
-    key = keys.get("agent")
-    dns_name = rig.config().agent_api.dns_name
-    with AgentCatalog.load(
-        td.name,
-        node_attestors=[PluginConfig("join_token", {"token": secret})],
-        workload_attestors=[PluginConfig("example")],
-    ) as catalog:
-        async with open_channel(
-            rig.agent_api_address, bundle=bundle, server_name=dns_name
-        ) as channel:
-            identity = await attest_agent(
-                channel, attestor=catalog.node_attestor, key=key, custody="memory"
-            )
-            yield AgentApiClient(channel, identity, key)
-    keys.close()
+    agent = await join_token_agent(
+        rig.agent_api_address,
+        bundle,
+        secret,
+        server_name=rig.config().agent_api.dns_name,
+        trust_domain=td.name,
+    )
+    async with agent:
+        yield agent.client
 
 
 def env_int(name: str, default: int) -> int:

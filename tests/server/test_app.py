@@ -7,14 +7,19 @@ import asyncio
 import socket
 import urllib.request
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from custos.agent.client.calls import X509Params
 from custos.bundle import TrustBundle
+from custos.identity import TrustDomain
 from custos.server.app import Server, ServerStartError
 from custos.server.config import ServerConfig
 from custos.server.health import HealthCheckRequest, HealthCheckResponse
@@ -226,5 +231,93 @@ def test_a_key_change_seen_by_maintenance_tells_connected_agents(
             await asyncio.to_thread(srv.ctx.wit_keys.prepare)
             await srv.maintain_once()
             assert srv.ctx.events.bundle_generation > before
+
+    asyncio.run(run())
+
+
+def _upstream(directory: Path) -> tuple[x509.Certificate, Path, Path]:
+    """An upstream root CA (as an operator's offline root would be) in two PEM files."""
+    from custos.x509.ca import CertificateAuthority
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    root = CertificateAuthority.self_signed(key, TrustDomain("example.org"), ttl=timedelta(days=30))
+    cert_file, key_file = directory / "upstream.pem", directory / "upstream.key"
+    cert_file.write_bytes(root.certificate.public_bytes(Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    return root.certificate, cert_file, key_file
+
+
+def test_an_intermediate_ca_under_the_upstream_root_signs_and_the_bundle_has_the_root(
+    server_config_factory: ConfigFactory, tmp_path: Path
+) -> None:
+    root, cert_file, key_file = _upstream(tmp_path)
+    config = server_config_factory(
+        sections={"ca": {"upstream_cert": str(cert_file), "upstream_key": str(key_file)}}
+    )
+
+    async def run() -> None:
+        async with running_server(config) as srv, await server_agent(srv) as agent:
+            assert srv.ctx.bundle().x509_authorities == (root,)
+            # The agent's own SVID: leaf, then the server's intermediate, under the root.
+            chain = agent.identity.x509_svid
+            assert len(chain) == 2
+            intermediate = chain[1]
+            assert intermediate.issuer == root.subject
+            intermediate.verify_directly_issued_by(root)
+            chain[0].verify_directly_issued_by(intermediate)
+            assert intermediate.not_valid_after_utc <= root.not_valid_after_utc
+            # The Agent API's TLS certificate chains the same way (clients hold the root).
+            assert await agent_api_health(srv) == HealthCheckResponse.SERVING
+
+    asyncio.run(run())
+
+
+def _leaf_pair(directory: Path) -> tuple[Path, Path]:
+    """A certificate that is not a CA (basicConstraints cA false), and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "leaf")])
+    now = datetime.now(UTC)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "leaf.pem", directory / "leaf.key"
+    cert_file.write_bytes(leaf.public_bytes(Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    return cert_file, key_file
+
+
+@pytest.mark.parametrize("damage", ["garbage", "missing", "not_a_ca", "key_mismatch"])
+def test_a_bad_upstream_ca_is_one_line_at_start(
+    server_config_factory: ConfigFactory, tmp_path: Path, damage: str
+) -> None:
+    _, cert_file, key_file = _upstream(tmp_path)
+    if damage == "garbage":
+        cert_file.write_text("not PEM")
+    elif damage == "missing":
+        key_file.unlink()
+    elif damage == "key_mismatch":
+        other = tmp_path / "other"
+        other.mkdir()
+        key_file = _upstream(other)[2]
+    else:
+        cert_file, key_file = _leaf_pair(tmp_path)
+    config = server_config_factory(
+        sections={"ca": {"upstream_cert": str(cert_file), "upstream_key": str(key_file)}}
+    )
+
+    async def run() -> None:
+        with pytest.raises(ServerStartError) as info:
+            async with running_server(config):
+                pass
+        assert info.value.message.startswith("ca.upstream_"), info.value.message
+        assert "\n" not in info.value.message
 
     asyncio.run(run())

@@ -23,14 +23,18 @@ from types import TracebackType
 from typing import Any, Protocol
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from custos._files import UnreadableFileError, read_small_file
 from custos.errors import CustosError
-from custos.identity import SpiffeId
+from custos.identity import SpiffeId, TrustDomain
 from custos.keys import KeyStore, open_key_store
 from custos.keys.config import KeyStoreConfig
 from custos.plugin.catalog import PluginConfig, ServerCatalog
 from custos.server.audit import Auditor
-from custos.server.config import ServerConfig
+from custos.server.config import CaConfig, ServerConfig
 from custos.server.context import ServerContext, server_id
 from custos.server.datastore import Agent, Datastore, DatastoreUnavailableError, RegistrationEntry
 from custos.server.entitlement import entries_for_agent
@@ -41,6 +45,8 @@ from custos.server.issuer import Issuer
 from custos.server.metrics import CallMetricsInterceptor, ServerMetrics
 from custos.server.signing_keys import SigningKeys
 from custos.server.tls import ServerTls, make_server_certificate
+from custos.x509.ca import CertificateAuthority
+from custos.x509.errors import X509CaError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,8 @@ AGENT_API_PARTS = (
 #: How often the maintenance task runs (key rotation follows SPIRE's schedule
 #: thresholds, so a minute's resolution is plenty).
 MAINTENANCE_INTERVAL_SECONDS = 60.0
+#: An upstream certificate chain or key file is a few KiB.
+MAX_PEM_BYTES = 256 * 1024
 #: How long ``stop()`` lets in-flight Agent API calls finish.
 STOP_GRACE_SECONDS = 2.0
 
@@ -178,6 +186,7 @@ class Server:
             "x509-ca",
             key_name=config.ca.key_name,
             ca_ttl=config.ca.ttl,
+            upstream=load_upstream_ca(config.ca, td),
         )
         jwt_keys = SigningKeys(
             datastore,
@@ -259,7 +268,7 @@ class Server:
                 # one server per port: a second process on the same address is an
                 # error, not a silent share of the traffic
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         self._health.register(server)
         for name in AGENT_API_PARTS:
@@ -381,6 +390,38 @@ class Server:
             if listener.name == name:
                 return listener.address
         return None
+
+
+def load_upstream_ca(config: CaConfig, trust_domain: TrustDomain) -> CertificateAuthority | None:
+    """The upstream root CA the server's intermediates are signed by (``ca.upstream_cert``
+    and ``ca.upstream_key``, PEM), or None for a self-signed root.  Like SPIRE's
+    ``disk`` UpstreamAuthority: the server reads the upstream key to sign its own
+    intermediate at each CA key rotation."""
+    if config.upstream_cert is None or config.upstream_key is None:
+        return None
+    try:
+        chain = x509.load_pem_x509_certificates(
+            read_small_file(config.upstream_cert, max_bytes=MAX_PEM_BYTES, what="upstream_cert")
+        )
+    except UnreadableFileError as e:
+        raise ServerStartError(f"ca.upstream_cert: {e.message}") from None
+    except ValueError:
+        raise ServerStartError("ca.upstream_cert: not a PEM certificate chain") from None
+    try:
+        key = serialization.load_pem_private_key(
+            read_small_file(config.upstream_key, max_bytes=MAX_PEM_BYTES, what="upstream_key"),
+            password=None,
+        )
+    except UnreadableFileError as e:
+        raise ServerStartError(f"ca.upstream_key: {e.message}") from None
+    except (ValueError, TypeError):
+        raise ServerStartError("ca.upstream_key: not an unencrypted PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise ServerStartError("ca.upstream_key: the upstream key must be ECDSA or RSA")
+    try:
+        return CertificateAuthority(key, chain, trust_domain)
+    except X509CaError as e:
+        raise ServerStartError(f"ca.upstream_cert: {e.message}") from None
 
 
 class _KeyStores:

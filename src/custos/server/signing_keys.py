@@ -65,14 +65,19 @@ class SigningKey:
         return self.record.kid
 
     def certificate(self) -> x509.Certificate:
-        """The self-signed root of an ``x509-ca`` key."""
+        """The CA certificate of an ``x509-ca`` key (self-signed root, or intermediate)."""
+        return self.chain()[0]
+
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        """The key's CA certificate and those above it up to the root: just the root
+        for a self-signed CA, the intermediate then the upstream chain under one."""
         if self.record.certificate is None:
             raise SigningKeyError(f"signing key {self.kid} has no CA certificate")
-        return x509.load_pem_x509_certificate(self.record.certificate.encode("ascii"))
+        return tuple(x509.load_pem_x509_certificates(self.record.certificate.encode("ascii")))
 
     def ca(self) -> CertificateAuthority:
         """The CA signing with this key (``x509-ca`` keys)."""
-        return CertificateAuthority(_ca_key(self.key), (self.certificate(),), self.trust_domain)
+        return CertificateAuthority(_ca_key(self.key), self.chain(), self.trust_domain)
 
 
 class SigningKeys:
@@ -89,6 +94,7 @@ class SigningKeys:
         propagation_delay: timedelta | float = DEFAULT_PROPAGATION_DELAY,
         ca_ttl: timedelta = timedelta(hours=24),
         rotation_period: timedelta | float | None = None,
+        upstream: CertificateAuthority | None = None,
     ) -> None:
         if purpose not in PURPOSES:
             raise SigningKeyError(
@@ -114,6 +120,9 @@ class SigningKeys:
             name="rotation_period",
             minimum=1.0,
         )
+        #: An upstream CA (``x509-ca``): each key's certificate is an intermediate it
+        #: signs, and the bundle publishes the upstream root instead.
+        self.upstream = upstream
         self._repo = datastore.signing_keys
 
     # -- state changes ------------------------------------------------------
@@ -273,7 +282,8 @@ class SigningKeys:
     def x509_authorities(self) -> tuple[x509.Certificate, ...]:
         if self.purpose != "x509-ca":
             return ()
-        return tuple(k.certificate() for k in self.keys())
+        # The top of each chain: a key's own root, or the upstream root (once).
+        return tuple(k.chain()[-1] for k in self.keys())
 
     def bundle(self) -> TrustBundle:
         return trust_bundle(self.datastore.trust_domain, self)
@@ -296,13 +306,13 @@ class SigningKeys:
     def _root_pem(self, name: str, at: float) -> str | None:
         if self.purpose != "x509-ca":
             return None
-        ca = CertificateAuthority.self_signed(
-            _ca_key(self.key_store.get(name)),
-            self.datastore.trust_domain,
-            ttl=self.ca_ttl,
-            now=datetime.fromtimestamp(at, UTC),
-        )
-        return ca.certificate.public_bytes(Encoding.PEM).decode("ascii")
+        key, when = _ca_key(self.key_store.get(name)), datetime.fromtimestamp(at, UTC)
+        td = self.datastore.trust_domain
+        if self.upstream is None:
+            ca = CertificateAuthority.self_signed(key, td, ttl=self.ca_ttl, now=when)
+        else:
+            ca = CertificateAuthority.intermediate(key, td, self.upstream, self.ca_ttl, now=when)
+        return "".join(c.public_bytes(Encoding.PEM).decode("ascii") for c in ca.chain)
 
 
 def trust_bundle(trust_domain: TrustDomain, *managers: SigningKeys) -> TrustBundle:

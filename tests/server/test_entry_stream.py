@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc, types_v1_pb2
-from custos.agent.client.attest import InvalidServerResponseError, attest_agent
+from custos.agent.client.attest import AgentIdentity, InvalidServerResponseError, attest_agent
 from custos.agent.client.calls import AgentApiClient
 from custos.agent.client.channel import open_channel
 from custos.agent.client.errors import AgentApiError
@@ -30,12 +30,13 @@ from custos.agent.client.streams import (
     sync_entries,
 )
 from custos.bundle import TrustBundle
-from custos.identity import TrustDomain
+from custos.identity import SpiffeId, TrustDomain
 from custos.keys import KeyStore, KeyStoreConfig, open_key_store
 from custos.plugin import AgentCatalog, PluginConfig
 from custos.server.admin.client import AdminClient
 from custos.server.app import Server
 from custos.testing.server import ServerRig, running_server
+from custos.wimse.wit import mint_wit
 
 TD = "example.org"
 T = TypeVar("T")
@@ -323,3 +324,99 @@ def test_a_bundle_of_another_trust_domain_or_malformed_is_refused() -> None:
         bundle_from_proto(
             types_v1_pb2.Bundle(trust_domain=TD, spiffe_bundle="{not json"), TrustDomain(TD)
         )
+
+
+# -- a hostile or broken server, seen by the client --------------------------------------
+
+
+@asynccontextmanager
+async def fake_server(replies: list[bytes]) -> AsyncIterator[AgentApiClient]:
+    """A plain gRPC server whose SyncEntries sends ``replies`` (raw bytes) then ends
+    cleanly, and a client (a made-up identity: nobody checks it here) talking to it."""
+
+    async def sync(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        for reply in replies:
+            yield reply
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "custos.agent.v1.Entries",
+                {
+                    "SyncEntries": grpc.unary_stream_rpc_method_handler(
+                        sync, request_deserializer=bytes, response_serializer=bytes
+                    )
+                },
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    keys = open_key_store(KeyStoreConfig(store="memory"))
+    keys.create("fake", "ES256")
+    keys.create("fake-issuer", "ES256")
+    agent_id = SpiffeId.parse(f"spiffe://{TD}/custos/agent/join_token/t")
+    identity = AgentIdentity(
+        spiffe_id=agent_id,
+        x509_svid=(),
+        wit=mint_wit(
+            keys.get("fake-issuer"), subject=agent_id, workload_public_jwk=keys.get("fake"), ttl=60
+        ),
+        bundle=TrustBundle(TD),
+        selectors=(),
+        expires_at=0.0,
+        reattestable=False,
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield AgentApiClient(channel, identity, keys.get("fake"))
+    finally:
+        await server.stop(None)
+        keys.close()
+
+
+def _update(**entry: Any) -> bytes:
+    fields = {
+        "id": "e1",
+        "spiffe_id": f"spiffe://{TD}/web",
+        "parent_id": f"spiffe://{TD}/custos/agent/join_token/t",
+        "selectors": ["unix:uid:1"],
+        "x509_svid_ttl": 3600,
+        "jwt_svid_ttl": 300,
+        "wit_ttl": 300,
+        "key_custody": "memory",
+        "revision": 1,
+        **entry,
+    }
+    message = agent_v1_pb2.EntriesUpdate(entries=[types_v1_pb2.Entry(**fields)], change_seq=7)
+    return message.SerializeToString()
+
+
+async def _stream_error(replies: list[bytes]) -> tuple[list[EntrySet], AgentApiError]:
+    got: list[EntrySet] = []
+    async with fake_server(replies) as client:
+        with pytest.raises(AgentApiError) as info:
+            async for entry_set in sync_entries(client):
+                got.append(entry_set)
+    return got, info.value
+
+
+def test_client_a_good_set_then_a_clean_end_is_a_retryable_unavailable() -> None:
+    got, error = asyncio.run(bounded(_stream_error([_update()])))
+    assert [(ids(s), s.change_seq) for s in got] == [({f"spiffe://{TD}/web"}, 7)]
+    assert error.status == grpc.StatusCode.UNAVAILABLE and error.retryable
+
+
+def test_client_an_entry_of_another_trust_domain_ends_the_stream() -> None:
+    got, error = asyncio.run(bounded(_stream_error([_update(spiffe_id="spiffe://evil.org/x")])))
+    assert got == []
+    assert isinstance(error, InvalidServerResponseError)
+    assert error.code == "agent_api_bad_response"
+
+
+def test_client_bytes_that_are_no_message_end_the_stream_cleanly() -> None:
+    got, error = asyncio.run(bounded(_stream_error([b"\xff\xff\xff\xff"])))
+    assert got == []
+    assert isinstance(error, InvalidServerResponseError)
+    assert "does not parse as EntriesUpdate" in str(error)

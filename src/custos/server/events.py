@@ -158,6 +158,9 @@ class ChangeEvents:
         if self._tasks:
             return
         self._loop = asyncio.get_running_loop()
+        # The poll's baseline is taken now, not in the task: a write landing after
+        # start() returns must differ from it, whenever the task first runs.
+        await self._poll_logged()
         self._tasks.append(asyncio.create_task(self._poll_forever(), name="custos-events-poll"))
         if self._conninfo is None:
             return
@@ -227,11 +230,14 @@ class ChangeEvents:
 
     async def _poll_forever(self) -> None:
         while True:
-            try:
-                await asyncio.to_thread(self.poll_once)
-            except DatastoreError as exc:
-                log.warning("change notifications: safety poll failed: %s", exc)
             await asyncio.sleep(self.poll_interval)
+            await self._poll_logged()
+
+    async def _poll_logged(self) -> None:
+        try:
+            await asyncio.to_thread(self.poll_once)
+        except DatastoreError as exc:
+            log.warning("change notifications: safety poll failed: %s", exc)
 
     def poll_once(self) -> None:
         """Compare the entry change feed and the signing keys with the last poll

@@ -14,13 +14,14 @@ arrive as :class:`AgentEntry`, this module's own value type.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
-from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc, types_v1_pb2
+from custos._proto import agent_v1_pb2, types_v1_pb2
 from custos.agent.client.attest import InvalidServerResponseError
 from custos.agent.client.errors import AgentApiError
 from custos.bundle import BundleError, TrustBundle
@@ -35,7 +36,7 @@ BUNDLES_SERVICE = "custos.agent.v1.Bundles"
 #: Key custody tiers an entry may name (issue 8, "Registration entries").
 KEY_CUSTODIES = frozenset({"tpm", "pkcs11", "memory", "exportable"})
 
-M = TypeVar("M")
+M = TypeVar("M", bound=Message)
 
 
 @dataclass(frozen=True)
@@ -132,46 +133,36 @@ def bundle_from_proto(message: types_v1_pb2.Bundle, trust_domain: TrustDomain) -
 async def sync_entries(client: AgentApiClient) -> AsyncIterator[EntrySet]:
     """The agent's entry set now, then after every change (``SyncEntries``)."""
     td = client.identity.spiffe_id.trust_domain
-    stub = agent_v1_pb2_grpc.EntriesStub(client.channel)  # type: ignore[no-untyped-call]
     request = agent_v1_pb2.SyncEntriesRequest()
-    updates = _server_stream(
-        client,
-        ENTRIES_SERVICE,
-        "SyncEntries",
-        lambda metadata: stub.SyncEntries(request, metadata=metadata),
-        agent_v1_pb2.EntriesUpdate,
-    )
-    async for update in updates:
+    async for update in _server_stream(
+        client, ENTRIES_SERVICE, "SyncEntries", request, agent_v1_pb2.EntriesUpdate
+    ):
         yield EntrySet(tuple(entry_from_proto(e, td) for e in update.entries), update.change_seq)
 
 
 async def stream_bundle(client: AgentApiClient) -> AsyncIterator[TrustBundle]:
     """The trust bundle now, then after every change (``StreamBundle``)."""
     td = client.identity.spiffe_id.trust_domain
-    stub = agent_v1_pb2_grpc.BundlesStub(client.channel)  # type: ignore[no-untyped-call]
     request = agent_v1_pb2.StreamBundleRequest()
-    bundles = _server_stream(
-        client,
-        BUNDLES_SERVICE,
-        "StreamBundle",
-        lambda metadata: stub.StreamBundle(request, metadata=metadata),
-        types_v1_pb2.Bundle,
-    )
-    async for message in bundles:
+    async for message in _server_stream(
+        client, BUNDLES_SERVICE, "StreamBundle", request, types_v1_pb2.Bundle
+    ):
         yield bundle_from_proto(message, td)
 
 
 async def _server_stream(
-    client: AgentApiClient,
-    service: str,
-    method: str,
-    start: Callable[[tuple[tuple[str, str], ...]], grpc.aio.UnaryStreamCall],
-    kind: type[M],
+    client: AgentApiClient, service: str, method: str, request: Message, kind: type[M]
 ) -> AsyncIterator[M]:
     """One authenticated server stream's messages; a refusal or a lost stream
     becomes :class:`AgentApiError`, and the call is cancelled when the caller stops."""
     # The WPT is signed by the agent's key (a TPM, an HSM): off the loop.
-    call = start(await asyncio.to_thread(client.metadata, service, method))
+    metadata = await asyncio.to_thread(client.metadata, service, method)
+    open_call = client.channel.unary_stream(
+        f"/{service}/{method}",
+        request_serializer=type(request).SerializeToString,
+        response_deserializer=kind.FromString,
+    )
+    call = open_call(request, metadata=metadata)
     try:
         while True:
             message = await call.read()
@@ -182,8 +173,9 @@ async def _server_stream(
                     "the server ended the stream", status=grpc.StatusCode.UNAVAILABLE
                 )
             if not isinstance(message, kind):
+                # grpc.aio hands back None (and logs) for bytes that do not parse.
                 raise InvalidServerResponseError(
-                    f"the server sent a {type(message).__name__}, not a {kind.__name__}"
+                    f"the server sent a message that does not parse as {kind.__name__}"
                 )
             yield message
     except grpc.aio.AioRpcError as e:

@@ -14,13 +14,14 @@ content, never by number.
 
 from __future__ import annotations
 
-import asyncio
+import math
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc
-from custos.server.agent_api.entries import PushStream, current_agent, wait_at_most
+from custos.server.agent_api.entries import PushStream, Snapshot
 from custos.server.datastore.records import Agent
 from custos.server.wire import bundle_to_proto
 
@@ -41,19 +42,16 @@ class BundlesServicer(PushStream, agent_v1_pb2_grpc.BundlesServicer):
     ) -> None:
         await self.serve(context)
 
-    async def _stream(self, agent: Agent, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        ctx = self._ctx
-        events = ctx.events
-        sent: str | None = None
-        while True:
-            seen = events.bundle_generation
-            bundle = await asyncio.to_thread(ctx.bundle)
-            document = bundle.to_spiffe_json()
-            if document != sent:
-                await context.write(bundle_to_proto(bundle, seen))
-                sent = document
-            await wait_at_most(events.wait_bundle(seen), self._recheck)
-            agent = await current_agent(ctx, agent)
+    def _generation(self) -> int:
+        return self._ctx.events.bundle_generation
+
+    def _wait(self, seen: int) -> Coroutine[Any, Any, int]:
+        return self._ctx.events.wait_bundle(seen)
+
+    def _read(self, agent: Agent, generation: int) -> Snapshot:
+        bundle = self._ctx.bundle()
+        # Compared without the sequence number: a bump that changed nothing sends nothing.
+        return Snapshot(bundle_to_proto(bundle, generation), bundle.to_spiffe_json(), math.inf)
 
 
 def register(server: grpc.aio.Server, ctx: ServerContext) -> None:

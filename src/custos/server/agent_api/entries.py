@@ -17,8 +17,10 @@ agent's stream ends with PERMISSION_DENIED at its next wake-up.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Hashable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
@@ -77,9 +79,20 @@ async def refuse(
     await abort(context, error)
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """One read of what a push stream serves: the message to send, what decides
+    whether it changed since the last one sent, and how long to wait at most
+    before reading again without a bump."""
+
+    message: Any
+    state: Hashable
+    wake_in: float
+
+
 class PushStream:
-    """What both push streams share: authenticate the call, run the stream,
-    end it with the status of whatever custos error stopped it."""
+    """The loop both push streams share: authenticate the call; then read, send
+    when changed, wait for a bump (or ``wake_in``), look at the agent again."""
 
     service = ""
     method = ""
@@ -88,15 +101,36 @@ class PushStream:
         self._ctx = ctx
         self._recheck = recheck_seconds
 
+    def _generation(self) -> int:
+        raise NotImplementedError
+
+    def _wait(self, seen: int) -> Coroutine[Any, Any, int]:
+        raise NotImplementedError
+
+    def _read(self, agent: Agent, generation: int) -> Snapshot:
+        """Blocking (the datastore, the key stores): run in a worker thread."""
+        raise NotImplementedError
+
+    def _sent(self) -> None:
+        """Called after each message sent."""
+
     async def serve(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         agent = await authenticate(context, self._ctx, self.service, self.method)
         try:
-            await self._stream(agent, context)
+            sent: Hashable = None
+            while True:
+                # The generation is read before the datastore: a write landing
+                # during the read bumps it past `seen` and brings us back here.
+                seen = self._generation()
+                snapshot = await asyncio.to_thread(self._read, agent, seen)
+                if snapshot.state != sent:
+                    await context.write(snapshot.message)
+                    self._sent()
+                    sent = snapshot.state
+                await wait_at_most(self._wait(seen), min(snapshot.wake_in, self._recheck))
+                agent = await current_agent(self._ctx, agent)
         except CustosError as e:
             await refuse(context, self._ctx, e)
-
-    async def _stream(self, agent: Agent, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        raise NotImplementedError
 
 
 class EntriesServicer(PushStream, agent_v1_pb2_grpc.EntriesServicer):
@@ -110,37 +144,33 @@ class EntriesServicer(PushStream, agent_v1_pb2_grpc.EntriesServicer):
     ) -> None:
         await self.serve(context)
 
-    async def _stream(self, agent: Agent, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        ctx = self._ctx
-        events = ctx.events
-        sent: tuple[tuple[str, int], ...] | None = None
-        while True:
-            # The generation is read before the datastore: a write landing
-            # during the read bumps it past `seen` and brings us back here.
-            seen = events.entries_generation
-            seq, entries = await asyncio.to_thread(self._read, agent)
-            state = tuple((e.id, e.revision) for e in entries)
-            if state != sent:
-                await context.write(
-                    agent_v1_pb2.EntriesUpdate(
-                        entries=[entry_to_proto(e) for e in entries], change_seq=seq
-                    )
-                )
-                ctx.metrics.entry_updates.inc()
-                sent = state
-            await wait_at_most(events.wait_entries(seen), _next_wake(entries, self._recheck))
-            agent = await current_agent(ctx, agent)
+    def _generation(self) -> int:
+        return self._ctx.events.entries_generation
 
-    def _read(self, agent: Agent) -> tuple[int, list[RegistrationEntry]]:
+    def _wait(self, seen: int) -> Coroutine[Any, Any, int]:
+        return self._ctx.events.wait_entries(seen)
+
+    def _read(self, agent: Agent, generation: int) -> Snapshot:
         # The feed position first: the set read after it reflects at least that change.
         seq = self._ctx.datastore.entries.last_change_seq()
-        return seq, entries_for_agent(self._ctx.datastore, agent, self._ctx.server_id)
+        entries = entries_for_agent(self._ctx.datastore, agent, self._ctx.server_id)
+        return Snapshot(
+            agent_v1_pb2.EntriesUpdate(
+                entries=[entry_to_proto(e) for e in entries], change_seq=seq
+            ),
+            tuple((e.id, e.revision) for e in entries),
+            _next_expiry(entries),
+        )
+
+    def _sent(self) -> None:
+        self._ctx.metrics.entry_updates.inc()
 
 
-def _next_wake(entries: list[RegistrationEntry], recheck: float) -> float:
+def _next_expiry(entries: list[RegistrationEntry]) -> float:
+    """Seconds until the first of ``entries`` expires (expiry writes nothing, so
+    no bump would tell the stream to drop it)."""
     now = time.time()
-    expiring = [e.expires_at - now for e in entries if e.expires_at is not None]
-    return min([recheck, *expiring])
+    return min((e.expires_at - now for e in entries if e.expires_at is not None), default=math.inf)
 
 
 def register(server: grpc.aio.Server, ctx: ServerContext) -> None:
@@ -154,6 +184,7 @@ __all__ = [
     "SERVICE",
     "EntriesServicer",
     "PushStream",
+    "Snapshot",
     "current_agent",
     "refuse",
     "register",

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from custos.agent.client.calls import X509Params
+from custos.agent.client.streams import stream_bundle
 from custos.bundle import TrustBundle
 from custos.identity import TrustDomain
 from custos.server.app import Server, ServerStartError
@@ -90,12 +91,20 @@ def test_the_tls_certificate_is_renewed_without_closing_the_port(
     config = server_config_factory()
 
     async def run() -> None:
-        async with running_server(config) as srv:
+        async with running_server(config) as srv, await server_agent(srv) as agent:
+            # An agent's open stream (its bundle stream) survives the renewal.
+            stream = stream_bundle(agent.client)
+            first = await anext(stream)
             before = await peer_certificate(srv.agent_api_address)
             await srv.renew_tls(force=True)
             after = await peer_certificate(srv.agent_api_address)
             assert after.serial_number != before.serial_number
             assert await agent_api_health(srv) == HealthCheckResponse.SERVING
+            await asyncio.to_thread(srv.ctx.jwt_keys.prepare)
+            await srv.maintain_once()
+            second = await asyncio.wait_for(anext(stream), 30)
+            assert len(second.jwt_authorities) == len(first.jwt_authorities) + 1
+            await stream.aclose()
 
     asyncio.run(run())
 

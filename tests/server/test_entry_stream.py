@@ -11,16 +11,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 import pytest
 
 from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc, types_v1_pb2
-from custos.agent.client.attest import AgentIdentity, InvalidServerResponseError, attest_agent
+from custos.agent.client.attest import AgentIdentity, InvalidServerResponseError
 from custos.agent.client.calls import AgentApiClient
-from custos.agent.client.channel import open_channel
 from custos.agent.client.errors import AgentApiError
 from custos.agent.client.streams import (
     EntrySet,
@@ -31,11 +29,11 @@ from custos.agent.client.streams import (
 )
 from custos.bundle import TrustBundle
 from custos.identity import SpiffeId, TrustDomain
-from custos.keys import KeyStore, KeyStoreConfig, open_key_store
-from custos.plugin import AgentCatalog, PluginConfig
+from custos.keys import KeyStoreConfig, open_key_store
 from custos.server.admin.client import AdminClient
 from custos.server.app import Server
-from custos.testing.server import ServerRig, running_server
+from custos.testing.postgres import PostgresServer, start_postgres
+from custos.testing.server import RigAgent, ServerRig, running_server, server_agent
 from custos.wimse.wit import mint_wit
 
 TD = "example.org"
@@ -50,27 +48,10 @@ async def bounded(aw: Awaitable[T]) -> T:
 
 
 @pytest.fixture
-def keys() -> Iterator[KeyStore]:
-    store = open_key_store(KeyStoreConfig(store="memory"))
-    yield store
-    store.close()
-
-
-@pytest.fixture
 def rig() -> Iterator[ServerRig]:
     rig = ServerRig.create(sections=NO_POLL)
     yield rig
     rig.destroy()
-
-
-@dataclass
-class Agent:
-    client: AgentApiClient
-    channel: grpc.aio.Channel
-
-    @property
-    def id(self) -> str:
-        return str(self.client.identity.spiffe_id)
 
 
 def _entry(spiffe_id: str, parent_id: str, *selectors: str, **extra: Any) -> types_v1_pb2.Entry:
@@ -82,28 +63,8 @@ def _entry(spiffe_id: str, parent_id: str, *selectors: str, **extra: Any) -> typ
     )
 
 
-@asynccontextmanager
-async def attested(srv: Server, keys: KeyStore, name: str) -> AsyncIterator[Agent]:
-    """An agent attested to ``srv`` with a fresh join token (made through the admin API)."""
-    async with AdminClient(srv.admin_socket) as admin:
-        token = await admin.generate_token()
-    keys.create(name, "ES256")
-    key = keys.get(name)
-    channel = open_channel(
-        srv.agent_api_address,
-        bundle=srv.ctx.bundle(),
-        server_name=srv.ctx.config.agent_api.dns_name,
-    )
-    async with channel:
-        with AgentCatalog.load(
-            TD,
-            node_attestors=[PluginConfig("join_token", {"token": token.token})],
-            workload_attestors=[PluginConfig("example")],
-        ) as catalog:
-            identity = await attest_agent(
-                channel, attestor=catalog.node_attestor, key=key, custody="memory"
-            )
-        yield Agent(AgentApiClient(channel, identity, key), channel)
+def agent_id(agent: RigAgent) -> str:
+    return str(agent.identity.spiffe_id)
 
 
 def ids(entry_set: EntrySet) -> set[str]:
@@ -123,27 +84,27 @@ def serve(rig: ServerRig, scenario: Callable[[Server], Awaitable[None]]) -> None
 
 
 def test_entries_created_updated_deleted_after_the_stream_opened_arrive(
-    rig: ServerRig, keys: KeyStore
+    rig: ServerRig,
 ) -> None:
     async def scenario(srv: Server) -> None:
-        async with attested(srv, keys, "a1") as agent, AdminClient(srv.admin_socket) as admin:
+        async with await server_agent(srv) as agent, AdminClient(srv.admin_socket) as admin:
             stream = sync_entries(agent.client)
             first = await next_set(stream)
             assert first.entries == ()
-            made = await admin.create_entry(_entry(f"spiffe://{TD}/web", agent.id))
+            made = await admin.create_entry(_entry(f"spiffe://{TD}/web", agent_id(agent)))
             got = await next_set(stream)
             assert ids(got) == {f"spiffe://{TD}/web"}
             assert got.change_seq > first.change_seq
             [web] = got.entries
             assert (web.id, web.revision, web.key_custody) == (made.id, 1, "memory")
-            assert str(web.parent_id) == agent.id
+            assert str(web.parent_id) == agent_id(agent)
 
             # An entry for another agent does not send this agent a set: the next
             # set it gets is the one with its own second entry.
             await admin.create_entry(
                 _entry(f"spiffe://{TD}/elsewhere", f"spiffe://{TD}/custos/agent/x/y")
             )
-            await admin.create_entry(_entry(f"spiffe://{TD}/db", agent.id, "unix:uid:2"))
+            await admin.create_entry(_entry(f"spiffe://{TD}/db", agent_id(agent), "unix:uid:2"))
             got = await next_set(stream)
             assert ids(got) == {f"spiffe://{TD}/web", f"spiffe://{TD}/db"}
 
@@ -163,18 +124,20 @@ def test_entries_created_updated_deleted_after_the_stream_opened_arrive(
     serve(rig, scenario)
 
 
-def test_alias_entries_reach_the_agent(rig: ServerRig, keys: KeyStore) -> None:
+def test_alias_entries_reach_the_agent(rig: ServerRig) -> None:
     """A join token's --spiffe-id alias and the entries under it are the agent's."""
 
     async def scenario(srv: Server) -> None:
         async with AdminClient(srv.admin_socket) as admin:
-            async with attested(srv, keys, "a1") as agent:
+            async with await server_agent(srv) as agent:
                 stream = sync_entries(agent.client)
                 assert (await next_set(stream)).entries == ()
                 # the node-group entry made under the agent as `token generate
                 # --spiffe-id` does, then a workload under the group
                 group = f"spiffe://{TD}/rack/7"
-                await admin.create_entry(_entry(group, agent.id, f"spiffe_id:{agent.id}"))
+                await admin.create_entry(
+                    _entry(group, agent_id(agent), f"spiffe_id:{agent_id(agent)}")
+                )
                 assert ids(await next_set(stream)) == {group}
                 await admin.create_entry(_entry(f"spiffe://{TD}/rack/7/web", group))
                 assert ids(await next_set(stream)) == {group, f"spiffe://{TD}/rack/7/web"}
@@ -183,14 +146,14 @@ def test_alias_entries_reach_the_agent(rig: ServerRig, keys: KeyStore) -> None:
     serve(rig, scenario)
 
 
-def test_an_evicted_agents_stream_ends_permission_denied(rig: ServerRig, keys: KeyStore) -> None:
+def test_an_evicted_agents_stream_ends_permission_denied(rig: ServerRig) -> None:
     async def scenario(srv: Server) -> None:
-        async with attested(srv, keys, "a1") as agent, AdminClient(srv.admin_socket) as admin:
+        async with await server_agent(srv) as agent, AdminClient(srv.admin_socket) as admin:
             stream = sync_entries(agent.client)
             await next_set(stream)
-            await admin.evict_agent(agent.id)
+            await admin.evict_agent(agent_id(agent))
             # any entry write wakes the stream, which looks at its agent again
-            await admin.create_entry(_entry(f"spiffe://{TD}/web", agent.id))
+            await admin.create_entry(_entry(f"spiffe://{TD}/web", agent_id(agent)))
             with pytest.raises(AgentApiError) as info:
                 await next_set(stream)
             assert (info.value.status, info.value.code) == (
@@ -201,9 +164,9 @@ def test_an_evicted_agents_stream_ends_permission_denied(rig: ServerRig, keys: K
     serve(rig, scenario)
 
 
-def test_a_call_without_credentials_is_unauthenticated(rig: ServerRig, keys: KeyStore) -> None:
+def test_a_call_without_credentials_is_unauthenticated(rig: ServerRig) -> None:
     async def scenario(srv: Server) -> None:
-        async with attested(srv, keys, "a1") as agent:
+        async with await server_agent(srv) as agent:
             stub = agent_v1_pb2_grpc.EntriesStub(agent.channel)
             call = stub.SyncEntries(agent_v1_pb2.SyncEntriesRequest())
             with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -218,9 +181,9 @@ def test_a_call_without_credentials_is_unauthenticated(rig: ServerRig, keys: Key
     serve(rig, scenario)
 
 
-def test_bundle_stream_sends_the_bundle_then_each_rotation(rig: ServerRig, keys: KeyStore) -> None:
+def test_bundle_stream_sends_the_bundle_then_each_rotation(rig: ServerRig) -> None:
     async def scenario(srv: Server) -> None:
-        async with attested(srv, keys, "a1") as agent, AdminClient(srv.admin_socket) as admin:
+        async with await server_agent(srv) as agent, AdminClient(srv.admin_socket) as admin:
             stream = stream_bundle(agent.client)
             first = await bounded(anext(stream))
             assert isinstance(first, TrustBundle)
@@ -237,7 +200,7 @@ def test_bundle_stream_sends_the_bundle_then_each_rotation(rig: ServerRig, keys:
 
 @pytest.mark.slow
 def test_an_entry_created_through_server_a_reaches_an_agent_on_server_b(
-    postgres_db: str, keys: KeyStore
+    postgres_db: str,
 ) -> None:
     """Two servers on one PostgreSQL: the write through A is heard by B through
     LISTEN/NOTIFY (the safety poll is an hour: it cannot be what delivers it)."""
@@ -254,10 +217,10 @@ def test_an_entry_created_through_server_a_reaches_an_agent_on_server_b(
 
     async def main() -> None:
         async with running_server(rig_a) as a, running_server(rig_b) as b:
-            async with attested(b, keys, "on-b") as agent, AdminClient(a.admin_socket) as admin:
+            async with await server_agent(b) as agent, AdminClient(a.admin_socket) as admin:
                 stream = sync_entries(agent.client)
                 assert (await next_set(stream)).entries == ()
-                await admin.create_entry(_entry(f"spiffe://{TD}/web", agent.id))
+                await admin.create_entry(_entry(f"spiffe://{TD}/web", agent_id(agent)))
                 assert ids(await next_set(stream)) == {f"spiffe://{TD}/web"}
                 await stream.aclose()
                 # A key rotation through A wakes B's bundle streams. (Not read through
@@ -273,6 +236,55 @@ def test_an_entry_created_through_server_a_reaches_an_agent_on_server_b(
     finally:
         rig_a.destroy()
         rig_b.destroy()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of this test alone (the test stops it)."""
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.mark.slow
+def test_the_database_gone_ends_the_stream_unavailable_and_a_new_one_works(
+    own_postgres: PostgresServer,
+) -> None:
+    rig = ServerRig.create(datastore_url=own_postgres.create_database(), sections=NO_POLL)
+
+    async def main() -> None:
+        async with running_server(rig) as srv, await server_agent(srv) as agent:
+            entry = _entry(f"spiffe://{TD}/web", agent_id(agent))
+            async with AdminClient(srv.admin_socket) as admin:
+                await admin.create_entry(entry)
+            stream = sync_entries(agent.client)
+            assert ids(await next_set(stream)) == {f"spiffe://{TD}/web"}
+            await asyncio.to_thread(own_postgres.stop)
+            srv.ctx.events.entries_changed()  # as an admin write would
+            with pytest.raises(AgentApiError) as info:
+                await next_set(stream)
+            assert (info.value.status, info.value.code) == (
+                grpc.StatusCode.UNAVAILABLE,
+                "datastore_unavailable",
+            )
+            assert info.value.retryable
+            await asyncio.to_thread(own_postgres.start)
+            # the agent reconnects (its client signs a fresh proof per call)
+            for _ in range(100):
+                try:
+                    again = await next_set(sync_entries(agent.client))
+                    break
+                except AgentApiError as e:
+                    assert e.retryable, e
+                    await asyncio.sleep(0.1)
+            assert ids(again) == {f"spiffe://{TD}/web"}
+
+    try:
+        asyncio.run(main())
+    finally:
+        rig.destroy()
 
 
 # -- what the client refuses from a server ---------------------------------------------
@@ -356,12 +368,12 @@ async def fake_server(replies: list[bytes]) -> AsyncIterator[AgentApiClient]:
     keys = open_key_store(KeyStoreConfig(store="memory"))
     keys.create("fake", "ES256")
     keys.create("fake-issuer", "ES256")
-    agent_id = SpiffeId.parse(f"spiffe://{TD}/custos/agent/join_token/t")
+    fake_id = SpiffeId.parse(f"spiffe://{TD}/custos/agent/join_token/t")
     identity = AgentIdentity(
-        spiffe_id=agent_id,
+        spiffe_id=fake_id,
         x509_svid=(),
         wit=mint_wit(
-            keys.get("fake-issuer"), subject=agent_id, workload_public_jwk=keys.get("fake"), ttl=60
+            keys.get("fake-issuer"), subject=fake_id, workload_public_jwk=keys.get("fake"), ttl=60
         ),
         bundle=TrustBundle(TD),
         selectors=(),

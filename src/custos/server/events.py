@@ -197,6 +197,13 @@ class ChangeEvents:
                     autocommit=True,
                     connect_timeout=5,
                     application_name=LISTEN_APPLICATION_NAME,
+                    # A connection that dies without a word (a partition, a dropped
+                    # NAT entry) is noticed in about a minute, not never: idle
+                    # LISTEN connections send nothing of their own.
+                    keepalives=1,
+                    keepalives_idle=30,
+                    keepalives_interval=10,
+                    keepalives_count=3,
                 )
                 async with conn:
                     await conn.execute(f"LISTEN {ENTRIES_CHANNEL}")

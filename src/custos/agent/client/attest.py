@@ -1,0 +1,285 @@
+"""The agent side of node attestation: ``AttestAgent`` and ``RenewAgent``.
+
+The agent's identity key stays in its store (TPM, PKCS#11, memory): the store signs
+a PKCS#10 CSR, the proof of possession the server checks before it issues anything;
+only the CSR's public key is used.  The node attestor's agent half (loaded through
+the agent's :class:`~custos.plugin.catalog.AgentCatalog`) makes the payload and
+answers the server's challenges; this module carries them over the stream.
+
+What comes back is checked before it is trusted: the X.509-SVID must certify *this*
+key, carry the SPIFFE ID the server named, and chain to the bundle that came with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc, types_v1_pb2
+from custos.agent.client.errors import AgentApiError
+from custos.bundle import BundleError, BundleSet, TrustBundle
+from custos.errors import CustosError
+from custos.identity import Selector, SpiffeId
+from custos.keys import StoreKey
+from custos.plugin.catalog import LoadedAgentNodeAttestor
+from custos.x509 import CertificateFormatError, X509SvidError, verify_x509_svid
+
+if TYPE_CHECKING:
+    from custos.agent.client.calls import AgentApiClient
+
+SERVICE = "custos.agent.v1.Attestation"
+#: The whole attestation, as the server bounds it (its deadline is 30 s).
+DEFAULT_TIMEOUT = 60.0
+#: Key custody tiers (issue 8, "Registration entries").
+CUSTODY_TIERS = ("tpm", "pkcs11", "memory", "exportable")
+#: Certificates in one SVID chain (leaf and intermediates).
+MAX_CHAIN_CERTIFICATES = 16
+
+
+class InvalidServerResponseError(AgentApiError):
+    """The server's answer broke the protocol or does not fit the request (a
+    certificate for another key, a chain that does not verify, a missing result)."""
+
+    code = "agent_api_bad_response"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=grpc.StatusCode.UNKNOWN, code=self.code)
+
+
+@dataclass(frozen=True)
+class AgentIdentity:
+    """The agent's own identity: its SPIFFE ID, X.509-SVID chain (leaf first) and WIT
+    for its key, the trust bundle, its node selectors and when the SVID expires."""
+
+    spiffe_id: SpiffeId
+    x509_svid: tuple[x509.Certificate, ...]
+    wit: str
+    bundle: TrustBundle
+    selectors: tuple[Selector, ...]
+    expires_at: float
+    reattestable: bool
+
+
+def der_chain(data: bytes) -> tuple[x509.Certificate, ...]:
+    """Certificates given as concatenated DER (the wire's ``x509_svid`` form)."""
+    certs: list[x509.Certificate] = []
+    at = 0
+    while at < len(data):
+        if len(certs) == MAX_CHAIN_CERTIFICATES:
+            raise InvalidServerResponseError(f"more than {MAX_CHAIN_CERTIFICATES} certificates")
+        end = at + _der_length(data, at)
+        try:
+            certs.append(x509.load_der_x509_certificate(data[at:end]))
+        except ValueError as e:
+            raise InvalidServerResponseError(f"malformed certificate in the chain: {e}") from e
+        at = end
+    if not certs:
+        raise InvalidServerResponseError("the certificate chain is empty")
+    return tuple(certs)
+
+
+def _der_length(data: bytes, at: int) -> int:
+    """Size of the DER SEQUENCE at ``data[at:]``, header included."""
+    if len(data) - at < 2 or data[at] != 0x30:
+        raise InvalidServerResponseError("the certificate chain is not concatenated DER")
+    first = data[at + 1]
+    if first < 0x80:
+        size, header = first, 2
+    else:
+        count = first & 0x7F
+        if not 1 <= count <= 3 or len(data) - at < 2 + count:
+            raise InvalidServerResponseError("the certificate chain is not concatenated DER")
+        size, header = int.from_bytes(data[at + 2 : at + 2 + count], "big"), 2 + count
+    if at + header + size > len(data):
+        raise InvalidServerResponseError("the certificate chain is truncated")
+    return header + size
+
+
+def make_csr(key: StoreKey) -> bytes:
+    """A DER PKCS#10 CSR signed by ``key`` inside its store (the proof of possession).
+    The subject is empty: the server takes only the public key."""
+    private = key.private_key()
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    spec = key.alg.spec
+    try:
+        if spec.hash_name is None:  # EdDSA hashes internally
+            csr = builder.sign(private, None)
+        else:
+            algorithm = spec.hash_algorithm()
+            assert isinstance(algorithm, hashes.SHA256 | hashes.SHA384)  # every custos alg
+            pss = None
+            if isinstance(private, rsa.RSAPrivateKey) and spec.pss:
+                # The device signs PSS with MGF1 over the same hash and a digest-long salt.
+                pss = padding.PSS(
+                    mgf=padding.MGF1(algorithm), salt_length=padding.PSS.DIGEST_LENGTH
+                )
+            csr = builder.sign(private, algorithm, rsa_padding=pss)
+    except (ValueError, TypeError) as e:
+        raise CustosError(
+            f"could not sign a CSR with key {key.name!r}: {e}", code="csr_failed"
+        ) from e
+    return csr.public_bytes(Encoding.DER)
+
+
+def key_request(csr: bytes, custody: str) -> agent_v1_pb2.AgentKeyRequest:
+    if custody not in CUSTODY_TIERS:
+        raise CustosError(
+            f"custody must be one of {', '.join(CUSTODY_TIERS)}, not {custody!r:.40}",
+            code="invalid_custody",
+        )
+    return agent_v1_pb2.AgentKeyRequest(csr=csr, custody=types_v1_pb2.KeyCustody(tier=custody))
+
+
+def _spki(key: object) -> bytes:
+    return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)  # type: ignore[attr-defined,no-any-return]
+
+
+def identity_from_proto(message: agent_v1_pb2.AgentIdentity, key: StoreKey) -> AgentIdentity:
+    """Check the server's ``AgentIdentity`` against the request and the bundle in it."""
+    try:
+        spiffe_id = SpiffeId.parse(message.spiffe_id)
+        bundle = TrustBundle.from_spiffe_json(
+            message.bundle.trust_domain, message.bundle.spiffe_bundle
+        ).with_sequence(message.bundle.sequence_number or None)
+        selectors = tuple(Selector.parse(s) for s in message.selectors)
+    except (CustosError, ValueError) as e:
+        raise InvalidServerResponseError(f"malformed AgentIdentity: {e}") from e
+    chain = der_chain(message.x509_svid)
+    if _spki(chain[0].public_key()) != _spki(key.public_key()):
+        raise InvalidServerResponseError("the X.509-SVID certifies another key than the agent's")
+    if bundle.trust_domain != spiffe_id.trust_domain:
+        raise InvalidServerResponseError("the bundle is for another trust domain than the agent")
+    try:
+        verified = verify_x509_svid(chain, BundleSet([bundle]))
+    except (X509SvidError, CertificateFormatError, BundleError) as e:
+        raise InvalidServerResponseError(f"the X.509-SVID does not verify: {e.message}") from e
+    if verified != spiffe_id:
+        raise InvalidServerResponseError("the X.509-SVID names another SPIFFE ID")
+    if not message.wit:
+        raise InvalidServerResponseError("the AgentIdentity has no WIT")
+    return AgentIdentity(
+        spiffe_id=spiffe_id,
+        x509_svid=chain,
+        wit=message.wit,
+        bundle=bundle,
+        selectors=selectors,
+        expires_at=float(message.expires_at),
+        reattestable=message.reattestable,
+    )
+
+
+async def _ended(call: Any) -> AgentApiError:
+    """Why the server ended ``call`` without a result (its status and detail line)."""
+    code = await call.code()
+    if code is grpc.StatusCode.OK:
+        return InvalidServerResponseError("the server ended the attestation without a result")
+    return AgentApiError.from_status(code, await call.details() or "")
+
+
+class _Exchange:
+    """The agent half's ``exchange`` over one ``AttestAgent`` stream."""
+
+    def __init__(self, call: Any, attestor: str, key: agent_v1_pb2.AgentKeyRequest) -> None:
+        self._call = call
+        self._attestor = attestor
+        self._key = key
+        self._started = False
+        self.result: agent_v1_pb2.AgentIdentity | None = None
+
+    async def __call__(self, message: bytes) -> bytes | None:
+        if not self._started:
+            start = agent_v1_pb2.AttestationStart(
+                attestor=self._attestor, payload=message, key=self._key
+            )
+            request = agent_v1_pb2.AttestAgentRequest(start=start)
+            self._started = True
+        else:
+            request = agent_v1_pb2.AttestAgentRequest(challenge_response=message)
+        try:
+            await self._call.write(request)
+        except asyncio.InvalidStateError:
+            # The server already ended the call (a refusal, its deadline).
+            raise await _ended(self._call) from None
+        response = await self._call.read()
+        if response is grpc.aio.EOF:
+            raise await _ended(self._call)
+        step = response.WhichOneof("step")
+        if step == "challenge":
+            return bytes(response.challenge)
+        if step == "result":
+            self.result = response.result
+            return None
+        raise InvalidServerResponseError("an AttestAgentResponse without a step")
+
+
+async def attest_agent(
+    channel: grpc.aio.Channel,
+    *,
+    attestor: LoadedAgentNodeAttestor,
+    key: StoreKey,
+    custody: str,
+    attestor_name: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> AgentIdentity:
+    """Attest this node with ``attestor`` (the agent catalog's ``node_attestor``) and
+    get the agent's identity for ``key``.  ``attestor_name`` defaults to the
+    attestor's configured name.  Every refusal is an :class:`AgentApiError`."""
+    name = attestor.name if attestor_name is None else attestor_name
+    # A TPM or HSM signs synchronously: keep the loop free.
+    request_key = key_request(await asyncio.to_thread(make_csr, key), custody)
+    stub = agent_v1_pb2_grpc.AttestationStub(channel)  # type: ignore[no-untyped-call]
+    call = stub.AttestAgent(timeout=timeout)
+    exchange = _Exchange(call, name, request_key)
+    try:
+        # No half-close: the server ends the call as soon as it has sent the result.
+        await attestor.attest(exchange)
+    except grpc.RpcError as e:
+        raise AgentApiError.from_rpc_error(e) from e
+    finally:
+        # Hang up whatever happened (a plugin error, a cancelled task): the server
+        # writes nothing for an attestation it could not finish.
+        call.cancel()
+    if exchange.result is None:
+        raise InvalidServerResponseError("the attestation ended without a result")
+    return await asyncio.to_thread(identity_from_proto, exchange.result, key)
+
+
+async def renew_agent(
+    client: AgentApiClient, key: StoreKey, custody: str, *, timeout: float = DEFAULT_TIMEOUT
+) -> AgentIdentity:
+    """New credentials for ``key`` (the same key or a new one), authenticated by the
+    client's current identity.  For agents whose attestor cannot re-attest (join
+    token); a re-attestable agent is refused with ``renew_by_attesting``.  The caller
+    replaces the client's identity (and key) with the result."""
+    request = agent_v1_pb2.RenewAgentRequest(
+        key=key_request(await asyncio.to_thread(make_csr, key), custody)
+    )
+    stub = agent_v1_pb2_grpc.AttestationStub(client.channel)  # type: ignore[no-untyped-call]
+    metadata = await asyncio.to_thread(client.metadata, SERVICE, "RenewAgent")
+    try:
+        response = await stub.RenewAgent(request, metadata=metadata, timeout=timeout)
+    except grpc.RpcError as e:
+        raise AgentApiError.from_rpc_error(e) from e
+    return await asyncio.to_thread(identity_from_proto, response, key)
+
+
+__all__ = [
+    "CUSTODY_TIERS",
+    "DEFAULT_TIMEOUT",
+    "SERVICE",
+    "AgentIdentity",
+    "InvalidServerResponseError",
+    "attest_agent",
+    "der_chain",
+    "identity_from_proto",
+    "key_request",
+    "make_csr",
+    "renew_agent",
+]

@@ -1,0 +1,370 @@
+"""Node attestation: one ``AttestAgent`` stream driven against the catalog's server halves.
+
+The order of one attestation (SPIRE's ``AttestAgent``, with custos's bounds):
+
+1. the first message must be ``start``: a configured attestor's name, its payload, and
+   the agent key's CSR and custody (every size bounded before anything else runs);
+2. the CSR is parsed and its signature checked *before* the attestor runs, so a broken
+   client cannot spend a single-use join token on a request that can never succeed;
+3. the attestor's server half runs through :meth:`ServerCatalog.attest_node` (it stamps
+   the selector types and builds the agent ID); its challenges go out as ``challenge``
+   messages and the answers come back as ``challenge_response``;
+4. a banned agent is refused; an agent that is attested (and not evicted) may attest
+   again only through a re-attestable attestor (a join token is spent anyway);
+5. the agent's X.509-SVID and WIT are issued and the agent is recorded (eviction
+   cleared) in one worker-thread call, so a client hanging up cannot cut it in half;
+6. the whole exchange runs under one deadline.
+
+Every refusal is a :class:`~custos.errors.CustosError` with a stable code; the Agent API
+maps it to a gRPC status in one place (:mod:`custos.server.agent_api.status`): protocol
+and argument errors derive from its ``AgentApiArgumentError`` (INVALID_ARGUMENT),
+refusals from ``AgentApiForbiddenError`` (PERMISSION_DENIED); ``attestation_timeout``
+(DEADLINE_EXCEEDED) and ``renew_by_attesting`` (FAILED_PRECONDITION) are mapped by code.
+Nothing is written before step 5.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from custos._numbers import seconds
+from custos.bundle import TrustBundle
+from custos.errors import CustosError
+from custos.identity import Selector, SpiffeId
+from custos.plugin.catalog import MAX_ATTESTATION_MESSAGE_BYTES, AttestationExchangeError
+from custos.plugin.errors import PluginCallError, PluginMisbehavedError
+from custos.server.agent_api.status import AgentApiArgumentError, AgentApiForbiddenError
+from custos.server.datastore.errors import (
+    DatastoreError,
+    DatastoreUnavailableError,
+    NotFoundError,
+)
+from custos.server.datastore.records import Agent
+from custos.server.issuer import AgentCredentials, CustodyEvidence
+from custos.x509 import MAX_CSR_BYTES, CsrError, load_csr
+
+if TYPE_CHECKING:
+    from custos._proto import agent_v1_pb2
+    from custos.server.context import ServerContext
+
+log = logging.getLogger(__name__)
+
+#: The whole attestation, first message to result (a TPM needs well under a second;
+#: a client that stalls longer only holds a stream open).
+DEFAULT_DEADLINE = 30.0
+#: A plugin name is a selector type: short.
+MAX_ATTESTOR_NAME = 128
+#: TPM2_Certify statements (issue 10) are a few hundred bytes.
+MAX_CUSTODY_EVIDENCE_BYTES = MAX_ATTESTATION_MESSAGE_BYTES
+#: The label of an attestor name that is not configured (metrics must not take
+#: label values from a caller: each one would be a new time series).
+UNKNOWN_ATTESTOR_LABEL = "unknown"
+
+
+class AttestationError(CustosError):
+    """Root of the node-attestation refusals."""
+
+    code = "attestation_failed"
+
+
+class AttestationProtocolError(AttestationError, AgentApiArgumentError):
+    """The stream broke the exchange: no ``start`` first, a field missing or oversized,
+    an answer where none was asked for, the stream ended early."""
+
+    code = "attestation_protocol"
+
+
+class UnknownAttestorError(AttestationError, AgentApiArgumentError):
+    """The agent named a node attestor this server does not run."""
+
+    code = "attestor_unknown"
+
+
+class AttestationRefusedError(AttestationError, AgentApiForbiddenError):
+    """The attestor refused the evidence (``code`` is the attestor's, e.g.
+    ``join_token_used``), or the agent may not attest."""
+
+    code = "attestation_refused"
+
+
+class AgentBannedError(AttestationRefusedError):
+    code = "agent_banned"
+
+
+class AgentAlreadyAttestedError(AttestationRefusedError):
+    """An attested, not evicted agent attested again through an attestor that cannot
+    re-attest (it renews with ``RenewAgent``)."""
+
+    code = "agent_already_attested"
+
+
+class AttestationTimeoutError(AttestationError):
+    """The attestation did not finish within its deadline (DEADLINE_EXCEEDED)."""
+
+    code = "attestation_timeout"
+
+
+class AttestorFailedError(AttestationError):
+    """The attestor itself failed (a bug or an outage on the server's side; details in
+    the log, not in the status)."""
+
+    code = "attestor_failed"
+
+
+class RenewalRefusedError(AttestationError):
+    """``RenewAgent`` from an agent whose attestor can re-attest: it renews by
+    attesting again."""
+
+    code = "renew_by_attesting"
+
+
+@dataclass(frozen=True)
+class AttestedAgent:
+    """What one successful attestation (or renewal) hands back to the agent."""
+
+    agent_id: SpiffeId
+    credentials: AgentCredentials
+    selectors: tuple[Selector, ...]
+    reattestable: bool
+    bundle: TrustBundle
+
+
+class AttestationStream(Protocol):
+    """The transport of one ``AttestAgent`` call (the gRPC servicer adapts its context)."""
+
+    async def receive(self) -> agent_v1_pb2.AttestAgentRequest | None:
+        """The next request; ``None`` once the client has closed its side."""
+        ...
+
+    async def send_challenge(self, data: bytes) -> None: ...
+
+
+def _bounded(data: bytes, what: str, limit: int) -> bytes:
+    if len(data) > limit:
+        raise AttestationProtocolError(f"{what} is {len(data)} bytes; at most {limit}")
+    return data
+
+
+def key_request(key: agent_v1_pb2.AgentKeyRequest) -> tuple[bytes, CustodyEvidence]:
+    """The CSR (parsed and its signature checked: proof of possession) and the custody
+    evidence of an ``AgentKeyRequest``; only the CSR's public key is ever used."""
+    csr = _bounded(key.csr, "key.csr", MAX_CSR_BYTES)
+    if not csr:
+        raise AttestationProtocolError("key.csr is missing")
+    info = _bounded(key.custody.tpm_certify_info, "tpm_certify_info", MAX_CUSTODY_EVIDENCE_BYTES)
+    signature = _bounded(
+        key.custody.tpm_certify_signature, "tpm_certify_signature", MAX_CUSTODY_EVIDENCE_BYTES
+    )
+    try:
+        parsed = load_csr(csr)
+        valid = parsed.is_signature_valid
+    except (CsrError, ValueError, TypeError) as e:
+        raise AttestationProtocolError("key.csr is not a PKCS#10 CSR", code="invalid_csr") from e
+    if not valid:
+        raise AttestationProtocolError(
+            "key.csr signature does not verify (no proof of possession)", code="invalid_csr"
+        )
+    tier = key.custody.tier
+    return csr, CustodyEvidence(tier=tier, tpm_certify_info=info, tpm_certify_signature=signature)
+
+
+def _refusal(error: PluginCallError) -> AttestationError | CustosError:
+    """What the agent is told when the attestor raised (the cause is logged in full)."""
+    cause = error.__cause__
+    if isinstance(cause, DatastoreUnavailableError):
+        return cause  # the database is away: UNAVAILABLE, try again later
+    if isinstance(error, PluginMisbehavedError) or not isinstance(cause, CustosError):
+        return AttestorFailedError(f"node attestor {error.plugin!r} failed")
+    # The attestor's own refusal (spent token, bad evidence): its code and message,
+    # which attestors write for the agent (join_token never repeats the secret).
+    return AttestationRefusedError(f"{error.plugin}: {cause.message}", code=cause.code)
+
+
+class NodeAttestation:
+    """Runs ``AttestAgent`` calls and ``RenewAgent`` issuance for one server."""
+
+    def __init__(self, ctx: ServerContext, *, deadline: float = DEFAULT_DEADLINE) -> None:
+        self._ctx = ctx
+        self._deadline = seconds(deadline, name="attestation deadline", minimum=0.001)
+
+    def _label(self, name: str) -> str:
+        return name if name in self._ctx.catalog.node_attestors else UNKNOWN_ATTESTOR_LABEL
+
+    async def run(self, stream: AttestationStream) -> AttestedAgent:
+        """One attestation, start to result, under the deadline; counted by outcome."""
+        name = ""
+        outcome = "error"
+        try:
+            async with asyncio.timeout(self._deadline):
+                start = await stream.receive()
+                if start is None or start.WhichOneof("step") != "start":
+                    raise AttestationProtocolError("the first message must be 'start'")
+                name = start.start.attestor
+                result = await self._attest(start.start, stream)
+            outcome = "ok"
+            return result
+        except TimeoutError:
+            outcome = "refused"
+            raise AttestationTimeoutError(
+                f"the attestation took longer than {self._deadline:g} s"
+            ) from None
+        except (AttestationProtocolError, UnknownAttestorError, AttestationRefusedError):
+            outcome = "refused"
+            raise
+        except AttestationExchangeError as e:
+            outcome = "refused"
+            raise AttestationProtocolError(e.message, code=e.code) from e
+        finally:
+            self._ctx.metrics.attestations.labels(attestor=self._label(name), outcome=outcome).inc()
+
+    async def _attest(
+        self, start: agent_v1_pb2.AttestationStart, stream: AttestationStream
+    ) -> AttestedAgent:
+        name = start.attestor
+        if not name or len(name) > MAX_ATTESTOR_NAME:
+            raise AttestationProtocolError(
+                f"start.attestor must be 1 to {MAX_ATTESTOR_NAME} characters"
+            )
+        attestor = self._ctx.catalog.node_attestors.get(name)
+        if attestor is None:
+            raise UnknownAttestorError(f"no node attestor named {name!r} is configured here")
+        payload = _bounded(start.payload, "start.payload", MAX_ATTESTATION_MESSAGE_BYTES)
+        if not payload:
+            raise AttestationProtocolError("start.payload is empty")
+        csr, custody = key_request(start.key)
+
+        async def challenge(data: bytes) -> bytes:
+            await stream.send_challenge(data)
+            reply = await stream.receive()
+            if reply is None:
+                raise AttestationProtocolError("the stream ended while a challenge was open")
+            if reply.WhichOneof("step") != "challenge_response":
+                raise AttestationProtocolError("expected 'challenge_response' after a challenge")
+            return _bounded(
+                reply.challenge_response, "challenge_response", MAX_ATTESTATION_MESSAGE_BYTES
+            )
+
+        try:
+            node = await self._ctx.catalog.attest_node(name, payload, challenge)
+        except PluginCallError as e:
+            refusal = _refusal(e)
+            log.warning("node attestation with %r refused: %s", name, e, exc_info=e)
+            raise refusal from e
+        # Checked after the attestor (the agent ID comes from it) and before any write.
+        existing = await asyncio.to_thread(self._agent, node.agent_id)
+        if existing is not None:
+            if existing.banned:
+                raise AgentBannedError(f"agent {node.agent_id} is banned")
+            if not existing.evicted and not node.can_reattest:
+                raise AgentAlreadyAttestedError(
+                    f"agent {node.agent_id} is already attested and {name!r} cannot "
+                    "re-attest; renew with RenewAgent"
+                )
+        credentials = await asyncio.to_thread(
+            self._issue_and_record, node.agent_id, csr, custody, name, node.selectors
+        )
+        return AttestedAgent(
+            agent_id=node.agent_id,
+            credentials=credentials,
+            selectors=node.selectors,
+            reattestable=node.can_reattest,
+            bundle=self._ctx.bundle(),
+        )
+
+    def _agent(self, agent_id: SpiffeId) -> Agent | None:
+        try:
+            return self._ctx.datastore.agents.get(agent_id)
+        except NotFoundError:
+            return None
+
+    def _issue_and_record(
+        self,
+        agent_id: SpiffeId,
+        csr: bytes,
+        custody: CustodyEvidence,
+        attestor: str,
+        selectors: tuple[Selector, ...],
+        *,
+        event: str = "attestation",
+    ) -> AgentCredentials:
+        """Issue the agent's credentials, record the agent, audit: one thread call, so
+        a cancelled stream cannot leave credentials issued without the agent recorded."""
+        credentials = self._ctx.issuer.agent_credentials(
+            agent_id, csr, custody, attestor=attestor, selectors=selectors
+        )
+        serial = format(credentials.x509_svid.leaf.serial_number, "x")
+        try:
+            self._ctx.datastore.agents.attested(
+                agent_id,
+                attestor=attestor,
+                selectors=selectors,
+                serial=serial,
+                expires_at=credentials.not_after,
+            )
+        except DatastoreError as e:
+            if e.code == "agent_banned":  # banned while we were issuing
+                raise AgentBannedError(f"agent {agent_id} is banned") from e
+            raise
+        self._ctx.auditor.record(
+            event=event,
+            who=str(agent_id),
+            attestor=attestor,
+            selectors=selectors,
+            identity=str(agent_id),
+            serial_or_jti=serial,
+            not_after=credentials.not_after,
+            custody=custody.tier,
+        )
+        return credentials
+
+    async def renew(self, agent: Agent, key: agent_v1_pb2.AgentKeyRequest) -> AttestedAgent:
+        """New credentials for an authenticated agent whose attestor cannot re-attest."""
+        attestor = self._ctx.catalog.node_attestors.get(agent.attestor)
+        if attestor is not None and attestor.supports_reattestation:
+            raise RenewalRefusedError(
+                f"agents attested with {agent.attestor!r} renew by attesting again"
+            )
+        csr, custody = key_request(key)
+        credentials = await asyncio.to_thread(self._renew_and_record, agent, csr, custody)
+        return AttestedAgent(
+            agent_id=agent.id,
+            credentials=credentials,
+            selectors=agent.selectors,
+            reattestable=False,
+            bundle=self._ctx.bundle(),
+        )
+
+    def _renew_and_record(
+        self, agent: Agent, csr: bytes, custody: CustodyEvidence
+    ) -> AgentCredentials:
+        # Re-read: the agent may have been evicted or banned since it authenticated;
+        # recording would otherwise clear the eviction.
+        current = self._agent(agent.id)
+        if current is None or current.evicted or current.banned:
+            raise AttestationRefusedError(
+                f"agent {agent.id} was evicted; it must attest again", code="agent_evicted"
+            )
+        return self._issue_and_record(
+            agent.id, csr, custody, agent.attestor, agent.selectors, event="agent-renewal"
+        )
+
+
+__all__ = [
+    "DEFAULT_DEADLINE",
+    "AgentAlreadyAttestedError",
+    "AgentBannedError",
+    "AttestationError",
+    "AttestationProtocolError",
+    "AttestationRefusedError",
+    "AttestationStream",
+    "AttestationTimeoutError",
+    "AttestedAgent",
+    "AttestorFailedError",
+    "NodeAttestation",
+    "RenewalRefusedError",
+    "UnknownAttestorError",
+    "key_request",
+]

@@ -1,0 +1,746 @@
+"""Node attestation through the Agent API (``AttestAgent``, ``RenewAgent``), driven by
+the attestation client library against a real server (``custos.testing.server``).
+
+Besides ``join_token`` the server runs two test attestors installed as a third
+party's would be (a ``.dist-info`` on sys.path): ``acme_challenge`` (one challenge
+round, re-attestable) and ``acme_once`` (the same, not re-attestable); both name the
+agent after the payload, so one node can attest twice under one ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.x509.oid import NameOID
+
+from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc, types_v1_pb2
+from custos.agent.client.attest import (
+    AgentIdentity,
+    attest_agent,
+    der_chain,
+    make_csr,
+    renew_agent,
+)
+from custos.agent.client.channel import open_channel, open_insecure_bootstrap_channel
+from custos.agent.client.errors import AgentApiError
+from custos.identity import SpiffeId
+from custos.keys import KeyStore, KeyStoreConfig, StoreKey, open_key_store
+from custos.plugin import AgentCatalog, PluginConfig
+from custos.server.app import Server
+from custos.testing.server import ServerRig, running_server
+
+TD = "example.org"
+T = TypeVar("T")
+
+ACME_MODULE = """
+import asyncio
+import threading
+
+from custos.errors import CustosError
+from custos.plugin.protocols import AttestedNode, Challenge
+
+
+#: Set while an agent half configured with "hang" waits for ever after a challenge.
+HANGING = threading.Event()
+
+
+class AcmeRefused(CustosError):
+    code = "acme_refused"
+
+
+def node_name(payload):
+    try:
+        name = payload.decode("ascii")
+    except UnicodeDecodeError:
+        raise AcmeRefused("the payload is not a node name") from None
+    if not name.isalnum() or len(name) > 64:
+        raise AcmeRefused("the payload is not a node name")
+    return name
+
+
+class ChallengeServer:
+    reattestable = True
+
+    @property
+    def supports_reattestation(self):
+        return self.reattestable
+
+    def configure(self, config, core):
+        pass
+
+    def close(self):
+        pass
+
+    async def attest(self, payload):
+        name = node_name(payload)
+        answer = yield Challenge(b"nonce:" + payload)
+        if answer != b"nonce:" + payload + b":answer":
+            raise AcmeRefused("wrong answer")
+        yield AttestedNode(agent_path=[name], selectors=["node:" + name])
+
+
+class OnceServer(ChallengeServer):
+    reattestable = False
+
+
+class ChallengeAgent:
+    def configure(self, config, core):
+        self.name = config["name"]
+        self.hang = config.get("hang", False)
+
+    def close(self):
+        pass
+
+    async def attestation_flow(self):
+        challenge = yield self.name.encode()
+        if self.hang:  # a client that stops answering
+            HANGING.set()
+            await asyncio.Event().wait()
+        yield challenge + b":answer"
+"""
+
+ACME_ENTRY_POINTS = """
+[custos.server.node_attestors]
+acme_challenge = acme_attest:ChallengeServer
+acme_once = acme_attest:OnceServer
+
+[custos.agent.node_attestors]
+acme_challenge = acme_attest:ChallengeAgent
+acme_once = acme_attest:ChallengeAgent
+"""
+
+ACME_SECTIONS: dict[str, Mapping[str, object]] = {
+    "node_attestors.acme_challenge": {},
+    "node_attestors.acme_once": {},
+}
+
+
+def install_acme(root: Path) -> None:
+    """The test attestors as an installed distribution (entry points and module)."""
+    info = root / "acme_attest-1.0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-attest\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(ACME_ENTRY_POINTS)
+    (root / "acme_attest.py").write_text(ACME_MODULE)
+    importlib.invalidate_caches()
+
+
+@pytest.fixture
+def acme(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    site = tmp_path / "site"
+    install_acme(site)
+    monkeypatch.syspath_prepend(str(site))
+
+
+@pytest.fixture
+def rig(acme: None) -> Iterator[ServerRig]:
+    rig = ServerRig.create(sections=ACME_SECTIONS)
+    yield rig
+    rig.destroy()
+
+
+@pytest.fixture
+def keys() -> Iterator[KeyStore]:
+    store = open_key_store(KeyStoreConfig(store="memory"))
+    yield store
+    store.close()
+
+
+@dataclass
+class Harness:
+    """One running server and what a test agent needs to talk to it."""
+
+    srv: Server
+    keys: KeyStore
+
+    @property
+    def datastore(self) -> Any:
+        return self.srv.ctx.datastore
+
+    def channel(self) -> grpc.aio.Channel:
+        return open_channel(
+            self.srv.agent_api_address,
+            bundle=self.srv.ctx.bundle(),
+            server_name=self.srv.ctx.config.agent_api.dns_name,
+        )
+
+    def key(self, name: str, alg: str = "ES256") -> StoreKey:
+        self.keys.create(name, alg)
+        return self.keys.get(name)
+
+    async def token(self, ttl: float = 600, *, now: float | None = None) -> tuple[str, str]:
+        """A join token: (its id, its secret)."""
+        token, secret = await asyncio.to_thread(self.datastore.join_tokens.create, ttl, now=now)
+        return token.id, secret
+
+    async def attest(
+        self,
+        attestor: str,
+        settings: Mapping[str, object],
+        key: StoreKey,
+        *,
+        custody: str = "memory",
+        attestor_name: str | None = None,
+    ) -> AgentIdentity:
+        """The agent side: its catalog's node attestor and the client library."""
+        with AgentCatalog.load(
+            TD,
+            node_attestors=[PluginConfig(attestor, dict(settings))],
+            workload_attestors=[PluginConfig("example")],
+        ) as catalog:
+            async with self.channel() as channel:
+                return await attest_agent(
+                    channel,
+                    attestor=catalog.node_attestor,
+                    key=key,
+                    custody=custody,
+                    attestor_name=attestor_name,
+                )
+
+    async def refused(self, attempt: Awaitable[object]) -> AgentApiError:
+        with pytest.raises(AgentApiError) as info:
+            await attempt
+        return info.value
+
+    def attestations(self, outcome: str, attestor: str) -> float:
+        value = self.srv.ctx.metrics.registry.get_sample_value(
+            "custos_server_attestations_total", {"attestor": attestor, "outcome": outcome}
+        )
+        return value or 0.0
+
+
+def serve(rig: ServerRig, keys: KeyStore, scenario: Callable[[Harness], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with running_server(rig) as srv:
+            return await scenario(Harness(srv, keys))
+
+    return asyncio.run(main())
+
+
+def spki(key: object) -> bytes:
+    return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)  # type: ignore[attr-defined,no-any-return]
+
+
+def join_token(secret: str) -> dict[str, object]:
+    return {"token": secret}
+
+
+# -- join_token, the happy path first so the refusals below mean something ----------
+
+
+def test_a_join_token_attests_the_agent_with_its_own_key(rig: ServerRig, keys: KeyStore) -> None:
+    async def scenario(h: Harness) -> None:
+        token_id, secret = await h.token()
+        key = h.key("agent")
+        identity = await h.attest("join_token", join_token(secret), key)
+
+        assert identity.spiffe_id == SpiffeId.parse(
+            f"spiffe://{TD}/custos/agent/join_token/{token_id}"
+        )
+        assert spki(identity.x509_svid[0].public_key()) == spki(key.public_key())
+        assert identity.bundle.trust_domain == identity.spiffe_id.trust_domain
+        assert identity.wit and identity.expires_at > time.time()
+        assert identity.selectors == () and identity.reattestable is False
+        agent = h.datastore.agents.get(identity.spiffe_id)
+        assert agent.attestor == "join_token"
+        assert agent.serial == format(identity.x509_svid[0].serial_number, "x")
+        assert not agent.evicted and not agent.banned
+        events = [r for r in h.datastore.audit.since(0) if r.identity == str(identity.spiffe_id)]
+        assert sorted(r.event for r in events) == ["attestation", "wit", "x509-svid"]
+        [attested] = [r for r in events if r.event == "attestation"]
+        assert attested.attestor == "join_token" and attested.custody == "memory"
+        assert attested.serial_or_jti == agent.serial
+        assert h.attestations("ok", "join_token") == 1
+
+    serve(rig, keys, scenario)
+
+
+def test_the_token_is_single_use_and_the_second_attempt_is_permission_denied(
+    rig: ServerRig, keys: KeyStore
+) -> None:
+    async def scenario(h: Harness) -> None:
+        _, secret = await h.token()
+        await h.attest("join_token", join_token(secret), h.key("a1"))
+        error = await h.refused(h.attest("join_token", join_token(secret), h.key("a2")))
+        assert error.status == grpc.StatusCode.PERMISSION_DENIED
+        assert error.code == "join_token_used"
+        assert secret not in str(error)
+        assert h.attestations("refused", "join_token") == 1
+
+    serve(rig, keys, scenario)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_concurrent_attestations_with_one_token_exactly_one_succeeds(
+    backend: str, acme: None, keys: KeyStore, request: pytest.FixtureRequest
+) -> None:
+    url = None if backend == "sqlite" else request.getfixturevalue("postgres_db")
+    rig = ServerRig.create(sections=ACME_SECTIONS, datastore_url=url)
+
+    async def scenario(h: Harness) -> None:
+        _, secret = await h.token()
+        results = await asyncio.gather(
+            *(h.attest("join_token", join_token(secret), h.key(f"c{i}")) for i in range(4)),
+            return_exceptions=True,
+        )
+        won = [r for r in results if isinstance(r, AgentIdentity)]
+        lost = [r for r in results if isinstance(r, AgentApiError)]
+        assert len(won) == 1 and len(lost) == 3, results
+        assert {(e.status, e.code) for e in lost} == {
+            (grpc.StatusCode.PERMISSION_DENIED, "join_token_used")
+        }
+        assert [a.id for a in h.datastore.agents.list()] == [won[0].spiffe_id]
+
+    try:
+        serve(rig, keys, scenario)
+    finally:
+        rig.destroy()
+
+
+def test_unknown_and_expired_tokens_are_refused_and_nothing_is_written(
+    rig: ServerRig, keys: KeyStore
+) -> None:
+    async def scenario(h: Harness) -> None:
+        _, expired = await h.token(60, now=time.time() - 3600)
+        for secret, code in (
+            ("not-a-token-we-issued", "join_token_unknown"),
+            (expired, "join_token_expired"),
+        ):
+            error = await h.refused(h.attest("join_token", join_token(secret), h.key(code)))
+            assert (error.status, error.code) == (grpc.StatusCode.PERMISSION_DENIED, code)
+        assert h.datastore.agents.list() == []
+        assert h.datastore.audit.since(0) == []
+
+    serve(rig, keys, scenario)
+
+
+# -- attestors: unknown, re-attestation, bans, evictions --------------------------------
+
+
+def test_an_unknown_attestor_is_invalid_argument_naming_it(rig: ServerRig, keys: KeyStore) -> None:
+    async def scenario(h: Harness) -> None:
+        _, secret = await h.token()
+        error = await h.refused(
+            h.attest("join_token", join_token(secret), h.key("a"), attestor_name="tpm_devid")
+        )
+        assert (error.status, error.code) == (grpc.StatusCode.INVALID_ARGUMENT, "attestor_unknown")
+        assert "tpm_devid" in error.message
+        # The token was not spent by a request that named no attestor of ours.
+        await h.attest("join_token", join_token(secret), h.key("b"))
+        assert h.attestations("refused", "unknown") == 1
+
+    serve(rig, keys, scenario)
+
+
+def test_a_challenge_round_trip_attests_and_a_wrong_answer_is_refused(
+    rig: ServerRig, keys: KeyStore
+) -> None:
+    async def scenario(h: Harness) -> None:
+        identity = await h.attest("acme_challenge", {"name": "node1"}, h.key("a"))
+        assert identity.spiffe_id == SpiffeId.parse(
+            f"spiffe://{TD}/custos/agent/acme_challenge/node1"
+        )
+        assert [str(s) for s in identity.selectors] == ["acme_challenge:node:node1"]
+        assert identity.reattestable is True
+        # Another attestor cannot answer this one's challenge.
+        error = await h.refused(h.attest("acme_challenge", {"name": "bad node"}, h.key("b")))
+        assert (error.status, error.code) == (grpc.StatusCode.PERMISSION_DENIED, "acme_refused")
+
+    serve(rig, keys, scenario)
+
+
+def test_reattestation_only_through_a_reattestable_attestor_or_after_eviction(
+    rig: ServerRig, keys: KeyStore
+) -> None:
+    async def scenario(h: Harness) -> None:
+        first = await h.attest("acme_challenge", {"name": "n1"}, h.key("a"))
+        again = await h.attest("acme_challenge", {"name": "n1"}, h.key("b"))
+        assert again.spiffe_id == first.spiffe_id
+        assert h.datastore.agents.get(first.spiffe_id).serial == format(
+            again.x509_svid[0].serial_number, "x"
+        )
+
+        once = await h.attest("acme_once", {"name": "n2"}, h.key("c"))
+        error = await h.refused(h.attest("acme_once", {"name": "n2"}, h.key("d")))
+        assert (error.status, error.code) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "agent_already_attested",
+        )
+        h.datastore.agents.evict(once.spiffe_id)
+        back = await h.attest("acme_once", {"name": "n2"}, h.key("e"))
+        assert back.spiffe_id == once.spiffe_id
+        assert not h.datastore.agents.get(once.spiffe_id).evicted
+
+    serve(rig, keys, scenario)
+
+
+def test_a_banned_agent_cannot_attest_again(rig: ServerRig, keys: KeyStore) -> None:
+    async def scenario(h: Harness) -> None:
+        first = await h.attest("acme_challenge", {"name": "n1"}, h.key("a"))
+        h.datastore.agents.ban(first.spiffe_id)
+        before = len(h.datastore.audit.since(0))
+        error = await h.refused(h.attest("acme_challenge", {"name": "n1"}, h.key("b")))
+        assert (error.status, error.code) == (grpc.StatusCode.PERMISSION_DENIED, "agent_banned")
+        assert len(h.datastore.audit.since(0)) == before  # nothing issued
+        assert h.datastore.agents.get(first.spiffe_id).banned
+
+    serve(rig, keys, scenario)
+
+
+def test_an_evicted_join_token_agent_attests_again_with_a_new_token(
+    rig: ServerRig, keys: KeyStore
+) -> None:
+    async def scenario(h: Harness) -> None:
+        _, secret = await h.token()
+        first = await h.attest("join_token", join_token(secret), h.key("a"))
+        h.datastore.agents.evict(first.spiffe_id)
+        _, secret2 = await h.token()
+        second = await h.attest("join_token", join_token(secret2), h.key("b"))
+        assert second.spiffe_id != first.spiffe_id  # a token's id names the agent
+        assert not h.datastore.agents.get(second.spiffe_id).evicted
+
+    serve(rig, keys, scenario)
+
+
+# -- the agent's key: the CSR gives the public key, nothing else -------------------------
+
+
+def _csr_with(key: Any, *, san: str | None = None) -> bytes:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "someone-else")])
+    )
+    if san is not None:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(san)]), critical=False
+        )
+    return builder.sign(key, hashes.SHA256()).public_bytes(Encoding.DER)
+
+
+async def raw_attest(
+    channel: grpc.aio.Channel, requests: list[agent_v1_pb2.AttestAgentRequest]
+) -> list[agent_v1_pb2.AttestAgentResponse]:
+    """Send exactly ``requests`` (no client-side checks); the responses, or the error."""
+    call = agent_v1_pb2_grpc.AttestationStub(channel).AttestAgent(timeout=10)
+    responses = []
+    try:
+        for request in requests:
+            await call.write(request)
+        await call.done_writing()
+        while (response := await call.read()) is not grpc.aio.EOF:
+            responses.append(response)
+    except Exception:  # noqa: BLE001 - grpc raises several types once a call has ended
+        pass  # the server (or the TLS handshake) ended the call early: its status says why
+    code = await call.code()
+    if code is not grpc.StatusCode.OK:
+        raise AgentApiError.from_status(code, await call.details() or "")
+    return responses
+
+
+def start(
+    attestor: str, payload: bytes, csr: bytes, tier: str = "memory"
+) -> agent_v1_pb2.AttestAgentRequest:
+    return agent_v1_pb2.AttestAgentRequest(
+        start=agent_v1_pb2.AttestationStart(
+            attestor=attestor,
+            payload=payload,
+            key=agent_v1_pb2.AgentKeyRequest(csr=csr, custody=types_v1_pb2.KeyCustody(tier=tier)),
+        )
+    )
+
+
+def token_payload(secret: str) -> bytes:
+    return b'{"v":1,"token":"' + secret.encode() + b'"}'
+
+
+def test_a_csr_whose_signature_does_not_verify_is_refused_before_the_token_is_spent(
+    rig: ServerRig, keys: KeyStore
+) -> None:
+    async def scenario(h: Harness) -> None:
+        _, secret = await h.token()
+        good = _csr_with(ec.generate_private_key(ec.SECP256R1()))
+        broken = bytearray(good)
+        broken[-5] ^= 0x01  # inside the signature
+        async with h.channel() as channel:
+            for csr, code in (
+                (bytes(broken), "invalid_csr"),
+                (b"\x30\x03junk", "invalid_csr"),
+                (b"", "attestation_protocol"),
+            ):
+                error = await h.refused(
+                    raw_attest(channel, [start("join_token", token_payload(secret), csr)])
+                )
+                assert (error.status, error.code) == (grpc.StatusCode.INVALID_ARGUMENT, code)
+            # The token is still good.
+            [response] = await raw_attest(
+                channel, [start("join_token", token_payload(secret), good)]
+            )
+            assert response.WhichOneof("step") == "result"
+
+    serve(rig, keys, scenario)
+
+
+def test_a_weak_or_unsupported_key_is_refused(rig: ServerRig, keys: KeyStore) -> None:
+    async def scenario(h: Harness) -> None:
+        weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+        p521 = ec.generate_private_key(ec.SECP521R1())
+        async with h.channel() as channel:
+            for key in (weak, p521):
+                _, secret = await h.token()
+                error = await h.refused(
+                    raw_attest(
+                        channel, [start("join_token", token_payload(secret), _csr_with(key))]
+                    )
+                )
+                assert error.status == grpc.StatusCode.INVALID_ARGUMENT, error
+        assert h.datastore.agents.list() == []
+
+    serve(rig, keys, scenario)
+
+
+def test_what_the_csr_asks_for_is_ignored_only_its_key_is_used(
+    rig: ServerRig, keys: KeyStore
+) -> None:
+    async def scenario(h: Harness) -> None:
+        token_id, secret = await h.token()
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = _csr_with(key, san="spiffe://evil.example/custos/server")
+        async with h.channel() as channel:
+            [response] = await raw_attest(
+                channel, [start("join_token", token_payload(secret), csr)]
+            )
+        leaf = der_chain(response.result.x509_svid)[0]
+        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [
+            f"spiffe://{TD}/custos/agent/join_token/{token_id}"
+        ]
+        assert spki(leaf.public_key()) == spki(key.public_key())
+        assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME) == []
+
+    serve(rig, keys, scenario)
+
+
+def test_a_tpm_held_agent_key_signs_its_csr_in_the_tpm(
+    rig: ServerRig, swtpm: Any, tmp_path: Path
+) -> None:
+    tpm = open_key_store(KeyStoreConfig(store="tpm", tcti=swtpm.tcti, key_dir=tmp_path / "tpm"))
+    try:
+
+        async def scenario(h: Harness) -> None:
+            _, secret = await h.token()
+            key = h.key("agent-tpm")
+            identity = await h.attest("join_token", join_token(secret), key, custody="tpm")
+            assert spki(identity.x509_svid[0].public_key()) == spki(key.public_key())
+            assert key.store is tpm
+            rows = [r for r in h.datastore.audit.since(0) if r.identity == str(identity.spiffe_id)]
+            assert rows and {r.custody for r in rows} == {"tpm"}
+
+        serve(rig, tpm, scenario)
+    finally:
+        tpm.close()
+
+
+# -- the stream: order, sizes, hang-ups, the deadline --------------------------------
+
+
+def test_the_first_message_must_be_start_and_answers_only_follow_challenges(
+    rig: ServerRig, keys: KeyStore
+) -> None:
+    async def scenario(h: Harness) -> None:
+        _, secret = await h.token()
+        csr = make_csr(h.key("a"))
+        answer = agent_v1_pb2.AttestAgentRequest(challenge_response=b"x")
+        empty = agent_v1_pb2.AttestAgentRequest()
+        async with h.channel() as channel:
+            for requests in (
+                [answer, start("join_token", token_payload(secret), csr)],
+                [empty],
+                [],
+                [start("acme_challenge", b"n1", csr), start("acme_challenge", b"n1", csr)],
+            ):
+                error = await h.refused(raw_attest(channel, requests))
+                assert (error.status, error.code) == (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "attestation_protocol",
+                ), requests
+        assert h.datastore.agents.list() == []
+
+    serve(rig, keys, scenario)
+
+
+def test_oversized_fields_are_refused(rig: ServerRig, keys: KeyStore) -> None:
+    async def scenario(h: Harness) -> None:
+        csr = make_csr(h.key("a"))
+        big = b"a" * (64 * 1024 + 1)
+        async with h.channel() as channel:
+            for requests in (
+                [start("join_token", big, csr)],
+                [start("x" * 129, b"p", csr)],
+                [start("join_token", b"p", big)],
+                [
+                    start("acme_challenge", b"n1", csr),
+                    agent_v1_pb2.AttestAgentRequest(challenge_response=big),
+                ],
+            ):
+                error = await h.refused(raw_attest(channel, requests))
+                assert error.status == grpc.StatusCode.INVALID_ARGUMENT, error
+
+    serve(rig, keys, scenario)
+
+
+def test_a_client_hanging_up_mid_attestation_writes_nothing_and_the_server_goes_on(
+    rig: ServerRig, keys: KeyStore
+) -> None:
+    async def scenario(h: Harness) -> None:
+        import acme_attest  # type: ignore[import-not-found]
+
+        acme_attest.HANGING.clear()
+        attempt = asyncio.create_task(
+            h.attest("acme_challenge", {"name": "n1", "hang": True}, h.key("a"))
+        )
+        # The server has sent its challenge once the agent half waits for ever.
+        while not acme_attest.HANGING.is_set():
+            assert not attempt.done(), attempt
+            await asyncio.sleep(0.01)
+        attempt.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await attempt
+        await asyncio.sleep(0.2)  # let the server see the hang-up
+        assert h.datastore.agents.list() == []
+        assert h.datastore.audit.since(0) == []
+        again = await h.attest("acme_challenge", {"name": "n1"}, h.key("b"))
+        assert again.spiffe_id.path == "/custos/agent/acme_challenge/n1"
+
+    serve(rig, keys, scenario)
+
+
+# -- RenewAgent ------------------------------------------------------------------------
+
+
+def test_a_join_token_agent_renews_with_its_wit_and_a_new_key(
+    rig: ServerRig, keys: KeyStore
+) -> None:
+    from custos.agent.client.calls import AgentApiClient
+
+    async def scenario(h: Harness) -> None:
+        _, secret = await h.token()
+        key = h.key("a")
+        identity = await h.attest("join_token", join_token(secret), key)
+        new_key = h.key("b")
+        async with open_channel(
+            h.srv.agent_api_address,
+            bundle=identity.bundle,
+            server_name=h.srv.ctx.config.agent_api.dns_name,
+        ) as channel:
+            client = AgentApiClient(channel, identity, key)
+            renewed = await renew_agent(client, new_key, "memory")
+        assert renewed.spiffe_id == identity.spiffe_id
+        assert spki(renewed.x509_svid[0].public_key()) == spki(new_key.public_key())
+        agent = h.datastore.agents.get(identity.spiffe_id)
+        assert agent.serial == format(renewed.x509_svid[0].serial_number, "x")
+        [renewal] = [r for r in h.datastore.audit.since(0) if r.event == "agent-renewal"]
+        assert renewal.serial_or_jti == agent.serial
+
+    serve(rig, keys, scenario)
+
+
+def test_renewal_is_refused_for_reattestable_and_evicted_agents(
+    rig: ServerRig, keys: KeyStore
+) -> None:
+    from custos.agent.client.calls import AgentApiClient
+
+    async def scenario(h: Harness) -> None:
+        key = h.key("a")
+        identity = await h.attest("acme_challenge", {"name": "n1"}, key)
+        async with h.channel() as channel:
+            client = AgentApiClient(channel, identity, key)
+            error = await h.refused(renew_agent(client, h.key("b"), "memory"))
+            assert (error.status, error.code) == (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "renew_by_attesting",
+            )
+
+            _, secret = await h.token()
+            joined = await h.attest("join_token", join_token(secret), h.key("c"))
+            h.datastore.agents.evict(joined.spiffe_id)
+            client = AgentApiClient(channel, joined, keys.get("c"))
+            error = await h.refused(renew_agent(client, h.key("d"), "memory"))
+            assert error.status in (
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.PERMISSION_DENIED,
+            )
+            assert h.datastore.agents.get(joined.spiffe_id).evicted  # still evicted
+
+    serve(rig, keys, scenario)
+
+
+# -- channels ----------------------------------------------------------------------------
+
+
+def test_insecure_bootstrap_pins_the_server_certificate_and_warns(
+    rig: ServerRig, keys: KeyStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario(h: Harness) -> None:
+        _, secret = await h.token()
+        name = h.srv.ctx.config.agent_api.dns_name
+        with caplog.at_level(logging.WARNING, logger="custos.agent.client.channel"):
+            channel = await open_insecure_bootstrap_channel(
+                h.srv.agent_api_address, server_name=name
+            )
+        assert any("INSECURE BOOTSTRAP" in r.getMessage() for r in caplog.records)
+        with AgentCatalog.load(
+            TD,
+            node_attestors=[PluginConfig("join_token", {"token": secret})],
+            workload_attestors=[PluginConfig("example")],
+        ) as catalog:
+            async with channel:
+                identity = await attest_agent(
+                    channel, attestor=catalog.node_attestor, key=h.key("a"), custody="memory"
+                )
+        assert identity.bundle.x509_authorities == h.srv.ctx.bundle().x509_authorities
+
+    serve(rig, keys, scenario)
+
+
+def test_a_channel_with_another_bundle_or_name_does_not_connect(
+    rig: ServerRig, keys: KeyStore
+) -> None:
+    from datetime import timedelta
+
+    from custos.bundle import TrustBundle
+    from custos.identity import TrustDomain
+    from custos.x509 import CertificateAuthority
+
+    async def scenario(h: Harness) -> None:
+        other = CertificateAuthority.self_signed(
+            ec.generate_private_key(ec.SECP256R1()), TrustDomain(TD), ttl=timedelta(hours=1)
+        )
+        name = h.srv.ctx.config.agent_api.dns_name
+        for bundle, server_name in (
+            (TrustBundle(TD, x509_authorities=(other.certificate,)), name),
+            (h.srv.ctx.bundle(), "someone-else"),
+        ):
+            async with open_channel(
+                h.srv.agent_api_address, bundle=bundle, server_name=server_name
+            ) as channel:
+                error = await h.refused(raw_attest(channel, []))
+                assert error.status == grpc.StatusCode.UNAVAILABLE, (
+                    error.status,
+                    error.code,
+                    error,
+                )
+                assert error.retryable
+
+    serve(rig, keys, scenario)

@@ -7,26 +7,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from joserfc.jwk import ECKey
 
-from custos.agent.client.calls import IssuedX509, WitParams, X509Params
+from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc
+from custos.agent.client.attest import AgentIdentity, InvalidServerResponseError
+from custos.agent.client.calls import AgentApiClient, IssuedX509, WitParams, X509Params
 from custos.agent.client.errors import AgentApiError
-from custos.bundle import BundleSet
+from custos.bundle import BundleSet, TrustBundle
 from custos.errors import CustosError
+from custos.identity import SpiffeId, TrustDomain
 from custos.jwtsvid import validate_jwt_svid
-from custos.keys import KeyStore
+from custos.keys import KeyStore, KeyStoreConfig, open_key_store
 from custos.keys.jwk import public_jwk_members
 from custos.server.agent_api.status import detail_for, status_for
 from custos.server.datastore import DatastoreUnavailableError, NotFoundError
 from custos.server.issuer import MAX_BATCH, NotEntitledError
 from custos.testing.server import ServerRig
 from custos.wimse.errors import WptReplayError
-from custos.wimse.wit import verify_wit
+from custos.wimse.wit import mint_wit, verify_wit
 from custos.x509 import verify_x509_svid
 
 from .test_agent_api_auth import TD, Harness, agent_keys, serve, server_rig
@@ -195,3 +203,85 @@ def test_status_mapping(caplog: pytest.LogCaptureFixture) -> None:
         assert detail_for(KeyError("secret-path")) == "internal: internal error"
     assert status_for(CustosError("what")) is grpc.StatusCode.INTERNAL
     assert detail_for(NotEntitledError("no\nsuch entry")) == "not_entitled: no such entry"
+
+
+# -- the client checks what a server answers -------------------------------------------
+# A custos server never answers like this; a server that does (a bug, or someone else
+# answering on the address) must not hand the agent a certificate for another key.
+
+
+class _WrongServer(agent_v1_pb2_grpc.SvidsServicer):
+    def __init__(self, answer: Callable[[Any], Any]) -> None:
+        self.answer = answer
+
+    async def BatchNewX509SVID(self, request: Any, context: Any) -> Any:
+        return self.answer(request)
+
+
+def _client_against(answer: Callable[[Any], Any], scenario: Callable[[Any], Any]) -> None:
+    async def main() -> None:
+        server = grpc.aio.server()
+        agent_v1_pb2_grpc.add_SvidsServicer_to_server(_WrongServer(answer), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        store = open_key_store(KeyStoreConfig(store="memory"))
+        store.create("agent", "ES256")
+        issuer_key = ECKey.import_key(ec.generate_private_key(ec.SECP256R1()))
+        wit = mint_wit(
+            issuer_key, alg="ES256", kid="k", subject=f"spiffe://{TD}/custos/agent/x",
+            workload_public_jwk=store.get("agent"), ttl=600, profile="spiffe",
+        )  # fmt: skip
+        identity = AgentIdentity(
+            spiffe_id=SpiffeId.parse(f"spiffe://{TD}/custos/agent/x"),
+            x509_svid=(), wit=wit, bundle=TrustBundle(TrustDomain(TD)), selectors=(),
+            expires_at=time.time() + 600, reattestable=False,
+        )  # fmt: skip
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                await scenario(AgentApiClient(channel, identity, store.get("agent")))
+        finally:
+            store.close()
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+def _self_signed_der(key: ec.EllipticCurvePrivateKey) -> bytes:
+    name = x509.Name([])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(Encoding.DER)
+
+
+@pytest.mark.parametrize("wrong", ["nothing", "count", "entry", "key"])
+def test_the_client_refuses_answers_that_do_not_fit_the_request(wrong: str) -> None:
+    requested = ec_key()
+
+    def answer(request: Any) -> Any:
+        entry_id = request.params[0].entry_id
+        cert = _self_signed_der(requested if wrong != "key" else ec_key())
+        result = agent_v1_pb2.X509SVIDResult(
+            entry_id="other" if wrong == "entry" else entry_id, x509_svid=cert, expires_at=1
+        )
+        results = [result, result] if wrong == "count" else [result]
+        return agent_v1_pb2.BatchNewX509SVIDResponse(results=results)
+
+    async def scenario(client: AgentApiClient) -> None:
+        request = [X509Params("e1", csr_for(requested), "memory")]
+        if wrong == "nothing":
+            [issued] = await client.new_x509_svids(request)
+            assert issued.error is None and issued.cert_chain
+            return
+        with pytest.raises(InvalidServerResponseError):
+            await client.new_x509_svids(request)
+
+    _client_against(answer, scenario)

@@ -23,6 +23,7 @@ from custos.testing.server import (
     join_token_agent,
     new_csr,
 )
+from custos.testing.softhsm import SoftHSMToken
 
 RigFactory = Callable[..., ServerRig]
 
@@ -153,11 +154,12 @@ def test_the_rig_reports_a_server_that_exits(server_rig_factory: RigFactory) -> 
 
 
 def test_two_server_processes_on_one_postgresql_both_serve(
-    server_rig_factory: RigFactory, postgres_db: str, tmp_path: Path
+    server_rig_factory: RigFactory, postgres_db: str, softhsm: SoftHSMToken
 ) -> None:
-    shared_keys = tmp_path / "keys"
-    rigs = [server_rig_factory(datastore_url=postgres_db, key_dir=shared_keys) for _ in range(2)]
-    procs = [ServerProcess(rig) for rig in rigs]
+    # As in production: one datastore and one key store (an HSM token) for both.
+    key_store = {"store": "pkcs11", "pkcs11_uri": softhsm.uri, "pkcs11_module": softhsm.module}
+    rigs = [server_rig_factory(datastore_url=postgres_db, key_store=key_store) for _ in range(2)]
+    procs = [ServerProcess(rig, env=softhsm.env) for rig in rigs]
     try:
         for proc in procs:  # both start at once: migrations and first keys race
             proc.start(wait=False)

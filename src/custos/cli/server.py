@@ -20,6 +20,16 @@ from custos.server.init import init_server
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
+_CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    required=True,
+    envvar="CUSTOS_SERVER_CONFIG",
+    show_envvar=True,
+    help="the server's TOML configuration file",
+)
+
+
 @click.group(context_settings=_CONTEXT)
 def server() -> None:
     """The custos server: configuration (init, check-config), run, healthcheck."""
@@ -42,28 +52,11 @@ def init_cmd(trust_domain: str, data_dir: str) -> None:
 
 
 @server.command("check-config", context_settings=_CONTEXT)
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    envvar="CUSTOS_SERVER_CONFIG",
-    show_envvar=True,
-    help="the server's TOML configuration file",
-)
+@_CONFIG_OPTION
 def check_config_cmd(config_path: str) -> None:
     """Validate a server configuration: prints "ok", or one line naming the bad key."""
     load_server_config(config_path)
     click.echo("ok")
-
-
-_CONFIG_OPTION = click.option(
-    "--config",
-    "config_path",
-    required=True,
-    envvar="CUSTOS_SERVER_CONFIG",
-    show_envvar=True,
-    help="the server's TOML configuration file",
-)
 
 
 @server.command("run", context_settings=_CONTEXT)

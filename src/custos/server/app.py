@@ -20,11 +20,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Protocol
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from custos._files import UnreadableFileError, read_small_file
@@ -44,7 +43,7 @@ from custos.server.http import HttpListener, Response
 from custos.server.issuer import Issuer
 from custos.server.metrics import CallMetricsInterceptor, ServerMetrics
 from custos.server.signing_keys import SigningKeys
-from custos.server.tls import ServerTls, make_server_certificate
+from custos.server.tls import ServerCertificate, ServerTls, make_server_certificate
 from custos.x509.ca import CertificateAuthority
 from custos.x509.errors import X509CaError
 
@@ -72,10 +71,6 @@ class ServerStartError(CustosError):
     code = "server_start"
 
 
-class _Closable(Protocol):
-    async def close(self) -> None: ...
-
-
 class Server:
     """One custos server process's parts, started and stopped in order."""
 
@@ -85,9 +80,7 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._tls: ServerTls | None = None
         self._health = AgentApiHealth()
-        self._admin: _Closable | None = None
         self._listeners: list[HttpListener] = []
-        self._tasks: list[asyncio.Task[None]] = []
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._agent_api_port: int | None = None
         self._kids: frozenset[str] = frozenset()
@@ -168,6 +161,9 @@ class Server:
                 log.exception("error while stopping the server")
         self._ctx = None
         self._grpc = None
+        self._tls = None
+        self._listeners.clear()
+        self._agent_api_port = None
         self._started = False
 
     # -- start-up ----------------------------------------------------------------
@@ -180,27 +176,21 @@ class Server:
 
         stores = _KeyStores()
         self._on_stop_sync(stores.close)
-        ca_keys = SigningKeys(
-            datastore,
-            stores.open(config.ca.key_store),
-            "x509-ca",
-            key_name=config.ca.key_name,
-            ca_ttl=config.ca.ttl,
-            upstream=load_upstream_ca(config.ca, td),
-        )
-        jwt_keys = SigningKeys(
-            datastore,
-            stores.open(config.jwt_svid.key_store),
-            "jwt-svid",
-            key_name=config.jwt_svid.key_name,
-            ca_ttl=config.ca.ttl,
-        )
-        wit_keys = SigningKeys(
-            datastore,
-            stores.open(config.wit.key_store),
-            "wit",
-            key_name=config.wit.key_name,
-            ca_ttl=config.ca.ttl,
+        upstream = load_upstream_ca(config.ca, td)
+        ca_keys, jwt_keys, wit_keys = (
+            SigningKeys(
+                datastore,
+                stores.open(section.key_store),
+                purpose,
+                key_name=section.key_name,
+                ca_ttl=config.ca.ttl,
+                upstream=upstream if purpose == "x509-ca" else None,
+            )
+            for purpose, section in (
+                ("x509-ca", config.ca),
+                ("jwt-svid", config.jwt_svid),
+                ("wit", config.wit),
+            )
         )
         for keys in (ca_keys, jwt_keys, wit_keys):
             await asyncio.to_thread(keys.ensure_active)
@@ -295,7 +285,6 @@ class Server:
         from custos.server.admin import serve_admin
 
         server = await serve_admin(ctx)
-        self._admin = server
         self._closers.append(server.close)
 
     async def _serve_http(self, ctx: ServerContext) -> None:
@@ -322,7 +311,6 @@ class Server:
     def _spawn(self, coroutine: Awaitable[None], name: str) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
         task.set_name(f"custos-server-{name}")
-        self._tasks.append(task)
 
         async def cancel() -> None:
             task.cancel()
@@ -358,6 +346,10 @@ class Server:
             log.warning("maintenance skipped: %s", e.message)
         except CustosError as e:
             log.error("maintenance failed: %s [%s]", e.message, e.code)
+        except Exception:
+            # The loop must survive anything: a dead maintenance task would stop key
+            # rotation silently.
+            log.exception("maintenance failed")
 
     async def renew_tls(self, ctx: ServerContext | None = None, *, force: bool = False) -> None:
         """A new Agent API certificate when the current one is half way through its
@@ -367,13 +359,11 @@ class Server:
             return
         current = self._tls.current
         ca = await asyncio.to_thread(lambda: ctx.ca_keys.current().ca())
-        from cryptography.hazmat.primitives import hashes
-
         due = datetime.now(UTC) >= current.renew_at()
         if force or due or ca.certificate.fingerprint(hashes.SHA256()) != current.ca_fingerprint:
             self._tls.update(await asyncio.to_thread(self._new_certificate, ctx))
 
-    def _new_certificate(self, ctx: ServerContext) -> Any:
+    def _new_certificate(self, ctx: ServerContext) -> ServerCertificate:
         ca = ctx.ca_keys.current().ca()
         return make_server_certificate(ca, ctx.server_id, ctx.config.agent_api.dns_name)
 

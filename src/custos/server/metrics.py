@@ -80,32 +80,15 @@ class CallMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method
-        observe = self._observer(method)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _timed_call(handler.unary_unary, observe),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _timed_call(handler.stream_unary, observe),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _timed_stream(handler.unary_stream, observe),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                _timed_stream(handler.stream_stream, observe),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+        observe = self._observer(handler_call_details.method)
+        for kind, make, wrap in _HANDLER_KINDS:
+            behaviour = getattr(handler, kind)
+            if behaviour is not None:
+                return make(
+                    wrap(behaviour, observe),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
         return handler
 
     def _observer(self, method: str) -> Callable[[Any, float, str], None]:
@@ -160,3 +143,12 @@ def _timed_stream(
 
         return timed_gen
     return _timed_call(behaviour, observe)
+
+
+#: (handler attribute, handler factory, wrapper) for the four kinds of gRPC method.
+_HANDLER_KINDS: tuple[tuple[str, Callable[..., Any], Callable[..., Any]], ...] = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler, _timed_call),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler, _timed_call),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler, _timed_stream),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler, _timed_stream),
+)

@@ -93,7 +93,9 @@ class ServerRig:
 
     ``sections`` adds or overrides keys: ``{"http": {"address": "127.0.0.1:0"}}``;
     ``with_http=True`` turns the ``/metrics`` listener on at a free port.  Several
-    servers on one datastore: give them the same ``datastore_url`` and ``key_dir``.
+    servers on one datastore: give them the same ``datastore_url`` and a shared
+    ``key_store`` (a SoftHSM token); a shared exportable ``key_dir`` works only for
+    servers started one after another (that store reads its directory when it opens).
     """
 
     base: Path
@@ -104,6 +106,9 @@ class ServerRig:
     #: Where the three signing keys live (exportable tier); servers that share a
     #: datastore must share it, as they share an HSM in production.
     key_dir: Path | None = None
+    #: A whole key-store table for the three keys instead (e.g. a shared SoftHSM
+    #: token: ``{"store": "pkcs11", "pkcs11_uri": ..., "pkcs11_module": ...}``).
+    key_store: Mapping[str, object] | None = None
 
     def __post_init__(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
@@ -144,6 +149,9 @@ class ServerRig:
             "wit": {"key_name": "custos-wit"},
             "wit.key_store": {"store": "exportable", "key_dir": str(keys)},
         }
+        if self.key_store is not None:
+            for purpose in ("ca", "jwt_svid", "wit"):
+                tables[f"{purpose}.key_store"] = dict(self.key_store)
         if self.http_port is not None:
             tables["http"] = {"address": f"127.0.0.1:{self.http_port}"}
         for name, values in self.sections.items():

@@ -104,14 +104,13 @@ def run_cmd(config_path: str, log_level: str) -> None:
 @click.option("--verbose", "-v", is_flag=True, help="say why it is unhealthy")
 def healthcheck_cmd(admin_socket: str | None, config_path: str | None, verbose: bool) -> None:
     """Exit 0 when the server answers its gRPC health check with SERVING, else 1."""
+    from custos.server.admin.client import socket_path
     from custos.server.health import admin_health
 
-    if admin_socket is not None:
-        path = admin_socket.removeprefix("unix://")
-    elif config_path is not None:
+    if admin_socket is None and config_path is not None:
         path = str(load_server_config(config_path).admin.socket)
     else:
-        path = str(AdminConfig().socket)
+        path = socket_path(admin_socket)
     if asyncio.run(admin_health(path)):
         click.echo("server is healthy")
         return

@@ -525,3 +525,19 @@ def test_an_expired_entry_is_refused_even_if_the_entitlement_offers_it(parts: Pa
     )
     issued = issuer.jwt_svid(agent, expired.id, ["rp"])
     assert issued.error is not None and issued.error.code == "entry_expired"
+
+
+def test_long_entry_ttls_end_with_the_ca(parts: Parts) -> None:
+    """An entry may ask for years; no credential outlives the CA certificate."""
+    agent = parts.agent()
+    years = 2 * 365 * 86400.0
+    entry = parts.entry("/long", x509_svid_ttl=years, jwt_svid_ttl=years, wit_ttl=years)
+    ca_end = parts.ca_keys.current().certificate().not_valid_after_utc.timestamp()
+    key = ec_key()
+
+    [svid] = parts.issuer.x509_svids(agent, [X509Request(entry.id, csr_for(key), MEMORY)])
+    [wit] = parts.issuer.wits(agent, [WitRequest(entry.id, jwk_of(key), MEMORY)])
+    jwt = parts.issuer.jwt_svid(agent, entry.id, ["rp"])
+
+    assert [svid.error, wit.error, jwt.error] == [None, None, None]
+    assert max(svid.not_after, wit.not_after, jwt.not_after) <= ca_end

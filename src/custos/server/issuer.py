@@ -33,6 +33,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from custos._jose import PRIVATE_MEMBERS, SPIFFE_ALGORITHMS, decode_compact, loads_strict
+from custos._numbers import seconds
 from custos.errors import CustosError
 from custos.identity import Selector, SpiffeId
 from custos.jwtsvid import mint_jwt_svid
@@ -44,7 +45,7 @@ from custos.server.datastore.records import KEY_CUSTODIES, Agent, RegistrationEn
 from custos.server.datastore.store import Datastore
 from custos.server.metrics import ServerMetrics
 from custos.server.signing_keys import SigningKey, SigningKeys
-from custos.wimse.wit import MAX_TOKEN_BYTES, WitMintError, mint_wit, public_cnf_jwk
+from custos.wimse.wit import MAX_TOKEN_BYTES, MAX_WIT_TTL, WitMintError, mint_wit, public_cnf_jwk
 from custos.x509.ca import CertificateAuthority, X509Svid, load_csr
 from custos.x509.errors import CsrError
 
@@ -238,6 +239,7 @@ class Issuer:
         _check_batch(requests)
         entries = self._entitled(agent)
         signer = self.wit_keys.current()
+        cap = self._ttl_cap()
         batch = _Batch()
         out: list[Issued] = []
         for request in requests:
@@ -247,7 +249,9 @@ class Issuer:
             except IssuanceError as e:
                 out.append(self._refused("wit", agent, request.entry_id, e))
                 continue
-            token, jti, not_after = self._mint_wit(signer, entry.spiffe_id, jwk, entry.wit_ttl)
+            token, jti, not_after = self._mint_wit(
+                signer, entry.spiffe_id, jwk, min(entry.wit_ttl, cap)
+            )
             batch.add(
                 "wit",
                 self._event("wit", agent, entry.spiffe_id, jti, not_after, request.custody),
@@ -273,7 +277,7 @@ class Issuer:
                 kid=signer.kid,
                 spiffe_id=entry.spiffe_id,
                 audience=aud,
-                ttl=_whole_seconds(entry.jwt_svid_ttl),
+                ttl=_whole_seconds(min(entry.jwt_svid_ttl, self._ttl_cap())),
                 jti=True,
             )
         except JwtArgumentError as e:  # an audience mint_jwt_svid's own rules refuse
@@ -315,7 +319,11 @@ class Issuer:
                 "the agent ID must be a SPIFFE ID of this trust domain", code="invalid_agent_id"
             )
         custody.check()
-        lifetime = self.config.x509_svid.default_ttl.total_seconds() if ttl is None else ttl
+        lifetime = (
+            self.config.x509_svid.default_ttl.total_seconds()
+            if ttl is None
+            else seconds(ttl, name="ttl", minimum=1)
+        )
         signer = self.ca_keys.current()
         wit_signer = self.wit_keys.current()
         # Signing first checks the CSR (parse, proof of possession, key type); a
@@ -388,6 +396,12 @@ class Issuer:
                 code="reserved_dns_name",
             )
         return entry
+
+    def _ttl_cap(self) -> float:
+        """How long a WIT or JWT-SVID may live: until the current CA certificate ends
+        (as X.509-SVIDs, whatever the entry asks), and at most a WIT's one year."""
+        ca_end = self.ca_keys.current().certificate().not_valid_after_utc.timestamp()
+        return min(ca_end - time.time(), MAX_WIT_TTL)
 
     def _sign_x509(
         self, ca: CertificateAuthority, entry: RegistrationEntry, csr: bytes

@@ -255,6 +255,7 @@ def test_a_batch_over_the_cap_is_refused_whole(parts: Parts) -> None:
     with pytest.raises(IssuanceArgumentError) as info:
         parts.issuer.x509_svids(agent, [request] * (MAX_BATCH + 1))
     assert info.value.code == "batch_too_large"
+    assert parts.refused("x509-svid", "batch_too_large") == 1
     assert parts.store.audit.since() == []
 
 

@@ -206,7 +206,7 @@ class Issuer:
 
     def x509_svids(self, agent: Agent, requests: Sequence[X509Request]) -> list[Issued]:
         """X.509-SVIDs for a batch of CSRs, one :class:`Issued` per request, in order."""
-        _check_batch(requests)
+        self._check_batch("x509-svid", agent, requests)
         entries = self._entitled(agent)
         signer = self.ca_keys.current()
         ca = signer.ca()
@@ -236,7 +236,7 @@ class Issuer:
 
     def wits(self, agent: Agent, requests: Sequence[WitRequest]) -> list[Issued]:
         """WIT-SVIDs binding the given public keys, one :class:`Issued` per request."""
-        _check_batch(requests)
+        self._check_batch("wit", agent, requests)
         entries = self._entitled(agent)
         signer = self.wit_keys.current()
         cap = self._ttl_cap()
@@ -441,6 +441,16 @@ class Issuer:
         who = _AgentWho(str(agent.id), agent.attestor, agent.selectors)
         return who.event(event, identity, serial_or_jti, not_after, custody)
 
+    def _check_batch(self, kind: str, agent: Agent, requests: Sequence[object]) -> None:
+        if len(requests) > MAX_BATCH:
+            error = IssuanceArgumentError(
+                f"a batch holds at most {MAX_BATCH} requests, not {len(requests)}",
+                code="batch_too_large",
+            )
+            self.metrics.refused.labels(kind=kind, code=error.code).inc()
+            self.auditor.refused(event=kind, who=str(agent.id), identity="", code=error.code)
+            raise error
+
     def _refused(self, kind: str, agent: Agent, entry_id: str, error: IssuanceError) -> Issued:
         entry_id = str(entry_id)[:MAX_ENTRY_ID_LENGTH]
         self.metrics.refused.labels(kind=kind, code=error.code).inc()
@@ -490,14 +500,6 @@ class _AgentWho:
             not_after=not_after,
             custody="" if custody is None else custody.tier,
             evidence="" if custody is None else custody.encoded(),
-        )
-
-
-def _check_batch(requests: Sequence[object]) -> None:
-    if len(requests) > MAX_BATCH:
-        raise IssuanceArgumentError(
-            f"a batch holds at most {MAX_BATCH} requests, not {len(requests)}",
-            code="batch_too_large",
         )
 
 

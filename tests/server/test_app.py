@@ -330,3 +330,19 @@ def test_a_bad_upstream_ca_is_one_line_at_start(
         assert "\n" not in info.value.message
 
     asyncio.run(run())
+
+
+def test_a_message_over_max_message_bytes_is_refused_and_the_server_keeps_serving(
+    server_config_factory: ConfigFactory,
+) -> None:
+    config = server_config_factory(sections={"agent_api": {"max_message_bytes": 65536}})
+
+    async def run() -> None:
+        async with running_server(config) as srv, await server_agent(srv) as agent:
+            method = "/custos.agent.v1.Svids/BatchNewX509SVID"
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await agent.channel.unary_unary(method)(b"\x0a" + b"\xff" * 70000, timeout=10)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert await agent_api_health(srv) == HealthCheckResponse.SERVING
+
+    asyncio.run(run())

@@ -4,6 +4,7 @@ and the configuration keys the server added (each mistake: one line naming the k
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -195,3 +196,24 @@ async def _agent_of_one_served_by_the_other(rigs: list[ServerRig]) -> None:
                 await client.channel.close()
     finally:
         await agent.close()
+
+
+def test_run_logs_one_json_object_per_line_on_request(server_rig_factory: RigFactory) -> None:
+    rig = server_rig_factory()
+    with ServerProcess(rig, args=("--log-format", "json", "--log-level", "debug")) as proc:
+        assert proc.terminate() == 0
+    records = []
+    for line in proc.log_path.read_text().splitlines():
+        if line.startswith("custos server ready"):  # stdout, for scripts
+            continue
+        records.append(json.loads(line))
+    assert {"time", "level", "logger", "msg"} <= set(records[0])
+    assert any(r["logger"] == "custos.server.app" and "ready" in r["msg"] for r in records)
+    assert any(r["msg"] == "stopping (signal received)" for r in records)
+
+
+def test_run_rejects_an_unknown_log_format(server_rig_factory: RigFactory) -> None:
+    rig = server_rig_factory()
+    result = run_custos("server", "run", "--config", str(rig.config_path), "--log-format", "xml")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr

@@ -68,7 +68,14 @@ def check_config_cmd(config_path: str) -> None:
     show_default=True,
     help="log records at this level and above go to stderr",
 )
-def run_cmd(config_path: str, log_level: str) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="one line per record: text, or one JSON object",
+)
+def run_cmd(config_path: str, log_level: str, log_format: str) -> None:
     """Run the server in the foreground until SIGTERM or SIGINT.
 
     Prints "custos server ready: ..." with its addresses on stdout once it serves.
@@ -76,7 +83,7 @@ def run_cmd(config_path: str, log_level: str) -> None:
     from custos.server.run import configure_logging, ready_line, run_server
 
     config = load_server_config(config_path)
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
 
     def ready(srv: object) -> None:
         click.echo(ready_line(srv))  # type: ignore[arg-type]

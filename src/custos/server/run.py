@@ -1,17 +1,20 @@
 """``custos server run``: the server in the foreground until SIGTERM or SIGINT.
 
-Logs go to stderr, one line per event (``time level logger: message``; audit events
-are JSON documents on the ``custos.audit`` logger).  When everything listens, one
+Logs go to stderr, one line per event: ``time LEVEL logger: message``, or with
+``--log-format json`` one JSON object per line (audit events are JSON documents on
+the ``custos.audit`` logger either way).  When everything listens, one
 line on stdout says so with the addresses, for scripts and supervisors to wait on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from custos.server.app import Server
 from custos.server.config import ServerConfig
@@ -22,10 +25,33 @@ READY_LINE = "custos server ready"
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def configure_logging(level: str = "info") -> None:
-    """stderr, one line per record, at *level* (debug | info | warning | error)."""
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per record: ``time``, ``level``, ``logger``, ``msg``, and the
+    ``code`` / ``status`` attributes custos loggers attach; ``exc`` with a traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for name in ("code", "status"):
+            value = getattr(record, name, None)
+            if isinstance(value, str | int):
+                out[name] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure_logging(level: str = "info", log_format: str = "text") -> None:
+    """stderr, one line per record, at *level* (debug | info | warning | error), as
+    text (``time LEVEL logger: message``) or JSON (:class:`JsonLogFormatter`)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    handler.setFormatter(
+        JsonLogFormatter() if log_format == "json" else logging.Formatter(_LOG_FORMAT)
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -60,4 +86,4 @@ async def run_server(
             loop.remove_signal_handler(sig)
 
 
-__all__ = ["READY_LINE", "configure_logging", "ready_line", "run_server"]
+__all__ = ["READY_LINE", "JsonLogFormatter", "configure_logging", "ready_line", "run_server"]

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -184,8 +184,15 @@ async def running_server(config: ServerConfig | ServerRig) -> AsyncIterator[Serv
 class ServerProcess:
     """``custos server run --config FILE`` in a subprocess (stderr to ``server.log``)."""
 
-    def __init__(self, rig: ServerRig, *, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        rig: ServerRig,
+        *,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+    ) -> None:
         self.rig = rig
+        self.args = tuple(args)
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = rig.base / "server.log"
@@ -205,6 +212,7 @@ class ServerProcess:
                     "run",
                     "--config",
                     str(self.rig.config_path),
+                    *self.args,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

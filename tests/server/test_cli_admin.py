@@ -148,8 +148,19 @@ def test_entry_show_update_delete_pretty_and_json(running: ServerThread) -> None
     updated = ok_json(running, "entry", "update", made["id"], "--hint", "v2", "--x509-ttl", "30m")
     assert (updated["revision"], updated["hint"], updated["x509_svid_ttl"]) == (2, "v2", 1800)
     assert updated["selectors"] == made["selectors"]
-    replaced = ok_json(running, "entry", "update", made["id"], "--selector", "k8s:ns:web")
-    assert replaced["selectors"] == ["k8s:ns:web"]
+    replaced = ok_json(
+        running,
+        "entry",
+        "update",
+        made["id"],
+        "--selector",
+        "k8s:ns:web",
+        "--expires-at",
+        "1924992000",
+    )
+    assert (replaced["selectors"], replaced["expires_at"]) == (["k8s:ns:web"], 1924992000)
+    never = ok_json(running, "entry", "update", made["id"], "--expires-at", "never")
+    assert never["expires_at"] is None
     # A revision given is a promise: the entry has not changed since.
     line = refused(
         custos(running, "entry", "update", made["id"], "--revision", "1", "--hint", "x"),
@@ -158,7 +169,7 @@ def test_entry_show_update_delete_pretty_and_json(running: ServerThread) -> None
     assert "read it again" in line
     refused(custos(running, "entry", "delete", made["id"], "--revision", "2"), "revision_conflict")
 
-    assert ok_json(running, "entry", "delete", made["id"], "--revision", "3") == {
+    assert ok_json(running, "entry", "delete", made["id"], "--revision", "4") == {
         "deleted": made["id"]
     }
     refused(custos(running, "entry", "show", made["id"]), "entry_not_found")

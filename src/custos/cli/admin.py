@@ -156,8 +156,9 @@ def _ttl(value: str | None, flag: str) -> int:
 
 
 def _expires_at(value: str | None) -> int:
-    """``--expires-at``: Unix seconds or an ISO 8601 time (UTC when no offset); 0: never."""
-    if value is None:
+    """``--expires-at``: Unix seconds, an ISO 8601 time (UTC when no offset) or
+    ``never``; 0 on the wire is never."""
+    if value is None or value.strip().lower() == "never":
         return 0
     try:
         at = float(value) if value.strip().isdigit() else _iso(value)
@@ -322,8 +323,8 @@ def _entry_flags(*, create: bool) -> Callable[[F], F]:
                 ),
                 click.option(
                     "--expires-at",
-                    help="when the entry stops being served: Unix seconds or ISO 8601 "
-                    "(default: never)",
+                    help="when the entry stops being served: Unix seconds, ISO 8601 or "
+                    "'never' (the default)",
                 ),
             ]
         ):

@@ -34,6 +34,7 @@ SERVICE = "custos.agent.v1.Bundles"
 class BundlesServicer(PushStream, agent_v1_pb2_grpc.BundlesServicer):
     service = SERVICE
     method = "StreamBundle"
+    _cached: tuple[int, Snapshot] | None = None
 
     async def StreamBundle(  # the gRPC method name
         self,
@@ -49,9 +50,17 @@ class BundlesServicer(PushStream, agent_v1_pb2_grpc.BundlesServicer):
         return self._ctx.events.wait_bundle(seen)
 
     def _read(self, agent: Agent, generation: int) -> Snapshot:
+        # One bundle per generation for every stream of this server: a rotation
+        # wakes every agent's stream at once, and each read asks the key stores
+        # (an HSM serialises them) for every key.
+        cached = self._cached
+        if cached is not None and cached[0] == generation:
+            return cached[1]
         bundle = self._ctx.bundle()
         # Compared without the sequence number: a bump that changed nothing sends nothing.
-        return Snapshot(bundle_to_proto(bundle, generation), bundle.to_spiffe_json(), math.inf)
+        snapshot = Snapshot(bundle_to_proto(bundle, generation), bundle.to_spiffe_json(), math.inf)
+        self._cached = (generation, snapshot)  # a plain store: racing readers agree
+        return snapshot
 
 
 def register(server: grpc.aio.Server, ctx: ServerContext) -> None:

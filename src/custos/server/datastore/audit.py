@@ -13,8 +13,8 @@ from sqlalchemy import Engine, Row, insert, select
 
 from custos._numbers import finite_number
 from custos.identity import Selector
-from custos.server.datastore.database import inserted_key, transaction
-from custos.server.datastore.errors import InvalidEntryError
+from custos.server.datastore.database import transaction
+from custos.server.datastore.errors import DatastoreError, InvalidEntryError
 from custos.server.datastore.records import AuditRecord, selector_tuple
 from custos.server.datastore.schema import audit
 
@@ -70,20 +70,26 @@ class AuditLog:
         transaction: every one is checked first, then all are written or none."""
         at = time.time() if now is None else finite_number(now, name="now")
         records = [_checked(item, at) for item in items]
+        if not records:
+            return records
+        rows = [
+            {
+                **{name: getattr(rec, name) for name in _LIMITS},
+                "at": at,
+                "selectors": json.dumps([str(s) for s in rec.selectors]),
+                "not_after": rec.not_after,
+            }
+            for rec in records
+        ]
+        # One statement for the whole batch (SQLAlchemy's "insertmanyvalues": a few
+        # multi-row INSERTs), the keys back in the rows' order: a batch of 100 SVIDs
+        # costs one round trip, not 100 compiled INSERTs.
+        statement = insert(audit).returning(audit.c.seq, sort_by_parameter_order=True)
         with transaction(self._engine) as conn:
-            for i, rec in enumerate(records):
-                values = {name: getattr(rec, name) for name in _LIMITS}
-                seq = inserted_key(
-                    conn.execute(
-                        insert(audit).values(
-                            at=at,
-                            selectors=json.dumps([str(s) for s in rec.selectors]),
-                            not_after=rec.not_after,
-                            **values,
-                        )
-                    )
-                )
-                records[i] = replace(rec, seq=seq)
+            seqs = conn.execute(statement, rows).scalars().all()
+        if len(seqs) != len(records):  # pragma: no cover - a driver bug, not an input
+            raise DatastoreError("the audit insert returned no keys", code="datastore_bug")
+        records = [replace(rec, seq=int(seq)) for rec, seq in zip(records, seqs, strict=True)]
         return records
 
     def since(self, seq: int = 0, *, limit: int = 1000) -> list[AuditRecord]:

@@ -21,7 +21,11 @@ EXTRAS: dict[str, tuple[frozenset[str], str]] = {
     "httpx": (frozenset({"httpx"}), ""),
     "requests": (frozenset({"requests"}), ""),
     "redis": (frozenset({"redis"}), ""),
-    "server": (frozenset({"sqlalchemy", "alembic", "psycopg"}), ""),
+    "grpc": (frozenset({"grpc", "grpclib", "google"}), ""),
+    "server": (
+        frozenset({"sqlalchemy", "alembic", "psycopg", "prometheus_client", "grpc", "grpclib"}),
+        "",
+    ),
 }
 
 

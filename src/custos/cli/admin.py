@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from custos._extras import extra_needed
 from custos._numbers import InvalidNumberError
 from custos.errors import CustosError
 from custos.identity import Selector, coerce_spiffe_id
@@ -59,13 +60,8 @@ class _Admin:
     output: str
 
     def run(self, call: Callable[[AdminClient], Awaitable[T]]) -> T:
-        try:
+        with extra_needed("grpc"):
             from custos.server.admin.client import AdminClient
-        except ImportError as e:
-            raise CustosError(
-                f"the admin commands need the 'grpc' extra: pip install 'custos[grpc]'; {e}",
-                code="missing_extra",
-            ) from e
 
         async def go() -> T:
             async with AdminClient(self.socket) as client:

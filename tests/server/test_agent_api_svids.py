@@ -202,6 +202,13 @@ def test_status_mapping(caplog: pytest.LogCaptureFixture) -> None:
         assert status_for(KeyError("secret-path")) is grpc.StatusCode.INTERNAL
         assert detail_for(KeyError("secret-path")) == "internal: internal error"
     assert status_for(CustosError("what")) is grpc.StatusCode.INTERNAL
+    # An unmapped custos error keeps its code, never its message (it may hold internals).
+    assert detail_for(CustosError("/etc/secret", code="attestor_failed")) == (
+        "attestor_failed: internal error"
+    )
+    assert status_for(CustosError("x", code="attestation_timeout")) is (
+        grpc.StatusCode.DEADLINE_EXCEEDED
+    )
     assert detail_for(NotEntitledError("no\nsuch entry")) == "not_entitled: no such entry"
 
 

@@ -103,9 +103,12 @@ def status_for(error: BaseException) -> grpc.StatusCode:
 
 
 def detail_for(error: BaseException) -> str:
-    """The one line sent with the status: ``"<code>: <message>"``; generic for INTERNAL."""
-    if not isinstance(error, CustosError) or status_for(error) is grpc.StatusCode.INTERNAL:
+    """The one line sent with the status: ``"<code>: <message>"``. For INTERNAL the
+    message is generic (it may hold internals); a custos error keeps its stable code."""
+    if not isinstance(error, CustosError):
         return "internal: internal error"
+    if status_for(error) is grpc.StatusCode.INTERNAL:
+        return f"{error.code}: internal error"
     message = " ".join(error.message.split())  # one line, whatever the message held
     return f"{error.code}: {message}"[:MAX_DETAIL]
 

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import grpc
 
 from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc
-from custos.errors import CustosError
 from custos.server.agent_api.auth import authenticate
 from custos.server.agent_api.status import AgentApiForbiddenError, abort
 from custos.server.datastore.errors import DatastoreUnavailableError
@@ -71,7 +70,7 @@ async def wait_at_most(wait: Coroutine[Any, Any, int], timeout: float) -> None:
 
 
 async def refuse(
-    context: grpc.aio.ServicerContext[Any, Any], ctx: ServerContext, error: CustosError
+    context: grpc.aio.ServicerContext[Any, Any], ctx: ServerContext, error: Exception
 ) -> NoReturn:
     """End a stream with the status for ``error`` (counted when the datastore was away)."""
     if isinstance(error, DatastoreUnavailableError):
@@ -129,7 +128,8 @@ class PushStream:
                     sent = snapshot.state
                 await wait_at_most(self._wait(seen), min(snapshot.wake_in, self._recheck))
                 agent = await current_agent(self._ctx, agent)
-        except CustosError as e:
+        except Exception as e:  # noqa: BLE001 - every refusal and fault leaves through abort()
+            # (a bug becomes INTERNAL with its traceback in the log, never on the wire)
             await refuse(context, self._ctx, e)
 
 

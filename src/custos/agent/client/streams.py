@@ -1,7 +1,7 @@
 """The agent's side of the server's push streams: ``SyncEntries`` and ``StreamBundle``.
 
 ``async for entry_set in sync_entries(client)`` yields the agent's whole entry
-set as the server sends it: once at once, then after each change that touches
+set as the server sends it: right away, then after each change that touches
 it (decision 10: pushed, not polled).  ``stream_bundle(client)`` does the same
 for the trust bundle.  Each message is checked before it is yielded (IDs and
 selectors parsed, entries in the agent's trust domain, the bundle of that
@@ -22,7 +22,7 @@ import grpc
 from google.protobuf.message import Message
 
 from custos._proto import agent_v1_pb2, types_v1_pb2
-from custos.agent.client.attest import InvalidServerResponseError
+from custos.agent.client.attest import CUSTODY_TIERS, InvalidServerResponseError
 from custos.agent.client.errors import AgentApiError
 from custos.bundle import BundleError, TrustBundle
 from custos.errors import CustosError
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 
 ENTRIES_SERVICE = "custos.agent.v1.Entries"
 BUNDLES_SERVICE = "custos.agent.v1.Bundles"
-#: Key custody tiers an entry may name (issue 8, "Registration entries").
-KEY_CUSTODIES = frozenset({"tpm", "pkcs11", "memory", "exportable"})
 
 M = TypeVar("M", bound=Message)
 
@@ -109,7 +107,7 @@ def _entry_problem(message: types_v1_pb2.Entry, spiffe_id: SpiffeId, td: TrustDo
         return f"{spiffe_id} is not in the agent's trust domain {td}"
     if not message.selectors:
         return "it has no selectors"
-    if message.key_custody not in KEY_CUSTODIES:
+    if message.key_custody not in CUSTODY_TIERS:
         return f"unknown key custody {message.key_custody[:20]!r}"
     if min(message.x509_svid_ttl, message.jwt_svid_ttl, message.wit_ttl) <= 0:
         return "a TTL is not positive"

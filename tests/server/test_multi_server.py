@@ -40,8 +40,6 @@ BOUND = 30.0
 T = TypeVar("T")
 SVIDS = "custos.agent.v1.Svids"
 
-pytestmark = pytest.mark.slow
-
 
 async def bounded(aw: Awaitable[T]) -> T:
     return await asyncio.wait_for(aw, BOUND)

@@ -37,6 +37,7 @@ def server_processes(
     *,
     datastore_url: str | None = None,
     prepare: Callable[[str], None] | None = None,
+    with_http: bool = False,
 ) -> Iterator[list[tuple[ServerRig, ServerProcess]]]:
     """``count`` running servers; with several, give a shared (PostgreSQL) ``datastore_url``.
 
@@ -47,7 +48,10 @@ def server_processes(
     keys = Path(tempfile.mkdtemp(prefix="custos-bench-keys-"))
     rigs = [
         ServerRig.create(
-            trust_domain=TRUST_DOMAIN, datastore_url=datastore_url, sections=shared_keys(keys)
+            trust_domain=TRUST_DOMAIN,
+            datastore_url=datastore_url,
+            sections=shared_keys(keys),
+            with_http=with_http,
         )
         for _ in range(count)
     ]
@@ -102,6 +106,31 @@ async def attested_agent(rig: ServerRig, secret: str) -> AsyncIterator[AgentApiC
     )
     async with agent:
         yield agent.client
+
+
+def call_seconds(rig: ServerRig, method: str) -> tuple[float, int]:
+    """(total seconds, calls) the server's own ``custos_server_call_seconds`` histogram
+    holds for ``method`` answered OK: the server side of a call, without the wire
+    and the client (``/metrics``, so the rig needs ``with_http``)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{rig.http_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    total, count = 0.0, 0
+    for family in text_string_to_metric_families(text):
+        if family.name != "custos_server_call_seconds":
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if not labels.get("method", "").endswith(method) or labels.get("code") != "OK":
+                continue
+            if sample.name.endswith("_sum"):
+                total += sample.value
+            elif sample.name.endswith("_count"):
+                count += int(sample.value)
+    return total, count
 
 
 def env_int(name: str, default: int) -> int:

@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import create_engine, text
 
 import custos.server.datastore as datastore_package
@@ -542,3 +544,47 @@ def test_long_entry_ttls_end_with_the_ca(parts: Parts) -> None:
 
     assert [svid.error, wit.error, jwt.error] == [None, None, None]
     assert max(svid.not_after, wit.not_after, jwt.not_after) <= ca_end
+
+
+# -- hostile items (hypothesis): always a per-item refusal, never an exception --------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_jwk_members = st.dictionaries(
+    st.sampled_from(["kty", "crv", "x", "y", "n", "e", "alg", "d", "use", "kid"]),
+    _json | st.sampled_from(["EC", "RSA", "OKP", "P-256", "ES256", "RS256", "AQAB", ""]),
+    max_size=7,
+)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    csr=st.binary(max_size=600) | st.just(b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n"),
+    jwk=_jwk_members | st.text(max_size=200),
+    entry_id=st.text(max_size=80),
+)
+def test_hostile_items_are_refused_one_by_one(
+    parts: Parts, csr: bytes, jwk: dict[str, Any] | str, entry_id: str
+) -> None:
+    agent = parts.agent()
+    entry = parts.entry("/hostile") if not parts.store.entries.count() else None
+    good_id = entry.id if entry is not None else parts.store.entries.list()[0].id
+    x509_results = parts.issuer.x509_svids(
+        agent, [X509Request(good_id, csr, MEMORY), X509Request(entry_id, csr_for(ec_key()), MEMORY)]
+    )
+    wit_results = parts.issuer.wits(
+        agent, [WitRequest(good_id, jwk, MEMORY), WitRequest(entry_id, jwk_of(ec_key()), MEMORY)]
+    )
+    assert x509_results[0].error is not None and x509_results[0].error.code == "invalid_csr"
+    assert wit_results[0].error is not None
+    assert wit_results[0].error.code in {"invalid_public_key", "private_key_sent"}
+    for item in (x509_results[1], wit_results[1]):
+        assert item.error is not None
+        assert item.error.code in {"not_entitled", "invalid_entry_id"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from custos.bundle import TrustBundle
 from custos.identity import TrustDomain
 from custos.server.app import Server, ServerStartError
 from custos.server.config import ServerConfig
+from custos.server.datastore import NotFoundError
 from custos.server.health import HealthCheckRequest, HealthCheckResponse
 from custos.testing.server import ServerRig, new_csr, running_server, server_agent
 
@@ -344,5 +346,45 @@ def test_a_message_over_max_message_bytes_is_refused_and_the_server_keeps_servin
                 await agent.channel.unary_unary(method)(b"\x0a" + b"\xff" * 70000, timeout=10)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert await agent_api_health(srv) == HealthCheckResponse.SERVING
+
+    asyncio.run(run())
+
+
+def test_a_server_restarted_after_its_ca_expired_starts_with_a_new_ca(
+    server_config_factory: ConfigFactory,
+) -> None:
+    # A server left stopped longer than its CA's lifetime (here 3 s; SPIRE does the
+    # same for a CA that expired while it was down): the old root is useless, so the
+    # server replaces it at once instead of refusing to start.
+    config = server_config_factory(
+        sections={"ca": {"ttl": "3s"}, "x509_svid": {"default_ttl": "1s"}}
+    )
+
+    async def run() -> None:
+        async with running_server(config) as srv:
+            old = srv.ctx.bundle().x509_authorities
+        while datetime.now(UTC) < old[0].not_valid_after_utc:
+            await asyncio.sleep(0.2)
+        async with running_server(config) as srv:
+            current = await asyncio.to_thread(srv.ctx.ca_keys.current)
+            assert current.certificate().not_valid_after_utc > datetime.now(UTC)
+            assert current.certificate() not in old
+            assert await agent_api_health(srv) == HealthCheckResponse.SERVING
+
+    asyncio.run(run())
+
+
+def test_maintenance_prunes_expired_join_tokens(server_config_factory: ConfigFactory) -> None:
+    config = server_config_factory()
+
+    async def run() -> None:
+        async with running_server(config) as srv:
+            tokens = srv.ctx.datastore.join_tokens
+            expired, _ = await asyncio.to_thread(tokens.create, 60, now=time.time() - 120)
+            valid, _ = await asyncio.to_thread(tokens.create, 600)
+            await srv.maintain_once()
+            with pytest.raises(NotFoundError):
+                await asyncio.to_thread(tokens.get, expired.id)
+            assert (await asyncio.to_thread(tokens.get, valid.id)).id == valid.id
 
     asyncio.run(run())

@@ -193,7 +193,10 @@ class Server:
             )
         )
         for keys in (ca_keys, jwt_keys, wit_keys):
-            await asyncio.to_thread(keys.ensure_active)
+            # One scheduled step now (a first key on a fresh datastore; a rotation or
+            # prune that fell due while the server was down), not a minute later.
+            await asyncio.to_thread(keys.rotate)
+        await asyncio.to_thread(_replace_expired_ca, ca_keys)
 
         metrics = ServerMetrics()
         auditor = Auditor(datastore)
@@ -331,6 +334,7 @@ class Server:
         try:
             for keys in (ctx.ca_keys, ctx.jwt_keys, ctx.wit_keys):
                 await asyncio.to_thread(keys.rotate)
+            await asyncio.to_thread(_replace_expired_ca, ctx.ca_keys)
             # Compared with the last round, not with before this round's rotation: a
             # key another server (or `rotate-keys`) added counts too.
             kids = await asyncio.to_thread(_kids, ctx)
@@ -380,6 +384,22 @@ class Server:
             if listener.name == name:
                 return listener.address
         return None
+
+
+def _replace_expired_ca(ca_keys: SigningKeys) -> None:
+    """A CA whose certificate expired (the servers were all down longer than its
+    lifetime) cannot sign anything: replace it at once.  Nothing valid chains to it,
+    so skipping the propagation delay breaks no relying party (SPIRE does the same)."""
+    current = ca_keys.current()
+    expires = current.certificate().not_valid_after_utc
+    if datetime.now(UTC) < expires:
+        return
+    log.warning(
+        "the active CA certificate (key %s) expired at %s; replacing it now",
+        current.kid,
+        expires.isoformat(),
+    )
+    ca_keys.rotate_now()
 
 
 def load_upstream_ca(config: CaConfig, trust_domain: TrustDomain) -> CertificateAuthority | None:

@@ -36,7 +36,9 @@ def _roots(bundle: TrustBundle) -> bytes:
     return b"".join(c.public_bytes(Encoding.PEM) for c in bundle.x509_authorities)
 
 
-async def agent_api_health(srv: Server, *, server_name: str | None = None) -> int:
+async def agent_api_health(
+    srv: Server, *, server_name: str | None = None, service: str = ""
+) -> int:
     """The overall status over the Agent API's TLS, verified against the bundle."""
     creds = grpc.ssl_channel_credentials(root_certificates=_roots(srv.ctx.bundle()))
     name = server_name or srv.config.agent_api.dns_name
@@ -48,7 +50,7 @@ async def agent_api_health(srv: Server, *, server_name: str | None = None) -> in
             request_serializer=HealthCheckRequest.SerializeToString,
             response_deserializer=HealthCheckResponse.FromString,
         )
-        reply = await check(HealthCheckRequest(service=""), timeout=10)
+        reply = await check(HealthCheckRequest(service=service), timeout=10)
         return int(reply.status)
 
 
@@ -73,6 +75,12 @@ def test_agent_api_serves_tls_with_the_server_svid_and_health(
     async def run() -> None:
         async with running_server(config) as srv:
             assert await agent_api_health(srv) == HealthCheckResponse.SERVING
+            for service in ("Attestation", "Svids", "Entries", "Bundles"):
+                status = await agent_api_health(srv, service=f"custos.agent.v1.{service}")
+                assert status == HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await agent_api_health(srv, service="custos.agent.v1.Nope")
+            assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
             leaf = await peer_certificate(srv.agent_api_address)
             san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             assert san.get_values_for_type(x509.UniformResourceIdentifier) == [

@@ -21,6 +21,7 @@ from custos.testing.server import (
     ServerProcess,
     ServerRig,
     ServerRigError,
+    free_port,
     join_token_agent,
     new_csr,
 )
@@ -216,4 +217,15 @@ def test_run_rejects_an_unknown_log_format(server_rig_factory: RigFactory) -> No
     rig = server_rig_factory()
     result = run_custos("server", "run", "--config", str(rig.config_path), "--log-format", "xml")
     assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+
+
+def test_run_with_the_database_unreachable_is_one_line(server_rig_factory: RigFactory) -> None:
+    closed = free_port()  # nothing listens there
+    rig = server_rig_factory(datastore_url=f"postgresql+psycopg://custos@127.0.0.1:{closed}/x")
+    result = run_custos("server", "run", "--config", str(rig.config_path))
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error [server_start]: ")
+    assert "[datastore_unavailable]" in last
     assert "Traceback" not in result.stderr

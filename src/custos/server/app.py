@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from custos._files import UnreadableFileError, read_small_file
+from custos._proto import agent_v1_pb2
 from custos.errors import CustosError
 from custos.identity import SpiffeId, TrustDomain
 from custos.keys import KeyStore, open_key_store
@@ -55,6 +56,10 @@ AGENT_API_PARTS = (
     "custos.server.agent_api.svids",
     "custos.server.agent_api.entries",
     "custos.server.agent_api.bundles",
+)
+#: The Agent API's services by full name, as the health service reports them.
+AGENT_API_SERVICES = tuple(
+    service.full_name for service in agent_v1_pb2.DESCRIPTOR.services_by_name.values()
 )
 #: How often the maintenance task runs (key rotation follows SPIRE's schedule
 #: thresholds, so a minute's resolution is plenty).
@@ -142,7 +147,9 @@ class Server:
             if isinstance(e, OSError):
                 raise ServerStartError(f"cannot start: {e.strerror or e}") from e
             raise
-        self._health.set(OVERALL, True)
+        for service in AGENT_API_SERVICES:
+            self._health.set(service, True)
+        self._health.set_all(True)
         log.info(
             "custos server for %s ready: Agent API %s, admin socket %s",
             self.config.trust_domain,
@@ -343,10 +350,10 @@ class Server:
                 ctx.events.bundle_changed()
             await asyncio.to_thread(ctx.datastore.join_tokens.prune)
             await self.renew_tls(ctx)
-            self._health.set(OVERALL, True)
+            self._health.set_all(True)
         except DatastoreUnavailableError as e:
             ctx.metrics.datastore_errors.labels(operation="maintenance").inc()
-            self._health.set(OVERALL, False)
+            self._health.set_all(False)
             log.warning("maintenance skipped: %s", e.message)
         except CustosError as e:
             log.error("maintenance failed: %s [%s]", e.message, e.code)

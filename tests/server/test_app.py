@@ -4,7 +4,9 @@ health; the operations listener."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -396,3 +398,32 @@ def test_maintenance_prunes_expired_join_tokens(server_config_factory: ConfigFac
             assert (await asyncio.to_thread(tokens.get, valid.id)).id == valid.id
 
     asyncio.run(run())
+
+
+def test_the_config_server_init_writes_runs() -> None:
+    from custos.server.config import AgentApiConfig, load_server_config
+    from custos.server.init import init_server
+    from custos.testing.server import free_port
+
+    data_dir = Path(tempfile.mkdtemp(prefix="custos-init-"))
+    try:
+        written = load_server_config(init_server("example.org", data_dir))
+        # Only the port changes: tests never use the defaults.
+        config = written.model_copy(
+            update={"agent_api": AgentApiConfig(address=f"127.0.0.1:{free_port()}")}
+        )
+
+        async def run() -> None:
+            async with running_server(config) as srv, await server_agent(srv) as agent:
+                assert agent.identity.spiffe_id.path.startswith("/custos/agent/join_token/")
+                assert await agent_api_health(srv) == HealthCheckResponse.SERVING
+                assert (data_dir / "admin.sock").exists()
+
+        asyncio.run(run())
+        assert sorted(p.name for p in data_dir.iterdir()) == [
+            "datastore.sqlite3",
+            "keys",
+            "server.toml",
+        ]
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)

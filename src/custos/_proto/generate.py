@@ -12,10 +12,18 @@ import sys
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parents[3] / "proto"
-SOURCES = ("types_v1.proto", "agent_v1.proto", "admin_v1.proto")
+SOURCES = (
+    "types_v1.proto", "agent_v1.proto", "admin_v1.proto", "workload.proto", "wimse_v1.proto"
+)
 #: Generated files nobody imports: messages-only files get no stubs, and each
-#: API is served by one gRPC stack only.
-UNUSED = ("types_v1_grpc.py", "types_v1_pb2_grpc.py", "admin_v1_pb2_grpc.py", "agent_v1_grpc.py")
+#: API is served by one gRPC stack only. The WIMSE signing API keeps both: the
+#: agent serves it with grpclib, workloads may call it with grpcio. workload.proto
+#: gets no stubs: its service lives at upstream's package-less paths
+#: (``/SpiffeWorkloadAPI/<Method>``), which generated stubs would get wrong.
+UNUSED = (
+    "types_v1_grpc.py", "types_v1_pb2_grpc.py", "admin_v1_pb2_grpc.py", "agent_v1_grpc.py",
+    "workload_grpc.py", "workload_pb2_grpc.py",
+)
 
 
 def generate(out: Path) -> None:

@@ -220,12 +220,16 @@ class AgentsService(_Part, admin_v1_grpc.AgentsBase):
         agent_id = coerce_spiffe_id((await _request(stream)).id)
         agent = await asyncio.to_thread(self._ctx.datastore.agents.evict, agent_id)
         log.warning("admin: %s evicted agent %s", _caller(stream), agent_id)
+        # Wakes this server's entry streams, which re-check their agent: its stream ends now.
+        self._ctx.events.entries_changed()
         await stream.send_message(agent_to_proto(agent))
 
     async def BanAgent(self, stream: Stream[admin_v1_pb2.AgentId, admin_v1_pb2.Agent]) -> None:
         agent_id = coerce_spiffe_id((await _request(stream)).id)
         agent = await asyncio.to_thread(self._ctx.datastore.agents.ban, agent_id)
         log.warning("admin: %s banned agent %s", _caller(stream), agent_id)
+        # Wakes this server's entry streams, which re-check their agent: its stream ends now.
+        self._ctx.events.entries_changed()
         await stream.send_message(agent_to_proto(agent))
 
 

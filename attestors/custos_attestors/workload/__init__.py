@@ -1,0 +1,1 @@
+"""Workload attestors (agent side only): a caller on the agent's socket -> selectors."""

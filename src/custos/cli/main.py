@@ -13,6 +13,7 @@ import click
 
 from custos import __version__
 from custos.cli.admin import agent, bundle, entry, rotate_keys, token
+from custos.cli.agent import run_cmd as agent_run
 from custos.cli.keys import keys
 from custos.cli.server import server
 from custos.cli.tpm import tpm
@@ -44,6 +45,7 @@ cli.add_command(server)
 cli.add_command(entry)
 cli.add_command(token)
 cli.add_command(agent)
+agent.add_command(agent_run)
 cli.add_command(bundle)
 server.add_command(rotate_keys)
 

@@ -1,0 +1,204 @@
+"""The agent's composition root (``custos.agent.app.Agent``) and ``custos agent run``
+against a real server (``custos.testing.server``).
+
+Every wait is bounded; nothing here asserts how fast anything happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from custos.agent.app import Agent
+from custos.agent.config import AgentConfig, agent_config_from_toml
+from custos.agent.node import STATE_FILE, NodeIdentityError
+from custos.errors import CustosError
+from custos.server.app import Server
+from custos.testing.server import ServerProcess, ServerRig, running_server
+
+BOUND = 30.0
+
+
+@pytest.fixture
+def rig() -> Iterator[ServerRig]:
+    rig = ServerRig.create(sections={"events": {"poll_interval": "1h"}})
+    yield rig
+    rig.destroy()
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    # Short: the agent's socket path must fit in 107 bytes.
+    path = Path(tempfile.mkdtemp(prefix="custos-agt-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def agent_toml(base: Path, address: str, bundle_file: Path, token: str) -> str:
+    return f"""
+trust_domain = "example.org"
+socket = "{base}/agent.sock"
+data_dir = "{base}/data"
+
+[server]
+address = "{address}"
+bundle_file = "{bundle_file}"
+
+[node_attestor.join_token]
+token = "{token}"
+
+[workload_attestors.unix]
+
+[custody.memory]
+[custody.exportable]
+
+[agent_key]
+custody = "exportable"
+"""
+
+
+async def config_for(srv: Server, base: Path, token: str | None = None) -> AgentConfig:
+    if token is None:
+        _, token = await asyncio.to_thread(srv.ctx.datastore.join_tokens.create, 600)
+    bundle = await asyncio.to_thread(srv.ctx.bundle)
+    await asyncio.to_thread(bundle.save, base / "bundle.json")
+    return agent_config_from_toml(
+        agent_toml(base, srv.agent_api_address, base / "bundle.json", token)
+    )
+
+
+def test_agent_starts_serves_its_socket_and_stops_cleanly(rig: ServerRig, base: Path) -> None:
+    async def main() -> None:
+        async with running_server(rig) as srv:
+            config = await config_for(srv, base)
+            async with Agent(config) as agent:
+                assert agent.socket_path.is_socket()
+                identity = agent.node.identity
+                assert str(identity.spiffe_id).startswith("spiffe://example.org/custos/agent/")
+                assert agent.identities.bundle().trust_domain.name == "example.org"
+                assert agent.custody.offers("memory") and agent.custody.offers("exportable")
+            assert not agent.socket_path.exists()  # stop removes the socket
+            assert (base / "data" / STATE_FILE).exists()
+            # A second agent on the same data_dir (the token is spent) serves at once.
+            async with Agent(config) as again:
+                assert again.node.identity.spiffe_id == identity.spiffe_id
+                assert again.socket_path.is_socket()
+
+    asyncio.run(main())
+
+
+def test_a_failed_start_leaves_nothing_behind(rig: ServerRig, base: Path) -> None:
+    async def main() -> None:
+        async with running_server(rig) as srv:
+            config = await config_for(srv, base)
+            async with Agent(config):
+                pass
+            # Another data_dir with the spent token: attestation refused, one error.
+            other = base / "other"
+            other.mkdir()
+            spent = config.node_attestor.plugin().config["token"]
+            assert isinstance(spent, str)
+            refused = await config_for(srv, other, spent)
+            agent = Agent(refused)
+            with pytest.raises(NodeIdentityError, match="node attestation refused") as e:
+                await agent.start()
+            assert e.value.code == "join_token_used"
+            assert not refused.socket.exists()
+            with pytest.raises(CustosError, match="not running"):
+                _ = agent.node
+            # The socket path is taken by a directory: one clear error, nothing left open.
+            (base / "agent.sock").mkdir()
+            agent = Agent(config)
+            with pytest.raises(CustosError):
+                await agent.start()
+            (base / "agent.sock").rmdir()
+            async with Agent(config) as agent:  # and the same configuration starts after
+                assert agent.socket_path.is_socket()
+
+    asyncio.run(main())
+
+
+# ---- custos agent run ---------------------------------------------------------------------
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "custos", "agent", "run", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_agent_run_with_a_bad_config_is_one_line_and_exit_1(base: Path) -> None:
+    (base / "agent.toml").write_text('trust_domain = "example.org"\n[server]\nport = 1\n')
+    for config in (base / "agent.toml", base / "missing.toml"):
+        process = _run("--config", str(config))
+        out, err = process.communicate(timeout=BOUND)
+        assert process.returncode == 1, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error [agent_config]: "), err
+        assert out == ""
+
+
+def test_agent_run_ready_then_sigterm_stops_cleanly(rig: ServerRig, base: Path) -> None:
+    with ServerProcess(rig):
+        # The roots of a server in another process, as an operator gets them (PEM).
+        bundle_file = base / "bundle.pem"
+        subprocess.run(
+            [sys.executable, "-m", "custos", "bundle", "show", "--admin-socket",
+             str(rig.admin_socket), "--format", "pem"],
+            check=True, stdout=bundle_file.open("w"), timeout=BOUND,
+        )  # fmt: skip
+        token = subprocess.run(
+            [sys.executable, "-m", "custos", "token", "generate", "--admin-socket",
+             str(rig.admin_socket), "--output", "json"],
+            check=True, capture_output=True, text=True, timeout=BOUND,
+        ).stdout  # fmt: skip
+        secret = json.loads(token)["token"]
+        (base / "agent.toml").write_text(
+            agent_toml(base, rig.agent_api_address, bundle_file, secret)
+        )
+        process = _run("--config", str(base / "agent.toml"))
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            assert line.startswith("custos agent ready: socket=unix://"), line
+            assert f"unix://{base}/agent.sock" in line
+            assert (base / "agent.sock").is_socket()
+            process.send_signal(signal.SIGTERM)
+            _, err = process.communicate(timeout=BOUND)
+            assert process.returncode == 0, err
+            assert not (base / "agent.sock").exists()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        # Started again with the same (spent) token: serves from its data_dir.
+        process = _run("--config", str(base / "agent.toml"))
+        try:
+            assert process.stdout is not None
+            deadline = time.monotonic() + BOUND
+            line = process.stdout.readline()
+            assert time.monotonic() < deadline
+            assert line.startswith("custos agent ready"), process.stderr
+            process.send_signal(signal.SIGINT)
+            process.communicate(timeout=BOUND)
+            assert process.returncode == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()

@@ -427,3 +427,22 @@ def test_the_config_server_init_writes_runs() -> None:
         ]
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_after_a_ca_rotation_the_tls_certificate_is_signed_by_the_new_ca(
+    server_config_factory: ConfigFactory,
+) -> None:
+    config = server_config_factory()
+
+    async def run() -> None:
+        async with running_server(config) as srv:
+            before = await peer_certificate(srv.agent_api_address)
+            new_ca = (await asyncio.to_thread(srv.ctx.ca_keys.rotate_now)).certificate()
+            await srv.maintain_once()
+            after = await peer_certificate(srv.agent_api_address)
+            after.verify_directly_issued_by(new_ca)
+            assert after.serial_number != before.serial_number
+            # Agents holding the bundle (both roots) still connect.
+            assert await agent_api_health(srv) == HealthCheckResponse.SERVING
+
+    asyncio.run(run())

@@ -24,6 +24,7 @@ from custos.agent.client.calls import X509Params
 from custos.agent.client.streams import stream_bundle
 from custos.bundle import TrustBundle
 from custos.identity import TrustDomain
+from custos.server.admin.client import AdminClient
 from custos.server.app import Server, ServerStartError
 from custos.server.config import ServerConfig
 from custos.server.datastore import NotFoundError
@@ -444,5 +445,18 @@ def test_after_a_ca_rotation_the_tls_certificate_is_signed_by_the_new_ca(
             assert after.serial_number != before.serial_number
             # Agents holding the bundle (both roots) still connect.
             assert await agent_api_health(srv) == HealthCheckResponse.SERVING
+
+    asyncio.run(run())
+
+
+def test_join_token_default_ttl_from_the_config(server_config_factory: ConfigFactory) -> None:
+    config = server_config_factory(sections={"join_token": {"default_ttl": "2m"}})
+
+    async def run() -> None:
+        async with running_server(config) as srv:
+            async with AdminClient(srv.admin_socket) as admin:
+                made = time.time()
+                reply = await admin.generate_token()
+            assert made + 100 <= reply.expires_at <= time.time() + 120
 
     asyncio.run(run())

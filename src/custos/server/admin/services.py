@@ -167,7 +167,7 @@ class TokensService(_Part, admin_v1_grpc.TokensBase):
     ) -> None:
         message = await _request(stream)
         ttl = finite_number(
-            message.ttl or DEFAULT_JOIN_TOKEN_TTL,
+            message.ttl or self._ctx.config.join_token.default_ttl.total_seconds(),
             name="join token ttl",
             minimum=1,
             maximum=MAX_JOIN_TOKEN_TTL,

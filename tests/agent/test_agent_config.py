@@ -6,6 +6,7 @@ the join token never shows in a repr or a message."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -265,3 +266,20 @@ def test_load_agent_config_reads_a_bounded_regular_file(tmp_path: Path) -> None:
     path.write_text("colour = 1\n" + MINIMAL)
     with pytest.raises(AgentConfigError, match=rf"^{path}: colour: unknown key$"):
         load_agent_config(path)
+
+
+def test_the_documented_example_loads() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    section = docs[docs.index("## Agent (") :]
+    example = section[section.index("```toml\n") + 8 : section.index("```", section.index("```toml\n") + 8)]
+    # The example reads its token from a file this machine does not have.
+    example = example.replace('token_file = "/etc/custos/join-token"', f'token = "{TOKEN}"')
+    config = agent_config_from_toml(example)
+    assert config.custody.tiers == ("tpm", "pkcs11", "memory")
+    assert config.agent_key_custody == "tpm"
+    assert config.workload_attestor_plugins() == [
+        PluginConfig("unix", {"discover_workload_path": True})
+    ]
+    # Every key of the table is one the model knows.
+    for key in re.findall(r"^\| `([a-z_.<>]+)`", section, re.M):
+        assert key.partition(".")[0] in AgentConfig.model_fields, key

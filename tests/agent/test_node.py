@@ -460,3 +460,36 @@ def test_persisted_state_is_json_naming_the_key(rig: ServerRig, tmp_path: Path) 
         assert saved["x509_svid"].startswith("-----BEGIN CERTIFICATE-----")
 
     asyncio.run(main())
+
+
+# ---- the bundle -----------------------------------------------------------------------
+
+
+def test_a_ca_rotation_updates_the_bundle_and_reopens_the_channel(
+    rig: ServerRig, tmp_path: Path
+) -> None:
+    from custos.server.admin.client import AdminClient
+
+    async def main() -> None:
+        async with running_server(rig) as srv, AdminClient(srv.admin_socket) as admin:
+            store = exportable_store(tmp_path)
+            async with node_of(srv, tmp_path, await new_token(srv), store) as node:
+                before, channel = node.bundle, node.client.channel
+                seen = node.generation
+                kids = await admin.rotate_keys()
+                # The keys may arrive in more than one update (one per key published).
+                while len(node.bundle.x509_authorities) == len(before.x509_authorities) or not {
+                    a.kid for a in node.bundle.jwt_authorities
+                } >= {kids[1], kids[2]}:
+                    seen = await bounded(node.wait_changed(seen))
+                assert node.client.channel is not channel  # the new roots are trusted
+                await authenticated(node.client)
+                saved = read_json(tmp_path / "data" / STATE_FILE)
+                assert saved is not None
+                persisted = TrustBundle.from_spiffe_json(TD, saved["bundle"])
+                assert set(persisted.x509_authorities) == set(node.bundle.x509_authorities)
+            # A restart uses the persisted (newer) bundle, not the bootstrap file.
+            async with node_of(srv, tmp_path, "spent" * 8, store) as node:
+                assert len(node.bundle.x509_authorities) == len(before.x509_authorities) + 1
+
+    asyncio.run(main())

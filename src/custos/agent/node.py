@@ -171,6 +171,10 @@ class NodeIdentity:
         self._now = now
         self._held: _Held | None = None
         self._channel: grpc.aio.Channel | None = None
+        self._channel_roots: frozenset[Any] = frozenset()
+        # One writer of the state file at a time (a bundle update and a renewal could
+        # otherwise write in either order and leave the older identity on disk).
+        self._state_lock = asyncio.Lock()
         self._client: AgentApiClient | None = None
         self._generation = 0
         self._changed = asyncio.Event()
@@ -248,7 +252,7 @@ class NodeIdentity:
                 self._state_path,
                 held.identity.expires_at - self._now(),
             )
-            self._install(held, self._verified_channel(held.identity.bundle))
+            self._install(held)
         else:
             try:
                 await asyncio.wait_for(self._first_attestation(), self._start_timeout)
@@ -419,13 +423,15 @@ class NodeIdentity:
             self._server.address, server_name=self._server.server_name
         )
 
-    def _install(self, held: _Held, channel: grpc.aio.Channel | None = None) -> None:
-        """Make ``held`` current (with ``channel`` if the roots changed) and tell waiters."""
-        if channel is not None and channel is not self._channel:
-            old, self._channel = self._channel, channel
+    def _install(self, held: _Held) -> None:
+        """Make ``held`` current and tell waiters; a channel that trusts its bundle's
+        X.509 roots replaces the current one when those roots changed (a CA rotation)."""
+        roots = frozenset(held.identity.bundle.x509_authorities)
+        if self._channel is None or roots != self._channel_roots:
+            old, self._channel = self._channel, self._verified_channel(held.identity.bundle)
+            self._channel_roots = roots
             if old is not None:
                 self._close_later(old)
-        assert self._channel is not None
         self._held = held
         self._client = AgentApiClient(self._channel, held.identity, held.key)
         self._renew_at = self._renewal_time(held)
@@ -458,7 +464,7 @@ class NodeIdentity:
                 attempt += 1
                 continue
             try:
-                held = await self._attest(channel)
+                await self._attest(channel)
             except AgentApiError as e:
                 await channel.close()
                 if not _worth_retrying(e):
@@ -479,8 +485,7 @@ class NodeIdentity:
             except BaseException:
                 await channel.close()
                 raise
-            await channel.close()
-            self._install(held, self._verified_channel(held.identity.bundle))
+            await channel.close()  # _keep opened a channel that trusts the new bundle
             return
 
     async def _bootstrap_channel_or_retry(self, attempt: int) -> grpc.aio.Channel | None:
@@ -534,18 +539,23 @@ class NodeIdentity:
         return await self._keep(identity, key, generation)
 
     async def _keep(self, identity: AgentIdentity, key: StoreKey, generation: int) -> _Held:
-        """Persist the new identity, then (and only then) delete the previous key."""
+        """Persist the new identity and make it current, then (and only then) delete
+        the previous key."""
         held = _Held(identity, key, generation, self._now())
-        try:
-            await asyncio.to_thread(self._persist, held)
-        except BaseException:
-            await asyncio.to_thread(self._delete_key, key.name, "its identity was not persisted")
-            raise
-        previous = self._held
-        if previous is not None and previous.generation != generation:
-            await asyncio.to_thread(
-                self._delete_key, self._key_name(previous.generation), "replaced"
-            )
+        async with self._state_lock:
+            try:
+                await asyncio.to_thread(self._persist, held)
+            except BaseException:
+                await asyncio.to_thread(
+                    self._delete_key, key.name, "its identity was not persisted"
+                )
+                raise
+            previous = self._held
+            self._install(held)
+            if previous is not None and previous.generation != generation:
+                await asyncio.to_thread(
+                    self._delete_key, self._key_name(previous.generation), "replaced"
+                )
         return held
 
     def _request_reattest(self, error: AgentApiError) -> None:
@@ -578,9 +588,9 @@ class NodeIdentity:
             reattest = self._reattest_reason is not None or self._must_attest()
             try:
                 if reattest:
-                    held = await self._attest(self._channel_for_attestation())
+                    await self._attest(self._channel_for_attestation())
                 else:
-                    held = await self._renew()
+                    await self._renew()
             except AgentApiError as e:
                 attempt = await self._after_refusal(e, reattest, attempt)
                 continue
@@ -592,7 +602,6 @@ class NodeIdentity:
                 continue
             attempt = 0
             self._reattest_reason = None
-            self._install(held, self._channel_for(held))
 
     def _must_attest(self) -> bool:
         held = self._require()
@@ -602,13 +611,6 @@ class NodeIdentity:
     def _channel_for_attestation(self) -> grpc.aio.Channel:
         assert self._channel is not None
         return self._channel
-
-    def _channel_for(self, held: _Held) -> grpc.aio.Channel | None:
-        """A new channel when the roots in ``held`` differ from the current ones."""
-        current = self._require().identity.bundle.x509_authorities
-        if set(held.identity.bundle.x509_authorities) == set(current):
-            return None
-        return self._verified_channel(held.identity.bundle)
 
     async def _after_refusal(self, e: AgentApiError, reattested: bool, attempt: int) -> int:
         if e.code == _RENEW_BY_ATTESTING:
@@ -694,22 +696,23 @@ class NodeIdentity:
                 await asyncio.sleep(delay)
 
     async def _bundle_received(self, bundle: TrustBundle) -> None:
-        held = self._require()
-        current = held.identity.bundle
-        if set(bundle.x509_authorities) == set(current.x509_authorities) and set(
-            bundle.jwt_authorities
-        ) == set(current.jwt_authorities):
-            return
-        updated = replace(held, identity=replace(held.identity, bundle=bundle))
-        await asyncio.to_thread(self._persist, updated)
-        log.info(
-            "trust bundle updated (%d X.509 roots, %d JWT keys)",
-            len(bundle.x509_authorities),
-            len(bundle.jwt_authorities),
-        )
-        renew_at = self._renew_at  # only the bundle changed: keep the renewal time
-        self._install(updated, self._channel_for(updated))
-        self._renew_at = renew_at
+        async with self._state_lock:
+            held = self._require()
+            current = held.identity.bundle
+            if set(bundle.x509_authorities) == set(current.x509_authorities) and set(
+                bundle.jwt_authorities
+            ) == set(current.jwt_authorities):
+                return
+            updated = replace(held, identity=replace(held.identity, bundle=bundle))
+            await asyncio.to_thread(self._persist, updated)
+            log.info(
+                "trust bundle updated (%d X.509 roots, %d JWT keys)",
+                len(bundle.x509_authorities),
+                len(bundle.jwt_authorities),
+            )
+            renew_at = self._renew_at  # only the bundle changed: keep the renewal time
+            self._install(updated)
+            self._renew_at = renew_at
 
 
 def _worth_retrying(error: AgentApiError) -> bool:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -226,6 +226,22 @@ def test_the_hash_is_cached_per_file_version(sleep_copy: Path) -> None:
             fifth = attest(cat, peer)
         assert (cache.hits, cache.misses) == (1, 4)
         assert Selector("unix", f"sha256:{sha256_file(sleep_copy)}") in fifth
+
+
+def test_concurrent_callers_with_one_binary_hash_it_once(sleep_copy: Path) -> None:
+    with ExitStack() as stack:
+        peers = [stack.enter_context(child([str(sleep_copy), "60"]))[1] for _ in range(4)]
+        cat = stack.enter_context(catalog({"discover_workload_path": True}))
+
+        async def all_at_once() -> list[tuple[Selector, ...]]:
+            return await asyncio.gather(*(cat.attest_workload(p) for p in peers))
+
+        results = asyncio.run(all_at_once())
+        cache = attestor_of(cat).hash_cache
+        assert cache is not None
+        assert (cache.hits, cache.misses) == (3, 1)
+    digests = {s for r in results for s in r if s.value.startswith("sha256:")}
+    assert digests == {Selector("unix", f"sha256:{sha256_file(sleep_copy)}")}
 
 
 def test_the_hash_cache_is_bounded_in_entries(tmp_path: Path, sleep_copy: Path) -> None:

@@ -17,6 +17,8 @@ import signal
 import stat
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from custos._files import UnreadableFileError, read_small_text
@@ -137,17 +139,26 @@ def ensure_alive(pidfd: int, pid: int) -> None:
         ) from e
 
 
-def executable_path(pid: int) -> str:
-    """The caller's executable as ``/proc/<pid>/exe`` names it (`` (deleted)`` kept:
-    the file at that path is no longer what runs)."""
+@contextmanager
+def _proc_errors(pid: int, doing: str) -> Iterator[None]:
+    """OS errors of a ``/proc/<pid>`` access as the attestor's errors: a missing entry
+    means the caller is gone; anything else (EACCES for an agent that is not root) is
+    a read error."""
     try:
-        return os.readlink(f"/proc/{pid}/exe")
+        yield
     except FileNotFoundError:
         raise CallerGoneError(f"process {pid} exited before it was attested") from None
     except OSError as e:
         raise ProcReadError(
-            f"cannot read the executable path of process {pid}: {e.strerror or type(e).__name__}"
+            f"cannot {doing} of process {pid}: {e.strerror or type(e).__name__}"
         ) from e
+
+
+def executable_path(pid: int) -> str:
+    """The caller's executable as ``/proc/<pid>/exe`` names it (`` (deleted)`` kept:
+    the file at that path is no longer what runs)."""
+    with _proc_errors(pid, "read the executable path"):
+        return os.readlink(f"/proc/{pid}/exe")
 
 
 #: What identifies one version of a file: device, inode, mtime, ctime, size.  ctime
@@ -204,16 +215,10 @@ class ExecutableHashCache:
     async def sha256(self, pid: int) -> str | None:
         """The hex SHA-256 of process ``pid``'s executable, or ``None`` when it is
         larger than ``max_bytes`` (logged once per file version)."""
-        try:
+        with _proc_errors(pid, "open the executable"):
             # /proc/<pid>/exe opens the very file the process runs, even if it was
             # deleted or replaced at its path since.
             fd = os.open(f"/proc/{pid}/exe", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
-        except FileNotFoundError:
-            raise CallerGoneError(f"process {pid} exited before it was attested") from None
-        except OSError as e:
-            raise ProcReadError(
-                f"cannot open the executable of process {pid}: {e.strerror or type(e).__name__}"
-            ) from e
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):

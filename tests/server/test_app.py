@@ -460,3 +460,20 @@ def test_join_token_default_ttl_from_the_config(server_config_factory: ConfigFac
             assert made + 100 <= reply.expires_at <= time.time() + 120
 
     asyncio.run(run())
+
+
+def test_http_port_in_use_is_one_line_naming_the_key(server_config_factory: ConfigFactory) -> None:
+    config = server_config_factory(with_http=True)
+    assert config.http.address is not None
+    host, port = config.http.address.rsplit(":", 1)
+    with socket.socket() as taken:
+        taken.bind((host, int(port)))
+        taken.listen()
+
+        async def run() -> None:
+            with pytest.raises(ServerStartError) as info:
+                async with running_server(config):
+                    pass
+            assert info.value.message.startswith(f"http.address: cannot listen on {host}:{port}")
+
+        asyncio.run(run())

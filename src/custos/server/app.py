@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -33,12 +32,15 @@ from custos.identity import SpiffeId, TrustDomain
 from custos.keys import KeyStore, open_key_store
 from custos.keys.config import KeyStoreConfig
 from custos.plugin.catalog import PluginConfig, ServerCatalog
+from custos.server.admin import serve_admin
+from custos.server.agent_api import attestation, bundles, entries, svids
 from custos.server.audit import Auditor
 from custos.server.config import CaConfig, ServerConfig
 from custos.server.context import ServerContext, server_id
 from custos.server.datastore import Agent, Datastore, DatastoreUnavailableError, RegistrationEntry
 from custos.server.entitlement import entries_for_agent
 from custos.server.events import ChangeEvents
+from custos.server.federation import federation_listener
 from custos.server.health import OVERALL, AgentApiHealth
 from custos.server.http import HttpListener, Response
 from custos.server.issuer import Issuer
@@ -51,12 +53,7 @@ from custos.x509.errors import X509CaError
 log = logging.getLogger(__name__)
 
 #: The Agent API's services, each a module with ``register(server, ctx)``.
-AGENT_API_PARTS = (
-    "custos.server.agent_api.attestation",
-    "custos.server.agent_api.svids",
-    "custos.server.agent_api.entries",
-    "custos.server.agent_api.bundles",
-)
+AGENT_API_PARTS = (attestation, svids, entries, bundles)
 #: The Agent API's services by full name, as the health service reports them.
 AGENT_API_SERVICES = tuple(
     service.full_name for service in agent_v1_pb2.DESCRIPTOR.services_by_name.values()
@@ -271,8 +268,8 @@ class Server:
             ],
         )
         self._health.register(server)
-        for name in AGENT_API_PARTS:
-            importlib.import_module(name).register(server, ctx)
+        for part in AGENT_API_PARTS:
+            part.register(server, ctx)
         try:
             port = server.add_secure_port(config.agent_api.address, self._tls.credentials())
         except RuntimeError:
@@ -283,17 +280,15 @@ class Server:
                 "(in use, or not an address of this machine)"
             )
         self._agent_api_port = port
-        await server.start()
-        self._grpc = server
 
         async def close() -> None:
             await server.stop(STOP_GRACE_SECONDS)
 
         self._closers.append(close)
+        await server.start()
+        self._grpc = server
 
     async def _serve_admin(self, ctx: ServerContext) -> None:
-        from custos.server.admin import serve_admin
-
         server = await serve_admin(ctx)
         self._closers.append(server.close)
 
@@ -302,8 +297,6 @@ class Server:
         if config.http.address is not None:
             await self._listen(_operations_listener(config.http.address, ctx, self._health))
         if config.federation.address is not None:
-            from custos.server.federation import federation_listener
-
             await self._listen(federation_listener(config.federation, ctx.bundle))
 
     async def _listen(self, listener: HttpListener) -> None:
@@ -311,7 +304,8 @@ class Server:
             await listener.start()
         except OSError as e:
             raise ServerStartError(
-                f"cannot listen on {listener.host}:{listener.port}: {e.strerror or e}"
+                f"{listener.name}.address: cannot listen on {listener.host}:{listener.port} "
+                f"({e.strerror or e})"
             ) from None
         self._listeners.append(listener)
         self._closers.append(listener.close)

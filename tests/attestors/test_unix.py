@@ -9,6 +9,8 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -379,3 +381,57 @@ def _has_gid(gid: int) -> bool:
     except KeyError:
         return False
     return True
+
+
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5+; Python 3.11 lacks the name
+CONNECT_THEN = """
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+if sys.argv[2] == "drop":
+    os.setgid(65534)
+    os.setuid(65534)
+s.sendall(b"ready")
+time.sleep(60)
+"""
+
+
+@contextmanager
+def connected_caller(tmp_path: Path, then: str) -> Iterator[PeerCredentials]:
+    """A child that connects to a real Unix socket (then maybe drops to nobody), and
+    the peer credentials the kernel reports for it: SO_PEERCRED and SO_PEERPIDFD."""
+    path = tmp_path / "agent.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(1)
+        proc = subprocess.Popen([sys.executable, "-c", CONNECT_THEN, str(path), then])
+        try:
+            conn, _ = server.accept()
+            with conn:
+                assert conn.recv(5) == b"ready"
+                pid, uid, gid = struct.unpack("3i", conn.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))  # fmt: skip
+                pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+                try:
+                    yield PeerCredentials(pid=pid, uid=uid, gid=gid, pidfd=pidfd)
+                finally:
+                    os.close(pidfd)
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_caller_on_a_real_socket(tmp_path: Path) -> None:
+    with connected_caller(tmp_path, "stay") as peer, catalog() as cat:
+        got = attest(cat, peer)
+    assert Selector("unix", f"uid:{os.geteuid()}") in got
+    assert Selector("unix", f"gid:{os.getegid()}") in got
+
+
+@needs_root
+def test_a_caller_that_dropped_to_nobody_after_connecting_is_denied(tmp_path: Path) -> None:
+    # The kernel recorded uid 0 at connect; the process now runs as nobody. Neither
+    # identity is safe to hand out: the socket could be held by another process.
+    with connected_caller(tmp_path, "drop") as peer, catalog() as cat:
+        assert peer.uid == 0
+        assert denied(cat, peer) == "workload_credentials_changed"

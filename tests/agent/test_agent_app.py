@@ -15,19 +15,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+from grpclib.client import Channel
 
+from custos._proto import types_v1_pb2, wimse_v1_pb2
+from custos._proto.wimse_v1_grpc import WimseSigningStub
 from custos.agent.app import Agent
 from custos.agent.config import AgentConfig, agent_config_from_toml
 from custos.agent.node import STATE_FILE, NodeIdentityError
 from custos.errors import CustosError
+from custos.server.admin.client import AdminClient
 from custos.server.app import Server
 from custos.testing.server import ServerProcess, ServerRig, running_server
 
 BOUND = 30.0
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -125,6 +131,55 @@ def test_a_failed_start_leaves_nothing_behind(rig: ServerRig, base: Path) -> Non
             (base / "agent.sock").rmdir()
             async with Agent(config) as agent:  # and the same configuration starts after
                 assert agent.socket_path.is_socket()
+
+    asyncio.run(main())
+
+
+# ---- end to end: an entry, the socket, the server away ------------------------------------
+
+
+async def sign_wpt(socket: Path, audience: str) -> wimse_v1_pb2.SignWPTResponse:
+    """A WPT signed by the agent for this process (attested by its uid)."""
+    channel = Channel(path=str(socket))
+    try:
+        stub = WimseSigningStub(channel)
+        request = wimse_v1_pb2.SignWPTRequest(audience=audience)
+        return await bounded(stub.SignWPT(request, timeout=BOUND))
+    finally:
+        channel.close()
+
+
+async def bounded(aw: Awaitable[T]) -> T:
+    return await asyncio.wait_for(aw, BOUND)
+
+
+def test_an_entry_reaches_the_socket_and_survives_a_restart_without_the_server(
+    rig: ServerRig, base: Path
+) -> None:
+    web = "spiffe://example.org/web"
+
+    async def main() -> None:
+        async with running_server(rig) as srv, AdminClient(srv.admin_socket) as admin:
+            config = await config_for(srv, base)
+            async with Agent(config) as agent:
+                seen = agent.identities.generation
+                await admin.create_entry(
+                    types_v1_pb2.Entry(
+                        spiffe_id=web,
+                        parent_id=str(agent.node.identity.spiffe_id),
+                        selectors=[f"unix:uid:{os.getuid()}"],
+                        key_custody="exportable",
+                    )
+                )
+                while not agent.identities.all():
+                    seen = await bounded(agent.identities.wait_changed(seen))
+                signed = await sign_wpt(agent.socket_path, "https://b.example/")
+                assert signed.spiffe_id == web and signed.wpt and signed.wit
+        # The server is gone; a restarted agent serves what its data_dir holds.
+        async with Agent(config) as agent:
+            assert [str(i.spiffe_id) for i in agent.identities.all()] == [web]
+            signed = await sign_wpt(agent.socket_path, "https://b.example/")
+            assert signed.spiffe_id == web and signed.wpt
 
     asyncio.run(main())
 

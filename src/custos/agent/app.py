@@ -30,6 +30,7 @@ from custos.agent.identities import WorkloadIdentities
 from custos.agent.node import NodeIdentity, NodeIdentityError, ServerConnection
 from custos.agent.workload_api.limits import WorkloadApiLimits
 from custos.agent.workload_api.server import WorkloadApiServer, serve_workload_api
+from custos.agent.workloads import WorkloadManager
 from custos.errors import CustosError
 from custos.keys import KeyStore, open_key_store
 from custos.plugin import AgentCatalog
@@ -54,7 +55,7 @@ class Agent:
         self._catalog: AgentCatalog | None = None
         self._custody: Custody | None = None
         self._node: NodeIdentity | None = None
-        self._identities: WorkloadIdentities | None = None
+        self._workloads: WorkloadManager | None = None
         self._wapi: WorkloadApiServer | None = None
 
     # ---- the parts ---------------------------------------------------------------------
@@ -71,9 +72,14 @@ class Agent:
 
     @property
     def identities(self) -> WorkloadIdentities:
-        if self._identities is None:
+        """What the Workload API serves (the workload credentials in hand)."""
+        return self.workloads.identities
+
+    @property
+    def workloads(self) -> WorkloadManager:
+        if self._workloads is None:
             raise AgentStartError("the agent is not running")
-        return self._identities
+        return self._workloads
 
     @property
     def catalog(self) -> AgentCatalog:
@@ -149,12 +155,16 @@ class Agent:
         stack.push_async_callback(node.stop)
         self._node = node
 
-        identities = WorkloadIdentities(node)
-        self._identities = identities
+        workloads = WorkloadManager(
+            node=node, custody=custody, data_dir=config.data_dir, jitter=config.rotation.jitter
+        )
+        await workloads.start()
+        stack.push_async_callback(workloads.stop)
+        self._workloads = workloads
 
         self._wapi = await serve_workload_api(
             config.socket,
-            identities=identities,
+            identities=workloads.identities,
             catalog=catalog,
             limits=WorkloadApiLimits(**config.workload_api.model_dump()),
         )
@@ -164,6 +174,12 @@ class Agent:
         """The store of the agent's own key: its tier's custody store, or (for the
         default ``memory`` tier when no ``[custody.memory]`` is configured) its own."""
         tier = self.config.agent_key_custody
+        if tier == "memory":
+            log.warning(
+                "the agent's own key is in memory: after a restart the agent must attest "
+                "again (a join token works once); give it a [custody.tpm] or "
+                '[custody.pkcs11] table, or agent_key.custody = "exportable"'
+            )
         if custody.offers(tier):
             return custody.store_for(tier)
         store = open_key_store(self.config.key_store(tier))
@@ -178,7 +194,7 @@ class Agent:
         self._clear()
 
     def _clear(self) -> None:
-        self._catalog = self._custody = self._node = self._identities = self._wapi = None
+        self._catalog = self._custody = self._node = self._workloads = self._wapi = None
 
     async def __aenter__(self) -> Agent:
         await self.start()

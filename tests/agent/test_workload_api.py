@@ -33,7 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
-from grpclib.client import Channel, UnaryStreamMethod, UnaryUnaryMethod
+from grpclib.client import Channel, StreamUnaryMethod, UnaryStreamMethod, UnaryUnaryMethod
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
@@ -687,3 +687,83 @@ def test_wit_bundles_and_jwt_bundles_are_jwks_per_trust_domain(wapi: Rig) -> Non
                 pb.JWTBundlesResponse)
     keys = json.loads(jwt.bundles["spiffe://example.org"])["keys"]
     assert [(k["kid"], k["use"]) for k in keys] == [("jwt-1", "jwt-svid")]
+
+
+# -- hostile requests: a clear status, never INTERNAL ----------------------------------------
+
+
+def test_a_malformed_request_message_is_invalid_argument(wapi: Rig) -> None:
+    wapi.publish(wapi.serve("e1", "spiffe://example.org/a", custody="memory"))
+    # Field 2 of JWTSVIDRequest is a string: invalid UTF-8 there does not parse.
+    garbage = pb.X509SVID(x509_svid=b"\xff\xfe")
+    status, message = status_of(lambda: unary(wapi, JWT, garbage, pb.JWTSVIDResponse))
+    assert (status, message) == (Status.INVALID_ARGUMENT, "malformed request message")
+
+
+def test_a_call_without_a_request_message_is_invalid_argument(wapi: Rig) -> None:
+    wapi.publish(wapi.serve("e1", "spiffe://example.org/a", custody="memory"))
+
+    async def no_message() -> None:
+        channel = Channel(path=str(wapi.socket))
+        try:
+            # A client-streaming method object: grpclib lets it end without a message.
+            method = StreamUnaryMethod(channel, "/custos.wimse.v1.WimseSigning/SignWPT",
+                                       wpb.SignWPTRequest, wpb.SignWPTResponse)
+            async with method.open(timeout=10) as stream:
+                await stream.send_request(end=True)
+                await stream.recv_message()
+        finally:
+            channel.close()
+
+    status, message = status_of(lambda: asyncio.run(no_message()))
+    assert (status, message) == (Status.INVALID_ARGUMENT, "request message missing")
+
+
+@pytest.mark.parametrize("audience", [[], [""], ["a"] * 17, ["a" * 257]])
+def test_jwt_svid_audiences_are_checked_before_the_server_is_asked(
+    wapi: Rig, audience: list[str]
+) -> None:
+    wapi.publish(wapi.serve("e1", "spiffe://example.org/a", custody="memory"))
+    status, _ = status_of(lambda: unary(wapi, JWT, pb.JWTSVIDRequest(audience=audience),
+                                        pb.JWTSVIDResponse))
+    assert status is Status.INVALID_ARGUMENT
+    assert wapi.node.client.calls == 0
+
+
+@pytest.mark.parametrize("request_", [
+    wpb.HttpRequest(method="", target="/"),
+    wpb.HttpRequest(method="GET", target=""),
+    wpb.HttpRequest(method="GET", target="/", headers=[wpb.HttpField(name="X", value="a\r\nb")]),
+])
+def test_a_bad_http_request_to_sign_is_invalid_argument(wapi: Rig,
+                                                        request_: wpb.HttpRequest) -> None:
+    wapi.publish(wapi.serve("e1", "spiffe://example.org/a", custody="memory"))
+    status, _ = status_of(lambda: signing(wapi, lambda s: s.SignHttpRequest(
+        wpb.SignHttpRequestRequest(request=request_, audience="https://b.example/"))))
+    assert status is Status.INVALID_ARGUMENT
+
+
+def test_a_bad_status_to_sign_is_invalid_argument(wapi: Rig) -> None:
+    wapi.publish(wapi.serve("e1", "spiffe://example.org/a", custody="memory"))
+    status, _ = status_of(lambda: signing(wapi, lambda s: s.SignHttpResponse(
+        wpb.SignHttpResponseRequest(status=7, request=wpb.HttpRequest(method="GET",
+                                                                      target="/")))))
+    assert status is Status.INVALID_ARGUMENT
+
+
+def test_attestation_is_reused_on_a_connection_and_redone_on_a_new_one(wapi: Rig) -> None:
+    wapi.publish(wapi.serve("e1", "spiffe://example.org/a", custody="memory"))
+
+    async def on_one_channel(calls: int) -> None:
+        channel = Channel(path=str(wapi.socket))
+        try:
+            stub = WimseSigningStub(channel)
+            for _ in range(calls):
+                await stub.FetchWIT(wpb.FetchWITRequest())
+        finally:
+            channel.close()
+
+    asyncio.run(on_one_channel(3))
+    assert len(wapi.attestor.SEEN) == 1
+    asyncio.run(on_one_channel(1))
+    assert len(wapi.attestor.SEEN) == 2

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
@@ -40,7 +41,10 @@ from grpclib.server import Server, Stream
 
 from custos.errors import CustosError
 from custos.identity.selector import Selector
+from custos.jwtsvid.errors import JwtSvidError
+from custos.keys.errors import KeyStoreError
 from custos.plugin.catalog import AgentCatalog
+from custos.wimse.errors import WimseError
 
 from .limits import RateLimiter, StreamCounter, WorkloadApiLimits
 from .peer import Caller, CallerSocket
@@ -97,7 +101,20 @@ class _LimitedCodec(ProtoCodec):
             log.warning("workload API: a %d-byte request refused (limit %d)", len(data),
                         self._limit)
             raise GRPCError(Status.RESOURCE_EXHAUSTED, "request message too large")
-        return super().decode(data, message_type)
+        try:
+            return super().decode(data, message_type)
+        except DecodeError:
+            log.info("workload API: a request that does not parse as %s refused",
+                     message_type.DESCRIPTOR.name)
+            raise GRPCError(Status.INVALID_ARGUMENT, "malformed request message") from None
+
+
+async def request_of(stream: Stream[Any, Any]) -> Any:
+    """The call's one request message; a call that sends none is INVALID_ARGUMENT."""
+    request = await stream.recv_message()
+    if request is None:
+        raise GRPCError(Status.INVALID_ARGUMENT, "request message missing")
+    return request
 
 
 class _Calls:
@@ -210,10 +227,6 @@ class _Calls:
 
 def status_for(error: CustosError) -> tuple[Status, str]:
     """The status and the caller's one-line message for a custos error from a handler."""
-    from custos.jwtsvid.errors import JwtSvidError
-    from custos.keys.errors import KeyStoreError
-    from custos.wimse.errors import WimseError
-
     if isinstance(error, KeyStoreError):
         return Status.UNAVAILABLE, "signing key unavailable"
     if isinstance(error, WimseError | JwtSvidError) or isinstance(error, ValueError):
@@ -347,5 +360,6 @@ __all__ = [
     "Call",
     "WorkloadApiServer",
     "WorkloadSocketError",
+    "request_of",
     "serve_workload_api",
 ]

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
 
-from grpclib.const import Handler
+from grpclib.const import Handler, Status
+from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from custos._proto import wimse_v1_pb2 as pb
@@ -24,7 +26,7 @@ from custos.wimse.httpsig import Form, sign_request, sign_response
 from custos.wimse.wit import parse_wit_unverified
 from custos.wimse.wpt import DEFAULT_WPT_TTL, Wire, create_wpt
 
-from .server import SIGNING_SERVICE, Call, _Calls, method_handler
+from .server import SIGNING_SERVICE, Call, _Calls, method_handler, request_of
 from .sources import ServedIdentity
 from .spiffe import der_chain, only, requested_id
 
@@ -33,16 +35,36 @@ T = TypeVar("T")
 _DEVICE_TIERS = frozenset({"tpm", "pkcs11"})
 
 
+#: RFC 9110 §5.1 field names and §9.1 methods are tokens.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: A field value or a request target: no control characters (no CR/LF smuggling).
+_LINE = re.compile(r"[^\x00-\x1f\x7f]*")
+
+
+def _bad(message: str) -> GRPCError:
+    return GRPCError(Status.INVALID_ARGUMENT, message)
+
+
 def _fields(message: HttpMessage) -> list[pb.HttpField]:
     return [pb.HttpField(name=k, value=v) for k, v in message.headers]
 
 
+def _headers(fields: Iterable[pb.HttpField]) -> list[tuple[str, str]]:
+    out = []
+    for f in fields:
+        if not _TOKEN.fullmatch(f.name) or not _LINE.fullmatch(f.value):
+            raise _bad("a header field name must be a token and its value a single line")
+        out.append((f.name, f.value))
+    return out
+
+
 def _request(msg: pb.HttpRequest) -> HttpMessage:
+    if not _TOKEN.fullmatch(msg.method):
+        raise _bad("the request's method must be an HTTP method token")
+    if not msg.target or " " in msg.target or not _LINE.fullmatch(msg.target):
+        raise _bad("the request's target must be a path with an optional query")
     return HttpMessage.request(
-        msg.method,
-        msg.target,
-        [(f.name, f.value) for f in msg.headers],
-        msg.body if msg.HasField("body") else None,
+        msg.method, msg.target, _headers(msg.headers), msg.body if msg.HasField("body") else None
     )
 
 
@@ -59,8 +81,7 @@ class SigningHandlers:
         return work()
 
     async def fetch_wit(self, stream: Stream[Any, Any], call: Call) -> None:
-        request = await stream.recv_message()
-        assert request is not None
+        request = await request_of(stream)
         identity = self._identity(call, request.spiffe_id)
         exp = parse_wit_unverified(identity.wit).exp
         self._calls.alive(call)
@@ -70,8 +91,7 @@ class SigningHandlers:
         ))
 
     async def sign_wpt(self, stream: Stream[Any, Any], call: Call) -> None:
-        r = await stream.recv_message()
-        assert r is not None
+        r = await request_of(stream)
         identity = self._identity(call, r.spiffe_id)
         # One WIT read: the WPT's wth is computed over exactly the WIT returned.
         wit = identity.wit
@@ -89,8 +109,7 @@ class SigningHandlers:
         ))
 
     async def sign_http_request(self, stream: Stream[Any, Any], call: Call) -> None:
-        r = await stream.recv_message()
-        assert r is not None
+        r = await request_of(stream)
         identity = self._identity(call, r.spiffe_id)
         work = functools.partial(
             sign_request, _request(r.request), signer=identity.key, wit=identity.wit,
@@ -106,12 +125,12 @@ class SigningHandlers:
         ))
 
     async def sign_http_response(self, stream: Stream[Any, Any], call: Call) -> None:
-        r = await stream.recv_message()
-        assert r is not None
+        r = await request_of(stream)
         identity = self._identity(call, r.spiffe_id)
+        if not 100 <= r.status <= 599:
+            raise _bad("the response status must be 100 to 599")
         response = HttpMessage.response(
-            r.status, [(f.name, f.value) for f in r.headers],
-            r.body if r.HasField("body") else None,
+            r.status, _headers(r.headers), r.body if r.HasField("body") else None
         )
         work = functools.partial(
             sign_response, response, request=_request(r.request), signer=identity.key,
@@ -126,8 +145,7 @@ class SigningHandlers:
         ))
 
     async def fetch_x509_chain(self, stream: Stream[Any, Any], call: Call) -> None:
-        request = await stream.recv_message()
-        assert request is not None
+        request = await request_of(stream)
         identity = self._identity(call, request.spiffe_id)
         leaf = identity.x509_svid[0]
         self._calls.alive(call)

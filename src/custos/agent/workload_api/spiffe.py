@@ -27,10 +27,22 @@ from custos.identity.errors import InvalidIdentifierError
 from custos.identity.ids import SpiffeId
 from custos.jwtsvid import validate_jwt_svid
 
-from .server import SIGNING_SERVICE, SPIFFE_SERVICE, Call, _Calls, denied, method_handler
+from .server import (
+    SIGNING_SERVICE,
+    SPIFFE_SERVICE,
+    Call,
+    _Calls,
+    denied,
+    method_handler,
+    request_of,
+)
 from .sources import EXPORTABLE, ServedIdentity
 
 log = logging.getLogger(__name__)
+
+#: What the server's NewJWTSVID accepts (custos.server.issuer).
+MAX_AUDIENCES = 16
+MAX_AUDIENCE_LENGTH = 256
 
 
 def der_chain(certificates: Sequence[Any]) -> bytes:
@@ -142,8 +154,7 @@ class SpiffeHandlers:
             await self._send_changes(stream, call, reply, last)
 
     async def fetch_wit_svid(self, stream: Stream[Any, Any], call: Call) -> None:
-        request = await stream.recv_message()
-        assert request is not None
+        request = await request_of(stream)
         wanted = requested_id(request.spiffe_id)
         last: list[bytes] = []
         seen = self._src.generation
@@ -172,11 +183,17 @@ class SpiffeHandlers:
             await self._send_changes(stream, call, reply, last)
 
     async def fetch_jwt_svid(self, stream: Stream[Any, Any], call: Call) -> None:
-        request = await stream.recv_message()
-        assert request is not None
+        request = await request_of(stream)
         audience = list(request.audience)
         if not audience or not all(audience):
             raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
+        # The server's own bounds, checked here so a caller cannot spend the
+        # agent's calls to the server on requests it will refuse.
+        if len(audience) > MAX_AUDIENCES or max(map(len, audience)) > MAX_AUDIENCE_LENGTH:
+            raise GRPCError(
+                Status.INVALID_ARGUMENT,
+                f"at most {MAX_AUDIENCES} audiences of at most {MAX_AUDIENCE_LENGTH} characters",
+            )
         wanted = requested_id(request.spiffe_id)
         chosen = only(call, self._calls.entitled(call), wanted)
         svids = [
@@ -191,8 +208,7 @@ class SpiffeHandlers:
         await stream.send_message(pb.JWTSVIDResponse(svids=svids))
 
     async def validate_jwt_svid(self, stream: Stream[Any, Any], call: Call) -> None:
-        request = await stream.recv_message()
-        assert request is not None
+        request = await request_of(stream)
         if not request.audience:
             raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
         if not request.svid:

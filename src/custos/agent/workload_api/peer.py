@@ -13,9 +13,10 @@ its PID be reused between connect and pidfd_open; attestors re-check liveness
 afterwards, which closes the window for a caller that is gone, not for a PID
 reused within microseconds, which is what SO_PEERPIDFD is for).
 
-The :class:`Caller` owns its pidfd and closes it when the last reference to it
-goes (a finalizer): a handler still holding a caller never sees its fd number
-reused for something else.
+The :class:`Caller` owns its pidfd. It is closed when the connection closes
+(asyncio closes the socket) or, failing that, when the caller is collected; a
+released caller counts as exited, so a handler still holding it never asks a
+reused fd number about liveness.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class Caller:
     """One connection's caller: kernel credentials, its pidfd, and the selectors
     its last attestation gave (cached briefly, per connection)."""
 
-    __slots__ = ("__weakref__", "attested_at", "credentials", "lock", "selectors")
+    __slots__ = ("__weakref__", "_pidfd", "attested_at", "credentials", "lock", "selectors")
 
     def __init__(self, credentials: PeerCredentials) -> None:
         self.credentials = credentials
@@ -76,7 +77,7 @@ class Caller:
         self.attested_at = 0.0
         #: held while this connection's caller is attested (concurrent calls wait)
         self.lock = asyncio.Lock()
-        weakref.finalize(self, os.close, credentials.pidfd)
+        self._pidfd = weakref.finalize(self, os.close, credentials.pidfd)
 
     @property
     def uid(self) -> int:
@@ -87,7 +88,12 @@ class Caller:
         return self.credentials.pid
 
     def exited(self) -> bool:
-        return process_exited(self.credentials.pidfd)
+        """The caller is gone: its process exited, or its connection closed."""
+        return not self._pidfd.alive or process_exited(self.credentials.pidfd)
+
+    def release(self) -> None:
+        """Close the pidfd now (the connection closed); idempotent."""
+        self._pidfd()
 
     def cached_selectors(self, max_age: float) -> tuple[Selector, ...] | None:
         if self.selectors is not None and time.monotonic() - self.attested_at < max_age:
@@ -121,14 +127,28 @@ def read_caller(conn: socket.socket) -> Caller | None:
         return None
 
 
+class _Connection(socket.socket):
+    """An accepted connection that releases its caller's pidfd when closed."""
+
+    caller: Caller | None = None
+
+    def close(self) -> None:
+        super().close()
+        if self.caller is not None:
+            self.caller.release()
+
+
 class CallerSocket(socket.socket):
     """A listening Unix socket whose ``accept()`` returns the :class:`Caller`
     as the peer address (a Unix socket's own peer address is an empty string,
     so nothing is lost)."""
 
     def accept(self) -> tuple[socket.socket, Any]:
-        conn, _ = super().accept()
-        return conn, read_caller(conn)
+        accepted, _ = super().accept()
+        conn = _Connection(accepted.family, accepted.type, accepted.proto,
+                           fileno=accepted.detach())
+        conn.caller = read_caller(conn)
+        return conn, conn.caller
 
 
 __all__ = ["SO_PEERPIDFD", "Caller", "CallerSocket", "process_exited", "read_caller"]

@@ -342,12 +342,11 @@ async def serve_workload_api(
     server = Server(services, codec=_LimitedCodec(limits.max_message_bytes))
     path = Path(socket_path)
     sock = listening_socket(path)
-    try:
+    with contextlib.ExitStack() as undo:  # undone if the server does not start
+        undo.callback(path.unlink, missing_ok=True)
+        undo.callback(sock.close)
         await server.start(sock=sock)
-    except BaseException:
-        sock.close()
-        path.unlink(missing_ok=True)
-        raise
+        undo.pop_all()
     log.info("workload API listening on %s", path)
     return WorkloadApiServer(server, path)
 

@@ -80,6 +80,14 @@ class SigningHandlers:
             return await asyncio.to_thread(work)
         return work()
 
+    async def _send_signed(self, stream: Stream[Any, Any], call: Call,
+                           identity: ServedIdentity, work: Callable[[], HttpMessage]) -> None:
+        signed = await self._sign(identity, work)
+        self._calls.alive(call)
+        await stream.send_message(
+            pb.SignedHttpMessage(spiffe_id=str(identity.spiffe_id), headers=_fields(signed))
+        )
+
     async def fetch_wit(self, stream: Stream[Any, Any], call: Call) -> None:
         request = await request_of(stream)
         identity = self._identity(call, request.spiffe_id)
@@ -118,11 +126,7 @@ class SigningHandlers:
             txn_token=r.txn_token if r.HasField("txn_token") else None,
             form=cast(Form, r.form or "draft-08"),
         )
-        signed = await self._sign(identity, work)
-        self._calls.alive(call)
-        await stream.send_message(pb.SignedHttpMessage(
-            spiffe_id=str(identity.spiffe_id), headers=_fields(signed)
-        ))
+        await self._send_signed(stream, call, identity, work)
 
     async def sign_http_response(self, stream: Stream[Any, Any], call: Call) -> None:
         r = await request_of(stream)
@@ -138,11 +142,7 @@ class SigningHandlers:
             request_nonce=r.request_nonce if r.HasField("request_nonce") else None,
             ttl=r.ttl_seconds or SIGNATURE_TTL,
         )
-        signed = await self._sign(identity, work)
-        self._calls.alive(call)
-        await stream.send_message(pb.SignedHttpMessage(
-            spiffe_id=str(identity.spiffe_id), headers=_fields(signed)
-        ))
+        await self._send_signed(stream, call, identity, work)
 
     async def fetch_x509_chain(self, stream: Stream[Any, Any], call: Call) -> None:
         request = await request_of(stream)

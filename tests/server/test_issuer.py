@@ -437,12 +437,13 @@ def test_an_rsa_pss_agent_key_gets_a_ps256_wit(parts: Parts) -> None:
     assert verify_wit(creds.wit, parts.bundles(), profile="spiffe").cnf_alg == "PS256"
 
 
-@pytest.mark.parametrize("case", ["ed25519", "foreign", "custody"])
+@pytest.mark.parametrize("case", ["ed25519", "foreign", "workload", "custody"])
 def test_agent_credentials_refusals(parts: Parts, case: str) -> None:
     csr = csr_for(ed25519.Ed25519PrivateKey.generate() if case == "ed25519" else ec_key())
-    agent_id = (
-        SpiffeId.parse("spiffe://elsewhere.test/custos/agent/x") if case == "foreign" else AGENT
-    )
+    agent_id = {
+        "foreign": SpiffeId.parse("spiffe://elsewhere.test/custos/agent/x"),
+        "workload": SpiffeId.parse(f"spiffe://{TRUST_DOMAIN}/web"),
+    }.get(case, AGENT)
     custody = CustodyEvidence("hsm") if case == "custody" else MEMORY
     with pytest.raises(CustosError) as info:
         parts.issuer.agent_credentials(agent_id, csr, custody, attestor="t", selectors=[])
@@ -451,6 +452,7 @@ def test_agent_credentials_refusals(parts: Parts, case: str) -> None:
         == {
             "ed25519": "invalid_public_key",
             "foreign": "invalid_agent_id",
+            "workload": "invalid_agent_id",
             "custody": "invalid_custody",
         }[case]
     )

@@ -64,6 +64,8 @@ MAX_ENTRY_ID_LENGTH = 64
 #: issued from a registration entry, so no workload can hold an agent's or a
 #: server's SPIFFE ID (SPIRE reserves ``/spire/`` the same way).
 RESERVED_PATH_PREFIX = "/custos/"
+#: Where agent IDs live: ``spiffe://<td>/custos/agent/<attestor>/<segments>``.
+AGENT_PATH_PREFIX = "/custos/agent/"
 
 
 class IssuanceError(CustosError):
@@ -314,9 +316,16 @@ class Issuer:
         ``ttl`` defaults to ``x509_svid.default_ttl``; both credentials are clamped
         to the CA certificate's not-after. The caller (node attestation) records the
         agent and audits the attestation itself."""
-        if not isinstance(agent_id, SpiffeId) or not agent_id.is_member_of(self.trust_domain):
+        if (
+            not isinstance(agent_id, SpiffeId)
+            or not agent_id.is_member_of(self.trust_domain)
+            or not agent_id.path.startswith(AGENT_PATH_PREFIX)
+        ):
+            # Only agent IDs: this path skips the entitlement check, so it must not
+            # be able to mint a workload's (or a server's) identity.
             raise IssuanceArgumentError(
-                "the agent ID must be a SPIFFE ID of this trust domain", code="invalid_agent_id"
+                f"an agent ID is spiffe://{self.trust_domain.name}{AGENT_PATH_PREFIX}...",
+                code="invalid_agent_id",
             )
         custody.check()
         lifetime = (

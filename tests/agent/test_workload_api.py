@@ -201,7 +201,8 @@ class _Node:
 class Rig:
     """A Workload API server running in its own thread and event loop."""
 
-    def __init__(self, tmp: Path, limits: WorkloadApiLimits) -> None:
+    def __init__(self, tmp: Path, limits: WorkloadApiLimits,
+                 attestors: Sequence[PluginConfig] = (PluginConfig("wapitest", {}),)) -> None:
         self.socket = tmp / "run" / "agent.sock"
         self.authority = Authority.create()
         self.memory = MemoryKeyStore()
@@ -211,7 +212,7 @@ class Rig:
         self.catalog = AgentCatalog.load(
             TD,
             node_attestors=[PluginConfig("join_token", {"token": "t0k3n"})],
-            workload_attestors=[PluginConfig("wapitest", {})],
+            workload_attestors=list(attestors),
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -280,8 +281,9 @@ def plugin_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
 
 
 @contextmanager
-def make_rig(tmp_path: Path, limits: WorkloadApiLimits | None = None) -> Iterator[Rig]:
-    rig = Rig(tmp_path, limits or WorkloadApiLimits())
+def make_rig(tmp_path: Path, limits: WorkloadApiLimits | None = None,
+             attestors: Sequence[PluginConfig] = (PluginConfig("wapitest", {}),)) -> Iterator[Rig]:
+    rig = Rig(tmp_path, limits or WorkloadApiLimits(), attestors)
     try:
         yield rig
     finally:

@@ -164,8 +164,10 @@ def test_selectors_must_all_be_the_callers_and_the_first_identity_is_by_entry_id
             assert [i.entry_id for i in both] == sorted([a.id, b.id])
             assert source.identities_for([gid]) == []
             assert source.identities_for([]) == []
-            assert all(not k.name.startswith("wl-") or "group" not in k.name for k in
-                       custody.store_for("memory").list())  # fmt: skip
+            assert all(
+                not k.name.startswith("wl-") or "group" not in k.name
+                for k in custody.store_for("memory").list()
+            )
         await custody.close()
 
     serve(rig, scenario)

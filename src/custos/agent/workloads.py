@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import re
@@ -120,7 +121,10 @@ class _Issued:
     issued_at: float
     rotate_at: float
 
+    @functools.cached_property
     def identity(self) -> WorkloadIdentity:
+        """One object per generation (and entry revision): a caller can tell a
+        rotation by identity."""
         return WorkloadIdentity(
             entry_id=self.entry.id,
             spiffe_id=self.entry.spiffe_id,
@@ -197,7 +201,9 @@ class WorkloadManager:
         self._entries: dict[str, AgentEntry] | None = None  # None: no set from the server yet
         self._generations: dict[str, int] = {}  # the highest generation used, per entry
         self._deletions: dict[tuple[str, str], float] = {}  # (tier, key name) -> when
-        self._retry: dict[str, tuple[float, int]] = {}  # entry -> (when, attempts)
+        # Retries wait on the monotonic clock: they are delays, not credential times,
+        # and a wall clock stepped back must not postpone them.
+        self._retry: dict[str, tuple[float, int]] = {}  # entry -> (monotonic when, attempts)
         self._server_retry = (0.0, 0)
         self._refused_revisions: dict[str, int] = {}
         self._wake = asyncio.Event()
@@ -249,16 +255,15 @@ class WorkloadManager:
         while True:
             self._wake.clear()
             try:
-                wake_at = await self._step()
+                timeout = await self._step()
             except Exception:  # one bad step must not stop serving what is in hand
                 log.exception("workload credential step failed; trying again")
-                wake_at = self._now() + self._backoff.delay(3)
-            timeout = min(_MAX_SLEEP, max(0.0, wake_at - self._now()))
+                timeout = self._backoff.delay(3)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
     async def _step(self) -> float:
-        """Expire, drop, issue, delete; returns when to look again."""
+        """Expire, drop, issue, delete; returns how long to sleep (seconds)."""
         now = self._now()
         changed = self._expire(now)
         if self._entries is not None:
@@ -319,12 +324,13 @@ class WorkloadManager:
         return all(s.type != NODE_SELECTOR_TYPE for s in entry.selectors)
 
     def _due(self, now: float) -> list[AgentEntry]:
-        if self._entries is None or self._server_retry[0] > now:
+        if self._entries is None or self._server_retry[0] > time.monotonic():
             return []
         due: list[AgentEntry] = []
+        monotonic = time.monotonic()
         for entry_id in sorted(self._entries):
             entry = self._entries[entry_id]
-            if not self._serves(entry) or self._retry.get(entry_id, (0.0, 0))[0] > now:
+            if not self._serves(entry) or self._retry.get(entry_id, (0.0, 0))[0] > monotonic:
                 continue
             if not self._custody.offers(entry.key_custody):
                 self._refuse_tier(entry)
@@ -358,14 +364,24 @@ class WorkloadManager:
             self._publish()
 
     def _next_wake(self) -> float:
-        times = [self._now() + _MAX_SLEEP]
-        times += [i.rotate_at for i in self._served.values()]
+        """Seconds until something is due (a rotation, an expiry, a deletion, a retry)."""
+        now, monotonic = self._now(), time.monotonic()
+        # A rotation that is due but cannot happen yet (no entry set, a retry pending)
+        # must not wake the loop in a spin: its retry time wakes it.
+        blocked = self._entries is None or self._server_retry[0] > monotonic
+        times = [
+            i.rotate_at
+            for i in self._served.values()
+            if not blocked and self._retry.get(i.entry.id, (0.0, 0))[0] <= monotonic
+        ]
         times += [i.not_after for i in self._served.values()]
         times += self._deletions.values()
-        times += [at for at, _ in self._retry.values()]
+        delays = [at - now for at in times]
+        retries = [at for at, _ in self._retry.values()]
         if self._server_retry[0]:
-            times.append(self._server_retry[0])
-        return min(times)
+            retries.append(self._server_retry[0])
+        delays += [at - monotonic for at in retries]
+        return max(0.0, min([_MAX_SLEEP, *delays]))
 
     # ---- issuance ------------------------------------------------------------------------
 
@@ -387,7 +403,7 @@ class WorkloadManager:
             self._node.report_refused(e)
             _, attempts = self._server_retry
             delay = self._backoff.delay(attempts)
-            self._server_retry = (self._now() + delay, attempts + 1)
+            self._server_retry = (time.monotonic() + delay, attempts + 1)
             log.warning(
                 "could not get workload credentials (%s: %s); serving what is in hand, "
                 "trying again in %.1f s",
@@ -493,7 +509,7 @@ class WorkloadManager:
     def _entry_failed(self, entry: AgentEntry, what: str, error: CustosError) -> None:
         _, attempts = self._retry.get(entry.id, (0.0, 0))
         delay = self._backoff.delay(attempts)
-        self._retry[entry.id] = (self._now() + delay, attempts + 1)
+        self._retry[entry.id] = (time.monotonic() + delay, attempts + 1)
         log.warning(
             "entry %s (%s): %s (%s: %s); trying again in %.1f s",
             entry.id,
@@ -680,7 +696,7 @@ class WorkloadManager:
     # ---- publishing ----------------------------------------------------------------------
 
     def _publish(self) -> None:
-        self.identities.publish(i.identity() for i in self._served.values())
+        self.identities.publish(i.identity for i in self._served.values())
 
     # ---- following the server --------------------------------------------------------------
 

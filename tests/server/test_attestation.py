@@ -744,3 +744,49 @@ def test_a_channel_with_another_bundle_or_name_does_not_connect(
                 assert error.retryable
 
     serve(rig, keys, scenario)
+
+
+def test_an_attestation_past_its_deadline_ends_deadline_exceeded_and_writes_nothing(
+    rig: ServerRig, keys: KeyStore
+) -> None:
+    """The rig's server with a second Attestation service whose deadline is short."""
+    from custos.server.agent_api.attestation import AttestationServicer
+    from custos.server.attestation import NodeAttestation
+    from custos.server.tls import ServerTls, make_server_certificate
+
+    async def scenario(h: Harness) -> None:
+        ctx = h.srv.ctx
+        name = ctx.config.agent_api.dns_name
+        cert = make_server_certificate(ctx.ca_keys.current().ca(), ctx.server_id, name)
+        server = grpc.aio.server()
+        agent_v1_pb2_grpc.add_AttestationServicer_to_server(  # type: ignore[no-untyped-call]
+            AttestationServicer(ctx, NodeAttestation(ctx, deadline=0.5)), server
+        )
+        port = server.add_secure_port("127.0.0.1:0", ServerTls(cert).credentials())
+        await server.start()
+        try:
+            with AgentCatalog.load(
+                TD,
+                node_attestors=[PluginConfig("acme_challenge", {"name": "n1", "hang": True})],
+                workload_attestors=[PluginConfig("example")],
+            ) as catalog:
+                channel = open_channel(f"127.0.0.1:{port}", bundle=ctx.bundle(), server_name=name)
+                async with channel:
+                    error = await h.refused(
+                        attest_agent(
+                            channel,
+                            attestor=catalog.node_attestor,
+                            key=h.key("a"),
+                            custody="memory",
+                        )
+                    )
+        finally:
+            await server.stop(None)
+        assert (error.status, error.code) == (
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "attestation_timeout",
+        )
+        assert h.datastore.agents.list() == []
+        assert h.attestations("refused", "acme_challenge") == 1
+
+    serve(rig, keys, scenario)

@@ -13,6 +13,7 @@ key, carry the SPIFFE ID the server named, and chain to the bundle that came wit
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -239,7 +240,7 @@ async def attest_agent(
     exchange = _Exchange(call, name, request_key)
     try:
         # No half-close: the server ends the call as soon as it has sent the result.
-        await attestor.attest(exchange)
+        await _until_call_ends(attestor.attest(exchange), call)
     except grpc.RpcError as e:
         raise AgentApiError.from_rpc_error(e) from e
     finally:
@@ -247,8 +248,25 @@ async def attest_agent(
         # writes nothing for an attestation it could not finish.
         call.cancel()
     if exchange.result is None:
-        raise InvalidServerResponseError("the attestation ended without a result")
+        raise await _ended(call)
     return await asyncio.to_thread(identity_from_proto, exchange.result, key)
+
+
+async def _until_call_ends(work: Awaitable[None], call: Any) -> None:
+    """Run the agent half, but stop it when the server ends the call (a refusal or the
+    server's deadline while the agent half is still computing an answer)."""
+    flow = asyncio.ensure_future(work)
+    ended = asyncio.ensure_future(call.code())
+    try:
+        await asyncio.wait({flow, ended}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        ended.cancel()
+        if not flow.done():
+            flow.cancel()
+            # The agent half's own clean-up runs; its errors do not hide the server's status.
+            await asyncio.gather(flow, return_exceptions=True)
+    if not flow.cancelled():
+        flow.result()
 
 
 async def renew_agent(

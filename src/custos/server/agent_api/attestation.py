@@ -12,12 +12,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc
 from custos.errors import CustosError
 from custos.server.agent_api.auth import authenticate
 from custos.server.agent_api.status import abort
-from custos.server.attestation import AttestedAgent, NodeAttestation
+from custos.server.attestation import (
+    AttestationProtocolError,
+    AttestedAgent,
+    NodeAttestation,
+)
 from custos.server.wire import bundle_to_proto
 
 if TYPE_CHECKING:
@@ -33,7 +38,11 @@ class _Stream:
         self._context = context
 
     async def receive(self) -> agent_v1_pb2.AttestAgentRequest | None:
-        message = await self._context.read()
+        try:
+            message = await self._context.read()
+        except DecodeError as e:
+            # grpcio deserializes inside read(): bytes that are not protobuf land here.
+            raise AttestationProtocolError("a message is not an AttestAgentRequest") from e
         if message is grpc.aio.EOF:
             return None
         assert isinstance(message, agent_v1_pb2.AttestAgentRequest)

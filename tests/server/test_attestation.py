@@ -22,7 +22,7 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
@@ -36,6 +36,7 @@ from custos.agent.client.attest import (
 )
 from custos.agent.client.channel import open_channel, open_insecure_bootstrap_channel
 from custos.agent.client.errors import AgentApiError
+from custos.errors import CustosError
 from custos.identity import SpiffeId
 from custos.keys import KeyStore, KeyStoreConfig, StoreKey, open_key_store
 from custos.plugin import AgentCatalog, PluginConfig
@@ -426,7 +427,8 @@ def _csr_with(key: Any, *, san: str | None = None) -> bytes:
         builder = builder.add_extension(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(san)]), critical=False
         )
-    return builder.sign(key, hashes.SHA256()).public_bytes(Encoding.DER)
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(key, algorithm).public_bytes(Encoding.DER)
 
 
 async def raw_attest(
@@ -496,8 +498,10 @@ def test_a_weak_or_unsupported_key_is_refused(rig: ServerRig, keys: KeyStore) ->
     async def scenario(h: Harness) -> None:
         weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
         p521 = ec.generate_private_key(ec.SECP521R1())
+        # Ed25519 makes X.509-SVIDs but no WIT-SVID, and an agent needs both.
+        edwards = ed25519.Ed25519PrivateKey.generate()
         async with h.channel() as channel:
-            for key in (weak, p521):
+            for key in (weak, p521, edwards):
                 _, secret = await h.token()
                 error = await h.refused(
                     raw_attest(
@@ -506,6 +510,30 @@ def test_a_weak_or_unsupported_key_is_refused(rig: ServerRig, keys: KeyStore) ->
                 )
                 assert error.status == grpc.StatusCode.INVALID_ARGUMENT, error
         assert h.datastore.agents.list() == []
+
+    serve(rig, keys, scenario)
+
+
+@pytest.mark.parametrize("alg", ["ES384", "RS256", "PS256"])
+def test_every_agent_key_algorithm_attests(rig: ServerRig, keys: KeyStore, alg: str) -> None:
+    async def scenario(h: Harness) -> None:
+        _, secret = await h.token()
+        key = h.key("agent", alg)
+        identity = await h.attest("join_token", join_token(secret), key)
+        assert spki(identity.x509_svid[0].public_key()) == spki(key.public_key())
+
+    serve(rig, keys, scenario)
+
+
+def test_the_client_refuses_an_eddsa_agent_key_before_spending_the_token(
+    rig: ServerRig, keys: KeyStore
+) -> None:
+    async def scenario(h: Harness) -> None:
+        _, secret = await h.token()
+        with pytest.raises(CustosError) as info:
+            await h.attest("join_token", join_token(secret), h.key("ed", "EdDSA"))
+        assert info.value.code == "invalid_agent_key"
+        await h.attest("join_token", join_token(secret), h.key("ec"))  # the token still works
 
     serve(rig, keys, scenario)
 

@@ -251,7 +251,11 @@ class NodeAttestation:
             node = await self._ctx.catalog.attest_node(name, payload, challenge)
         except PluginCallError as e:
             refusal = _refusal(e)
-            log.warning("node attestation with %r refused: %s", name, e, exc_info=e)
+            if isinstance(refusal, AttestorFailedError):
+                # A bug or an outage of the plugin: the traceback is for the operator.
+                log.error("node attestor %r failed", name, exc_info=e)
+            else:
+                log.info("node attestation with %r refused: %s", name, e.__cause__ or e)
             raise refusal from e
         # Checked after the attestor (the agent ID comes from it) and before any write.
         existing = await asyncio.to_thread(self._agent, node.agent_id)

@@ -40,6 +40,8 @@ SERVICE = "custos.agent.v1.Attestation"
 DEFAULT_TIMEOUT = 60.0
 #: Key custody tiers (issue 8, "Registration entries").
 CUSTODY_TIERS = ("tpm", "pkcs11", "memory", "exportable")
+#: Algorithms of an agent identity key (its WIT-SVID excludes EdDSA).
+AGENT_KEY_ALGORITHMS = ("ES256", "ES384", "RS256", "PS256")
 #: Certificates in one SVID chain (leaf and intermediates).
 MAX_CHAIN_CERTIFICATES = 16
 
@@ -101,6 +103,19 @@ def _der_length(data: bytes, at: int) -> int:
     if at + header + size > len(data):
         raise InvalidServerResponseError("the certificate chain is truncated")
     return header + size
+
+
+def check_agent_key(key: StoreKey) -> StoreKey:
+    """``key`` if the server can make an agent identity for it.  The agent's WIT-SVID
+    takes ES256/ES384/RS256/PS256 keys only (no EdDSA); checked here, before a
+    single-use join token is sent for a request that could not succeed."""
+    if key.alg.value not in AGENT_KEY_ALGORITHMS:
+        raise CustosError(
+            f"the agent key {key.name!r} is {key.alg.value}; an agent key must be one of "
+            + ", ".join(AGENT_KEY_ALGORITHMS),
+            code="invalid_agent_key",
+        )
+    return key
 
 
 def make_csr(key: StoreKey) -> bytes:
@@ -234,7 +249,7 @@ async def attest_agent(
     attestor's configured name.  Every refusal is an :class:`AgentApiError`."""
     name = attestor.name if attestor_name is None else attestor_name
     # A TPM or HSM signs synchronously: keep the loop free.
-    request_key = key_request(await asyncio.to_thread(make_csr, key), custody)
+    request_key = key_request(await asyncio.to_thread(make_csr, check_agent_key(key)), custody)
     stub = agent_v1_pb2_grpc.AttestationStub(channel)  # type: ignore[no-untyped-call]
     call = stub.AttestAgent(timeout=timeout)
     exchange = _Exchange(call, name, request_key)
@@ -277,7 +292,7 @@ async def renew_agent(
     token); a re-attestable agent is refused with ``renew_by_attesting``.  The caller
     replaces the client's identity (and key) with the result."""
     request = agent_v1_pb2.RenewAgentRequest(
-        key=key_request(await asyncio.to_thread(make_csr, key), custody)
+        key=key_request(await asyncio.to_thread(make_csr, check_agent_key(key)), custody)
     )
     stub = agent_v1_pb2_grpc.AttestationStub(client.channel)  # type: ignore[no-untyped-call]
     metadata = await asyncio.to_thread(client.metadata, SERVICE, "RenewAgent")
@@ -289,12 +304,14 @@ async def renew_agent(
 
 
 __all__ = [
+    "AGENT_KEY_ALGORITHMS",
     "CUSTODY_TIERS",
     "DEFAULT_TIMEOUT",
     "SERVICE",
     "AgentIdentity",
     "InvalidServerResponseError",
     "attest_agent",
+    "check_agent_key",
     "der_chain",
     "identity_from_proto",
     "key_request",

@@ -9,6 +9,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.serialization import (
@@ -293,3 +294,82 @@ def test_custody_refuses_a_table_whose_store_is_not_its_tier(tmp_path: Path) -> 
     store: KeyStore = open_key_store(KeyStoreConfig(store="exportable", key_dir=tmp_path))
     with pytest.raises(CustodyError):
         Custody({"memory": store})
+
+
+def test_a_bundle_change_moves_the_generation_and_a_renewal_alone_does_not(
+    rig: ServerRig, tmp_path: Path
+) -> None:
+    custody = Custody({"memory": MemoryKeyStore()})
+
+    async def scenario(srv: Server, agent: RigAgent, admin: AdminClient) -> None:
+        node = RigNode(agent)
+        async with WorkloadManager(node=node, custody=custody, data_dir=tmp_path) as manager:
+            source = manager.identities
+            before = source.generation
+            node.replace(client=agent.reconnect())  # a renewal: same bundle
+            # a barrier: an entry served means the manager looked after the renewal
+            made = await admin.create_entry(entry("/b", str(agent.identity.spiffe_id)))
+            await until(lambda: by_entry(source.all(), made.id))
+            after_entry = source.generation
+            assert after_entry == before + 1  # the entry's publication, nothing else
+            rotated = agent.identity.bundle.with_sequence((agent.identity.bundle.sequence or 0) + 1)
+            node.replace(bundle=rotated)
+            assert await bounded(source.wait_changed(after_entry)) == after_entry + 1
+            assert source.bundle() is rotated
+            await node.client.channel.close()
+        await custody.close()
+
+    serve(rig, scenario)
+
+
+HOSTILE_STATES: dict[str, Callable[[dict[str, Any]], object]] = {
+    "not json": lambda good: b"{not json",
+    "a list": lambda good: [good],
+    "another version": lambda good: {**good, "version": 99},
+    "an infinite expiry": lambda good: {**good, "not_after": 1e999},
+    "a string expiry": lambda good: {**good, "not_after": "never"},
+    "another key's generation": lambda good: {**good, "generation": 7},
+    "a generation of true": lambda good: {**good, "generation": True},
+    "garbage PEM": lambda good: {**good, "x509_svid_pem": "-----BEGIN CERTIFICATE-----\nAAAA"},
+    "another entry": lambda good: {**good, "entry": {**good["entry"], "id": "other"}},
+    "a bad selector": lambda good: {**good, "entry": {**good["entry"], "selectors": ["nocolon"]}},
+    "entry not an object": lambda good: {**good, "entry": 5},
+    "an empty WIT": lambda good: {**good, "wit": ""},
+    "expired": lambda good: {**good, "not_after": 1000.0, "issued_at": 10.0},
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_STATES))
+def test_a_bad_credential_file_is_not_served_and_its_key_goes(
+    rig: ServerRig, tmp_path: Path, case: str
+) -> None:
+    """Each damaged or altered file: a log line, the file and its key removed, a start
+    that serves nothing (and no traceback)."""
+    config = KeyStoreConfig(store="exportable", key_dir=tmp_path / "keys")
+    data_dir = tmp_path / "data"
+
+    async def scenario(srv: Server, agent: RigAgent, admin: AdminClient) -> None:
+        custody = Custody.open({"exportable": config})
+        async with WorkloadManager(node=RigNode(agent), custody=custody, data_dir=data_dir) as m:
+            made = await admin.create_entry(
+                entry("/x", str(agent.identity.spiffe_id), key_custody="exportable")
+            )
+            identity = await until(lambda: by_entry(m.identities.all(), made.id))
+        await custody.close()
+        path = data_dir / "workloads" / f"{made.id}.json"
+        good = json.loads(path.read_text())
+        bad = HOSTILE_STATES[case](good)
+        path.write_bytes(bad if isinstance(bad, bytes) else json.dumps(bad).encode())
+
+        custody = Custody.open({"exportable": config})
+        # A node whose server is gone: only the file could make it serve anything.
+        dead = RigNode(agent, agent.reconnect("127.0.0.1:1"))
+        async with WorkloadManager(node=dead, custody=custody, data_dir=data_dir) as m:
+            assert m.identities.all() == []
+            assert not path.exists()
+            with pytest.raises(KeyNotFoundError):
+                custody.store_for("exportable").info(identity.key.name)
+        await dead.client.channel.close()
+        await custody.close()
+
+    serve(rig, scenario)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from custos._proto import types_v1_pb2
 from custos.agent.client.calls import AgentApiClient
 from custos.agent.client.errors import AgentApiError
-from custos.agent.identities import WorkloadIdentity
+from custos.agent.identities import ChangeCounter, WorkloadIdentity
 from custos.bundle import TrustBundle
 from custos.keys import KeyInfo, MemoryKeyStore
 from custos.testing.server import RigAgent
@@ -33,8 +33,8 @@ class RigNode:
         self.agent = agent
         self._client = client or agent.client
         self.refusals: list[AgentApiError] = []
-        self._generation = 0
-        self._changed = asyncio.Event()
+        self.changes = ChangeCounter()
+        self._bundle: TrustBundle | None = None
 
     @property
     def client(self) -> AgentApiClient:
@@ -42,25 +42,25 @@ class RigNode:
 
     @property
     def bundle(self) -> TrustBundle:
-        return self.agent.identity.bundle
+        return self._bundle or self.agent.identity.bundle
 
     @property
     def generation(self) -> int:
-        return self._generation
+        return self.changes.value
 
     async def wait_changed(self, seen: int) -> int:
-        while self._generation == seen:
-            await self._changed.wait()
-        return self._generation
+        return await self.changes.wait_changed(seen)
 
     def report_refused(self, error: AgentApiError) -> None:
         self.refusals.append(error)
 
-    def replace_client(self, client: AgentApiClient) -> None:
-        self._client = client
-        self._generation += 1
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+    def replace(
+        self, *, client: AgentApiClient | None = None, bundle: TrustBundle | None = None
+    ) -> None:
+        """What a renewal or a bundle update does: new values, the generation moves."""
+        self._client = client or self._client
+        self._bundle = bundle or self._bundle
+        self.changes.bump()
 
 
 class Clock:

@@ -132,6 +132,27 @@ class IdentitySource(Protocol):
     async def jwt_svid(self, identity: WorkloadIdentity, audience: Sequence[str]) -> str: ...
 
 
+class ChangeCounter:
+    """A generation number that moves on every change, and a way to wait for the
+    next one (each waiter wakes once the number differs from what it saw)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._changed = asyncio.Event()
+
+    def bump(self) -> int:
+        self.value += 1
+        # A fresh event per generation: every waiter of this one wakes.
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+        return self.value
+
+    async def wait_changed(self, seen: int) -> int:
+        while self.value == seen:
+            await self._changed.wait()
+        return self.value
+
+
 @dataclass(frozen=True)
 class _Indexed:
     identity: WorkloadIdentity
@@ -164,8 +185,7 @@ class WorkloadIdentities:
         self._node = node
         self._now = now
         self._indexed: tuple[_Indexed, ...] = ()
-        self._generation = 0
-        self._changed = asyncio.Event()
+        self._changes = ChangeCounter()
         self._jwts: OrderedDict[_JwtKey, _CachedJwt] = OrderedDict()
         self._jwt_cache_size = jwt_cache_size
         self._inflight: dict[_JwtKey, asyncio.Future[_CachedJwt]] = {}
@@ -174,13 +194,11 @@ class WorkloadIdentities:
 
     @property
     def generation(self) -> int:
-        return self._generation
+        return self._changes.value
 
     async def wait_changed(self, seen: int) -> int:
         """Wait until :attr:`generation` differs from ``seen``; return it."""
-        while self._generation == seen:
-            await self._changed.wait()
-        return self._generation
+        return await self._changes.wait_changed(seen)
 
     def identities_for(self, selectors: Collection[Selector]) -> list[WorkloadIdentity]:
         caller = selectors if isinstance(selectors, frozenset | set) else frozenset(selectors)
@@ -244,14 +262,12 @@ class WorkloadIdentities:
 
     def bump(self) -> None:
         """Move the generation (something served changed: the bundle, an expiry)."""
-        self._generation += 1
-        # A fresh event per generation: the waiters of this one all wake.
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        self._changes.bump()
 
 
 __all__ = [
     "DEFAULT_JWT_CACHE_SIZE",
+    "ChangeCounter",
     "IdentitySource",
     "NodeLink",
     "WorkloadIdentities",

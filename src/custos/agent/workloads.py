@@ -48,6 +48,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from custos._numbers import finite_number
 from custos.agent.client.attest import make_csr
 from custos.agent.client.calls import IssuedWit, IssuedX509, WitParams, X509Params
 from custos.agent.client.errors import AgentApiError
@@ -229,9 +230,8 @@ class WorkloadManager:
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # The tasks loop until cancelled: nothing but the cancellation comes back.
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def __aenter__(self) -> WorkloadManager:
         await self.start()
@@ -656,7 +656,8 @@ class WorkloadManager:
         name = key_name(entry.id, generation)
         if document["key_name"] != name or document["tier"] != entry.key_custody:
             raise CustosError("names another key", code="workload_state_unusable")
-        not_after, issued_at = float(document["not_after"]), float(document["issued_at"])
+        not_after = finite_number(document["not_after"], name="not_after")
+        issued_at = finite_number(document["issued_at"], name="issued_at", maximum=not_after)
         if not_after <= now:
             raise CustosError("expired", code="workload_state_expired")
         chain = tuple(
@@ -763,16 +764,16 @@ def _entry_from_state(data: Mapping[str, Any]) -> AgentEntry:
         spiffe_id=SpiffeId.parse(_text(data["spiffe_id"])),
         parent_id=SpiffeId.parse(_text(data["parent_id"])),
         selectors=tuple(sorted(Selector.parse(_text(s)) for s in _list(data["selectors"]))),
-        x509_svid_ttl=float(data["x509_svid_ttl"]),
-        jwt_svid_ttl=float(data["jwt_svid_ttl"]),
-        wit_ttl=float(data["wit_ttl"]),
+        x509_svid_ttl=finite_number(data["x509_svid_ttl"], name="x509_svid_ttl", minimum=1),
+        jwt_svid_ttl=finite_number(data["jwt_svid_ttl"], name="jwt_svid_ttl", minimum=1),
+        wit_ttl=finite_number(data["wit_ttl"], name="wit_ttl", minimum=1),
         dns_names=tuple(_text(d) for d in _list(data["dns_names"])),
         key_custody=_text(data["key_custody"]),
         hint=_text(data["hint"]),
-        admin=bool(data["admin"]),
-        downstream=bool(data["downstream"]),
-        expires_at=None if expires_at is None else float(expires_at),
-        revision=int(data["revision"]),
+        admin=data["admin"] is True,
+        downstream=data["downstream"] is True,
+        expires_at=None if expires_at is None else finite_number(expires_at, name="expires_at"),
+        revision=int(finite_number(data["revision"], name="revision", minimum=0)),
     )
 
 

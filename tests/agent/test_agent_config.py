@@ -219,6 +219,7 @@ NO_TOKEN = MINIMAL.replace(f'token = "{TOKEN}"\n', "")
         (MINIMAL.replace(f'"{TOKEN}"', "3"), "node_attestor.join_token.token: Input should be a valid string"),
         (MINIMAL + "token_file = '/x'\n", "node_attestor.join_token: give token or token_file, not both"),
         (NO_TOKEN + "token_file = 'rel'\n", "node_attestor.join_token: token_file must be an absolute path"),
+        (NO_TOKEN + "token_file = 3\n", "node_attestor.join_token: token_file must be an absolute path"),
         (NO_TOKEN + "token_file = '/nonexistent/t'\n", "node_attestor.join_token: token_file '/nonexistent/t' does not exist"),
         (NO_TOKEN + "token_file = '/dev/zero'\n", "node_attestor.join_token: token_file '/dev/zero' is not a regular file"),
         (MINIMAL + "tokn = 'x'\n", "node_attestor.join_token.tokn: unknown key"),

@@ -155,16 +155,16 @@ class JoinTokenSettings(_Section):
             return data
         if "token" in data and "token_file" in data:
             raise PydanticCustomError("join_token", "give token or token_file, not both")
-        source = data.get("token_file")
-        if isinstance(source, str):
-            if "\0" in source or not source.startswith("/"):
+        if "token_file" in data:
+            source = data["token_file"]
+            if not isinstance(source, str) or "\0" in source or not source.startswith("/"):
                 raise PydanticCustomError("token_file", "token_file must be an absolute path")
             try:
                 text = read_small_text(source, max_bytes=MAX_TOKEN_FILE_BYTES, what="token_file")
             except UnreadableFileError as e:
                 raise PydanticCustomError("token_file", e.message) from None
             return {**data, "token": text.strip()}
-        if "token" not in data and "token_file" not in data:
+        if "token" not in data:
             from_env = os.environ.get(JOIN_TOKEN_ENV, "").strip()
             if not from_env:
                 raise PydanticCustomError(

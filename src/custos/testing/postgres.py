@@ -22,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from custos.errors import CustosError
 
@@ -56,11 +57,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run_as() -> tuple[str | None, str | None, list[str] | None]:
-    """(user, group, extra_groups) that drop root to ``nobody`` (initdb refuses root)."""
+def _as_nobody(command: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """*command* and ``Popen`` keyword arguments that run it as ``nobody`` when we are
+    root (initdb refuses root).
+
+    Through ``setpriv`` rather than ``Popen(user=...)``: changing the uid makes Python
+    ``fork()`` instead of ``vfork()``, and a fork in a process that has used gRPC runs
+    gRPC's fork handlers in the child (seen: a test stopping and restarting its own
+    PostgreSQL under a running server, the child logged a gRPC poller error and
+    postgres never came up).  ``setpriv`` drops the privileges after the exec.
+    """
     if os.geteuid() != 0:
-        return None, None, None
-    return "nobody", "nogroup", []
+        return command, {}
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        return [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", *command], {}
+    return command, {"user": "nobody", "group": "nogroup", "extra_groups": []}
 
 
 @dataclass
@@ -92,9 +104,7 @@ class PostgresServer:
         """Start (or restart) the server and wait until it accepts connections."""
         if self.process is not None and self.process.poll() is None:
             return
-        user, group, extra_groups = _run_as()
-        log = open(self.log_file, "ab")
-        self.process = subprocess.Popen(
+        command, as_nobody = _as_nobody(
             [
                 str(self.bin_dir / "postgres"),
                 "-D",
@@ -111,13 +121,15 @@ class PostgresServer:
                 "synchronous_commit=off",
                 "-c",
                 "full_page_writes=off",
-            ],
+            ]
+        )
+        log = open(self.log_file, "ab")
+        self.process = subprocess.Popen(
+            command,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            user=user,
-            group=group,
-            extra_groups=extra_groups,
+            **as_nobody,
         )
         log.close()
         self._wait_ready()
@@ -193,27 +205,23 @@ def start_postgres(bin_dir: Path | None = None) -> PostgresServer:
     base = Path(tempfile.mkdtemp(prefix="custos-pg-"))
     if os.geteuid() == 0:
         shutil.chown(base, "nobody", "nogroup")
-    user, group, extra_groups = _run_as()
     server = PostgresServer(base=base, bin_dir=bin_dir, port=_free_port())
+    command, as_nobody = _as_nobody(
+        [
+            str(bin_dir / "initdb"),
+            "-D",
+            str(server.data_dir),
+            "-U",
+            SUPERUSER,
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-locale",
+            "--no-sync",
+        ]
+    )
     try:
         subprocess.run(
-            [
-                str(bin_dir / "initdb"),
-                "-D",
-                str(server.data_dir),
-                "-U",
-                SUPERUSER,
-                "--auth=trust",
-                "--encoding=UTF8",
-                "--no-locale",
-                "--no-sync",
-            ],
-            check=True,
-            capture_output=True,
-            stdin=subprocess.DEVNULL,
-            user=user,
-            group=group,
-            extra_groups=extra_groups,
+            command, check=True, capture_output=True, stdin=subprocess.DEVNULL, **as_nobody
         )
         server.start()
     except subprocess.CalledProcessError as exc:

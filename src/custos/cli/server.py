@@ -32,7 +32,8 @@ _CONFIG_OPTION = click.option(
 
 @click.group(context_settings=_CONTEXT)
 def server() -> None:
-    """The custos server: configuration (init, check-config), run, healthcheck."""
+    """The custos server: configuration (init, check-config), run, healthcheck,
+    rotate-keys."""
 
 
 @server.command("init", context_settings=_CONTEXT)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -293,12 +294,16 @@ class NodeAttestation:
         selectors: tuple[Selector, ...],
         *,
         event: str = "attestation",
+        before_record: Callable[[], None] | None = None,
     ) -> AgentCredentials:
         """Issue the agent's credentials, record the agent, audit: one thread call, so
-        a cancelled stream cannot leave credentials issued without the agent recorded."""
+        a cancelled stream cannot leave credentials issued without the agent recorded.
+        ``before_record`` runs right before the record (a last check)."""
         credentials = self._ctx.issuer.agent_credentials(
             agent_id, csr, custody, attestor=attestor, selectors=selectors
         )
+        if before_record is not None:
+            before_record()
         serial = format(credentials.x509_svid.leaf.serial_number, "x")
         try:
             self._ctx.datastore.agents.attested(
@@ -344,15 +349,25 @@ class NodeAttestation:
     def _renew_and_record(
         self, agent: Agent, csr: bytes, custody: CustodyEvidence
     ) -> AgentCredentials:
-        # Re-read: the agent may have been evicted or banned since it authenticated;
-        # recording would otherwise clear the eviction.
-        current = self._agent(agent.id)
-        if current is None or current.evicted or current.banned:
-            raise AttestationRefusedError(
-                f"agent {agent.id} was evicted; it must attest again", code="agent_evicted"
-            )
+
+        def still_attested() -> None:
+            # Re-read after the (slow) issuance: the agent may have been evicted or banned
+            # since it authenticated, and recording would clear the eviction.  (The gap
+            # left is one read and one write; agents.attested cannot be told to keep it.)
+            current = self._agent(agent.id)
+            if current is None or current.evicted or current.banned:
+                raise AttestationRefusedError(
+                    f"agent {agent.id} was evicted; it must attest again", code="agent_evicted"
+                )
+
         return self._issue_and_record(
-            agent.id, csr, custody, agent.attestor, agent.selectors, event="agent-renewal"
+            agent.id,
+            csr,
+            custody,
+            agent.attestor,
+            agent.selectors,
+            event="agent-renewal",
+            before_record=still_attested,
         )
 
 

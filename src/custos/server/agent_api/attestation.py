@@ -15,7 +15,6 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc
-from custos.errors import CustosError
 from custos.server.agent_api.auth import authenticate
 from custos.server.agent_api.status import abort
 from custos.server.attestation import (
@@ -77,7 +76,7 @@ class AttestationServicer(agent_v1_pb2_grpc.AttestationServicer):
         # written from inside the attestor's flow, between two reads.
         try:
             attested = await self._attestation.run(_Stream(context))
-        except CustosError as e:
+        except Exception as e:  # noqa: BLE001 - every refusal and fault leaves through abort()
             await abort(context, e)
         seq = self._ctx.events.bundle_generation
         await context.write(
@@ -92,7 +91,7 @@ class AttestationServicer(agent_v1_pb2_grpc.AttestationServicer):
         agent = await authenticate(context, self._ctx, SERVICE, "RenewAgent")
         try:
             attested = await self._attestation.renew(agent, request.key)
-        except CustosError as e:
+        except Exception as e:  # noqa: BLE001 - every refusal and fault leaves through abort()
             await abort(context, e)
         return identity_to_proto(attested, self._ctx.events.bundle_generation)
 

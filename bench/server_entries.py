@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from server_common import TRUST_DOMAIN
+
 from custos.identity import SpiffeId, TrustDomain
 from custos.server.datastore import Datastore
 from custos.server.datastore.records import Agent
@@ -66,10 +68,6 @@ def limit_fetch(ds: Datastore, agent: Agent) -> Callable[[], int]:
     return run
 
 
-def trust_domain() -> TrustDomain:
-    return TrustDomain.parse("bench.example")
-
-
 def _fetch_rounds(rounds: int, total: int, owned: int) -> tuple[list[float], list[float]]:
     """Alternating rounds: the first ``SyncEntries`` message for the agent that owns
     ``owned`` of ``total`` entries, then the entitlement walk in-process."""
@@ -80,11 +78,11 @@ def _fetch_rounds(rounds: int, total: int, owned: int) -> tuple[list[float], lis
     from custos.agent.client.streams import sync_entries
 
     secret = ""
-    owner = SpiffeId(trust_domain(), "/custos/agent/join_token/none")
+    owner = SpiffeId(TrustDomain.parse(TRUST_DOMAIN), "/custos/agent/join_token/none")
 
     def prepare(url: str) -> None:
         nonlocal secret, owner
-        with Datastore.open(url, trust_domain=trust_domain()) as ds:
+        with Datastore.open(url, trust_domain=TrustDomain.parse(TRUST_DOMAIN)) as ds:
             token, secret = ds.join_tokens.create(600)
             # The join_token attestor names the agent after the token's id.
             owner = SpiffeId(ds.trust_domain, f"/custos/agent/join_token/{token.id}")
@@ -94,7 +92,7 @@ def _fetch_rounds(rounds: int, total: int, owned: int) -> tuple[list[float], lis
         server_out: list[float] = []
         limit_out: list[float] = []
         clock = time.perf_counter
-        with Datastore.open(rig.url, trust_domain=trust_domain()) as ds:
+        with Datastore.open(rig.url, trust_domain=TrustDomain.parse(TRUST_DOMAIN)) as ds:
             async with attested_agent(rig, secret) as client:
                 limit = limit_fetch(ds, ds.agents.get(owner))
                 for i in range(rounds + 2):  # 2 warm-up rounds

@@ -91,7 +91,8 @@ def _toml_value(value: object) -> str:
 class ServerRig:
     """One server's directory and configuration file.
 
-    ``sections`` adds or overrides keys: ``{"http": {"address": "127.0.0.1:0"}}``;
+    ``sections`` adds or overrides tables and keys, e.g.
+    ``{"agent_api": {"max_message_bytes": 65536}, "node_attestors.acme": {}}``;
     ``with_http=True`` turns the ``/metrics`` listener on at a free port.  Several
     servers on one datastore: give them the same ``datastore_url`` and a shared
     ``key_store`` (a SoftHSM token); a shared exportable ``key_dir`` works only for

@@ -136,8 +136,13 @@ class UnixWorkloadAttestor:
             if name is not None:
                 values.append(f"supplementary_group:{name}")
         if self._hashes is not None:
-            values.append(_path_selector(executable_path(peer.pid), peer.pid))
+            path = executable_path(peer.pid)
+            values.append(_path_selector(path, peer.pid))
             digest = await self._hashes.sha256(peer.pid)
+            if executable_path(peer.pid) != path:
+                # An exec between the two reads: the path and the hash could name
+                # different programs.
+                raise ProcReadError(f"process {peer.pid} ran another program during attestation")
             if digest is not None:
                 values.append(f"sha256:{digest}")
         if len(values) > MAX_SELECTORS_PER_CALL:

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -62,8 +63,25 @@ def attestor_of(cat: AgentCatalog) -> UnixWorkloadAttestor:
 def child(
     argv: list[str], *, uid: int | None = None, gid: int | None = None, groups: Sequence[int] = ()
 ) -> Iterator[tuple[subprocess.Popen[bytes], PeerCredentials]]:
-    """A running child and the peer credentials the agent's socket would report."""
-    proc = subprocess.Popen(argv, user=uid, group=gid, extra_groups=list(groups) or None)
+    """A running child and the peer credentials the agent's socket would report.
+
+    Other ids are taken by ``setpriv`` after the exec, not by ``Popen(user=...)``: that
+    makes Python fork() instead of vfork(), and a fork in a test process that has used
+    gRPC runs gRPC's fork handlers in the child (see custos.testing.postgres).
+    """
+    if uid is not None or gid is not None or groups:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is not installed")
+        ids = [
+            f"--reuid={os.geteuid() if uid is None else uid}",
+            f"--regid={os.getegid() if gid is None else gid}",
+            f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups",
+        ]
+        proc = subprocess.Popen([setpriv, *ids, *argv])
+        _wait_for_exec(proc, argv[0])
+    else:
+        proc = subprocess.Popen(argv)
     fd = os.pidfd_open(proc.pid)
     try:
         peer = PeerCredentials(
@@ -77,6 +95,23 @@ def child(
         proc.kill()
         proc.wait()
         os.close(fd)
+
+
+def _wait_for_exec(proc: subprocess.Popen[bytes], program: str) -> None:
+    """Until setpriv has exec'd ``program`` (same pid); not a timing assertion."""
+    target = os.path.realpath(program)
+    for _ in range(2000):
+        try:
+            if os.readlink(f"/proc/{proc.pid}/exe") == target:
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    raise AssertionError(f"{program} did not start under setpriv")
 
 
 def attest(cat: AgentCatalog, peer: PeerCredentials) -> set[Selector]:

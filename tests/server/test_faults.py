@@ -8,6 +8,7 @@ import contextlib
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -29,6 +30,8 @@ from custos.testing.server import (
     running_server,
     server_agent,
 )
+
+from .test_federation import https_get, web_pki_federation
 
 RigFactory = Callable[..., ServerRig]
 TD = "example.org"
@@ -58,9 +61,13 @@ async def _until(attempt: Callable[[], object], *, tries: int = 100) -> object:
 
 
 def test_database_gone_is_unavailable_and_the_server_recovers_without_restart(
-    own_postgres: PostgresServer, server_rig_factory: RigFactory
+    own_postgres: PostgresServer, server_rig_factory: RigFactory, tmp_path: Path
 ) -> None:
-    rig = server_rig_factory(datastore_url=own_postgres.create_database())
+    ca_file, federation = web_pki_federation(tmp_path)
+    rig = server_rig_factory(
+        datastore_url=own_postgres.create_database(), sections={"federation": federation}
+    )
+    bundle_request = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
     async def run() -> None:
         async with running_server(rig) as srv, await server_agent(srv) as agent:
@@ -86,6 +93,9 @@ def test_database_gone_is_unavailable_and_the_server_recovers_without_restart(
                 assert unavailable.value.status is grpc.StatusCode.UNAVAILABLE
                 assert unavailable.value.retryable
                 assert not await admin_health(rig.admin_socket)
+                assert srv.federation_address is not None
+                answer = await https_get(srv.federation_address, ca_file, bundle_request)
+                assert answer.startswith(b"HTTP/1.1 503 ")
                 # The server process is still there and answers; nothing crashed.
                 await srv.maintain_once()
                 assert srv.health.status("") != 1
@@ -97,6 +107,8 @@ def test_database_gone_is_unavailable_and_the_server_recovers_without_restart(
                 assert not issued[0].error  # type: ignore[index]
                 await srv.maintain_once()
                 assert srv.health.status("") == 1
+                answer = await https_get(srv.federation_address, ca_file, bundle_request)
+                assert answer.startswith(b"HTTP/1.1 200 ")
 
     asyncio.run(run())
 

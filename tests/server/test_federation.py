@@ -70,7 +70,8 @@ def _web_pki(directory: Path) -> tuple[Path, Path, Path]:
     return ca_file, cert_file, key_file
 
 
-async def _request(address: str, ca_file: Path, raw: bytes) -> bytes:
+async def https_get(address: str, ca_file: Path, raw: bytes) -> bytes:
+    """*raw* sent over TLS verified against *ca_file* for "localhost"; the whole answer."""
     host, port = address.rsplit(":", 1)
     context = ssl.create_default_context(cafile=str(ca_file))
     reader, writer = await asyncio.open_connection(
@@ -90,7 +91,8 @@ def _split(response: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split(" ")[1]), {k.lower(): v for k, v in headers.items()}, body
 
 
-def _federation(tmp_path: Path) -> tuple[Path, dict[str, object]]:
+def web_pki_federation(tmp_path: Path) -> tuple[Path, dict[str, object]]:
+    """(web CA file, a [federation] table on a free port with a certificate it signed)."""
     ca_file, cert_file, key_file = _web_pki(tmp_path)
     return ca_file, {
         "address": f"127.0.0.1:{free_port()}",
@@ -103,14 +105,14 @@ def _federation(tmp_path: Path) -> tuple[Path, dict[str, object]]:
 def test_federation_endpoint_serves_the_bundle_over_web_pki_tls(
     server_config_factory: ConfigFactory, tmp_path: Path
 ) -> None:
-    ca_file, section = _federation(tmp_path)
+    ca_file, section = web_pki_federation(tmp_path)
     config = server_config_factory(sections={"federation": section})
 
     async def run() -> None:
         async with running_server(config) as srv:
             address = srv.federation_address
             assert address == section["address"]
-            raw = await _request(address, ca_file, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            raw = await https_get(address, ca_file, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
             status, headers, body = _split(raw)
             assert status == 200
             assert headers["content-type"] == "application/json"
@@ -132,7 +134,7 @@ def test_federation_endpoint_serves_the_bundle_over_web_pki_tls(
 
             # After a rotation, the next fetch has the new key (read at each request).
             await asyncio.to_thread(srv.ctx.jwt_keys.prepare)
-            raw = await _request(address, ca_file, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            raw = await https_get(address, ca_file, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
             again = TrustBundle.from_spiffe_json("example.org", _split(raw)[2])
             assert len(again.jwt_authorities) == len(expected.jwt_authorities) + 1
 
@@ -151,16 +153,16 @@ def test_federation_endpoint_serves_the_bundle_over_web_pki_tls(
 def test_federation_endpoint_refuses_other_requests_cleanly(
     server_config_factory: ConfigFactory, tmp_path: Path, raw: bytes, status: int
 ) -> None:
-    ca_file, section = _federation(tmp_path)
+    ca_file, section = web_pki_federation(tmp_path)
     config = server_config_factory(sections={"federation": section})
 
     async def run() -> None:
         async with running_server(config) as srv:
             assert srv.federation_address is not None
-            answer = await _request(srv.federation_address, ca_file, raw)
+            answer = await https_get(srv.federation_address, ca_file, raw)
             assert _split(answer)[0] == status
             # and it still serves the bundle afterwards
-            ok = await _request(srv.federation_address, ca_file, b"GET / HTTP/1.1\r\n\r\n")
+            ok = await https_get(srv.federation_address, ca_file, b"GET / HTTP/1.1\r\n\r\n")
             assert _split(ok)[0] == 200
 
     asyncio.run(run())
@@ -169,7 +171,7 @@ def test_federation_endpoint_refuses_other_requests_cleanly(
 def test_an_unreadable_federation_certificate_is_one_line(
     server_config_factory: ConfigFactory, tmp_path: Path
 ) -> None:
-    _, section = _federation(tmp_path)
+    _, section = web_pki_federation(tmp_path)
     Path(str(section["cert_file"])).write_text("not a certificate")
     config = server_config_factory(sections={"federation": section})
 

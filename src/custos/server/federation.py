@@ -9,6 +9,7 @@ with ordinary web PKI (the operator's certificate, not an SVID).  SPIRE serves i
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import replace
@@ -17,9 +18,12 @@ from custos._files import UnreadableFileError
 from custos.bundle import TrustBundle
 from custos.errors import CustosError
 from custos.server.config import FederationConfig
+from custos.server.datastore import DatastoreUnavailableError
 from custos.server.http import HttpListener, Response
 
 BUNDLE_CONTENT_TYPE = "application/json"
+
+log = logging.getLogger(__name__)
 
 
 class FederationConfigError(CustosError):
@@ -54,7 +58,12 @@ def federation_listener(
     hint = int(config.refresh_hint.total_seconds())
 
     async def serve_bundle() -> Response:
-        current = replace(await asyncio.to_thread(bundle), refresh_hint=hint)
+        try:
+            current = replace(await asyncio.to_thread(bundle), refresh_hint=hint)
+        except DatastoreUnavailableError as e:
+            # Peers keep the bundle they have and poll again: a 503, not a 500.
+            log.warning("federation endpoint: %s", e.message)
+            return Response(503, b"bundle temporarily unavailable\n")
         return Response(200, current.to_spiffe_json().encode("utf-8"), BUNDLE_CONTENT_TYPE)
 
     return HttpListener(

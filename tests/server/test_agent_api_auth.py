@@ -306,6 +306,34 @@ def test_a_wit_signed_by_an_unknown_key_is_refused(rig: ServerRig, keys: KeyStor
     serve(rig, keys, scenario)
 
 
+def test_a_wit_of_a_foreign_trust_domain_is_refused(rig: ServerRig, keys: KeyStore) -> None:
+    async def scenario(h: Harness) -> None:
+        agent = h.make_agent("n1")
+        entry_id = h.entry(agent, "/svc")
+        # Signed with this server's own WIT key, but naming an agent of another domain.
+        signer = h.srv.ctx.wit_keys.current()
+        foreign = mint_wit(
+            signer.key,
+            kid=signer.kid,
+            subject="spiffe://elsewhere.test/custos/agent/test/n1",
+            workload_public_jwk=agent.key,
+            ttl=600,
+            profile="spiffe",
+        )
+        impostor = AgentApiClient(
+            agent.channel, dataclasses.replace(agent.identity, wit=foreign), agent.key
+        )
+        error = await h.refused(
+            h.jwt_call(agent, entry_id, auth(foreign, wpt(impostor, "NewJWTSVID")))
+        )
+        assert (error.status, error.code) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "wit_unknown_trust_domain",
+        )
+
+    serve(rig, keys, scenario)
+
+
 def test_a_workload_wit_is_not_an_agent(rig: ServerRig, keys: KeyStore) -> None:
     async def scenario(h: Harness) -> None:
         agent = h.make_agent("n1")

@@ -71,6 +71,9 @@ MINIMAL = 'trust_domain = "example.org"\n' + KEYS
         ("node_attestors = 3", "node_attestors:"),
         ("[node_attestors]\njoin_token = 1", "[node_attestors.join_token] must be a table"),
         ('[node_attestors.tpm]\nenabled = "yes"', "node_attestors.tpm.enabled must be"),
+        ('[node_attestors."a\\nb"]\nenabled = "yes"', "node_attestors: a node attestor's name"),
+        ('[node_attestors."a\\nb"]\nx = 1', "node_attestors: a node attestor's name"),
+        ('[node_attestors."a b"]', "node_attestors: a node attestor's name"),
         ('[node_attestors.join_token]\ndatastore = "x"', "node_attestors.join_token.datastore"),
     ],
 )

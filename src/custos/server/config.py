@@ -69,6 +69,8 @@ _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 _MAX_SOCKET_PATH_BYTES = 107
 _MAX_UID = 2**32 - 2  # (uid_t)-1 means "no uid"
 
+#: A plugin's entry-point name as a [node_attestors.<name>] table names it.
+_PLUGIN_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HOST_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
@@ -419,25 +421,31 @@ def _plugin_settings(value: object) -> dict[str, dict[str, object]]:
         raise PydanticCustomError("node_attestors", "must be a table of [node_attestors.<name>]")
     out: dict[str, dict[str, object]] = {}
     for name, settings in value.items():
+        if not isinstance(name, str) or not _PLUGIN_NAME_RE.fullmatch(name):
+            # Never echoed: the name is the file's (it could hold anything, a newline).
+            raise PydanticCustomError(
+                "node_attestors",
+                "a node attestor's name (its entry point) is 1-64 letters, digits, '_', '-' or '.'",
+            )
         if not isinstance(settings, dict):
             raise PydanticCustomError(
                 "node_attestors",
                 "[node_attestors.{name}] must be a table of settings",
-                {"name": str(name)[:64]},
+                {"name": name},
             )
         enabled = settings.get("enabled", True)
         if not isinstance(enabled, bool):
             raise PydanticCustomError(
                 "node_attestors",
                 "node_attestors.{name}.enabled must be true or false",
-                {"name": str(name)[:64]},
+                {"name": name},
             )
         if "datastore" in settings:
             raise PydanticCustomError(
                 "node_attestors",
                 "node_attestors.{name}.datastore is given to the plugin by the server, "
                 "not by the file",
-                {"name": str(name)[:64]},
+                {"name": name},
             )
         out[str(name)] = dict(settings)
     return out

@@ -485,6 +485,14 @@ def test_a_csr_whose_signature_does_not_verify_is_refused_before_the_token_is_sp
                     raw_attest(channel, [start("join_token", token_payload(secret), csr)])
                 )
                 assert (error.status, error.code) == (grpc.StatusCode.INVALID_ARGUMENT, code)
+            error = await h.refused(
+                raw_attest(channel, [start("join_token", token_payload(secret), good, "vault")])
+            )
+            assert (error.status, error.code) == (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "invalid_custody",
+            )
+            assert h.attestations("refused", "join_token") == 4
             # The token is still good.
             [response] = await raw_attest(
                 channel, [start("join_token", token_payload(secret), good)]

@@ -31,13 +31,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import grpc
+
 from custos._numbers import seconds
 from custos.bundle import TrustBundle
 from custos.errors import CustosError
 from custos.identity import Selector, SpiffeId
-from custos.plugin.catalog import MAX_ATTESTATION_MESSAGE_BYTES, AttestationExchangeError
+from custos.plugin.catalog import (
+    MAX_ATTESTATION_MESSAGE_BYTES,
+    AttestationExchangeError,
+    NodeAttestationResult,
+)
 from custos.plugin.errors import PluginCallError, PluginMisbehavedError
-from custos.server.agent_api.status import AgentApiArgumentError, AgentApiForbiddenError
+from custos.server.agent_api.status import (
+    AgentApiArgumentError,
+    AgentApiForbiddenError,
+    status_for,
+)
 from custos.server.datastore.errors import (
     DatastoreError,
     DatastoreUnavailableError,
@@ -63,6 +73,8 @@ MAX_CUSTODY_EVIDENCE_BYTES = MAX_ATTESTATION_MESSAGE_BYTES
 #: The label of an attestor name that is not configured (metrics must not take
 #: label values from a caller: each one would be a new time series).
 UNKNOWN_ATTESTOR_LABEL = "unknown"
+#: Statuses that mean the server failed (metrics outcome "error"), not the caller.
+_SERVER_FAULTS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE})
 
 
 class AttestationError(CustosError):
@@ -168,8 +180,11 @@ def key_request(key: agent_v1_pb2.AgentKeyRequest) -> tuple[bytes, CustodyEviden
         raise AttestationProtocolError(
             "key.csr signature does not verify (no proof of possession)", code="invalid_csr"
         )
-    tier = key.custody.tier
-    return csr, CustodyEvidence(tier=tier, tpm_certify_info=info, tpm_certify_signature=signature)
+    custody = CustodyEvidence(
+        tier=key.custody.tier, tpm_certify_info=info, tpm_certify_signature=signature
+    )
+    custody.check()  # the issuer's own rule, applied before a join token is spent
+    return csr, custody
 
 
 def _refusal(error: PluginCallError) -> AttestationError | CustosError:
@@ -199,31 +214,36 @@ class NodeAttestation:
         name = ""
         outcome = "error"
         try:
-            async with asyncio.timeout(self._deadline):
-                start = await stream.receive()
-                if start is None or start.WhichOneof("step") != "start":
-                    raise AttestationProtocolError("the first message must be 'start'")
-                name = start.start.attestor
-                result = await self._attest(start.start, stream)
+            try:
+                # The deadline bounds the exchange, not the issuance after it: once the
+                # server has decided, issuing and recording finish as one unit.
+                async with asyncio.timeout(self._deadline):
+                    start = await stream.receive()
+                    if start is None or start.WhichOneof("step") != "start":
+                        raise AttestationProtocolError("the first message must be 'start'")
+                    name = start.start.attestor
+                    decided = await self._decide(start.start, stream)
+            except TimeoutError:
+                raise AttestationTimeoutError(
+                    f"the attestation took longer than {self._deadline:g} s"
+                ) from None
+            except AttestationExchangeError as e:
+                raise AttestationProtocolError(e.message, code=e.code) from e
+            result = await self._issue(*decided)
             outcome = "ok"
             return result
-        except TimeoutError:
-            outcome = "refused"
-            raise AttestationTimeoutError(
-                f"the attestation took longer than {self._deadline:g} s"
-            ) from None
-        except (AttestationProtocolError, UnknownAttestorError, AttestationRefusedError):
-            outcome = "refused"
+        except CustosError as e:
+            # The caller's fault (protocol, evidence, ban, deadline) or the server's.
+            outcome = "error" if status_for(e) in _SERVER_FAULTS else "refused"
             raise
-        except AttestationExchangeError as e:
-            outcome = "refused"
-            raise AttestationProtocolError(e.message, code=e.code) from e
         finally:
             self._ctx.metrics.attestations.labels(attestor=self._label(name), outcome=outcome).inc()
 
-    async def _attest(
+    async def _decide(
         self, start: agent_v1_pb2.AttestationStart, stream: AttestationStream
-    ) -> AttestedAgent:
+    ) -> tuple[NodeAttestationResult, bytes, CustodyEvidence]:
+        """Everything before the first write: bounds, CSR, the attestor, ban and
+        re-attestation checks."""
         name = start.attestor
         if not name or len(name) > MAX_ATTESTOR_NAME:
             raise AttestationProtocolError(
@@ -268,8 +288,13 @@ class NodeAttestation:
                     f"agent {node.agent_id} is already attested and {name!r} cannot "
                     "re-attest; renew with RenewAgent"
                 )
+        return node, csr, custody
+
+    async def _issue(
+        self, node: NodeAttestationResult, csr: bytes, custody: CustodyEvidence
+    ) -> AttestedAgent:
         credentials = await asyncio.to_thread(
-            self._issue_and_record, node.agent_id, csr, custody, name, node.selectors
+            self._issue_and_record, node.agent_id, csr, custody, node.plugin, node.selectors
         )
         return AttestedAgent(
             agent_id=node.agent_id,

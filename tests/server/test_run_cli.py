@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -232,3 +233,23 @@ def test_run_with_the_database_unreachable_is_one_line(server_rig_factory: RigFa
     assert last.startswith("error [server_start]: ")
     assert "[datastore_unavailable]" in last
     assert "Traceback" not in result.stderr
+
+
+def test_a_federation_certificate_that_is_a_fifo_is_one_line_not_a_hang(
+    server_rig_factory: RigFactory, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "cert.pem"
+    os.mkfifo(fifo)
+    rig = server_rig_factory(
+        sections={
+            "federation": {
+                "address": f"127.0.0.1:{free_port()}",
+                "cert_file": str(fifo),
+                "key_file": str(fifo),
+            }
+        }
+    )
+    result = run_custos("server", "run", "--config", str(rig.config_path))
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error [server_start]: federation.cert_file: "), last

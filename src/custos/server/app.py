@@ -40,7 +40,7 @@ from custos.server.context import ServerContext, server_id
 from custos.server.datastore import Agent, Datastore, DatastoreUnavailableError, RegistrationEntry
 from custos.server.entitlement import entries_for_agent
 from custos.server.events import ChangeEvents
-from custos.server.federation import federation_listener
+from custos.server.federation import MAX_PEM_BYTES, federation_listener
 from custos.server.health import OVERALL, AgentApiHealth
 from custos.server.http import HttpListener, Response
 from custos.server.issuer import Issuer
@@ -61,8 +61,6 @@ AGENT_API_SERVICES = tuple(
 #: How often the maintenance task runs (key rotation follows SPIRE's schedule
 #: thresholds, so a minute's resolution is plenty).
 MAINTENANCE_INTERVAL_SECONDS = 60.0
-#: An upstream certificate chain or key file is a few KiB.
-MAX_PEM_BYTES = 256 * 1024
 #: How long ``stop()`` lets in-flight Agent API calls finish.
 STOP_GRACE_SECONDS = 2.0
 

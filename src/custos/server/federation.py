@@ -14,7 +14,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import replace
 
-from custos._files import UnreadableFileError
+from custos._files import UnreadableFileError, read_small_file
 from custos.bundle import TrustBundle
 from custos.errors import CustosError
 from custos.server.config import FederationConfig
@@ -22,6 +22,8 @@ from custos.server.datastore import DatastoreUnavailableError
 from custos.server.http import HttpListener, Response
 
 BUNDLE_CONTENT_TYPE = "application/json"
+#: A certificate chain or key file is a few KiB.
+MAX_PEM_BYTES = 256 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +38,18 @@ def tls_context(config: FederationConfig) -> ssl.SSLContext:
     """A TLS server context for the operator's web-PKI certificate chain and key."""
     if config.cert_file is None or config.key_file is None:
         raise FederationConfigError("federation: cert_file and key_file are required")
+    # ssl reads the files by path: check first that each is a bounded regular file
+    # (a FIFO would block the server's start for ever, /dev/zero fill its memory).
+    for key, path in (("cert_file", config.cert_file), ("key_file", config.key_file)):
+        try:
+            read_small_file(path, max_bytes=MAX_PEM_BYTES, what=f"federation {key}")
+        except UnreadableFileError as e:
+            raise FederationConfigError(f"federation.{key}: {e.message}") from None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(config.cert_file, config.key_file)
-    except (OSError, ssl.SSLError, UnreadableFileError) as e:
+    except (OSError, ssl.SSLError) as e:
         reason = getattr(e, "strerror", None) or getattr(e, "reason", None) or type(e).__name__
         raise FederationConfigError(
             f"federation: cannot load cert_file/key_file ({reason})"

@@ -73,6 +73,7 @@ _ATTESTOR = textwrap.dedent(
     GATE = None
     ENTERED = None
     SEEN = []
+    FAIL = False
 
     class CallerAttestor:
         def configure(self, config, core):
@@ -80,6 +81,8 @@ _ATTESTOR = textwrap.dedent(
 
         async def attest(self, peer):
             SEEN.append(peer.pid)
+            if FAIL:
+                raise RuntimeError("the attestor broke: /secret/detail")
             if GATE is not None:
                 ENTERED.set()
                 await GATE.wait()
@@ -802,3 +805,44 @@ def test_a_released_caller_counts_as_exited() -> None:
     with pytest.raises(OSError):
         os.fstat(pidfd)  # closed (and a second release is a no-op)
     caller.release()
+
+
+def test_a_failing_attestor_is_internal_without_its_detail(wapi: Rig,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    wapi.publish(wapi.serve("e1", "spiffe://example.org/a", custody="memory"))
+    wapi.attestor.FAIL = True
+    caplog.set_level("ERROR", logger="custos.agent.workload_api")
+    status, message = status_of(lambda: signing(wapi, lambda s: s.FetchWIT(wpb.FetchWITRequest())))
+    assert (status, message) == (Status.INTERNAL, "workload attestation failed")
+    assert any("/secret/detail" in r.getMessage() for r in caplog.records)  # the log has it
+
+
+def test_a_stream_ends_permission_denied_when_the_last_identity_goes(wapi: Rig) -> None:
+    wapi.publish(wapi.serve("e1", "spiffe://example.org/a"))
+
+    async def watch() -> Status:
+        channel = Channel(path=str(wapi.socket))
+        try:
+            method = UnaryStreamMethod(channel, X509, pb.X509SVIDRequest, pb.X509SVIDResponse)
+            # The status arrives in the trailers: grpclib raises it when the stream closes.
+            with pytest.raises(GRPCError) as e:
+                async with method.open(metadata=SPIFFE_MD, timeout=10) as stream:
+                    await stream.send_message(pb.X509SVIDRequest(), end=True)
+                    assert (await stream.recv_message()) is not None
+                    await asyncio.to_thread(wapi.publish)
+                    assert (await stream.recv_message()) is None
+            return e.value.status
+        finally:
+            channel.close()
+
+    assert asyncio.run(watch()) is Status.PERMISSION_DENIED
+
+
+def test_a_rate_limited_uid_is_logged_once_per_episode(tight: Rig,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="custos.agent.workload_api")
+    for _ in range(3):
+        signing(tight, lambda s: s.Ping(wpb.PingRequest()))
+    for _ in range(5):
+        status_of(lambda: signing(tight, lambda s: s.Ping(wpb.PingRequest())))
+    assert len([r for r in caplog.records if "rate limit" in r.getMessage()]) == 1

@@ -81,6 +81,16 @@ class RateLimiter:
         self._rate = rate
         self._burst = float(burst)
         self._buckets: dict[int, tuple[float, float]] = {}  # uid -> (tokens, last)
+        #: uids refused since their last allowed call: a caller hammering an empty
+        #: bucket is logged once per episode, not once per call.
+        self._refused: set[int] = set()
+
+    def first_refusal(self, uid: int) -> bool:
+        """True the first time ``uid`` is refused since it was last allowed."""
+        if uid in self._refused:
+            return False
+        self._refused.add(uid)
+        return True
 
     def allow(self, uid: int) -> bool:
         now = time.monotonic()
@@ -89,6 +99,7 @@ class RateLimiter:
         allowed = tokens >= 1.0
         if allowed:
             tokens -= 1.0
+            self._refused.discard(uid)
         if uid not in self._buckets and len(self._buckets) >= _MAX_TRACKED:
             self._sweep(now)
         self._buckets[uid] = (tokens, now)
@@ -98,6 +109,7 @@ class RateLimiter:
         for uid, (_, last) in list(self._buckets.items()):
             if now - last > _IDLE_SECONDS:
                 del self._buckets[uid]
+                self._refused.discard(uid)
 
 
 class StreamCounter:

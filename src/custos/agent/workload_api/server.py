@@ -141,8 +141,10 @@ class _Calls:
                      SECURITY_HEADER)
             raise GRPCError(Status.INVALID_ARGUMENT, "security header missing from request")
         if not self._rate.allow(caller.uid):
-            log.warning("workload API: %s from pid %d refused: uid %d over its rate limit",
-                        method, caller.pid, caller.uid)
+            if self._rate.first_refusal(caller.uid):
+                log.warning("workload API: %s from pid %d refused: uid %d over its rate limit "
+                            "(further refusals are not logged until it is allowed again)",
+                            method, caller.pid, caller.uid)
             raise GRPCError(Status.RESOURCE_EXHAUSTED, "rate limit exceeded")
         return caller
 

@@ -7,9 +7,10 @@ servers in one process, and a process-global registry would refuse the second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -100,6 +101,22 @@ class CallMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return observe
 
 
+@contextlib.contextmanager
+def _timing(context: Any, observe: Callable[[Any, float, str], None]) -> Iterator[None]:
+    """Observe the block's duration under the call's final status."""
+    started, fallback = time.perf_counter(), "OK"
+    try:
+        yield
+    except (asyncio.CancelledError, GeneratorExit):
+        fallback = "CANCELLED"
+        raise
+    except BaseException:
+        fallback = "UNKNOWN"
+        raise
+    finally:
+        observe(context, started, fallback)
+
+
 def _timed_call(
     behaviour: Callable[..., Any], observe: Callable[[Any, float, str], None]
 ) -> Callable[..., Any]:
@@ -107,17 +124,8 @@ def _timed_call(
         return behaviour  # a synchronous handler: none on this server
 
     async def timed(request: Any, context: Any) -> Any:
-        started, fallback = time.perf_counter(), "OK"
-        try:
+        with _timing(context, observe):
             return await behaviour(request, context)
-        except asyncio.CancelledError:
-            fallback = "CANCELLED"
-            raise
-        except BaseException:
-            fallback = "UNKNOWN"
-            raise
-        finally:
-            observe(context, started, fallback)
 
     return timed
 
@@ -125,24 +133,15 @@ def _timed_call(
 def _timed_stream(
     behaviour: Callable[..., Any], observe: Callable[[Any, float, str], None]
 ) -> Callable[..., Any]:
-    if inspect.isasyncgenfunction(behaviour):
+    if not inspect.isasyncgenfunction(behaviour):
+        return _timed_call(behaviour, observe)
 
-        async def timed_gen(request: Any, context: Any) -> AsyncIterator[Any]:
-            started, fallback = time.perf_counter(), "OK"
-            try:
-                async for item in behaviour(request, context):
-                    yield item
-            except (asyncio.CancelledError, GeneratorExit):
-                fallback = "CANCELLED"
-                raise
-            except BaseException:
-                fallback = "UNKNOWN"
-                raise
-            finally:
-                observe(context, started, fallback)
+    async def timed_gen(request: Any, context: Any) -> AsyncIterator[Any]:
+        with _timing(context, observe):
+            async for item in behaviour(request, context):
+                yield item
 
-        return timed_gen
-    return _timed_call(behaviour, observe)
+    return timed_gen
 
 
 #: (handler attribute, handler factory, wrapper) for the four kinds of gRPC method.

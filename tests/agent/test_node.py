@@ -340,7 +340,9 @@ def test_a_state_whose_key_is_gone_attests_again(
 # ---- eviction -------------------------------------------------------------------------
 
 
-def test_an_evicted_agent_reattests_only_with_a_new_token(rig: ServerRig, tmp_path: Path) -> None:
+def test_an_evicted_agent_reattests_only_with_a_new_token(
+    rig: ServerRig, tmp_path: Path, records: Records
+) -> None:
     async def main() -> None:
         async with running_server(rig) as srv:
             store = exportable_store(tmp_path)
@@ -369,6 +371,7 @@ def test_an_evicted_agent_reattests_only_with_a_new_token(rig: ServerRig, tmp_pa
                     await bounded(node.wait_changed(node.generation))
                 assert node.failure is None
                 await authenticated(node.client)
+                await records.wait_for("deleted agent key custos-agent-1 (replaced)")
                 assert agent_keys(store) == [node.key_name]
 
     asyncio.run(main())
@@ -416,7 +419,9 @@ def test_server_down_backoff_keeps_the_identity_then_renews_with_a_new_key(
                     assert renewed.spiffe_id == first.spiffe_id  # RenewAgent, not a new agent
                     assert renewed.wit != first.wit
                     assert node.key_name == "custos-agent-2"
-                    assert agent_keys(store) == ["custos-agent-2"]  # old key deleted
+                    # The old key goes right after the new identity is on disk and in use.
+                    await records.wait_for("deleted agent key custos-agent-1 (replaced)")
+                    assert agent_keys(store) == ["custos-agent-2"]
                     await authenticated(node.client)
                     saved = read_json(tmp_path / "data" / STATE_FILE)
                     assert saved is not None and saved["generation"] == 2

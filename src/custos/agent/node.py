@@ -183,7 +183,7 @@ class NodeIdentity:
         self._failure: NodeIdentityError | None = None
         self._failed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._closing: set[asyncio.Task[None]] = set()
+        self._closing: dict[grpc.aio.Channel, asyncio.Task[None]] = {}
         self._renew_at = 0.0
 
     # ---- what other parts use ----------------------------------------------------------
@@ -242,6 +242,13 @@ class NodeIdentity:
     async def start(self) -> None:
         """Use the persisted identity or attest (bounded retries while the server is
         unreachable), then keep it fresh in the background."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()  # a channel opened before the failure is closed
+            raise
+
+    async def _start(self) -> None:
         await asyncio.to_thread(ensure_private_dir, self._data_dir)
         held = await asyncio.to_thread(self._restore)
         await asyncio.to_thread(self._delete_stale_keys, held)
@@ -269,14 +276,17 @@ class NodeIdentity:
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
+        closing, self._closing = self._closing, {}
+        for task in [*tasks, *closing.values()]:
             task.cancel()
-        for task in [*tasks, *self._closing]:
+        for task in [*tasks, *closing.values()]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+        # Replaced channels still in their grace period close now, with the current one.
+        for channel in [*closing, self._channel]:
+            if channel is not None:
+                await channel.close()
+        self._channel = None
 
     async def __aenter__(self) -> NodeIdentity:
         await self.start()
@@ -440,10 +450,9 @@ class NodeIdentity:
     def _close_later(self, channel: grpc.aio.Channel) -> None:
         async def close() -> None:
             await channel.close(grace=CHANNEL_GRACE)
+            self._closing.pop(channel, None)
 
-        task = asyncio.create_task(close(), name="custos-node-old-channel")
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._closing[channel] = asyncio.create_task(close(), name="custos-node-old-channel")
 
     def _bump(self) -> None:
         self._generation += 1
@@ -599,6 +608,10 @@ class NodeIdentity:
                 return
             except CustosError as e:  # a device or disk fault: try again later
                 attempt = await self._retry_later(e.code, e.message, attempt)
+                continue
+            except Exception as e:  # a bug must not silently end renewals: log, retry
+                log.exception("renewing the agent identity failed unexpectedly")
+                attempt = await self._retry_later("internal", type(e).__name__, attempt)
                 continue
             attempt = 0
             self._reattest_reason = None

@@ -17,6 +17,7 @@ import importlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -205,7 +206,8 @@ class Rig:
     """A Workload API server running in its own thread and event loop."""
 
     def __init__(self, tmp: Path, limits: WorkloadApiLimits,
-                 attestors: Sequence[PluginConfig] = (PluginConfig("wapitest", {}),)) -> None:
+                 attestors: Sequence[PluginConfig] = (PluginConfig("wapitest", {}),),
+                 **serve: Any) -> None:
         self.socket = tmp / "run" / "agent.sock"
         self.authority = Authority.create()
         self.memory = MemoryKeyStore()
@@ -223,7 +225,7 @@ class Rig:
         self.identities: WorkloadIdentities = self.run(self._make_source)
         self.server: WorkloadApiServer = self.run(
             lambda: serve_workload_api(self.socket, identities=self.identities,
-                                       catalog=self.catalog, limits=limits)
+                                       catalog=self.catalog, limits=limits, **serve)
         )
 
     async def _make_source(self) -> WorkloadIdentities:
@@ -285,8 +287,9 @@ def plugin_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
 
 @contextmanager
 def make_rig(tmp_path: Path, limits: WorkloadApiLimits | None = None,
-             attestors: Sequence[PluginConfig] = (PluginConfig("wapitest", {}),)) -> Iterator[Rig]:
-    rig = Rig(tmp_path, limits or WorkloadApiLimits(), attestors)
+             attestors: Sequence[PluginConfig] = (PluginConfig("wapitest", {}),),
+             **serve: Any) -> Iterator[Rig]:
+    rig = Rig(tmp_path, limits or WorkloadApiLimits(), attestors, **serve)
     try:
         yield rig
     finally:
@@ -846,3 +849,40 @@ def test_a_rate_limited_uid_is_logged_once_per_episode(tight: Rig,
     for _ in range(5):
         status_of(lambda: signing(tight, lambda s: s.Ping(wpb.PingRequest())))
     assert len([r for r in caplog.records if "rate limit" in r.getMessage()]) == 1
+
+
+def test_connections_per_uid_are_bounded(plugin_site: Path, tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="custos.agent.workload_api")
+
+    def probe(path: Path) -> bytes:
+        """What the agent sends a new connection first: its HTTP/2 settings, or EOF."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+            raw.settimeout(10)
+            raw.connect(str(path))
+            return raw.recv(64)
+
+    with make_rig(tmp_path, max_connections_per_uid=3) as rig:
+        rig.publish(rig.serve("e1", "spiffe://example.org/a", custody="memory"))
+
+        async def go() -> tuple[list[bytes], bytes]:
+            held = [Channel(path=str(rig.socket)) for _ in range(3)]
+            try:
+                for channel in held:
+                    await WimseSigningStub(channel).Ping(wpb.PingRequest(), timeout=10)
+                refused = [await asyncio.to_thread(probe, rig.socket) for _ in range(2)]
+                held.pop().close()
+                # Once the agent has seen that close, a new connection is accepted.
+                for _ in range(100):
+                    accepted = await asyncio.to_thread(probe, rig.socket)
+                    if accepted:
+                        return refused, accepted
+                    await asyncio.sleep(0.05)
+                return refused, b""
+            finally:
+                for channel in held:
+                    channel.close()
+
+        refused, accepted = asyncio.run(go())
+        assert refused == [b"", b""] and accepted
+    assert len([r for r in caplog.records if "connection from pid" in r.getMessage()]) == 1

@@ -127,28 +127,81 @@ def read_caller(conn: socket.socket) -> Caller | None:
         return None
 
 
+#: Open connections one uid may hold: each costs the agent a socket and a pidfd,
+#: and a caller that opens thousands would run the agent out of file descriptors.
+DEFAULT_MAX_CONNECTIONS_PER_UID = 256
+
+
 class _Connection(socket.socket):
-    """An accepted connection that releases its caller's pidfd when closed."""
+    """An accepted connection that releases its caller when closed."""
 
     caller: Caller | None = None
+    listener: CallerSocket | None = None
 
     def close(self) -> None:
         super().close()
-        if self.caller is not None:
-            self.caller.release()
+        caller, self.caller = self.caller, None
+        if caller is not None:
+            caller.release()
+            if self.listener is not None:
+                self.listener.closed(caller.uid)
 
 
 class CallerSocket(socket.socket):
     """A listening Unix socket whose ``accept()`` returns the :class:`Caller`
     as the peer address (a Unix socket's own peer address is an empty string,
-    so nothing is lost)."""
+    so nothing is lost), and that holds each uid to ``max_per_uid`` open
+    connections (one more is closed at once: asyncio's accept loop takes
+    ``ConnectionAbortedError`` as "nothing to accept now")."""
+
+    def __init__(self, max_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID) -> None:
+        super().__init__(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.max_per_uid = max_per_uid
+        # Touched only by accept() and close(), both on the event loop.
+        self._counts: dict[int, int] = {}
+        #: uids refused since their last accepted connection (logged once)
+        self._refused: set[int] = set()
 
     def accept(self) -> tuple[socket.socket, Any]:
         accepted, _ = super().accept()
         conn = _Connection(accepted.family, accepted.type, accepted.proto,
                            fileno=accepted.detach())
-        conn.caller = read_caller(conn)
-        return conn, conn.caller
+        caller = read_caller(conn)
+        if caller is not None:
+            if self._counts.get(caller.uid, 0) >= self.max_per_uid:
+                self._refuse(conn, caller)
+            self._counts[caller.uid] = self._counts.get(caller.uid, 0) + 1
+            self._refused.discard(caller.uid)
+            conn.listener = self
+        conn.caller = caller
+        return conn, caller
+
+    def _refuse(self, conn: socket.socket, caller: Caller) -> None:
+        conn.close()
+        caller.release()
+        if caller.uid not in self._refused:
+            self._refused.add(caller.uid)
+            log.warning("workload API: a connection from pid %d refused: uid %d has %d open "
+                        "(further refusals are not logged until one is accepted)", caller.pid,
+                        caller.uid, self.max_per_uid)
+        raise ConnectionAbortedError("too many connections from one uid")
+
+    def closed(self, uid: int) -> None:
+        left = self._counts.get(uid, 1) - 1
+        if left > 0:
+            self._counts[uid] = left
+        else:
+            self._counts.pop(uid, None)
+
+    def open_connections(self, uid: int) -> int:
+        return self._counts.get(uid, 0)
 
 
-__all__ = ["SO_PEERPIDFD", "Caller", "CallerSocket", "process_exited", "read_caller"]
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS_PER_UID",
+    "SO_PEERPIDFD",
+    "Caller",
+    "CallerSocket",
+    "process_exited",
+    "read_caller",
+]

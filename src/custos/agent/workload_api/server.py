@@ -47,7 +47,7 @@ from custos.plugin.catalog import AgentCatalog
 from custos.wimse.errors import WimseError
 
 from .limits import RateLimiter, StreamCounter, WorkloadApiLimits
-from .peer import Caller, CallerSocket
+from .peer import DEFAULT_MAX_CONNECTIONS_PER_UID, Caller, CallerSocket
 from .sources import IdentitySource, ServedIdentity, WorkloadAttestation
 
 log = logging.getLogger(__name__)
@@ -296,9 +296,11 @@ def _bind(sock: socket.socket, path: Path) -> None:
     sock.bind(str(path))
 
 
-def listening_socket(path: Path) -> socket.socket:
+def listening_socket(
+    path: Path, max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
+) -> socket.socket:
     """Bound at ``path`` with mode 0666, its directory created 0755 if missing."""
-    sock = CallerSocket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = CallerSocket(max_connections_per_uid)
     try:
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         _bind(sock, path)
@@ -333,8 +335,12 @@ async def serve_workload_api(
     identities: IdentitySource,
     catalog: AgentCatalog | WorkloadAttestation,
     limits: WorkloadApiLimits | None = None,
+    max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID,
 ) -> WorkloadApiServer:
-    """Serve the SPIFFE Workload API and ``custos.wimse.v1.WimseSigning`` on ``socket_path``."""
+    """Serve the SPIFFE Workload API and ``custos.wimse.v1.WimseSigning`` on ``socket_path``.
+
+    ``max_connections_per_uid`` (default 256) bounds the connections one uid holds open.
+    """
     from .signing import signing_handlers
     from .spiffe import spiffe_handlers
 
@@ -343,7 +349,7 @@ async def serve_workload_api(
     services = [_Service(spiffe_handlers(calls)), _Service(signing_handlers(calls))]
     server = Server(services, codec=_LimitedCodec(limits.max_message_bytes))
     path = Path(socket_path)
-    sock = listening_socket(path)
+    sock = listening_socket(path, max_connections_per_uid)
     with contextlib.ExitStack() as undo:  # undone if the server does not start
         undo.callback(path.unlink, missing_ok=True)
         undo.callback(sock.close)

@@ -498,3 +498,51 @@ def test_a_ca_rotation_updates_the_bundle_and_reopens_the_channel(
                 assert len(node.bundle.x509_authorities) == len(before.x509_authorities) + 1
 
     asyncio.run(main())
+
+
+def test_a_banned_agent_fails_with_one_clear_error(rig: ServerRig, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_server(rig) as srv:
+            async with node_of(
+                srv, tmp_path, await new_token(srv), exportable_store(tmp_path)
+            ) as node:
+                await asyncio.to_thread(srv.ctx.datastore.agents.ban, node.identity.spiffe_id)
+                with pytest.raises(AgentApiError) as refused:
+                    await authenticated(node.client)
+                node.report_refused(refused.value)
+                failure = await bounded(node.wait_failed())
+                assert failure.code == "agent_banned"
+                assert (
+                    "banned" in failure.message and str(node.identity.spiffe_id) in failure.message
+                )
+
+    asyncio.run(main())
+
+
+def test_insecure_bootstrap_attests_then_trusts_the_bundle_it_got(
+    rig: ServerRig, tmp_path: Path, records: Records
+) -> None:
+    async def main() -> None:
+        async with running_server(rig) as srv:
+            token = await new_token(srv)
+            with AgentCatalog.load(
+                TD,
+                node_attestors=[PluginConfig("join_token", {"token": token})],
+                workload_attestors=[PluginConfig("example")],
+            ) as catalog:
+                node = NodeIdentity(
+                    trust_domain=TD,
+                    server=ServerConnection(srv.agent_api_address, insecure_bootstrap=True),
+                    attestor=catalog.node_attestor,
+                    store=exportable_store(tmp_path),
+                    custody="exportable",
+                    data_dir=tmp_path / "data",
+                )
+                async with node:
+                    await authenticated(node.client)
+                    server_bundle = await asyncio.to_thread(srv.ctx.bundle)
+                    assert set(node.bundle.x509_authorities) == set(server_bundle.x509_authorities)
+            # The pin was logged loudly (custos.agent.client.channel's warning).
+            assert any("INSECURE BOOTSTRAP" in m for m in records.messages)
+
+    asyncio.run(main())

@@ -70,6 +70,7 @@ STATE_FILE = "agent.json"
 _STATE_VERSION = 1
 #: Server codes that mean "this identity is no longer good: attest again".
 REATTEST_CODES = frozenset({"agent_evicted", "agent_not_found", "agent_wit_superseded"})
+_BANNED = "agent_banned"
 #: The server's answer to RenewAgent from an agent whose attestor re-attests.
 _RENEW_BY_ATTESTING = "renew_by_attesting"
 #: Statuses after which trying again later may work (beyond AgentApiError.retryable):
@@ -232,10 +233,13 @@ class NodeIdentity:
         return self._failure
 
     def report_refused(self, error: AgentApiError) -> None:
-        """Tell the node identity that the server refused a call with ``error``; an
-        unknown, evicted or superseded agent attests again (other codes: no-op)."""
+        """Tell the node identity that the server refused a call with ``error``: an
+        unknown, evicted or superseded agent attests again, a banned one has failed
+        (other codes: no-op)."""
         if error.code in REATTEST_CODES:
             self._request_reattest(error)
+        elif error.code == _BANNED:
+            self._banned(error)
 
     # ---- start and stop ----------------------------------------------------------------
 
@@ -577,6 +581,15 @@ class NodeIdentity:
             self._reattest_reason = f"[{error.code}] {error.message}"
         self._wake.set()
 
+    def _banned(self, error: AgentApiError) -> None:
+        self._fail(
+            NodeIdentityError(
+                f"agent {self.identity.spiffe_id} is banned and can never attest again "
+                f"under this ID: [{error.code}] {error.message}",
+                code=error.code,
+            )
+        )
+
     def _fail(self, error: NodeIdentityError) -> None:
         if self._failure is None:
             log.error("%s", error.message, extra={"code": error.code})
@@ -693,13 +706,8 @@ class NodeIdentity:
                     self._request_reattest(e)
                     await self.wait_changed(self._generation)
                     continue
-                if e.code == "agent_banned":
-                    self._fail(
-                        NodeIdentityError(
-                            f"agent {self.identity.spiffe_id} is banned: [{e.code}] {e.message}",
-                            code=e.code,
-                        )
-                    )
+                if e.code == _BANNED:
+                    self._banned(e)
                     return
                 delay = self._backoff.delay(attempt)
                 attempt += 1

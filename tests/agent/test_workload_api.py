@@ -886,3 +886,36 @@ def test_connections_per_uid_are_bounded(plugin_site: Path, tmp_path: Path,
         refused, accepted = asyncio.run(go())
         assert refused == [b"", b""] and accepted
     assert len([r for r in caplog.records if "connection from pid" in r.getMessage()]) == 1
+
+
+def test_a_hint_is_unique_among_the_svids_returned(wapi: Rig) -> None:
+    # SPIFFE Workload API 5.2.1 / 6.2.1 / 7.2.1: servers MUST keep a non-empty hint
+    # unique in one response; the first identity (by entry id) keeps it.
+    wapi.publish(
+        wapi.serve("e1", "spiffe://example.org/a", hint="internal"),
+        wapi.serve("e2", "spiffe://example.org/b", hint="internal"),
+        wapi.serve("e3", "spiffe://example.org/c"),
+        wapi.serve("e4", "spiffe://example.org/d"),
+    )
+    reply = first(wapi, X509, pb.X509SVIDRequest(), pb.X509SVIDResponse)
+    assert [(s.spiffe_id, s.hint) for s in reply.svids] == [
+        ("spiffe://example.org/a", "internal"), ("spiffe://example.org/c", ""),
+        ("spiffe://example.org/d", ""),
+    ]
+    jwt = unary(wapi, JWT, pb.JWTSVIDRequest(audience=["x"]), pb.JWTSVIDResponse)
+    assert [s.spiffe_id for s in jwt.svids] == [
+        "spiffe://example.org/a", "spiffe://example.org/c", "spiffe://example.org/d"
+    ]
+
+
+def test_hint_uniqueness_counts_only_what_the_response_carries(wapi: Rig) -> None:
+    # The device-held identity is not in an X.509-SVID response, so its hint
+    # does not take the exportable one's place.
+    wapi.publish(
+        wapi.serve("e1", "spiffe://example.org/dev", custody="memory", hint="internal"),
+        wapi.serve("e2", "spiffe://example.org/exp", hint="internal"),
+    )
+    reply = first(wapi, X509, pb.X509SVIDRequest(), pb.X509SVIDResponse)
+    assert [(s.spiffe_id, s.hint) for s in reply.svids] == [
+        ("spiffe://example.org/exp", "internal")
+    ]

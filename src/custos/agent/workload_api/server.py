@@ -227,6 +227,21 @@ class _Calls:
             raise denied()
 
 
+def unique_hints(call: Call, identities: list[ServedIdentity]) -> list[ServedIdentity]:
+    """The identities of one response with each non-empty hint once (SPIFFE Workload
+    API: servers MUST): of two with one hint, the first by entry id is served."""
+    kept: list[ServedIdentity] = []
+    hints: set[str] = set()
+    for identity in identities:
+        if identity.hint and identity.hint in hints:
+            log.warning("workload API: %s: entry %s not served: its hint %r is already "
+                        "another identity's", call, identity.entry_id, identity.hint)
+            continue
+        hints.add(identity.hint)
+        kept.append(identity)
+    return kept
+
+
 def status_for(error: CustosError) -> tuple[Status, str]:
     """The status and the caller's one-line message for a custos error from a handler."""
     if isinstance(error, KeyStoreError):
@@ -369,4 +384,5 @@ __all__ = [
     "WorkloadSocketError",
     "request_of",
     "serve_workload_api",
+    "unique_hints",
 ]

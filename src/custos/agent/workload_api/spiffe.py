@@ -35,6 +35,7 @@ from .server import (
     denied,
     method_handler,
     request_of,
+    unique_hints,
 )
 from .sources import EXPORTABLE, ServedIdentity
 
@@ -121,7 +122,7 @@ class SpiffeHandlers:
     async def fetch_x509_svid(self, stream: Stream[Any, Any], call: Call) -> None:
         last: list[bytes] = []
         async for found in self._updates(stream, call):
-            chosen = exportable_only(call, found, "FetchX509Chain")
+            chosen = unique_hints(call, exportable_only(call, found, "FetchX509Chain"))
             bundle = der_chain(self._src.bundle().x509_authorities)
             svids = [
                 pb.X509SVID(
@@ -160,7 +161,7 @@ class SpiffeHandlers:
         seen = self._src.generation
         while True:
             found = only(call, self._calls.entitled(call), wanted)
-            chosen = exportable_only(call, found, "FetchWIT")
+            chosen = unique_hints(call, exportable_only(call, found, "FetchWIT"))
             svids = [
                 pb.WITSVID(
                     spiffe_id=str(i.spiffe_id),
@@ -195,7 +196,7 @@ class SpiffeHandlers:
                 f"at most {MAX_AUDIENCES} audiences of at most {MAX_AUDIENCE_LENGTH} characters",
             )
         wanted = requested_id(request.spiffe_id)
-        chosen = only(call, self._calls.entitled(call), wanted)
+        chosen = unique_hints(call, only(call, self._calls.entitled(call), wanted))
         svids = [
             pb.JWTSVID(
                 spiffe_id=str(i.spiffe_id),

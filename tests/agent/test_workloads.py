@@ -373,3 +373,63 @@ def test_a_bad_credential_file_is_not_served_and_its_key_goes(
         await custody.close()
 
     serve(rig, scenario)
+
+
+def test_a_credential_change_reissues_with_a_new_key_and_a_selector_change_does_not(
+    rig: ServerRig, tmp_path: Path
+) -> None:
+    custody = Custody({"memory": MemoryKeyStore()})
+
+    async def scenario(srv: Server, agent: RigAgent, admin: AdminClient) -> None:
+        parent = str(agent.identity.spiffe_id)
+        async with WorkloadManager(node=RigNode(agent), custody=custody, data_dir=tmp_path) as m:
+            made = await admin.create_entry(entry("/e", parent, "unix:uid:1"))
+            first = await until(lambda: by_entry(m.identities.all(), made.id))
+            # selectors and hint: the same key and credentials, published again
+            made.selectors[:] = ["unix:uid:2"]
+            made.hint = "two"
+            made = await admin.update_entry(made)
+            moved = await until(
+                lambda: (i := by_entry(m.identities.all(), made.id)) and i.hint == "two" and i
+            )
+            assert (moved.key.name, moved.wit) == (first.key.name, first.wit)
+            assert moved.selectors == (Selector("unix", "uid:2"),)
+            assert m.identities.identities_for([Selector("unix", "uid:1")]) == []
+            state = json.loads((tmp_path / "workloads" / f"{made.id}.json").read_text())
+            assert state["entry"]["selectors"] == ["unix:uid:2"]
+            # a TTL: new credentials, for a new key
+            made.x509_svid_ttl = 1800
+            made = await admin.update_entry(made)
+            again = await until(
+                lambda: (
+                    (i := by_entry(m.identities.all(), made.id)) and i.key is not first.key and i
+                )
+            )
+            assert again.key.name == key_name(made.id, 2)
+            check_credentials(again, agent, f"spiffe://{TD}/e")
+        await custody.close()
+
+    serve(rig, scenario)
+
+
+def test_credentials_are_asked_for_at_most_100_entries_per_call(
+    rig: ServerRig, tmp_path: Path
+) -> None:
+    custody = Custody({"memory": MemoryKeyStore()})
+    metric = "custos_server_call_seconds_count"
+
+    def calls(srv: Server, method: str) -> float:
+        labels = {"method": f"/custos.agent.v1.Svids/{method}", "code": "OK"}
+        return srv.ctx.metrics.registry.get_sample_value(metric, labels) or 0.0
+
+    async def scenario(srv: Server, agent: RigAgent, admin: AdminClient) -> None:
+        parent = str(agent.identity.spiffe_id)
+        for n in range(150):
+            await admin.create_entry(entry(f"/many/{n}", parent, f"unix:uid:{n}"))
+        # the manager starts after all of them exist: its first set holds all 150
+        async with WorkloadManager(node=RigNode(agent), custody=custody, data_dir=tmp_path) as m:
+            await until(lambda: len(m.identities.all()) == 150)
+        assert (calls(srv, "BatchNewX509SVID"), calls(srv, "BatchNewWIT")) == (2.0, 2.0)
+        await custody.close()
+
+    serve(rig, scenario)

@@ -274,7 +274,19 @@ class WorkloadManager:
         for start in range(0, len(due), MAX_BATCH):
             await self._issue(due[start : start + MAX_BATCH])
         await self._delete_due(self._now())
+        self._forget_gone()
         return self._next_wake()
+
+    def _forget_gone(self) -> None:
+        """Drop the bookkeeping of entries that are gone for good (not in the set, not
+        served, no key left to delete), so a long-lived agent does not grow with churn."""
+        if self._entries is None:
+            return
+        keep = set(self._entries) | set(self._served)
+        keep |= {parsed[0] for _, name in self._deletions if (parsed := parse_key_name(name))}
+        for table in (self._generations, self._retry):
+            for entry_id in [e for e in table if e not in keep]:
+                del table[entry_id]
 
     def _expire(self, now: float) -> bool:
         expired = [i for i in self._served.values() if i.not_after <= now]
@@ -716,6 +728,10 @@ class WorkloadManager:
                 continue
             usable[entry.id] = entry
         self._entries = usable
+        # A refusal is said once per revision of an entry that is still in the set.
+        present = {entry.id for entry in entry_set.entries}
+        for entry_id in [e for e in self._refused_revisions if e not in present]:
+            del self._refused_revisions[entry_id]
         self._entry_sets += 1
         self.wake()
 

@@ -919,3 +919,32 @@ def test_hint_uniqueness_counts_only_what_the_response_carries(wapi: Rig) -> Non
     assert [(s.spiffe_id, s.hint) for s in reply.svids] == [
         ("spiffe://example.org/exp", "internal")
     ]
+
+
+def test_the_bundle_streams_send_a_new_bundle_when_it_changes(wapi: Rig) -> None:
+    wapi.publish(wapi.serve("e1", "spiffe://example.org/a", custody="memory"))
+    added = Authority.create().ca.root
+
+    async def watch() -> list[int]:
+        channel = Channel(path=str(wapi.socket))
+        try:
+            method = UnaryStreamMethod(channel, "/SpiffeWorkloadAPI/FetchX509Bundles",
+                                       pb.X509BundlesRequest, pb.X509BundlesResponse)
+            async with method.open(metadata=SPIFFE_MD, timeout=10) as stream:
+                await stream.send_message(pb.X509BundlesRequest(), end=True)
+                sizes = [len(der_chain((await stream.recv_message()).bundles[
+                    "spiffe://example.org"]))]
+
+                async def rotate() -> None:
+                    wapi.node.bundle = wapi.node.bundle.with_x509_authority(added)
+                    wapi.identities.bump()
+
+                await asyncio.to_thread(wapi.run, rotate)
+                sizes.append(len(der_chain((await stream.recv_message()).bundles[
+                    "spiffe://example.org"])))
+                await stream.cancel()
+                return sizes
+        finally:
+            channel.close()
+
+    assert asyncio.run(watch()) == [1, 2]

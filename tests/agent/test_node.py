@@ -546,3 +546,36 @@ def test_insecure_bootstrap_attests_then_trusts_the_bundle_it_got(
             assert any("INSECURE BOOTSTRAP" in m for m in records.messages)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("generation", True),
+        ("wit", None),
+        ("wit", "eyJhbGciOiJFUzI1NiJ9.e30.AAAA"),
+        ("x509_svid", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+        ("trust_domain", "evil.example"),
+        ("expires_at", 1.0),
+        ("selectors", "unix:uid:0"),
+        ("bundle", "{}"),
+    ],
+)
+def test_a_tampered_state_is_not_used_the_agent_attests_again(
+    rig: ServerRig, tmp_path: Path, records: Records, field: str, value: object
+) -> None:
+    async def main() -> None:
+        async with running_server(rig) as srv:
+            store = exportable_store(tmp_path)
+            async with node_of(srv, tmp_path, await new_token(srv), store) as node:
+                first = node.identity.spiffe_id
+            path = tmp_path / "data" / STATE_FILE
+            saved = json.loads(path.read_text())
+            saved[field] = value
+            path.write_text(json.dumps(saved))
+            async with node_of(srv, tmp_path, await new_token(srv), store) as node:
+                assert node.identity.spiffe_id != first
+                await authenticated(node.client)
+            await records.wait_for("not using the persisted agent identity")
+
+    asyncio.run(main())

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from custos._files import UnreadableFileError, read_small_file
 from custos._proto import agent_v1_pb2, types_v1_pb2
@@ -59,6 +59,7 @@ from custos.errors import CustosError
 from custos.identity import TrustDomain
 from custos.keys import KeyStore, StoreKey
 from custos.plugin.catalog import LoadedAgentNodeAttestor
+from custos.wimse.wit import verify_wit
 from custos.x509 import CertificateFormatError, load_certificates
 
 log = logging.getLogger(__name__)
@@ -363,16 +364,19 @@ class NodeIdentity:
         expires_at, issued_at = float(state["expires_at"]), float(state["issued_at"])
         if expires_at <= self._now():
             raise ValueError("the identity has expired")
-        chain = load_certificates(str(state["x509_svid"]).encode("ascii"), what="agent SVID")
-        bundle = TrustBundle.from_spiffe_json(self._td, str(state["bundle"]))
+        chain = load_certificates(_text(state, "x509_svid").encode("ascii"), what="agent SVID")
+        bundle = TrustBundle.from_spiffe_json(self._td, _text(state, "bundle"))
+        selectors = state["selectors"]
+        if not isinstance(selectors, list):
+            raise ValueError("selectors is not a list")
         message = agent_v1_pb2.AgentIdentity(
-            spiffe_id=str(state["spiffe_id"]),
+            spiffe_id=_text(state, "spiffe_id"),
             x509_svid=b"".join(c.public_bytes(Encoding.DER) for c in chain),
-            wit=str(state["wit"]),
+            wit=_text(state, "wit"),
             bundle=types_v1_pb2.Bundle(
                 trust_domain=self._td.name, spiffe_bundle=bundle.to_spiffe_json()
             ),
-            selectors=[str(s) for s in state["selectors"]],
+            selectors=[str(s) for s in selectors],
             expires_at=int(expires_at),
             reattestable=bool(state["reattestable"]),
         )
@@ -380,6 +384,7 @@ class NodeIdentity:
         # The same checks as a fresh answer from the server: the leaf certifies this
         # key, the chain verifies against the bundle (and is not expired).
         identity = replace(identity_from_proto(message, key), expires_at=expires_at)
+        _check_wit(identity, key)
         return _Held(identity, key, generation, issued_at)
 
     def _agent_key_generations(self) -> list[int]:
@@ -734,6 +739,27 @@ class NodeIdentity:
             renew_at = self._renew_at  # only the bundle changed: keep the renewal time
             self._install(updated)
             self._renew_at = renew_at
+
+
+def _text(state: dict[str, Any], name: str) -> str:
+    value = state[name]
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} is not a non-empty string")
+    return value
+
+
+def _spki(key: Any) -> bytes:
+    return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)  # type: ignore[no-any-return]
+
+
+def _check_wit(identity: AgentIdentity, key: StoreKey) -> None:
+    """The persisted WIT verifies against the bundle, names the agent and binds its key
+    (the server would refuse it otherwise, and a restart must not serve on it)."""
+    verified = verify_wit(identity.wit, identity.bundle, profile="spiffe")
+    if verified.subject != identity.spiffe_id:
+        raise ValueError("the WIT names another subject than the SVID")
+    if _spki(verified.cnf_public_key) != _spki(key.public_key()):
+        raise ValueError("the WIT binds another key than the agent's")
 
 
 def _worth_retrying(error: AgentApiError) -> bool:

@@ -477,3 +477,46 @@ def test_http_port_in_use_is_one_line_naming_the_key(server_config_factory: Conf
             assert info.value.message.startswith(f"http.address: cannot listen on {host}:{port}")
 
         asyncio.run(run())
+
+
+def test_idle_connections_beyond_the_cap_are_closed_and_the_listener_recovers(
+    server_config_factory: ConfigFactory,
+) -> None:
+    from custos.server.http import MAX_CONNECTIONS
+
+    config = server_config_factory(with_http=True)
+
+    async def run() -> None:
+        async with running_server(config) as srv:
+            assert srv.http_address is not None
+            host, port = srv.http_address.rsplit(":", 1)
+            idle = [await asyncio.open_connection(host, int(port)) for _ in range(MAX_CONNECTIONS)]
+            (listener,) = srv.listeners
+            for _ in range(200):  # until the server has accepted every one of them
+                if listener.active_connections == MAX_CONNECTIONS:
+                    break
+                await asyncio.sleep(0.05)
+            assert listener.active_connections == MAX_CONNECTIONS
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+            try:
+                answer = await asyncio.wait_for(reader.read(), 10)
+            except ConnectionResetError:
+                answer = b""
+            assert answer == b""  # closed without an answer
+            writer.close()
+            for _, w in idle:
+                w.close()
+            status, body = await _until_ok(lambda: _get(f"http://{srv.http_address}/healthz"))
+            assert (status, body) == (200, b"ok\n")
+
+    asyncio.run(run())
+
+
+async def _until_ok(get: Callable[[], tuple[int, bytes]]) -> tuple[int, bytes]:
+    for _ in range(50):
+        try:
+            return await asyncio.to_thread(get)
+        except OSError:
+            await asyncio.sleep(0.1)
+    return await asyncio.to_thread(get)

@@ -114,6 +114,11 @@ class Server:
         return self._listener_address("federation")
 
     @property
+    def listeners(self) -> tuple[HttpListener, ...]:
+        """The HTTP and federation listeners that are serving."""
+        return tuple(self._listeners)
+
+    @property
     def health(self) -> AgentApiHealth:
         return self._health
 

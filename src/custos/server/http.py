@@ -4,7 +4,8 @@ Two listeners use it: ``[http]`` (``/metrics`` for Prometheus and ``/healthz``) 
 ``[federation]`` (the SPIFFE bundle endpoint, over TLS).  Both answer a handful of
 GET requests from scrapers and peer servers, so this is a bounded request reader on
 the server's own asyncio loop (no web framework, no extra thread): GET and HEAD only,
-the request head at most 8 KiB and read within 10 s, one request per connection.
+the request head at most 8 KiB and read within 10 s, one request per connection, at
+most 64 connections at once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_HEAD_BYTES = 8 * 1024
 REQUEST_TIMEOUT_SECONDS = 10.0
+#: Connections served at once; more are closed at once (a federation endpoint faces
+#: the network: idle connections must not use up the server's file descriptors).
+MAX_CONNECTIONS = 64
 
 _REASONS = {
     200: "OK",
@@ -61,6 +65,7 @@ class HttpListener:
         self._ssl = ssl_context
         self.name = name
         self._server: asyncio.Server | None = None
+        self._active = 0
 
     @property
     def address(self) -> str:
@@ -69,6 +74,10 @@ class HttpListener:
             return f"{self.host}:{self.port}"
         host, port = self._server.sockets[0].getsockname()[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def active_connections(self) -> int:
+        return self._active
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
@@ -88,6 +97,10 @@ class HttpListener:
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._active >= MAX_CONNECTIONS:
+            writer.close()
+            return
+        self._active += 1
         try:
             try:
                 response, head_only = await asyncio.wait_for(
@@ -99,6 +112,7 @@ class HttpListener:
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
             pass  # the client went away; nothing to answer
         finally:
+            self._active -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -139,4 +153,4 @@ async def _write(writer: asyncio.StreamWriter, response: Response, *, head_only:
     await writer.drain()
 
 
-__all__ = ["MAX_REQUEST_HEAD_BYTES", "Handler", "HttpListener", "Response"]
+__all__ = ["MAX_CONNECTIONS", "MAX_REQUEST_HEAD_BYTES", "Handler", "HttpListener", "Response"]

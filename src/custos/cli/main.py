@@ -18,6 +18,7 @@ from custos.cli.keys import keys
 from custos.cli.server import server
 from custos.cli.tpm import tpm
 from custos.cli.wimse import jwt, wimse
+from custos.cli.workload import healthcheck, jwt_fetch, wit, wpt, x509
 from custos.errors import CustosError
 
 
@@ -51,6 +52,11 @@ server.add_command(rotate_keys)
 
 cli.add_command(wimse)
 cli.add_command(jwt)
+jwt.add_command(jwt_fetch)
+agent.add_command(healthcheck)
+cli.add_command(wit)
+cli.add_command(wpt)
+cli.add_command(x509)
 
 
 def main() -> None:

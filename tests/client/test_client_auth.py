@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 from pathlib import Path
 
 import httpx
@@ -21,17 +20,15 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 from test_workload_api import Rig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cli_runner import run_custos  # noqa: E402
-
-from custos.client import AgentProofSigner, SyncWorkloadClient  # noqa: E402
-from custos.integrations.asgi import WimseASGIMiddleware  # noqa: E402
-from custos.integrations.httpx import WimseAuth  # noqa: E402
-from custos.integrations.requests import WimseRequestsAuth  # noqa: E402
-from custos.wimse.http.message import HttpMessage  # noqa: E402
-from custos.wimse.replay import MemoryReplayCache  # noqa: E402
-from custos.wimse.verifier import build_request_verifier  # noqa: E402
-from custos.wimse.wpt import WptVerifier, wpt_headers  # noqa: E402
+from cli_runner import run_custos
+from custos.client import AgentProofSigner, SyncWorkloadClient
+from custos.integrations.asgi import WimseASGIMiddleware
+from custos.integrations.httpx import WimseAuth
+from custos.integrations.requests import WimseRequestsAuth
+from custos.wimse.http.message import HttpMessage
+from custos.wimse.replay import MemoryReplayCache
+from custos.wimse.verifier import build_request_verifier
+from custos.wimse.wpt import WptVerifier, wpt_headers
 
 CALLER = "spiffe://example.org/caller"
 ORIGIN = "https://b.example"
@@ -121,7 +118,7 @@ def test_cli_jwt_fetch_and_healthcheck(wapi: Rig) -> None:
 def test_cli_x509_fetch_writes_chain_key_0600_and_bundle(wapi: Rig, tmp_path: Path) -> None:
     wapi.publish(wapi.serve("e1", CALLER, custody="exportable"))
     out_dir = tmp_path / "svid"
-    code, out, err = cli(wapi, "x509", "fetch", "--out", str(out_dir))
+    code, _, err = cli(wapi, "x509", "fetch", "--out", str(out_dir))
     assert code == 0, err
     chain = x509.load_pem_x509_certificates((out_dir / "svid.pem").read_bytes())
     key = load_pem_private_key((out_dir / "svid.key").read_bytes(), None)
@@ -135,7 +132,7 @@ def test_cli_x509_fetch_writes_chain_key_0600_and_bundle(wapi: Rig, tmp_path: Pa
 def test_cli_errors_are_one_line(wapi: Rig, tmp_path: Path) -> None:
     wapi.publish(wapi.serve("e1", CALLER, custody="memory"))
     # Device-held: no key to write; the line names the call to use instead.
-    code, out, err = cli(wapi, "x509", "fetch", "--out", str(tmp_path / "x"))
+    code, _, err = cli(wapi, "x509", "fetch", "--out", str(tmp_path / "x"))
     assert code == 1 and err.startswith("error [workload_api_not_exportable]:")
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
     code, _, err = cli(wapi, "agent", "healthcheck", "--socket",

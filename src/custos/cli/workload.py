@@ -150,6 +150,7 @@ def x509_fetch(out_dir: Path, spiffe_id: str | None, socket_: str | None,
         PrivateFormat,
     )
 
+    from custos.client import WorkloadApiDeniedError
     from custos.identity import SpiffeId
 
     with _client(socket_, timeout) as client:
@@ -157,8 +158,7 @@ def x509_fetch(out_dir: Path, spiffe_id: str | None, socket_: str | None,
     wanted = SpiffeId.parse(spiffe_id) if spiffe_id else svids[0].spiffe_id
     chosen = next((s for s in svids if s.spiffe_id == wanted), None)
     if chosen is None:
-        raise WorkloadOutputError(f"no exportable X.509-SVID for {wanted}",
-                                  code="workload_api_permission_denied")
+        raise WorkloadApiDeniedError(f"no exportable X.509-SVID for {wanted}")
     key = chosen.private_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
     try:
         out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

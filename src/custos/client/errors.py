@@ -87,6 +87,7 @@ _BY_STATUS: dict[grpc.StatusCode, type[WorkloadApiError]] = {
 def error_from_status(status: grpc.StatusCode, details: str, target: str) -> WorkloadApiError:
     """The error for a refused call (raise it ``from`` the grpc error)."""
     kind = _BY_STATUS.get(status, WorkloadApiError)
+    details = " ".join(details.split())  # one line, whatever the peer sent
     if kind is WorkloadApiUnavailableError:
         verb = "did not answer in time" if status is grpc.StatusCode.DEADLINE_EXCEEDED else (
             "cannot be reached")

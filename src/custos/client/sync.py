@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from custos.client import _ops as ops
-from custos.client._base import CHANNEL_OPTIONS, ClientBase, Id, T, Timeout, method
+from custos.client._base import CHANNEL_OPTIONS, DEFAULT_TIMEOUT, ClientBase, Id, T, Timeout, method
 from custos.client._ops import (
     FetchedWit,
     JwtSvidToken,
@@ -43,7 +43,7 @@ class SyncWorkloadClient(ClientBase):
     """
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, *,
-                 timeout: float | timedelta = 10.0, wait_for_ready: bool = True) -> None:
+                 timeout: float | timedelta = DEFAULT_TIMEOUT, wait_for_ready: bool = True) -> None:
         super().__init__(socket, timeout=timeout, wait_for_ready=wait_for_ready)
         self._lock = threading.Lock()
         self._channel: grpc.Channel | None = None

@@ -92,6 +92,11 @@ def test_database_gone_is_unavailable_and_the_server_recovers_without_restart(
                     await agent.client.new_x509_svids(request)
                 assert unavailable.value.status is grpc.StatusCode.UNAVAILABLE
                 assert unavailable.value.retryable
+                # Agent API calls refused for the database are counted like admin ones.
+                assert srv.ctx.metrics.registry.get_sample_value(
+                    "custos_server_datastore_errors_total",
+                    {"operation": "/custos.agent.v1.Svids/BatchNewX509SVID"},
+                )
                 assert not await admin_health(rig.admin_socket)
                 assert srv.federation_address is not None
                 answer = await https_get(srv.federation_address, ca_file, bundle_request)

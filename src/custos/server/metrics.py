@@ -11,10 +11,23 @@ import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
+
+#: Set while an Agent API call runs when it was ended because the datastore or the
+#: replay cache was unreachable. ``status.abort`` (the one exit of every refused call)
+#: sets it; the interceptor below, which knows the method and the metrics, counts it
+#: once. A context variable: each gRPC call runs in its own task.
+_store_unavailable: ContextVar[bool] = ContextVar("custos_store_unavailable", default=False)
+
+
+def note_store_unavailable() -> None:
+    """Mark the running Agent API call as ended by an unreachable datastore or replay
+    cache (counted in ``custos_server_datastore_errors{operation=<method>}``)."""
+    _store_unavailable.set(True)
 
 
 class ServerMetrics:
@@ -97,6 +110,8 @@ class CallMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             code = context.code()
             name = code.name if isinstance(code, grpc.StatusCode) else fallback
             self._metrics.call_seconds.labels(method, name).observe(time.perf_counter() - started)
+            if _store_unavailable.get():
+                self._metrics.datastore_errors.labels(method).inc()
 
         return observe
 
@@ -105,6 +120,7 @@ class CallMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 def _timing(context: Any, observe: Callable[[Any, float, str], None]) -> Iterator[None]:
     """Observe the block's duration under the call's final status."""
     started, fallback = time.perf_counter(), "OK"
+    unset = _store_unavailable.set(False)
     try:
         yield
     except (asyncio.CancelledError, GeneratorExit):
@@ -115,6 +131,7 @@ def _timing(context: Any, observe: Callable[[Any, float, str], None]) -> Iterato
         raise
     finally:
         observe(context, started, fallback)
+        _store_unavailable.reset(unset)
 
 
 def _timed_call(

@@ -21,14 +21,13 @@ import math
 import time
 from collections.abc import Coroutine, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc
 from custos.server.agent_api.auth import authenticate
 from custos.server.agent_api.status import AgentApiForbiddenError, abort
-from custos.server.datastore.errors import DatastoreUnavailableError
 from custos.server.datastore.records import Agent, RegistrationEntry
 from custos.server.entitlement import entries_for_agent
 from custos.server.wire import entry_to_proto
@@ -67,15 +66,6 @@ async def wait_at_most(wait: Coroutine[Any, Any, int], timeout: float) -> None:
     except TimeoutError:
         return
     await asyncio.sleep(COALESCE_SECONDS)
-
-
-async def refuse(
-    context: grpc.aio.ServicerContext[Any, Any], ctx: ServerContext, error: Exception
-) -> NoReturn:
-    """End a stream with the status for ``error`` (counted when the datastore was away)."""
-    if isinstance(error, DatastoreUnavailableError):
-        ctx.metrics.datastore_errors.labels(operation="stream").inc()
-    await abort(context, error)
 
 
 @dataclass(frozen=True)
@@ -130,7 +120,7 @@ class PushStream:
                 agent = await current_agent(self._ctx, agent)
         except Exception as e:  # noqa: BLE001 - every refusal and fault leaves through abort()
             # (a bug becomes INTERNAL with its traceback in the log, never on the wire)
-            await refuse(context, self._ctx, e)
+            await abort(context, e)
 
 
 class EntriesServicer(PushStream, agent_v1_pb2_grpc.EntriesServicer):
@@ -186,7 +176,6 @@ __all__ = [
     "PushStream",
     "Snapshot",
     "current_agent",
-    "refuse",
     "register",
     "wait_at_most",
 ]

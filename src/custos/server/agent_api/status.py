@@ -27,6 +27,7 @@ from custos.server.datastore.errors import (
     RevisionConflictError,
 )
 from custos.server.issuer import IssuanceArgumentError, NotEntitledError
+from custos.server.metrics import note_store_unavailable
 from custos.server.signing_keys import SigningKeyError
 from custos.wimse.errors import WitError, WptError
 from custos.wimse.replay import ReplayCacheUnavailableError
@@ -118,8 +119,12 @@ async def abort(
 ) -> NoReturn:
     """End the call with ``error``'s status and detail line (never returns).
 
-    Unexpected errors are logged with their traceback; refusals at INFO, one line."""
+    A datastore or replay cache that is away is counted in
+    ``custos_server_datastore_errors{operation=<method>}``. Unexpected errors are
+    logged with their traceback; refusals at INFO, one line."""
     status = status_for(error)
+    if isinstance(error, DatastoreUnavailableError | ReplayCacheUnavailableError):
+        note_store_unavailable()  # counted by the metrics interceptor, for every method
     if status is grpc.StatusCode.INTERNAL:
         log.error("agent_api_internal_error", exc_info=error)
     else:

@@ -154,6 +154,14 @@ def test_bad_input_is_refused_before_or_by_the_agent_with_a_code(device: Rig) ->
             client.fetch_wit("not-a-spiffe-id")
         with pytest.raises(InvalidRequestError):
             AgentProofSigner(client, signature_ttl=-1)
+        # Wrong types from Python callers: refused here, not a TypeError from protobuf.
+        for call in (lambda: client.sign_wpt(123),  # type: ignore[arg-type]
+                     lambda: client.sign_wpt("https://b.example/",
+                                             other_tokens={"x-a": 1}),  # type: ignore[dict-item]
+                     lambda: client.fetch_wit(42),  # type: ignore[arg-type]
+                     lambda: client.validate_jwt_svid(7, "x")):  # type: ignore[arg-type]
+            with pytest.raises(InvalidRequestError):
+                call()
 
 
 # -- the socket --------------------------------------------------------------------------

@@ -4,6 +4,7 @@ in the agent; a replayed request is refused. Also the CLI against the same socke
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from pathlib import Path
@@ -61,6 +62,23 @@ def test_httpx_with_the_agent_as_signer_reaches_the_app_as_the_caller(
             replay = http.post("/pay", content=b"{}", headers=dict(sent.headers))
             expected = (401, "wpt_replayed") if variant == "wpt" else (400, "replayed_proof")
             assert (replay.status_code, replay.json()["code"]) == expected
+
+
+def test_an_async_httpx_client_signs_through_the_agent_off_its_loop(wapi: Rig) -> None:
+    wapi.publish(wapi.serve("e1", CALLER, custody="memory"))
+    signer = AgentProofSigner(SyncWorkloadClient(f"unix://{wapi.socket}"))
+
+    async def main() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app_for(wapi))
+        async with httpx.AsyncClient(transport=transport, base_url=ORIGIN) as http:
+            # WimseAuth's async flow calls the (blocking) signer in a worker thread.
+            answers = await asyncio.gather(*(
+                http.post("/pay", content=b"{}", auth=WimseAuth(signer)) for _ in range(4)))
+        assert [a.status_code for a in answers] == [200] * 4
+        return answers[0]
+
+    assert asyncio.run(main()).json() == {"sub": CALLER}
+    signer.client.close()
 
 
 def test_requests_auth_with_the_agent_as_signer(wapi: Rig) -> None:

@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import load_der_private_key
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 
 from custos._numbers import InvalidNumberError, seconds
 from custos._proto import wimse_v1_pb2 as wpb
@@ -26,6 +27,7 @@ from custos.wimse.http.message import HttpMessage
 from custos.wimse.wpt import Wire, wpt_ttl
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 SIGNING = "/custos.wimse.v1.WimseSigning/"
 SPIFFE = "/SpiffeWorkloadAPI/"
@@ -145,7 +147,11 @@ def _token(value: str, what: str) -> str:
 def spiffe_id_field(value: str | SpiffeId | None) -> str:
     if value is None:
         return ""
-    return str(value if isinstance(value, SpiffeId) else SpiffeId.parse(value))
+    if isinstance(value, SpiffeId):
+        return str(value)
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"spiffe_id must be a string, not {type(value).__name__}")
+    return str(SpiffeId.parse(value))
 
 
 def ttl_seconds(value: int | timedelta | None, name: str) -> int:
@@ -158,14 +164,23 @@ def ttl_seconds(value: int | timedelta | None, name: str) -> int:
         raise InvalidRequestError(e.message) from e
 
 
+def _message(kind: type[M], **fields: Any) -> M:
+    """``kind(**fields)``; a value protobuf cannot take (a number for a string, a
+    bad mapping) is InvalidRequestError, not a TypeError from inside protobuf."""
+    try:
+        return kind(**fields)
+    except (TypeError, ValueError) as e:
+        raise InvalidRequestError(f"cannot send this {kind.__name__}: {e}") from e
+
+
 def _fields(message: HttpMessage) -> list[wpb.HttpField]:
-    return [wpb.HttpField(name=k, value=v) for k, v in message.headers]
+    return [_message(wpb.HttpField, name=k, value=v) for k, v in message.headers]
 
 
 def _http_request(message: HttpMessage) -> wpb.HttpRequest:
     if message.method is None or message.target is None:
         raise InvalidRequestError("an HTTP request needs a method and a target")
-    return wpb.HttpRequest(method=message.method, target=message.target,
+    return _message(wpb.HttpRequest, method=message.method, target=message.target,
                            headers=_fields(message), body=message.body)
 
 
@@ -192,9 +207,9 @@ def sign_wpt(
     audience: str, *, ttl: int | timedelta | None, txn_token: str | None,
     other_tokens: Mapping[str, str] | None, spiffe_id: str | SpiffeId | None, wire: Wire,
 ) -> Op[SignedWpt]:
-    request = wpb.SignWPTRequest(
-        spiffe_id=spiffe_id_field(spiffe_id), audience=audience, txn_token=txn_token,
-        other_tokens=dict(other_tokens or {}), wire=wire,
+    request = _message(
+        wpb.SignWPTRequest, spiffe_id=spiffe_id_field(spiffe_id), audience=audience,
+        txn_token=txn_token, other_tokens=dict(other_tokens or {}), wire=wire,
         ttl_seconds=0 if ttl is None else wpt_ttl(ttl),
     )
 
@@ -208,10 +223,10 @@ def sign_http_request(
     message: HttpMessage, audience: str, *, sign_response: bool, ttl: int | timedelta | None,
     txn_token: str | None, spiffe_id: str | SpiffeId | None, form: str,
 ) -> Op[HttpMessage]:
-    request = wpb.SignHttpRequestRequest(
-        spiffe_id=spiffe_id_field(spiffe_id), request=_http_request(message), audience=audience,
-        sign_response=sign_response, ttl_seconds=ttl_seconds(ttl, "ttl"), txn_token=txn_token,
-        form=form,
+    request = _message(
+        wpb.SignHttpRequestRequest, spiffe_id=spiffe_id_field(spiffe_id),
+        request=_http_request(message), audience=audience, sign_response=sign_response,
+        ttl_seconds=ttl_seconds(ttl, "ttl"), txn_token=txn_token, form=form,
     )
 
     def parse(r: wpb.SignedHttpMessage) -> HttpMessage:
@@ -226,9 +241,10 @@ def sign_http_response(
 ) -> Op[HttpMessage]:
     if response.status is None:
         raise InvalidRequestError("an HTTP response needs a status")
-    call = wpb.SignHttpResponseRequest(
-        spiffe_id=spiffe_id_field(spiffe_id), status=response.status, headers=_fields(response),
-        body=response.body, request=_http_request(request), request_nonce=request_nonce,
+    call = _message(
+        wpb.SignHttpResponseRequest, spiffe_id=spiffe_id_field(spiffe_id),
+        status=response.status, headers=_fields(response), body=response.body,
+        request=_http_request(request), request_nonce=request_nonce,
         ttl_seconds=ttl_seconds(ttl, "ttl"),
     )
 
@@ -261,7 +277,8 @@ def fetch_jwt_svids(
         return [JwtSvidToken(_id(s.spiffe_id), _token(s.svid, "the JWT-SVID"), s.hint)
                 for s in r.svids]
 
-    request = pb.JWTSVIDRequest(audience=audiences, spiffe_id=spiffe_id_field(spiffe_id))
+    request = _message(pb.JWTSVIDRequest, audience=audiences,
+                       spiffe_id=spiffe_id_field(spiffe_id))
     return Op(SPIFFE + "FetchJWTSVID", request, pb.JWTSVIDResponse, parse, spiffe=True)
 
 
@@ -269,7 +286,7 @@ def validate_jwt_svid(token: str, audience: str) -> Op[ValidatedJwtSvid]:
     def parse(r: pb.ValidateJWTSVIDResponse) -> ValidatedJwtSvid:
         return ValidatedJwtSvid(_id(r.spiffe_id), MessageToDict(r.claims))
 
-    request = pb.ValidateJWTSVIDRequest(audience=audience, svid=token)
+    request = _message(pb.ValidateJWTSVIDRequest, audience=audience, svid=token)
     return Op(SPIFFE + "ValidateJWTSVID", request, pb.ValidateJWTSVIDResponse, parse,
               spiffe=True)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -118,11 +119,22 @@ def test_run_with_the_agent_api_port_taken_is_one_line(server_rig_factory: RigFa
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", rig.agent_api_port))
         taken.listen()
-        result = run_custos("server", "run", "--config", str(rig.config_path))
-    assert result.returncode == 1, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error [server_start]: agent_api.address: cannot listen on")
-    assert "Traceback" not in result.stderr
+        # A first start (migrations run) at the default level: every line is one
+        # custos record (no grpc C-core line, no multi-line Alembic description)...
+        first = run_custos("server", "run", "--config", str(rig.config_path))
+        # ...and at warning the WHOLE of stderr is the one error line.
+        quiet = run_custos(
+            "server", "run", "--config", str(rig.config_path), "--log-level", "warning"
+        )
+    error = "error [server_start]: agent_api.address: cannot listen on"
+    assert first.returncode == 1, first.stderr
+    *records, last = first.stderr.strip().splitlines()
+    assert last.startswith(error)
+    record = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ custos\.")
+    assert records and all(record.match(line) for line in records), first.stderr
+    assert quiet.returncode == 1, quiet.stderr
+    assert len(quiet.stderr.strip().splitlines()) == 1, quiet.stderr
+    assert quiet.stderr.startswith(error)
 
 
 def test_run_serves_until_sigterm_and_healthcheck_says_so(server_rig_factory: RigFactory) -> None:

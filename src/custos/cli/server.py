@@ -81,6 +81,10 @@ def run_cmd(config_path: str, log_level: str, log_format: str) -> None:
 
     Prints "custos server ready: ..." with its addresses on stdout once it serves.
     """
+    # grpc's C core writes its own stderr lines (``E1204 ... add_port.cc ...``) before
+    # the custos line that says the same; it reads this once, when grpc is imported
+    # (below). An operator's explicit setting is kept (to debug grpc itself).
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from custos.server.run import configure_logging, ready_line, run_server
 
     config = load_server_config(config_path)

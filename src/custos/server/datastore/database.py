@@ -3,6 +3,7 @@ driver errors become :class:`DatastoreUnavailableError`."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -101,6 +102,9 @@ def make_engine(url: URL) -> Engine:
 
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest migration (a no-op when it is there)."""
+    # Alembic logs each revision's (multi-line) description and its dialect at INFO:
+    # noise that breaks the server's one-line-per-record log. Its warnings still show.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     config = Config()
     config.set_main_option("script_location", str(_MIGRATIONS))
     with transaction(engine) as conn:

@@ -8,6 +8,7 @@ import asyncio
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -32,16 +33,39 @@ from custos.wimse.verifier import build_request_verifier
 from custos.wimse.wpt import WptVerifier, wpt_headers
 
 CALLER = "spiffe://example.org/caller"
+OTHER = "spiffe://example.org/other"
 ORIGIN = "https://b.example"
 
 
-def app_for(rig: Rig) -> WimseASGIMiddleware:
+def app_for(rig: Rig, **kw: Any) -> WimseASGIMiddleware:
     async def pay(request: Request) -> JSONResponse:
         return JSONResponse({"sub": str(request.state.wimse_caller.subject)})
 
     verifier = build_request_verifier(rig.authority.bundle, [ORIGIN])
     return WimseASGIMiddleware(Starlette(routes=[Route("/pay", pay, methods=["POST"])]),
-                               verifier)
+                               verifier, **kw)
+
+
+def test_signed_responses_with_the_agent_signing_on_both_sides(wapi: Rig) -> None:
+    wapi.publish(wapi.serve("e1", CALLER, custody="memory"))
+    with SyncWorkloadClient(f"unix://{wapi.socket}") as agent:
+        # workload-b signs its answer through the agent, workload-a checks it.
+        app = app_for(wapi, response_signer=agent.signer())
+        auth = WimseAuth(agent.signer(sign_response=True), variant="http-signature",
+                         response_verifier=wapi.authority.bundle,
+                         require_signed_response=True, expected_responder=CALLER)
+        with TestClient(app, base_url=ORIGIN) as http:
+            ok = http.post("/pay", content=b"{}", auth=auth)
+            assert ok.status_code == 200 and ok.headers["signature-input"]
+        # The agent refuses workload-b's signature (an identity it does not have):
+        # no unsigned answer leaves, a 500 problem instead of a traceback.
+        refusing = app_for(wapi, response_signer=agent.signer(spiffe_id=OTHER))
+        signed = agent.sign_http_request(HttpMessage.request("POST", "/pay", [], b"{}"),
+                                         f"{ORIGIN}/pay", sign_response=True)
+        with TestClient(refusing, base_url=ORIGIN) as http:
+            refused = http.post("/pay", content=b"{}", headers=list(signed.headers))
+        assert refused.status_code == 500 and "signature-input" not in refused.headers
+        assert refused.json()["code"] == "response_signing_failed", refused.text
 
 
 @pytest.mark.parametrize("variant", ["wpt", "http-signature"])

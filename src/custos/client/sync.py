@@ -29,6 +29,8 @@ from custos.client._ops import (
     X509Chain,
     X509Svid,
 )
+from custos.client.errors import WorkloadApiError
+from custos.integrations.errors import ResponseSigningError
 from custos.wimse.http.message import HttpMessage
 from custos.wimse.signer import WorkloadProof
 from custos.wimse.wpt import Wire
@@ -196,6 +198,19 @@ class AgentProofSigner:
         return self.client.sign_http_request(request, audience,
                                              sign_response=self._sign_response,
                                              ttl=self._signature_ttl, spiffe_id=self._id)
+
+    def sign(self, response: HttpMessage, *, request: HttpMessage,
+             request_nonce: str) -> HttpMessage:
+        """A relying party's response, signed by the agent for the request it
+        answers (:class:`custos.wimse.httpsig.SignsResponses`: the middlewares'
+        ``response_signer``). An agent that cannot sign is a ResponseSigningError,
+        which the middlewares turn into a 500 with no unsigned answer sent."""
+        try:
+            return self.client.sign_http_response(response, request,
+                                                  request_nonce=request_nonce,
+                                                  ttl=self._signature_ttl, spiffe_id=self._id)
+        except WorkloadApiError as e:
+            raise ResponseSigningError(f"the agent did not sign the response: {e.code}") from e
 
 
 __all__ = ["AgentProofSigner", "SyncWorkloadClient"]

@@ -37,6 +37,8 @@ log = logging.getLogger("custos.server.agent_api")
 
 #: Longest detail line sent (the message is for people; the code is for programs).
 MAX_DETAIL = 300
+#: The one message sent for a datastore (or replay cache) that is away.
+_UNAVAILABLE_MESSAGE = "the datastore is unavailable"
 
 
 class AgentApiAuthError(CustosError):
@@ -108,6 +110,10 @@ def detail_for(error: BaseException) -> str:
     message is generic (it may hold internals); a custos error keeps its stable code."""
     if not isinstance(error, CustosError):
         return "internal: internal error"
+    if isinstance(error, DatastoreUnavailableError | ReplayCacheUnavailableError):
+        # The driver's text names the database's host, port and user: for the log
+        # (abort() writes it there), not for callers, who may not be authenticated.
+        return f"{error.code}: {_UNAVAILABLE_MESSAGE}"
     if status_for(error) is grpc.StatusCode.INTERNAL:
         return f"{error.code}: internal error"
     message = " ".join(error.message.split())  # one line, whatever the message held
@@ -127,6 +133,11 @@ async def abort(
         note_store_unavailable()  # counted by the metrics interceptor, for every method
     if status is grpc.StatusCode.INTERNAL:
         log.error("agent_api_internal_error", exc_info=error)
+    elif isinstance(error, DatastoreUnavailableError | ReplayCacheUnavailableError):
+        # The reason (the driver's line) stays here; the wire gets a fixed message.
+        log.warning(
+            "agent_api_refused status=%s code=%s reason=%s", status.name, error.code, error.message
+        )
     else:
         log.info("agent_api_refused status=%s code=%s", status.name, getattr(error, "code", ""))
     await context.abort(status, detail_for(error))

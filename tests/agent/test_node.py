@@ -579,3 +579,27 @@ def test_a_tampered_state_is_not_used_the_agent_attests_again(
             await records.wait_for("not using the persisted agent identity")
 
     asyncio.run(main())
+
+
+def test_keys_a_crash_left_behind_are_deleted_at_start(rig: ServerRig, tmp_path: Path) -> None:
+    """``kill -9`` between creating a renewal's key and storing its identity leaves a key
+    nothing names (and after storing it, the previous key): both go at the next start."""
+
+    async def main() -> None:
+        async with running_server(rig) as srv:
+            token = await new_token(srv)
+            store = exportable_store(tmp_path)
+            async with node_of(srv, tmp_path, token, store) as node:
+                first = node.identity.spiffe_id
+            store.create("custos-agent-2", "ES256")  # a renewal's key, identity never stored
+            store.create("custos-agent-0", "ES256")  # an older generation never deleted
+            store.create("wl-web-1", "ES256")  # not the agent's: left alone
+            # (An exportable store reads its directory when it opens: a fresh one each time.)
+            async with node_of(srv, tmp_path, token, exportable_store(tmp_path)) as node:
+                assert node.identity.spiffe_id == first  # restored, not attested
+                now = exportable_store(tmp_path)
+                assert agent_keys(now) == ["custos-agent-1"]
+                assert "wl-web-1" in [k.name for k in now.list()]
+                await authenticated(node.client)
+
+    asyncio.run(main())

@@ -284,7 +284,11 @@ def test_server_rotate_keys(running: ServerThread) -> None:
     made = ok_json(running, "server", "rotate-keys")
     ctx = running.server.ctx
     assert made == {
-        "kids": [ctx.ca_keys.current().kid, ctx.jwt_keys.current().kid, ctx.wit_keys.current().kid]
+        "keys": [
+            {"purpose": "x509-ca", "kid": ctx.ca_keys.current().kid},
+            {"purpose": "jwt-svid", "kid": ctx.jwt_keys.current().kid},
+            {"purpose": "wit", "kid": ctx.wit_keys.current().kid},
+        ]
     }
 
 

@@ -147,6 +147,14 @@ def test_run_serves_until_sigterm_and_healthcheck_says_so(server_rig_factory: Ri
         assert (ok.returncode, ok.stdout.strip()) == (0, "server is healthy"), ok.stderr
         by_config = run_custos("server", "healthcheck", "--config", str(rig.config_path))
         assert by_config.returncode == 0, by_config.stderr
+        as_json = run_custos(
+            "server", "healthcheck", "--config", str(rig.config_path), "--output", "json"
+        )
+        assert as_json.returncode == 0, as_json.stderr
+        assert json.loads(as_json.stdout) == {
+            "healthy": True,
+            "admin_socket": str(rig.admin_socket),
+        }
         assert proc.terminate() == 0
     assert not rig.admin_socket.exists()
     down = run_custos(
@@ -154,6 +162,14 @@ def test_run_serves_until_sigterm_and_healthcheck_says_so(server_rig_factory: Ri
     )
     assert down.returncode == 1
     assert "unhealthy" in down.stderr
+    down_json = run_custos(
+        "server", "healthcheck", "-o", "json", "--admin-socket", str(rig.admin_socket)
+    )
+    assert down_json.returncode == 1
+    assert json.loads(down_json.stdout) == {
+        "healthy": False,
+        "admin_socket": str(rig.admin_socket),
+    }
 
 
 def test_healthcheck_of_a_path_that_is_not_a_socket_fails_cleanly(tmp_path: Path) -> None:

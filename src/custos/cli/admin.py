@@ -612,8 +612,9 @@ def rotate_keys(api: _Admin) -> None:
     sign until they do: the scheduled rotation (no command) avoids that.
     """
     kids = api.run(lambda c: c.rotate_keys())
-    purposes = ("x509-ca", "jwt-svid", "wit")
+    # The server rotates, and answers, in this order (admin.services.RotateKeys).
+    keys = list(zip(("x509-ca", "jwt-svid", "wit"), kids, strict=False))
     api.emit(
-        {"kids": kids},
-        "\n".join(f"{purpose:<9} {kid}" for purpose, kid in zip(purposes, kids, strict=False)),
+        {"keys": [{"purpose": purpose, "kid": kid} for purpose, kid in keys]},
+        "\n".join(f"{purpose:<9} {kid}" for purpose, kid in keys),
     )

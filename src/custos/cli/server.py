@@ -14,7 +14,8 @@ import sys
 
 import click
 
-from custos.server.config import AdminConfig, load_server_config
+from custos.cli.admin import _Admin, _admin_command
+from custos.server.config import load_server_config
 from custos.server.init import init_server
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -98,36 +99,25 @@ def run_cmd(config_path: str, log_level: str, log_format: str) -> None:
 
 
 @server.command("healthcheck", context_settings=_CONTEXT)
-@click.option(
-    "--admin-socket",
-    envvar="CUSTOS_ADMIN_SOCKET",
-    show_envvar=True,
-    default=None,
-    help="the server's admin socket (a path or unix:// URL); default: the one in "
-    "--config, else " + str(AdminConfig().socket),
-)
-@click.option(
-    "--config",
-    "config_path",
-    envvar="CUSTOS_SERVER_CONFIG",
-    default=None,
-    help="read the admin socket path from this server configuration",
-)
 @click.option("--verbose", "-v", is_flag=True, help="say why it is unhealthy")
-def healthcheck_cmd(admin_socket: str | None, config_path: str | None, verbose: bool) -> None:
-    """Exit 0 when the server answers its gRPC health check with SERVING, else 1."""
+@_admin_command
+def healthcheck_cmd(api: _Admin, verbose: bool) -> None:
+    """Exit 0 when the server answers its gRPC health check with SERVING, else 1.
+
+    `--output json` prints {"healthy": true|false, "admin_socket": PATH} either way.
+    """
     from custos.server.admin.client import socket_path
     from custos.server.health import admin_health
 
-    if admin_socket is None and config_path is not None:
-        path = str(load_server_config(config_path).admin.socket)
-    else:
-        path = socket_path(admin_socket)
-    if asyncio.run(admin_health(path)):
+    path = socket_path(api.socket)
+    healthy = asyncio.run(admin_health(path))
+    if api.output == "json":
+        api.emit({"healthy": healthy, "admin_socket": path}, "")
+    elif healthy:
         click.echo("server is healthy")
-        return
-    if verbose or not os.path.exists(path):
+    elif verbose or not os.path.exists(path):
         click.echo(f"server is unhealthy: no SERVING answer on {path}", err=True)
     else:
         click.echo("server is unhealthy", err=True)
-    sys.exit(1)
+    if not healthy:
+        sys.exit(1)

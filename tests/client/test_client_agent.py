@@ -9,21 +9,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
+from test_agent_app import agent_toml
 
 from custos._proto import types_v1_pb2
 from custos.agent.app import Agent
@@ -40,43 +37,6 @@ BOUND = 30.0
 WEB = "spiffe://example.org/web"
 ORIGIN = "https://b.example"
 SELECTOR = f"unix:uid:{os.getuid()}"
-
-
-@pytest.fixture
-def rig() -> Iterator[ServerRig]:
-    rig = ServerRig.create(sections={"events": {"poll_interval": "1h"}})
-    yield rig
-    rig.destroy()
-
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="custos-cli-"))  # short: a socket path fits
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def agent_toml(base: Path, address: str, bundle_file: Path, token: str) -> str:
-    return f"""
-trust_domain = "example.org"
-socket = "{base}/agent.sock"
-data_dir = "{base}/data"
-
-[server]
-address = "{address}"
-bundle_file = "{bundle_file}"
-
-[node_attestor.join_token]
-token = "{token}"
-
-[workload_attestors.unix]
-
-[custody.memory]
-[custody.exportable]
-
-[agent_key]
-custody = "exportable"
-"""
 
 
 def relying_party(bundle: TrustBundle) -> WimseASGIMiddleware:

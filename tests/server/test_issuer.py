@@ -590,3 +590,36 @@ def test_hostile_items_are_refused_one_by_one(
     for item in (x509_results[1], wit_results[1]):
         assert item.error is not None
         assert item.error.code in {"not_entitled", "invalid_entry_id"}
+
+
+# -- an entry's expires_at bounds what is issued from it ------------------------------
+
+
+@pytest.mark.parametrize("kind", ["x509-svid", "wit", "jwt-svid"])
+def test_no_credential_outlives_its_entry(parts: Parts, kind: str) -> None:
+    """An entry that ends in two minutes gives credentials that end with it, not an
+    hour later (its TTLs ask for an hour): after expires_at the identity is gone."""
+    agent = parts.agent()
+    ends = time.time() + 120
+    entry = parts.entry(
+        "/short", x509_svid_ttl=3600, jwt_svid_ttl=3600, wit_ttl=3600, expires_at=ends
+    )
+    key = ec_key()
+
+    if kind == "x509-svid":
+        [issued] = parts.issuer.x509_svids(agent, [X509Request(entry.id, csr_for(key), MEMORY)])
+        assert issued.credential is not None
+        leaf_end = issued.credential.leaf.not_valid_after_utc.timestamp()  # type: ignore[union-attr]
+        assert leaf_end <= ends
+    elif kind == "wit":
+        [issued] = parts.issuer.wits(agent, [WitRequest(entry.id, jwk_of(key), MEMORY)])
+        wit = verify_wit(issued.credential, parts.bundles(), profile="spiffe")  # type: ignore[arg-type]
+        assert wit.expires_at <= ends
+    else:
+        issued = parts.issuer.jwt_svid(agent, entry.id, ["rp"])
+        svid = validate_jwt_svid(issued.credential, "rp", parts.bundles())  # type: ignore[arg-type]
+        assert svid.expiry.timestamp() <= ends
+    assert issued.error is None
+    assert 0 < issued.not_after <= ends
+    [row] = parts.store.audit.since()
+    assert row.not_after <= ends

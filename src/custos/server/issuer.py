@@ -5,7 +5,8 @@ the agent's own X.509-SVID + WIT after attestation.
 Rules (decision 0003 and decision 0032):
 
 - the SPIFFE ID, DNS names and TTLs always come from the entry; a CSR contributes
-  only its public key, after its signature proved possession of it;
+  only its public key, after its signature proved possession of it; no credential
+  outlives the entry's ``expires_at`` (every TTL is capped at what is left of it);
 - an item the agent may not have (not entitled, expired entry, custody tier other than
   the entry's, a reserved identity or DNS name) or cannot have (bad CSR, weak or
   private key) is refused *per item* with a stable code; the rest of the batch is
@@ -24,6 +25,7 @@ All methods are synchronous (CPU + datastore): the Agent API calls them through
 from __future__ import annotations
 
 import base64
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -241,7 +243,6 @@ class Issuer:
         self._check_batch("wit", agent, requests)
         entries = self._entitled(agent)
         signer = self.wit_keys.current()
-        cap = self._ttl_cap()
         batch = _Batch()
         out: list[Issued] = []
         for request in requests:
@@ -252,7 +253,7 @@ class Issuer:
                 out.append(self._refused("wit", agent, request.entry_id, e))
                 continue
             token, jti, not_after = self._mint_wit(
-                signer, entry.spiffe_id, jwk, min(entry.wit_ttl, cap)
+                signer, entry.spiffe_id, jwk, min(entry.wit_ttl, self._ttl_cap(entry))
             )
             batch.add(
                 "wit",
@@ -279,7 +280,7 @@ class Issuer:
                 kid=signer.kid,
                 spiffe_id=entry.spiffe_id,
                 audience=aud,
-                ttl=_whole_seconds(min(entry.jwt_svid_ttl, self._ttl_cap())),
+                ttl=_whole_seconds(min(entry.jwt_svid_ttl, self._ttl_cap(entry))),
                 jti=True,
             )
         except JwtArgumentError as e:  # an audience mint_jwt_svid's own rules refuse
@@ -383,7 +384,9 @@ class Issuer:
         # learns nothing about entries it does not serve.
         if entry is None:
             raise NotEntitledError(f"this agent is not entitled to entry {entry_id!r}")
-        if entry.expires_at is not None and entry.expires_at <= time.time():
+        if _entry_left(entry) < 1:
+            # Under a second left is expired too: a credential is at least a second long
+            # and must not outlive the entry.
             raise NotEntitledError(f"entry {entry_id!r} has expired", code="entry_expired")
         if entry.spiffe_id.path == "/custos/server" or entry.spiffe_id.path.startswith(
             RESERVED_PATH_PREFIX
@@ -406,11 +409,12 @@ class Issuer:
             )
         return entry
 
-    def _ttl_cap(self) -> float:
+    def _ttl_cap(self, entry: RegistrationEntry) -> float:
         """How long a WIT or JWT-SVID may live: until the current CA certificate ends
-        (as X.509-SVIDs, whatever the entry asks), and at most a WIT's one year."""
+        (as X.509-SVIDs, whatever the entry asks), at most a WIT's one year, and never
+        past the entry's own ``expires_at``."""
         ca_end = self.ca_keys.current().certificate().not_valid_after_utc.timestamp()
-        return min(ca_end - time.time(), MAX_WIT_TTL)
+        return min(ca_end - time.time(), MAX_WIT_TTL, _entry_left(entry))
 
     def _sign_x509(
         self, ca: CertificateAuthority, entry: RegistrationEntry, csr: bytes
@@ -418,7 +422,7 @@ class Issuer:
         return ca.sign_x509_svid(
             csr,
             entry.spiffe_id,
-            timedelta(seconds=_whole_seconds(entry.x509_svid_ttl)),
+            timedelta(seconds=_whole_seconds(min(entry.x509_svid_ttl, _entry_left(entry)))),
             entry.dns_names,
         )
 
@@ -576,6 +580,12 @@ def _bad_csr(error: CsrError) -> IssuanceArgumentError:
 
 def _serial(svid: X509Svid) -> str:
     return format(svid.leaf.serial_number, "x")
+
+
+def _entry_left(entry: RegistrationEntry) -> float:
+    """Seconds until ``entry.expires_at`` (infinite without one): no credential issued
+    from an entry outlives it, or an entry's end would not end the identity."""
+    return math.inf if entry.expires_at is None else entry.expires_at - time.time()
 
 
 def _whole_seconds(value: float) -> int:

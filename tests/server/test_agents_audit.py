@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from custos.errors import CustosError
@@ -30,6 +32,18 @@ def test_evict_then_reattest_clears_eviction(store: Datastore) -> None:
     assert not store.agents.attested(
         AGENT, attestor="tpm", selectors=[], serial="2", expires_at=1.0
     ).evicted
+
+
+def test_evict_and_ban_set_updated_at(store: Datastore) -> None:
+    store.agents.attested(
+        AGENT, attestor="tpm", selectors=[], serial="1", expires_at=1.0, now=100.0
+    )
+    evicted = store.agents.evict(AGENT, now=200.0)
+    assert evicted.updated_at == 200.0 == store.agents.get(AGENT).updated_at
+    before = time.time()
+    banned = store.agents.ban(AGENT)  # the clock when not given
+    assert banned.updated_at >= before
+    assert store.agents.get(AGENT).updated_at == banned.updated_at
 
 
 def test_banned_agent_cannot_attest_again(store: Datastore) -> None:

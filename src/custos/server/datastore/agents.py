@@ -87,17 +87,23 @@ class AgentRepository:
         with transaction(self._engine, read_only=True) as conn:
             return [_agent(r) for r in conn.execute(select(agents).order_by(agents.c.id)).all()]
 
-    def evict(self, agent_id: SpiffeId | str) -> Agent:
-        return self._flag(agent_id, evicted=True)
+    def evict(self, agent_id: SpiffeId | str, *, now: float | None = None) -> Agent:
+        """Evict the agent (``updated_at`` = ``now``, default the clock)."""
+        return self._flag(agent_id, now, evicted=True)
 
-    def ban(self, agent_id: SpiffeId | str) -> Agent:
+    def ban(self, agent_id: SpiffeId | str, *, now: float | None = None) -> Agent:
         """Ban (and evict) the agent: it cannot attest again under this ID."""
-        return self._flag(agent_id, evicted=True, banned=True)
+        return self._flag(agent_id, now, evicted=True, banned=True)
 
-    def _flag(self, agent_id: SpiffeId | str, **flags: bool) -> Agent:
+    def _flag(self, agent_id: SpiffeId | str, now: float | None, **flags: bool) -> Agent:
+        # An operator's evict/ban is a change of the agent like an attestation: the
+        # listing's updated_at says when it happened.
+        at = time.time() if now is None else finite_number(now, name="now")
         with transaction(self._engine) as conn:
             changed = conn.execute(
-                update(agents).where(agents.c.id == str(agent_id)[:2048]).values(flags)
+                update(agents)
+                .where(agents.c.id == str(agent_id)[:2048])
+                .values(updated_at=at, **flags)
             ).rowcount
         if changed != 1:
             raise NotFoundError(f"no agent {str(agent_id)[:120]!r}", code="agent_not_found")

@@ -116,6 +116,16 @@ def test_exportable_x509_svids_come_with_their_key(wapi: Rig) -> None:
     )
     assert "PRIVATE" not in repr(svid) and str(svid.spiffe_id) == CALLER
 
+    async def aio() -> tuple[list[object], str]:
+        async with WorkloadClient(uri(wapi)) as client:
+            svids = await client.fetch_x509_svids()  # the first message of the stream
+            jwt = await client.fetch_jwt_svid(["https://b.example", "https://c.example"])
+            return list(svids), str((await client.validate_jwt_svid(
+                jwt.token, "https://c.example")).spiffe_id)
+
+    svids, subject = asyncio.run(aio())
+    assert [str(s.spiffe_id) for s in svids] == [CALLER] and subject == CALLER  # type: ignore[attr-defined]
+
 
 def test_device_held_keys_are_not_exportable(device: Rig) -> None:
     with SyncWorkloadClient(uri(device)) as client, pytest.raises(NotExportableError) as e:

@@ -34,7 +34,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -267,7 +267,8 @@ class NodeIdentity:
             self._install(held)
         else:
             try:
-                await asyncio.wait_for(self._first_attestation(), self._start_timeout)
+                async with asyncio.timeout(self._start_timeout):
+                    await self._first_attestation()
             except TimeoutError:
                 raise NodeIdentityError(
                     f"could not reach the server at {self._server.address} to attest "
@@ -485,6 +486,7 @@ class NodeIdentity:
                 await self._attest(channel)
             except AgentApiError as e:
                 await channel.close()
+                _raise_if_cancelling()
                 if not _worth_retrying(e):
                     raise NodeIdentityError(
                         f"node attestation refused by the server: [{e.code}] {e.message}",
@@ -510,6 +512,7 @@ class NodeIdentity:
         try:
             return await self._bootstrap_channel()
         except AgentApiError as e:  # the TOFU fetch could not reach the server
+            _raise_if_cancelling()
             delay = self._backoff.delay(attempt)
             log.warning("cannot reach the server (%s); retrying in %.1f s", e.message, delay)
             await asyncio.sleep(delay)
@@ -609,8 +612,7 @@ class NodeIdentity:
             due = self._renew_at - self._now()
             if self._reattest_reason is None and due > 0:
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), due)
+                await _wait_at_most(self._wake.wait(), due)
                 continue
             reattest = self._reattest_reason is not None or self._must_attest()
             try:
@@ -619,15 +621,18 @@ class NodeIdentity:
                 else:
                     await self._renew()
             except AgentApiError as e:
+                _raise_if_cancelling()  # a cancelled gRPC call may come back as an error
                 attempt = await self._after_refusal(e, reattest, attempt)
                 continue
             except NodeIdentityError as e:
                 self._fail(e)
                 return
             except CustosError as e:  # a device or disk fault: try again later
+                _raise_if_cancelling()
                 attempt = await self._retry_later(e.code, e.message, attempt)
                 continue
             except Exception as e:  # a bug must not silently end renewals: log, retry
+                _raise_if_cancelling()
                 log.exception("renewing the agent identity failed unexpectedly")
                 attempt = await self._retry_later("internal", type(e).__name__, attempt)
                 continue
@@ -690,8 +695,7 @@ class NodeIdentity:
             f"current identity valid {left:.0f} s more" if left > 0 else "current identity EXPIRED",
         )
         self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), delay)
+        await _wait_at_most(self._wake.wait(), delay)
         return attempt + 1
 
     # ---- the bundle stream -------------------------------------------------------------
@@ -705,6 +709,7 @@ class NodeIdentity:
                     attempt = 0
                     await self._bundle_received(bundle)
             except AgentApiError as e:
+                _raise_if_cancelling()  # a cancelled gRPC call may come back as an error
                 if self._client is not client:
                     continue  # the identity or channel changed under the stream: reopen now
                 if e.code in REATTEST_CODES:
@@ -760,6 +765,22 @@ def _check_wit(identity: AgentIdentity, key: StoreKey) -> None:
         raise ValueError("the WIT names another subject than the SVID")
     if _spki(verified.cnf_public_key) != _spki(key.public_key()):
         raise ValueError("the WIT binds another key than the agent's")
+
+
+async def _wait_at_most(aw: Awaitable[object], timeout: float) -> None:
+    """Wait for ``aw`` at most ``timeout`` seconds.  ``asyncio.timeout``, not
+    ``wait_for``: on 3.11 ``wait_for`` can swallow a cancellation that arrives as the
+    wait ends, and ``stop()`` would then wait for ever."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await aw
+
+
+def _raise_if_cancelling() -> None:
+    """Re-raise a cancellation of this task that a library turned into an error."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _worth_retrying(error: AgentApiError) -> bool:

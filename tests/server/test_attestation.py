@@ -36,6 +36,7 @@ from custos.agent.client.attest import (
 )
 from custos.agent.client.channel import open_channel, open_insecure_bootstrap_channel
 from custos.agent.client.errors import AgentApiError
+from custos.bundle import TrustBundle
 from custos.errors import CustosError
 from custos.identity import SpiffeId
 from custos.keys import KeyStore, KeyStoreConfig, StoreKey, open_key_store
@@ -166,15 +167,19 @@ class Harness:
 
     srv: Server
     keys: KeyStore
+    bundle: TrustBundle | None = None
 
     @property
     def datastore(self) -> Any:
         return self.srv.ctx.datastore
 
     def channel(self) -> grpc.aio.Channel:
+        # The bundle as the agent has it: read once (a test may stop the database).
+        if self.bundle is None:
+            self.bundle = self.srv.ctx.bundle()
         return open_channel(
             self.srv.agent_api_address,
-            bundle=self.srv.ctx.bundle(),
+            bundle=self.bundle,
             server_name=self.srv.ctx.config.agent_api.dns_name,
         )
 
@@ -757,7 +762,6 @@ def test_a_channel_with_another_bundle_or_name_does_not_connect(
 ) -> None:
     from datetime import timedelta
 
-    from custos.bundle import TrustBundle
     from custos.identity import TrustDomain
     from custos.x509 import CertificateAuthority
 
@@ -828,3 +832,44 @@ def test_an_attestation_past_its_deadline_ends_deadline_exceeded_and_writes_noth
         assert h.attestations("refused", "acme_challenge") == 1
 
     serve(rig, keys, scenario)
+
+
+def test_the_database_gone_is_unavailable_and_attestation_works_again_when_it_returns(
+    acme: None, keys: KeyStore
+) -> None:
+    from custos.testing.postgres import start_postgres
+
+    own = start_postgres()  # stopped below: not the session's shared cluster
+    rig = ServerRig.create(sections=ACME_SECTIONS, datastore_url=own.create_database())
+
+    async def scenario(h: Harness) -> None:
+        _, first = await h.token()
+        _, second = await h.token()
+        h.bundle = h.srv.ctx.bundle()  # read while the database is up
+        await asyncio.to_thread(own.stop)
+        try:
+            error = await h.refused(h.attest("join_token", join_token(first), h.key("a")))
+            assert (error.status, error.code) == (
+                grpc.StatusCode.UNAVAILABLE,
+                "datastore_unavailable",
+            )
+            assert error.retryable
+            assert h.attestations("error", "join_token") == 1
+        finally:
+            await asyncio.to_thread(own.start)
+        # The refused attempt spent nothing: both tokens still attest.
+        for secret, name in ((first, "b"), (second, "c")):
+            for attempt in range(100):  # the pool reconnects on its next use
+                try:
+                    await h.attest("join_token", join_token(secret), h.key(f"{name}{attempt}"))
+                    break
+                except AgentApiError as e:
+                    if not e.retryable or attempt == 99:
+                        raise
+                    await asyncio.sleep(0.1)
+
+    try:
+        serve(rig, keys, scenario)
+    finally:
+        rig.destroy()
+        own.destroy()

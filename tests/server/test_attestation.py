@@ -873,3 +873,28 @@ def test_the_database_gone_is_unavailable_and_attestation_works_again_when_it_re
     finally:
         rig.destroy()
         own.destroy()
+
+
+def test_channel_arguments_are_checked_before_anything_connects() -> None:
+    from custos.bundle import TrustBundle
+    from custos.testing.server import free_port
+
+    async def scenario() -> None:
+        with pytest.raises(AgentApiError) as info:
+            open_channel("127.0.0.1:1", bundle=TrustBundle(TD), server_name="custos-server")
+        assert info.value.code == "agent_api_no_roots"
+        for address in ("no-port", "host:", "host:99999", ":80"):
+            with pytest.raises(AgentApiError) as info:
+                await open_insecure_bootstrap_channel(address, server_name="custos-server")
+            assert info.value.code == "agent_api_address", address
+        with pytest.raises(AgentApiError) as info:
+            await open_insecure_bootstrap_channel("127.0.0.1:1", server_name="")
+        assert info.value.code == "agent_api_server_name"
+        # Nobody listens: the TOFU fetch fails cleanly, and may be retried.
+        with pytest.raises(AgentApiError) as info:
+            await open_insecure_bootstrap_channel(
+                f"127.0.0.1:{free_port()}", server_name="custos-server", timeout=5
+            )
+        assert info.value.status == grpc.StatusCode.UNAVAILABLE and info.value.retryable
+
+    asyncio.run(scenario())

@@ -628,6 +628,7 @@ def test_oversized_fields_are_refused(rig: ServerRig, keys: KeyStore) -> None:
         async with h.channel() as channel:
             for requests in (
                 [start("join_token", big, csr)],
+                [start("join_token", b"a" * (1 << 20), csr)],  # 1 MiB: within grpc's limit
                 [start("x" * 129, b"p", csr)],
                 [start("join_token", b"p", big)],
                 [

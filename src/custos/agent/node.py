@@ -694,7 +694,8 @@ class NodeIdentity:
             delay,
             f"current identity valid {left:.0f} s more" if left > 0 else "current identity EXPIRED",
         )
-        self._wake.clear()
+        if self._reattest_reason is None:  # a re-attestation asked for meanwhile goes first
+            self._wake.clear()
         await _wait_at_most(self._wake.wait(), delay)
         return attempt + 1
 

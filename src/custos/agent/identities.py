@@ -25,9 +25,10 @@ every other tier raises :class:`~custos.keys.ExportRefusedError` (DESIGN decisio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -153,6 +154,24 @@ class ChangeCounter:
         return self.value
 
 
+async def wait_at_most(aw: Awaitable[object], timeout: float) -> None:
+    """Wait for ``aw``, at most ``timeout`` seconds (no error when the time is up).
+    ``asyncio.timeout``, not ``wait_for``: on Python 3.11 ``wait_for`` can swallow a
+    cancellation that arrives as ``aw`` completes, and a ``stop()`` that cancels the
+    waiting loop would then wait for ever."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await aw
+
+
+def raise_if_cancelling() -> None:
+    """Re-raise a cancellation of this task that a library turned into an error
+    (a cancelled gRPC call can come back as ``CANCELLED``)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 @dataclass(frozen=True)
 class _Indexed:
     identity: WorkloadIdentity
@@ -272,4 +291,6 @@ __all__ = [
     "NodeLink",
     "WorkloadIdentities",
     "WorkloadIdentity",
+    "raise_if_cancelling",
+    "wait_at_most",
 ]

@@ -40,7 +40,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,13 @@ from custos.agent.client.calls import IssuedWit, IssuedX509, WitParams, X509Para
 from custos.agent.client.errors import AgentApiError
 from custos.agent.client.streams import AgentEntry, EntrySet, sync_entries
 from custos.agent.custody import Custody
-from custos.agent.identities import NodeLink, WorkloadIdentities, WorkloadIdentity
+from custos.agent.identities import (
+    NodeLink,
+    WorkloadIdentities,
+    WorkloadIdentity,
+    raise_if_cancelling,
+    wait_at_most,
+)
 from custos.agent.state import ensure_private_dir, read_json, remove_file, write_json_atomic
 from custos.errors import CustosError
 from custos.identity import Selector, SpiffeId
@@ -257,11 +263,11 @@ class WorkloadManager:
             try:
                 timeout = await self._step()
             except Exception:  # one bad step must not stop serving what is in hand
-                _raise_if_cancelling()
+                raise_if_cancelling()
                 log.exception("workload credential step failed; trying again")
                 timeout = self._backoff.delay(3)
-            _raise_if_cancelling()  # a cancelled gRPC call may come back as an error
-            await _wait_at_most(self._wake.wait(), timeout)
+            raise_if_cancelling()  # a cancelled gRPC call may come back as an error
+            await wait_at_most(self._wake.wait(), timeout)
 
     async def _step(self) -> float:
         """Expire, drop, issue, delete; returns how long to sleep (seconds)."""
@@ -754,12 +760,12 @@ class WorkloadManager:
                 )
             except CustosError as e:  # e.g. no node identity at this moment
                 log.warning("entry stream: %s", e.message, extra={"code": e.code})
-            _raise_if_cancelling()  # a cancelled gRPC call may come back as an error
+            raise_if_cancelling()  # a cancelled gRPC call may come back as an error
             delay = self._backoff.delay(attempt)
             attempt += 1
             seen = self._node.generation
             # A new node identity (a new client) is worth trying at once.
-            await _wait_at_most(self._node.wait_changed(seen), delay)
+            await wait_at_most(self._node.wait_changed(seen), delay)
 
     async def _follow_bundle(self) -> None:
         seen = self._node.generation
@@ -771,21 +777,6 @@ class WorkloadManager:
                 if now != bundle:
                     bundle = now
                     self.identities.bump()
-
-
-async def _wait_at_most(aw: Awaitable[object], timeout: float) -> None:
-    """Wait for ``aw``, at most ``timeout`` seconds.  ``asyncio.timeout``, not
-    ``wait_for``: on Python 3.11 ``wait_for`` can swallow a cancellation that arrives
-    as ``aw`` completes, and :meth:`WorkloadManager.stop` would wait for ever."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(timeout):
-            await aw
-
-
-def _raise_if_cancelling() -> None:
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def _entry_from_state(data: Mapping[str, Any]) -> AgentEntry:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from types import TracebackType
 
 from custos.agent.config import AgentConfig
 from custos.agent.custody import Custody
@@ -200,12 +199,7 @@ class Agent:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
 

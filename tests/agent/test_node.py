@@ -603,3 +603,36 @@ def test_keys_a_crash_left_behind_are_deleted_at_start(rig: ServerRig, tmp_path:
                 await authenticated(node.client)
 
     asyncio.run(main())
+
+
+def test_no_server_at_the_first_start_is_one_clear_error_after_the_bound(
+    rig: ServerRig, tmp_path: Path, records: Records
+) -> None:
+    async def main() -> None:
+        async with running_server(rig) as srv:
+            bundle_file = await write_bundle(srv, tmp_path / "bundle.json")
+        # The server is gone (its port closed): retried with backoff, then one error.
+        with AgentCatalog.load(
+            TD,
+            node_attestors=[PluginConfig("join_token", {"token": "x" * 32})],
+            workload_attestors=[PluginConfig("example")],
+        ) as catalog:
+            node = NodeIdentity(
+                trust_domain=TD,
+                server=ServerConnection(rig.agent_api_address, bundle_file=bundle_file),
+                attestor=catalog.node_attestor,
+                store=exportable_store(tmp_path),
+                custody="exportable",
+                data_dir=tmp_path / "data",
+                backoff=Backoff(0.05, 0.2),
+                start_timeout=1.5,
+            )
+            with pytest.raises(NodeIdentityError) as e:
+                await node.start()
+            assert e.value.code == "node_attestation_unavailable"
+            assert rig.agent_api_address in e.value.message
+            await records.wait_for("node attestation failed (agent_api_unavailable")
+            # The keys of the failed attempts are gone.
+            assert agent_keys(exportable_store(tmp_path)) == []
+
+    asyncio.run(main())

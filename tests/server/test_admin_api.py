@@ -156,6 +156,20 @@ def test_entry_life_cycle(running: ServerThread) -> None:
     assert (gone.status, gone.code) == (Status.NOT_FOUND, "entry_not_found")
 
 
+def test_an_identical_entry_is_already_exists(running: ServerThread) -> None:
+    twin = _entry(spiffe_id=f"{WORKLOAD}/twin", selectors=["unix:uid:1", "unix:gid:2"])
+    first = running.call(lambda c: c.create_entry(twin))
+    del twin.selectors[:]
+    twin.selectors.extend(["unix:gid:2", "unix:uid:1"])  # the same set
+    again = _refused(running, lambda c: c.create_entry(twin))
+    assert (again.status, again.code) == (Status.ALREADY_EXISTS, "entry_exists")
+    assert first.id in again.message
+    other = running.call(lambda c: c.create_entry(_entry(spiffe_id=f"{WORKLOAD}/twin")))
+    other.selectors[:] = ["unix:gid:2", "unix:uid:1"]
+    made_twin = _refused(running, lambda c: c.update_entry(other))
+    assert (made_twin.status, made_twin.code) == (Status.ALREADY_EXISTS, "entry_exists")
+
+
 def test_update_needs_the_revision_it_read(running: ServerThread) -> None:
     created = running.call(lambda c: c.create_entry(_entry(spiffe_id=f"{WORKLOAD}/norev")))
     created.revision = 0

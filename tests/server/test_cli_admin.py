@@ -96,6 +96,15 @@ def _create(running: ServerThread, *extra: str, spiffe_id: str = "web") -> dict[
 # -- entry -----------------------------------------------------------------------------
 
 
+def test_entry_create_twice_is_one_line(running: ServerThread) -> None:
+    made = _create(running, spiffe_id="twice")
+    args = ["--spiffe-id", f"spiffe://{TD}/twice", "--parent-id", AGENT]
+    line = refused(
+        custos(running, "entry", "create", *args, "--selector", "unix:uid:1001"), "entry_exists"
+    )
+    assert made["id"] in line
+
+
 def test_entry_create_with_every_flag(running: ServerThread) -> None:
     made = _create(
         running,

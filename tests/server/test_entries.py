@@ -14,6 +14,7 @@ from custos.errors import CustosError
 from custos.identity import InvalidIdentifierError, Selector
 from custos.server.datastore import (
     Datastore,
+    EntryExistsError,
     InvalidEntryError,
     NotFoundError,
     RevisionConflictError,
@@ -121,6 +122,61 @@ def test_concurrent_updates_from_one_revision_exactly_one_wins(store: Datastore)
         t.join()
     assert sorted(outcomes) == ["conflict"] * 5 + ["won"]
     assert store.entries.get(e.id).revision == 2
+
+
+def test_an_identical_entry_is_refused_on_create(store: Datastore) -> None:
+    # SPIRE's "entry already exists": same SPIFFE ID, parent and selector set.
+    first = store.entries.create(WL, AGENT, ["unix:uid:1", "k8s:ns:prod"], hint="a")
+    with pytest.raises(EntryExistsError) as err:
+        # Other order, other settings: still the same identity for the same workloads.
+        store.entries.create(WL, AGENT, ["k8s:ns:prod", "unix:uid:1"], hint="b", wit_ttl=60)
+    assert err.value.code == "entry_exists"
+    assert first.id in err.value.message
+    assert store.entries.count() == 1
+    assert store.entries.last_change_seq() == first.change_seq  # nothing written
+    # One selector more or less, another parent or ID: a different entry.
+    store.entries.create(WL, AGENT, ["unix:uid:1"])
+    store.entries.create(WL, AGENT, ["unix:uid:1", "k8s:ns:prod", "unix:gid:2"])
+    store.entries.create(WL, "spiffe://example.org/spire/agent/join_token/n2", ["unix:uid:1"])
+    store.entries.create("spiffe://example.org/web2", AGENT, ["unix:uid:1"])
+    assert store.entries.count() == 5
+
+
+def test_an_update_that_makes_an_entry_identical_is_refused(store: Datastore) -> None:
+    store.entries.create(WL, AGENT, ["unix:uid:1"])
+    other = store.entries.create(WL, AGENT, ["unix:uid:2"])
+    with pytest.raises(EntryExistsError):
+        store.entries.update(replace(other, selectors=(Selector("unix", "uid:1"),)))
+    assert store.entries.get(other.id) == other
+    # Changing anything else of an entry keeps it (it is not a duplicate of itself).
+    assert store.entries.update(replace(other, hint="x")).revision == 2
+
+
+def test_identical_creates_at_once_from_two_servers_exactly_one_wins(store_url: str) -> None:
+    # Two Datastore objects, two connection pools: as two servers on one database.
+    with (
+        Datastore.open(store_url, trust_domain="example.org") as one,
+        Datastore.open(store_url, trust_domain="example.org") as two,
+    ):
+        barrier = threading.Barrier(6)
+        outcomes: list[str] = []
+
+        def writer(n: int) -> None:
+            ds = (one, two)[n % 2]
+            barrier.wait()
+            try:
+                ds.entries.create(WL, AGENT, ["unix:uid:1"])
+                outcomes.append("created")
+            except EntryExistsError:
+                outcomes.append("exists")
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(outcomes) == ["created"] + ["exists"] * 5
+        assert one.entries.count() == 1
 
 
 def test_update_and_delete_of_unknown_entry(store: Datastore) -> None:

@@ -10,12 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import create_engine, text
 
+import custos.server.datastore as datastore_package
 from custos.server.datastore import (
     Datastore,
     DatastoreError,
     DatastoreUnavailableError,
+    EntryExistsError,
     UnsupportedDatastoreURLError,
 )
 from custos.testing.postgres import PostgresServer, start_postgres
@@ -161,3 +165,35 @@ def test_servers_opening_one_fresh_database_at_once(store_url: str) -> None:
     start = time.time() + 2.0
     with multiprocessing.get_context("spawn").Pool(3) as pool:
         assert pool.starmap(_open_in_child, [(store_url, start)] * 3) == [0, 0, 0]
+
+
+def test_migration_0004_keeps_entries_that_were_already_identical(
+    store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A database of an older custos (schema 0003) already holding two identical entries.
+    with Datastore.open(store_url, trust_domain=TRUST_DOMAIN) as ds:
+        first = ds.entries.create("spiffe://example.org/w", AGENT, ["unix:uid:1"])
+    engine = create_engine(store_url)
+    config = Config()
+    migrations = Path(datastore_package.__file__).parent / "migrations"
+    config.set_main_option("script_location", str(migrations))
+    twin = "f" * 32  # sorts after the first entry's id: the first keeps the hash
+    others = (
+        "spiffe_id, parent_id, x509_svid_ttl, jwt_svid_ttl, wit_ttl, dns_names, "
+        "key_custody, hint, admin, downstream, expires_at, revision, change_seq"
+    )
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0003")
+        copy = f"INSERT INTO entries (id, {others}) SELECT :t, {others} FROM entries"
+        conn.execute(text(copy), {"t": twin})
+        conn.execute(text("INSERT INTO entry_selectors VALUES (:t, 'unix', 'uid:1')"), {"t": twin})
+    engine.dispose()
+
+    with caplog.at_level("WARNING"), Datastore.open(store_url, trust_domain=TRUST_DOMAIN) as ds:
+        assert {e.id for e in ds.entries.list()} == {first.id, twin}  # nothing deleted
+        with pytest.raises(EntryExistsError) as err:
+            ds.entries.create("spiffe://example.org/w", AGENT, ["unix:uid:1"])
+        assert first.id in err.value.message
+        ds.entries.delete(twin)
+    assert f"entry {twin} is identical to entry {first.id}" in caplog.text

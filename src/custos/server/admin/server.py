@@ -43,6 +43,7 @@ from custos.server.admin.services import servicers
 from custos.server.context import ServerContext
 from custos.server.datastore.errors import (
     DatastoreUnavailableError,
+    EntryExistsError,
     NotFoundError,
     RevisionConflictError,
 )
@@ -100,6 +101,8 @@ def status_for(error: CustosError) -> Status:
         return Status.UNAVAILABLE
     if isinstance(error, NotFoundError):
         return Status.NOT_FOUND
+    if isinstance(error, EntryExistsError):
+        return Status.ALREADY_EXISTS
     if isinstance(error, RevisionConflictError):
         return Status.ABORTED
     if isinstance(error, ValueError | InvalidIdentifierError):

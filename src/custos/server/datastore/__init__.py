@@ -11,6 +11,7 @@ from custos._extras import extra_needed
 from custos.server.datastore.errors import (
     DatastoreError,
     DatastoreUnavailableError,
+    EntryExistsError,
     InvalidEntryError,
     JoinTokenError,
     NotFoundError,
@@ -38,6 +39,7 @@ __all__ = [
     "DatastoreError",
     "DatastoreUnavailableError",
     "EntryChange",
+    "EntryExistsError",
     "InvalidEntryError",
     "JoinToken",
     "JoinTokenError",

@@ -7,7 +7,8 @@ import builtins
 import json
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -24,11 +25,17 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 
 from custos.identity import Selector, SpiffeId, TrustDomain
 from custos.server.datastore import records
 from custos.server.datastore.database import inserted_key, transaction
-from custos.server.datastore.errors import InvalidEntryError, NotFoundError, RevisionConflictError
+from custos.server.datastore.errors import (
+    EntryExistsError,
+    InvalidEntryError,
+    NotFoundError,
+    RevisionConflictError,
+)
 from custos.server.datastore.records import EntryChange, RegistrationEntry
 from custos.server.datastore.schema import entries, entry_changes, entry_selectors
 
@@ -82,11 +89,30 @@ class EntryRepository:
             change_seq=0,
         )
         entry = records.validate_entry(draft, self._trust_domain)
-        with transaction(self._engine) as conn:
+        with self._refusing_twins(entry), transaction(self._engine) as conn:
             entry = replace(entry, change_seq=_record_change(conn, entry.id, "create"))
             conn.execute(insert(entries).values(_row(entry)))
             _insert_selectors(conn, entry)
         return entry
+
+    @contextmanager
+    def _refusing_twins(self, entry: RegistrationEntry) -> Iterator[None]:
+        """Turn the unique index's refusal of an identical entry (same SPIFFE ID,
+        parent and selector set; raised by the database, so two servers writing at
+        once are refused too) into :class:`EntryExistsError` naming the one there."""
+        try:
+            yield
+        except IntegrityError as e:
+            if "identity_hash" not in str(e.orig):
+                raise  # another constraint: a bug, not the caller's mistake
+            with transaction(self._engine, read_only=True) as conn:
+                twin = conn.execute(
+                    select(entries.c.id).where(entries.c.identity_hash == _identity(entry))
+                ).scalar_one_or_none()
+            raise EntryExistsError(
+                f"an entry with SPIFFE ID {entry.spiffe_id}, parent {entry.parent_id} and "
+                f"the same selectors already exists ({twin or 'just deleted'})"
+            ) from None
 
     def get(self, entry_id: str) -> RegistrationEntry:
         with transaction(self._engine, read_only=True) as conn:
@@ -165,7 +191,7 @@ class EntryRepository:
         is written. Returns the entry with its new revision.
         """
         checked = records.validate_entry(entry, self._trust_domain)
-        with transaction(self._engine) as conn:
+        with self._refusing_twins(checked), transaction(self._engine) as conn:
             _lock_feed(conn)
             new = replace(checked, revision=checked.revision + 1)
             values = _row(new)
@@ -280,7 +306,14 @@ def _row(entry: RegistrationEntry) -> dict[str, Any]:
         "expires_at": entry.expires_at,
         "revision": entry.revision,
         "change_seq": entry.change_seq,
+        "identity_hash": _identity(entry),
     }
+
+
+def _identity(entry: RegistrationEntry) -> str:
+    return records.identity_hash(
+        str(entry.spiffe_id), str(entry.parent_id), ((s.type, s.value) for s in entry.selectors)
+    )
 
 
 def _insert_selectors(conn: Connection, entry: RegistrationEntry) -> None:

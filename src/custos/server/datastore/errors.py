@@ -41,6 +41,13 @@ class RevisionConflictError(DatastoreError):
     code = "revision_conflict"
 
 
+class EntryExistsError(DatastoreError):
+    """An entry with the same SPIFFE ID, parent ID and selector set exists already
+    (SPIRE's "entry already exists"): ALREADY_EXISTS on the admin API."""
+
+    code = "entry_exists"
+
+
 class JoinTokenError(DatastoreError):
     """A join token is unknown, already used, or expired (``code`` says which)."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -161,6 +163,18 @@ def flag(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise InvalidEntryError(f"{name} must be True or False", code="invalid_flag")
     return value
+
+
+def identity_hash(spiffe_id: str, parent_id: str, selectors: Iterable[tuple[str, str]]) -> str:
+    """What makes two entries the same (SPIRE's "entry already exists"): the SPIFFE
+    ID, the parent ID and the selector *set*, hashed into the ``entries.identity_hash``
+    column whose unique index refuses a second one, also between servers.
+
+    Canonical: selectors as sorted ``[type, value]`` pairs in JSON (a value may hold
+    ``:``, so ``type:value`` strings could collide). Migration 0004 holds a frozen copy.
+    """
+    canonical = json.dumps([spiffe_id, parent_id, sorted(set(selectors))], separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def validate_entry(entry: RegistrationEntry, trust_domain: TrustDomain) -> RegistrationEntry:

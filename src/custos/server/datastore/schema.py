@@ -44,6 +44,11 @@ entries = Table(
     Column("expires_at", Float, nullable=True),
     Column("revision", Integer, nullable=False),
     Column("change_seq", SequenceKey, nullable=False),
+    # records.identity_hash of (spiffe_id, parent_id, selector set); unique: an
+    # identical entry is refused even when two servers write it at once. NULL only
+    # for duplicates that existed before migration 0004 (NULLs are never equal).
+    Column("identity_hash", String(64), nullable=True),
+    Index("ux_entries_identity_hash", "identity_hash", unique=True),
 )
 
 entry_selectors = Table(

@@ -28,6 +28,7 @@ from test_workloads_rig import (
     until,
 )
 
+from custos.agent.client.errors import AgentApiError
 from custos.agent.custody import Custody, CustodyError, CustodyTierMissingError
 from custos.agent.identities import WorkloadIdentities, WorkloadIdentity
 from custos.agent.workloads import REFUSED_TIER_MISSING, WorkloadManager, key_name
@@ -429,6 +430,27 @@ def test_credentials_are_asked_for_at_most_100_entries_per_call(
         async with WorkloadManager(node=RigNode(agent), custody=custody, data_dir=tmp_path) as m:
             await until(lambda: len(m.identities.all()) == 150)
         assert (calls(srv, "BatchNewX509SVID"), calls(srv, "BatchNewWIT")) == (2.0, 2.0)
+        await custody.close()
+
+    serve(rig, scenario)
+
+
+def test_a_refused_jwt_svid_is_the_servers_error_and_the_node_hears_of_it(
+    rig: ServerRig, tmp_path: Path
+) -> None:
+    custody = Custody({"memory": MemoryKeyStore()})
+
+    async def scenario(srv: Server, agent: RigAgent, admin: AdminClient) -> None:
+        node = RigNode(agent)
+        async with WorkloadManager(node=node, custody=custody, data_dir=tmp_path) as manager:
+            made = await admin.create_entry(entry("/j", str(agent.identity.spiffe_id)))
+            identity = await until(lambda: by_entry(manager.identities.all(), made.id))
+            await admin.delete_entry(made.id)
+            # the entry is gone on the server: the agent is no longer entitled to it
+            with pytest.raises(AgentApiError) as refused:
+                await manager.identities.jwt_svid(identity, ["spiffe://example.org/api"])
+            assert node.refusals[-1] is refused.value
+            assert refused.value.code != "internal"
         await custody.close()
 
     serve(rig, scenario)

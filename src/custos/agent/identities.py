@@ -250,9 +250,15 @@ class WorkloadIdentities:
         if pending is None:
             pending = asyncio.ensure_future(self._fetch_jwt(identity.entry_id, key))
             self._inflight[key] = pending
-            pending.add_done_callback(lambda _: self._inflight.pop(key, None))
+            pending.add_done_callback(lambda done: self._fetched(key, done))
         # shield: one caller giving up must not cancel the call the others wait for.
         return (await asyncio.shield(pending)).token
+
+    def _fetched(self, key: _JwtKey, done: asyncio.Future[_CachedJwt]) -> None:
+        self._inflight.pop(key, None)
+        if not done.cancelled():
+            # Retrieved here too: when every caller gave up, nobody else reads a refusal.
+            done.exception()
 
     async def _fetch_jwt(self, entry_id: str, key: _JwtKey) -> _CachedJwt:
         try:

@@ -209,25 +209,27 @@ def test_agent_run_with_a_bad_config_is_one_line_and_exit_1(base: Path) -> None:
         assert out == ""
 
 
+def _admin(rig: ServerRig, *args: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "custos", *args, "--admin-socket", str(rig.admin_socket)],
+        check=True, capture_output=True, text=True, timeout=BOUND,
+    ).stdout  # fmt: skip
+
+
+def _write_agent_toml(rig: ServerRig, base: Path) -> Path:
+    """agent.toml for the server of ``rig`` (another process), set up as an operator
+    would: its roots as PEM, a join token from the admin CLI."""
+    bundle_file = base / "bundle.pem"
+    bundle_file.write_text(_admin(rig, "bundle", "show", "--format", "pem"))
+    secret = json.loads(_admin(rig, "token", "generate", "--output", "json"))["token"]
+    path = base / "agent.toml"
+    path.write_text(agent_toml(base, rig.agent_api_address, bundle_file, secret))
+    return path
+
+
 def test_agent_run_ready_then_sigterm_stops_cleanly(rig: ServerRig, base: Path) -> None:
     with ServerProcess(rig):
-        # The roots of a server in another process, as an operator gets them (PEM).
-        bundle_file = base / "bundle.pem"
-        subprocess.run(
-            [sys.executable, "-m", "custos", "bundle", "show", "--admin-socket",
-             str(rig.admin_socket), "--format", "pem"],
-            check=True, stdout=bundle_file.open("w"), timeout=BOUND,
-        )  # fmt: skip
-        token = subprocess.run(
-            [sys.executable, "-m", "custos", "token", "generate", "--admin-socket",
-             str(rig.admin_socket), "--output", "json"],
-            check=True, capture_output=True, text=True, timeout=BOUND,
-        ).stdout  # fmt: skip
-        secret = json.loads(token)["token"]
-        (base / "agent.toml").write_text(
-            agent_toml(base, rig.agent_api_address, bundle_file, secret)
-        )
-        process = _run("--config", str(base / "agent.toml"))
+        process = _run("--config", str(_write_agent_toml(rig, base)))
         try:
             assert process.stdout is not None
             line = process.stdout.readline()
@@ -253,6 +255,31 @@ def test_agent_run_ready_then_sigterm_stops_cleanly(rig: ServerRig, base: Path) 
             process.send_signal(signal.SIGINT)
             process.communicate(timeout=BOUND)
             assert process.returncode == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_agent_run_evicted_with_a_spent_token_exits_1_with_one_line(
+    rig: ServerRig, base: Path
+) -> None:
+    with ServerProcess(rig):
+        process = _run("--config", str(_write_agent_toml(rig, base)))
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            assert line.startswith("custos agent ready"), line
+            agent_id = line.rsplit("spiffe_id=", 1)[1].strip()
+            _admin(rig, "agent", "evict", agent_id)
+            # The agent hears it on its streams, tries to attest again with its spent
+            # token, is refused, stops cleanly and says what to do.
+            _, err = process.communicate(timeout=BOUND)
+            assert process.returncode == 1, err
+            last = err.strip().splitlines()[-1]
+            assert last.startswith("error [join_token_used]: "), err
+            assert "must attest again" in last and "new one" in last
+            assert not (base / "agent.sock").exists()
         finally:
             if process.poll() is None:
                 process.kill()

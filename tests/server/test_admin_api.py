@@ -170,6 +170,17 @@ def test_an_identical_entry_is_already_exists(running: ServerThread) -> None:
     assert (made_twin.status, made_twin.code) == (Status.ALREADY_EXISTS, "entry_exists")
 
 
+def test_the_servers_dns_name_is_reserved_whatever_case_the_config_wrote() -> None:
+    rig = ServerRig.create(sections={"agent_api": {"dns_name": "Custos-Server"}})
+    try:
+        with ServerThread(rig.config()) as upper:
+            refused = _refused(upper, lambda c: c.create_entry(_entry(dns_names=["custos-server"])))
+    finally:
+        rig.destroy()
+    assert refused.code == "reserved_dns_name"
+    assert "'custos-server'" in refused.message
+
+
 def test_update_needs_the_revision_it_read(running: ServerThread) -> None:
     created = running.call(lambda c: c.create_entry(_entry(spiffe_id=f"{WORKLOAD}/norev")))
     created.revision = 0

@@ -283,3 +283,13 @@ def test_a_datastore_password_never_shows_in_repr() -> None:
     assert "hunter2" in config.datastore.url
     assert "hunter2" not in repr(config) and "hunter2" not in str(config)
     assert "hunter2" not in repr(config.datastore)
+
+
+def test_agent_api_dns_name_is_lower_case_and_never_a_wildcard() -> None:
+    # Entry DNS names are stored in lower case: the server's own name is compared
+    # with them in the same form (admin entry write, issuer).
+    config = server_config_from_toml(MINIMAL + '[agent_api]\ndns_name = "Custos-Server."\n')
+    assert config.agent_api.dns_name == "custos-server"
+    err = _error(MINIMAL + '[agent_api]\ndns_name = "*.Example.org"\n')
+    assert err.message.startswith("server.toml: agent_api.dns_name:"), err.message
+    assert "wildcard" in err.message

@@ -296,7 +296,13 @@ def parse_address(value: str) -> tuple[str, int]:
 
 
 def check_dns_name(value: str) -> str:
-    """A DNS host name (letters, digits, hyphens; dot-separated labels; no wildcard)."""
+    """A DNS host name (letters, digits, hyphens; dot-separated labels; no wildcard),
+    in lower case without a final dot: the form entry DNS names are stored in, so the
+    checks that keep the server's name off workloads compare like with like."""
+    if "*" in value:
+        raise PydanticCustomError(
+            "dns_name", "must be one DNS name, not a wildcard (the server's own name)"
+        )
     labels = value.removesuffix(".").split(".")
     if not value or len(value) > 253 or not all(_HOST_LABEL_RE.fullmatch(x) for x in labels):
         raise PydanticCustomError(

@@ -204,7 +204,7 @@ class Issuer:
         self.entitlement = entitlement
         self.trust_domain = config.trust_domain
         # The Agent API's TLS name: no workload certificate may carry it.
-        self.server_dns_name = config.agent_api.dns_name.lower()
+        self.server_dns_name = config.agent_api.dns_name  # lower case, like entries
 
     # -- workload credentials -------------------------------------------------------
 

@@ -86,9 +86,8 @@ class _Part:
             if fields[name] == 0:
                 fields[name] = default
         check_not_reserved(coerce_spiffe_id(fields["spiffe_id"]))
-        # APP adds agent_api.dns_name; until then the documented default.
-        server_name = str(getattr(self._ctx.config.agent_api, "dns_name", "custos-server"))
-        if any(str(n).lower() == server_name.lower() for n in fields["dns_names"]):
+        server_name = self._ctx.config.agent_api.dns_name  # lower case (config load)
+        if any(str(n).lower().removesuffix(".") == server_name for n in fields["dns_names"]):
             raise InvalidEntryError(
                 f"dns name {server_name!r} is the server's own (agent_api.dns_name); "
                 "no workload may hold it",

@@ -34,6 +34,7 @@ from custos.keys.config import KeyStoreConfig
 from custos.plugin.catalog import PluginConfig, ServerCatalog
 from custos.server.admin import serve_admin
 from custos.server.agent_api import attestation, bundles, entries, svids
+from custos.server.agent_api.limits import MAX_CONCURRENT_STREAMS, AttestationCapInterceptor
 from custos.server.audit import Auditor
 from custos.server.config import CaConfig, ServerConfig
 from custos.server.context import ServerContext, server_id
@@ -261,8 +262,10 @@ class Server:
         self._tls = ServerTls(first)
         limit = config.agent_api.max_message_bytes
         server = grpc.aio.server(
-            interceptors=[CallMetricsInterceptor(ctx.metrics)],
+            # metrics outermost: a call refused by the attestation cap is counted too
+            interceptors=[CallMetricsInterceptor(ctx.metrics), AttestationCapInterceptor()],
             options=[
+                ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 # one server per port: a second process on the same address is an

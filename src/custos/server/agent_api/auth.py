@@ -26,6 +26,7 @@ import asyncio
 import threading
 import weakref
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import grpc
 
@@ -64,9 +65,25 @@ async def authenticate(
 ) -> Agent:
     """The agent making this call, or the call ends (UNAUTHENTICATED, PERMISSION_DENIED,
     UNAVAILABLE when the datastore or replay cache is down)."""
+    return (await authenticate_caller(context, ctx, service, method)).agent
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated call: the agent, and when the WIT it called with expires (a
+    push stream ends then: it must not outlive the credential that opened it)."""
+
+    agent: Agent
+    wit_expires_at: float
+
+
+async def authenticate_caller(
+    context: grpc.aio.ServicerContext, ctx: ServerContext, service: str, method: str
+) -> Caller:
+    """:func:`authenticate`, also saying when the caller's WIT expires."""
     metadata = context.invocation_metadata() or ()
     try:
-        return await asyncio.to_thread(verify_call, ctx, metadata, service, method)
+        return await asyncio.to_thread(verify_caller, ctx, metadata, service, method)
     except Exception as e:  # noqa: BLE001 - every refusal and fault leaves through abort()
         await abort(context, e)
 
@@ -75,6 +92,13 @@ def verify_call(
     ctx: ServerContext, metadata: Iterable[tuple[str, str | bytes]], service: str, method: str
 ) -> Agent:
     """:func:`authenticate` without gRPC (synchronous: datastore reads, replay cache)."""
+    return verify_caller(ctx, metadata, service, method).agent
+
+
+def verify_caller(
+    ctx: ServerContext, metadata: Iterable[tuple[str, str | bytes]], service: str, method: str
+) -> Caller:
+    """:func:`authenticate_caller` without gRPC."""
     wit = _one(metadata, WIT_METADATA, "wit")
     wpt = _one(metadata, WPT_METADATA, "wpt")
     request = HttpMessage(headers=((WIT_METADATA, wit), (WPT_METADATA, wpt)))
@@ -104,7 +128,7 @@ def verify_call(
             f"the WIT of agent {agent.id} predates its last attestation",
             code="agent_wit_superseded",
         )
-    return agent
+    return Caller(agent, caller.wit.expires_at)
 
 
 def _one(metadata: Iterable[tuple[str, str | bytes]], key: str, what: str) -> str:

@@ -12,6 +12,13 @@ The stream also wakes when the nearest ``expires_at`` of a sent entry passes
 (an expiring entry is no write: nothing would bump) and at least every
 :data:`RECHECK_SECONDS`, to look at the agent again: an evicted or banned
 agent's stream ends with PERMISSION_DENIED at its next wake-up.
+
+A stream never outlives the credentials that opened it: it ends (UNAVAILABLE,
+``wit_expired`` / ``agent_reattested``) when the WIT it was opened with expires,
+and when the agent attested again or renewed since (its ``updated_at`` moved);
+the agent opens it again with its current WIT. One agent holds at most
+:data:`MAX_STREAMS_PER_AGENT` push streams (both kinds together) on one server;
+one more is RESOURCE_EXHAUSTED (decision 0056).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import weakref
+from collections import Counter
 from collections.abc import Coroutine, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,8 +35,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc
-from custos.server.agent_api.auth import authenticate
-from custos.server.agent_api.status import AgentApiForbiddenError, abort
+from custos.server.agent_api.auth import Caller, authenticate_caller
+from custos.server.agent_api.status import (
+    AgentApiBusyError,
+    AgentApiForbiddenError,
+    AgentApiReopenError,
+    abort,
+)
 from custos.server.datastore.records import Agent, RegistrationEntry
 from custos.server.entitlement import entries_for_agent
 from custos.server.wire import entry_to_proto
@@ -42,6 +56,12 @@ RECHECK_SECONDS = 30.0
 #: A short pause after a wake-up, so the bumps of one burst of writes (and the
 #: local bump plus the NOTIFY of the same write) are answered by one read.
 COALESCE_SECONDS = 0.02
+#: Most push streams one agent may hold open on one server at once (an agent
+#: needs two: SyncEntries and StreamBundle; the rest is room for reconnects).
+MAX_STREAMS_PER_AGENT = 8
+
+# Open push streams per agent ID, per server context (the loop's thread only).
+_open_streams: weakref.WeakKeyDictionary[ServerContext, Counter[str]] = weakref.WeakKeyDictionary()
 
 
 async def current_agent(ctx: ServerContext, agent: Agent) -> Agent:
@@ -56,6 +76,22 @@ async def current_agent(ctx: ServerContext, agent: Agent) -> Agent:
             f"agent {stored.id} was evicted; attest again", code="agent_evicted"
         )
     return stored
+
+
+def still_current(caller: Caller, stored: Agent) -> None:
+    """Raise :class:`AgentApiReopenError` once the stream's credentials are stale: its
+    WIT expired (a stream must not serve past the credential that opened it), or the
+    agent attested again or renewed since (an old key's stream must not live on)."""
+    if time.time() >= caller.wit_expires_at:
+        raise AgentApiReopenError(
+            "the WIT this stream was opened with has expired; open it again",
+            code="wit_expired",
+        )
+    if stored.updated_at > caller.agent.updated_at:
+        raise AgentApiReopenError(
+            f"agent {stored.id} attested again since this stream was opened; open it again",
+            code="agent_reattested",
+        )
 
 
 async def wait_at_most(wait: Coroutine[Any, Any, int], timeout: float) -> None:
@@ -104,8 +140,19 @@ class PushStream:
         """Called after each message sent."""
 
     async def serve(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        agent = await authenticate(context, self._ctx, self.service, self.method)
+        caller = await authenticate_caller(context, self._ctx, self.service, self.method)
+        agent = caller.agent
+        counts = _open_streams.setdefault(self._ctx, Counter())
+        holder = str(agent.id)
+        counted = False
         try:
+            if counts[holder] >= MAX_STREAMS_PER_AGENT:
+                raise AgentApiBusyError(
+                    f"agent {holder} has {MAX_STREAMS_PER_AGENT} streams open on this server",
+                    code="too_many_streams",
+                )
+            counts[holder] += 1
+            counted = True
             sent: Hashable = None
             while True:
                 # The generation is read before the datastore: a write landing
@@ -116,11 +163,18 @@ class PushStream:
                     await context.write(snapshot.message)
                     self._sent()
                     sent = snapshot.state
-                await wait_at_most(self._wait(seen), min(snapshot.wake_in, self._recheck))
+                wit_left = caller.wit_expires_at - time.time()
+                await wait_at_most(self._wait(seen), min(snapshot.wake_in, self._recheck, wit_left))
                 agent = await current_agent(self._ctx, agent)
+                still_current(caller, agent)
         except Exception as e:  # noqa: BLE001 - every refusal and fault leaves through abort()
             # (a bug becomes INTERNAL with its traceback in the log, never on the wire)
             await abort(context, e)
+        finally:
+            if counted:
+                counts[holder] -= 1
+                if counts[holder] <= 0:
+                    del counts[holder]
 
 
 class EntriesServicer(PushStream, agent_v1_pb2_grpc.EntriesServicer):
@@ -170,6 +224,7 @@ def register(server: grpc.aio.Server, ctx: ServerContext) -> None:
 
 __all__ = [
     "COALESCE_SECONDS",
+    "MAX_STREAMS_PER_AGENT",
     "RECHECK_SECONDS",
     "SERVICE",
     "EntriesServicer",
@@ -177,5 +232,6 @@ __all__ = [
     "Snapshot",
     "current_agent",
     "register",
+    "still_current",
     "wait_at_most",
 ]

@@ -59,10 +59,27 @@ class AgentApiArgumentError(CustosError):
     code = "invalid_argument"
 
 
+class AgentApiReopenError(CustosError):
+    """A push stream ends so that the agent opens it again with its current
+    credentials (the WIT that opened it expired, or the agent attested again):
+    UNAVAILABLE, which every agent client retries."""
+
+    code = "stream_reopen"
+
+
+class AgentApiBusyError(CustosError):
+    """Too many calls of one kind at once (push streams of one agent, pending
+    attestations): RESOURCE_EXHAUSTED, retried by the agent with backoff."""
+
+    code = "too_many_calls"
+
+
 # First match wins: subclasses before their bases.
 _BY_CLASS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ReplayCacheUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (DatastoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (AgentApiReopenError, grpc.StatusCode.UNAVAILABLE),
+    (AgentApiBusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (AgentApiAuthError, grpc.StatusCode.UNAUTHENTICATED),
     (WitError, grpc.StatusCode.UNAUTHENTICATED),
     (WptError, grpc.StatusCode.UNAUTHENTICATED),  # WptReplayError included

@@ -513,14 +513,10 @@ def test_migration_0003_keeps_older_audit_rows(store_url: str) -> None:
         assert (row.who, row.event, row.custody, row.evidence) == ("w", "", "", "")
 
 
-def test_the_servers_dns_name_is_refused_whatever_case_the_config_wrote(
-    parts: Parts, tmp_path: Path
-) -> None:
-    rig = ServerRig(tmp_path / "upper", sections={"agent_api": {"dns_name": "Custos-Server"}})
-    agent = parts.agent()
-    sneaky = parts.entry("/sneaky", dns_names=["custos-server"])  # written past the admin API
-    issuer = Issuer(
-        config=rig.config(),
+def _by_parent(parts: Parts, config: ServerConfig) -> Issuer:
+    """An issuer over ``parts`` whose entitlement is a plain parent lookup."""
+    return Issuer(
+        config=config,
         datastore=parts.store,
         ca_keys=parts.ca_keys,
         jwt_keys=parts.jwt_keys,
@@ -529,6 +525,15 @@ def test_the_servers_dns_name_is_refused_whatever_case_the_config_wrote(
         metrics=parts.metrics,
         entitlement=lambda a: parts.store.entries.list(parent_id=a.id),
     )
+
+
+def test_the_servers_dns_name_is_refused_whatever_case_the_config_wrote(
+    parts: Parts, tmp_path: Path
+) -> None:
+    rig = ServerRig(tmp_path / "upper", sections={"agent_api": {"dns_name": "Custos-Server"}})
+    agent = parts.agent()
+    sneaky = parts.entry("/sneaky", dns_names=["custos-server"])  # written past the admin API
+    issuer = _by_parent(parts, rig.config())
     results = issuer.x509_svids(agent, [X509Request(sneaky.id, csr_for(ec_key()), MEMORY)])
     assert codes(results) == ["reserved_dns_name"]
 
@@ -538,16 +543,7 @@ def test_an_expired_entry_is_refused_even_if_the_entitlement_offers_it(parts: Pa
     (one read just before it expired, a plain parent lookup) does not make it issuable."""
     agent = parts.agent()
     expired = parts.entry("/old", expires_at=time.time() - 1)
-    issuer = Issuer(
-        config=parts.config,
-        datastore=parts.store,
-        ca_keys=parts.ca_keys,
-        jwt_keys=parts.jwt_keys,
-        wit_keys=parts.wit_keys,
-        auditor=Auditor(parts.store),
-        metrics=parts.metrics,
-        entitlement=lambda a: parts.store.entries.list(parent_id=a.id),
-    )
+    issuer = _by_parent(parts, parts.config)
     issued = issuer.jwt_svid(agent, expired.id, ["rp"])
     assert issued.error is not None and issued.error.code == "entry_expired"
 

@@ -351,3 +351,31 @@ def test_kill_9_between_key_creation_and_credentials_leaves_a_consistent_state(
             assert isinstance(ExportableKeyStore(key_dir).info(key_name(entry_id, 3)).name, str)
 
         asyncio.run(restart())
+
+
+def test_a_node_without_identity_makes_no_keys_and_keeps_serving(
+    rig: ServerRig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    store = RecordingMemoryStore(clock)
+    custody = Custody({"memory": store})
+
+    async def main() -> None:
+        async with running_server(rig) as srv, await server_agent(srv) as agent:
+            node = RigNode(agent)
+            manager = WorkloadManager(node=node, custody=custody, data_dir=tmp_path, now=clock)
+            async with manager, AdminClient(srv.admin_socket) as admin:
+                made = await admin.create_entry(
+                    entry("/n", str(agent.identity.spiffe_id), x509_svid_ttl=600, wit_ttl=600)
+                )
+                first = await until(lambda: by_entry(manager.identities.all(), made.id))
+                node.lost = True
+                clock.offset = 0.6 * (first.not_after - time.time())
+                manager.wake()
+                await until(lambda: "could not get workload credentials" in caplog.text)
+                assert store.created == [first.key.name]  # no key made for nothing
+                assert by_entry(manager.identities.all(), made.id) is first
+                assert "step failed" not in caplog.text
+        await custody.close()
+
+    asyncio.run(main())

@@ -18,6 +18,7 @@ from custos.agent.client.calls import AgentApiClient
 from custos.agent.client.errors import AgentApiError
 from custos.agent.identities import ChangeCounter, WorkloadIdentity
 from custos.bundle import TrustBundle
+from custos.errors import CustosError
 from custos.keys import KeyInfo, MemoryKeyStore
 from custos.testing.server import RigAgent
 
@@ -36,8 +37,13 @@ class RigNode:
         self.changes = ChangeCounter()
         self._bundle: TrustBundle | None = None
 
+    #: True: the node has lost its identity (``client`` raises, as NodeIdentity's does).
+    lost = False
+
     @property
     def client(self) -> AgentApiClient:
+        if self.lost:
+            raise CustosError("the agent has no identity", code="node_identity")
         return self._client
 
     @property

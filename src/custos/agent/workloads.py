@@ -405,10 +405,14 @@ class WorkloadManager:
     # ---- issuance ------------------------------------------------------------------------
 
     async def _issue(self, entries: Sequence[AgentEntry]) -> None:
+        try:
+            client = self._node.client  # first: no key is made for a node without identity
+        except CustosError as e:
+            self._server_unusable(e)
+            return
         prepared = [p for p in [await self._prepare(e) for e in entries] if p is not None]
         if not prepared:
             return
-        client = self._node.client
         try:
             x509s, wits = await asyncio.gather(
                 client.new_x509_svids(
@@ -420,17 +424,7 @@ class WorkloadManager:
             )
         except AgentApiError as e:
             self._node.report_refused(e)
-            _, attempts = self._server_retry
-            delay = self._backoff.delay(attempts)
-            self._server_retry = (time.monotonic() + delay, attempts + 1)
-            log.warning(
-                "could not get workload credentials (%s: %s); serving what is in hand, "
-                "trying again in %.1f s",
-                e.code,
-                e.message,
-                delay,
-                extra={"code": e.code},
-            )
+            self._server_unusable(e)
             for p in prepared:
                 await self._delete_key(p.entry.key_custody, p.key.name)
             return
@@ -438,6 +432,20 @@ class WorkloadManager:
         for p, x, w in zip(prepared, x509s, wits, strict=True):
             await self._receive(p, x, w)
         self._publish()
+
+    def _server_unusable(self, e: CustosError) -> None:
+        """No credentials from the server now: back off, serve what is in hand."""
+        _, attempts = self._server_retry
+        delay = self._backoff.delay(attempts)
+        self._server_retry = (time.monotonic() + delay, attempts + 1)
+        log.warning(
+            "could not get workload credentials (%s: %s); serving what is in hand, "
+            "trying again in %.1f s",
+            e.code,
+            e.message,
+            delay,
+            extra={"code": e.code},
+        )
 
     async def _prepare(self, entry: AgentEntry) -> _Prepared | None:
         """A fresh key in the entry's tier, its CSR and its public JWK."""

@@ -181,6 +181,9 @@ class Server:
         td = config.trust_domain
         datastore = await asyncio.to_thread(Datastore.open, config.datastore.url, trust_domain=td)
         self._on_stop_sync(datastore.close)
+        # Before serving: every server of this database refuses this name in entries and
+        # workload certificates from now on (decision 0055).
+        await asyncio.to_thread(datastore.server_names.record, config.agent_api.dns_name)
 
         stores = _KeyStores()
         self._on_stop_sync(stores.close)

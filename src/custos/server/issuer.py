@@ -44,6 +44,7 @@ from custos.keys.jwk import public_jwk_members
 from custos.server.audit import AuditEvent, Auditor
 from custos.server.config import ServerConfig
 from custos.server.datastore.records import KEY_CUSTODIES, Agent, RegistrationEntry
+from custos.server.datastore.server_names import normal_dns_name
 from custos.server.datastore.store import Datastore
 from custos.server.metrics import ServerMetrics
 from custos.server.signing_keys import SigningKey, SigningKeys
@@ -203,8 +204,9 @@ class Issuer:
         self.metrics = metrics
         self.entitlement = entitlement
         self.trust_domain = config.trust_domain
-        # The Agent API's TLS name: no workload certificate may carry it.
-        self.server_dns_name = config.agent_api.dns_name  # lower case, like entries
+        # The Agent API's TLS name: no workload certificate may carry it (nor the
+        # name of any other server of this datastore: _reserved_dns_names).
+        self.server_dns_name = normal_dns_name(config.agent_api.dns_name)
 
     # -- workload credentials -------------------------------------------------------
 
@@ -212,13 +214,14 @@ class Issuer:
         """X.509-SVIDs for a batch of CSRs, one :class:`Issued` per request, in order."""
         self._check_batch("x509-svid", agent, requests)
         entries = self._entitled(agent)
+        reserved = self._reserved_dns_names()
         signer = self.ca_keys.current()
         ca = signer.ca()
         batch = _Batch()
         out: list[Issued] = []
         for request in requests:
             try:
-                entry = self._entry_for(entries, request.entry_id, request.custody)
+                entry = self._entry_for(entries, request.entry_id, request.custody, reserved)
                 svid = self._sign_x509(ca, entry, request.csr)
             except IssuanceError as e:
                 out.append(self._refused("x509-svid", agent, request.entry_id, e))
@@ -242,12 +245,13 @@ class Issuer:
         """WIT-SVIDs binding the given public keys, one :class:`Issued` per request."""
         self._check_batch("wit", agent, requests)
         entries = self._entitled(agent)
+        reserved = self._reserved_dns_names()
         signer = self.wit_keys.current()
         batch = _Batch()
         out: list[Issued] = []
         for request in requests:
             try:
-                entry = self._entry_for(entries, request.entry_id, request.custody)
+                entry = self._entry_for(entries, request.entry_id, request.custody, reserved)
                 jwk = _workload_jwk(request.public_jwk)
             except IssuanceError as e:
                 out.append(self._refused("wit", agent, request.entry_id, e))
@@ -269,7 +273,7 @@ class Issuer:
         entries = self._entitled(agent)
         try:
             aud = _audience(audience)
-            entry = self._entry_for(entries, entry_id, None)
+            entry = self._entry_for(entries, entry_id, None, self._reserved_dns_names())
         except IssuanceError as e:
             return self._refused("jwt-svid", agent, entry_id, e)
         signer = self.jwt_keys.current()
@@ -371,6 +375,7 @@ class Issuer:
         entries: Mapping[str, RegistrationEntry],
         entry_id: str,
         custody: CustodyEvidence | None,
+        reserved_dns_names: frozenset[str],
     ) -> RegistrationEntry:
         """The entitled entry ``entry_id`` if this request may have a credential for it."""
         if not isinstance(entry_id, str) or not 0 < len(entry_id) <= MAX_ENTRY_ID_LENGTH:
@@ -402,12 +407,18 @@ class Issuer:
                 f"not {custody.tier!r}",
                 code="custody_mismatch",
             )
-        if self.server_dns_name in entry.dns_names:
+        taken = sorted(reserved_dns_names.intersection(map(normal_dns_name, entry.dns_names)))
+        if taken:
             raise NotEntitledError(
-                f"entry {entry_id!r} asks for the server's DNS name {self.server_dns_name!r}",
+                f"entry {entry_id!r} asks for the DNS name {taken[0]!r} of a custos server",
                 code="reserved_dns_name",
             )
         return entry
+
+    def _reserved_dns_names(self) -> frozenset[str]:
+        """Every server's DNS name: this one's, and those every server of the datastore
+        recorded at start (they may be configured differently; an agent trusts each)."""
+        return self.datastore.server_names.names() | {self.server_dns_name}
 
     def _ttl_cap(self, entry: RegistrationEntry) -> float:
         """How long a WIT or JWT-SVID may live: until the current CA certificate ends

@@ -23,6 +23,7 @@ from custos.plugin.catalog import AGENT_ID_PREFIX
 from custos.server.context import ServerContext
 from custos.server.datastore.errors import InvalidEntryError
 from custos.server.datastore.records import RegistrationEntry, member_id
+from custos.server.datastore.server_names import normal_dns_name
 from custos.server.wire import (
     agent_to_proto,
     bundle_to_proto,
@@ -78,18 +79,22 @@ class _Part:
             "wit_ttl": config.wit.default_ttl.total_seconds(),
         }
 
-    def _entry_fields(self, message: types_v1_pb2.Entry) -> dict[str, Any]:
+    async def _entry_fields(self, message: types_v1_pb2.Entry) -> dict[str, Any]:
         """The entry's fields, TTLs of 0 ("not given") set to the server's
-        defaults, refused if it names the server's DNS name or a reserved ID."""
+        defaults, refused if it names a server's DNS name or a reserved ID."""
         fields = entry_fields_from_proto(message)
         for name, default in self._default_ttls().items():
             if fields[name] == 0:
                 fields[name] = default
         check_not_reserved(coerce_spiffe_id(fields["spiffe_id"]))
-        server_name = self._ctx.config.agent_api.dns_name  # lower case (config load)
-        if any(str(n).lower().removesuffix(".") == server_name for n in fields["dns_names"]):
+        # This server's name and every name the servers of this datastore recorded at
+        # start: they may be configured differently, and an agent trusts each one.
+        recorded = await asyncio.to_thread(self._ctx.datastore.server_names.names)
+        servers = recorded | {normal_dns_name(self._ctx.config.agent_api.dns_name)}
+        taken = sorted(servers.intersection(normal_dns_name(str(n)) for n in fields["dns_names"]))
+        if taken:
             raise InvalidEntryError(
-                f"dns name {server_name!r} is the server's own (agent_api.dns_name); "
+                f"dns name {taken[0]!r} is a custos server's own (agent_api.dns_name); "
                 "no workload may hold it",
                 code="reserved_dns_name",
             )
@@ -98,7 +103,7 @@ class _Part:
 
 class EntriesService(_Part, admin_v1_grpc.EntriesBase):
     async def CreateEntry(self, stream: Stream[types_v1_pb2.Entry, types_v1_pb2.Entry]) -> None:
-        fields = self._entry_fields(await _request(stream))
+        fields = await self._entry_fields(await _request(stream))
         entry = await asyncio.to_thread(self._ctx.datastore.entries.create, **fields)
         self._ctx.events.entries_changed()
         log.info("admin: %s created entry %s for %s", _caller(stream), entry.id, entry.spiffe_id)
@@ -112,7 +117,10 @@ class EntriesService(_Part, admin_v1_grpc.EntriesBase):
                 code="revision_required",
             )
         draft = RegistrationEntry(
-            id=message.id, revision=message.revision, change_seq=0, **self._entry_fields(message)
+            id=message.id,
+            revision=message.revision,
+            change_seq=0,
+            **(await self._entry_fields(message)),
         )
         entry = await asyncio.to_thread(self._ctx.datastore.entries.update, draft)
         self._ctx.events.entries_changed()

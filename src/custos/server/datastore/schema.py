@@ -139,3 +139,12 @@ signing_keys = Table(
     Column("last_not_after", Float, nullable=True),
     Column("certificate", Text, nullable=True),  # PEM root of an x509-ca key (public)
 )
+
+#: The DNS names the servers of this database answer to (migration 0005): no
+#: entry and no workload certificate may carry one (decision 0055).
+server_names = Table(
+    "server_names",
+    metadata,
+    Column("dns_name", String(253), primary_key=True),  # lower case, no final dot
+    Column("recorded_at", Float, nullable=False),
+)

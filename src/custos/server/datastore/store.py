@@ -10,6 +10,7 @@ from custos.server.datastore.audit import AuditLog
 from custos.server.datastore.database import make_engine, migrate, parse_url
 from custos.server.datastore.entries import EntryRepository
 from custos.server.datastore.replay import DatastoreReplayCache
+from custos.server.datastore.server_names import ServerNameRepository
 from custos.server.datastore.signing_keys import SigningKeyRepository
 from custos.server.datastore.tokens import JoinTokenRepository
 
@@ -18,7 +19,7 @@ class Datastore:
     """The server's datastore on SQLite (``sqlite:///<path>``) or PostgreSQL.
 
     ``entries``, ``join_tokens``, ``agents``, ``audit``, ``signing_keys`` (key
-    metadata) and ``replay`` (a
+    metadata), ``server_names`` (every server's DNS name) and ``replay`` (a
     :class:`~custos.wimse.replay.ReplayCache`) share one connection pool.
     Each method is its own transaction; thread-safe.
     """
@@ -39,6 +40,7 @@ class Datastore:
         self.audit = AuditLog(self._engine)
         self.replay = DatastoreReplayCache(self._engine)
         self.signing_keys = SigningKeyRepository(self._engine)
+        self.server_names = ServerNameRepository(self._engine)
 
     @classmethod
     def open(cls, url: str, *, trust_domain: TrustDomain | str) -> Datastore:

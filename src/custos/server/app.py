@@ -34,7 +34,6 @@ from custos.keys.config import KeyStoreConfig
 from custos.plugin.catalog import PluginConfig, ServerCatalog
 from custos.server.admin import serve_admin
 from custos.server.agent_api import attestation, bundles, entries, svids
-from custos.server.agent_api.limits import MAX_CONCURRENT_STREAMS, AttestationCapInterceptor
 from custos.server.audit import Auditor
 from custos.server.config import CaConfig, ServerConfig
 from custos.server.context import ServerContext, server_id
@@ -64,6 +63,9 @@ AGENT_API_SERVICES = tuple(
 MAINTENANCE_INTERVAL_SECONDS = 60.0
 #: How long ``stop()`` lets in-flight Agent API calls finish.
 STOP_GRACE_SECONDS = 2.0
+#: HTTP/2 streams one Agent API connection may have open at once (grpc's default is
+#: unbounded): an agent needs two push streams plus its calls in flight (decision 0056).
+MAX_CONCURRENT_STREAMS = 100
 
 
 class ServerStartError(CustosError):
@@ -265,8 +267,7 @@ class Server:
         self._tls = ServerTls(first)
         limit = config.agent_api.max_message_bytes
         server = grpc.aio.server(
-            # metrics outermost: a call refused by the attestation cap is counted too
-            interceptors=[CallMetricsInterceptor(ctx.metrics), AttestationCapInterceptor()],
+            interceptors=[CallMetricsInterceptor(ctx.metrics)],
             options=[
                 ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
                 ("grpc.max_receive_message_length", limit),

@@ -14,6 +14,7 @@ import click
 from custos import __version__
 from custos.cli.admin import agent, bundle, entry, rotate_keys, token
 from custos.cli.agent import run_cmd as agent_run
+from custos.cli.dev import dev
 from custos.cli.keys import keys
 from custos.cli.server import server
 from custos.cli.tpm import tpm
@@ -57,6 +58,7 @@ agent.add_command(healthcheck)
 cli.add_command(wit)
 cli.add_command(wpt)
 cli.add_command(x509)
+cli.add_command(dev)
 
 
 def main() -> None:

@@ -1,0 +1,124 @@
+"""``custos dev`` as a user runs it: a subprocess whose two stdout lines are all a
+workload (``custos wit fetch``, ``WorkloadClient``) and an admin (``custos entry list``)
+need; SIGTERM stops it with exit 0, its swtpm and its sockets gone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from custos.client import WorkloadClient
+
+BOUND = 90.0
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    # Short: the sockets under it must fit in 107 bytes.
+    path = Path(tempfile.mkdtemp(prefix="custos-dv-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def custos(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "custos", *args], capture_output=True,
+                          text=True, timeout=BOUND, env=env, stdin=subprocess.DEVNULL)
+
+
+def read_lines(process: subprocess.Popen[str], count: int) -> list[str]:
+    """*count* stdout lines, or fail after BOUND (the reader thread keeps the wait bounded)."""
+    lines: list[str] = []
+
+    def read() -> None:
+        assert process.stdout is not None
+        while len(lines) < count:
+            line = process.stdout.readline()
+            if not line:
+                return
+            lines.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(BOUND)
+    return lines
+
+
+def stop(process: subprocess.Popen[str], sig: signal.Signals = signal.SIGTERM) -> int:
+    if process.poll() is None:
+        process.send_signal(sig)
+    try:
+        return process.wait(BOUND)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise
+
+
+@pytest.mark.skipif(shutil.which("swtpm") is None, reason="swtpm is not installed")
+def test_dev_serves_a_workload_and_an_admin_then_stops_cleanly(short_dir: Path) -> None:
+    data = short_dir / "d"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "custos", "dev", "--data-dir", str(data)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = read_lines(process, 2)
+        assert lines == [f"SPIFFE_ENDPOINT_SOCKET=unix://{data}/agent.sock",
+                         f"CUSTOS_ADMIN_SOCKET=unix://{data}/server/admin.sock"], lines
+        swtpm_pid = int((data / "tpm" / "swtpm.pid").read_text().strip())
+        env = dict(os.environ, **dict(line.split("=", 1) for line in lines))
+
+        fetched = custos("wit", "fetch", "--spiffe-id", "spiffe://example.org/dev/tpm", env=env)
+        assert fetched.returncode == 0, fetched.stderr
+        assert fetched.stdout.count(".") == 2  # one compact JWS
+
+        async def sign() -> None:
+            async with WorkloadClient(env["SPIFFE_ENDPOINT_SOCKET"]) as client:
+                wit, wpt = await client.sign_wpt("https://b.example/pay",
+                                                 spiffe_id="spiffe://example.org/dev/tpm")
+                assert wit.count(".") == 2 and wpt.count(".") == 2
+
+        asyncio.run(sign())
+
+        listed = custos("entry", "list", "--output", "json", env=env)
+        assert listed.returncode == 0, listed.stderr
+        ids = sorted(e["spiffe_id"] for e in json.loads(listed.stdout)["entries"])
+        assert ids == [f"spiffe://example.org/dev/{t}" for t in ("exportable", "memory", "tpm")]
+        assert all(e["selectors"] == [f"unix:uid:{os.getuid()}"]
+                   for e in json.loads(listed.stdout)["entries"])
+    finally:
+        status = stop(process)
+    stderr = process.stderr.read() if process.stderr else ""
+    assert status == 0, stderr[-2000:]
+    assert "key custody on tpm" in stderr
+    assert "Traceback" not in stderr
+    assert not Path(f"/proc/{swtpm_pid}").exists()
+    assert not (data / "agent.sock").exists()
+    assert not (data / "server" / "admin.sock").exists()
+
+
+def test_dev_refuses_a_data_dir_it_did_not_make(short_dir: Path) -> None:
+    (short_dir / "precious.txt").write_text("mine\n")
+    done = custos("dev", "--data-dir", str(short_dir))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("error [dev_error]: --data-dir ")
+    assert "Traceback" not in done.stderr
+    assert (short_dir / "precious.txt").read_text() == "mine\n"
+    assert done.stdout == ""
+
+
+def test_dev_refuses_a_socket_path_too_long_for_unix(short_dir: Path) -> None:
+    done = custos("dev", "--data-dir", str(short_dir / "d"), "--socket",
+                  str(short_dir / ("s" * 120)))
+    assert done.returncode == 1
+    assert "longer than 107 bytes" in done.stderr and "Traceback" not in done.stderr

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,8 +73,13 @@ def _as_other_uid(socket: Path, spiffe_id: str) -> dict[str, str]:
         finally:
             os._exit(code)
     os.close(write)
+    # A child forked from a threaded process could in principle hang on a lock
+    # some other thread held at the fork: bounded here, never a hung suite.
+    ready, _, _ = select.select([read], [], [], 30)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
     with os.fdopen(read, "rb") as f:
-        data = f.read()
+        data = f.read() if ready else b""
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     result: dict[str, str] = json.loads(data)

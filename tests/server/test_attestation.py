@@ -10,10 +10,11 @@ agent after the payload, so one node can attest twice under one ID.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -789,48 +790,87 @@ def test_a_channel_with_another_bundle_or_name_does_not_connect(
     serve(rig, keys, scenario)
 
 
-def test_an_attestation_past_its_deadline_ends_deadline_exceeded_and_writes_nothing(
-    rig: ServerRig, keys: KeyStore
-) -> None:
-    """The rig's server with a second Attestation service whose deadline is short."""
+@contextlib.asynccontextmanager
+async def attestation_server(h: Harness, **settings: Any) -> AsyncIterator[str]:
+    """A second Attestation service on the rig's context with other settings (a short
+    deadline, a small cap); yields its address."""
     from custos.server.agent_api.attestation import AttestationServicer
     from custos.server.attestation import NodeAttestation
     from custos.server.tls import ServerTls, make_server_certificate
 
+    ctx = h.srv.ctx
+    name = ctx.config.agent_api.dns_name
+    cert = make_server_certificate(ctx.ca_keys.current().ca(), ctx.server_id, name)
+    server = grpc.aio.server()
+    agent_v1_pb2_grpc.add_AttestationServicer_to_server(  # type: ignore[no-untyped-call]
+        AttestationServicer(ctx, NodeAttestation(ctx, **settings)), server
+    )
+    port = server.add_secure_port("127.0.0.1:0", ServerTls(cert).credentials())
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+async def hanging_attestation(
+    h: Harness, address: str, key: str, *, hang: bool = True
+) -> AgentIdentity:
+    """An agent half that stops answering after the server's challenge (with ``hang``)."""
+    with AgentCatalog.load(
+        TD,
+        node_attestors=[PluginConfig("acme_challenge", {"name": "n1", "hang": hang})],
+        workload_attestors=[PluginConfig("example")],
+    ) as catalog:
+        bundle = h.srv.ctx.bundle()
+        server_name = h.srv.ctx.config.agent_api.dns_name
+        async with open_channel(address, bundle=bundle, server_name=server_name) as channel:
+            return await attest_agent(
+                channel, attestor=catalog.node_attestor, key=h.key(key), custody="memory"
+            )
+
+
+def test_an_attestation_past_its_deadline_ends_deadline_exceeded_and_writes_nothing(
+    rig: ServerRig, keys: KeyStore
+) -> None:
     async def scenario(h: Harness) -> None:
-        ctx = h.srv.ctx
-        name = ctx.config.agent_api.dns_name
-        cert = make_server_certificate(ctx.ca_keys.current().ca(), ctx.server_id, name)
-        server = grpc.aio.server()
-        agent_v1_pb2_grpc.add_AttestationServicer_to_server(  # type: ignore[no-untyped-call]
-            AttestationServicer(ctx, NodeAttestation(ctx, deadline=0.5)), server
-        )
-        port = server.add_secure_port("127.0.0.1:0", ServerTls(cert).credentials())
-        await server.start()
-        try:
-            with AgentCatalog.load(
-                TD,
-                node_attestors=[PluginConfig("acme_challenge", {"name": "n1", "hang": True})],
-                workload_attestors=[PluginConfig("example")],
-            ) as catalog:
-                channel = open_channel(f"127.0.0.1:{port}", bundle=ctx.bundle(), server_name=name)
-                async with channel:
-                    error = await h.refused(
-                        attest_agent(
-                            channel,
-                            attestor=catalog.node_attestor,
-                            key=h.key("a"),
-                            custody="memory",
-                        )
-                    )
-        finally:
-            await server.stop(None)
+        async with attestation_server(h, deadline=0.5) as address:
+            error = await h.refused(hanging_attestation(h, address, "a"))
         assert (error.status, error.code) == (
             grpc.StatusCode.DEADLINE_EXCEEDED,
             "attestation_timeout",
         )
         assert h.datastore.agents.list() == []
         assert h.attestations("refused", "acme_challenge") == 1
+
+    serve(rig, keys, scenario)
+
+
+def test_attestations_past_the_cap_are_resource_exhausted_and_retryable(
+    rig: ServerRig, keys: KeyStore
+) -> None:
+    async def scenario(h: Harness) -> None:
+        import acme_attest  # type: ignore[import-not-found]
+
+        acme_attest.HANGING.clear()
+        async with attestation_server(h, max_pending=1) as address:
+            first = asyncio.create_task(hanging_attestation(h, address, "a"))
+            while not acme_attest.HANGING.is_set():
+                assert not first.done(), first
+                await asyncio.sleep(0.01)
+            error = await h.refused(hanging_attestation(h, address, "b"))
+            assert (error.status, error.code) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "too_many_calls",
+            )
+            assert error.retryable
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            # The slot is free again once the server has counted the hung-up stream.
+            while not any(h.attestations(o, "acme_challenge") for o in ("error", "refused")):
+                await asyncio.sleep(0.01)
+            identity = await hanging_attestation(h, address, "c", hang=False)
+        assert [a.id for a in h.datastore.agents.list()] == [identity.spiffe_id]
 
     serve(rig, keys, scenario)
 

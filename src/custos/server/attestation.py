@@ -45,6 +45,7 @@ from custos.plugin.catalog import (
 from custos.plugin.errors import PluginCallError, PluginMisbehavedError
 from custos.server.agent_api.status import (
     AgentApiArgumentError,
+    AgentApiBusyError,
     AgentApiForbiddenError,
     status_for,
 )
@@ -66,6 +67,9 @@ log = logging.getLogger(__name__)
 #: The whole attestation, first message to result (a TPM needs well under a second;
 #: a client that stalls longer only holds a stream open).
 DEFAULT_DEADLINE = 30.0
+#: Attestations one server runs at once (each holds a stream for up to the deadline;
+#: real agents attest once per start or renewal).  More: RESOURCE_EXHAUSTED, retried.
+MAX_PENDING_ATTESTATIONS = 256
 #: A plugin name is a selector type: short.
 MAX_ATTESTOR_NAME = 128
 #: TPM2_Certify statements (issue 10) are a few hundred bytes.
@@ -202,9 +206,19 @@ def _refusal(error: PluginCallError) -> AttestationError | CustosError:
 class NodeAttestation:
     """Runs ``AttestAgent`` calls and ``RenewAgent`` issuance for one server."""
 
-    def __init__(self, ctx: ServerContext, *, deadline: float = DEFAULT_DEADLINE) -> None:
+    def __init__(
+        self,
+        ctx: ServerContext,
+        *,
+        deadline: float = DEFAULT_DEADLINE,
+        max_pending: int = MAX_PENDING_ATTESTATIONS,
+    ) -> None:
         self._ctx = ctx
         self._deadline = seconds(deadline, name="attestation deadline", minimum=0.001)
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError("max_pending must be a positive int")
+        self._max_pending = max_pending
+        self._pending = 0
 
     def _label(self, name: str) -> str:
         return name if name in self._ctx.catalog.node_attestors else UNKNOWN_ATTESTOR_LABEL
@@ -213,6 +227,15 @@ class NodeAttestation:
         """One attestation, start to result, under the deadline; counted by outcome."""
         name = ""
         outcome = "error"
+        # AttestAgent is the one unauthenticated call: bound how many streams it holds.
+        if self._pending >= self._max_pending:
+            self._ctx.metrics.attestations.labels(
+                attestor=UNKNOWN_ATTESTOR_LABEL, outcome="refused"
+            ).inc()
+            raise AgentApiBusyError(
+                f"more than {self._max_pending} attestations are in progress; try again later"
+            )
+        self._pending += 1
         try:
             try:
                 # The deadline bounds the exchange, not the issuance after it: once the
@@ -237,6 +260,7 @@ class NodeAttestation:
             outcome = "error" if status_for(e) in _SERVER_FAULTS else "refused"
             raise
         finally:
+            self._pending -= 1
             self._ctx.metrics.attestations.labels(attestor=self._label(name), outcome=outcome).inc()
 
     async def _decide(
@@ -398,6 +422,7 @@ class NodeAttestation:
 
 __all__ = [
     "DEFAULT_DEADLINE",
+    "MAX_PENDING_ATTESTATIONS",
     "AgentAlreadyAttestedError",
     "AgentBannedError",
     "AttestationError",

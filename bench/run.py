@@ -400,6 +400,13 @@ def bench_server() -> None:
     bench_entries_rows(section)
 
 
+def bench_agent(tpm_tcti: str, hsm: object) -> None:
+    """Issue 9: the agent's socket against its in-process limits (bench/agent_*.py)."""
+    from agent_sign import bench_agent_rows
+
+    bench_agent_rows(section, tpm_tcti, hsm)
+
+
 def main() -> int:
     from custos.testing import softhsm as hsm_rig
     from custos.testing import swtpm as tpm_rig
@@ -431,10 +438,14 @@ def main() -> int:
             if os.environ.get("BENCH_ONLY") == "server":  # the server rows alone
                 bench_server()
                 return 0
+            if os.environ.get("BENCH_ONLY") == "agent":  # the agent rows alone
+                bench_agent(tpm.tcti, hsm)
+                return 0
             bench_keystores(tpm.tcti, root / "tpm-keys", hsm)
             bench_wimse(tpm.tcti, root / "tpm-keys2", hsm)
             bench_preauth()
             bench_server()
+            bench_agent(tpm.tcti, hsm)
         finally:
             tpm.stop()
     return 0

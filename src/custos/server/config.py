@@ -301,7 +301,7 @@ def check_dns_name(value: str) -> str:
     checks that keep the server's name off workloads compare like with like."""
     if "*" in value:
         raise PydanticCustomError(
-            "dns_name", "must be one DNS name, not a wildcard (the server's own name)"
+            "dns_name", "must be a DNS name, not a wildcard (it names the server itself)"
         )
     labels = value.removesuffix(".").split(".")
     if not value or len(value) > 253 or not all(_HOST_LABEL_RE.fullmatch(x) for x in labels):

@@ -138,6 +138,14 @@ async def socket_rows(
         ping8 = wall_row(
             f"Ping over the socket, {CLIENTS} clients", lat, wall, "ops/s = all clients"
         )
+        # The gate without a key: caller credentials, rate limit, the per-connection
+        # attestation cache, the entitled identities' lookup; no signing.
+        fetch_client = client()
+        fetch = Result(
+            "FetchWIT memory, 1 client (gate + lookup, no key)",
+            await timed(lambda: fetch_client.fetch_wit(ids["memory"]), n),
+        )
+        print(row(fetch, ping1, note="ratio vs Ping"))
         for tier, spiffe_id in ids.items():
             runs = n if tier != "tpm" else max(50, n // 10)
             print(row(device[tier]))
@@ -221,6 +229,20 @@ async def fill_to(admin_socket: Path, socket: str, parent: str, selector: str, t
             await c.sign_wpt(f"{ORIGIN}/pay")
 
 
+def imports_rss_mib(statement: str) -> float:
+    """VmRSS of a fresh interpreter after ``statement``: what imports alone cost."""
+    import subprocess
+    import sys
+
+    code = (
+        f"{statement}\n"
+        "import re\n"
+        "print(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip()) / 1024
+
+
 def bench_agent_rows(section: Callable[[str], None], tpm_tcti: str, hsm: object) -> None:
     """``make bench`` rows for the agent (run.py calls this)."""
     from agent_common import agent_process, agent_toml, short_dir, uid_selector, vm_rss_mib
@@ -285,4 +307,11 @@ def bench_agent_rows(section: Callable[[str], None], tpm_tcti: str, hsm: object)
         print(
             f"\nAgent RSS (custos agent run, VmRSS): {rss_empty:.1f} MiB after start, "
             f"{rss:.1f} MiB with {IDENTITIES} workload identities after warm-up (aim <= 80 MiB)"
+        )
+        # Where it goes: the interpreter and the modules the agent imports, before any work.
+        print(
+            f"  of which: bare interpreter {imports_rss_mib('pass'):.1f} MiB; "
+            f"after 'import custos.agent.app' {imports_rss_mib('import custos.agent.app'):.1f} "
+            f"MiB; + tpm2_pytss and python-pkcs11 (tiers) "
+            f"{imports_rss_mib('import custos.agent.app, tpm2_pytss, pkcs11'):.1f} MiB"
         )

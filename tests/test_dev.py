@@ -122,3 +122,35 @@ def test_dev_refuses_a_socket_path_too_long_for_unix(short_dir: Path) -> None:
                   str(short_dir / ("s" * 120)))
     assert done.returncode == 1
     assert "longer than 107 bytes" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("device", "sig"), [("pkcs11", signal.SIGINT),
+                                             ("memory", signal.SIGTERM)])
+def test_dev_without_a_tpm_keeps_keys_in_the_device_it_says(
+    short_dir: Path, device: str, sig: signal.Signals
+) -> None:
+    if device == "pkcs11" and shutil.which("softhsm2-util") is None:
+        pytest.skip("SoftHSM2 is not installed")
+    data = short_dir / "d"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "custos", "dev", "--data-dir", str(data), "--device", device],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = read_lines(process, 2)
+        assert len(lines) == 2, lines
+        env = dict(os.environ, **dict(line.split("=", 1) for line in lines))
+        listed = custos("entry", "list", "--output", "json", env=env)
+        assert listed.returncode == 0, listed.stderr
+        custody = {e["spiffe_id"]: e["key_custody"] for e in json.loads(listed.stdout)["entries"]}
+        want = (device, "memory", "exportable") if device != "memory" else ("memory", "exportable")
+        assert custody == {f"spiffe://example.org/dev/{t}": t for t in want}
+        fetched = custos("wit", "fetch", "--spiffe-id", f"spiffe://example.org/dev/{device}",
+                         env=env)
+        assert fetched.returncode == 0, fetched.stderr
+    finally:
+        status = stop(process, sig)
+    stderr = process.stderr.read() if process.stderr else ""
+    assert status == 0, stderr[-2000:]
+    assert f"key custody on {device}: " in stderr and "Traceback" not in stderr
+    assert not (data / "tpm").exists()
+    assert not (data / "agent.sock").exists()

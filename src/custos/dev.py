@@ -209,7 +209,8 @@ async def dev_environment(
 
     if device is None:
         device, why = pick_device()
-        log.info("key custody: %s (%s)", device, why)
+    else:
+        why = "asked for"
     base, ours = _prepare_data_dir(data_dir)
     socket_path = (socket or base / "agent.sock").absolute()
     try:
@@ -243,7 +244,7 @@ async def dev_environment(
                     await _wait_for_identities(agent, set(identities.values()))
                     yield DevEnvironment(
                         data_dir=base, socket_path=socket_path, admin_socket=rig.admin_socket,
-                        device=device, device_detail=detail, identities=identities,
+                        device=device, device_detail=f"{detail} ({why})", identities=identities,
                         server=srv, agent=agent,
                     )  # fmt: skip
     finally:
@@ -270,32 +271,42 @@ async def run_dev(
     data_dir: Path | None = None,
     socket: Path | None = None,
     *,
+    device: Device | None = None,
     on_ready: Callable[[DevEnvironment], None] | None = None,
 ) -> None:
     """``custos dev`` itself: start, call *on_ready(env)*, serve until SIGTERM/SIGINT
     (or until the agent loses its identity for good: that error is raised after a
-    clean stop)."""
+    clean stop).  A signal during the start stops it there, cleaning up as well."""
     import signal
 
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
+
+    async def serve() -> None:
+        async with dev_environment(data_dir, socket, device=device) as env:
+            if on_ready is not None:
+                on_ready(env)
+            failed = await env.agent.wait_failed()
+        raise failed
+
     for sig in signals:
         loop.add_signal_handler(sig, stopping.set)
     try:
-        async with dev_environment(data_dir, socket) as env:
-            if on_ready is not None:
-                on_ready(env)
-            stop = asyncio.ensure_future(stopping.wait())
-            failed = asyncio.ensure_future(env.agent.wait_failed())
-            try:
-                await asyncio.wait((stop, failed), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop.cancel()
-                failed.cancel()
-            if failed.done() and not failed.cancelled():
-                raise failed.result()
-            log.info("stopping (signal received)")
+        serving = asyncio.ensure_future(serve())
+        stop = asyncio.ensure_future(stopping.wait())
+        try:
+            await asyncio.wait((serving, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not serving.done():
+                log.info("stopping (signal received)")
+                # Cancelling unwinds dev_environment: agent, server, then the device.
+                serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
+        if not serving.cancelled():
+            serving.result()  # the agent's fatal error, or a failed start
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import cast
 
 import click
 
@@ -35,13 +36,21 @@ _CONTEXT = {"help_option_names": ["-h", "--help"]}
     help="the agent's Workload API socket; default: DATA_DIR/agent.sock",
 )
 @click.option(
+    "--device",
+    type=click.Choice(["auto", "tpm", "pkcs11", "memory"]),
+    default="auto",
+    show_default=True,
+    help="where the agent's and the workloads' keys live: auto is swtpm when installed, "
+    "else SoftHSM2, else memory",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="warning",
     show_default=True,
     help="log records at this level and above go to stderr",
 )
-def dev(data_dir: Path | None, socket_path: Path | None, log_level: str) -> None:
+def dev(data_dir: Path | None, socket_path: Path | None, device: str, log_level: str) -> None:
     """Run a server and an agent attested to it, for development on one machine.
 
     Keys in swtpm when installed, else SoftHSM2, else memory. Entries for the current
@@ -49,7 +58,7 @@ def dev(data_dir: Path | None, socket_path: Path | None, log_level: str) -> None
     cleanly on SIGINT or SIGTERM.
     """
     from custos.agent.run import configure_logging
-    from custos.dev import DevEnvironment, run_dev
+    from custos.dev import DevEnvironment, Device, run_dev
 
     configure_logging(log_level)
 
@@ -62,7 +71,8 @@ def dev(data_dir: Path | None, socket_path: Path | None, log_level: str) -> None
             click.echo(line)
         sys.stdout.flush()
 
-    asyncio.run(run_dev(data_dir, socket_path, on_ready=ready))
+    chosen = None if device == "auto" else cast(Device, device)
+    asyncio.run(run_dev(data_dir, socket_path, device=chosen, on_ready=ready))
 
 
 __all__ = ["dev"]

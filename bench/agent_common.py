@@ -107,6 +107,12 @@ def vm_rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used (/proc/<pid>/stat, all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def short_dir() -> Iterator[Path]:
     """A short temporary directory: a Unix socket path must fit in 107 bytes."""

@@ -17,6 +17,7 @@ this process, 8 clients = 8 channels driven by 8 tasks. Nothing here asserts on 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
@@ -78,19 +79,39 @@ async def timed(call: Callable[[], Awaitable[object]], n: int, warmup: int = 20)
     return out
 
 
+#: The agent's pid, for its CPU time per call (set by bench_agent_rows).
+AGENT_PID = [0]
+
+
 async def concurrent(
     make: Callable[[], Callable[[], Awaitable[object]]], clients: int, n_each: int
 ) -> tuple[list[float], float]:
-    """``clients`` tasks, each with its own client, ``n_each`` calls; (latencies, wall s)."""
+    """``clients`` tasks, each with its own client, ``n_each`` calls; (latencies, wall s).
+    Also prints the agent's own CPU time per call in that run (where the time goes)."""
+    from agent_common import cpu_seconds
+
     calls = [make() for _ in range(clients)]
     for call in calls:
         for _ in range(10):
             await call()
     latencies: list[list[float]] = []
+    cpu0 = cpu_seconds(AGENT_PID[0])
     t0 = time.perf_counter()
     latencies = await asyncio.gather(*(timed(call, n_each, warmup=0) for call in calls))
     wall = time.perf_counter() - t0
+    cpu = cpu_seconds(AGENT_PID[0]) - cpu0
+    done = clients * n_each
+    LAST_CPU[0] = (cpu / done, cpu / wall)
     return [x for each in latencies for x in each], wall
+
+
+#: (agent CPU seconds per call, cores busy) of the last concurrent run.
+LAST_CPU = [(0.0, 0.0)]
+
+
+def cpu_note() -> str:
+    per_call, cores = LAST_CPU[0]
+    return f"; agent CPU {per_call * 1e6:.0f} µs/call, {cores:.2f} cores"
 
 
 def overhead(sign: Result, ping: Result, device: Result) -> str:
@@ -136,7 +157,10 @@ async def socket_rows(
         print(row(ping1))
         lat, wall = await concurrent(ping_call, CLIENTS, n // CLIENTS)
         ping8 = wall_row(
-            f"Ping over the socket, {CLIENTS} clients", lat, wall, "ops/s = all clients"
+            f"Ping over the socket, {CLIENTS} clients",
+            lat,
+            wall,
+            "ops/s = all clients" + cpu_note(),
         )
         # The gate without a key: caller credentials, rate limit, the per-connection
         # attestation cache, the entitled identities' lookup; no signing.
@@ -158,7 +182,8 @@ async def socket_rows(
                 f"SignWPT {tier}, {CLIENTS} clients",
                 lat,
                 wall,
-                f"{len(lat) / wall:,.0f} signs/s{aim}; {overhead(eight, ping8, device[tier])}",
+                f"{len(lat) / wall:,.0f} signs/s{aim}; {overhead(eight, ping8, device[tier])}"
+                + cpu_note(),
             )
     finally:
         for c in clients:
@@ -252,6 +277,7 @@ def bench_agent_rows(section: Callable[[str], None], tpm_tcti: str, hsm: object)
     from custos.server.admin.client import AdminClient
 
     n = env_int("BENCH_AGENT_N", 2000)
+    print(f"\n(load average at the start of the agent rows: {os.getloadavg()[0]:.1f})")
     with short_dir() as base, server_processes() as [(rig, _)]:
         tiers: dict[str, dict[str, str]] = {
             "memory": {},
@@ -262,6 +288,7 @@ def bench_agent_rows(section: Callable[[str], None], tpm_tcti: str, hsm: object)
         config = asyncio.run(agent_toml(rig, base, tiers))
         with agent_process(config) as (process, socket, agent_id):
             rss_empty = vm_rss_mib(process.pid)
+            AGENT_PID[0] = process.pid
             selector = uid_selector()
 
             async def entries() -> dict[str, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -154,3 +155,29 @@ def test_dev_without_a_tpm_keeps_keys_in_the_device_it_says(
     assert f"key custody on {device}: " in stderr and "Traceback" not in stderr
     assert not (data / "tpm").exists()
     assert not (data / "agent.sock").exists()
+
+
+@pytest.mark.skipif(shutil.which("swtpm") is None, reason="swtpm is not installed")
+def test_readme_custos_dev_blocks_run_as_written(short_dir: Path) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## One machine: `custos dev`"):]
+    start, client = (b.replace("/tmp/custos-dev", str(short_dir / "d"))
+                     for b in re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)[:2])
+    command, *printed = start.strip().splitlines()
+    bindir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+    env.pop("SPIFFE_ENDPOINT_SOCKET", None)
+    env.pop("CUSTOS_ADMIN_SOCKET", None)
+    process = subprocess.Popen(["bash", "-c", f"exec {command.split('#')[0]}"], env=env,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        lines = read_lines(process, 2)
+        assert lines == [line.removeprefix("# ") for line in printed]
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", client], env=env,
+                              capture_output=True, text=True, timeout=BOUND)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "Found 3 entries" in done.stdout
+        assert (short_dir / "d-svid" / "svid.key").exists()
+    finally:
+        assert stop(process) == 0

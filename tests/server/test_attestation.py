@@ -515,15 +515,22 @@ def test_a_weak_or_unsupported_key_is_refused(rig: ServerRig, keys: KeyStore) ->
         # Ed25519 makes X.509-SVIDs but no WIT-SVID, and an agent needs both.
         edwards = ed25519.Ed25519PrivateKey.generate()
         async with h.channel() as channel:
-            for key in (weak, p521, edwards):
-                _, secret = await h.token()
+            for key, code in (
+                (weak, "invalid_csr"),
+                (p521, "invalid_csr"),
+                (edwards, "invalid_public_key"),
+            ):
+                token_id, secret = await h.token()
                 error = await h.refused(
                     raw_attest(
                         channel, [start("join_token", token_payload(secret), _csr_with(key))]
                     )
                 )
-                assert error.status == grpc.StatusCode.INVALID_ARGUMENT, error
+                assert (error.status, error.code) == (grpc.StatusCode.INVALID_ARGUMENT, code)
+                # Refused before the attestor ran: the single-use token is not spent.
+                assert h.datastore.join_tokens.get(token_id).consumed_at is None, key
         assert h.datastore.agents.list() == []
+        assert h.datastore.audit.since(0) == []
 
     serve(rig, keys, scenario)
 

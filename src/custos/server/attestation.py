@@ -4,8 +4,10 @@ The order of one attestation (SPIRE's ``AttestAgent``, with custos's bounds):
 
 1. the first message must be ``start``: a configured attestor's name, its payload, and
    the agent key's CSR and custody (every size bounded before anything else runs);
-2. the CSR is parsed and its signature checked *before* the attestor runs, so a broken
-   client cannot spend a single-use join token on a request that can never succeed;
+2. the CSR is parsed, its signature checked and its key held to the issuer's rules
+   (:func:`custos.x509.ca.check_csr_key` and the agent-key algorithms a WIT-SVID takes)
+   *before* the attestor runs, so a broken client cannot spend a single-use join token
+   on a request that can never succeed;
 3. the attestor's server half runs through :meth:`ServerCatalog.attest_node` (it stamps
    the selector types and builds the agent ID); its challenges go out as ``challenge``
    messages and the answers come back as ``challenge_response``;
@@ -55,8 +57,9 @@ from custos.server.datastore.errors import (
     NotFoundError,
 )
 from custos.server.datastore.records import Agent
-from custos.server.issuer import AgentCredentials, CustodyEvidence
+from custos.server.issuer import AgentCredentials, CustodyEvidence, _agent_key_alg
 from custos.x509 import MAX_CSR_BYTES, CsrError, load_csr
+from custos.x509.ca import check_csr_key
 
 if TYPE_CHECKING:
     from custos._proto import agent_v1_pb2
@@ -166,8 +169,9 @@ def _bounded(data: bytes, what: str, limit: int) -> bytes:
 
 
 def key_request(key: agent_v1_pb2.AgentKeyRequest) -> tuple[bytes, CustodyEvidence]:
-    """The CSR (parsed and its signature checked: proof of possession) and the custody
-    evidence of an ``AgentKeyRequest``; only the CSR's public key is ever used."""
+    """The CSR (parsed; its signature checked: proof of possession; its key one the
+    issuer takes for an agent) and the custody evidence of an ``AgentKeyRequest``;
+    only the CSR's public key is ever used."""
     csr = _bounded(key.csr, "key.csr", MAX_CSR_BYTES)
     if not csr:
         raise AttestationProtocolError("key.csr is missing")
@@ -184,6 +188,17 @@ def key_request(key: agent_v1_pb2.AgentKeyRequest) -> tuple[bytes, CustodyEviden
         raise AttestationProtocolError(
             "key.csr signature does not verify (no proof of possession)", code="invalid_csr"
         )
+    # The issuer's own key rules, applied here so a key it would refuse (P-521, RSA
+    # under 2048 bits; Ed25519, which no WIT-SVID takes) never spends a join token.
+    try:
+        public = parsed.public_key()
+        check_csr_key(public)
+    except CsrError as e:
+        raise AttestationProtocolError(e.message, code="invalid_csr") from e
+    except (ValueError, TypeError) as e:  # a key cryptography cannot load
+        raise AttestationProtocolError("key.csr holds no usable key", code="invalid_csr") from e
+    # The issuer's one rule for agent keys (kept there, not copied here).
+    _agent_key_alg(public, parsed.signature_algorithm_parameters)
     custody = CustodyEvidence(
         tier=key.custody.tier, tpm_certify_info=info, tpm_certify_signature=signature
     )

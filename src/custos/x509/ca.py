@@ -163,7 +163,10 @@ def _check_dns_name(name: str) -> str:
     return name
 
 
-def _check_csr_key(key: object) -> None:
+def check_csr_key(key: object) -> None:
+    """Refuse a CSR key the CA does not certify (EC P-256/P-384, RSA >= 2048, Ed25519
+    only): a :class:`CsrError`.  Public so a caller can check before it spends
+    anything on a request (node attestation checks before a join token is used)."""
     if isinstance(key, ec.EllipticCurvePublicKey):
         if key.curve.name not in _ALLOWED_CURVES:
             raise CsrError(f"CSR EC key on curve {key.curve.name}; allowed: P-256, P-384")
@@ -385,7 +388,7 @@ class CertificateAuthority:
             public = csr.public_key()
         except ValueError as e:
             raise CsrError(f"CSR public key cannot be read: {e}") from e
-        _check_csr_key(public)
+        check_csr_key(public)
         assert isinstance(
             public, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey, ed25519.Ed25519PublicKey)
         )
@@ -505,6 +508,7 @@ __all__ = [
     "CaPrivateKey",
     "CertificateAuthority",
     "X509Svid",
+    "check_csr_key",
     "load_csr",
     "load_csr_file",
 ]

@@ -20,6 +20,7 @@ Profile (what SPIRE issues, checked against the spec):
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 from collections.abc import Sequence
@@ -255,6 +256,14 @@ class CertificateAuthority:
         self._key = key
         self._chain = tuple(chain)
         self._trust_domain = trust_domain
+        # What every certificate this CA signs repeats, read from the CA certificate
+        # once here rather than once per certificate: a batch of 100 SVIDs parsed the
+        # CA's subject, SKI, validity and chain 100 times (issue 8, "Speed").
+        self._subject = cert.subject
+        self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_ski(cert))
+        self._not_before = cert.not_valid_before_utc
+        self._not_after = cert.not_valid_after_utc
+        self._intermediates = tuple(c for c in self._chain if not _is_self_issued(c))
 
     # -- construction ---------------------------------------------------------
 
@@ -344,17 +353,17 @@ class CertificateAuthority:
     @property
     def intermediates(self) -> tuple[x509.Certificate, ...]:
         """The chain without self-issued roots: what an SVID carries after its leaf."""
-        return tuple(c for c in self._chain if not _is_self_issued(c))
+        return self._intermediates
 
     @property
     def not_after(self) -> datetime:
-        return self.certificate.not_valid_after_utc
+        return self._not_after
 
     def _validity(self, now: datetime, ttl: timedelta) -> tuple[datetime, datetime]:
         if ttl <= timedelta(0):
             raise X509CaError("ttl must be positive")
-        ca_not_before = self.certificate.not_valid_before_utc
-        ca_not_after = self.certificate.not_valid_after_utc
+        ca_not_before = self._not_before
+        ca_not_after = self._not_after
         if now >= ca_not_after:
             raise X509CaError(f"the CA certificate expired at {ca_not_after.isoformat()}")
         if now < ca_not_before:
@@ -404,31 +413,38 @@ class CertificateAuthority:
         names = [_check_dns_name(n) for n in dns_names]
 
         validity = self._validity(_utcnow(now), ttl)
-        attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "custos")]
+        subject = _SVID_SUBJECT
         if names and len(names[0]) <= 64:
             # CN = first DNS name, as SPIRE does, for clients that still read
             # CN; X.520 caps CN at 64 characters, so longer names live only
             # in the SAN.
-            attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, names[0]))
+            subject = x509.Name([*_SVID_SUBJECT, x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
         sans += [x509.DNSName(n) for n in names]
         builder = _builder(
-            x509.Name(attrs),
+            subject,
             public,
             validity,
             self,
-            x509.BasicConstraints(ca=False, path_length=None),
+            _SVID_BASIC_CONSTRAINTS,
             # keyEncipherment for RSA keys as SPIRE sets it (TLS RSA key exchange)
             _key_usage(ca=False, key_encipherment=isinstance(public, rsa.RSAPublicKey)),
             sans,
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
+            _SVID_EKU,
         )
         leaf = _sign(builder, self._key)
-        return X509Svid(spiffe_id, (leaf, *self.intermediates))
+        return X509Svid(spiffe_id, (leaf, *self._intermediates))
 
 
+# The SVID profile's fixed parts (immutable cryptography values), built once.
+_SVID_SUBJECT = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "custos")])
+_SVID_BASIC_CONSTRAINTS = x509.BasicConstraints(ca=False, path_length=None)
+_SVID_EKU = x509.ExtendedKeyUsage(
+    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+)
+
+
+@functools.cache  # four possible values, each immutable: built once, not per certificate
 def _key_usage(*, ca: bool, key_encipherment: bool = False) -> x509.KeyUsage:
     """keyCertSign + cRLSign for a CA, digitalSignature for an SVID (the profile above)."""
     return x509.KeyUsage(
@@ -463,7 +479,7 @@ def _builder(
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(subject if issuer is None else issuer.certificate.subject)
+        .issuer_name(subject if issuer is None else issuer._subject)
         .public_key(public)
         .serial_number(_random_serial())
         .not_valid_before(not_before)
@@ -475,14 +491,15 @@ def _builder(
         builder = builder.add_extension(eku, critical=False)
     ski = x509.SubjectKeyIdentifier.from_public_key(public)
     # A self-issued certificate's AKI is its own SKI (RFC 5280 4.2.1.1).
-    issuer_ski = ski if issuer is None else _ski(issuer.certificate)
+    aki = (
+        x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        if issuer is None
+        else issuer._aki
+    )
     return (
         builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(ski, critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
-            critical=False,
-        )
+        .add_extension(aki, critical=False)
     )
 
 

@@ -32,9 +32,10 @@ from custos.wimse.wit import WitVerifier
 from custos.wimse.wpt import WptVerifier, wpt_headers
 
 CLIENTS = 8
-#: Both credentials live 6 s: rotation at half the life (±10 %), so three rotations
-#: take about 10 s; the run stops once four keys were seen.
-TTL = 6
+#: Both credentials live 8 s: rotation at half the life (±10 %), so three rotations
+#: take about 12 s; the run stops once four keys were seen. Each credential still has
+#: ~4 s left when replaced: room for a loaded machine without a served-expired gap.
+TTL = 8
 KEYS_WANTED = 4
 #: The bound on the whole run (not a timing assertion: a run that never saw four keys
 #: within it is a failure of rotation, however slow the machine).

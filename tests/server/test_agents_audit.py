@@ -56,6 +56,58 @@ def test_banned_agent_cannot_attest_again(store: Datastore) -> None:
     assert store.agents.get(AGENT).serial == "1"
 
 
+def test_renewed_updates_serial_and_expiry_only(store: Datastore) -> None:
+    store.agents.attested(
+        AGENT, attestor="join_token", selectors=["a:b"], serial="1", expires_at=1.0, now=100.0
+    )
+    renewed = store.agents.renewed(AGENT, serial="2", expires_at=9.0, now=200.0)
+    assert store.agents.get(AGENT) == renewed
+    assert (renewed.serial, renewed.expires_at, renewed.updated_at) == ("2", 9.0, 200.0)
+    assert renewed.attestor == "join_token" and [str(s) for s in renewed.selectors] == ["a:b"]
+    assert not renewed.evicted and not renewed.banned
+
+
+def test_an_eviction_between_the_read_and_the_renewal_write_is_not_undone(
+    store: Datastore,
+) -> None:
+    # RenewAgent: the agent authenticated (read: attested), then an operator evicts it
+    # while its credentials are being issued; the renewal's write must be refused.
+    store.agents.attested(AGENT, attestor="join_token", selectors=[], serial="1", expires_at=1.0)
+    assert not store.agents.get(AGENT).evicted  # what the renewal read
+    store.agents.evict(AGENT)
+    with pytest.raises(DatastoreError) as err:
+        store.agents.renewed(AGENT, serial="2", expires_at=9.0)
+    assert err.value.code == "agent_evicted"
+    after = store.agents.get(AGENT)
+    assert after.evicted and after.serial == "1" and after.expires_at == 1.0
+
+
+def test_renewed_refuses_banned_and_unknown_agents(store: Datastore) -> None:
+    with pytest.raises(DatastoreError) as err:
+        store.agents.renewed(AGENT, serial="2", expires_at=9.0)
+    assert err.value.code == "agent_evicted"  # never attested (or gone): attest first
+    assert store.agents.list() == []
+    store.agents.attested(AGENT, attestor="join_token", selectors=[], serial="1", expires_at=1.0)
+    store.agents.ban(AGENT)
+    with pytest.raises(DatastoreError) as err:
+        store.agents.renewed(AGENT, serial="2", expires_at=9.0)
+    assert err.value.code == "agent_banned"
+    after = store.agents.get(AGENT)
+    assert after.banned and after.evicted and after.serial == "1"
+
+
+@pytest.mark.parametrize(
+    "change", [{"serial": ""}, {"serial": 5}, {"expires_at": float("inf")}, {"now": float("nan")}]
+)
+def test_renewed_refuses_bad_fields(store: Datastore, change: dict[str, object]) -> None:
+    store.agents.attested(AGENT, attestor="tpm", selectors=[], serial="1", expires_at=1.0)
+    args: dict[str, object] = {"serial": "2", "expires_at": 9.0}
+    args.update(change)
+    with pytest.raises(CustosError):
+        store.agents.renewed(AGENT, **args)  # type: ignore[arg-type]
+    assert store.agents.get(AGENT).serial == "1"
+
+
 def test_unknown_agent(store: Datastore) -> None:
     with pytest.raises(NotFoundError):
         store.agents.get(AGENT)

@@ -17,6 +17,10 @@ The order of one attestation (SPIRE's ``AttestAgent``, with custos's bounds):
    cleared) in one worker-thread call, so a client hanging up cannot cut it in half;
 6. the whole exchange runs under one deadline.
 
+``RenewAgent`` (agents whose attestor cannot re-attest) issues the same way but records
+through :meth:`AgentRepository.renewed`, which checks and writes in one transaction: an
+eviction or ban that lands during the issuance refuses the renewal and is never undone.
+
 Every refusal is a :class:`~custos.errors.CustosError` with a stable code; the Agent API
 maps it to a gRPC status in one place (:mod:`custos.server.agent_api.status`): protocol
 and argument errors derive from its ``AgentApiArgumentError`` (INVALID_ARGUMENT),
@@ -29,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -357,32 +360,39 @@ class NodeAttestation:
         attestor: str,
         selectors: tuple[Selector, ...],
         *,
-        event: str = "attestation",
-        before_record: Callable[[], None] | None = None,
+        renewal: bool = False,
     ) -> AgentCredentials:
         """Issue the agent's credentials, record the agent, audit: one thread call, so
-        a cancelled stream cannot leave credentials issued without the agent recorded.
-        ``before_record`` runs right before the record (a last check)."""
+        a cancelled stream cannot leave credentials issued without the agent recorded."""
         credentials = self._ctx.issuer.agent_credentials(
             agent_id, csr, custody, attestor=attestor, selectors=selectors
         )
-        if before_record is not None:
-            before_record()
         serial = format(credentials.x509_svid.leaf.serial_number, "x")
+        agents = self._ctx.datastore.agents
         try:
-            self._ctx.datastore.agents.attested(
-                agent_id,
-                attestor=attestor,
-                selectors=selectors,
-                serial=serial,
-                expires_at=credentials.not_after,
-            )
+            if renewal:
+                # Checked and written in one transaction: an eviction (or ban) that
+                # landed while the credentials were issued refuses the renewal and
+                # stays; the credentials just issued are dropped, never returned.
+                agents.renewed(agent_id, serial=serial, expires_at=credentials.not_after)
+            else:
+                agents.attested(
+                    agent_id,
+                    attestor=attestor,
+                    selectors=selectors,
+                    serial=serial,
+                    expires_at=credentials.not_after,
+                )
         except DatastoreError as e:
             if e.code == "agent_banned":  # banned while we were issuing
                 raise AgentBannedError(f"agent {agent_id} is banned") from e
+            if e.code == "agent_evicted":
+                raise AttestationRefusedError(
+                    f"agent {agent_id} was evicted; it must attest again", code="agent_evicted"
+                ) from e
             raise
         self._ctx.auditor.record(
-            event=event,
+            event="agent-renewal" if renewal else "attestation",
             who=str(agent_id),
             attestor=attestor,
             selectors=selectors,
@@ -401,37 +411,21 @@ class NodeAttestation:
                 f"agents attested with {agent.attestor!r} renew by attesting again"
             )
         csr, custody = key_request(key)
-        credentials = await asyncio.to_thread(self._renew_and_record, agent, csr, custody)
+        credentials = await asyncio.to_thread(
+            self._issue_and_record,
+            agent.id,
+            csr,
+            custody,
+            agent.attestor,
+            agent.selectors,
+            renewal=True,
+        )
         return AttestedAgent(
             agent_id=agent.id,
             credentials=credentials,
             selectors=agent.selectors,
             reattestable=False,
             bundle=self._ctx.bundle(),
-        )
-
-    def _renew_and_record(
-        self, agent: Agent, csr: bytes, custody: CustodyEvidence
-    ) -> AgentCredentials:
-
-        def still_attested() -> None:
-            # Re-read after the (slow) issuance: the agent may have been evicted or banned
-            # since it authenticated, and recording would clear the eviction.  (The gap
-            # left is one read and one write; agents.attested cannot be told to keep it.)
-            current = self._agent(agent.id)
-            if current is None or current.evicted or current.banned:
-                raise AttestationRefusedError(
-                    f"agent {agent.id} was evicted; it must attest again", code="agent_evicted"
-                )
-
-        return self._issue_and_record(
-            agent.id,
-            csr,
-            custody,
-            agent.attestor,
-            agent.selectors,
-            event="agent-renewal",
-            before_record=still_attested,
         )
 
 

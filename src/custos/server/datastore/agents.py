@@ -1,13 +1,15 @@
 """Attested node agents: record on attestation, list, show, evict, ban.
 
 Evicting marks the agent so its next attestation must start again (SPIRE's
-``agent evict``); a new attestation clears the mark. A banned agent stays
+``agent evict``); a new attestation clears the mark, a renewal never does
+(:meth:`AgentRepository.renewed` refuses an evicted agent). A banned agent stays
 banned: :meth:`AgentRepository.attested` refuses it.
 """
 
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 import time
 from collections.abc import Iterable
@@ -75,6 +77,44 @@ class AgentRepository:
             else:
                 conn.execute(update(agents).where(agents.c.id == str(agent.id)).values(values))
         return agent
+
+    def renewed(
+        self,
+        agent_id: SpiffeId | str,
+        *,
+        serial: str,
+        expires_at: float,
+        now: float | None = None,
+    ) -> Agent:
+        """Record a renewal (``RenewAgent``): the new serial and expiry of an agent that
+        is attested, not evicted and not banned; attestor and selectors stay.
+
+        Checked and written in one ``FOR UPDATE`` transaction, and ``evicted`` is never
+        written: an operator's eviction that lands while the renewal's credentials are
+        being issued is kept and refuses the renewal (``agent_evicted``; a banned agent
+        ``agent_banned``; an agent never attested ``agent_evicted`` too: attest first).
+        """
+        key = str(agent_id)[:2048]
+        new_serial = _short(serial, "serial", 128)
+        new_expiry = finite_number(expires_at, name="expires_at", minimum=0)
+        at = time.time() if now is None else finite_number(now, name="now")
+        with transaction(self._engine) as conn:
+            row = conn.execute(select(agents).where(agents.c.id == key).with_for_update()).first()
+            if row is not None and row.banned:
+                raise DatastoreError(f"agent {key[:120]} is banned", code="agent_banned")
+            if row is None or row.evicted:
+                raise DatastoreError(
+                    f"agent {key[:120]} is not attested (evicted?); it must attest again",
+                    code="agent_evicted",
+                )
+            conn.execute(
+                update(agents)
+                .where(agents.c.id == key)
+                .values(serial=new_serial, expires_at=new_expiry, updated_at=at)
+            )
+        return dataclasses.replace(
+            _agent(row), serial=new_serial, expires_at=new_expiry, updated_at=at
+        )
 
     def get(self, agent_id: SpiffeId | str) -> Agent:
         with transaction(self._engine, read_only=True) as conn:

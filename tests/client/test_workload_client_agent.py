@@ -13,7 +13,10 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -26,7 +29,7 @@ from custos._proto import types_v1_pb2
 from custos.agent.app import Agent
 from custos.agent.config import agent_config_from_toml
 from custos.bundle import TrustBundle
-from custos.client import SyncWorkloadClient, WorkloadClient
+from custos.client import SyncWorkloadClient, WorkloadApiDeniedError, WorkloadClient
 from custos.integrations.asgi import WimseASGIMiddleware
 from custos.integrations.httpx import WimseAuth
 from custos.server.admin.client import AdminClient
@@ -37,6 +40,7 @@ BOUND = 30.0
 WEB = "spiffe://example.org/web"
 ORIGIN = "https://b.example"
 SELECTOR = f"unix:uid:{os.getuid()}"
+T = TypeVar("T")
 
 
 def relying_party(bundle: TrustBundle) -> WimseASGIMiddleware:
@@ -105,6 +109,20 @@ def start_agent(config: Path) -> tuple[subprocess.Popen[str], str]:
     return process, line.rsplit("spiffe_id=", 1)[1].strip()
 
 
+def until_served(call: Callable[[], T]) -> T:
+    """``call()`` once the agent serves this process's entry: PERMISSION_DENIED
+    until its credentials exist (just created, or re-issued for a memory key
+    after a restart). Bounded."""
+    deadline = time.monotonic() + BOUND
+    while True:
+        try:
+            return call()
+        except WorkloadApiDeniedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def stop(process: subprocess.Popen[str]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -126,13 +144,17 @@ def test_the_same_client_carries_on_across_an_agent_restart(rig: ServerRig, base
         try:
             custos("entry", "create", *admin, "--spiffe-id", WEB, "--parent-id", agent_id,
                    "--selector", SELECTOR, "--custody", "memory")
+            loop = asyncio.new_event_loop()
+            aclient = WorkloadClient(base / "agent.sock", timeout=BOUND)
             with SyncWorkloadClient(base / "agent.sock", timeout=BOUND) as client:
-                first = client.fetch_wit()  # waits (bounded) until the entry is served
+                first = until_served(client.fetch_wit)
                 assert str(first.spiffe_id) == WEB
+                assert loop.run_until_complete(aclient.fetch_wit()).wit == first.wit
                 stop(process)
                 # A call made while no agent is there waits for the next one.
                 got: list[object] = []
-                waiting = threading.Thread(target=lambda: got.append(client.fetch_wit()))
+                waiting = threading.Thread(
+                    target=lambda: got.append(until_served(client.fetch_wit)))
                 waiting.start()
                 process, _ = start_agent(config)
                 waiting.join(BOUND)
@@ -140,5 +162,10 @@ def test_the_same_client_carries_on_across_an_agent_restart(rig: ServerRig, base
                 wit, _ = client.sign_wpt(f"{ORIGIN}/pay")
                 # A memory key dies with the agent: the new one has its own WIT.
                 assert wit == client.fetch_wit().wit != first.wit
+                # The asyncio client's connection died with the first agent too.
+                again = loop.run_until_complete(aclient.sign_wpt(f"{ORIGIN}/pay"))
+                assert again.wit == wit
+            loop.run_until_complete(aclient.close())
+            loop.close()
         finally:
             stop(process)

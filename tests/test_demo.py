@@ -18,6 +18,7 @@ import pytest
 def state() -> Iterator[Path]:
     # Short: the agent's and the admin's Unix sockets live under it (107 bytes at most).
     base = Path(tempfile.mkdtemp(prefix="custos-demo-"))
+    base.chmod(0o755)  # the mTLS workloads (uids 1001/1002) reach the agent socket under it
     yield base / "demo-state"
     shutil.rmtree(base, ignore_errors=True)
 
@@ -53,7 +54,13 @@ def test_demo_runs_twice_and_shows_the_caller_the_tpm_and_the_replay_refused(
     assert lines["WIT cnf.jwk is that key"].endswith(" yes")
     assert lines["export the private key"].endswith(" refused [export_refused]")
     assert lines["replayed request"].endswith(" refused: 401 [wpt_replayed]")
+    if os.geteuid() == 0:  # two exportable workloads under uids 1001/1002, mTLS (py-spiffe)
+        assert lines["server saw client"].endswith(
+            " spiffe://example.org/demo/mtls-client said 'ping'")
+        assert "(uid 1001)" in lines["server listening"]
+        assert lines["client (uid 1002)"].endswith(
+            " spiffe://example.org/demo/mtls-client got 'hello spiffe://example.org/demo/mtls-client'")
     # the swtpm, the agent and the server are gone again: no pid file, no socket
-    assert not (state / "tpm" / "swtpm.pid").exists()
-    assert not (state / "agent.sock").exists()
-    assert not (state / "server" / "admin.sock").exists()
+    assert not (state / "dev" / "tpm" / "swtpm.pid").exists()
+    assert not (state / "run" / "agent.sock").exists()
+    assert not (state / "dev" / "server" / "admin.sock").exists()

@@ -9,7 +9,10 @@
    (``SyncWorkloadClient.signer``), calls workload-b; workload-b says who called;
 4. the key's custody as the agent holds it (tier, key store, TPM object attributes), the
    WIT's confirmation key is that key, and the agent refuses to export it;
-5. the same request sent again is refused by workload-b (replay).
+5. the same request sent again is refused by workload-b (replay);
+6. (as root) two workloads under uids 1001 and 1002, with ``exportable`` entries, fetch
+   their X.509-SVIDs with py-spiffe, unchanged, and talk mutual TLS with spiffe-tls, each
+   accepting only the other's SPIFFE ID.
 
 Everything lives under ``./demo-state`` (``CUSTOS_DEMO_STATE``), started over on each
 run, so running twice is safe; nothing reads stdin.
@@ -20,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,6 +39,7 @@ if TYPE_CHECKING:
 
 STATE = Path(os.environ.get("CUSTOS_DEMO_STATE", "demo-state")).absolute()
 BOUND = 30.0
+TRUST_DOMAIN = "example.org"
 
 
 def say(title: str) -> None:
@@ -149,7 +155,13 @@ async def scenario() -> int:
     if STATE.exists():
         shutil.rmtree(STATE)  # the demo starts over on every run
     say("custos dev: a server (SQLite), a device, an agent attested with a join token")
-    async with dev_environment(STATE) as env:
+    # The agent's socket in a directory other users may enter (the data directory is
+    # 0700): the mTLS workloads below run under their own uids.
+    run = STATE / "run"
+    run.mkdir(parents=True)
+    for d in (STATE, run):
+        d.chmod(0o755)
+    async with dev_environment(STATE / "dev", run / "agent.sock") as env:
         show("device", f"{env.device}: {env.device_detail}")
         show("agent SPIFFE ID", str(env.agent.node.identity.spiffe_id))
         show("agent socket", f"unix://{env.socket_path}")
@@ -181,7 +193,134 @@ async def scenario() -> int:
             show("replayed request", f"refused: {status} [{code}]")
             if status != 401:
                 raise SystemExit("BUG: a replayed request was accepted")
+            await mtls_part(env)
     say("done: the server, the agent and the device are stopped")
+    return 0
+
+
+# ---- two exportable workloads, mutual TLS with py-spiffe / spiffe-tls ----------------------
+
+SERVER_UID, CLIENT_UID = 1001, 1002
+MTLS_SERVER = f"spiffe://{TRUST_DOMAIN}/demo/mtls-server"
+MTLS_CLIENT = f"spiffe://{TRUST_DOMAIN}/demo/mtls-client"
+
+
+async def mtls_part(env: DevEnvironment) -> None:
+    """Two workloads under their own uids get exportable X.509-SVIDs from the agent with
+    py-spiffe, unchanged, and talk mutual TLS with spiffe-tls, each checking the other's ID."""
+    from custos._proto import types_v1_pb2
+    from custos.dev import wait_for_identities
+    from custos.server.admin.client import AdminClient
+    from custos.testing.server import free_port
+
+    say(f"two exportable workloads (uids {SERVER_UID}, {CLIENT_UID}): mTLS with py-spiffe")
+    if os.geteuid() != 0:
+        show("skipped", f"running workloads as uids {SERVER_UID}/{CLIENT_UID} needs root")
+        return
+    if importlib.util.find_spec("spiffetls") is None:
+        show("skipped", "py-spiffe / spiffe-tls are not installed (pip install -e '.[dev]')")
+        return
+    parent = str(env.agent.node.identity.spiffe_id)
+    async with AdminClient(env.admin_socket) as admin:
+        for spiffe_id, uid in ((MTLS_SERVER, SERVER_UID), (MTLS_CLIENT, CLIENT_UID)):
+            await admin.create_entry(types_v1_pb2.Entry(
+                spiffe_id=spiffe_id, parent_id=parent, selectors=[f"unix:uid:{uid}"],
+                key_custody="exportable"))  # fmt: skip
+            show(f"entry (uid {uid})", spiffe_id)
+    await wait_for_identities(env.agent, {MTLS_SERVER, MTLS_CLIENT})
+    address = f"127.0.0.1:{free_port()}"
+    server_out, client_out = await asyncio.to_thread(_run_pair, env.socket_path, address)
+    for line in server_out + client_out:
+        label, _, value = line.partition(": ")
+        show(label, value)
+
+
+def _child(role: str, uid: int, socket: Path, *args: str) -> subprocess.Popen[str]:
+    # Started as root and dropping to *uid* itself once its libraries are loaded
+    # (:func:`_become`): the interpreter may live where other users cannot read (a pyenv
+    # under /root), and what the agent sees is the uid at connect time (SO_PEERCRED).
+    env = dict(os.environ, SPIFFE_ENDPOINT_SOCKET=f"unix://{socket}")
+    return subprocess.Popen(
+        [sys.executable, "-m", "custos.demo", role, str(uid), *args],
+        cwd="/", env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _become(uid: int) -> None:
+    """Drop to *uid* (group too, no supplementary groups), for good."""
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+
+
+def _run_pair(socket: Path, address: str) -> tuple[list[str], list[str]]:
+    server = _child("mtls-server", SERVER_UID, socket, address, MTLS_CLIENT)
+    try:
+        assert server.stdout is not None
+        ready = server.stdout.readline().strip()
+        if not ready.startswith("server listening"):
+            raise SystemExit(f"BUG: the mTLS server did not start: {ready!r}")
+        client = _child("mtls-client", CLIENT_UID, socket, address, MTLS_SERVER)
+        try:
+            client_out, _ = client.communicate(timeout=BOUND)
+            # A client that failed never connects: the server would wait for ever.
+            server_rest = server.communicate(timeout=BOUND)[0] if client.returncode == 0 else ""
+        except subprocess.TimeoutExpired:
+            client.kill()
+            client.wait()
+            raise SystemExit("BUG: the mTLS workloads did not finish") from None
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    if client.returncode != 0 or server.returncode != 0:
+        raise SystemExit(f"BUG: mTLS workloads exited {server.returncode}/{client.returncode}")
+    return [ready, *server_rest.splitlines()], client_out.splitlines()
+
+
+def mtls_server(uid: str, address: str, expected_client: str) -> int:
+    """(uid 1001) serve one mTLS connection with the SVID py-spiffe fetched."""
+    from cryptography import x509
+    from spiffe import SpiffeId, X509Source
+    from spiffetls import ListenOptions, listen
+    from spiffetls.tlsconfig.authorize import authorize_id
+
+    _become(int(uid))
+    with X509Source() as source:
+        me = source.get_x509_context().default_svid.spiffe_id
+        listener = listen(address, source,
+                          ListenOptions(authorize_fn=authorize_id(SpiffeId(expected_client))))
+        print(f"server listening: {address} as {me} (uid {os.getuid()})", flush=True)
+        conn, _ = listener.accept()
+        request = conn.recv(1024).decode()
+        peer = conn.get_peer_certificate()
+        uri = ""
+        if peer is not None:  # spiffe-tls has checked it is the expected client already
+            san = peer.to_cryptography().extensions.get_extension_for_class(
+                x509.SubjectAlternativeName)
+            uri = ", ".join(san.value.get_values_for_type(x509.UniformResourceIdentifier))
+        print(f"server saw client: {uri} said {request!r}", flush=True)
+        conn.sendall(f"hello {uri}".encode())
+        conn.shutdown()
+        conn.close()
+        listener.close()
+    return 0
+
+
+def mtls_client(uid: str, address: str, expected_server: str) -> int:
+    """(uid 1002) dial the server, accepting only the expected SPIFFE ID."""
+    from spiffe import SpiffeId, X509Source
+    from spiffetls import dial
+    from spiffetls.tlsconfig.authorize import authorize_id
+
+    _become(int(uid))
+    with X509Source() as source:
+        me = source.get_x509_context().default_svid.spiffe_id
+        conn = dial(address, source, authorize_fn=authorize_id(SpiffeId(expected_server)))
+        conn.sendall(b"ping")
+        answer = conn.recv(1024).decode()
+        print(f"client (uid {os.getuid()}): {me} got {answer!r}", flush=True)
+        conn.close()
     return 0
 
 
@@ -212,4 +351,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # The two mTLS workloads are this module again, run under their own uids.
+    if sys.argv[1:2] == ["mtls-server"]:
+        sys.exit(mtls_server(*sys.argv[2:5]))
+    if sys.argv[1:2] == ["mtls-client"]:
+        sys.exit(mtls_client(*sys.argv[2:5]))
     sys.exit(main())

@@ -241,7 +241,7 @@ async def dev_environment(
                             selectors=[f"unix:uid:{os.getuid()}"], key_custody=tier,
                         ))  # fmt: skip
                         identities[tier] = spiffe_id
-                    await _wait_for_identities(agent, set(identities.values()))
+                    await wait_for_identities(agent, set(identities.values()))
                     yield DevEnvironment(
                         data_dir=base, socket_path=socket_path, admin_socket=rig.admin_socket,
                         device=device, device_detail=f"{detail} ({why})", identities=identities,
@@ -252,7 +252,7 @@ async def dev_environment(
             shutil.rmtree(base, ignore_errors=True)
 
 
-async def _wait_for_identities(agent: Agent, wanted: set[str]) -> None:
+async def wait_for_identities(agent: Agent, wanted: set[str]) -> None:
     """Until the agent serves a credential for every dev entry (bounded)."""
     seen = agent.identities.generation
     try:
@@ -321,4 +321,5 @@ __all__ = [
     "dev_tiers",
     "pick_device",
     "run_dev",
+    "wait_for_identities",
 ]

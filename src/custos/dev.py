@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from custos._signals import stop_requested
 from custos.errors import CustosError
 
 if TYPE_CHECKING:
@@ -277,11 +278,6 @@ async def run_dev(
     """``custos dev`` itself: start, call *on_ready(env)*, serve until SIGTERM/SIGINT
     (or until the agent loses its identity for good: that error is raised after a
     clean stop).  A signal during the start stops it there, cleaning up as well."""
-    import signal
-
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
 
     async def serve() -> None:
         async with dev_environment(data_dir, socket, device=device) as env:
@@ -290,9 +286,7 @@ async def run_dev(
             failed = await env.agent.wait_failed()
         raise failed
 
-    for sig in signals:
-        loop.add_signal_handler(sig, stopping.set)
-    try:
+    async with stop_requested() as stopping:
         serving = asyncio.ensure_future(serve())
         stop = asyncio.ensure_future(stopping.wait())
         try:
@@ -307,9 +301,6 @@ async def run_dev(
                     await serving
         if not serving.cancelled():
             serving.result()  # the agent's fatal error, or a failed start
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
 
 
 __all__ = [

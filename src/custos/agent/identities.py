@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
@@ -152,6 +153,23 @@ class ChangeCounter:
         while self.value == seen:
             await self._changed.wait()
         return self.value
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Jittered exponential backoff: ``initial`` seconds, doubling up to ``maximum``,
+    each delay drawn from [50 %, 100 %] of that so agents do not retry in step.
+    Shared by the node identity and the workload credentials."""
+
+    initial: float = 1.0
+    maximum: float = 60.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.maximum, self.initial * 2.0 ** min(attempt, 30)) * random.uniform(0.5, 1.0)
+
+
+#: The backoff the agent's parts use unless a test gives a faster one.
+DEFAULT_BACKOFF = Backoff()
 
 
 async def wait_at_most(aw: Awaitable[object], timeout: float) -> None:
@@ -291,7 +309,9 @@ class WorkloadIdentities:
 
 
 __all__ = [
+    "DEFAULT_BACKOFF",
     "DEFAULT_JWT_CACHE_SIZE",
+    "Backoff",
     "ChangeCounter",
     "IdentitySource",
     "NodeLink",

@@ -34,7 +34,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from custos.agent.client.channel import (
 )
 from custos.agent.client.errors import AgentApiError
 from custos.agent.client.streams import stream_bundle
+from custos.agent.identities import DEFAULT_BACKOFF, Backoff, raise_if_cancelling, wait_at_most
 from custos.agent.state import ensure_private_dir, read_json, write_json_atomic
 from custos.bundle import BundleError, TrustBundle
 from custos.errors import CustosError
@@ -100,17 +101,6 @@ class ServerConnection:
     insecure_bootstrap: bool = False
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Jittered exponential backoff: ``initial`` seconds, doubling up to ``maximum``,
-    each delay drawn from [50 %, 100 %] of that so agents do not retry in step."""
-
-    initial: float = 1.0
-    maximum: float = 60.0
-
-    def delay(self, attempt: int) -> float:
-        return min(self.maximum, self.initial * 2.0 ** min(attempt, 30)) * random.uniform(0.5, 1.0)
-
 
 def load_bootstrap_bundle(path: Path, trust_domain: TrustDomain) -> TrustBundle:
     """The bundle file of ``[server] bundle_file``: a SPIFFE bundle (JSON) or the
@@ -154,7 +144,7 @@ class NodeIdentity:
         custody: str,
         data_dir: Path,
         jitter: float = 0.1,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = DEFAULT_BACKOFF,
         start_timeout: float = 60.0,
         now: Callable[[], float] = time.time,
     ) -> None:
@@ -486,7 +476,7 @@ class NodeIdentity:
                 await self._attest(channel)
             except AgentApiError as e:
                 await channel.close()
-                _raise_if_cancelling()
+                raise_if_cancelling()
                 if not _worth_retrying(e):
                     raise NodeIdentityError(
                         f"node attestation refused by the server: [{e.code}] {e.message}",
@@ -512,7 +502,7 @@ class NodeIdentity:
         try:
             return await self._bootstrap_channel()
         except AgentApiError as e:  # the TOFU fetch could not reach the server
-            _raise_if_cancelling()
+            raise_if_cancelling()
             delay = self._backoff.delay(attempt)
             log.warning("cannot reach the server (%s); retrying in %.1f s", e.message, delay)
             await asyncio.sleep(delay)
@@ -612,7 +602,7 @@ class NodeIdentity:
             due = self._renew_at - self._now()
             if self._reattest_reason is None and due > 0:
                 self._wake.clear()
-                await _wait_at_most(self._wake.wait(), due)
+                await wait_at_most(self._wake.wait(), due)
                 continue
             reattest = self._reattest_reason is not None or self._must_attest()
             try:
@@ -621,18 +611,18 @@ class NodeIdentity:
                 else:
                     await self._renew()
             except AgentApiError as e:
-                _raise_if_cancelling()  # a cancelled gRPC call may come back as an error
+                raise_if_cancelling()  # a cancelled gRPC call may come back as an error
                 attempt = await self._after_refusal(e, reattest, attempt)
                 continue
             except NodeIdentityError as e:
                 self._fail(e)
                 return
             except CustosError as e:  # a device or disk fault: try again later
-                _raise_if_cancelling()
+                raise_if_cancelling()
                 attempt = await self._retry_later(e.code, e.message, attempt)
                 continue
             except Exception as e:  # a bug must not silently end renewals: log, retry
-                _raise_if_cancelling()
+                raise_if_cancelling()
                 log.exception("renewing the agent identity failed unexpectedly")
                 attempt = await self._retry_later("internal", type(e).__name__, attempt)
                 continue
@@ -696,7 +686,7 @@ class NodeIdentity:
         )
         if self._reattest_reason is None:  # a re-attestation asked for meanwhile goes first
             self._wake.clear()
-        await _wait_at_most(self._wake.wait(), delay)
+        await wait_at_most(self._wake.wait(), delay)
         return attempt + 1
 
     # ---- the bundle stream -------------------------------------------------------------
@@ -710,7 +700,7 @@ class NodeIdentity:
                     attempt = 0
                     await self._bundle_received(bundle)
             except AgentApiError as e:
-                _raise_if_cancelling()  # a cancelled gRPC call may come back as an error
+                raise_if_cancelling()  # a cancelled gRPC call may come back as an error
                 if self._client is not client:
                     continue  # the identity or channel changed under the stream: reopen now
                 if e.code in REATTEST_CODES:
@@ -768,20 +758,6 @@ def _check_wit(identity: AgentIdentity, key: StoreKey) -> None:
         raise ValueError("the WIT binds another key than the agent's")
 
 
-async def _wait_at_most(aw: Awaitable[object], timeout: float) -> None:
-    """Wait for ``aw`` at most ``timeout`` seconds.  ``asyncio.timeout``, not
-    ``wait_for``: on 3.11 ``wait_for`` can swallow a cancellation that arrives as the
-    wait ends, and ``stop()`` would then wait for ever."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(timeout):
-            await aw
-
-
-def _raise_if_cancelling() -> None:
-    """Re-raise a cancellation of this task that a library turned into an error."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def _worth_retrying(error: AgentApiError) -> bool:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Callable
 
+from custos._signals import stop_requested
 from custos.agent.app import Agent
 from custos.agent.config import AgentConfig
 
@@ -41,28 +41,19 @@ async def run_agent(
 ) -> None:
     """Start, report ready, serve until SIGTERM/SIGINT (or until the agent loses its
     identity for good: that error is raised after a clean stop)."""
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stopping.set)
-    try:
-        async with Agent(config) as agent:
-            if on_ready is not None:
-                on_ready(agent)
-            stop = asyncio.ensure_future(stopping.wait())
-            failed = asyncio.ensure_future(agent.wait_failed())
-            try:
-                await asyncio.wait((stop, failed), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop.cancel()
-                failed.cancel()
-            if failed.done() and not failed.cancelled():
-                raise failed.result()
-            log.info("stopping (signal received)")
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+    async with stop_requested() as stopping, Agent(config) as agent:
+        if on_ready is not None:
+            on_ready(agent)
+        stop = asyncio.ensure_future(stopping.wait())
+        failed = asyncio.ensure_future(agent.wait_failed())
+        try:
+            await asyncio.wait((stop, failed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            failed.cancel()
+        if failed.done() and not failed.cancelled():
+            raise failed.result()
+        log.info("stopping (signal received)")
 
 
 __all__ = ["READY_LINE", "configure_logging", "ready_line", "run_agent"]

@@ -55,6 +55,8 @@ from custos.agent.client.errors import AgentApiError
 from custos.agent.client.streams import AgentEntry, EntrySet, sync_entries
 from custos.agent.custody import Custody
 from custos.agent.identities import (
+    DEFAULT_BACKOFF,
+    Backoff,
     NodeLink,
     WorkloadIdentities,
     WorkloadIdentity,
@@ -102,17 +104,6 @@ def parse_key_name(name: str) -> tuple[str, int] | None:
     match = _KEY_NAME.fullmatch(name)
     return None if match is None else (match.group(1), int(match.group(2)))
 
-
-@dataclass(frozen=True)
-class Backoff:
-    """Jittered exponential backoff: ``initial`` seconds doubling up to ``maximum``,
-    each delay drawn from [50 %, 100 %] of that."""
-
-    initial: float = 1.0
-    maximum: float = 60.0
-
-    def delay(self, attempt: int) -> float:
-        return min(self.maximum, self.initial * 2.0 ** min(attempt, 30)) * random.uniform(0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -187,7 +178,7 @@ class WorkloadManager:
         custody: Custody,
         data_dir: Path,
         jitter: float = 0.1,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = DEFAULT_BACKOFF,
         now: Callable[[], float] = time.time,
         identities: WorkloadIdentities | None = None,
     ) -> None:

@@ -60,7 +60,7 @@ from custos.server.datastore.errors import (
     NotFoundError,
 )
 from custos.server.datastore.records import Agent
-from custos.server.issuer import AgentCredentials, CustodyEvidence, _agent_key_alg
+from custos.server.issuer import AgentCredentials, CustodyEvidence, agent_key_alg
 from custos.x509 import MAX_CSR_BYTES, CsrError, load_csr
 from custos.x509.ca import check_csr_key
 
@@ -201,7 +201,7 @@ def key_request(key: agent_v1_pb2.AgentKeyRequest) -> tuple[bytes, CustodyEviden
     except (ValueError, TypeError) as e:  # a key cryptography cannot load
         raise AttestationProtocolError("key.csr holds no usable key", code="invalid_csr") from e
     # The issuer's one rule for agent keys (kept there, not copied here).
-    _agent_key_alg(public, parsed.signature_algorithm_parameters)
+    agent_key_alg(public, parsed.signature_algorithm_parameters)
     custody = CustodyEvidence(
         tier=key.custody.tier, tpm_certify_info=info, tpm_certify_signature=signature
     )

@@ -345,7 +345,7 @@ class Issuer:
         svid = signer.ca().sign_x509_svid(
             csr, agent_id, timedelta(seconds=_whole_seconds(lifetime))
         )
-        alg = _agent_key_alg(svid.leaf.public_key(), load_csr(csr).signature_algorithm_parameters)
+        alg = agent_key_alg(svid.leaf.public_key(), load_csr(csr).signature_algorithm_parameters)
         not_after = svid.expires_at.timestamp()
         jwk = {**public_jwk_members(svid.leaf.public_key()), "alg": alg}
         # The WIT ends with the certificate (clamped to the CA) so the agent renews both at once.
@@ -571,7 +571,7 @@ def _workload_jwk(jwk: Mapping[str, Any] | str) -> dict[str, Any]:
         raise IssuanceArgumentError(e.message, code="invalid_public_key") from e
 
 
-def _agent_key_alg(public: object, params: object) -> str:
+def agent_key_alg(public: object, params: object) -> str:
     """The JOSE alg of the agent's key, as its CSR was signed (WIT-SVIDs: ES/RS/PS)."""
     if isinstance(public, ec.EllipticCurvePublicKey):
         alg = {"secp256r1": "ES256", "secp384r1": "ES384"}.get(public.curve.name)

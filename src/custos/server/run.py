@@ -8,14 +8,13 @@ line on stdout says so with the addresses, for scripts and supervisors to wait o
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import signal
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from custos._signals import stop_requested
 from custos.server.app import Server
 from custos.server.config import ServerConfig
 
@@ -70,20 +69,11 @@ async def run_server(
     config: ServerConfig, *, on_ready: Callable[[Server], None] | None = None
 ) -> None:
     """Start, report ready, serve until SIGTERM/SIGINT, stop cleanly."""
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stopping.set)
-    try:
-        async with Server(config) as srv:
-            if on_ready is not None:
-                on_ready(srv)
-            await stopping.wait()
-            logging.getLogger(__name__).info("stopping (signal received)")
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+    async with stop_requested() as stopping, Server(config) as srv:
+        if on_ready is not None:
+            on_ready(srv)
+        await stopping.wait()
+        logging.getLogger(__name__).info("stopping (signal received)")
 
 
 __all__ = ["READY_LINE", "JsonLogFormatter", "configure_logging", "ready_line", "run_server"]

@@ -30,7 +30,6 @@ def run_demo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-@pytest.mark.skipif(shutil.which("swtpm") is None, reason="swtpm is not installed")
 def test_demo_runs_twice_and_shows_the_caller_the_tpm_and_the_replay_refused(
     state: Path,
 ) -> None:

@@ -66,7 +66,6 @@ def stop(process: subprocess.Popen[str], sig: signal.Signals = signal.SIGTERM) -
         raise
 
 
-@pytest.mark.skipif(shutil.which("swtpm") is None, reason="swtpm is not installed")
 def test_dev_serves_a_workload_and_an_admin_then_stops_cleanly(short_dir: Path) -> None:
     data = short_dir / "d"
     process = subprocess.Popen(
@@ -130,8 +129,6 @@ def test_dev_refuses_a_socket_path_too_long_for_unix(short_dir: Path) -> None:
 def test_dev_without_a_tpm_keeps_keys_in_the_device_it_says(
     short_dir: Path, device: str, sig: signal.Signals
 ) -> None:
-    if device == "pkcs11" and shutil.which("softhsm2-util") is None:
-        pytest.skip("SoftHSM2 is not installed")
     data = short_dir / "d"
     process = subprocess.Popen(
         [sys.executable, "-m", "custos", "dev", "--data-dir", str(data), "--device", device],
@@ -157,7 +154,6 @@ def test_dev_without_a_tpm_keeps_keys_in_the_device_it_says(
     assert not (data / "agent.sock").exists()
 
 
-@pytest.mark.skipif(shutil.which("swtpm") is None, reason="swtpm is not installed")
 def test_readme_custos_dev_blocks_run_as_written(short_dir: Path) -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme[readme.index("## One machine: `custos dev`"):]

@@ -180,7 +180,7 @@ def test_another_node_attestor_keeps_its_settings() -> None:
 
 
 def test_the_workload_api_defaults_are_the_workload_apis() -> None:
-    limits = pytest.importorskip("custos.agent.workload_api.limits")
+    from custos.agent.workload_api import limits
     defaults = limits.WorkloadApiLimits()
     config = agent_config_from_toml(MINIMAL).workload_api
     assert {f.name: getattr(defaults, f.name) for f in fields(defaults)} == config.model_dump()

@@ -11,12 +11,13 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 from google.protobuf.descriptor import Descriptor
 
+# py-spiffe is in the dev extra: a missing one is a failure, not a skip.
+from spiffe._proto import workload_pb2 as spiffe_pb2
+
 # The rig of test_workload_api.py (tests/agent is on sys.path: no __init__.py).
 from test_workload_api import Rig, make_rig, plugin_site  # noqa: F401 -- a fixture
 
-spiffe_pb2 = pytest.importorskip("spiffe._proto.workload_pb2")
-
-from custos._proto import workload_pb2  # noqa: E402 -- after the importorskip
+from custos._proto import workload_pb2
 
 
 def _shape(message: Descriptor) -> list[tuple[str, int, int, bool, str]]:
@@ -90,7 +91,7 @@ def test_a_pyspiffe_message_parses_as_ours_and_back() -> None:
 
 # -- py-spiffe's own client against our agent ---------------------------------------------
 
-workloadapi = pytest.importorskip("spiffe.workloadapi.workload_api_client")
+from spiffe.workloadapi import workload_api_client as workloadapi  # noqa: E402
 
 
 @pytest.fixture

@@ -130,12 +130,32 @@ class ServerNodeAttestor(Plugin, Protocol):
         ...
 
 
+@runtime_checkable
+class KeyCertifier(Protocol):
+    """Optional, on the agent half of a node attestor that holds an attestation
+    key (the ``tpm`` plugin): proves that a key in the agent's TPM store is
+    resident in the same TPM.
+
+    The agent calls it only after the plugin's ``attestation_flow`` yielded its
+    payload (the AK exists from then on) and only for keys in the ``tpm`` custody
+    tier.  It returns ``(attest, signature, tpm_public)``: TPMS_ATTEST of a
+    TPM2_Certify of the key by the AK (marshalled), the TPMT_SIGNATURE
+    (marshalled) and the key's TPM2B_PUBLIC (marshalled); ``None`` when this
+    plugin cannot certify that key (no AK yet, not its TPM).
+    """
+
+    def certify_key(self, key_name: str, key_path: str) -> tuple[bytes, bytes, bytes] | None:
+        """Certify the store key ``key_name`` whose blob is at ``key_path``."""
+        ...
+
+
 __all__ = [
     "AgentNodeAttestor",
     "AttestedNode",
     "Challenge",
     "CoreConfig",
     "InvalidPeerCredentialsError",
+    "KeyCertifier",
     "PeerCredentials",
     "Plugin",
     "ServerNodeAttestor",

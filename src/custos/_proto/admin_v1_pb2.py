@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from custos._proto import types_v1_pb2 as custos_dot___proto_dot_types__v1__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63ustos/_proto/admin_v1.proto\x12\x0f\x63ustos.admin.v1\x1a\x1c\x63ustos/_proto/types_v1.proto\"\x15\n\x07\x45ntryId\x12\n\n\x02id\x18\x01 \x01(\t\"\\\n\x12ListEntriesRequest\x12\x11\n\tparent_id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tselectors\x18\x03 \x03(\t\x12\r\n\x05match\x18\x04 \x01(\t\">\n\x13ListEntriesResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.custos.types.v1.Entry\"2\n\x12\x44\x65leteEntryRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\x15\n\x13\x44\x65leteEntryResponse\"\x15\n\x13\x43ountEntriesRequest\"%\n\x14\x43ountEntriesResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\"6\n\x14GenerateTokenRequest\x12\x0b\n\x03ttl\x18\x01 \x01(\x03\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\"\x85\x01\n\x15GenerateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12%\n\x05\x61lias\x18\x05 \x01(\x0b\x32\x16.custos.types.v1.Entry\"\x15\n\x07\x41gentId\x12\n\n\x02id\x18\x01 \x01(\t\"\x91\x01\n\x05\x41gent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x61ttestor\x18\x02 \x01(\t\x12\x11\n\tselectors\x18\x03 \x03(\t\x12\x0e\n\x06serial\x18\x04 \x01(\t\x12\x12\n\nexpires_at\x18\x05 \x01(\x03\x12\x0f\n\x07\x65victed\x18\x06 \x01(\x08\x12\x0e\n\x06\x62\x61nned\x18\x07 \x01(\x08\x12\x12\n\nupdated_at\x18\x08 \x01(\x03\"\x13\n\x11ListAgentsRequest\"<\n\x12ListAgentsResponse\x12&\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x16.custos.admin.v1.Agent\"\x12\n\x10GetBundleRequest\"\x13\n\x11RotateKeysRequest\"\"\n\x12RotateKeysResponse\x12\x0c\n\x04kids\x18\x01 \x03(\t2\xd6\x03\n\x07\x45ntries\x12=\n\x0b\x43reateEntry\x12\x16.custos.types.v1.Entry\x1a\x16.custos.types.v1.Entry\x12=\n\x0bUpdateEntry\x12\x16.custos.types.v1.Entry\x1a\x16.custos.types.v1.Entry\x12<\n\x08GetEntry\x12\x18.custos.admin.v1.EntryId\x1a\x16.custos.types.v1.Entry\x12X\n\x0bListEntries\x12#.custos.admin.v1.ListEntriesRequest\x1a$.custos.admin.v1.ListEntriesResponse\x12X\n\x0b\x44\x65leteEntry\x12#.custos.admin.v1.DeleteEntryRequest\x1a$.custos.admin.v1.DeleteEntryResponse\x12[\n\x0c\x43ountEntries\x12$.custos.admin.v1.CountEntriesRequest\x1a%.custos.admin.v1.CountEntriesResponse2h\n\x06Tokens\x12^\n\rGenerateToken\x12%.custos.admin.v1.GenerateTokenRequest\x1a&.custos.admin.v1.GenerateTokenResponse2\x9b\x02\n\x06\x41gents\x12U\n\nListAgents\x12\".custos.admin.v1.ListAgentsRequest\x1a#.custos.admin.v1.ListAgentsResponse\x12<\n\x08GetAgent\x12\x18.custos.admin.v1.AgentId\x1a\x16.custos.admin.v1.Agent\x12>\n\nEvictAgent\x12\x18.custos.admin.v1.AgentId\x1a\x16.custos.admin.v1.Agent\x12<\n\x08\x42\x61nAgent\x12\x18.custos.admin.v1.AgentId\x1a\x16.custos.admin.v1.Agent2\xa8\x01\n\x06Server\x12G\n\tGetBundle\x12!.custos.admin.v1.GetBundleRequest\x1a\x17.custos.types.v1.Bundle\x12U\n\nRotateKeys\x12\".custos.admin.v1.RotateKeysRequest\x1a#.custos.admin.v1.RotateKeysResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63ustos/_proto/admin_v1.proto\x12\x0f\x63ustos.admin.v1\x1a\x1c\x63ustos/_proto/types_v1.proto\"\x15\n\x07\x45ntryId\x12\n\n\x02id\x18\x01 \x01(\t\"\\\n\x12ListEntriesRequest\x12\x11\n\tparent_id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tselectors\x18\x03 \x03(\t\x12\r\n\x05match\x18\x04 \x01(\t\">\n\x13ListEntriesResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.custos.types.v1.Entry\"2\n\x12\x44\x65leteEntryRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\x15\n\x13\x44\x65leteEntryResponse\"\x15\n\x13\x43ountEntriesRequest\"%\n\x14\x43ountEntriesResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\"6\n\x14GenerateTokenRequest\x12\x0b\n\x03ttl\x18\x01 \x01(\x03\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\"\x85\x01\n\x15GenerateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12%\n\x05\x61lias\x18\x05 \x01(\x0b\x32\x16.custos.types.v1.Entry\"\x15\n\x07\x41gentId\x12\n\n\x02id\x18\x01 \x01(\t\"\xaa\x01\n\x05\x41gent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x61ttestor\x18\x02 \x01(\t\x12\x11\n\tselectors\x18\x03 \x03(\t\x12\x0e\n\x06serial\x18\x04 \x01(\t\x12\x12\n\nexpires_at\x18\x05 \x01(\x03\x12\x0f\n\x07\x65victed\x18\x06 \x01(\x08\x12\x0e\n\x06\x62\x61nned\x18\x07 \x01(\x08\x12\x12\n\nupdated_at\x18\x08 \x01(\x03\x12\x17\n\x0f\x61ttestation_key\x18\t \x01(\x0c\"\x13\n\x11ListAgentsRequest\"<\n\x12ListAgentsResponse\x12&\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x16.custos.admin.v1.Agent\"\x12\n\x10GetBundleRequest\"\x13\n\x11RotateKeysRequest\"\"\n\x12RotateKeysResponse\x12\x0c\n\x04kids\x18\x01 \x03(\t2\xd6\x03\n\x07\x45ntries\x12=\n\x0b\x43reateEntry\x12\x16.custos.types.v1.Entry\x1a\x16.custos.types.v1.Entry\x12=\n\x0bUpdateEntry\x12\x16.custos.types.v1.Entry\x1a\x16.custos.types.v1.Entry\x12<\n\x08GetEntry\x12\x18.custos.admin.v1.EntryId\x1a\x16.custos.types.v1.Entry\x12X\n\x0bListEntries\x12#.custos.admin.v1.ListEntriesRequest\x1a$.custos.admin.v1.ListEntriesResponse\x12X\n\x0b\x44\x65leteEntry\x12#.custos.admin.v1.DeleteEntryRequest\x1a$.custos.admin.v1.DeleteEntryResponse\x12[\n\x0c\x43ountEntries\x12$.custos.admin.v1.CountEntriesRequest\x1a%.custos.admin.v1.CountEntriesResponse2h\n\x06Tokens\x12^\n\rGenerateToken\x12%.custos.admin.v1.GenerateTokenRequest\x1a&.custos.admin.v1.GenerateTokenResponse2\x9b\x02\n\x06\x41gents\x12U\n\nListAgents\x12\".custos.admin.v1.ListAgentsRequest\x1a#.custos.admin.v1.ListAgentsResponse\x12<\n\x08GetAgent\x12\x18.custos.admin.v1.AgentId\x1a\x16.custos.admin.v1.Agent\x12>\n\nEvictAgent\x12\x18.custos.admin.v1.AgentId\x1a\x16.custos.admin.v1.Agent\x12<\n\x08\x42\x61nAgent\x12\x18.custos.admin.v1.AgentId\x1a\x16.custos.admin.v1.Agent2\xa8\x01\n\x06Server\x12G\n\tGetBundle\x12!.custos.admin.v1.GetBundleRequest\x1a\x17.custos.types.v1.Bundle\x12U\n\nRotateKeys\x12\".custos.admin.v1.RotateKeysRequest\x1a#.custos.admin.v1.RotateKeysResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,23 +53,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTID']._serialized_start=589
   _globals['_AGENTID']._serialized_end=610
   _globals['_AGENT']._serialized_start=613
-  _globals['_AGENT']._serialized_end=758
-  _globals['_LISTAGENTSREQUEST']._serialized_start=760
-  _globals['_LISTAGENTSREQUEST']._serialized_end=779
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=781
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=841
-  _globals['_GETBUNDLEREQUEST']._serialized_start=843
-  _globals['_GETBUNDLEREQUEST']._serialized_end=861
-  _globals['_ROTATEKEYSREQUEST']._serialized_start=863
-  _globals['_ROTATEKEYSREQUEST']._serialized_end=882
-  _globals['_ROTATEKEYSRESPONSE']._serialized_start=884
-  _globals['_ROTATEKEYSRESPONSE']._serialized_end=918
-  _globals['_ENTRIES']._serialized_start=921
-  _globals['_ENTRIES']._serialized_end=1391
-  _globals['_TOKENS']._serialized_start=1393
-  _globals['_TOKENS']._serialized_end=1497
-  _globals['_AGENTS']._serialized_start=1500
-  _globals['_AGENTS']._serialized_end=1783
-  _globals['_SERVER']._serialized_start=1786
-  _globals['_SERVER']._serialized_end=1954
+  _globals['_AGENT']._serialized_end=783
+  _globals['_LISTAGENTSREQUEST']._serialized_start=785
+  _globals['_LISTAGENTSREQUEST']._serialized_end=804
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=806
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=866
+  _globals['_GETBUNDLEREQUEST']._serialized_start=868
+  _globals['_GETBUNDLEREQUEST']._serialized_end=886
+  _globals['_ROTATEKEYSREQUEST']._serialized_start=888
+  _globals['_ROTATEKEYSREQUEST']._serialized_end=907
+  _globals['_ROTATEKEYSRESPONSE']._serialized_start=909
+  _globals['_ROTATEKEYSRESPONSE']._serialized_end=943
+  _globals['_ENTRIES']._serialized_start=946
+  _globals['_ENTRIES']._serialized_end=1416
+  _globals['_TOKENS']._serialized_start=1418
+  _globals['_TOKENS']._serialized_end=1522
+  _globals['_AGENTS']._serialized_start=1525
+  _globals['_AGENTS']._serialized_end=1808
+  _globals['_SERVER']._serialized_start=1811
+  _globals['_SERVER']._serialized_end=1979
 # @@protoc_insertion_point(module_scope)

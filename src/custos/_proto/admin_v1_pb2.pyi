@@ -82,7 +82,7 @@ class AgentId(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class Agent(_message.Message):
-    __slots__ = ("id", "attestor", "selectors", "serial", "expires_at", "evicted", "banned", "updated_at")
+    __slots__ = ("id", "attestor", "selectors", "serial", "expires_at", "evicted", "banned", "updated_at", "attestation_key")
     ID_FIELD_NUMBER: _ClassVar[int]
     ATTESTOR_FIELD_NUMBER: _ClassVar[int]
     SELECTORS_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class Agent(_message.Message):
     EVICTED_FIELD_NUMBER: _ClassVar[int]
     BANNED_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ATTESTATION_KEY_FIELD_NUMBER: _ClassVar[int]
     id: str
     attestor: str
     selectors: _containers.RepeatedScalarFieldContainer[str]
@@ -99,7 +100,8 @@ class Agent(_message.Message):
     evicted: bool
     banned: bool
     updated_at: int
-    def __init__(self, id: _Optional[str] = ..., attestor: _Optional[str] = ..., selectors: _Optional[_Iterable[str]] = ..., serial: _Optional[str] = ..., expires_at: _Optional[int] = ..., evicted: _Optional[bool] = ..., banned: _Optional[bool] = ..., updated_at: _Optional[int] = ...) -> None: ...
+    attestation_key: bytes
+    def __init__(self, id: _Optional[str] = ..., attestor: _Optional[str] = ..., selectors: _Optional[_Iterable[str]] = ..., serial: _Optional[str] = ..., expires_at: _Optional[int] = ..., evicted: _Optional[bool] = ..., banned: _Optional[bool] = ..., updated_at: _Optional[int] = ..., attestation_key: _Optional[bytes] = ...) -> None: ...
 
 class ListAgentsRequest(_message.Message):
     __slots__ = ()

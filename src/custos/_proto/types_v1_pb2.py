@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63ustos/_proto/types_v1.proto\x12\x0f\x63ustos.types.v1\"\x89\x02\n\x05\x45ntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12\x11\n\tselectors\x18\x04 \x03(\t\x12\x15\n\rx509_svid_ttl\x18\x05 \x01(\x03\x12\x14\n\x0cjwt_svid_ttl\x18\x06 \x01(\x03\x12\x0f\n\x07wit_ttl\x18\x07 \x01(\x03\x12\x11\n\tdns_names\x18\x08 \x03(\t\x12\x13\n\x0bkey_custody\x18\t \x01(\t\x12\x0c\n\x04hint\x18\n \x01(\t\x12\r\n\x05\x61\x64min\x18\x0b \x01(\x08\x12\x12\n\ndownstream\x18\x0c \x01(\x08\x12\x12\n\nexpires_at\x18\r \x01(\x03\x12\x10\n\x08revision\x18\x0e \x01(\x03\"N\n\x06\x42undle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x15\n\rspiffe_bundle\x18\x02 \x01(\t\x12\x17\n\x0fsequence_number\x18\x03 \x01(\x03\"S\n\nKeyCustody\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x18\n\x10tpm_certify_info\x18\x02 \x01(\x0c\x12\x1d\n\x15tpm_certify_signature\x18\x03 \x01(\x0c\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63ustos/_proto/types_v1.proto\x12\x0f\x63ustos.types.v1\"\xa4\x02\n\x05\x45ntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12\x11\n\tselectors\x18\x04 \x03(\t\x12\x15\n\rx509_svid_ttl\x18\x05 \x01(\x03\x12\x14\n\x0cjwt_svid_ttl\x18\x06 \x01(\x03\x12\x0f\n\x07wit_ttl\x18\x07 \x01(\x03\x12\x11\n\tdns_names\x18\x08 \x03(\t\x12\x13\n\x0bkey_custody\x18\t \x01(\t\x12\x0c\n\x04hint\x18\n \x01(\t\x12\r\n\x05\x61\x64min\x18\x0b \x01(\x08\x12\x12\n\ndownstream\x18\x0c \x01(\x08\x12\x12\n\nexpires_at\x18\r \x01(\x03\x12\x10\n\x08revision\x18\x0e \x01(\x03\x12\x19\n\x11require_residency\x18\x0f \x01(\x08\"N\n\x06\x42undle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x15\n\rspiffe_bundle\x18\x02 \x01(\t\x12\x17\n\x0fsequence_number\x18\x03 \x01(\x03\"g\n\nKeyCustody\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x18\n\x10tpm_certify_info\x18\x02 \x01(\x0c\x12\x1d\n\x15tpm_certify_signature\x18\x03 \x01(\x0c\x12\x12\n\ntpm_public\x18\x04 \x01(\x0c\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,11 +32,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'custos._proto.types_v1_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENTRY']._serialized_start=50
-  _globals['_ENTRY']._serialized_end=315
-  _globals['_BUNDLE']._serialized_start=317
-  _globals['_BUNDLE']._serialized_end=395
-  _globals['_KEYCUSTODY']._serialized_start=397
-  _globals['_KEYCUSTODY']._serialized_end=480
-  _globals['_ITEMERROR']._serialized_start=482
-  _globals['_ITEMERROR']._serialized_end=524
+  _globals['_ENTRY']._serialized_end=342
+  _globals['_BUNDLE']._serialized_start=344
+  _globals['_BUNDLE']._serialized_end=422
+  _globals['_KEYCUSTODY']._serialized_start=424
+  _globals['_KEYCUSTODY']._serialized_end=527
+  _globals['_ITEMERROR']._serialized_start=529
+  _globals['_ITEMERROR']._serialized_end=571
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Entry(_message.Message):
-    __slots__ = ("id", "spiffe_id", "parent_id", "selectors", "x509_svid_ttl", "jwt_svid_ttl", "wit_ttl", "dns_names", "key_custody", "hint", "admin", "downstream", "expires_at", "revision")
+    __slots__ = ("id", "spiffe_id", "parent_id", "selectors", "x509_svid_ttl", "jwt_svid_ttl", "wit_ttl", "dns_names", "key_custody", "hint", "admin", "downstream", "expires_at", "revision", "require_residency")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class Entry(_message.Message):
     DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_RESIDENCY_FIELD_NUMBER: _ClassVar[int]
     id: str
     spiffe_id: str
     parent_id: str
@@ -36,7 +37,8 @@ class Entry(_message.Message):
     downstream: bool
     expires_at: int
     revision: int
-    def __init__(self, id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., selectors: _Optional[_Iterable[str]] = ..., x509_svid_ttl: _Optional[int] = ..., jwt_svid_ttl: _Optional[int] = ..., wit_ttl: _Optional[int] = ..., dns_names: _Optional[_Iterable[str]] = ..., key_custody: _Optional[str] = ..., hint: _Optional[str] = ..., admin: _Optional[bool] = ..., downstream: _Optional[bool] = ..., expires_at: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+    require_residency: bool
+    def __init__(self, id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., selectors: _Optional[_Iterable[str]] = ..., x509_svid_ttl: _Optional[int] = ..., jwt_svid_ttl: _Optional[int] = ..., wit_ttl: _Optional[int] = ..., dns_names: _Optional[_Iterable[str]] = ..., key_custody: _Optional[str] = ..., hint: _Optional[str] = ..., admin: _Optional[bool] = ..., downstream: _Optional[bool] = ..., expires_at: _Optional[int] = ..., revision: _Optional[int] = ..., require_residency: _Optional[bool] = ...) -> None: ...
 
 class Bundle(_message.Message):
     __slots__ = ("trust_domain", "spiffe_bundle", "sequence_number")
@@ -49,14 +51,16 @@ class Bundle(_message.Message):
     def __init__(self, trust_domain: _Optional[str] = ..., spiffe_bundle: _Optional[str] = ..., sequence_number: _Optional[int] = ...) -> None: ...
 
 class KeyCustody(_message.Message):
-    __slots__ = ("tier", "tpm_certify_info", "tpm_certify_signature")
+    __slots__ = ("tier", "tpm_certify_info", "tpm_certify_signature", "tpm_public")
     TIER_FIELD_NUMBER: _ClassVar[int]
     TPM_CERTIFY_INFO_FIELD_NUMBER: _ClassVar[int]
     TPM_CERTIFY_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    TPM_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     tier: str
     tpm_certify_info: bytes
     tpm_certify_signature: bytes
-    def __init__(self, tier: _Optional[str] = ..., tpm_certify_info: _Optional[bytes] = ..., tpm_certify_signature: _Optional[bytes] = ...) -> None: ...
+    tpm_public: bytes
+    def __init__(self, tier: _Optional[str] = ..., tpm_certify_info: _Optional[bytes] = ..., tpm_certify_signature: _Optional[bytes] = ..., tpm_public: _Optional[bytes] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("code", "message")

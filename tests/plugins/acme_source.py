@@ -48,6 +48,7 @@ class ServerNode(Base):
         yield AttestedNode(
             agent_path=self.config.get("agent_path", ["host-1"]),
             selectors=["payload:" + payload.decode()],
+            attestation_key=self.config.get("attestation_key", b""),
         )
 
 

@@ -34,7 +34,11 @@ from custos.plugin import (
     Selector,
     ServerCatalog,
 )
-from custos.plugin.catalog import MAX_ATTESTATION_MESSAGE_BYTES, MAX_CHALLENGES
+from custos.plugin.catalog import (
+    MAX_ATTESTATION_KEY_BYTES,
+    MAX_ATTESTATION_MESSAGE_BYTES,
+    MAX_CHALLENGES,
+)
 
 TD = "example.org"
 
@@ -278,6 +282,18 @@ def test_node_attestation_through_both_halves(acme: Path) -> None:
     )
     assert result.selectors == (Selector("acme_node", "payload:node-a"),)
     assert result.can_reattest is True and result.plugin == "acme_node"
+    assert result.attestation_key == b""
+
+
+def test_the_attestation_key_is_carried_through(acme: Path) -> None:
+    result = attest_node({}, {"attestation_key": b"\x00\x58tpm2b-public"})
+    assert result.attestation_key == b"\x00\x58tpm2b-public"
+
+
+@pytest.mark.parametrize("key", ["text", b"x" * (MAX_ATTESTATION_KEY_BYTES + 1), None])
+def test_a_malformed_attestation_key_is_the_plugins_fault(acme: Path, key: object) -> None:
+    with pytest.raises(PluginMisbehavedError, match="attestation_key must be bytes"):
+        attest_node({}, {"attestation_key": key})
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,8 @@ MAX_ATTESTATION_MESSAGE_BYTES = 64 * 1024
 MAX_CHALLENGES = 8
 #: Segments a plugin may put below ``/custos/agent/<plugin name>/``.
 MAX_AGENT_PATH_SEGMENTS = 8
+#: Longest ``AttestedNode.attestation_key`` (a TPM2B_PUBLIC: a P-256 AK is ~90 bytes).
+MAX_ATTESTATION_KEY_BYTES = 2048
 AGENT_ID_PREFIX = "/custos/agent/"
 
 
@@ -99,12 +101,14 @@ _P = TypeVar("_P", bound=Plugin)
 
 @dataclass(frozen=True)
 class NodeAttestationResult:
-    """A verified node: its agent ID, stamped selectors, and whether it may re-attest."""
+    """A verified node: its agent ID, stamped selectors, whether it may re-attest, and
+    the attestation key its TPM activated (b"" when the attestor has none)."""
 
     plugin: str
     agent_id: SpiffeId
     selectors: tuple[Selector, ...]
     can_reattest: bool
+    attestation_key: bytes = b""
 
 
 class _Loaded(Generic[_P]):
@@ -298,7 +302,16 @@ class LoadedServerNodeAttestor(_Loaded[ServerNodeAttestor]):
             agent_id=self._agent_id(node.agent_path),
             selectors=self.selectors(node.selectors),
             can_reattest=self.supports_reattestation,
+            attestation_key=self._attestation_key(node),
         )
+
+    def _attestation_key(self, node: AttestedNode) -> bytes:
+        key = node.attestation_key
+        if not isinstance(key, bytes) or len(key) > MAX_ATTESTATION_KEY_BYTES:
+            raise self.misbehaved(
+                f"attestation_key must be bytes of at most {MAX_ATTESTATION_KEY_BYTES}"
+            )
+        return key
 
     def _agent_id(self, path: object) -> SpiffeId:
         if isinstance(path, (str, bytes)) or not isinstance(path, Sequence):

@@ -80,10 +80,17 @@ class Challenge:
 @dataclass(frozen=True)
 class AttestedNode:
     """The server half's verdict: the agent ID's path segments below
-    ``/custos/agent/<plugin name>/`` and the selector values (without type)."""
+    ``/custos/agent/<plugin name>/`` and the selector values (without type).
+
+    ``attestation_key``: the TPM2B_PUBLIC (marshalled) of an attestation key the
+    attestor proved to live in the node's TPM (credential activation); the server
+    then checks the agent key's TPM2_Certify statement against it and keeps it to
+    check workload keys' residency. ``b""`` (the default) when the attestor has none.
+    """
 
     agent_path: Sequence[str]
     selectors: Sequence[str] = field(default=())
+    attestation_key: bytes = b""
 
 
 @runtime_checkable

@@ -10,6 +10,10 @@ Modules, one job each:
 - :mod:`custos.tpm.blobs` — ``TSS2 PRIVATE KEY`` files: read, validate completely, serialize;
 - :mod:`custos.tpm.ek` — EK certificates in NV and EK public keys;
 - :mod:`custos.tpm.ak` — attestation keys: create, TPM2_Quote, TPM2_Certify;
+- :mod:`custos.tpm.activation` — MakeCredential (server, no TPM) and ActivateCredential
+  (agent): proving an AK lives in the TPM of an EK;
+- :mod:`custos.tpm.verify` — checking TPM evidence without a TPM: public areas, quotes,
+  certify statements, the clock / reset / restart counters (:class:`AttestationEvidenceError`);
 - :mod:`custos.tpm.signatures` — signing schemes, TPMT_SIGNATURE to JOSE or DER;
 - :mod:`custos.tpm.errors` — TPM errors and telling a lost device from a refusal;
 - :mod:`custos.tpm.info` — what a TPM says about itself (``custos tpm info``).

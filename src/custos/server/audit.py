@@ -50,6 +50,8 @@ class AuditEvent:
     not_after: float
     custody: str = ""
     evidence: str = ""
+    #: "" (no tpm-custody key), "proven" or "unproven" (decision 0063)
+    residency: str = ""
 
 
 class Auditor:
@@ -68,6 +70,7 @@ class Auditor:
         not_after: float,
         custody: str = "",
         evidence: str = "",
+        residency: str = "",
     ) -> AuditRecord:
         """Write one event (row, then log line); raises if the row cannot be written."""
         return self.record_many(
@@ -82,6 +85,7 @@ class Auditor:
                     not_after,
                     custody,
                     evidence,
+                    residency,
                 )
             ]
         )[0]
@@ -103,6 +107,7 @@ class Auditor:
                     not_after=e.not_after,
                     custody=e.custody,
                     evidence=e.evidence,
+                    residency=e.residency,
                 )
                 for e in events
             ]
@@ -133,6 +138,7 @@ def _line(record: AuditRecord) -> str:
             "serial_or_jti": record.serial_or_jti,
             "not_after": record.not_after,
             "custody": record.custody,
+            "residency": record.residency,
         },
         separators=(",", ":"),
     )

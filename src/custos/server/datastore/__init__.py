@@ -3,7 +3,7 @@
 
 ``Datastore.open(url, trust_domain=...)`` gives ``entries`` (registration
 entries, optimistic concurrency, change feed), ``join_tokens`` (consumed once,
-atomically), ``agents``, ``audit`` and ``replay`` (a shared
+atomically), ``agents``, ``audit``, ``tpm_nodes`` and ``replay`` (a shared
 :class:`custos.wimse.replay.ReplayCache`). See docs/server-datastore.md.
 """
 
@@ -25,6 +25,7 @@ from custos.server.datastore.records import (
     EntryChange,
     JoinToken,
     RegistrationEntry,
+    TpmNode,
 )
 
 # SQLAlchemy, Alembic and psycopg come with the 'server' extra (decision 0025).
@@ -46,5 +47,6 @@ __all__ = [
     "NotFoundError",
     "RegistrationEntry",
     "RevisionConflictError",
+    "TpmNode",
     "UnsupportedDatastoreURLError",
 ]

@@ -24,6 +24,11 @@ from custos.server.datastore.records import Agent, member_id, selector_tuple
 from custos.server.datastore.schema import agents
 
 
+#: Longest attestation key stored: a TPM2B_PUBLIC is a few hundred bytes (an ECC P-256
+#: AK about 90, RSA 2048 about 280).
+MAX_ATTESTATION_KEY = 2048
+
+
 def _short(value: object, name: str, limit: int) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= limit:
         raise InvalidEntryError(
@@ -45,9 +50,20 @@ class AgentRepository:
         selectors: Iterable[Selector | str],
         serial: str,
         expires_at: float,
+        attestation_key: bytes = b"",
         now: float | None = None,
     ) -> Agent:
-        """Record a (re-)attestation: create the agent or refresh it, clearing ``evicted``."""
+        """Record a (re-)attestation: create the agent or refresh it, clearing ``evicted``.
+
+        ``attestation_key`` (the TPM2B_PUBLIC of the AK the node's TPM activated, b""
+        when none) replaces the stored one: the latest attestation says which AK
+        proves this node's key residency (decision 0063).
+        """
+        if not isinstance(attestation_key, bytes) or len(attestation_key) > MAX_ATTESTATION_KEY:
+            raise InvalidEntryError(
+                f"attestation_key must be bytes, at most {MAX_ATTESTATION_KEY}",
+                code="invalid_attestation_key",
+            )
         agent = Agent(
             id=member_id(agent_id, self._trust_domain, "agent_id"),
             attestor=_short(attestor, "attestor", 256),
@@ -57,6 +73,7 @@ class AgentRepository:
             evicted=False,
             banned=False,
             updated_at=time.time() if now is None else finite_number(now, name="now"),
+            attestation_key=attestation_key,
         )
         values = {
             "attestor": agent.attestor,
@@ -65,6 +82,7 @@ class AgentRepository:
             "expires_at": agent.expires_at,
             "evicted": False,
             "updated_at": agent.updated_at,
+            "attestation_key": attestation_key or None,
         }
         with transaction(self._engine) as conn:
             row = conn.execute(
@@ -160,4 +178,5 @@ def _agent(row: Row[object]) -> Agent:
         evicted=bool(row.evicted),
         banned=bool(row.banned),
         updated_at=row.updated_at,
+        attestation_key=bytes(row.attestation_key or b""),
     )

@@ -28,7 +28,10 @@ _LIMITS = {
     "event": 32,
     "custody": 16,
     "evidence": 16384,
+    "residency": 16,
 }
+#: What an audit row may say about a key's TPM residency (decision 0063).
+RESIDENCIES = ("", "proven", "unproven")
 
 
 class AuditLog:
@@ -47,6 +50,7 @@ class AuditLog:
         event: str = "",
         custody: str = "",
         evidence: str = "",
+        residency: str = "",
         now: float | None = None,
     ) -> AuditRecord:
         """Write one record."""
@@ -60,6 +64,7 @@ class AuditLog:
             event=event,
             custody=custody,
             evidence=evidence,
+            residency=residency,
         )
         return self.record_many([fields], now=now)[0]
 
@@ -109,6 +114,10 @@ def _checked(item: Mapping[str, Any], at: float) -> AuditRecord:
                 f"audit {name} must be a string of at most {_LIMITS[name]} characters",
                 code="invalid_audit_record",
             )
+    if texts["residency"] not in RESIDENCIES:
+        raise InvalidEntryError(
+            "audit residency must be '', 'proven' or 'unproven'", code="invalid_audit_record"
+        )
     return AuditRecord(
         seq=0,
         at=at,
@@ -131,4 +140,5 @@ def _record(row: Row[object]) -> AuditRecord:
         event=row.event,
         custody=row.custody,
         evidence=row.evidence,
+        residency=row.residency,
     )

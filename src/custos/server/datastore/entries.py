@@ -69,6 +69,7 @@ class EntryRepository:
         admin: bool = False,
         downstream: bool = False,
         expires_at: float | None = None,
+        require_residency: bool = False,
     ) -> RegistrationEntry:
         """Validate and store a new entry (revision 1); nothing is written on error."""
         draft = RegistrationEntry(
@@ -87,6 +88,7 @@ class EntryRepository:
             expires_at=expires_at,
             revision=1,
             change_seq=0,
+            require_residency=require_residency,
         )
         entry = records.validate_entry(draft, self._trust_domain)
         with self._refusing_twins(entry), transaction(self._engine) as conn:
@@ -307,6 +309,7 @@ def _row(entry: RegistrationEntry) -> dict[str, Any]:
         "revision": entry.revision,
         "change_seq": entry.change_seq,
         "identity_hash": _identity(entry),
+        "require_residency": entry.require_residency,
     }
 
 
@@ -370,4 +373,5 @@ def _from_row(
         expires_at=r.expires_at,
         revision=r.revision,
         change_seq=r.change_seq,
+        require_residency=bool(r.require_residency),
     )

@@ -40,6 +40,8 @@ class RegistrationEntry:
     expires_at: float | None
     revision: int
     change_seq: int
+    #: issue only for keys a TPM proved resident (``key_custody`` "tpm"; decision 0063)
+    require_residency: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ class Agent:
     evicted: bool
     banned: bool
     updated_at: float
+    #: TPM2B_PUBLIC (marshalled) of the attestation key its TPM activated; b"" for an
+    #: agent attested without one (decision 0063)
+    attestation_key: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,21 @@ class AuditRecord:
     #: the key custody tier the agent stated, and base64 of its custody evidence
     custody: str = ""
     evidence: str = ""
+    #: "" (no tpm-custody key), "proven" or "unproven" (migration 0006, decision 0063)
+    residency: str = ""
+
+
+@dataclass(frozen=True)
+class TpmNode:
+    """What the last accepted quote of one TPM (by EK hash) said: its activated AK and
+    its clock (``tpm_nodes``; decision 0064)."""
+
+    ek_hash: str
+    ak_public: bytes
+    clock: int
+    reset_count: int
+    restart_count: int
+    updated_at: float
 
 
 @dataclass(frozen=True)
@@ -165,6 +185,18 @@ def flag(value: object, name: str) -> bool:
     return value
 
 
+def validate_residency(require_residency: object, custody: str) -> bool:
+    """``require_residency`` checked: a bool, and only on a ``tpm``-custody entry (no
+    other tier has a residency proof, so such an entry could never be served)."""
+    required = flag(require_residency, "require_residency")
+    if required and custody != "tpm":
+        raise InvalidEntryError(
+            f"require_residency needs key_custody 'tpm', not {custody!r}",
+            code="residency_needs_tpm_custody",
+        )
+    return required
+
+
 def identity_hash(spiffe_id: str, parent_id: str, selectors: Iterable[tuple[str, str]]) -> str:
     """What makes two entries the same (SPIRE's "entry already exists"): the SPIFFE
     ID, the parent ID and the selector *set*, hashed into the ``entries.identity_hash``
@@ -195,4 +227,7 @@ def validate_entry(entry: RegistrationEntry, trust_domain: TrustDomain) -> Regis
         expires_at=optional_time(entry.expires_at, "expires_at"),
         revision=entry.revision,
         change_seq=entry.change_seq,
+        require_residency=validate_residency(
+            entry.require_residency, key_custody(entry.key_custody)
+        ),
     )

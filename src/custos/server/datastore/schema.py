@@ -16,10 +16,12 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
     Text,
+    false,
 )
 
 metadata = MetaData()
@@ -49,6 +51,8 @@ entries = Table(
     # for duplicates that existed before migration 0004 (NULLs are never equal).
     Column("identity_hash", String(64), nullable=True),
     Index("ux_entries_identity_hash", "identity_hash", unique=True),
+    # migration 0006: issue only for keys a TPM proved resident (decision 0063)
+    Column("require_residency", Boolean, nullable=False, server_default=false()),
 )
 
 entry_selectors = Table(
@@ -96,6 +100,9 @@ agents = Table(
     Column("evicted", Boolean, nullable=False),
     Column("banned", Boolean, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # migration 0006: the TPM2B_PUBLIC of the AK the node's TPM activated (tpm attestor);
+    # NULL for an agent without one (a join-token agent)
+    Column("attestation_key", LargeBinary, nullable=True),
 )
 
 replay = Table(
@@ -120,6 +127,8 @@ audit = Table(
     Column("event", String(32), nullable=False, server_default=""),
     Column("custody", String(16), nullable=False, server_default=""),
     Column("evidence", Text, nullable=False, server_default=""),
+    # migration 0006: "" (not a tpm-custody key) | proven | unproven (decision 0063)
+    Column("residency", String(16), nullable=False, server_default=""),
     sqlite_autoincrement=True,
 )
 
@@ -147,4 +156,18 @@ server_names = Table(
     metadata,
     Column("dns_name", String(253), primary_key=True),  # lower case, no final dot
     Column("recorded_at", Float, nullable=False),
+)
+
+#: What the last accepted quote of each TPM said about its clock (migration 0006): a
+#: later attestation whose clock, resetCount or restartCount went back is refused,
+#: by whichever server of this database sees it (decision 0064).
+tpm_nodes = Table(
+    "tpm_nodes",
+    metadata,
+    Column("ek_hash", String(64), primary_key=True),  # lower-case hex SHA-256 of the EK SPKI
+    Column("ak_public", LargeBinary, nullable=False),  # TPM2B_PUBLIC of the activated AK
+    Column("clock", BigInteger, nullable=False),  # milliseconds (TPMS_CLOCK_INFO.clock)
+    Column("reset_count", BigInteger, nullable=False),
+    Column("restart_count", BigInteger, nullable=False),
+    Column("updated_at", Float, nullable=False),
 )

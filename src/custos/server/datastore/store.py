@@ -13,13 +13,15 @@ from custos.server.datastore.replay import DatastoreReplayCache
 from custos.server.datastore.server_names import ServerNameRepository
 from custos.server.datastore.signing_keys import SigningKeyRepository
 from custos.server.datastore.tokens import JoinTokenRepository
+from custos.server.datastore.tpm_nodes import TpmNodeRepository
 
 
 class Datastore:
     """The server's datastore on SQLite (``sqlite:///<path>``) or PostgreSQL.
 
     ``entries``, ``join_tokens``, ``agents``, ``audit``, ``signing_keys`` (key
-    metadata), ``server_names`` (every server's DNS name) and ``replay`` (a
+    metadata), ``server_names`` (every server's DNS name), ``tpm_nodes`` (each TPM's
+    last accepted clock) and ``replay`` (a
     :class:`~custos.wimse.replay.ReplayCache`) share one connection pool.
     Each method is its own transaction; thread-safe.
     """
@@ -41,6 +43,7 @@ class Datastore:
         self.replay = DatastoreReplayCache(self._engine)
         self.signing_keys = SigningKeyRepository(self._engine)
         self.server_names = ServerNameRepository(self._engine)
+        self.tpm_nodes = TpmNodeRepository(self._engine)
 
     @classmethod
     def open(cls, url: str, *, trust_domain: TrustDomain | str) -> Datastore:

@@ -155,7 +155,11 @@ class Agent:
         self._node = node
 
         workloads = WorkloadManager(
-            node=node, custody=custody, data_dir=config.data_dir, jitter=config.rotation.jitter
+            node=node,
+            custody=custody,
+            data_dir=config.data_dir,
+            jitter=config.rotation.jitter,
+            residency=node.residency,
         )
         await workloads.start()
         stack.push_async_callback(workloads.stop)

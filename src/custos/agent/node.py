@@ -54,6 +54,7 @@ from custos.agent.client.channel import (
 from custos.agent.client.errors import AgentApiError
 from custos.agent.client.streams import stream_bundle
 from custos.agent.identities import DEFAULT_BACKOFF, Backoff, raise_if_cancelling, wait_at_most
+from custos.agent.residency import KeyResidency
 from custos.agent.state import ensure_private_dir, read_json, write_json_atomic
 from custos.bundle import BundleError, TrustBundle
 from custos.errors import CustosError
@@ -99,7 +100,6 @@ class ServerConnection:
     server_name: str = DEFAULT_SERVER_NAME
     bundle_file: Path | None = None
     insecure_bootstrap: bool = False
-
 
 
 def load_bootstrap_bundle(path: Path, trust_domain: TrustDomain) -> TrustBundle:
@@ -153,6 +153,8 @@ class NodeIdentity:
         self._td = trust_domain
         self._server = server
         self._attestor = attestor
+        # A TPM attestor certifies the agent's tpm-custody key with its AK.
+        self._residency = KeyResidency.of(attestor)
         self._store = store
         self._custody = custody
         self._data_dir = data_dir
@@ -198,6 +200,11 @@ class NodeIdentity:
     def bundle(self) -> TrustBundle:
         """The trust domain's bundle as last received from the server."""
         return self.identity.bundle
+
+    @property
+    def residency(self) -> KeyResidency:
+        """Certify evidence from the node attestor (for workload keys too)."""
+        return self._residency
 
     @property
     def key_name(self) -> str:
@@ -255,6 +262,8 @@ class NodeIdentity:
                 held.identity.expires_at - self._now(),
             )
             self._install(held)
+            if self._residency.certifies and held.identity.reattestable:
+                await self._attest_at_start()
         else:
             try:
                 async with asyncio.timeout(self._start_timeout):
@@ -498,6 +507,25 @@ class NodeIdentity:
             await channel.close()  # _keep opened a channel that trusts the new bundle
             return
 
+    async def _attest_at_start(self) -> None:
+        """A restored identity on a TPM-attested node: attest again now, so that the
+        server holds the AK this process certifies keys with (and sees fresh PCRs).
+        On failure the restored identity serves while the background retries."""
+        try:
+            async with asyncio.timeout(self._start_timeout):
+                await self._attest(self._channel_for_attestation())
+        except (AgentApiError, CustosError, TimeoutError) as e:
+            raise_if_cancelling()
+            why = e.message if isinstance(e, CustosError) else "timed out"
+            code = e.code if isinstance(e, CustosError) else "timeout"
+            log.warning(
+                "could not attest again at start (%s: %s); serving the restored identity "
+                "and retrying in the background",
+                code,
+                why,
+            )
+            self._reattest_reason = f"[{code}] {why}"
+
     async def _bootstrap_channel_or_retry(self, attempt: int) -> grpc.aio.Channel | None:
         try:
             return await self._bootstrap_channel()
@@ -514,7 +542,11 @@ class NodeIdentity:
         key = await asyncio.to_thread(self._new_key, generation)
         try:
             identity = await attest_agent(
-                channel, attestor=self._attestor, key=key, custody=self._custody
+                channel,
+                attestor=self._attestor,
+                key=key,
+                custody=self._custody,
+                residency=self._residency,
             )
         except BaseException:
             await asyncio.to_thread(self._delete_key, key.name, "its attestation failed")
@@ -532,7 +564,7 @@ class NodeIdentity:
         generation = await asyncio.to_thread(self._next_generation)
         key = await asyncio.to_thread(self._new_key, generation)
         try:
-            identity = await renew_agent(self.client, key, self._custody)
+            identity = await renew_agent(self.client, key, self._custody, residency=self._residency)
         except BaseException:
             await asyncio.to_thread(self._delete_key, key.name, "its renewal failed")
             raise
@@ -756,8 +788,6 @@ def _check_wit(identity: AgentIdentity, key: StoreKey) -> None:
         raise ValueError("the WIT names another subject than the SVID")
     if _spki(verified.cnf_public_key) != _spki(key.public_key()):
         raise ValueError("the WIT binds another key than the agent's")
-
-
 
 
 def _worth_retrying(error: AgentApiError) -> bool:

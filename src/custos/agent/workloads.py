@@ -63,6 +63,7 @@ from custos.agent.identities import (
     raise_if_cancelling,
     wait_at_most,
 )
+from custos.agent.residency import CertifyEvidence, KeyResidency
 from custos.agent.state import ensure_private_dir, read_json, remove_file, write_json_atomic
 from custos.errors import CustosError
 from custos.identity import Selector, SpiffeId
@@ -105,7 +106,6 @@ def parse_key_name(name: str) -> tuple[str, int] | None:
     return None if match is None else (match.group(1), int(match.group(2)))
 
 
-
 @dataclass(frozen=True)
 class _Issued:
     """One generation of one entry's credentials: what its file holds."""
@@ -143,6 +143,7 @@ class _Prepared:
     key: StoreKey
     csr: bytes
     jwk: dict[str, Any]
+    evidence: CertifyEvidence | None = None
 
 
 def _credential_fields(entry: AgentEntry) -> tuple[object, ...]:
@@ -181,6 +182,7 @@ class WorkloadManager:
         backoff: Backoff = DEFAULT_BACKOFF,
         now: Callable[[], float] = time.time,
         identities: WorkloadIdentities | None = None,
+        residency: KeyResidency | None = None,
     ) -> None:
         if not 0.0 <= jitter < 1.0:
             raise CustosError(
@@ -188,6 +190,8 @@ class WorkloadManager:
             )
         self._node = node
         self._custody = custody
+        # Certifies tpm-tier keys with the node attestor's AK (a TPM-attested node).
+        self._residency = residency or KeyResidency(None)
         self._dir = data_dir / WORKLOADS_DIR
         self._jitter = jitter
         self._backoff = backoff
@@ -407,10 +411,16 @@ class WorkloadManager:
         try:
             x509s, wits = await asyncio.gather(
                 client.new_x509_svids(
-                    [X509Params(p.entry.id, p.csr, p.entry.key_custody) for p in prepared]
+                    [
+                        X509Params(p.entry.id, p.csr, p.entry.key_custody, p.evidence)
+                        for p in prepared
+                    ]
                 ),
                 client.new_wits(
-                    [WitParams(p.entry.id, p.jwk, p.entry.key_custody) for p in prepared]
+                    [
+                        WitParams(p.entry.id, p.jwk, p.entry.key_custody, p.evidence)
+                        for p in prepared
+                    ]
                 ),
             )
         except AgentApiError as e:
@@ -439,7 +449,8 @@ class WorkloadManager:
         )
 
     async def _prepare(self, entry: AgentEntry) -> _Prepared | None:
-        """A fresh key in the entry's tier, its CSR and its public JWK."""
+        """A fresh key in the entry's tier, its CSR and its public JWK (and, for a
+        ``tpm``-tier key on a TPM-attested node, the AK's certify of it)."""
         generation = self._generations.get(entry.id, 0) + 1
         self._generations[entry.id] = generation
         name = key_name(entry.id, generation)
@@ -459,7 +470,14 @@ class WorkloadManager:
             self._entry_failed(entry, f"key {name} could not sign its CSR", e)
             await self._delete_key(entry.key_custody, name)
             return None
-        return _Prepared(entry, generation, key, csr, jwk)
+        try:
+            async with device_lock(facade.store):
+                evidence = await asyncio.to_thread(self._residency.evidence, key, entry.key_custody)
+        except CustosError as e:
+            self._entry_failed(entry, f"key {name} could not be certified by the AK", e)
+            await self._delete_key(entry.key_custody, name)
+            return None
+        return _Prepared(entry, generation, key, csr, jwk, evidence)
 
     async def _receive(self, p: _Prepared, x: IssuedX509, w: IssuedWit) -> None:
         """Keep one generation when both credentials came, else delete its key."""

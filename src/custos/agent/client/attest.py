@@ -13,7 +13,7 @@ key, carry the SPIFFE ID the server named, and chain to the bundle that came wit
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc, types_v1_pb2
 from custos.agent.client.errors import AgentApiError
+from custos.agent.residency import CertifyEvidence, KeyResidency
 from custos.bundle import BundleError, BundleSet, TrustBundle
 from custos.errors import CustosError
 from custos.identity import Selector, SpiffeId
@@ -144,13 +145,32 @@ def make_csr(key: StoreKey) -> bytes:
     return csr.public_bytes(Encoding.DER)
 
 
-def key_request(csr: bytes, custody: str) -> agent_v1_pb2.AgentKeyRequest:
+def key_custody(custody: str, evidence: CertifyEvidence | None = None) -> types_v1_pb2.KeyCustody:
+    """The wire's ``KeyCustody``: the tier, and the TPM2_Certify evidence when there is
+    some (only for the ``tpm`` tier: :mod:`custos.agent.residency`)."""
     if custody not in CUSTODY_TIERS:
         raise CustosError(
             f"custody must be one of {', '.join(CUSTODY_TIERS)}, not {custody!r:.40}",
             code="invalid_custody",
         )
-    return agent_v1_pb2.AgentKeyRequest(csr=csr, custody=types_v1_pb2.KeyCustody(tier=custody))
+    if evidence is None:
+        return types_v1_pb2.KeyCustody(tier=custody)
+    if custody != "tpm":
+        raise CustosError(
+            f"TPM certify evidence for a key in the {custody!r} tier", code="invalid_custody"
+        )
+    return types_v1_pb2.KeyCustody(
+        tier=custody,
+        tpm_certify_info=evidence.attest,
+        tpm_certify_signature=evidence.signature,
+        tpm_public=evidence.tpm_public,
+    )
+
+
+def key_request(
+    csr: bytes, custody: str, evidence: CertifyEvidence | None = None
+) -> agent_v1_pb2.AgentKeyRequest:
+    return agent_v1_pb2.AgentKeyRequest(csr=csr, custody=key_custody(custody, evidence))
 
 
 def _spki(key: object) -> bytes:
@@ -200,9 +220,17 @@ async def _ended(call: Any) -> AgentApiError:
 
 
 class _Exchange:
-    """The agent half's ``exchange`` over one ``AttestAgent`` stream."""
+    """The agent half's ``exchange`` over one ``AttestAgent`` stream.
 
-    def __init__(self, call: Any, attestor: str, key: agent_v1_pb2.AgentKeyRequest) -> None:
+    ``key()`` makes the start message's key request once the agent half has made its
+    payload: a TPM attestor creates its AK there, and certifies the key with it."""
+
+    def __init__(
+        self,
+        call: Any,
+        attestor: str,
+        key: Callable[[], Awaitable[agent_v1_pb2.AgentKeyRequest]],
+    ) -> None:
         self._call = call
         self._attestor = attestor
         self._key = key
@@ -212,7 +240,7 @@ class _Exchange:
     async def __call__(self, message: bytes) -> bytes | None:
         if not self._started:
             start = agent_v1_pb2.AttestationStart(
-                attestor=self._attestor, payload=message, key=self._key
+                attestor=self._attestor, payload=message, key=await self._key()
             )
             request = agent_v1_pb2.AttestAgentRequest(start=start)
             self._started = True
@@ -243,13 +271,22 @@ async def attest_agent(
     custody: str,
     attestor_name: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    residency: KeyResidency | None = None,
 ) -> AgentIdentity:
     """Attest this node with ``attestor`` (the agent catalog's ``node_attestor``) and
     get the agent's identity for ``key``.  ``attestor_name`` defaults to the
-    attestor's configured name.  Every refusal is an :class:`AgentApiError`."""
+    attestor's configured name.  ``residency`` (default: from ``attestor``) certifies
+    a ``tpm``-custody ``key`` once the attestor made its payload.  Every refusal is an
+    :class:`AgentApiError`."""
     name = attestor.name if attestor_name is None else attestor_name
+    residency = KeyResidency.of(attestor) if residency is None else residency
     # A TPM or HSM signs synchronously: keep the loop free.
-    request_key = key_request(await asyncio.to_thread(make_csr, check_agent_key(key)), custody)
+    csr = await asyncio.to_thread(make_csr, check_agent_key(key))
+
+    async def request_key() -> agent_v1_pb2.AgentKeyRequest:
+        evidence = await asyncio.to_thread(residency.evidence, key, custody)
+        return key_request(csr, custody, evidence)
+
     stub = agent_v1_pb2_grpc.AttestationStub(channel)  # type: ignore[no-untyped-call]
     call = stub.AttestAgent(timeout=timeout)
     exchange = _Exchange(call, name, request_key)
@@ -285,15 +322,23 @@ async def _until_call_ends(work: Awaitable[None], call: Any) -> None:
 
 
 async def renew_agent(
-    client: AgentApiClient, key: StoreKey, custody: str, *, timeout: float = DEFAULT_TIMEOUT
+    client: AgentApiClient,
+    key: StoreKey,
+    custody: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    residency: KeyResidency | None = None,
 ) -> AgentIdentity:
     """New credentials for ``key`` (the same key or a new one), authenticated by the
     client's current identity.  For agents whose attestor cannot re-attest (join
     token); a re-attestable agent is refused with ``renew_by_attesting``.  The caller
-    replaces the client's identity (and key) with the result."""
-    request = agent_v1_pb2.RenewAgentRequest(
-        key=key_request(await asyncio.to_thread(make_csr, check_agent_key(key)), custody)
-    )
+    replaces the client's identity (and key) with the result.  ``residency``, when
+    given, certifies a ``tpm``-custody key."""
+    csr = await asyncio.to_thread(make_csr, check_agent_key(key))
+    evidence = None
+    if residency is not None:
+        evidence = await asyncio.to_thread(residency.evidence, key, custody)
+    request = agent_v1_pb2.RenewAgentRequest(key=key_request(csr, custody, evidence))
     stub = agent_v1_pb2_grpc.AttestationStub(client.channel)  # type: ignore[no-untyped-call]
     metadata = await asyncio.to_thread(client.metadata, SERVICE, "RenewAgent")
     try:
@@ -314,6 +359,7 @@ __all__ = [
     "check_agent_key",
     "der_chain",
     "identity_from_proto",
+    "key_custody",
     "key_request",
     "make_csr",
     "renew_agent",

@@ -29,8 +29,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc, types_v1_pb2
-from custos.agent.client.attest import AgentIdentity, InvalidServerResponseError, der_chain
+from custos.agent.client.attest import (
+    AgentIdentity,
+    InvalidServerResponseError,
+    der_chain,
+    key_custody,
+)
 from custos.agent.client.errors import AgentApiError
+from custos.agent.residency import CertifyEvidence
 from custos.identity import TrustDomain
 from custos.keys import StoreKey
 from custos.wimse.wpt import create_wpt
@@ -58,8 +64,8 @@ class X509Params:
     entry_id: str
     csr: bytes
     custody: str  # tpm | pkcs11 | memory | exportable: how the key is held
-    tpm_certify_info: bytes = b""
-    tpm_certify_signature: bytes = b""
+    #: The AK's TPM2_Certify of the key (``tpm`` custody on a TPM-attested agent).
+    evidence: CertifyEvidence | None = None
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,7 @@ class WitParams:
     entry_id: str
     public_jwk: Mapping[str, Any]
     custody: str
-    tpm_certify_info: bytes = b""
-    tpm_certify_signature: bytes = b""
+    evidence: CertifyEvidence | None = None
 
 
 @dataclass(frozen=True)
@@ -172,11 +177,7 @@ class AgentApiClient:
 
 
 def _custody(params: X509Params | WitParams) -> types_v1_pb2.KeyCustody:
-    return types_v1_pb2.KeyCustody(
-        tier=params.custody,
-        tpm_certify_info=params.tpm_certify_info,
-        tpm_certify_signature=params.tpm_certify_signature,
-    )
+    return key_custody(params.custody, params.evidence)
 
 
 def _item_error(result: Any) -> AgentApiError:

@@ -4,6 +4,7 @@ docs/cli.md, and bad input refused with one line before anything is written."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -41,6 +42,7 @@ ENTRY_KEYS = {
     "downstream",
     "expires_at",
     "revision",
+    "require_residency",
 }
 
 
@@ -128,9 +130,11 @@ def test_entry_create_with_every_flag(running: ServerThread) -> None:
         "--downstream",
         "--expires-at",
         "2031-01-01T00:00:00Z",
+        "--require-residency",
         spiffe_id="every-flag",
     )
     assert set(made) == ENTRY_KEYS
+    assert made["require_residency"] is True
     assert made["selectors"] == ["unix:gid:50", "unix:uid:1001"]
     assert (made["x509_svid_ttl"], made["jwt_svid_ttl"], made["wit_ttl"]) == (7200, 90, 1800)
     assert made["dns_names"] == ["web.example.org", "www.example.org"]
@@ -143,6 +147,39 @@ def test_entry_create_with_every_flag(running: ServerThread) -> None:
     assert made["expires_at"] == 1924992000
     stored = running.server.ctx.datastore.entries.get(made["id"])
     assert stored.key_custody == "tpm" and stored.expires_at == 1924992000
+    assert stored.require_residency is True
+
+
+def test_require_residency_needs_tpm_custody_and_updates_alone(running: ServerThread) -> None:
+    before = running.server.ctx.datastore.entries.count()
+    refused(
+        custos(
+            running, "entry", "create", "--spiffe-id", f"spiffe://{TD}/resident",
+            "--parent-id", AGENT, "--selector", "unix:uid:1001", "--require-residency",
+        ),
+        "residency_needs_tpm_custody",
+    )  # fmt: skip
+    assert running.server.ctx.datastore.entries.count() == before
+    made = _create(running, "--custody", "tpm", spiffe_id="resident")
+    assert made["require_residency"] is False
+    assert "Residency" not in custos(running, "entry", "show", made["id"]).stdout
+    required = ok_json(running, "entry", "update", made["id"], "--require-residency")
+    assert (required["require_residency"], required["revision"]) == (True, 2)
+    assert "Residency      : required" in custos(running, "entry", "show", made["id"]).stdout
+    # An update that does not name the flag keeps it; one that drops tpm custody alone
+    # is refused (the entry could never be served), with --no-require-residency it works.
+    hinted = ok_json(running, "entry", "update", made["id"], "--hint", "h")
+    assert hinted["require_residency"] is True
+    refused(
+        custos(running, "entry", "update", made["id"], "--custody", "memory"),
+        "residency_needs_tpm_custody",
+    )
+    relaxed = ok_json(
+        running, "entry", "update", made["id"], "--custody", "memory", "--no-require-residency"
+    )
+    assert (relaxed["require_residency"], relaxed["key_custody"]) == (False, "memory")
+    listed = ok_json(running, "entry", "list", "--spiffe-id", made["spiffe_id"])
+    assert listed["entries"][0]["require_residency"] is False
 
 
 def test_entry_show_update_delete_pretty_and_json(running: ServerThread) -> None:
@@ -267,7 +304,18 @@ def test_agent_commands(running: ServerThread) -> None:
         "evicted",
         "banned",
         "updated_at",
+        "attestation_key",
     }
+    assert shown["attestation_key"] is None
+    assert "Attestation key: none" in custos(running, "agent", "show", agent_id).stdout
+    tpm_agent = f"spiffe://{TD}/custos/agent/tpm/{'ab' * 32}"
+    running.server.ctx.datastore.agents.attested(
+        tpm_agent, attestor="tpm", selectors=[], serial="8", expires_at=2e9,
+        attestation_key=b"\x00\x02ak",
+    )  # fmt: skip
+    assert ok_json(running, "agent", "show", tpm_agent)["attestation_key"] == "AAJhaw=="
+    digest = hashlib.sha256(b"\x00\x02ak").hexdigest()
+    assert f"Attestation key: sha256:{digest}" in custos(running, "agent", "show", tpm_agent).stdout
     assert ok_json(running, "agent", "evict", agent_id)["evicted"] is True
     banned = custos(running, "agent", "ban", agent_id)
     assert banned.exit_code == 0 and "Banned         : true" in banned.stdout

@@ -13,7 +13,9 @@ names, revisions) and nothing is written when either refuses.  Errors print one
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
+import hashlib
 import json
 import math
 from collections.abc import Awaitable, Callable, Sequence
@@ -204,6 +206,7 @@ def entry_json(entry: types_v1_pb2.Entry) -> dict[str, Any]:
         "downstream": entry.downstream,
         "expires_at": entry.expires_at or None,
         "revision": entry.revision,
+        "require_residency": entry.require_residency,
     }
 
 
@@ -224,6 +227,7 @@ def _entry_pretty(entry: types_v1_pb2.Entry) -> str:
     rows += [("Hint", entry.hint)] if entry.hint else []
     rows += [("Admin", "true")] if entry.admin else []
     rows += [("Downstream", "true")] if entry.downstream else []
+    rows += [("Residency", "required (TPM-proven keys only)")] if entry.require_residency else []
     return _table(rows)
 
 
@@ -238,6 +242,10 @@ def agent_json(agent: admin_v1_pb2.Agent) -> dict[str, Any]:
         "evicted": agent.evicted,
         "banned": agent.banned,
         "updated_at": agent.updated_at,
+        # base64 of the activated AK's TPM2B_PUBLIC; null: no AK (not TPM-attested)
+        "attestation_key": base64.b64encode(agent.attestation_key).decode("ascii")
+        if agent.attestation_key
+        else None,
     }
 
 
@@ -252,6 +260,12 @@ def _agent_pretty(agent: admin_v1_pb2.Agent) -> str:
             ("Evicted", str(agent.evicted).lower()),
             ("Banned", str(agent.banned).lower()),
             ("Updated at", _time(agent.updated_at)),
+            (
+                "Attestation key",
+                "sha256:" + hashlib.sha256(agent.attestation_key).hexdigest()
+                if agent.attestation_key
+                else "none",
+            ),
         ]
     )
 
@@ -322,6 +336,13 @@ def _entry_flags(*, create: bool) -> Callable[[F], F]:
                     help="when the entry stops being served: Unix seconds, ISO 8601 or "
                     "'never' (the default)",
                 ),
+                click.option(
+                    "--require-residency/--no-require-residency",
+                    default=flag_default,
+                    help="issue only for keys the agent's TPM proved resident (TPM2_Certify "
+                    "by its attested AK); needs --custody tpm; an agent without an AK is "
+                    "refused (residency_unproven)",
+                ),
             ]
         ):
             func = option(func)
@@ -350,6 +371,7 @@ def entry_create(api: _Admin, **flags: Any) -> None:
         admin=flags["admin"],
         downstream=flags["downstream"],
         expires_at=_expires_at(flags["expires_at"]),
+        require_residency=flags["require_residency"],
     )
     created = api.run(lambda c: c.create_entry(message))
     api.emit(entry_json(created), _entry_pretty(created))
@@ -388,6 +410,7 @@ def entry_update(api: _Admin, entry_id: str, revision: int | None, **flags: Any)
         ("hint", "hint"),
         ("admin", "admin"),
         ("downstream", "downstream"),
+        ("require_residency", "require_residency"),
     ):
         if flags[flag] is not None:
             changes[field] = flags[flag]

@@ -37,6 +37,7 @@ def entry_to_proto(entry: RegistrationEntry) -> types_v1_pb2.Entry:
         downstream=entry.downstream,
         expires_at=0 if entry.expires_at is None else _whole_seconds(entry.expires_at),
         revision=entry.revision,
+        require_residency=entry.require_residency,
     )
 
 
@@ -58,6 +59,7 @@ def entry_fields_from_proto(message: types_v1_pb2.Entry) -> dict[str, Any]:
         "admin": message.admin,
         "downstream": message.downstream,
         "expires_at": float(message.expires_at) if message.expires_at else None,
+        "require_residency": message.require_residency,
     }
 
 
@@ -103,4 +105,5 @@ def agent_to_proto(agent: Agent) -> admin_v1_pb2.Agent:
         evicted=agent.evicted,
         banned=agent.banned,
         updated_at=int(agent.updated_at),
+        attestation_key=agent.attestation_key,
     )

@@ -4,6 +4,7 @@ state directory, and check what it shows (the WIMSE scenario on custos dev's pie
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,13 @@ def test_demo_runs_twice_and_shows_the_caller_the_tpm_and_the_replay_refused(
     assert "Traceback" not in first.stderr + done.stderr
     lines = {line.strip().split("  ")[0]: line.strip() for line in done.stdout.splitlines()}
     assert lines["device"].split()[1] == "tpm:"
+    # The agent was attested by the TPM: its ID is its EK's hash, and the EK selectors.
+    assert re.fullmatch(r"agent SPIFFE ID +spiffe://example\.org/custos/agent/tpm/[0-9a-f]{64}",
+                        lines["agent SPIFFE ID"]), lines["agent SPIFFE ID"]
+    assert lines["agent attested by"].endswith(" tpm")
+    assert "tpm:ek_issuer:swtpm-localca" in done.stdout
+    assert lines["PCRs quoted (sha256)"].endswith(" 0,1,2,3,7")
+    assert lines["key residency (server audit)"].endswith(" proven")
     assert lines["POST /pay"].endswith(" 200")
     assert lines["workload-b saw the caller"].endswith(" spiffe://example.org/dev/tpm")
     assert lines["custody tier (entry)"].endswith(" tpm")

@@ -96,11 +96,25 @@ def test_dev_serves_a_workload_and_an_admin_then_stops_cleanly(short_dir: Path) 
         assert ids == [f"spiffe://example.org/dev/{t}" for t in ("exportable", "memory", "tpm")]
         assert all(e["selectors"] == [f"unix:uid:{os.getuid()}"]
                    for e in json.loads(listed.stdout)["entries"])
+
+        # The agent was attested by the TPM: its ID is the EK hash, its selectors tpm:.
+        agents = custos("agent", "list", "--output", "json", env=env)
+        assert agents.returncode == 0, agents.stderr
+        [agent] = json.loads(agents.stdout)["agents"]
+        ek_hash = agent["id"].removeprefix("spiffe://example.org/custos/agent/tpm/")
+        assert re.fullmatch(r"[0-9a-f]{64}", ek_hash), agent["id"]
+        assert agent["attestor"] == "tpm" and agent["attestation_key"]
+        assert f"tpm:ek_pubhash:{ek_hash}" in agent["selectors"]
+        assert "tpm:ek_issuer:swtpm-localca" in agent["selectors"]
+        assert any(s.startswith("tpm:manufacturer:id:") for s in agent["selectors"])
+        assert any(s.startswith("tpm:pcr:sha256:7:") for s in agent["selectors"])
+        assert all(e["parent_id"] == agent["id"] for e in json.loads(listed.stdout)["entries"])
     finally:
         status = stop(process)
     stderr = process.stderr.read() if process.stderr else ""
     assert status == 0, stderr[-2000:]
     assert "key custody on tpm" in stderr
+    assert "attested by tpm" in stderr
     assert "Traceback" not in stderr
     assert not Path(f"/proc/{swtpm_pid}").exists()
     assert not (data / "agent.sock").exists()
@@ -150,6 +164,8 @@ def test_dev_without_a_tpm_keeps_keys_in_the_device_it_says(
     stderr = process.stderr.read() if process.stderr else ""
     assert status == 0, stderr[-2000:]
     assert f"key custody on {device}: " in stderr and "Traceback" not in stderr
+    # Without a TPM the agent keeps the join-token path.
+    assert "/custos/agent/join_token/" in stderr and "attested by join_token" in stderr
     assert not (data / "tpm").exists()
     assert not (data / "agent.sock").exists()
 

@@ -1,14 +1,16 @@
 """`make demo`: the WIMSE scenario end to end, on ``custos dev``'s pieces.
 
 1. ``custos dev`` in this process (:mod:`custos.dev`): a server (SQLite), a software TPM,
-   an agent attested to the server with a join token, its own key and workload keys in
-   the TPM, entries for the current user;
+   an agent attested to the server by that TPM (EK certificate from swtpm's local CA, AK
+   activated against the EK, a quote of PCRs 0-3 and 7), its own key and workload keys
+   in the TPM, certified by the AK, entries for the current user;
 2. workload-b: a Starlette app behind custos' verifier middleware, served by uvicorn on
    a free loopback port;
 3. workload-a: httpx with ``WimseAuth`` whose proofs the agent signs through the TPM
    (``SyncWorkloadClient.signer``), calls workload-b; workload-b says who called;
 4. the key's custody as the agent holds it (tier, key store, TPM object attributes), the
-   WIT's confirmation key is that key, and the agent refuses to export it;
+   residency the server recorded when it issued the WIT ("proven": the AK certified the
+   key), the WIT's confirmation key is that key, and the agent refuses to export it;
 5. the same request sent again is refused by workload-b (replay);
 6. (as root) two workloads under uids 1001 and 1002, with ``exportable`` entries, fetch
    their X.509-SVIDs with py-spiffe, unchanged, and talk mutual TLS with spiffe-tls, each
@@ -141,6 +143,13 @@ def custody_report(env: DevEnvironment, spiffe_id: str, wit: str) -> None:
     show("WIT cnf.jwk is that key", "yes" if same else "NO")
     if not same:
         raise SystemExit("BUG: the WIT confirms another key than the one in the device")
+    if identity.custody == "tpm":
+        records = env.server.ctx.datastore.audit.since(0)
+        wits = [r for r in records if r.event == "wit" and r.identity == spiffe_id]
+        residency = wits[-1].residency if wits else "none recorded"
+        show("key residency (server audit)", residency)
+        if env.attestor == "tpm" and residency != "proven":
+            raise SystemExit("BUG: a TPM-attested agent's tpm key was not proven resident")
     try:
         identity.private_key_pkcs8()
         raise SystemExit("BUG: the private key was exported")
@@ -154,7 +163,7 @@ async def scenario() -> int:
 
     if STATE.exists():
         shutil.rmtree(STATE)  # the demo starts over on every run
-    say("custos dev: a server (SQLite), a device, an agent attested with a join token")
+    say("custos dev: a server (SQLite), a device, an agent attested by its TPM (or a join token)")
     # The agent's socket in a directory other users may enter (the data directory is
     # 0700): the mTLS workloads below run under their own uids.
     run = STATE / "run"
@@ -164,6 +173,14 @@ async def scenario() -> int:
     async with dev_environment(STATE / "dev", run / "agent.sock") as env:
         show("device", f"{env.device}: {env.device_detail}")
         show("agent SPIFFE ID", str(env.agent.node.identity.spiffe_id))
+        show("agent attested by", env.attestor)
+        for selector in env.agent.node.identity.selectors:
+            if selector.type == "tpm" and not selector.value.startswith("pcr:"):
+                show("agent selector", str(selector))
+        pcrs = [s.value.split(":")[2] for s in env.agent.node.identity.selectors
+                if s.type == "tpm" and s.value.startswith("pcr:")]  # fmt: skip
+        if pcrs:
+            show("PCRs quoted (sha256)", ",".join(pcrs))
         show("agent socket", f"unix://{env.socket_path}")
         show("admin socket", f"unix://{env.admin_socket}")
         for tier, spiffe_id in env.identities.items():

@@ -9,9 +9,13 @@ What it builds (decision 0057 has the reasons):
   under ``DATA_DIR/tpm``) when swtpm and the ``tpm`` extra are installed, else a SoftHSM2
   token (``DATA_DIR/softhsm``) when SoftHSM and the ``pkcs11`` extra are, else the agent's
   memory; :attr:`DevEnvironment.device` says which;
-- an agent (:class:`custos.agent.app.Agent`) attested with a join token made on the spot,
-  its own key in that device, its Workload API socket at ``DATA_DIR/agent.sock`` (or the
-  ``socket`` given);
+- an agent (:class:`custos.agent.app.Agent`), its own key in that device, its Workload
+  API socket at ``DATA_DIR/agent.sock`` (or the ``socket`` given), attested
+  - on swtpm by the ``tpm`` node attestor: the server trusts the EK certificate swtpm's
+    local CA issued (``ek_ca_bundle`` = that CA's issuer and root certificates), the
+    AK is activated against the EK, quoted, and certifies the agent's and the ``tpm``
+    workload keys; the agent is ``spiffe://example.org/custos/agent/tpm/<EK sha256>``;
+  - otherwise with a join token made on the spot;
 - one entry per custody tier the agent has (the device's, ``memory``, ``exportable``) for
   the current user (``unix:uid:<uid>``): ``spiffe://example.org/dev/<tier>``.
 
@@ -72,6 +76,8 @@ class DevEnvironment:
     device_detail: str
     #: custody tier -> the SPIFFE ID of the dev entry in that tier.
     identities: dict[str, str]
+    #: The node attestor that attested the agent: ``tpm`` on swtpm, else ``join_token``.
+    attestor: str
     server: Server
     agent: Agent
 
@@ -134,9 +140,23 @@ def _check_socket_path(path: Path, what: str) -> None:
         raise DevError(f"{what} {path} is longer than 107 bytes: give a shorter --data-dir")
 
 
+@dataclass(frozen=True)
+class _DeviceSetup:
+    """What a started device gives the configurations."""
+
+    #: The ``[custody.<device>]`` TOML body ("" for memory).
+    custody_table: str
+    #: One line saying what the device is.
+    detail: str
+    #: The TCTI of a TPM device: the agent attests with the ``tpm`` attestor.
+    tcti: str | None = None
+    #: The EK CA certificate files the server's ``tpm`` attestor trusts.
+    ek_ca_bundle: tuple[Path, ...] = ()
+
+
 @contextlib.contextmanager
-def _device(kind: Device, data_dir: Path) -> Iterator[tuple[str, str]]:
-    """Start the device; yields (``[custody.<tier>]`` TOML body, a one-line description)."""
+def _device(kind: Device, data_dir: Path) -> Iterator[_DeviceSetup]:
+    """Start the device (stopped when the block ends)."""
     if kind == "tpm":
         from custos.testing import swtpm
 
@@ -145,7 +165,12 @@ def _device(kind: Device, data_dir: Path) -> Iterator[tuple[str, str]]:
         state = swtpm.provision(data_dir / "tpm")
         instance = swtpm.start_instance(state.root)
         try:
-            yield f'tcti = "{instance.tcti}"\n', f"swtpm, TCTI {instance.tcti}"
+            yield _DeviceSetup(
+                custody_table=f"tcti = {_quote(instance.tcti)}\n",
+                detail=f"swtpm, TCTI {instance.tcti}",
+                tcti=instance.tcti,
+                ek_ca_bundle=tuple(state.ek_ca_certs),
+            )
         finally:
             instance.stop()
     elif kind == "pkcs11":
@@ -156,9 +181,9 @@ def _device(kind: Device, data_dir: Path) -> Iterator[tuple[str, str]]:
         os.environ["SOFTHSM2_CONF"] = str(conf)
         token = softhsm.init_token(softhsm.find_module(), conf, "custos-dev")
         body = f"pkcs11_module = {_quote(token.module)}\npkcs11_uri = {_quote(token.uri)}\n"
-        yield body, f"SoftHSM2 token {token.token_label!r}"
+        yield _DeviceSetup(body, f"SoftHSM2 token {token.token_label!r}")
     else:
-        yield "", "agent memory (no swtpm or SoftHSM2 here)"
+        yield _DeviceSetup("", "agent memory (no swtpm or SoftHSM2 here)")
 
 
 def _quote(value: str) -> str:
@@ -169,20 +194,37 @@ def _quote(value: str) -> str:
 
 
 def _agent_toml(
-    *, socket: Path, data_dir: Path, address: str, bundle_file: Path, token: str,
-    device: Device, device_table: str,
+    *, socket: Path, data_dir: Path, address: str, bundle_file: Path, token: str | None,
+    device: Device, setup: _DeviceSetup,
 ) -> str:  # fmt: skip
-    device_tables = f"[custody.{device}]\n{device_table}\n" if device != "memory" else ""
+    device_tables = f"[custody.{device}]\n{setup.custody_table}\n" if device != "memory" else ""
+    if setup.tcti is not None:
+        # The AK is kept with the agent's state: a restart re-attests with the same AK.
+        attestor = (
+            f"[node_attestor.tpm]\ntcti = {_quote(setup.tcti)}\n"
+            f"ak_file = {_quote(str(data_dir / 'tpm-ak.pem'))}\n\n"
+        )
+    else:
+        assert token is not None
+        attestor = f"[node_attestor.join_token]\ntoken = {_quote(token)}\n\n"
     return (
         f"trust_domain = {_quote(TRUST_DOMAIN)}\n"
         f"socket = {_quote(str(socket))}\n"
         f"data_dir = {_quote(str(data_dir))}\n\n"
         f"[server]\naddress = {_quote(address)}\nbundle_file = {_quote(str(bundle_file))}\n\n"
-        f"[node_attestor.join_token]\ntoken = {_quote(token)}\n\n"
+        f"{attestor}"
         "[workload_attestors.unix]\n\n"
         f"{device_tables}[custody.memory]\n[custody.exportable]\n\n"
         f"[agent_key]\ncustody = {_quote(device)}\n"
     )
+
+
+def _server_sections(setup: _DeviceSetup) -> dict[str, dict[str, object]]:
+    """The server's ``[node_attestors.tpm]`` table on a TPM device: trust the EK
+    certificates of the swtpm local CA that provisioned it (nothing else)."""
+    if setup.tcti is None:
+        return {}
+    return {"node_attestors.tpm": {"ek_ca_bundle": [str(p) for p in setup.ek_ca_bundle]}}
 
 
 def dev_tiers(device: Device) -> tuple[str, ...]:
@@ -215,12 +257,15 @@ async def dev_environment(
     base, ours = _prepare_data_dir(data_dir)
     socket_path = (socket or base / "agent.sock").absolute()
     try:
-        rig = ServerRig(base / "server", trust_domain=TRUST_DOMAIN)
-        _check_socket_path(rig.admin_socket, "the admin socket")
         _check_socket_path(socket_path, "the agent socket")
-        with _device(device, base) as (device_table, detail):
+        with _device(device, base) as setup:
+            rig = ServerRig(base / "server", trust_domain=TRUST_DOMAIN,
+                            sections=_server_sections(setup))  # fmt: skip
+            _check_socket_path(rig.admin_socket, "the admin socket")
             async with running_server(rig) as srv, AdminClient(srv.admin_socket) as admin:
-                _, token = await asyncio.to_thread(srv.ctx.datastore.join_tokens.create, 600)
+                token = None
+                if setup.tcti is None:
+                    _, token = await asyncio.to_thread(srv.ctx.datastore.join_tokens.create, 600)
                 bundle_file = base / "bundle.json"
                 bundle = await asyncio.to_thread(srv.ctx.bundle)
                 await asyncio.to_thread(bundle.save, bundle_file)
@@ -228,7 +273,7 @@ async def dev_environment(
                     _agent_toml(
                         socket=socket_path, data_dir=base / "agent",
                         address=srv.agent_api_address, bundle_file=bundle_file, token=token,
-                        device=device, device_table=device_table,
+                        device=device, setup=setup,
                     ),
                     source="custos dev agent config",
                 )  # fmt: skip
@@ -245,7 +290,8 @@ async def dev_environment(
                     await wait_for_identities(agent, set(identities.values()))
                     yield DevEnvironment(
                         data_dir=base, socket_path=socket_path, admin_socket=rig.admin_socket,
-                        device=device, device_detail=f"{detail} ({why})", identities=identities,
+                        device=device, device_detail=f"{setup.detail} ({why})",
+                        identities=identities, attestor=config.node_attestor_plugin().name,
                         server=srv, agent=agent,
                     )  # fmt: skip
     finally:

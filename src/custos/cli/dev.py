@@ -65,6 +65,10 @@ def dev(data_dir: Path | None, socket_path: Path | None, device: str, log_level:
     def ready(env: DevEnvironment) -> None:
         click.echo(f"custos dev: data in {env.data_dir}", err=True)
         click.echo(f"custos dev: key custody on {env.device}: {env.device_detail}", err=True)
+        click.echo(
+            f"custos dev: agent {env.agent.node.identity.spiffe_id} attested by {env.attestor}",
+            err=True,
+        )
         for tier, spiffe_id in env.identities.items():
             click.echo(f"custos dev: identity {spiffe_id} (custody {tier})", err=True)
         for line in env.env_lines:

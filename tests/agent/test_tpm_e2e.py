@@ -1,0 +1,137 @@
+"""Issue 10 end to end (real swtpm provisioned by swtpm_localca, our server, our agent):
+the agent attests with the ``tpm`` node attestor (EK certificate chained to the local
+CA, AK activated against the EK, quote), its own key and a workload key are certified
+by the AK, the server records both as TPM-resident ("proven"), and the workload signs a
+WPT whose WIT binds that TPM key; a relying party verifies it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from custos._proto import types_v1_pb2
+from custos.agent.residency import KeyResidency
+from custos.client import WorkloadClient
+from custos.dev import TRUST_DOMAIN, dev_environment, wait_for_identities
+from custos.identity import SpiffeId
+from custos.keys.jwk import public_jwk_members
+from custos.server.admin.client import AdminClient
+from custos.tpm.context import shared_context
+from custos.tpm.ek import ek_public_key
+from custos.tpm.verify import parse_public, spki_sha256, verify_certify
+from custos.wimse.http.message import HttpMessage
+from custos.wimse.replay import MemoryReplayCache
+from custos.wimse.wit import WitVerifier
+from custos.wimse.wpt import WptVerifier, wpt_headers
+
+BOUND = 60.0
+ORIGIN = "https://pay.example"
+STRICT = f"spiffe://{TRUST_DOMAIN}/dev/tpm-strict"
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="custos-te-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def claims(token: str) -> dict[str, object]:
+    payload = token.split(".")[1]
+    decoded: dict[str, object] = json.loads(
+        base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    )
+    return decoded
+
+
+def spki(key: object) -> bytes:
+    return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)  # type: ignore[attr-defined,no-any-return]
+
+
+def test_tpm_attested_agent_serves_a_wpt_signed_by_a_proven_tpm_resident_key(
+    short_dir: Path,
+) -> None:
+    async def main() -> None:
+        async with dev_environment(short_dir / "d", device="tpm") as env:
+            agent, datastore = env.agent, env.server.ctx.datastore
+            assert env.attestor == "tpm"
+            tcti = agent.config.key_stores()["tpm"].tcti  # type: ignore[attr-defined]
+
+            # The agent ID is the SHA-256 of the EK's SubjectPublicKeyInfo (RSA EK).
+            with shared_context(tcti) as ctx:
+                ek_hash = spki_sha256(ctx.device(lambda ectx: ek_public_key(ectx, "rsa2048")))
+            agent_id = agent.node.identity.spiffe_id
+            assert agent_id == SpiffeId.parse(f"spiffe://{TRUST_DOMAIN}/custos/agent/tpm/{ek_hash}")
+            selectors = {str(s) for s in agent.node.identity.selectors}
+            assert f"tpm:ek_pubhash:{ek_hash}" in selectors
+            assert "tpm:ek_issuer:swtpm-localca" in selectors
+            assert any(s.startswith("tpm:pcr:sha256:0:") for s in selectors)
+
+            # An entry that requires proven residency is served too.
+            async with AdminClient(env.admin_socket) as admin:
+                await admin.create_entry(
+                    types_v1_pb2.Entry(
+                        spiffe_id=STRICT,
+                        parent_id=str(agent_id),
+                        selectors=[f"unix:uid:{os.getuid()}"],
+                        key_custody="tpm",
+                        hint="tpm-strict",
+                        require_residency=True,
+                    )
+                )
+            await wait_for_identities(agent, {STRICT})
+            served = next(i for i in agent.identities.all() if str(i.spiffe_id) == STRICT)
+            assert served.custody == "tpm"
+
+            async with asyncio.timeout(BOUND):
+                async with WorkloadClient(f"unix://{env.socket_path}") as client:
+                    wit, wpt = await client.sign_wpt(f"{ORIGIN}/pay", spiffe_id=STRICT)
+            bundle = agent.identities.bundle()
+
+            # The relying party: the WIT verifies and the WPT is signed by its cnf key ...
+            verifier = WptVerifier(
+                wit_verifier=WitVerifier(bundle, profile="spiffe"),
+                audiences=[ORIGIN],
+                replay=MemoryReplayCache(),
+            )
+            caller = verifier.verify(HttpMessage.request("POST", "/pay", wpt_headers(wit, wpt)))
+            assert str(caller.subject) == STRICT
+            cnf = claims(wit)["cnf"]
+            assert isinstance(cnf, dict)
+            # ... and that key is the TPM key the agent holds for the entry.
+            members = public_jwk_members(served.key.public_key())
+            assert {k: cnf["jwk"].get(k) for k in members} == members
+
+            # The server recorded the workload key and the agent's key as TPM-resident.
+            records = await asyncio.to_thread(datastore.audit.since, 0)
+            strict = [r for r in records if r.identity == STRICT]
+            assert {r.event for r in strict} >= {"x509-svid", "wit"}
+            assert all((r.custody, r.residency) == ("tpm", "proven") for r in strict), strict
+            attested = [r for r in records if r.event == "attestation"]
+            assert attested and attested[-1].identity == str(agent_id)
+            assert (attested[-1].custody, attested[-1].residency) == ("tpm", "proven")
+
+            # Independently: the AK the server activated certifies that very key as
+            # fixedTPM | fixedParent | sensitiveDataOrigin in this TPM.
+            row = await asyncio.to_thread(datastore.agents.get, agent_id)
+            ak_public = parse_public(row.attestation_key, what="the agent's AK")
+            evidence = KeyResidency.of(agent.catalog.node_attestor).evidence(served.key, "tpm")
+            assert evidence is not None
+            verify_certify(
+                ak_public,
+                evidence.attest,
+                evidence.signature,
+                evidence.tpm_public,
+                expected_key=served.key.public_key(),
+            )
+
+    asyncio.run(main())

@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from custos._proto import types_v1_pb2
+from custos.agent.app import Agent
 from custos.agent.residency import KeyResidency
 from custos.client import WorkloadClient
 from custos.dev import TRUST_DOMAIN, dev_environment, wait_for_identities
@@ -133,5 +134,43 @@ def test_tpm_attested_agent_serves_a_wpt_signed_by_a_proven_tpm_resident_key(
                 evidence.tpm_public,
                 expected_key=served.key.public_key(),
             )
+
+    asyncio.run(main())
+
+
+def test_a_restarted_tpm_agent_attests_again_and_keeps_proving_residency(
+    short_dir: Path,
+) -> None:
+    """A restored identity is not enough on a TPM node: the agent attests again at start
+    (same EK, same AK from its ak_file: a quote, no new activation), so the server holds
+    the AK this process certifies with, and new tpm keys are still proven resident."""
+
+    async def main() -> None:
+        async with dev_environment(short_dir / "d", device="tpm") as env:
+            datastore = env.server.ctx.datastore
+            config, agent_id = env.agent.config, env.agent.node.identity.spiffe_id
+            first_key = env.agent.node.key_name
+            await env.agent.stop()
+            async with Agent(config) as again:
+                assert again.node.identity.spiffe_id == agent_id
+                assert again.node.key_name != first_key  # attested again with a new key
+                async with AdminClient(env.admin_socket) as admin:
+                    await admin.create_entry(
+                        types_v1_pb2.Entry(
+                            spiffe_id=STRICT,
+                            parent_id=str(agent_id),
+                            selectors=[f"unix:uid:{os.getuid()}"],
+                            key_custody="tpm",
+                            require_residency=True,
+                        )
+                    )
+                await wait_for_identities(again, {STRICT})
+            records = await asyncio.to_thread(datastore.audit.since, 0)
+            attestations = [r for r in records if r.event == "attestation"]
+            assert len(attestations) == 2
+            assert all(r.identity == str(agent_id) for r in attestations)
+            assert all(r.residency == "proven" for r in attestations)
+            strict = [r for r in records if r.identity == STRICT]
+            assert strict and all(r.residency == "proven" for r in strict)
 
     asyncio.run(main())

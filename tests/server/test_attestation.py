@@ -440,21 +440,43 @@ def _csr_with(key: Any, *, san: str | None = None) -> bytes:
 async def raw_attest(
     channel: grpc.aio.Channel, requests: list[agent_v1_pb2.AttestAgentRequest]
 ) -> list[agent_v1_pb2.AttestAgentResponse]:
-    """Send exactly ``requests`` (no client-side checks); the responses, or the error."""
-    call = agent_v1_pb2_grpc.AttestationStub(channel).AttestAgent(timeout=10)
-    responses = []
-    try:
-        for request in requests:
-            await call.write(request)
-        await call.done_writing()
-        while (response := await call.read()) is not grpc.aio.EOF:
-            responses.append(response)
-    except Exception:  # noqa: BLE001 - grpc raises several types once a call has ended
-        pass  # the server (or the TLS handshake) ended the call early: its status says why
-    code = await call.code()
-    if code is not grpc.StatusCode.OK:
-        raise AgentApiError.from_status(code, await call.details() or "")
-    return responses
+    """Send exactly ``requests`` (no client-side checks); the responses, or the error.
+
+    When the server ends a call while grpcio is still writing to it, grpcio replaces
+    the server's status by a local INTERNAL "Internal error from Core" (grpc.aio
+    ``_write`` calls ``set_internal_error``; about once in 300 refusals when idle,
+    almost always for some streams under load).  That is the client's race, not the
+    server's answer: the server had already decided on the messages written before
+    the failed write, so the stream is sent again cut to those messages.  Each race
+    shortens the stream, so this ends (every caller here sends streams that are
+    refused, or that spend nothing before the write that races)."""
+    while True:
+        call = agent_v1_pb2_grpc.AttestationStub(channel).AttestAgent(timeout=10)
+        responses = []
+        written = 0
+        try:
+            for request in requests:
+                await call.write(request)
+                written += 1
+            await call.done_writing()
+            while (response := await call.read()) is not grpc.aio.EOF:
+                responses.append(response)
+        except Exception:  # noqa: BLE001 - grpc raises several types once a call has ended
+            pass  # the server (or the TLS handshake) ended the call early: its status says why
+        code = await call.code()
+        details = await call.details() or ""
+        if code is grpc.StatusCode.INTERNAL and details == _CORE_RACE_DETAILS:
+            if written == len(requests):  # not the write race: a real INTERNAL
+                raise AgentApiError.from_status(code, details)
+            requests = requests[:written]
+            continue
+        if code is not grpc.StatusCode.OK:
+            raise AgentApiError.from_status(code, details)
+        return responses
+
+
+#: grpc.aio's local status for a write the transport refused (see raw_attest).
+_CORE_RACE_DETAILS = "Internal error from Core"
 
 
 def start(

@@ -2,11 +2,13 @@
 accepted quote (issue 10; decision 0064).
 
 A quote's TPMS_CLOCK_INFO (clock, resetCount, restartCount) must never go back
-between two attestations of the same TPM: a replayed or rolled-back TPM state
-shows as a regression. Several servers share the database, so the check and the
-write are one transaction (``SELECT ... FOR UPDATE``, SQLite's ``BEGIN IMMEDIATE``):
-of two servers accepting quotes of one TPM at once, each compares against what the
-other committed, and a regression is refused whichever server sees it.
+between two attestations of the same TPM with the same AK: a replayed or rolled-back
+TPM state shows as a regression. (The TPM obfuscates resetCount and restartCount per
+AK, so a newly activated AK starts a new baseline; decision 0068.) Several servers
+share the database, so the check and the write are one transaction (``SELECT ...
+FOR UPDATE``, SQLite's ``BEGIN IMMEDIATE``): of two servers accepting quotes of one
+TPM at once, each compares against what the other committed, and a regression is
+refused whichever server sees it.
 """
 
 from __future__ import annotations
@@ -95,8 +97,9 @@ class TpmNodeRepository:
         now: float | None = None,
     ) -> TpmNode:
         """Store an accepted quote's clock and the AK, unless it went back against the
-        stored row (:class:`TpmClockRegressedError`, code ``tpm_clock_regressed``;
-        nothing written). Checked and written in one transaction."""
+        stored row of the same AK (:class:`TpmClockRegressedError`, code
+        ``tpm_clock_regressed``; nothing written); another AK's row is replaced (its
+        obfuscated counters are not comparable). Checked and written in one transaction."""
         if not isinstance(ak_public, bytes) or not 0 < len(ak_public) <= MAX_AK_PUBLIC:
             raise InvalidEntryError(
                 f"ak_public must be 1 to {MAX_AK_PUBLIC} bytes", code="invalid_attestation_key"
@@ -129,9 +132,18 @@ class TpmNodeRepository:
                     if row is None:
                         conn.execute(insert(tpm_nodes).values(ek_hash=node.ek_hash, **values))
                         return node
-                    why = regression(
-                        (row.clock, row.reset_count, row.restart_count),
-                        (node.clock, node.reset_count, node.restart_count),
+                    # Only quotes by one AK are comparable: a TPM obfuscates resetCount
+                    # and restartCount in every quote by an AK outside the endorsement /
+                    # platform hierarchy with a value derived from that AK's name (TPM 2.0
+                    # Part 1, "Obfuscation"). A newly activated AK starts a new baseline
+                    # (decision 0068).
+                    why = (
+                        regression(
+                            (row.clock, row.reset_count, row.restart_count),
+                            (node.clock, node.reset_count, node.restart_count),
+                        )
+                        if bytes(row.ak_public) == node.ak_public
+                        else None
                     )
                     if why is not None:
                         raise TpmClockRegressedError(

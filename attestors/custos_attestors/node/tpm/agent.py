@@ -1,0 +1,283 @@
+"""Agent half of ``tpm``: sends the EK and the AK, activates the credential, quotes.
+
+Settings (``[node_attestor.tpm]`` in agent.toml; all optional):
+
+``tcti``
+    The TPM (``device:/dev/tpmrm0``, ``swtpm:host=...,port=...``, ``tabrmd:...``);
+    default: ``CUSTOS_TCTI`` / ``TPM2TOOLS_TCTI`` / ``TSS2_TCTI``, else
+    ``device:/dev/tpmrm0`` (:func:`custos.tpm.tcti.resolve_tcti`).  The plugin shares
+    the process's one context on that TCTI with the agent's TPM key store.
+``ek_profile``
+    The EK whose certificate and key are sent and which activates the credential:
+    ``rsa2048`` (default; swtpm has one, and MakeCredential to an RSA EK is the
+    measured path), ``ecc-p256`` or ``ecc-p384``.
+``ak_file``
+    Absolute path of the attestation key (``TSS2 PRIVATE KEY`` PEM): loaded when it
+    exists, else created in the TPM and written there with mode 0600.  Without it the
+    AK lives in memory: a restarted agent makes a new one, which the server activates
+    again (one more ActivateCredential, ~10 ms on swtpm).
+``event_log_file``
+    A TCG2 binary event log to send with every answer, e.g.
+    ``/sys/kernel/security/tpm0/binary_bios_measurements``; not sent (logged at
+    WARNING once) when unreadable or larger than the wire allows.
+
+Every TPM command runs in a worker thread (the shared context's lock serializes them),
+so the agent's event loop never waits on the TPM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import AsyncGenerator, Mapping
+from pathlib import Path
+from typing import Any
+
+from custos.errors import CustosError
+from custos.plugin.protocols import CoreConfig
+from custos_attestors.node.tpm import wire
+from custos_attestors.node.tpm.policy import DIGEST_SIZES, PcrSelection
+
+log = logging.getLogger(__name__)
+
+AGENT_KEYS = frozenset({"tcti", "ek_profile", "ak_file", "event_log_file"})
+DEFAULT_EK_PROFILE = "rsa2048"
+#: Quote and PCR read are retried this often when a PCR moves between them.
+QUOTE_ATTEMPTS = 3
+#: TPM2_PCR_Read returns at most 8 PCRs per call (TPML_DIGEST holds 8).
+_PCR_READ_CHUNK = 8
+
+
+class TpmAgentConfigError(CustosError, ValueError):
+    code = "tpm_attestor_config"
+
+
+class TpmAgentError(CustosError):
+    """The agent half could not make its evidence (the TPM refused, the PCRs kept moving)."""
+
+    code = "tpm_attestation_failed"
+
+
+def _path(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value or "\0" in value or not os.path.isabs(value):
+        raise TpmAgentConfigError(f"tpm: {what} must be an absolute path")
+    return value
+
+
+class TpmAgentAttestor:
+    """The ``tpm`` node attestor, agent half (also a ``KeyCertifier``)."""
+
+    def __init__(self) -> None:
+        self._tcti: str | None = None
+        self._profile = DEFAULT_EK_PROFILE
+        self._ak_file: str | None = None
+        self._event_log_file: str | None = None
+        self._ctx: Any = None  # custos.tpm.context.TpmContext
+        self._token: int | None = None
+        self._ak: Any = None  # custos.tpm.blobs.KeyBlob
+        self._ak_lock = threading.Lock()
+        self._warned_log = False
+
+    # -- lifecycle --
+
+    def configure(self, config: Mapping[str, object], core: CoreConfig) -> None:
+        from custos.tpm.tcti import resolve_tcti
+
+        unknown = set(config) - AGENT_KEYS
+        if unknown:
+            raise TpmAgentConfigError(
+                f"unknown tpm settings: {', '.join(sorted(map(str, unknown)))}"
+            )
+        tcti = config.get("tcti")
+        if tcti is not None and not isinstance(tcti, str):
+            raise TpmAgentConfigError("tpm: tcti must be a string")
+        profile = config.get("ek_profile", DEFAULT_EK_PROFILE)
+        if not isinstance(profile, str) or profile not in wire.EK_PROFILES:
+            raise TpmAgentConfigError(f"tpm: ek_profile is one of {', '.join(wire.EK_PROFILES)}")
+        self._tcti = resolve_tcti(tcti, explicit_source="tpm.tcti")
+        self._profile = profile
+        if "ak_file" in config:
+            self._ak_file = _path(config["ak_file"], "ak_file")
+        if "event_log_file" in config:
+            self._event_log_file = _path(config["event_log_file"], "event_log_file")
+        from custos.tpm.context import attach
+
+        self._ctx, self._token = attach(self._tcti, 0)
+
+    def close(self) -> None:
+        ctx, token = self._ctx, self._token
+        self._ctx = self._token = None
+        self._ak = None
+        if ctx is not None and token is not None:
+            from custos.tpm.context import detach
+
+            detach(ctx, token, "")
+
+    def _context(self) -> Any:
+        if self._ctx is None:
+            raise RuntimeError("tpm is not configured")
+        return self._ctx
+
+    # -- the attestation key --
+
+    def attestation_key(self) -> Any:
+        """The AK (KeyBlob): loaded from ``ak_file``, or created (and saved) once."""
+        from custos.tpm.ak import create_ak, load_ak
+        from custos.tpm.blobs import read_key_file
+
+        with self._ak_lock:
+            if self._ak is not None:
+                return self._ak
+            ctx = self._context()
+            path = self._ak_file
+            if path is not None:
+                try:
+                    _, pem = read_key_file(path, what="tpm ak_file")
+                except FileNotFoundError:
+                    pem = None
+                if pem is not None:
+                    self._ak = load_ak(pem, what="tpm ak_file")
+                    return self._ak
+            blob = create_ak(ctx)
+            if path is not None:
+                blob = self._save_ak(path, blob)
+            self._ak = blob
+            return blob
+
+    @staticmethod
+    def _save_ak(path: str, blob: Any) -> Any:
+        """Write the AK with mode 0600, never over an existing file (another agent
+        process that won the race keeps its AK, and we use that one)."""
+        from custos.tpm.ak import load_ak
+        from custos.tpm.blobs import read_key_file
+
+        directory = Path(path).parent
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ak-", suffix=".tmp")  # 0600
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob.to_pem())
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                _, pem = read_key_file(path, what="tpm ak_file")
+                return load_ak(pem, what="tpm ak_file")
+        finally:
+            os.unlink(tmp)
+        log.info("tpm: created the attestation key %s", path)
+        return blob
+
+    # -- evidence --
+
+    def _payload(self) -> bytes:
+        from custos.tpm.activation import ek_public_area
+        from custos.tpm.ek import ek_certificate
+
+        ctx = self._context()
+        ak = self.attestation_key()
+        ek_public = ek_public_area(ctx, self._profile)
+        cert = ctx.device(lambda ectx: ek_certificate(ectx, self._profile))
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        return wire.Payload(
+            ek_profile=self._profile,
+            ek_public=bytes(ek_public.marshal()),
+            ak_public=bytes(ak.tss.public.marshal()),
+            ek_cert=cert.public_bytes(Encoding.DER) if cert is not None else None,
+        ).encode()
+
+    def _read_pcrs(self, selection: PcrSelection) -> dict[tuple[str, int], bytes]:
+        from tpm2_pytss.types import TPML_PCR_SELECTION
+
+        ctx = self._context()
+        out: dict[tuple[str, int], bytes] = {}
+        for bank, indices in selection.banks:
+            for start in range(0, len(indices), _PCR_READ_CHUNK):
+                chunk = indices[start : start + _PCR_READ_CHUNK]
+                spec = f"{bank}:{','.join(map(str, chunk))}"
+
+                def read(ectx: Any, spec: str = spec) -> list[bytes]:
+                    _counter, _sel, digests = ectx.pcr_read(TPML_PCR_SELECTION.parse(spec))
+                    return [bytes(digests.digests[i]) for i in range(digests.count)]
+
+                values = ctx.device(read)
+                if len(values) != len(chunk) or any(len(v) != DIGEST_SIZES[bank] for v in values):
+                    raise TpmAgentError(f"the TPM has no active {bank} bank for PCRs {spec}")
+                out.update({(bank, i): v for i, v in zip(chunk, values, strict=True)})
+        return out
+
+    def _event_log(self) -> bytes | None:
+        if self._event_log_file is None:
+            return None
+        from custos._files import UnreadableFileError, read_small_file
+
+        try:
+            return read_small_file(
+                self._event_log_file, max_bytes=wire.MAX_EVENT_LOG_BYTES, what="tpm event log"
+            )
+        except UnreadableFileError as e:
+            if not self._warned_log:
+                self._warned_log = True
+                log.warning("tpm: not sending the event log: %s", e.message)
+            return None
+
+    def _answer(self, challenge: bytes) -> bytes:
+        from custos.tpm.activation import activate_credential
+        from custos.tpm.ak import quote
+
+        ctx = self._context()
+        ak = self.attestation_key()
+        message = wire.decode_challenge(challenge)
+        activated = None
+        if message.credential_blob is not None and message.secret is not None:
+            activated = activate_credential(
+                ctx, ak, self._profile, message.credential_blob, message.secret
+            )
+        # Read, quote, read: the values sent are the ones quoted unless a PCR was
+        # extended in between, which shows as two different reads (then again).
+        for _ in range(QUOTE_ATTEMPTS):
+            before = self._read_pcrs(message.pcrs)
+            attest, signature = quote(ctx, ak, str(message.pcrs), message.nonce)
+            if self._read_pcrs(message.pcrs) == before:
+                break
+        else:
+            raise TpmAgentError(f"the PCRs kept changing during {QUOTE_ATTEMPTS} quotes")
+        return wire.Answer(
+            quote_attest=bytes(attest),
+            quote_signature=bytes(signature.marshal()),
+            pcr_values=before,
+            activated_secret=bytes(activated) if activated is not None else None,
+            event_log=self._event_log(),
+        ).encode()
+
+    async def attestation_flow(self) -> AsyncGenerator[bytes, bytes]:
+        self._context()
+        challenge = yield await asyncio.to_thread(self._payload)
+        while True:  # one challenge per attestation today; answer each that comes
+            challenge = yield await asyncio.to_thread(self._answer, challenge)
+
+    # -- key residency (custos.plugin.protocols.KeyCertifier) --
+
+    def certify_key(self, key_name: str, key_path: str) -> tuple[bytes, bytes, bytes] | None:
+        """TPM2_Certify of the store key at ``key_path`` by the AK: (TPMS_ATTEST,
+        TPMT_SIGNATURE, the key's TPM2B_PUBLIC), each marshalled; None before the
+        AK exists (no attestation yet)."""
+        from custos.tpm.ak import certify
+        from custos.tpm.blobs import read_key_file, signing_key_blob
+
+        if self._ctx is None or self._ak is None:
+            return None
+        _, pem = read_key_file(key_path, what=f"key {key_name!r}")
+        key = signing_key_blob(pem, what=f"key {key_name!r}")
+        # No nonce: residency needs no freshness (the key is fixedTPM; see the
+        # contract's verify_certify and decision 0068).
+        attest, signature = certify(self._ctx, self._ak, key, b"")
+        return bytes(attest), bytes(signature.marshal()), bytes(key.tss.public.marshal())
+
+
+__all__ = ["TpmAgentAttestor", "TpmAgentConfigError", "TpmAgentError"]

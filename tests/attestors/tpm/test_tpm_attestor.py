@@ -1,0 +1,297 @@
+"""The tpm node attestor pair on a real swtpm (EK certificates from swtpm_localca), loaded
+by name through the real catalogs and entry points, against a real datastore.
+
+The halves are driven directly: the agent half's flow (its catalog's plugin) answers the
+challenges the server half (through ServerCatalog.attest_node) sends, and a test may
+tamper with any message in between.  Tests that extend PCRs use a TPM of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+from tpm2_pytss.constants import TPMA_OBJECT
+from tpm2_pytss.types import TPM2B_PUBLIC
+from tpm_attestor_rig import TD, Rig, edit, ek_hash_of, extend, read_pcr
+
+from custos.errors import CustosError
+from custos.plugin import NodeAttestationResult
+from custos.plugin.errors import PluginCallError
+from custos.tpm import verify
+from custos_attestors.node.tpm import wire
+
+# ---- the happy path first, so that the refusals below mean something --------------
+
+
+def test_a_tpm_attests_the_agent_named_after_its_ek(rig: Rig) -> None:
+    result = rig.attest()
+    ek_hash = ek_hash_of(rig)
+    assert str(result.agent_id) == f"spiffe://{TD}/custos/agent/tpm/{ek_hash}"
+    assert result.plugin == "tpm" and result.can_reattest is True
+    values = {s.value for s in result.selectors}
+    assert {s.type for s in result.selectors} == {"tpm"}
+    assert f"ek_pubhash:{ek_hash}" in values
+    assert any(v.startswith("ek_issuer:") for v in values)
+    assert {v.rsplit(":", 1)[0] for v in values if v.startswith("pcr:")} == {
+        f"pcr:sha256:{i}" for i in (0, 1, 2, 3, 7)
+    }
+    # The AK was activated: the server got a credential answered.
+    challenge = wire.decode_challenge(rig.challenges[0])
+    assert challenge.activation and len(challenge.nonce) == 32
+    ak = verify.ak_public_checked(result.attestation_key)
+    node = rig.store.tpm_nodes.get(ek_hash)
+    assert node is not None and node.ak_public == result.attestation_key
+    assert verify.name(ak)
+    assert (rig.tmp / "ak.pem").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_known_ak_re_attests_with_a_quote_only(rig: Rig) -> None:
+    first = rig.attest()
+    second = rig.attest()  # the same ak_file: the same AK
+    assert second.agent_id == first.agent_id
+    assert second.attestation_key == first.attestation_key
+    assert wire.decode_challenge(rig.challenges[1]).activation is False
+    assert wire.decode_answer(rig.answers[1]).activated_secret is None
+    # A new AK for the same EK is activated again.
+    (rig.tmp / "ak.pem").unlink()
+    third = rig.attest()
+    assert third.attestation_key != first.attestation_key
+    assert wire.decode_challenge(rig.challenges[2]).activation is True
+
+
+def test_an_ek_on_the_allowlist_attests_without_a_ca(rig: Rig) -> None:
+    rig.server_settings.update(ek_ca_bundle=[], ek_allowlist=[ek_hash_of(rig)])
+    values = {s.value for s in rig.attest().selectors}
+    assert f"ek_pubhash:{ek_hash_of(rig)}" in values
+    assert not any(v.startswith("ek_issuer:") for v in values)  # not trusted through a cert
+
+
+def test_two_attestations_never_share_a_nonce(rig: Rig) -> None:
+    for _ in range(3):
+        rig.attest()
+    nonces = [wire.decode_challenge(c).nonce for c in rig.challenges]
+    assert len(set(nonces)) == 3 and all(len(n) == 32 for n in nonces)
+
+
+# ---- refusals: the EK ------------------------------------------------------------
+
+
+def _ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def test_an_ek_certificate_from_an_unknown_ca_is_refused(rig: Rig) -> None:
+    other, _ = _ca("Another TPM Vendor CA")
+    path = rig.tmp / "other-ca.pem"
+    path.write_bytes(other.public_bytes(serialization.Encoding.PEM))
+    rig.server_settings["ek_ca_bundle"] = [str(path)]
+    error = rig.refused()
+    assert error.code == "ek_untrusted"
+    assert not rig.challenges  # refused before any challenge
+
+
+def test_an_ek_certificate_whose_key_is_not_the_ek_is_refused(rig: Rig) -> None:
+    # A certificate the trusted swtpm CA really issued, but for another RSA key.
+    ca_dir = rig.tpm.state.ca_dir
+    issuer = x509.load_pem_x509_certificate((ca_dir / "issuercert.pem").read_bytes())
+    signer = serialization.load_pem_private_key((ca_dir / "signkey.pem").read_bytes(), None)
+    real = x509.load_der_x509_certificate(
+        next(p for p in rig.tpm.state.ek_certs if "rsa2048" in p.name).read_bytes()
+    )
+    builder = x509.CertificateBuilder(
+        issuer_name=issuer.subject,
+        subject_name=real.subject,
+        public_key=rsa.generate_private_key(65537, 2048).public_key(),
+        serial_number=x509.random_serial_number(),
+        not_valid_before=real.not_valid_before_utc,
+        not_valid_after=real.not_valid_after_utc,
+        extensions=list(real.extensions),
+    )
+    forged = builder.sign(signer, hashes.SHA256())  # type: ignore[arg-type]
+    der = forged.public_bytes(serialization.Encoding.DER)
+    error = rig.refused(payload=lambda p: edit(p, ek_cert=wire.b64url(der)))
+    assert error.code == "ek_key_mismatch"
+
+
+def test_an_ek_not_on_the_allowlist_is_refused(rig: Rig) -> None:
+    rig.server_settings.update(ek_ca_bundle=[], ek_allowlist=["00" * 32])
+    assert rig.refused().code == "ek_untrusted"
+
+
+# ---- refusals: the AK and the activation ---------------------------------------------
+
+
+def test_an_ak_that_is_not_restricted_is_refused(rig: Rig) -> None:
+    def unrestrict(payload: bytes) -> bytes:
+        ak = verify.parse_public(wire.decode_payload(payload).ak_public, what="ak")
+        ak.publicArea.objectAttributes &= ~TPMA_OBJECT.RESTRICTED
+        return edit(payload, ak_public=wire.b64url(bytes(TPM2B_PUBLIC.marshal(ak))))
+
+    assert rig.refused(payload=unrestrict).code == "ak_not_restricted"
+
+
+def test_a_wrong_activation_answer_is_refused(rig: Rig) -> None:
+    def wrong(answer: bytes) -> bytes:
+        secret = wire.decode_answer(answer).activated_secret
+        assert secret is not None
+        return edit(answer, activated_secret=wire.b64url(bytes(b ^ 1 for b in secret)))
+
+    assert rig.refused(answer=wrong).code == "activation_failed"
+    assert rig.store.tpm_nodes.get(ek_hash_of(rig)) is None  # nothing recorded
+    missing = rig.refused(answer=lambda a: edit(a, activated_secret=None))
+    assert missing.code == "activation_failed"
+
+
+def test_an_ak_of_another_tpm_cannot_activate(rig: Rig, swtpm_factory: Any) -> None:
+    """The payload names this TPM's EK but an AK of another TPM: the credential is
+    encrypted to this EK, so the other TPM (holding the AK) cannot activate it."""
+    other = Rig(swtpm_factory(new_identity=True), rig.store, rig.tmp / "other")
+    other.tmp.mkdir()
+
+    async def run() -> None:
+        with rig.server() as server, other.agent() as liar, rig.agent() as honest:
+            flow = honest.node_attestor.plugin.attestation_flow()
+            ek = wire.decode_payload(await anext(flow))
+            await flow.aclose()
+            await rig.exchange(
+                server,
+                liar,
+                payload=lambda p: edit(
+                    p, ek_public=wire.b64url(ek.ek_public), ek_cert=wire.b64url(ek.ek_cert or b"")
+                ),
+            )
+
+    with pytest.raises(CustosError) as info:
+        asyncio.run(run())
+    assert info.value.code == "activation_failed"  # the liar's TPM refused it
+    assert rig.store.tpm_nodes.get(ek_hash_of(rig)) is None
+
+
+# ---- refusals: the quote ------------------------------------------------------------
+
+
+def test_a_quote_replayed_with_an_old_nonce_is_refused(rig: Rig) -> None:
+    rig.attest()
+    old = rig.answers[0]
+    error = rig.refused(answer=lambda _new: edit(old, activated_secret=None))
+    assert error.code == "nonce_mismatch"
+
+
+def test_a_quote_whose_pcr_digest_differs_from_the_reported_values_is_refused(rig: Rig) -> None:
+    def lie(answer: bytes) -> bytes:
+        values = json.loads(answer)["pcr_values"]
+        values["sha256:7"] = "ff" * 32
+        return edit(answer, pcr_values=values)
+
+    assert rig.refused(answer=lie).code == "pcr_digest_mismatch"
+    assert rig.store.tpm_nodes.get(ek_hash_of(rig)) is None
+
+
+def test_an_answer_to_an_expired_challenge_is_refused(rig: Rig) -> None:
+    rig.server_settings["challenge_ttl"] = "1s"
+    assert rig.refused(delay=1.2).code == "challenge_expired"
+
+
+def test_a_clock_or_reset_count_behind_the_stored_state_is_refused(rig: Rig) -> None:
+    rig.attest()
+    ek_hash = ek_hash_of(rig)
+    node = rig.store.tpm_nodes.get(ek_hash)
+    assert node is not None
+    # The stored state is ahead of what the TPM will quote: a rolled-back TPM.
+    for clock, reset in ((node.clock + 10**9, node.reset_count), (0, node.reset_count + 1)):
+        rig.store.tpm_nodes.record(ek_hash, node.ak_public, clock, reset, node.restart_count)
+        assert rig.refused().code == "tpm_clock_regressed"
+    # A newly activated AK starts a new baseline: the TPM obfuscates resetCount and
+    # restartCount per AK, so another AK's counters say nothing about this one's.
+    rig.store.tpm_nodes.record(ek_hash, b"another AK", 2**40, 2**31, 2**31)
+    assert rig.attest().agent_id
+    assert wire.decode_challenge(rig.challenges[-1]).activation is True
+
+
+# ---- PCR policy and event logs (a TPM of the test's own) -----------------------------
+
+
+def test_a_node_whose_pcrs_leave_the_policy_is_refused_and_counted(
+    own_rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = own_rig
+    rig.server_settings["pcr_policy"] = [
+        {
+            "name": "fleet",
+            "match": [f"tpm:ek_pubhash:{ek_hash_of(rig)}"],
+            "pcrs": {"sha256:7": [read_pcr(rig.tpm, "sha256", 7).hex()]},
+        }
+    ]
+
+    async def run() -> tuple[NodeAttestationResult, CustosError, int]:
+        with rig.server() as server, rig.agent() as agent:
+            ok = await rig.exchange(server, agent)
+            extend(rig.tpm, 7, b"an unexpected boot component")
+            with pytest.raises(PluginCallError) as info:
+                await rig.exchange(server, agent)
+            cause = info.value.__cause__
+            assert isinstance(cause, CustosError)
+            count = server.node_attestors["tpm"].plugin.policy_refusals  # type: ignore[attr-defined]
+            return ok, cause, count
+
+    caplog.set_level(logging.WARNING)
+    ok, error, count = asyncio.run(run())
+    assert ok.agent_id
+    assert error.code == "pcr_policy"
+    assert count == 1
+    assert "outside the PCR policy" in caplog.text and "sha256:7" in caplog.text
+
+
+# ---- key residency: the agent half as KeyCertifier -----------------------------------
+
+
+def test_the_agent_half_certifies_a_tpm_store_key_with_its_ak(rig: Rig) -> None:
+    from custos.keys.tpm import TpmKeyStore
+    from custos.plugin.protocols import KeyCertifier
+
+    keys = TpmKeyStore(tcti=rig.tpm.tcti, key_dir=rig.tmp / "keys")
+    try:
+        keys.create("workload-a", "ES256")
+        path = str(keys.key_path("workload-a"))
+        with rig.agent() as agent:
+            plugin = agent.node_attestor.plugin
+            assert isinstance(plugin, KeyCertifier)
+            assert plugin.certify_key("workload-a", path) is None  # no AK before attesting
+            with rig.server() as server:
+                result = asyncio.run(rig.exchange(server, agent))
+            evidence = plugin.certify_key("workload-a", path)
+        assert evidence is not None
+        attest, signature, tpm_public = evidence
+        facts = verify.verify_certify(
+            verify.ak_public_checked(result.attestation_key),
+            attest,
+            signature,
+            tpm_public,
+            expected_key=keys.get("workload-a").public_key(),
+        )
+        assert facts.attributes & TPMA_OBJECT.FIXEDTPM
+    finally:
+        keys.close()

@@ -407,6 +407,13 @@ def bench_agent(tpm_tcti: str, hsm: object) -> None:
     bench_agent_rows(section, tpm_tcti, hsm)
 
 
+def bench_tpm_attestation(tpm_tcti: str, ca_files: list[Path], base: Path) -> None:
+    """Issue 10: TPM node attestation and re-attestation (bench/tpm_attest.py)."""
+    from tpm_attest import bench_tpm_attestation_rows
+
+    bench_tpm_attestation_rows(section, tpm_tcti, ca_files, base)
+
+
 def main() -> int:
     from custos.testing import softhsm as hsm_rig
     from custos.testing import swtpm as tpm_rig
@@ -441,11 +448,15 @@ def main() -> int:
             if os.environ.get("BENCH_ONLY") == "agent":  # the agent rows alone
                 bench_agent(tpm.tcti, hsm)
                 return 0
+            if os.environ.get("BENCH_ONLY") == "tpm-attest":  # TPM node attestation alone
+                bench_tpm_attestation(tpm.tcti, list(state.ek_ca_certs), root / "attest")
+                return 0
             bench_keystores(tpm.tcti, root / "tpm-keys", hsm)
             bench_wimse(tpm.tcti, root / "tpm-keys2", hsm)
             bench_preauth()
             bench_server()
             bench_agent(tpm.tcti, hsm)
+            bench_tpm_attestation(tpm.tcti, list(state.ek_ca_certs), root / "attest")
         finally:
             tpm.stop()
     return 0

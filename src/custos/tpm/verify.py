@@ -205,7 +205,7 @@ def selection_string(selection: TPML_PCR_SELECTION) -> str:
     return "+".join(parts)
 
 
-def _selected(selection: str) -> list[tuple[str, int]]:
+def selected_pcrs(selection: str) -> list[tuple[str, int]]:
     """(bank, index) in the order the TPM hashes them (banks as listed, indices rising)."""
     out: list[tuple[str, int]] = []
     for part in selection.split("+"):
@@ -259,7 +259,7 @@ def verify_quote(
         raise _fail(
             "pcr_selection_mismatch", f"the quote covers PCRs {got!r}, not {expected_selection!r}"
         )
-    order = _selected(got)
+    order = selected_pcrs(got)
     if len(set(order)) != len(order) or set(pcr_values) != set(order):
         raise _fail("pcr_values_mismatch", f"the reported PCR values are not those of {got!r}")
     digest = hashlib.sha256()  # the AK's scheme hash (ECDSA-SHA256, checked above)
@@ -377,6 +377,7 @@ __all__ = [
     "name",
     "parse_public",
     "public_key",
+    "selected_pcrs",
     "selection_string",
     "spki_sha256",
     "verify_certify",

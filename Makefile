@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev libtss2-tcti-swtpm0 softhsm2 opensc \
-	pkg-config redis-server gcc python3-dev python3-venv openssl gnutls-bin postgresql
+	pkg-config redis-server gcc python3-dev python3-venv openssl gnutls-bin postgresql \
+	tpm2-abrmd dbus libtss2-tcti-tabrmd0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?= -n 2
 

@@ -23,6 +23,7 @@ from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc
 from custos.agent.client.attest import AgentIdentity, InvalidServerResponseError
 from custos.agent.client.calls import AgentApiClient, IssuedX509, WitParams, X509Params
 from custos.agent.client.errors import AgentApiError
+from custos.agent.residency import CertifyEvidence
 from custos.bundle import BundleSet, TrustBundle
 from custos.errors import CustosError
 from custos.identity import SpiffeId, TrustDomain
@@ -67,7 +68,7 @@ def test_x509_batch_refuses_items_alone_and_issues_the_rest(rig: ServerRig, keys
         theirs = h.entry(other, "/theirs")
         key = ec_key()
         requests = [
-            X509Params(web, csr_for(key), "tpm", b"\x01certify", b"\x02sig"),
+            X509Params(web, csr_for(key), "tpm", CertifyEvidence(b"\x01certify", b"\x02sig", b"")),
             X509Params(theirs, csr_for(ec_key()), "memory"),
             X509Params(web, csr_for(ec_key()), "memory"),
             X509Params(web, b"garbage", "tpm"),
@@ -96,6 +97,7 @@ def test_x509_batch_refuses_items_alone_and_issues_the_rest(rig: ServerRig, keys
             "tpm",
         )
         assert row.evidence == "AWNlcnRpZnk=.AnNpZw=="
+        assert row.residency == "unproven"  # recorded; this agent has no attestation key
 
     serve(rig, keys, scenario)
 

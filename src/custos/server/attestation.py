@@ -60,7 +60,13 @@ from custos.server.datastore.errors import (
     NotFoundError,
 )
 from custos.server.datastore.records import Agent
-from custos.server.issuer import AgentCredentials, CustodyEvidence, agent_key_alg
+from custos.server.issuer import (
+    AgentCredentials,
+    CustodyEvidence,
+    ResidencyError,
+    agent_key_alg,
+    key_residency,
+)
 from custos.x509 import MAX_CSR_BYTES, CsrError, load_csr
 from custos.x509.ca import check_csr_key
 
@@ -202,11 +208,33 @@ def key_request(key: agent_v1_pb2.AgentKeyRequest) -> tuple[bytes, CustodyEviden
         raise AttestationProtocolError("key.csr holds no usable key", code="invalid_csr") from e
     # The issuer's one rule for agent keys (kept there, not copied here).
     agent_key_alg(public, parsed.signature_algorithm_parameters)
+    tpm_public = _bounded(key.custody.tpm_public, "tpm_public", MAX_CUSTODY_EVIDENCE_BYTES)
     custody = CustodyEvidence(
-        tier=key.custody.tier, tpm_certify_info=info, tpm_certify_signature=signature
+        tier=key.custody.tier,
+        tpm_certify_info=info,
+        tpm_certify_signature=signature,
+        tpm_public=tpm_public,
     )
     custody.check()  # the issuer's own rule, applied before a join token is spent
     return csr, custody
+
+
+def agent_key_residency(attestation_key: bytes, csr: bytes, custody: CustodyEvidence) -> str:
+    """The residency of the agent's own key (:func:`custos.server.issuer.key_residency`
+    for the CSR's key). An agent whose node has an attestation key and says its key
+    is in the TPM must prove it: evidence missing (``residency_unproven``) or invalid
+    (the code of :mod:`custos.tpm.verify`) refuses the attestation (decision 0063)."""
+    try:
+        residency = key_residency(attestation_key, custody, load_csr(csr).public_key())
+    except ResidencyError as e:
+        raise AttestationRefusedError(e.message, code=e.code) from e
+    if attestation_key and custody.tier == "tpm" and residency != "proven":
+        raise AttestationRefusedError(
+            "the agent key's custody is 'tpm' but no TPM2_Certify by the node's "
+            "attestation key came with it",
+            code="residency_unproven",
+        )
+    return residency
 
 
 def _refusal(error: PluginCallError) -> AttestationError | CustosError:
@@ -283,7 +311,7 @@ class NodeAttestation:
 
     async def _decide(
         self, start: agent_v1_pb2.AttestationStart, stream: AttestationStream
-    ) -> tuple[NodeAttestationResult, bytes, CustodyEvidence]:
+    ) -> tuple[NodeAttestationResult, bytes, CustodyEvidence, str]:
         """Everything before the first write: bounds, CSR, the attestor, ban and
         re-attestation checks."""
         name = start.attestor
@@ -320,7 +348,9 @@ class NodeAttestation:
             else:
                 log.info("node attestation with %r refused: %s", name, e.__cause__ or e)
             raise refusal from e
-        # Checked after the attestor (the agent ID comes from it) and before any write.
+        # Checked after the attestor (the agent ID and attestation key come from it)
+        # and before any write.
+        residency = agent_key_residency(node.attestation_key, csr, custody)
         existing = await asyncio.to_thread(self._agent, node.agent_id)
         if existing is not None:
             if existing.banned:
@@ -330,13 +360,20 @@ class NodeAttestation:
                     f"agent {node.agent_id} is already attested and {name!r} cannot "
                     "re-attest; renew with RenewAgent"
                 )
-        return node, csr, custody
+        return node, csr, custody, residency
 
     async def _issue(
-        self, node: NodeAttestationResult, csr: bytes, custody: CustodyEvidence
+        self, node: NodeAttestationResult, csr: bytes, custody: CustodyEvidence, residency: str
     ) -> AttestedAgent:
         credentials = await asyncio.to_thread(
-            self._issue_and_record, node.agent_id, csr, custody, node.plugin, node.selectors
+            self._issue_and_record,
+            node.agent_id,
+            csr,
+            custody,
+            node.plugin,
+            node.selectors,
+            residency=residency,
+            attestation_key=node.attestation_key,
         )
         return AttestedAgent(
             agent_id=node.agent_id,
@@ -360,12 +397,14 @@ class NodeAttestation:
         attestor: str,
         selectors: tuple[Selector, ...],
         *,
+        residency: str,
+        attestation_key: bytes = b"",
         renewal: bool = False,
     ) -> AgentCredentials:
         """Issue the agent's credentials, record the agent, audit: one thread call, so
         a cancelled stream cannot leave credentials issued without the agent recorded."""
         credentials = self._ctx.issuer.agent_credentials(
-            agent_id, csr, custody, attestor=attestor, selectors=selectors
+            agent_id, csr, custody, attestor=attestor, selectors=selectors, residency=residency
         )
         serial = format(credentials.x509_svid.leaf.serial_number, "x")
         agents = self._ctx.datastore.agents
@@ -382,6 +421,7 @@ class NodeAttestation:
                     selectors=selectors,
                     serial=serial,
                     expires_at=credentials.not_after,
+                    attestation_key=attestation_key,
                 )
         except DatastoreError as e:
             if e.code == "agent_banned":  # banned while we were issuing
@@ -400,6 +440,7 @@ class NodeAttestation:
             serial_or_jti=serial,
             not_after=credentials.not_after,
             custody=custody.tier,
+            residency=residency,
         )
         return credentials
 
@@ -411,6 +452,7 @@ class NodeAttestation:
                 f"agents attested with {agent.attestor!r} renew by attesting again"
             )
         csr, custody = key_request(key)
+        residency = agent_key_residency(agent.attestation_key, csr, custody)
         credentials = await asyncio.to_thread(
             self._issue_and_record,
             agent.id,
@@ -418,6 +460,7 @@ class NodeAttestation:
             custody,
             agent.attestor,
             agent.selectors,
+            residency=residency,
             renewal=True,
         )
         return AttestedAgent(
@@ -444,5 +487,6 @@ __all__ = [
     "NodeAttestation",
     "RenewalRefusedError",
     "UnknownAttestorError",
+    "agent_key_residency",
     "key_request",
 ]

@@ -25,6 +25,7 @@ All methods are synchronous (CPU + datastore): the Agent API calls them through
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,7 +35,14 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from custos._jose import PRIVATE_MEMBERS, SPIFFE_ALGORITHMS, decode_compact, loads_strict
+from custos._extras import extra_needed
+from custos._jose import (
+    PRIVATE_MEMBERS,
+    SPIFFE_ALGORITHMS,
+    decode_compact,
+    import_public_jwk,
+    loads_strict,
+)
 from custos._numbers import seconds
 from custos.errors import CustosError
 from custos.identity import Selector, SpiffeId
@@ -59,6 +67,8 @@ MAX_AUDIENCES = 16
 MAX_AUDIENCE_LENGTH = 256
 #: Largest TPM2_Certify statement or signature accepted as custody evidence (each).
 MAX_CERTIFY_BYTES = 4096
+#: Largest TPM2B_PUBLIC of a certified key (RSA-4096: about 600 bytes).
+MAX_TPM_PUBLIC_BYTES = 1024
 #: Longest public JWK text accepted (an RSA-4096 JWK is under 1 KiB).
 MAX_JWK_LENGTH = 8192
 #: Largest entry id accepted from an agent (ids are 32 hex characters).
@@ -91,14 +101,25 @@ class IssuanceArgumentError(IssuanceError):
     code = "invalid_argument"
 
 
+class ResidencyError(NotEntitledError):
+    """A ``tpm``-custody key's residency is not proven where it must be
+    (``residency_unproven``), or its TPM2_Certify evidence is invalid (the code of
+    :mod:`custos.tpm.verify`: ``bad_signature``, ``key_not_resident``,
+    ``certify_key_mismatch``, ...): PERMISSION_DENIED (decision 0063)."""
+
+    code = "residency_unproven"
+
+
 @dataclass(frozen=True)
 class CustodyEvidence:
-    """What the agent says about how a key is held; the TPM proof comes in issue 10
-    (recorded now, verified then: decision 0032)."""
+    """What the agent says about how a key is held, and for a ``tpm`` key the proof:
+    a TPM2_Certify statement (TPMS_ATTEST), its signature (TPMT_SIGNATURE) by the
+    agent's attestation key, and the key's TPM2B_PUBLIC (decisions 0032, 0063)."""
 
     tier: str  # tpm | pkcs11 | memory | exportable
     tpm_certify_info: bytes = b""
     tpm_certify_signature: bytes = b""
+    tpm_public: bytes = b""
 
     def check(self) -> None:
         """Raise :class:`IssuanceArgumentError` for an unknown tier or oversized blobs."""
@@ -107,21 +128,61 @@ class CustodyEvidence:
                 f"custody tier must be one of {', '.join(KEY_CUSTODIES)}",
                 code="invalid_custody",
             )
-        for blob in (self.tpm_certify_info, self.tpm_certify_signature):
-            if not isinstance(blob, bytes) or len(blob) > MAX_CERTIFY_BYTES:
+        for blob, limit in (
+            (self.tpm_certify_info, MAX_CERTIFY_BYTES),
+            (self.tpm_certify_signature, MAX_CERTIFY_BYTES),
+            (self.tpm_public, MAX_TPM_PUBLIC_BYTES),
+        ):
+            if not isinstance(blob, bytes) or len(blob) > limit:
                 raise IssuanceArgumentError(
-                    f"custody evidence blobs must be bytes of at most {MAX_CERTIFY_BYTES}",
+                    f"custody evidence blobs must be bytes of at most {limit}",
                     code="invalid_custody",
                 )
 
+    @property
+    def has_evidence(self) -> bool:
+        return bool(self.tpm_certify_info or self.tpm_certify_signature or self.tpm_public)
+
     def encoded(self) -> str:
-        """The evidence as audited: ``base64(info).base64(signature)``, "" when none."""
-        if not self.tpm_certify_info and not self.tpm_certify_signature:
+        """The evidence as audited: ``base64(info).base64(signature)``, then
+        ``.base64(tpm_public)`` when the key's public area was sent; "" when none."""
+        if not self.has_evidence:
             return ""
-        return ".".join(
-            base64.b64encode(b).decode("ascii")
-            for b in (self.tpm_certify_info, self.tpm_certify_signature)
+        parts = [self.tpm_certify_info, self.tpm_certify_signature]
+        parts += [self.tpm_public] if self.tpm_public else []
+        return ".".join(base64.b64encode(b).decode("ascii") for b in parts)
+
+
+def key_residency(attestation_key: bytes, custody: CustodyEvidence, key: object) -> str:
+    """The residency of ``key`` (the public key a credential will bind) held as
+    ``custody`` says, as the audit records it (decision 0063):
+
+    - "" for a key not in the ``tpm`` tier (there is nothing to prove);
+    - ``unproven`` when the agent has no attestation key, or sent no evidence;
+    - ``proven`` when the TPM2_Certify statement is signed by the agent's
+      attestation key, certifies the public area sent, that area is fixedTPM |
+      fixedParent | sensitiveDataOrigin, and its key is ``key``;
+    - evidence sent that does not verify raises :class:`ResidencyError` with the
+      code of :mod:`custos.tpm.verify` (a wrong statement is refused, never just
+      recorded as unproven).
+    """
+    if custody.tier != "tpm":
+        return ""
+    if not custody.has_evidence or not attestation_key:
+        return "unproven"
+    with extra_needed("tpm"):
+        from custos.tpm import verify
+    try:
+        verify.verify_certify(
+            verify.ak_public_checked(attestation_key),
+            custody.tpm_certify_info,
+            custody.tpm_certify_signature,
+            custody.tpm_public,
+            expected_key=key,  # type: ignore[arg-type]  # a key the caller parsed
         )
+    except verify.AttestationEvidenceError as e:
+        raise ResidencyError(f"key residency evidence refused: {e.message}", code=e.code) from e
+    return "proven"
 
 
 @dataclass(frozen=True)
@@ -222,6 +283,9 @@ class Issuer:
         for request in requests:
             try:
                 entry = self._entry_for(entries, request.entry_id, request.custody, reserved)
+                residency = self._residency(
+                    agent, entry, request.custody, functools.partial(_csr_key, request.csr)
+                )
                 svid = self._sign_x509(ca, entry, request.csr)
             except IssuanceError as e:
                 out.append(self._refused("x509-svid", agent, request.entry_id, e))
@@ -233,7 +297,13 @@ class Issuer:
             batch.add(
                 "x509-svid",
                 self._event(
-                    "x509-svid", agent, entry.spiffe_id, _serial(svid), not_after, request.custody
+                    "x509-svid",
+                    agent,
+                    entry.spiffe_id,
+                    _serial(svid),
+                    not_after,
+                    request.custody,
+                    residency,
                 ),
                 signer.kid,
             )
@@ -253,6 +323,12 @@ class Issuer:
             try:
                 entry = self._entry_for(entries, request.entry_id, request.custody, reserved)
                 jwk = _workload_jwk(request.public_jwk)
+                residency = self._residency(
+                    agent,
+                    entry,
+                    request.custody,
+                    functools.partial(import_public_jwk, jwk, alg=jwk["alg"]),
+                )
             except IssuanceError as e:
                 out.append(self._refused("wit", agent, request.entry_id, e))
                 continue
@@ -261,7 +337,9 @@ class Issuer:
             )
             batch.add(
                 "wit",
-                self._event("wit", agent, entry.spiffe_id, jti, not_after, request.custody),
+                self._event(
+                    "wit", agent, entry.spiffe_id, jti, not_after, request.custody, residency
+                ),
                 signer.kid,
             )
             out.append(Issued(request.entry_id, entry.spiffe_id, token, not_after))
@@ -274,6 +352,13 @@ class Issuer:
         try:
             aud = _audience(audience)
             entry = self._entry_for(entries, entry_id, None, self._reserved_dns_names())
+            if entry.require_residency and not agent.attestation_key:
+                # A JWT-SVID binds no key, but the entry is only for agents whose TPM
+                # can prove its keys; one without an attestation key cannot (0063).
+                raise ResidencyError(
+                    f"entry {entry_id!r} requires TPM-proven key residency and this agent "
+                    "has no attestation key"
+                )
         except IssuanceError as e:
             return self._refused("jwt-svid", agent, entry_id, e)
         signer = self.jwt_keys.current()
@@ -313,14 +398,17 @@ class Issuer:
         attestor: str,
         selectors: Sequence[Selector],
         ttl: float | None = None,
+        residency: str = "",
     ) -> AgentCredentials:
         """The agent's X.509-SVID and WIT for the key of ``csr`` (held as ``custody``
         says), expiring together; audited (``x509-svid`` and ``wit`` events whose
         identity is the agent) before they are returned. Raises on any refusal.
 
         ``ttl`` defaults to ``x509_svid.default_ttl``; both credentials are clamped
-        to the CA certificate's not-after. The caller (node attestation) records the
-        agent and audits the attestation itself."""
+        to the CA certificate's not-after. ``residency`` is what the caller (node
+        attestation, which checked the key's certify evidence: :func:`key_residency`)
+        found, for the audit rows. The caller records the agent and audits the
+        attestation itself."""
         if (
             not isinstance(agent_id, SpiffeId)
             or not agent_id.is_member_of(self.trust_domain)
@@ -356,11 +444,13 @@ class Issuer:
         x509_batch, wit_batch = _Batch(), _Batch()
         x509_batch.add(
             "agent-x509-svid",
-            who.event("x509-svid", agent_id, _serial(svid), not_after, custody),
+            who.event("x509-svid", agent_id, _serial(svid), not_after, custody, residency),
             signer.kid,
         )
         wit_batch.add(
-            "agent-wit", who.event("wit", agent_id, jti, wit_not_after, custody), wit_signer.kid
+            "agent-wit",
+            who.event("wit", agent_id, jti, wit_not_after, custody, residency),
+            wit_signer.kid,
         )
         self._commit(x509_batch, self.ca_keys, also=(wit_batch, self.wit_keys))
         return AgentCredentials(agent_id, svid, wit, min(not_after, wit_not_after))
@@ -415,6 +505,30 @@ class Issuer:
             )
         return entry
 
+    def _residency(
+        self,
+        agent: Agent,
+        entry: RegistrationEntry,
+        custody: CustodyEvidence,
+        key: Callable[[], object],
+    ) -> str:
+        """The residency of the request's key (``key()`` parses it, only when there is
+        evidence to check), refused when invalid, or unproven on an entry that
+        requires it (``residency_unproven``)."""
+        residency = key_residency(
+            agent.attestation_key,
+            custody,
+            key() if custody.tier == "tpm" and custody.has_evidence else None,
+        )
+        if entry.require_residency and residency != "proven":
+            why = (
+                "the agent has no attestation key"
+                if not agent.attestation_key
+                else "the request carries no certify evidence"
+            )
+            raise ResidencyError(f"entry {entry.id!r} requires TPM-proven key residency and {why}")
+        return residency
+
     def _reserved_dns_names(self) -> frozenset[str]:
         """Every server's DNS name: this one's, and those every server of the datastore
         recorded at start (they may be configured differently; an agent trusts each)."""
@@ -461,9 +575,10 @@ class Issuer:
         serial_or_jti: str,
         not_after: float,
         custody: CustodyEvidence | None,
+        residency: str = "",
     ) -> AuditEvent:
         who = _AgentWho(str(agent.id), agent.attestor, agent.selectors)
-        return who.event(event, identity, serial_or_jti, not_after, custody)
+        return who.event(event, identity, serial_or_jti, not_after, custody, residency)
 
     def _check_batch(self, kind: str, agent: Agent, requests: Sequence[object]) -> None:
         if len(requests) > MAX_BATCH:
@@ -513,6 +628,7 @@ class _AgentWho:
         serial_or_jti: str,
         not_after: float,
         custody: CustodyEvidence | None,
+        residency: str = "",
     ) -> AuditEvent:
         return AuditEvent(
             event=event,
@@ -524,6 +640,7 @@ class _AgentWho:
             not_after=not_after,
             custody="" if custody is None else custody.tier,
             evidence="" if custody is None else custody.encoded(),
+            residency=residency,
         )
 
 
@@ -583,6 +700,16 @@ def agent_key_alg(public: object, params: object) -> str:
         "an agent key must be EC P-256/P-384 or RSA: WIT-SVIDs take no other keys",
         code="invalid_public_key",
     )
+
+
+def _csr_key(csr: bytes) -> object:
+    """The public key of a CSR (CsrError when it does not parse: the item's refusal)."""
+    if not isinstance(csr, bytes):
+        raise IssuanceArgumentError("the CSR must be bytes", code="invalid_csr")
+    try:
+        return load_csr(csr).public_key()
+    except (ValueError, TypeError) as e:
+        raise IssuanceArgumentError("the CSR holds no usable key", code="invalid_csr") from e
 
 
 def _bad_csr(error: CsrError) -> IssuanceArgumentError:

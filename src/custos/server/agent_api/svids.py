@@ -33,6 +33,7 @@ def custody_from_proto(custody: types_v1_pb2.KeyCustody) -> CustodyEvidence:
         tier=custody.tier,
         tpm_certify_info=custody.tpm_certify_info,
         tpm_certify_signature=custody.tpm_certify_signature,
+        tpm_public=custody.tpm_public,
     )
 
 

@@ -102,9 +102,11 @@ class Rig:
         return cause
 
 
-def ek_hash_of(rig: Rig) -> str:
+def ek_hash_of(rig: Rig | Any) -> str:
+    """The EK hash of a rig's TPM (or of a swtpm instance), from its RSA EK certificate."""
+    tpm = rig.tpm if isinstance(rig, Rig) else rig
     cert = x509.load_der_x509_certificate(
-        next(p for p in rig.tpm.state.ek_certs if "rsa2048" in p.name).read_bytes()
+        next(p for p in tpm.state.ek_certs if "rsa2048" in p.name).read_bytes()
     )
     return verify.spki_sha256(cert.public_key())
 

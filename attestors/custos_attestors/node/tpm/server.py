@@ -222,12 +222,19 @@ class TpmServerAttestor:
 
     @staticmethod
     def _replay(data: bytes, quoted: Mapping[tuple[str, int], bytes]) -> list[Any]:
-        """The log's events, after checking that replaying them gives the quoted value
-        of every quoted PCR they extend."""
-        from custos.tpm.eventlog import parse_event_log, replay
+        """The log's measured events, after checking that replaying them gives the quoted
+        value of every quoted PCR they extend (in every quoted bank the log carries).
+
+        EV_NO_ACTION events are dropped: they extend nothing, so no PCR vouches for
+        them, and a policy must not match them.
+        """
+        from custos.tpm.eventlog import EV_NO_ACTION, parse_event_log, replay
 
         events = parse_event_log(data)
-        for bank in {bank for bank, _ in quoted}:
+        measured = [e for e in events if e.event_type != EV_NO_ACTION]
+        for bank in dict.fromkeys(bank for bank, _ in quoted):
+            if not any(bank in e.digests for e in measured):
+                continue  # a log without this bank (e.g. SHA-256 only) proves nothing there
             for index, value in replay(events, bank).items():
                 expected = quoted.get((bank, index))
                 if expected is not None and not hmac.compare_digest(value, expected):
@@ -235,7 +242,7 @@ class TpmServerAttestor:
                         "event_log_mismatch",
                         f"replaying the event log does not give the quoted PCR {bank}:{index}",
                     )
-        return list(events)
+        return measured
 
 
 __all__ = ["TpmAgentBannedError", "TpmAttestationRefusedError", "TpmServerAttestor"]

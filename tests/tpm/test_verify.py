@@ -413,3 +413,44 @@ def test_spki_sha256_is_the_der_spki_hash() -> None:
     key = ec.generate_private_key(ec.SECP256R1()).public_key()
     der = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     assert spki_sha256(key) == hashlib.sha256(der).hexdigest()
+
+
+# ---- real TPM counters and banks --------------------------------------------------
+
+
+def _verified_quote(ctx: TpmContext, ak: KeyBlob, sel: str = SEL) -> QuoteFacts:
+    attest, sig = _quote(ctx, ak, b"n", sel)
+    values: dict[tuple[str, int], bytes] = {}
+    for part in sel.split("+"):
+        values.update(_pcrs(ctx, part))
+    return verify_quote(_public(ak), attest, sig, b"n", values, sel)
+
+
+def test_quote_after_a_tpm_reset_moves_forward_and_the_old_one_is_a_regression(
+    swtpm_factory: Any,
+) -> None:
+    tpm = swtpm_factory()  # a TPM of its own: this test power-cycles it
+    with shared_context(tpm.tcti) as c:
+        ak = create_ak(c)
+        before = _verified_quote(c, ak)
+        later = _verified_quote(c, ak)
+    check_monotonic((before.clock, before.reset_count, before.restart_count), later)
+    tpm.restart()  # swtpm restarts with TPM2_Startup(CLEAR): a TPM Reset
+    with shared_context(tpm.tcti) as c:
+        after = _verified_quote(c, ak)
+    assert after.reset_count > later.reset_count
+    check_monotonic((later.clock, later.reset_count, later.restart_count), after)
+    # The quote from before the reset, presented after it: refused.
+    _refused(
+        "tpm_clock_regressed",
+        check_monotonic,
+        (after.clock, after.reset_count, after.restart_count),
+        later,
+    )
+
+
+def test_quote_over_two_banks(ctx: TpmContext) -> None:
+    ak = create_ak(ctx)
+    facts = _verified_quote(ctx, ak, "sha1:0,7+sha256:0,7")
+    assert facts.pcr_selection == "sha1:0,7+sha256:0,7"
+    assert [len(v) for v in facts.pcr_values.values()] == [20, 20, 32, 32]

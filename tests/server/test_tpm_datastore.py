@@ -180,6 +180,14 @@ def test_a_regression_is_refused_and_nothing_is_written(
     assert err.value.code == "tpm_clock_regressed"
     assert store.tpm_nodes.get(EK) == stored
     assert regression(before, after) is not None
+    # Quoted by another AK (activated anew): the TPM obfuscates its counts differently,
+    # so they start a new baseline instead of comparing ...
+    new_ak = AK[:-1] + b"\x00"
+    rebased = store.tpm_nodes.record(EK, new_ak, *after)
+    assert store.tpm_nodes.get(EK) == rebased and rebased.ak_public == new_ak
+    # ... and that AK's own history is held from then on.
+    with pytest.raises(DatastoreError):
+        store.tpm_nodes.record(EK, new_ak, after[0] - 1, after[1], after[2])
 
 
 @pytest.mark.parametrize(

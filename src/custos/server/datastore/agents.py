@@ -23,7 +23,6 @@ from custos.server.datastore.errors import DatastoreError, InvalidEntryError, No
 from custos.server.datastore.records import Agent, member_id, selector_tuple
 from custos.server.datastore.schema import agents
 
-
 #: Longest attestation key stored: a TPM2B_PUBLIC is a few hundred bytes (an ECC P-256
 #: AK about 90, RSA 2048 about 280).
 MAX_ATTESTATION_KEY = 2048

@@ -58,7 +58,7 @@ def info_lines(data: dict[str, Any]) -> list[str]:
 
 @click.group(context_settings=_CONTEXT)
 def tpm() -> None:
-    """Inspect the TPM."""
+    """Inspect the TPM (info, ek); quote PCRs and certify keys for other verifiers."""
 
 
 @tpm.command(context_settings=_CONTEXT)

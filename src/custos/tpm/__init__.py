@@ -14,6 +14,9 @@ Modules, one job each:
   (agent): proving an AK lives in the TPM of an EK;
 - :mod:`custos.tpm.verify` — checking TPM evidence without a TPM: public areas, quotes,
   certify statements, the clock / reset / restart counters (:class:`AttestationEvidenceError`);
+- :mod:`custos.tpm.ekcert` — trusting an EK: its certificate chaining to a manufacturer CA
+  bundle, or its hash on an allowlist (docs/tpm-ek-certificates.md);
+- :mod:`custos.tpm.eventlog` — TCG2 crypto-agile measured-boot event logs: parse, replay;
 - :mod:`custos.tpm.signatures` — signing schemes, TPMT_SIGNATURE to JOSE or DER;
 - :mod:`custos.tpm.errors` — TPM errors and telling a lost device from a refusal;
 - :mod:`custos.tpm.info` — what a TPM says about itself (``custos tpm info``).

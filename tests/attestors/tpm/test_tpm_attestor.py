@@ -295,3 +295,42 @@ def test_the_agent_half_certifies_a_tpm_store_key_with_its_ak(rig: Rig) -> None:
         assert facts.attributes & TPMA_OBJECT.FIXEDTPM
     finally:
         keys.close()
+
+
+# ---- configuration -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"colour": "blue"}, "unknown tpm settings"),
+        ({"ek_profile": "ecc-p384"}, "ek_profile"),
+        ({"ak_file": "relative/ak.pem"}, "absolute"),
+        ({"event_log_file": ""}, "absolute"),
+        ({"tcti": "cmd:/bin/sh"}, "not allowed"),
+    ],
+)
+def test_invalid_agent_settings_fail_the_load(
+    rig: Rig, settings: dict[str, object], message: str
+) -> None:
+    with pytest.raises(PluginCallError, match=message):
+        rig.agent(**settings)
+
+
+def test_the_server_half_needs_a_datastore_and_a_way_to_trust_an_ek(rig: Rig) -> None:
+    from custos.plugin import PluginConfig, ServerCatalog
+
+    with pytest.raises(PluginCallError, match="Datastore"):
+        ServerCatalog.load(TD, node_attestors=[PluginConfig("tpm", {"ek_allowlist": []})])
+    with pytest.raises(PluginCallError, match="trusts no EK"):
+        rig.server(ek_ca_bundle=[])
+
+
+def test_an_unreadable_event_log_is_not_sent_and_warned_about_once(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig.agent_settings["event_log_file"] = str(rig.tmp / "no-such-log")
+    caplog.set_level(logging.WARNING)
+    rig.attest()
+    assert wire.decode_answer(rig.answers[0]).event_log is None
+    assert caplog.text.count("not sending the event log") == 1

@@ -10,7 +10,7 @@ Settings (``[node_attestor.tpm]`` in agent.toml; all optional):
 ``ek_profile``
     The EK whose certificate and key are sent and which activates the credential:
     ``rsa2048`` (default; swtpm has one, and MakeCredential to an RSA EK is the
-    measured path), ``ecc-p256`` or ``ecc-p384``.
+    measured path) or ``ecc-p256``.
 ``ak_file``
     Absolute path of the attestation key (``TSS2 PRIVATE KEY`` PEM): loaded when it
     exists, else created in the TPM and written there with mode 0600.  Without it the
@@ -43,6 +43,8 @@ from custos_attestors.node.tpm.policy import DIGEST_SIZES, PcrSelection
 
 log = logging.getLogger(__name__)
 
+#: EK profiles credential activation works with (custos.tpm.activation.ACTIVATION_PROFILES).
+ACTIVATION_PROFILES = ("rsa2048", "ecc-p256")
 AGENT_KEYS = frozenset({"tcti", "ek_profile", "ak_file", "event_log_file"})
 DEFAULT_EK_PROFILE = "rsa2048"
 #: Quote and PCR read are retried this often when a PCR moves between them.
@@ -95,8 +97,9 @@ class TpmAgentAttestor:
         if tcti is not None and not isinstance(tcti, str):
             raise TpmAgentConfigError("tpm: tcti must be a string")
         profile = config.get("ek_profile", DEFAULT_EK_PROFILE)
-        if not isinstance(profile, str) or profile not in wire.EK_PROFILES:
-            raise TpmAgentConfigError(f"tpm: ek_profile is one of {', '.join(wire.EK_PROFILES)}")
+        if not isinstance(profile, str) or profile not in ACTIVATION_PROFILES:
+            # ecc-p384 (swtpm's high-range EK) has a PolicyOR activation does not run.
+            raise TpmAgentConfigError(f"tpm: ek_profile is one of {', '.join(ACTIVATION_PROFILES)}")
         self._tcti = resolve_tcti(tcti, explicit_source="tpm.tcti")
         self._profile = profile
         if "ak_file" in config:

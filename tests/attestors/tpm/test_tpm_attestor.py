@@ -75,6 +75,17 @@ def test_an_ek_on_the_allowlist_attests_without_a_ca(rig: Rig) -> None:
     assert not any(v.startswith("ek_issuer:") for v in values)  # not trusted through a cert
 
 
+def test_the_agent_sends_intermediates_the_server_bundle_lacks(rig: Rig) -> None:
+    """The server trusts only the swtpm root; the agent ships the issuing CA."""
+    state = rig.tpm.state
+    rig.server_settings["ek_ca_bundle"] = [str(state.root_cert)]
+    assert rig.refused().code == "ek_untrusted"
+    rig.agent_settings["ek_intermediates"] = [str(state.issuer_cert)]
+    result = rig.attest()
+    assert len(wire.decode_payload(rig.payloads[-1]).ek_intermediates) == 1
+    assert any(s.value.startswith("ek_issuer:") for s in result.selectors)
+
+
 def test_two_attestations_never_share_a_nonce(rig: Rig) -> None:
     for _ in range(3):
         rig.attest()
@@ -307,6 +318,8 @@ def test_the_agent_half_certifies_a_tpm_store_key_with_its_ak(rig: Rig) -> None:
         ({"ek_profile": "ecc-p384"}, "ek_profile"),
         ({"ak_file": "relative/ak.pem"}, "absolute"),
         ({"event_log_file": ""}, "absolute"),
+        ({"ek_intermediates": "/etc/ca.pem"}, "list"),
+        ({"ek_intermediates": ["/nonexistent/ca.pem"]}, "does not exist"),
         ({"tcti": "cmd:/bin/sh"}, "not allowed"),
     ],
 )

@@ -39,6 +39,7 @@ class Rig:
     tmp: Path
     server_settings: dict[str, object] = field(default_factory=dict)
     agent_settings: dict[str, object] = field(default_factory=dict)
+    payloads: list[bytes] = field(default_factory=list)
     challenges: list[bytes] = field(default_factory=list)
     answers: list[bytes] = field(default_factory=list)
 
@@ -83,6 +84,7 @@ class Rig:
 
         try:
             first = await anext(flow)
+            self.payloads.append(first)
             return await server.attest_node("tpm", payload(first), respond)
         finally:
             await flow.aclose()

@@ -16,6 +16,10 @@ Settings (``[node_attestor.tpm]`` in agent.toml; all optional):
     exists, else created in the TPM and written there with mode 0600.  Without it the
     AK lives in memory: a restarted agent makes a new one, which the server activates
     again (one more ActivateCredential, ~10 ms on swtpm).
+``ek_intermediates``
+    Absolute paths of CA certificates (PEM, any number per file, or DER) between the EK
+    certificate and the manufacturer root, sent with the payload: some vendors ship them
+    with the machine rather than in the server's bundle (at most 4).
 ``event_log_file``
     A TCG2 binary event log to send with every answer, e.g.
     ``/sys/kernel/security/tpm0/binary_bios_measurements``; not sent (logged at
@@ -45,7 +49,7 @@ log = logging.getLogger(__name__)
 
 #: EK profiles credential activation works with (custos.tpm.activation.ACTIVATION_PROFILES).
 ACTIVATION_PROFILES = ("rsa2048", "ecc-p256")
-AGENT_KEYS = frozenset({"tcti", "ek_profile", "ak_file", "event_log_file"})
+AGENT_KEYS = frozenset({"tcti", "ek_profile", "ak_file", "ek_intermediates", "event_log_file"})
 DEFAULT_EK_PROFILE = "rsa2048"
 #: Quote and PCR read are retried this often when a PCR moves between them.
 QUOTE_ATTEMPTS = 3
@@ -69,6 +73,40 @@ def _path(value: object, what: str) -> str:
     return value
 
 
+def _intermediates(paths: object) -> tuple[bytes, ...]:
+    """DER of every certificate in the ``ek_intermediates`` files (read at configure)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from custos._files import UnreadableFileError, read_small_file
+
+    if not isinstance(paths, list):
+        raise TpmAgentConfigError("tpm: ek_intermediates must be a list of file paths")
+    out: list[bytes] = []
+    for path in paths:
+        try:
+            data = read_small_file(_path(path, "ek_intermediates"), what="EK intermediate")
+        except UnreadableFileError as e:
+            raise TpmAgentConfigError(f"tpm: ek_intermediates: {e.message}") from None
+        try:
+            certs = (
+                x509.load_pem_x509_certificates(data)
+                if b"-----BEGIN" in data
+                else [x509.load_der_x509_certificate(data)]
+            )
+        except ValueError:
+            raise TpmAgentConfigError(
+                "tpm: ek_intermediates: a file holds no PEM or DER certificate"
+            ) from None
+        out += [c.public_bytes(Encoding.DER) for c in certs]
+    if len(out) > wire.MAX_INTERMEDIATES or any(len(c) > wire.MAX_CERT_BYTES for c in out):
+        raise TpmAgentConfigError(
+            f"tpm: ek_intermediates: at most {wire.MAX_INTERMEDIATES} certificates "
+            f"of {wire.MAX_CERT_BYTES} bytes"
+        )
+    return tuple(out)
+
+
 class TpmAgentAttestor:
     """The ``tpm`` node attestor, agent half (also a ``KeyCertifier``)."""
 
@@ -77,6 +115,7 @@ class TpmAgentAttestor:
         self._profile = DEFAULT_EK_PROFILE
         self._ak_file: str | None = None
         self._event_log_file: str | None = None
+        self._intermediates: tuple[bytes, ...] = ()
         self._ctx: Any = None  # custos.tpm.context.TpmContext
         self._token: int | None = None
         self._ak: Any = None  # custos.tpm.blobs.KeyBlob
@@ -106,6 +145,8 @@ class TpmAgentAttestor:
             self._ak_file = _path(config["ak_file"], "ak_file")
         if "event_log_file" in config:
             self._event_log_file = _path(config["event_log_file"], "event_log_file")
+        if "ek_intermediates" in config:
+            self._intermediates = _intermediates(config["ek_intermediates"])
         from custos.tpm.context import attach
 
         self._ctx, self._token = attach(self._tcti, 0)
@@ -192,6 +233,7 @@ class TpmAgentAttestor:
             ek_public=bytes(ek_public.marshal()),
             ak_public=bytes(ak.tss.public.marshal()),
             ek_cert=cert.public_bytes(Encoding.DER) if cert is not None else None,
+            ek_intermediates=self._intermediates,
         ).encode()
 
     def _read_pcrs(self, selection: PcrSelection) -> dict[tuple[str, int], bytes]:

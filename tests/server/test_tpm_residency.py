@@ -25,6 +25,8 @@ from typing import Any
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tpm2_pytss.constants import TPMA_OBJECT
 
 from custos.agent.client.attest import AgentIdentity, attest_agent, make_csr
@@ -33,7 +35,14 @@ from custos.keys import KeyStore, StoreKey
 from custos.keys.jwk import public_jwk_members
 from custos.keys.tpm import TpmKeyStore
 from custos.plugin import AgentCatalog, PluginConfig
-from custos.server.issuer import CustodyEvidence, Issued, WitRequest, X509Request
+from custos.server.issuer import (
+    CustodyEvidence,
+    Issued,
+    ResidencyError,
+    WitRequest,
+    X509Request,
+    key_residency,
+)
 from custos.testing.server import ServerRig
 from custos.testing.swtpm import SwtpmInstance
 from custos.tpm.ak import AK_ALGORITHM, certify, create_ak, with_ak
@@ -60,6 +69,8 @@ class Tpm:
     ctx: TpmContext
     store: TpmKeyStore
     ak: KeyBlob
+    certified: tuple[bytes, bytes, bytes] = (b"", b"", b"")
+    certified_key: Any = None
 
     @staticmethod
     def public(blob: KeyBlob) -> bytes:
@@ -112,10 +123,15 @@ class Tpm:
 
 @pytest.fixture
 def tpm(swtpm: SwtpmInstance, tmp_path: Path) -> Iterator[Tpm]:
+    """An AK and an empty key store on the session swtpm; ``certified`` is a genuine
+    statement (by the AK) of the key ``certified_key`` for tests that only read it."""
     store = TpmKeyStore(tcti=swtpm.tcti, key_dir=tmp_path / "tpm-keys", loaded_key_cache=0)
     try:
         with shared_context(swtpm.tcti) as ctx:
-            yield Tpm(ctx, store, create_ak(ctx))
+            made = Tpm(ctx, store, create_ak(ctx))
+            made.certified_key = made.key("fixture-certified").public_key()
+            made.certified = made.certify("fixture-certified")
+            yield made
     finally:
         store.close()
 
@@ -241,6 +257,36 @@ def test_required_residency_without_evidence_is_refused(parts: Parts, tpm: Tpm) 
     assert codes([x509]) == ["residency_unproven"]
     assert x509.error is not None and "no certify evidence" in x509.error.message
     assert parts.store.audit.since() == []
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    info=st.binary(max_size=200),
+    signature=st.binary(max_size=120),
+    public=st.binary(max_size=160),
+    flip=st.integers(min_value=0, max_value=10_000),
+)
+def test_forged_or_flipped_evidence_is_never_proven(
+    tpm: Tpm, info: bytes, signature: bytes, public: bytes, flip: int
+) -> None:
+    """Random blobs, and a genuine statement with one byte flipped in one of its three
+    parts: refused with a verify code, never ``proven``, never another exception."""
+    genuine = tpm.certified
+    parts_ = [bytearray(p) for p in genuine]
+    part = parts_[flip % 3]
+    part[(flip // 3) % len(part)] ^= 1 + flip % 255
+    for evidence in (
+        CustodyEvidence("tpm", info, signature, public),
+        CustodyEvidence("tpm", *(bytes(p) for p in parts_)),
+    ):
+        try:
+            residency = key_residency(tpm.ak_public, evidence, tpm.certified_key)
+        except ResidencyError as e:
+            assert e.code != "residency_unproven"
+            continue
+        assert residency == "unproven" and not evidence.has_evidence
 
 
 # -- workload keys: proven ----------------------------------------------------------------

@@ -3,6 +3,7 @@ ActivateCredential (AK + EK loaded next to the storage primary)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from tpm2_pytss.types import TPM2B_PUBLIC
 from custos.keys.tpm import TpmKeyStore
 from custos.testing.swtpm import SwtpmInstance
 from custos.tpm.activation import (
+    POLICY_A_SHA384,
+    POLICY_C_SHA384,
     ActivationError,
     activate_credential,
     ek_public_area,
@@ -109,12 +112,35 @@ def test_ek_public_area_is_the_certified_key(ctx: TpmContext, ek: TPM2B_PUBLIC) 
     assert len(spki_sha256(public_key(ek))) == 64
 
 
-def test_p384_ek_public_area_but_no_activation(ctx: TpmContext) -> None:
-    area = ek_public_area(ctx, "ecc-p384")
-    assert public_key(area).curve.name == "secp384r1"  # type: ignore[union-attr]
+def test_unknown_ek_profile_is_refused(ctx: TpmContext) -> None:
     ak = create_ak(ctx)
     with pytest.raises(TpmError, match="cannot be used"):
-        activate_credential(ctx, ak, "ecc-p384", b"\x00\x01x", b"\x00\x01x")
+        activate_credential(ctx, ak, "rsa4096", b"\x00\x01x", b"\x00\x01x")
+
+
+def test_p384_ek_activation_uses_the_high_range_policy(ctx: TpmContext) -> None:
+    # swtpm's ECC P-384 EK: high-range template, PolicyOR(PolicyA, PolicyC) in SHA-384.
+    ek = parse_public(bytes(ek_public_area(ctx, "ecc-p384").marshal()), what="EK")
+    assert public_key(ek).curve.name == "secp384r1"  # type: ignore[union-attr]
+    ak = create_ak(ctx)
+    secret, blob, enc = make_credential(ek, ak.name)
+    assert activate_credential(ctx, ak, "ecc-p384", blob, enc) == secret
+    _s, blob, enc = make_credential(ek, create_ak(ctx).name)
+    with pytest.raises(ActivationError):
+        activate_credential(ctx, ak, "ecc-p384", blob, enc)
+
+
+def test_high_range_policy_digests(ctx: TpmContext) -> None:
+    # PolicyA is PolicySecret(TPM_RH_ENDORSEMENT), and PolicyOR(A, C) is the template's
+    # authPolicy: the constants are the TCG profile's (TPM 2.0 Part 3, PolicySecret and
+    # PolicyOR digest rules).
+    h = hashlib.sha384
+    policy_a = h(h(bytes(48) + (0x151).to_bytes(4, "big") + (0x4000000B).to_bytes(4, "big"))
+                 .digest()).digest()  # fmt: skip
+    assert policy_a == POLICY_A_SHA384
+    policy_b = h(bytes(48) + (0x171).to_bytes(4, "big") + POLICY_A_SHA384 + POLICY_C_SHA384)
+    ek = ek_public_area(ctx, "ecc-p384")
+    assert bytes(ek.publicArea.authPolicy) == policy_b.digest()
 
 
 def test_activation_with_signing_keys_kept_loaded(

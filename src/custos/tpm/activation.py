@@ -15,10 +15,11 @@ for signing are flushed first when the TPM says it is out of memory.  The EK is
 flushed before returning, and so is the policy session.
 
 The EK's authPolicy in the TCG EK Credential Profile low-range templates (RSA-2048,
-ECC P-256) is PolicySecret(TPM_RH_ENDORSEMENT): a policy session on which
+ECC P-256) is PolicySecret(TPM_RH_ENDORSEMENT) ("PolicyA"): a policy session on which
 TPM2_PolicySecret with the endorsement hierarchy's (empty) password was run.  The
-high-range templates (swtpm's ECC P-384 EK) use a PolicyOR over several policies;
-activation with them is not supported (docs/decisions/0059).
+high-range template of swtpm's ECC P-384 EK has PolicyB_SHA384 = PolicyOR(PolicyA,
+PolicyC) in SHA-384: the same PolicySecret in a SHA-384 session, then TPM2_PolicyOR
+over the two branch digests (docs/decisions/0059).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tpm2_pytss.types import (
     TPM2B_ID_OBJECT,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
+    TPML_DIGEST,
     TPMT_SYM_DEF,
 )
 from tpm2_pytss.utils import NVReadEK, create_ek_template
@@ -43,10 +45,34 @@ from custos.tpm.context import TpmContext
 from custos.tpm.errors import TpmError, is_device_loss, tpm_rc
 from custos.tpm.verify import AttestationEvidenceError
 
-#: EK profiles activation works with (low-range templates: PolicySecret(endorsement)).
-ACTIVATION_PROFILES: dict[str, str] = {"rsa2048": "EK-RSA2048", "ecc-p256": "EK-ECC256"}
-#: EK profiles whose public area :func:`ek_public_area` can recreate.
-EK_PROFILES: dict[str, str] = {**ACTIVATION_PROFILES, "ecc-p384": "EK-HIGH-ECC384"}
+#: EK profiles (custos' names) and tpm2-pytss' names of their TCG templates.
+EK_PROFILES: dict[str, str] = {
+    "rsa2048": "EK-RSA2048",
+    "ecc-p256": "EK-ECC256",
+    "ecc-p384": "EK-HIGH-ECC384",
+}
+#: EK profiles activation works with.
+ACTIVATION_PROFILES: dict[str, str] = dict(EK_PROFILES)
+
+# TCG EK Credential Profile 2.x, B.6: the SHA-384 policy digests of the high-range
+# templates' PolicyOR branches.  PolicyA = PolicySecret(TPM_RH_ENDORSEMENT); PolicyC
+# = PolicyAuthorizeNV of the EK policy NV index.  Checked: PolicyOR(A, C) is the
+# authPolicy of the template swtpm's P-384 EK is made from
+# (tests/tpm/test_activation.py::test_high_range_policy_digests).
+POLICY_A_SHA384 = bytes.fromhex(
+    "8bbf2266537c171cb56e403c4dc1d4b64f432611dc386e6f532050c3278c930e"
+    "143e8bb1133824ccb431053871c6db53"
+)
+POLICY_C_SHA384 = bytes.fromhex(
+    "d6032ce61f2fb3c240eb3cf6a33237ef2b6a16f4293c22b455e261cffd217ad5"
+    "b4947c2d73e63005eed2dc2b3593d165"
+)
+# profile -> (session hash, PolicyOR branches or None for PolicySecret alone)
+_EK_POLICIES: dict[str, tuple[TPM2_ALG, tuple[bytes, ...] | None]] = {
+    "rsa2048": (TPM2_ALG.SHA256, None),
+    "ecc-p256": (TPM2_ALG.SHA256, None),
+    "ecc-p384": (TPM2_ALG.SHA384, (POLICY_A_SHA384, POLICY_C_SHA384)),
+}
 
 #: Bytes of the secret the server sends (a SHA-256 digest's size: the EK's nameAlg).
 SECRET_BYTES = 32
@@ -185,15 +211,18 @@ def activate_credential(
         try:
             ek_handle, _ = _create_ek(ctx, ectx, template)
             try:
+                session_hash, branches = _EK_POLICIES[ek_profile]
                 session = ectx.start_auth_session(
                     ESYS_TR.NONE,
                     ESYS_TR.NONE,
                     TPM2_SE.POLICY,
                     TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
-                    TPM2_ALG.SHA256,
+                    session_hash,
                 )
                 try:
                     ectx.policy_secret(ESYS_TR.ENDORSEMENT, session)
+                    if branches is not None:
+                        ectx.policy_or(session, TPML_DIGEST(list(branches)))
                     try:
                         digest = ectx.activate_credential(
                             ak_handle, ek_handle, blob, secret,
@@ -222,6 +251,8 @@ def activate_credential(
 __all__ = [
     "ACTIVATION_PROFILES",
     "EK_PROFILES",
+    "POLICY_A_SHA384",
+    "POLICY_C_SHA384",
     "SECRET_BYTES",
     "ActivationError",
     "activate_credential",

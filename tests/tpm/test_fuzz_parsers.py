@@ -140,3 +140,40 @@ def test_event_log(data: bytes) -> None:
         for event in events[1:]:
             assert 0 <= event.pcr < 24
             _only_evidence_errors(lambda e=event: replay([e], "sha256"))
+
+
+def _some_cert_der() -> bytes:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "ca")]))
+        .public_key(key.public_key())
+        .serial_number(7)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(Encoding.DER)
+
+
+CERT = _some_cert_der()
+
+
+@FUZZ
+@given(st.one_of(mutated(CERT), st.binary(max_size=300)))
+def test_ek_certificate_loading(data: bytes) -> None:
+    from custos.tpm.ekcert import load_ek_certificate
+
+    cert = _only_evidence_errors(lambda: load_ek_certificate(data))
+    if cert is not None:  # only the certificate itself, or it plus NV padding
+        der = cert.public_bytes(Encoding.DER)
+        assert data.startswith(der)
+        assert data[len(der) :].strip(b"\0") == b"" or data[len(der) :].strip(b"\xff") == b""

@@ -25,10 +25,12 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tpm2_pytss.constants import TPMA_OBJECT
 
+from custos._proto import agent_v1_pb2, types_v1_pb2
 from custos.agent.client.attest import AgentIdentity, attest_agent, make_csr
 from custos.agent.residency import KeyResidency
 from custos.keys import KeyStore, StoreKey
@@ -52,7 +54,7 @@ from custos.tpm.signatures import SCHEMES
 from custos.tpm.templates import KEY_ATTRIBUTES, key_template
 
 from . import test_issuer
-from .test_attestation import Harness, serve
+from .test_attestation import Harness, _csr_with, raw_attest, serve, token_payload
 from .test_issuer import AGENT, Parts
 
 TD = "example.org"
@@ -489,5 +491,38 @@ def test_an_agent_whose_node_has_no_ak_is_attested_with_residency_unproven(
         assert agent.attestation_key == b""
         rows = [r for r in h.datastore.audit.since() if r.identity == str(identity.spiffe_id)]
         assert {(r.custody, r.residency) for r in rows} == {("tpm", "unproven")}
+
+    serve(rig, tpm.store, scenario)
+
+
+@pytest.mark.parametrize(
+    ("size", "status", "code"),
+    [
+        (1025, grpc.StatusCode.INVALID_ARGUMENT, "invalid_custody"),  # over the issuer's 1 KiB
+        (64 * 1024 + 1, grpc.StatusCode.INVALID_ARGUMENT, "attestation_protocol"),
+    ],
+)
+def test_an_oversized_tpm_public_is_refused_before_the_token_is_spent(
+    rig: ServerRig, tpm: Tpm, size: int, status: grpc.StatusCode, code: str
+) -> None:
+    async def scenario(h: Harness) -> None:
+        _, secret = await h.token()
+        csr = _csr_with(ec.generate_private_key(ec.SECP256R1()))
+
+        def start(tpm_public: bytes) -> agent_v1_pb2.AttestAgentRequest:
+            custody = types_v1_pb2.KeyCustody(tier="tpm", tpm_public=tpm_public)
+            key = agent_v1_pb2.AgentKeyRequest(csr=csr, custody=custody)
+            return agent_v1_pb2.AttestAgentRequest(
+                start=agent_v1_pb2.AttestationStart(
+                    attestor="join_token", payload=token_payload(secret), key=key
+                )
+            )
+
+        async with h.channel() as channel:
+            error = await h.refused(raw_attest(channel, [start(b"\x00" * size)]))
+            assert (error.status, error.code) == (status, code)
+            # The token is still good (and a join-token agent's evidence is only recorded).
+            [response] = await raw_attest(channel, [start(b"\x00\x01x")])
+            assert response.WhichOneof("step") == "result"
 
     serve(rig, tpm.store, scenario)

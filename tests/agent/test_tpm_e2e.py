@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,12 +21,21 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from custos._proto import types_v1_pb2
 from custos.agent.app import Agent
+from custos.agent.config import agent_config_from_toml
 from custos.agent.residency import KeyResidency
 from custos.client import WorkloadClient
-from custos.dev import TRUST_DOMAIN, dev_environment, wait_for_identities
+from custos.dev import (
+    TRUST_DOMAIN,
+    _agent_toml,
+    _DeviceSetup,
+    dev_environment,
+    wait_for_identities,
+)
 from custos.identity import SpiffeId
 from custos.keys.jwk import public_jwk_members
 from custos.server.admin.client import AdminClient
+from custos.testing.server import ServerRig, running_server
+from custos.testing.swtpm import SwtpmInstance
 from custos.tpm.context import shared_context
 from custos.tpm.ek import ek_public_key
 from custos.tpm.verify import parse_public, spki_sha256, verify_certify
@@ -174,3 +184,70 @@ def test_a_restarted_tpm_agent_attests_again_and_keeps_proving_residency(
             assert strict and all(r.residency == "proven" for r in strict)
 
     asyncio.run(main())
+
+
+def test_a_join_token_agent_sends_no_evidence_its_tpm_keys_are_unproven(
+    swtpm: SwtpmInstance, short_dir: Path
+) -> None:
+    """The other side of residency: a join-token agent with a tpm custody tier has no AK,
+    so its tpm keys carry no certify statement. The server issues them with residency
+    "unproven", and refuses an entry that requires proven residency (residency_unproven,
+    which the agent logs for that entry and retries) while serving the others."""
+    refusals: list[logging.LogRecord] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if getattr(record, "code", "") == "residency_unproven":
+                refusals.append(record)
+
+    handler = Catch()
+    logging.getLogger("custos.agent.workloads").addHandler(handler)
+
+    async def main() -> None:
+        rig = ServerRig(short_dir / "server", trust_domain=TRUST_DOMAIN)
+        async with running_server(rig) as srv, AdminClient(rig.admin_socket) as admin:
+            _, token = await asyncio.to_thread(srv.ctx.datastore.join_tokens.create, 600)
+            bundle_file = short_dir / "bundle.json"
+            (await asyncio.to_thread(srv.ctx.bundle)).save(bundle_file)
+            toml = _agent_toml(
+                socket=short_dir / "agent.sock",
+                data_dir=short_dir / "agent",
+                address=srv.agent_api_address,
+                bundle_file=bundle_file,
+                token=token,
+                device="tpm",
+                setup=_DeviceSetup(custody_table=f'tcti = "{swtpm.tcti}"\n', detail="swtpm"),
+            )
+            config = agent_config_from_toml(toml, source="test")
+            async with Agent(config) as agent:
+                assert not agent.node.residency.certifies
+                agent_id = str(agent.node.identity.spiffe_id)
+                assert "/custos/agent/join_token/" in agent_id
+                lax, strict = f"spiffe://{TRUST_DOMAIN}/lax", STRICT
+                for spiffe_id, required in ((strict, True), (lax, False)):
+                    await admin.create_entry(
+                        types_v1_pb2.Entry(
+                            spiffe_id=spiffe_id,
+                            parent_id=agent_id,
+                            selectors=[f"unix:uid:{os.getuid()}"],
+                            key_custody="tpm",
+                            require_residency=required,
+                        )
+                    )
+                await wait_for_identities(agent, {lax})
+                async with asyncio.timeout(BOUND):
+                    while not refusals:
+                        await asyncio.sleep(0.05)
+                assert strict not in {str(i.spiffe_id) for i in agent.identities.all()}
+            records = await asyncio.to_thread(srv.ctx.datastore.audit.since, 0)
+            [attested] = [r for r in records if r.event == "attestation"]
+            assert (attested.custody, attested.residency) == ("tpm", "unproven")
+            issued = [r for r in records if r.identity == lax]
+            assert issued and all((r.custody, r.residency) == ("tpm", "unproven") for r in issued)
+            assert not [r for r in records if r.identity == strict]
+
+    try:
+        asyncio.run(main())
+    finally:
+        logging.getLogger("custos.agent.workloads").removeHandler(handler)
+    assert STRICT in refusals[0].getMessage()

@@ -86,6 +86,38 @@ def test_the_agent_sends_intermediates_the_server_bundle_lacks(rig: Rig) -> None
     assert any(s.value.startswith("ek_issuer:") for s in result.selectors)
 
 
+def test_intermediates_in_the_tpms_ek_chain_nv_indices_are_sent(own_rig: Rig) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_NV
+    from tpm2_pytss.types import TPM2B_AUTH, TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
+
+    from custos.tpm.context import shared_context
+
+    rig = own_rig
+    state = rig.tpm.state
+    issuer = x509.load_pem_x509_certificate(state.issuer_cert.read_bytes())
+    der = issuer.public_bytes(Encoding.DER)
+    padded = der + b"\xff" * 16  # NV indices are often larger than what they hold
+
+    def provision(ectx: Any) -> None:
+        attributes = TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA
+        public = TPMS_NV_PUBLIC(
+            nvIndex=0x01C00100, nameAlg=TPM2_ALG.SHA256, attributes=attributes,
+            dataSize=len(padded),
+        )  # fmt: skip
+        handle = ectx.nv_define_space(TPM2B_AUTH(), TPM2B_NV_PUBLIC(nvPublic=public))
+        for offset in range(0, len(padded), 512):
+            ectx.nv_write(handle, padded[offset : offset + 512], offset, ESYS_TR.OWNER)
+        ectx.tr_close(handle)
+
+    with shared_context(rig.tpm.tcti) as ctx:
+        ctx.device(provision)
+    rig.server_settings["ek_ca_bundle"] = [str(state.root_cert)]
+    result = rig.attest()
+    assert wire.decode_payload(rig.payloads[-1]).ek_intermediates == (der,)
+    assert any(s.value.startswith("ek_issuer:") for s in result.selectors)
+
+
 def test_two_attestations_never_share_a_nonce(rig: Rig) -> None:
     for _ in range(3):
         rig.attest()

@@ -19,7 +19,8 @@ Settings (``[node_attestor.tpm]`` in agent.toml; all optional):
 ``ek_intermediates``
     Absolute paths of CA certificates (PEM, any number per file, or DER) between the EK
     certificate and the manufacturer root, sent with the payload: some vendors ship them
-    with the machine rather than in the server's bundle (at most 4).
+    with the machine rather than in the server's bundle.  Those the TPM keeps in the TCG EK
+    chain NV indices (0x01c00100-0x01c001ff) are sent too (at most 4 in all).
 ``event_log_file``
     A TCG2 binary event log to send with every answer, e.g.
     ``/sys/kernel/security/tpm0/binary_bios_measurements``; not sent (logged at
@@ -47,6 +48,9 @@ from custos_attestors.node.tpm.policy import DIGEST_SIZES, PcrSelection
 
 log = logging.getLogger(__name__)
 
+#: TCG EK Credential Profile: the NV indices of the EK certificate chain (intermediate CAs,
+#: each index one or more concatenated DER certificates).
+EK_CHAIN_FIRST, EK_CHAIN_LAST = 0x01C00100, 0x01C001FF
 #: EK profiles credential activation works with (custos.tpm.activation.ACTIVATION_PROFILES).
 ACTIVATION_PROFILES = ("rsa2048", "ecc-p256")
 AGENT_KEYS = frozenset({"tcti", "ek_profile", "ak_file", "ek_intermediates", "event_log_file"})
@@ -105,6 +109,50 @@ def _intermediates(paths: object) -> tuple[bytes, ...]:
             f"of {wire.MAX_CERT_BYTES} bytes"
         )
     return tuple(out)
+
+
+def _split_der(data: bytes) -> list[bytes]:
+    """The DER certificates one after another in an NV index (padding after them ignored)."""
+    from custos.tpm.ek import der_prefix
+
+    out: list[bytes] = []
+    while len(data) > 2 and data[0] == 0x30 and len(out) < wire.MAX_INTERMEDIATES:
+        der = der_prefix(data)
+        if len(der) <= 2 or len(der) > min(len(data), wire.MAX_CERT_BYTES):
+            break
+        out.append(der)
+        data = data[len(der) :]
+    return out
+
+
+def _nv_chain(ectx: Any) -> list[bytes]:
+    """Intermediate CA certificates the TPM keeps in the EK chain NV indices, each
+    checked to parse (a malformed one is skipped with a WARNING: the server decides)."""
+    from cryptography import x509
+    from tpm2_pytss.constants import TPM2_CAP
+
+    from custos.tpm.ek import read_nv
+    from custos.tpm.errors import TpmError
+
+    _more, cap = ectx.get_capability(
+        TPM2_CAP.HANDLES, EK_CHAIN_FIRST, EK_CHAIN_LAST - EK_CHAIN_FIRST + 1
+    )
+    handles = [int(cap.data.handles.handle[i]) for i in range(int(cap.data.handles.count))]
+    out: list[bytes] = []
+    for index in (h for h in handles if EK_CHAIN_FIRST <= h <= EK_CHAIN_LAST):
+        try:
+            data = read_nv(ectx, index)
+        except TpmError as e:
+            log.warning("tpm: EK chain NV index %#010x not read: %s", index, e.message)
+            continue
+        for der in _split_der(data or b""):
+            try:
+                x509.load_der_x509_certificate(der)
+            except ValueError:
+                log.warning("tpm: EK chain NV index %#010x holds a malformed certificate", index)
+                continue
+            out.append(der)
+    return out
 
 
 class TpmAgentAttestor:
@@ -226,6 +274,10 @@ class TpmAgentAttestor:
         ak = self.attestation_key()
         ek_public = ek_public_area(ctx, self._profile)
         cert = ctx.device(lambda ectx: ek_certificate(ectx, self._profile))
+        chain = list(self._intermediates)
+        for der in ctx.device(_nv_chain):
+            if der not in chain and len(chain) < wire.MAX_INTERMEDIATES:
+                chain.append(der)
         from cryptography.hazmat.primitives.serialization import Encoding
 
         return wire.Payload(
@@ -233,7 +285,7 @@ class TpmAgentAttestor:
             ek_public=bytes(ek_public.marshal()),
             ak_public=bytes(ak.tss.public.marshal()),
             ek_cert=cert.public_bytes(Encoding.DER) if cert is not None else None,
-            ek_intermediates=self._intermediates,
+            ek_intermediates=tuple(chain),
         ).encode()
 
     def _read_pcrs(self, selection: PcrSelection) -> dict[tuple[str, int], bytes]:

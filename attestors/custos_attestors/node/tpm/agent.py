@@ -167,6 +167,7 @@ class TpmAgentAttestor:
         self._ctx: Any = None  # custos.tpm.context.TpmContext
         self._token: int | None = None
         self._ak: Any = None  # custos.tpm.blobs.KeyBlob
+        self._ek: tuple[bytes, bytes | None, tuple[bytes, ...]] | None = None
         self._ak_lock = threading.Lock()
         self._warned_log = False
 
@@ -202,7 +203,7 @@ class TpmAgentAttestor:
     def close(self) -> None:
         ctx, token = self._ctx, self._token
         self._ctx = self._token = None
-        self._ak = None
+        self._ak = self._ek = None
         if ctx is not None and token is not None:
             from custos.tpm.context import detach
 
@@ -266,26 +267,43 @@ class TpmAgentAttestor:
 
     # -- evidence --
 
-    def _payload(self) -> bytes:
+    def _endorsement(self) -> tuple[bytes, bytes | None, tuple[bytes, ...]]:
+        """(EK public area, EK certificate, intermediates), read once per plugin: the EK
+        is a primary recreated from its template (~30 ms on swtpm for RSA), and it does
+        not change while the TPM keeps its endorsement seed, so renewals skip it."""
+        from cryptography.hazmat.primitives.serialization import Encoding
+
         from custos.tpm.activation import ek_public_area
         from custos.tpm.ek import ek_certificate
 
+        with self._ak_lock:
+            if self._ek is not None:
+                return self._ek
         ctx = self._context()
-        ak = self.attestation_key()
         ek_public = ek_public_area(ctx, self._profile)
         cert = ctx.device(lambda ectx: ek_certificate(ectx, self._profile))
         chain = list(self._intermediates)
         for der in ctx.device(_nv_chain):
             if der not in chain and len(chain) < wire.MAX_INTERMEDIATES:
                 chain.append(der)
-        from cryptography.hazmat.primitives.serialization import Encoding
+        ek = (
+            bytes(ek_public.marshal()),
+            cert.public_bytes(Encoding.DER) if cert is not None else None,
+            tuple(chain),
+        )
+        with self._ak_lock:
+            self._ek = ek
+        return ek
 
+    def _payload(self) -> bytes:
+        ak = self.attestation_key()
+        ek_public, ek_cert, chain = self._endorsement()
         return wire.Payload(
             ek_profile=self._profile,
-            ek_public=bytes(ek_public.marshal()),
+            ek_public=ek_public,
             ak_public=bytes(ak.tss.public.marshal()),
-            ek_cert=cert.public_bytes(Encoding.DER) if cert is not None else None,
-            ek_intermediates=tuple(chain),
+            ek_cert=ek_cert,
+            ek_intermediates=chain,
         ).encode()
 
     def _read_pcrs(self, selection: PcrSelection) -> dict[tuple[str, int], bytes]:

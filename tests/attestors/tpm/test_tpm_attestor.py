@@ -9,6 +9,7 @@ tamper with any message in between.  Tests that extend PCRs use a TPM of their o
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import json
 import logging
@@ -379,3 +380,71 @@ def test_an_unreadable_event_log_is_not_sent_and_warned_about_once(
     rig.attest()
     assert wire.decode_answer(rig.answers[0]).event_log is None
     assert caplog.text.count("not sending the event log") == 1
+
+
+# ---- hostile evidence, fuzzed ---------------------------------------------------------
+
+_PAYLOAD_FIELDS = ["ek_public", "ek_cert", "ak_public"]
+_ANSWER_FIELDS = ["quote_attest", "quote_signature", "pcr_values"]
+
+
+def _flip(message: bytes, name: str, position: int, bit: int) -> bytes:
+    data = json.loads(message)
+    if name == "pcr_values":
+        key = sorted(data[name])[position % len(data[name])]
+        raw = bytearray(bytes.fromhex(data[name][key]))
+        raw[position % len(raw)] ^= 1 << bit
+        data[name][key] = raw.hex()
+    else:
+        text = data[name]
+        raw = bytearray(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        raw[position % len(raw)] ^= 1 << bit
+        data[name] = wire.b64url(bytes(raw))
+    return json.dumps(data).encode()
+
+
+def test_evidence_with_any_bit_flipped_is_refused_or_names_the_same_node(rig: Rig) -> None:
+    """Every field the server checks, one bit flipped anywhere: a clean refusal (a custos
+    error, on either side), or (a bit the checks do not depend on, e.g. in the EK's
+    authPolicy) the very same agent; never another identity, never a crash."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    baseline = rig.attest()
+    outcomes: dict[str, int] = {"refused": 0, "same": 0}
+
+    @settings(
+        max_examples=60,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(
+        field=st.sampled_from(_PAYLOAD_FIELDS + _ANSWER_FIELDS),
+        position=st.integers(0, 4096),
+        bit=st.integers(0, 7),
+    )
+    def flip(field: str, position: int, bit: int) -> None:
+        def mutate(message: bytes) -> bytes:
+            return _flip(message, field, position, bit)
+
+        transform = {"payload": mutate} if field in _PAYLOAD_FIELDS else {"answer": mutate}
+
+        async def run() -> NodeAttestationResult:
+            with rig.server() as server, rig.agent() as agent:
+                return await rig.exchange(server, agent, **transform)
+
+        try:
+            result = asyncio.run(run())
+        except PluginCallError as e:
+            assert isinstance(e.__cause__, CustosError), repr(e.__cause__)
+            outcomes["refused"] += 1
+        except CustosError:  # the agent's TPM refused the tampered challenge
+            outcomes["refused"] += 1
+        else:
+            assert result.agent_id == baseline.agent_id
+            assert result.attestation_key == baseline.attestation_key
+            outcomes["same"] += 1
+
+    flip()
+    assert outcomes["refused"] > 0

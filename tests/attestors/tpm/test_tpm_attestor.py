@@ -448,3 +448,18 @@ def test_evidence_with_any_bit_flipped_is_refused_or_names_the_same_node(rig: Ri
 
     flip()
     assert outcomes["refused"] > 0
+
+
+def test_attestation_and_re_attestation_on_postgresql(
+    swtpm: Any, postgres_db: str, tmp_path: Any
+) -> None:
+    from custos.server.datastore import Datastore
+
+    with Datastore.open(postgres_db, trust_domain=TD) as store:
+        rig = Rig(swtpm, store, tmp_path)
+        first = rig.attest()
+        second = rig.attest()
+        assert second.agent_id == first.agent_id
+        assert wire.decode_challenge(rig.challenges[1]).activation is False
+        node = store.tpm_nodes.get(ek_hash_of(rig))
+        assert node is not None and node.ak_public == first.attestation_key

@@ -33,6 +33,7 @@ so the agent's event loop never waits on the TPM.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import tempfile
@@ -362,13 +363,27 @@ class TpmAgentAttestor:
                 break
         else:
             raise TpmAgentError(f"the PCRs kept changing during {QUOTE_ATTEMPTS} quotes")
-        return wire.Answer(
+        answer = wire.Answer(
             quote_attest=bytes(attest),
             quote_signature=bytes(signature.marshal()),
             pcr_values=before,
             activated_secret=bytes(activated) if activated is not None else None,
-            event_log=self._event_log(),
-        ).encode()
+        )
+        event_log = self._event_log()
+        if event_log is None:
+            return answer.encode()
+        bare = answer.encode()
+        # The log goes base64url into the same message: 4/3 larger, plus its key.
+        if len(bare) + (len(event_log) * 4 + 2) // 3 + 16 > wire.MAX_MESSAGE_BYTES:
+            log.warning(
+                "tpm: not sending the event log (%d bytes): with %d PCR values the answer "
+                "would exceed %d bytes",
+                len(event_log),
+                len(before),
+                wire.MAX_MESSAGE_BYTES,
+            )
+            return bare
+        return dataclasses.replace(answer, event_log=event_log).encode()
 
     async def attestation_flow(self) -> AsyncGenerator[bytes, bytes]:
         self._context()

@@ -71,3 +71,29 @@ def test_an_event_log_is_replayed_against_the_quote_and_gates_by_event(own_rig: 
     # No log at all while one is required.
     rig.agent_settings.pop("event_log_file")
     assert rig.refused().code == "event_log_missing"
+
+
+def test_a_firmware_sized_event_log_fits_compressed(own_rig: Rig) -> None:
+    """Real logs are 10-100 KiB, above the 64 KiB message bound raw: compressed they fit,
+    and the server still replays every event against the quote."""
+    from custos_attestors.node.tpm import wire
+
+    rig = own_rig
+    measured = [
+        (7, 0x80000001, b"SecureBoot db dbx KEK PK variable data " * 20 + bytes([i % 256]))
+        for i in range(120)
+    ]
+    for pcr, _, data in measured:
+        extend(rig.tpm, pcr, data)
+    log = build_log(measured)
+    assert len(log) > 96 * 1024
+    log_file = rig.tmp / "binary_bios_measurements"
+    log_file.write_bytes(log)
+    rig.agent_settings["event_log_file"] = str(log_file)
+    rig.server_settings["require_event_log"] = True
+    assert rig.attest().agent_id
+    assert len(rig.answers[-1]) < 64 * 1024
+    assert wire.decode_answer(rig.answers[-1]).event_log == log
+    # One event short: the replay no longer gives the quoted PCR 7.
+    log_file.write_bytes(build_log(measured[:-1]))
+    assert rig.refused().code == "event_log_mismatch"

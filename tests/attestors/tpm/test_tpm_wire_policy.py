@@ -281,3 +281,28 @@ def test_a_policy_applies_to_the_groups_a_node_matches() -> None:
         s.pcr_policy, mine, {**values, ("sha256", 7): b"\x44" * 32}, [Ev(7, 4, b"\x33" * 32)]
     )
     assert "sha256:7" in why and "not allowed" in why
+
+
+def test_the_event_log_travels_compressed_and_inflates_within_bounds() -> None:
+    import zlib
+
+    log = b"EV_EFI_VARIABLE_BOOT BootOrder " * 4000  # 124 KiB raw, a few hundred compressed
+    answer = wire.Answer(b"a", b"s", event_log=log)
+    data = answer.encode()
+    assert len(data) < 4096
+    assert wire.decode_answer(data).event_log == log
+
+    def with_log(raw: bytes) -> bytes:
+        return _mutate(wire.Answer(b"a", b"s").encode(), event_log=wire.b64url(raw))
+
+    bomb = zlib.compress(b"\0" * (wire.MAX_EVENT_LOG_BYTES + 1), 9)
+    stream = zlib.compress(b"a log", 9)
+    for bad in (
+        bomb,  # inflates past the bound
+        b"not zlib at all",
+        stream[:-3],  # truncated
+        stream + b"trailing",
+        zlib.compress(b"", 9),  # an empty log
+    ):
+        with pytest.raises(wire.TpmEvidenceError):
+            wire.decode_answer(with_log(bad))

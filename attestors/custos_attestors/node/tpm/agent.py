@@ -24,7 +24,8 @@ Settings (``[node_attestor.tpm]`` in agent.toml; all optional):
 ``event_log_file``
     A TCG2 binary event log to send with every answer, e.g.
     ``/sys/kernel/security/tpm0/binary_bios_measurements``; not sent (logged at
-    WARNING once) when unreadable or larger than the wire allows.
+    WARNING once) when unreadable or larger than 1 MiB; sent zlib-compressed, and left
+    out (WARNING) when even so it would not fit the 64 KiB message.
 
 Every TPM command runs in a worker thread (the shared context's lock serializes them),
 so the agent's event loop never waits on the TPM.
@@ -372,18 +373,11 @@ class TpmAgentAttestor:
         event_log = self._event_log()
         if event_log is None:
             return answer.encode()
-        bare = answer.encode()
-        # The log goes base64url into the same message: 4/3 larger, plus its key.
-        if len(bare) + (len(event_log) * 4 + 2) // 3 + 16 > wire.MAX_MESSAGE_BYTES:
-            log.warning(
-                "tpm: not sending the event log (%d bytes): with %d PCR values the answer "
-                "would exceed %d bytes",
-                len(event_log),
-                len(before),
-                wire.MAX_MESSAGE_BYTES,
-            )
-            return bare
-        return dataclasses.replace(answer, event_log=event_log).encode()
+        try:
+            return dataclasses.replace(answer, event_log=event_log).encode()
+        except wire.TpmEvidenceError as e:
+            log.warning("tpm: not sending the event log (%d bytes): %s", len(event_log), e.message)
+            return answer.encode()
 
     async def attestation_flow(self) -> AsyncGenerator[bytes, bytes]:
         self._context()

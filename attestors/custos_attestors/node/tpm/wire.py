@@ -17,6 +17,9 @@ The layout is the shared contract of issue 10 (docs/attestors.md, "tpm")::
     challenge {v, nonce, pcrs, credential_blob?, secret?}
     answer    {v, activated_secret?, quote_attest, quote_signature, pcr_values, event_log?}
 
+``event_log`` is the log zlib-compressed (RFC 1950), inflated by the server with a bound
+(:data:`MAX_EVENT_LOG_BYTES`): a compression bomb is refused after that many bytes.
+
 ``credential_blob`` and ``secret`` (the TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET of
 TPM2_MakeCredential) travel together or not at all: absent when the server already
 holds this AK as activated for this EK (a re-attestation, quote only).
@@ -28,6 +31,7 @@ import base64
 import binascii
 import json
 import re
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,9 +67,12 @@ MAX_ACTIVATED_SECRET_BYTES = 64
 #: TPMS_ATTEST of a quote is a few hundred bytes; TPMT_SIGNATURE likewise.
 MAX_ATTEST_BYTES = 1024
 MAX_SIGNATURE_BYTES = 1024
-#: A binary event log (TCG2 crypto-agile).  The whole answer must fit the catalog's
-#: 64 KiB message bound once base64url-encoded (4/3 larger): 45 KiB raw does.
-MAX_EVENT_LOG_BYTES = 45 * 1024
+#: A binary event log (TCG2 crypto-agile), as the agent read it: real ones are 10-100 KiB.
+MAX_EVENT_LOG_BYTES = 1024 * 1024
+#: On the wire the log is zlib-compressed (GUIDs, zero digests and repeated variable
+#: names compress well), and the whole answer must fit the catalog's 64 KiB bound
+#: once base64url-encoded (4/3 larger): 46 KiB compressed does.
+MAX_EVENT_LOG_WIRE_BYTES = 46 * 1024
 #: The catalog's bound on one attestation message (custos.plugin.catalog).
 MAX_MESSAGE_BYTES = 64 * 1024
 #: PCR values in one answer: 24 PCRs in each of four banks.
@@ -280,13 +287,27 @@ class Answer:
         if self.activated_secret is not None:
             message["activated_secret"] = b64url(self.activated_secret)
         if self.event_log is not None:
-            message["event_log"] = b64url(self.event_log)
+            message["event_log"] = b64url(zlib.compress(self.event_log, 9))
         data = _dump(message)
         decode_answer(data)
         return data
 
 
 _HEX = re.compile(r"[0-9a-f]*")
+
+
+def _inflate(data: bytes) -> bytes:
+    """The event log, inflated: one whole zlib stream of at most MAX_EVENT_LOG_BYTES."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, MAX_EVENT_LOG_BYTES + 1)
+    except zlib.error:
+        raise TpmEvidenceError("event_log is not a zlib stream") from None
+    if len(out) > MAX_EVENT_LOG_BYTES or inflater.unconsumed_tail:
+        raise TpmEvidenceError(f"event_log inflates to more than {MAX_EVENT_LOG_BYTES} bytes")
+    if not inflater.eof or inflater.unused_data or not out:
+        raise TpmEvidenceError("event_log is not one whole zlib stream of a non-empty log")
+    return out
 
 
 def decode_answer(data: object) -> Answer:
@@ -321,7 +342,9 @@ def decode_answer(data: object) -> Answer:
             else None
         ),
         event_log=(
-            _unb64(m["event_log"], "event_log", MAX_EVENT_LOG_BYTES) if "event_log" in m else None
+            _inflate(_unb64(m["event_log"], "event_log", MAX_EVENT_LOG_WIRE_BYTES))
+            if "event_log" in m
+            else None
         ),
     )
 
@@ -329,6 +352,8 @@ def decode_answer(data: object) -> Answer:
 __all__ = [
     "EK_PROFILES",
     "MAX_EVENT_LOG_BYTES",
+    "MAX_EVENT_LOG_WIRE_BYTES",
+    "MAX_MESSAGE_BYTES",
     "NONCE_BYTES",
     "VERSION",
     "Answer",

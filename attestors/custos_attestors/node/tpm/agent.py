@@ -376,7 +376,11 @@ class TpmAgentAttestor:
         try:
             return dataclasses.replace(answer, event_log=event_log).encode()
         except wire.TpmEvidenceError as e:
-            log.warning("tpm: not sending the event log (%d bytes): %s", len(event_log), e.message)
+            if not self._warned_log:
+                self._warned_log = True
+                log.warning(
+                    "tpm: not sending the event log (%d bytes): %s", len(event_log), e.message
+                )
             return answer.encode()
 
     async def attestation_flow(self) -> AsyncGenerator[bytes, bytes]:

@@ -119,6 +119,18 @@ def test_intermediates_in_the_tpms_ek_chain_nv_indices_are_sent(own_rig: Rig) ->
     assert any(s.value.startswith("ek_issuer:") for s in result.selectors)
 
 
+def test_a_tpm_without_an_ek_certificate_attests_through_the_allowlist_only(rig: Rig) -> None:
+    def no_cert(payload: bytes) -> bytes:
+        return edit(payload, ek_cert=None)
+
+    error = rig.refused(payload=no_cert)
+    assert error.code == "ek_untrusted" and "no EK certificate" in error.message
+    rig.server_settings["ek_allowlist"] = [ek_hash_of(rig)]
+    values = {s.value for s in rig.attest(payload=no_cert).selectors}
+    assert f"ek_pubhash:{ek_hash_of(rig)}" in values
+    assert not any(v.startswith(("ek_issuer:", "manufacturer:")) for v in values)
+
+
 def test_two_attestations_never_share_a_nonce(rig: Rig) -> None:
     for _ in range(3):
         rig.attest()

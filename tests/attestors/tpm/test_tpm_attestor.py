@@ -132,6 +132,15 @@ def test_a_tpm_without_an_ek_certificate_attests_through_the_allowlist_only(rig:
     assert not any(v.startswith(("ek_issuer:", "manufacturer:")) for v in values)
 
 
+def test_a_quote_over_two_banks_and_many_pcrs(rig: Rig) -> None:
+    """More PCRs than one TPM2_PCR_Read returns (8), in two banks."""
+    rig.server_settings["pcrs"] = "sha1:0,7+sha256:" + ",".join(map(str, range(12)))
+    values = {s.value for s in rig.attest().selectors}
+    pcrs = {v.rsplit(":", 1)[0] for v in values if v.startswith("pcr:")}
+    assert pcrs == {"pcr:sha1:0", "pcr:sha1:7"} | {f"pcr:sha256:{i}" for i in range(12)}
+    assert wire.decode_challenge(rig.challenges[0]).pcrs.keys()[:2] == [("sha1", 0), ("sha1", 7)]
+
+
 def test_two_attestations_never_share_a_nonce(rig: Rig) -> None:
     for _ in range(3):
         rig.attest()

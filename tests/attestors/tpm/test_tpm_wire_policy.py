@@ -217,6 +217,8 @@ def test_settings_need_a_way_to_trust_an_ek(tmp_path: Path) -> None:
         {"ek_allowlist": HASH},
         {"ek_allowlist_file": "/nonexistent/allow"},
         {"ek_ca_bundle": ["/nonexistent/ca.pem"]},
+        {"ek_ca_bundle": ["relative/ca.pem"]},
+        {"ek_allowlist_file": "allow.txt"},
         {"ek_allowlist": [HASH], "unknown": 1},
         {"ek_allowlist": [HASH], "challenge_ttl": "0s"},
         {"ek_allowlist": [HASH], "challenge_ttl": "2h"},

@@ -16,6 +16,7 @@ matches is not constrained.  See docs/attestors.md, "tpm", and decision 0069.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -253,8 +254,8 @@ DEFAULT_CHALLENGE_TTL = "60s"
 
 
 def _read(path: object, what: str) -> bytes:
-    if not isinstance(path, str) or not path:
-        raise PolicyConfigError(f"{what} must be a file path")
+    if not isinstance(path, str) or not path or "\0" in path or not os.path.isabs(path):
+        raise PolicyConfigError(f"{what} must be an absolute file path")
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)

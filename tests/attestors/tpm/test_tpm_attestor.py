@@ -141,6 +141,41 @@ def test_a_quote_over_two_banks_and_many_pcrs(rig: Rig) -> None:
     assert wire.decode_challenge(rig.challenges[0]).pcrs.keys()[:2] == [("sha1", 0), ("sha1", 7)]
 
 
+def test_a_garbled_ek_certificate_in_nv_is_not_sent_and_the_allowlist_decides(
+    own_rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_NV
+    from tpm2_pytss.types import TPM2B_AUTH, TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
+
+    from custos.tpm.context import shared_context
+
+    rig = own_rig
+    ek_hash = ek_hash_of(rig)
+    garbage = b"\x30\x82\x01\x00" + b"not a certificate" * 10
+
+    def garble(ectx: Any) -> None:
+        # swtpm_setup wrote the certificate under the platform hierarchy (empty auth
+        # after every startup): replace it with an index the owner writes.
+        ectx.nv_undefine_space(ectx.tr_from_tpmpublic(0x01C00002), ESYS_TR.PLATFORM)
+        public = TPMS_NV_PUBLIC(
+            nvIndex=0x01C00002, nameAlg=TPM2_ALG.SHA256,
+            attributes=TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA,
+            dataSize=len(garbage),
+        )  # fmt: skip
+        handle = ectx.nv_define_space(TPM2B_AUTH(), TPM2B_NV_PUBLIC(nvPublic=public))
+        ectx.nv_write(handle, garbage, 0, ESYS_TR.OWNER)
+        ectx.tr_close(handle)
+
+    with shared_context(rig.tpm.tcti) as ctx:
+        ctx.device(garble)
+    caplog.set_level(logging.WARNING)
+    assert rig.refused().code == "ek_untrusted"
+    assert "sending no EK certificate" in caplog.text
+    assert wire.decode_payload(rig.payloads[-1]).ek_cert is None
+    rig.server_settings["ek_allowlist"] = [ek_hash]
+    assert str(rig.attest().agent_id).endswith(ek_hash)
+
+
 def test_two_attestations_never_share_a_nonce(rig: Rig) -> None:
     for _ in range(3):
         rig.attest()

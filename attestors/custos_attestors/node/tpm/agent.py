@@ -277,13 +277,20 @@ class TpmAgentAttestor:
 
         from custos.tpm.activation import ek_public_area
         from custos.tpm.ek import ek_certificate
+        from custos.tpm.errors import TpmError
 
         with self._ak_lock:
             if self._ek is not None:
                 return self._ek
         ctx = self._context()
         ek_public = ek_public_area(ctx, self._profile)
-        cert = ctx.device(lambda ectx: ek_certificate(ectx, self._profile))
+        try:
+            cert = ctx.device(lambda ectx: ek_certificate(ectx, self._profile))
+        except TpmError as e:
+            # A garbled or unreadable certificate: attest without one (the allowlist
+            # may still trust the EK; the server says so if not).
+            log.warning("tpm: sending no EK certificate: %s", e.message)
+            cert = None
         chain = list(self._intermediates)
         for der in ctx.device(_nv_chain):
             if der not in chain and len(chain) < wire.MAX_INTERMEDIATES:

@@ -328,6 +328,33 @@ class SwtpmInstance:
         self.start(timeout)
 
 
+def lockout_counter(tcti: str) -> int:
+    """The TPM's dictionary-attack counter (``TPM_PT_LOCKOUT_COUNTER``, failedTries)."""
+    from tpm2_pytss import ESAPI
+    from tpm2_pytss.constants import TPM2_CAP, TPM2_PT
+
+    with ESAPI(tcti) as ectx:
+        _more, cap = ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.LOCKOUT_COUNTER, 1)
+        return int(cap.data.tpmProperties[0].value)
+
+
+def reset_lockout(tcti: str) -> None:
+    """``TPM2_DictionaryAttackLockReset`` with swtpm's empty lockout auth: failedTries to 0.
+
+    A TPM that stops without ``TPM2_Shutdown`` (swtpm killed *or* stopped with
+    SIGTERM) after a DA-protected object was used counts one failed try, and
+    libtpms allows three (maxTries 3, recovery 1000 s): a rig that restarts its
+    TPM more often than that must reset the counter, or every key without
+    ``noDA`` (custos' storage primary and workload keys, measured) is refused
+    with TPM_RC_LOCKOUT. See docs/decisions/0075-device-fault-rig.md.
+    """
+    from tpm2_pytss import ESAPI
+    from tpm2_pytss.constants import ESYS_TR
+
+    with ESAPI(tcti) as ectx:
+        ectx.dictionary_attack_lock_reset(ESYS_TR.LOCKOUT)
+
+
 def start_instance(state_dir: Path, *, attempts: int = 5) -> SwtpmInstance:
     """Start swtpm on a free port pair, retrying when another process grabs the ports first."""
     last: SwtpmError | None = None

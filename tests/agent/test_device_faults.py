@@ -254,7 +254,7 @@ def test_eight_workloads_signing_while_the_tpm_dies_and_returns(
             phase["back"] = True
             # A TPM lost while tpm2-abrmd waited on its own ContextSave wedges the
             # daemon (decision 0075): the agent answers UNAVAILABLE throughout, and
-            # restarting the daemon (what its systemd unit would do) brings it back.
+            # restarting the daemon (an operator's remedy: it does not exit) brings it back.
             for _ in range(30):
                 if outcomes["ok_after"] or rm.abrmd.wedged():
                     break
@@ -305,7 +305,7 @@ def test_the_resource_manager_itself_restarting_is_survived_too(
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "custos' storage primary and workload keys lack noDA (custos.tpm.templates): every "
+    "custos' workload keys lack noDA (custos.tpm.templates.key_template): every "
     "TPM stop after a signature counts a dictionary-attack failure, and at maxTries "
     "(3 on swtpm) the keys are refused for recoveryTime (decision 0075)"))
 def test_three_device_losses_in_a_row_do_not_lock_the_keys_out(

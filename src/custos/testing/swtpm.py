@@ -345,7 +345,7 @@ def reset_lockout(tcti: str) -> None:
     SIGTERM) after a DA-protected object was used counts one failed try, and
     libtpms allows three (maxTries 3, recovery 1000 s): a rig that restarts its
     TPM more often than that must reset the counter, or every key without
-    ``noDA`` (custos' storage primary and workload keys, measured) is refused
+    ``noDA`` (custos' workload keys; its storage primary has it) is refused
     with TPM_RC_LOCKOUT. See docs/decisions/0075-device-fault-rig.md.
     """
     from tpm2_pytss import ESAPI

@@ -22,6 +22,7 @@ reused fd number about liveness.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import select
@@ -140,11 +141,14 @@ class _Connection(socket.socket):
 
     def close(self) -> None:
         super().close()
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.forget(self)
         caller, self.caller = self.caller, None
         if caller is not None:
             caller.release()
-            if self.listener is not None:
-                self.listener.closed(caller.uid)
+            if listener is not None:
+                listener.closed(caller.uid)
 
 
 class CallerSocket(socket.socket):
@@ -159,6 +163,8 @@ class CallerSocket(socket.socket):
         self.max_per_uid = max_per_uid
         # Touched only by accept() and close(), both on the event loop.
         self._counts: dict[int, int] = {}
+        #: Every accepted connection not yet closed (for close_connections()).
+        self._connections: set[_Connection] = set()
         #: uids refused since their last accepted connection (logged once)
         self._refused: set[int] = set()
 
@@ -172,9 +178,30 @@ class CallerSocket(socket.socket):
                 self._refuse(conn, caller)
             self._counts[caller.uid] = self._counts.get(caller.uid, 0) + 1
             self._refused.discard(caller.uid)
-            conn.listener = self
+        conn.listener = self
         conn.caller = caller
+        self._connections.add(conn)
         return conn, caller
+
+    def forget(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
+
+    async def close_connections(self, timeout: float = 2.0) -> None:
+        """Close every accepted connection that is still open.
+
+        ``shutdown(SHUT_RD)`` first: the transport reads end-of-file, flushes what
+        it still has to write (the calls' trailers) and closes the socket itself.
+        What is still open after ``timeout`` is shut down both ways.
+        """
+        for conn in list(self._connections):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RD)
+        deadline = time.monotonic() + timeout
+        while self._connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self._connections):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     def _refuse(self, conn: socket.socket, caller: Caller) -> None:
         conn.close()

@@ -72,6 +72,10 @@ def denied(message: str = "permission denied") -> GRPCError:
 
 
 NO_IDENTITY = "no identity issued"
+#: The status message of calls that close() ended or refused.
+SHUTTING_DOWN = "the agent is shutting down"
+#: How long close() lets unary calls in flight finish before it cancels them.
+DEFAULT_CLOSE_GRACE = 2.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,12 @@ class _Calls:
         self._limits = limits
         self._rate = RateLimiter(limits.requests_per_second, limits.burst)
         self._streams = StreamCounter(limits.max_streams_per_uid)
+        #: Set by drain(): every call from then on is UNAVAILABLE.
+        self.closing = False
+        #: The task of every call being handled, and whether it is a stream.
+        self._inflight: dict[asyncio.Task[Any], bool] = {}
+        #: Tasks drain() cancelled: their cancellation becomes UNAVAILABLE.
+        self._stopping: set[asyncio.Task[Any]] = set()
 
     # -- the gate ------------------------------------------------------------------
 
@@ -180,7 +190,12 @@ class _Calls:
     def handler(self, method: str, impl: Impl, *, spiffe: bool, streaming: bool,
                 attest: bool = True) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
         async def run(stream: Stream[Any, Any]) -> None:
+            if self.closing:
+                raise GRPCError(Status.UNAVAILABLE, SHUTTING_DOWN)
             caller = self._caller(stream, method, spiffe=spiffe)
+            task = asyncio.current_task()
+            if task is not None:
+                self._inflight[task] = streaming
             counted = False
             try:
                 if streaming:
@@ -198,16 +213,53 @@ class _Calls:
                 log.info("workload API: %s from pid %d: %s [%s] %s", method, caller.pid,
                          status.name, e.code, e.message)
                 raise GRPCError(status, message) from None
-            except (asyncio.CancelledError, GeneratorExit):
+            except asyncio.CancelledError:
+                if task is not None and task in self._stopping:
+                    # Cancelled by drain(), not by the caller: answer with a status.
+                    task.uncancel()
+                    log.info("workload API: %s from pid %d ended: the agent is shutting "
+                             "down", method, caller.pid)
+                    raise GRPCError(Status.UNAVAILABLE, SHUTTING_DOWN) from None
+                raise
+            except GeneratorExit:
                 raise
             except Exception:
                 log.exception("workload API: %s from pid %d failed", method, caller.pid)
                 raise GRPCError(Status.INTERNAL, "internal error") from None
             finally:
+                if task is not None:
+                    self._inflight.pop(task, None)
+                    self._stopping.discard(task)
                 if counted:
                     self._streams.release(caller.uid)
 
         return run
+
+    # -- closing ----------------------------------------------------------------------
+
+    def _stop(self, task: asyncio.Task[Any]) -> None:
+        self._stopping.add(task)
+        task.cancel()
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new calls; end streams now; give unary calls ``grace`` seconds to
+        finish, then end them. Every call ends with a status: its own, or
+        UNAVAILABLE. Returns once every call's task is done (its trailers written)."""
+        self.closing = True
+        for task, streaming in list(self._inflight.items()):
+            if streaming:  # a stream never ends by itself
+                self._stop(task)
+        pending = set(self._inflight)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=max(grace, 0.0))
+        for task in pending:
+            self._stop(task)
+        if pending:
+            # A handler stuck where cancellation cannot reach (it swallows it) is
+            # left to the transport's close below, after a bounded wait.
+            _, stuck = await asyncio.wait(pending, timeout=5.0)
+            if stuck:
+                log.warning("workload API: %d calls did not end when cancelled", len(stuck))
 
     # -- what a call may be served --------------------------------------------------
 
@@ -313,7 +365,7 @@ def _bind(sock: socket.socket, path: Path) -> None:
 
 def listening_socket(
     path: Path, max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
-) -> socket.socket:
+) -> CallerSocket:
     """Bound at ``path`` with mode 0666, its directory created 0755 if missing."""
     sock = CallerSocket(max_connections_per_uid)
     try:
@@ -333,15 +385,38 @@ def listening_socket(
 class WorkloadApiServer:
     """A running Workload API; :meth:`close` stops it and removes the socket file."""
 
-    def __init__(self, server: Server, socket_path: Path) -> None:
+    def __init__(self, server: Server, socket_path: Path, calls: _Calls | None = None,
+                 listener: CallerSocket | None = None) -> None:
         self._server = server
         self.socket_path = socket_path
+        self._calls = calls
+        self._listener = listener
+        self._closed: asyncio.Future[None] | None = None
 
-    async def close(self) -> None:
-        self._server.close()
-        await self._server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+    async def close(self, grace: float = DEFAULT_CLOSE_GRACE) -> None:
+        """Stop serving, and leave no connection served (decision 0076).
+
+        New calls, on new or open connections, are UNAVAILABLE at once; streams end
+        with UNAVAILABLE; unary calls in flight get ``grace`` seconds to finish,
+        then UNAVAILABLE. Then every open connection is closed (the client sees
+        the connection end, as from a stopped agent), the listener stops and the
+        socket file is removed. A second call waits for the first.
+        """
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+            return
+        self._closed = asyncio.get_running_loop().create_future()
+        try:
+            if self._calls is not None:
+                await self._calls.drain(grace)
+            if self._listener is not None:
+                await self._listener.close_connections()
+            self._server.close()
+            await self._server.wait_closed()
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+        finally:
+            self._closed.set_result(None)
 
 
 async def serve_workload_api(
@@ -371,12 +446,14 @@ async def serve_workload_api(
         await server.start(sock=sock)
         undo.pop_all()
     log.info("workload API listening on %s", path)
-    return WorkloadApiServer(server, path)
+    return WorkloadApiServer(server, path, calls, sock)
 
 
 __all__ = [
+    "DEFAULT_CLOSE_GRACE",
     "NO_IDENTITY",
     "SECURITY_HEADER",
+    "SHUTTING_DOWN",
     "SIGNING_SERVICE",
     "SPIFFE_SERVICE",
     "Call",

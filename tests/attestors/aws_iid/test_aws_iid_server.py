@@ -1,0 +1,120 @@
+"""aws_iid through the real server (AttestAgent over gRPC): trust on first use per
+instance — the same document attests once, is refused (and logged) until the agent is
+evicted, then attests again."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from custos.agent.client.attest import AgentIdentity, attest_agent
+from custos.agent.client.channel import open_channel
+from custos.agent.client.errors import AgentApiError
+from custos.keys import KeyStore, KeyStoreConfig, open_key_store
+from custos.plugin import AgentCatalog, PluginConfig
+from custos.server.app import Server
+from custos.testing.fake_aws import AwsSigner, FakeImds
+from custos.testing.server import ServerRig, running_server
+
+TD = "example.org"
+ACCOUNT = "123456789012"
+
+
+@pytest.fixture
+def aws() -> AwsSigner:
+    return AwsSigner()
+
+
+@pytest.fixture
+def rig(aws: AwsSigner, tmp_path: Path) -> Iterator[ServerRig]:
+    cert = tmp_path / "aws.pem"
+    cert.write_bytes(aws.certificate_pem)
+    rig = ServerRig.create(
+        sections={
+            "node_attestors.aws_iid": {
+                "certificates": [str(cert)],
+                "account_allowlist": [ACCOUNT],
+            }
+        }
+    )
+    yield rig
+    rig.destroy()
+
+
+@pytest.fixture
+def keys() -> Iterator[KeyStore]:
+    store = open_key_store(KeyStoreConfig(store="memory"))
+    yield store
+    store.close()
+
+
+async def attest(srv: Server, keys: KeyStore, imds_url: str, key_name: str) -> AgentIdentity:
+    keys.create(key_name, "ES256")
+    with AgentCatalog.load(
+        TD,
+        node_attestors=[PluginConfig("aws_iid", {"endpoint": imds_url})],
+        workload_attestors=[PluginConfig("example")],
+    ) as catalog:
+        async with open_channel(
+            srv.agent_api_address,
+            bundle=srv.ctx.bundle(),
+            server_name=srv.ctx.config.agent_api.dns_name,
+        ) as channel:
+            return await attest_agent(
+                channel, attestor=catalog.node_attestor, key=keys.get(key_name), custody="memory"
+            )
+
+
+def test_the_same_document_attests_once_until_the_agent_is_evicted(
+    rig: ServerRig, keys: KeyStore, aws: AwsSigner, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+
+    async def scenario() -> None:
+        with FakeImds(*aws.signed()) as imds:
+            async with running_server(rig) as srv:
+                first = await attest(srv, keys, imds.url, "a1")
+                assert str(first.spiffe_id) == (
+                    f"spiffe://{TD}/custos/agent/aws_iid/{ACCOUNT}/us-west-2/i-1234567890abcdef0"
+                )
+                assert first.reattestable is False
+                assert "aws_iid:instance:id:i-1234567890abcdef0" in {
+                    str(s) for s in first.selectors
+                }
+
+                # The replay: the same (still valid) document, another key.
+                with pytest.raises(AgentApiError) as info:
+                    await attest(srv, keys, imds.url, "a2")
+                assert info.value.code == "agent_already_attested"
+                assert info.value.status == grpc.StatusCode.PERMISSION_DENIED
+
+                srv.ctx.datastore.agents.evict(first.spiffe_id)
+                again = await attest(srv, keys, imds.url, "a3")
+                assert again.spiffe_id == first.spiffe_id
+                agent = srv.ctx.datastore.agents.get(first.spiffe_id)
+                assert agent.attestor == "aws_iid" and not agent.evicted
+
+    asyncio.run(scenario())
+
+
+def test_a_refusal_is_a_status_with_the_attestors_code_and_a_log_line(
+    rig: ServerRig, keys: KeyStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+
+    async def scenario() -> None:
+        with FakeImds(*AwsSigner().signed()) as imds:  # signed by a key nobody trusts
+            async with running_server(rig) as srv:
+                with pytest.raises(AgentApiError) as info:
+                    await attest(srv, keys, imds.url, "b1")
+                assert info.value.code == "aws_iid_signature_invalid"
+                assert info.value.status == grpc.StatusCode.PERMISSION_DENIED
+
+    asyncio.run(scenario())
+    assert "node attestation with 'aws_iid' refused" in caplog.text
+    assert "not signed by a configured AWS certificate" in caplog.text

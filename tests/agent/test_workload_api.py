@@ -600,6 +600,10 @@ def test_limits_refuse_nonsense() -> None:
         {"burst": True},
         {"max_message_bytes": 10},
         {"attestation_cache_seconds": -1},
+        {"max_connections_per_uid": 0},
+        {"max_connections_per_uid": True},
+        {"max_connections_per_uid": 2.5},
+        {"max_connections_per_uid": 65_537},
     ):
         with pytest.raises(WorkloadApiConfigError):
             WorkloadApiLimits(**bad)  # type: ignore[arg-type]
@@ -886,6 +890,42 @@ def test_connections_per_uid_are_bounded(plugin_site: Path, tmp_path: Path,
         refused, accepted = asyncio.run(go())
         assert refused == [b"", b""] and accepted
     assert len([r for r in caplog.records if "connection from pid" in r.getMessage()]) == 1
+
+
+def test_connections_per_uid_is_a_limit_and_the_argument_still_overrides_it(
+    plugin_site: Path, tmp_path: Path,
+) -> None:
+    assert WorkloadApiLimits().max_connections_per_uid == 256
+    assert WorkloadApiLimits.from_mapping(
+        {"max_connections_per_uid": 2}).max_connections_per_uid == 2
+
+    def refused_after(rig: Rig, held_count: int) -> bool:
+        """Hold ``held_count`` connections; is one more closed at once?"""
+        async def go() -> bool:
+            held = [Channel(path=str(rig.socket)) for _ in range(held_count)]
+            try:
+                for channel in held:
+                    await WimseSigningStub(channel).Ping(wpb.PingRequest(), timeout=10)
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+                    raw.settimeout(10)
+                    await asyncio.to_thread(raw.connect, str(rig.socket))
+                    return await asyncio.to_thread(raw.recv, 64) == b""
+            finally:
+                for channel in held:
+                    channel.close()
+
+        return asyncio.run(go())
+
+    with make_rig(tmp_path / "a", WorkloadApiLimits(max_connections_per_uid=2)) as rig:
+        assert refused_after(rig, 2)
+    with make_rig(tmp_path / "b", WorkloadApiLimits(max_connections_per_uid=2),
+                  max_connections_per_uid=4) as rig:
+        assert not refused_after(rig, 2) and refused_after(rig, 4)
+    path = tmp_path / "c.sock"
+    with pytest.raises(WorkloadApiConfigError, match="max_connections_per_uid"):
+        asyncio.run(serve_workload_api(  # type: ignore[arg-type]
+            path, identities=None, catalog=None, max_connections_per_uid=0))
+    assert not path.exists()
 
 
 def test_a_hint_is_unique_among_the_svids_returned(wapi: Rig) -> None:

@@ -10,7 +10,9 @@ outgoing request) and small against a runaway loop:
 - ``max_streams_per_uid`` 64: concurrent streaming calls (FetchX509SVID & co.);
 - ``max_message_bytes`` 4 MiB: one request message (gRPC's own default);
 - ``attestation_cache_seconds`` 1.0: how long one connection's attestation is
-  reused by the next call on the same connection (a new connection re-attests).
+  reused by the next call on the same connection (a new connection re-attests);
+- ``max_connections_per_uid`` 256: connections one uid holds open at once (each
+  costs the agent a socket and a pidfd); one more is closed as soon as it is accepted.
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ class WorkloadApiLimits:
     max_streams_per_uid: int = 64
     max_message_bytes: int = 4 * 1024 * 1024
     attestation_cache_seconds: float = 1.0
+    max_connections_per_uid: int = 256
 
     def __post_init__(self) -> None:
         try:
             finite_number(self.requests_per_second, name="requests_per_second", minimum=0.001,
                           maximum=1e6)
-            for name in ("burst", "max_streams_per_uid", "max_message_bytes"):
+            for name in ("burst", "max_streams_per_uid", "max_message_bytes",
+                         "max_connections_per_uid"):
                 value = getattr(self, name)
                 if not isinstance(value, int) or isinstance(value, bool):
                     raise WorkloadApiConfigError(f"{name} must be a whole number")
@@ -57,6 +61,9 @@ class WorkloadApiLimits:
                           maximum=64 * 1024 * 1024)
             seconds(self.attestation_cache_seconds, name="attestation_cache_seconds",
                     minimum=0.0, maximum=60.0)
+            # At most 65,536: each connection holds two file descriptors (socket, pidfd).
+            finite_number(self.max_connections_per_uid, name="max_connections_per_uid",
+                          minimum=1, maximum=65_536)
         except InvalidNumberError as e:
             raise WorkloadApiConfigError(f"workload API limits: {e.message}") from e
 

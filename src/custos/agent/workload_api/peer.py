@@ -130,6 +130,7 @@ def read_caller(conn: socket.socket) -> Caller | None:
 
 #: Open connections one uid may hold: each costs the agent a socket and a pidfd,
 #: and a caller that opens thousands would run the agent out of file descriptors.
+#: (``WorkloadApiLimits.max_connections_per_uid`` has the same default.)
 DEFAULT_MAX_CONNECTIONS_PER_UID = 256
 
 

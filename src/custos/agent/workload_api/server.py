@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -425,21 +426,25 @@ async def serve_workload_api(
     identities: IdentitySource,
     catalog: AgentCatalog | WorkloadAttestation,
     limits: WorkloadApiLimits | None = None,
-    max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID,
+    max_connections_per_uid: int | None = None,
 ) -> WorkloadApiServer:
     """Serve the SPIFFE Workload API and ``custos.wimse.v1.WimseSigning`` on ``socket_path``.
 
-    ``max_connections_per_uid`` (default 256) bounds the connections one uid holds open.
+    ``limits.max_connections_per_uid`` (default 256) bounds the connections one uid
+    holds open; the ``max_connections_per_uid`` argument, kept for callers from before
+    it was a limit, overrides it (validated the same way).
     """
     from .signing import signing_handlers
     from .spiffe import spiffe_handlers
 
     limits = limits if limits is not None else WorkloadApiLimits()
+    if max_connections_per_uid is not None:
+        limits = dataclasses.replace(limits, max_connections_per_uid=max_connections_per_uid)
     calls = _Calls(identities, catalog, limits)
     services = [_Service(spiffe_handlers(calls)), _Service(signing_handlers(calls))]
     server = Server(services, codec=_LimitedCodec(limits.max_message_bytes))
     path = Path(socket_path)
-    sock = listening_socket(path, max_connections_per_uid)
+    sock = listening_socket(path, limits.max_connections_per_uid)
     with contextlib.ExitStack() as undo:  # undone if the server does not start
         undo.callback(path.unlink, missing_ok=True)
         undo.callback(sock.close)

@@ -16,6 +16,7 @@ from custos.cli.admin import agent, bundle, entry, rotate_keys, token
 from custos.cli.agent import run_cmd as agent_run
 from custos.cli.dev import dev
 from custos.cli.keys import keys
+from custos.cli.plugins import plugins
 from custos.cli.server import server
 from custos.cli.tpm import tpm
 from custos.cli.wimse import jwt, wimse
@@ -59,6 +60,7 @@ cli.add_command(wit)
 cli.add_command(wpt)
 cli.add_command(x509)
 cli.add_command(dev)
+cli.add_command(plugins)
 
 
 def main() -> None:

@@ -1,0 +1,368 @@
+"""Server half of ``gcp_iit``: verifies a GCE instance identity token.
+
+1. the payload (``{"v": 1}``), then one challenge: a fresh audience
+   ``<audience>/<nonce>`` (128 random bits) the token must be minted for;
+2. the answer: an RS256 JWS verified with joserfc against Google's JWKS — a file
+   (``jwks_file``, read at configure) or an https URL (``jwks_url``, fetched on first
+   use, cached ``jwks_cache_seconds``, refetched for an unknown ``kid`` at most every
+   ``jwks_refetch_seconds``; 10 s and 64 KiB bounds) — ``gcp_iit_signature_invalid`` otherwise;
+3. claims: ``iss`` is ``https://accounts.google.com``; ``aud`` is exactly the
+   challenged audience (``gcp_iit_audience_mismatch``); ``exp`` in the future and
+   ``iat`` not in it (60 s leeway; ``gcp_iit_token_expired``);
+   ``google.compute_engine`` carries ``project_id``, ``zone``, ``instance_id`` and
+   ``instance_name`` of their GCE shapes (``gcp_iit_token_invalid``); the project is
+   on ``project_allowlist`` (``gcp_iit_project_not_allowed``);
+4. :class:`AttestedNode` named ``<project>/<instance id>`` with selectors
+   ``project-id``, ``zone``, ``instance-name`` and ``sa`` (the token's ``email``).
+
+The token is bound to this attestation by the nonce in its audience, so a token seen
+elsewhere cannot be replayed here; the half therefore re-attests
+(``supports_reattestation`` is true, decision 0087).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+import secrets
+import ssl
+import time
+from collections.abc import AsyncGenerator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from joserfc import jwt
+from joserfc.errors import (
+    BadSignatureError,
+    ExpiredTokenError,
+    InvalidClaimError,
+    InvalidKeyIdError,
+    JoseError,
+    MissingClaimError,
+)
+from joserfc.jwk import KeySet
+
+from custos.errors import CustosError
+from custos.plugin.protocols import AttestedNode, Challenge, CoreConfig
+from custos_attestors.node.gcp_iit import wire
+
+NAME = "gcp_iit"
+ISSUER = "https://accounts.google.com"
+log = logging.getLogger(__name__)
+
+_SETTINGS = {
+    "datastore",  # the server hands every node attestor its Datastore; unused here
+    "audience",
+    "project_allowlist",
+    "jwks_file",
+    "jwks_url",
+    "jwks_ca_bundle",
+    "jwks_cache_seconds",
+    "jwks_refetch_seconds",
+}
+MAX_JWKS_BYTES = 64 * 1024
+MAX_JWKS_KEYS = 32
+JWKS_TIMEOUT = 10.0
+#: An unknown ``kid`` refetches the JWKS at most this often by default
+#: (``jwks_refetch_seconds``): a flood of forged kids must not become a flood of fetches.
+REFETCH_INTERVAL = 60.0
+LEEWAY = 60
+
+_PROJECT = re.compile(r"[a-z][a-z0-9-]{4,28}[a-z0-9]")
+_ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")
+_INSTANCE_ID = re.compile(r"[0-9]{1,20}")
+_INSTANCE_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+_EMAIL = re.compile(r"[A-Za-z0-9._+-]{1,128}@[A-Za-z0-9.-]{1,128}")
+
+
+class GcpIitRefusedError(CustosError):
+    """The identity token was refused; ``code`` says why."""
+
+    code = "gcp_iit_refused"
+
+
+def _refuse(code: str, message: str) -> GcpIitRefusedError:
+    return GcpIitRefusedError(message, code=code)
+
+
+def parse_jwks(data: bytes, source: str) -> KeySet:
+    """An RSA-only key set of at most 32 keys, each with a ``kid``."""
+    if len(data) > MAX_JWKS_BYTES:
+        raise ValueError(f"{source}: the JWKS is larger than {MAX_JWKS_BYTES} bytes")
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ValueError(f"{source}: the JWKS is not JSON") from None
+    keys = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(keys, list) or not 0 < len(keys) <= MAX_JWKS_KEYS:
+        raise ValueError(f"{source}: a JWKS needs 'keys': 1 to {MAX_JWKS_KEYS} keys")
+    usable = [
+        k
+        for k in keys
+        if isinstance(k, dict) and k.get("kty") == "RSA" and isinstance(k.get("kid"), str)
+    ]
+    if not usable:
+        raise ValueError(f"{source}: the JWKS has no RSA key with a kid")
+    try:
+        return KeySet.import_key_set({"keys": usable})
+    except (JoseError, ValueError, TypeError) as e:
+        raise ValueError(f"{source}: a JWKS key is malformed: {e}") from None
+
+
+def _kid(token: str) -> str | None:
+    """The ``kid`` of a compact JWS header (unverified; used to pick the key)."""
+    try:
+        header = json.loads(base64.urlsafe_b64decode(token.split(".", 1)[0] + "=="))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    kid = header.get("kid") if isinstance(header, dict) else None
+    return kid if isinstance(kid, str) else None
+
+
+class _JwksSource:
+    """Google's signing keys: a fixed file, or an https URL cached and refreshed."""
+
+    def __init__(self, config: Mapping[str, object]) -> None:
+        file, url = config.get("jwks_file"), config.get("jwks_url")
+        if (file is None) == (url is None):
+            raise ValueError("gcp_iit needs exactly one of jwks_file and jwks_url")
+        cache = config.get("jwks_cache_seconds", 3600)
+        if (
+            isinstance(cache, bool)
+            or not isinstance(cache, int | float)
+            or not 60 <= cache <= 86400
+        ):
+            raise ValueError("jwks_cache_seconds must be a number from 60 to 86400")
+        self._cache_seconds = float(cache)
+        refetch = config.get("jwks_refetch_seconds", REFETCH_INTERVAL)
+        if (
+            isinstance(refetch, bool)
+            or not isinstance(refetch, int | float)
+            or not 0 <= refetch <= 3600
+        ):
+            raise ValueError("jwks_refetch_seconds must be a number from 0 to 3600")
+        self._refetch = float(refetch)
+        self._keys: KeySet | None = None
+        self._kids: frozenset[str] = frozenset()
+        self._fetched = -float("inf")
+        self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
+        self._url: str | None = None
+        self._ssl: ssl.SSLContext | None = None
+        if file is not None:
+            if {"jwks_ca_bundle", "jwks_cache_seconds", "jwks_refetch_seconds"} & set(config):
+                raise ValueError("the jwks_url settings do not go with jwks_file")
+            path = _absolute(file, "jwks_file")
+            try:
+                data = path.read_bytes()[: MAX_JWKS_BYTES + 1]
+            except OSError as e:
+                raise ValueError(f"jwks_file: cannot read {path}: {e.strerror}") from None
+            self._set(parse_jwks(data, "jwks_file"))
+            return
+        if not isinstance(url, str) or len(url) > 1024:
+            raise ValueError("jwks_url must be an https URL")
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname or parts.username is not None:
+            raise ValueError("jwks_url must be an https URL")
+        self._url = url
+        bundle = config.get("jwks_ca_bundle")
+        if bundle is not None:
+            ca = _absolute(bundle, "jwks_ca_bundle")
+            try:
+                self._ssl = ssl.create_default_context(cafile=str(ca))
+            except (OSError, ssl.SSLError) as e:
+                raise ValueError(f"jwks_ca_bundle: cannot load {ca}: {e}") from None
+        else:
+            self._ssl = ssl.create_default_context()
+
+    def _set(self, keys: KeySet) -> None:
+        self._keys = keys
+        self._kids = frozenset(k.kid for k in keys.keys if k.kid)
+
+    def _fetch_lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock_loop is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
+
+    async def _fetch(self) -> None:
+        assert self._url is not None
+        try:
+            async with asyncio.timeout(JWKS_TIMEOUT):
+                async with httpx.AsyncClient(
+                    verify=self._ssl or True,
+                    trust_env=False,
+                    follow_redirects=False,
+                    timeout=None,  # noqa: S113
+                ) as client:
+                    async with client.stream("GET", self._url) as response:
+                        if response.status_code != 200:
+                            raise _refuse(
+                                "gcp_iit_jwks_unavailable",
+                                f"the JWKS URL answered HTTP {response.status_code}",
+                            )
+                        body = bytearray()
+                        async for chunk in response.aiter_bytes():
+                            body += chunk
+                            if len(body) > MAX_JWKS_BYTES:
+                                break
+        except TimeoutError:
+            raise _refuse(
+                "gcp_iit_jwks_unavailable", "the JWKS URL did not answer in time"
+            ) from None
+        except httpx.HTTPError as e:
+            raise _refuse(
+                "gcp_iit_jwks_unavailable", f"the JWKS URL failed: {type(e).__name__}"
+            ) from e
+        try:
+            keys = parse_jwks(bytes(body), "jwks_url")
+        except ValueError as e:
+            raise _refuse("gcp_iit_jwks_unavailable", str(e)) from None
+        self._set(keys)
+
+    async def keys_for(self, kid: str | None) -> KeySet:
+        """The key set, fetched or refreshed as needed to hold ``kid``."""
+        if self._url is None:
+            assert self._keys is not None
+            return self._keys
+        async with self._fetch_lock():
+            now = time.monotonic()
+            stale = now - self._fetched > self._cache_seconds
+            unknown = kid is not None and kid not in self._kids
+            if self._keys is None or stale or (unknown and now - self._fetched >= self._refetch):
+                self._fetched = now  # a failed fetch also waits out the interval
+                try:
+                    await self._fetch()
+                except GcpIitRefusedError as e:
+                    log.warning("gcp_iit: %s", e.message)
+                    if self._keys is None or stale:
+                        raise
+            if self._keys is None:
+                raise _refuse("gcp_iit_jwks_unavailable", "no JWKS could be fetched yet")
+            return self._keys
+
+
+def _absolute(value: object, name: str) -> Path:
+    if not isinstance(value, str) or not Path(value).is_absolute():
+        raise ValueError(f"{name} must be an absolute path")
+    return Path(value)
+
+
+def _claim(claims: Mapping[str, Any], name: str, shape: re.Pattern[str]) -> str:
+    value = claims.get(name)
+    if not isinstance(value, str) or not shape.fullmatch(value):
+        raise _refuse(
+            "gcp_iit_token_invalid", f"google.compute_engine.{name} is missing or malformed"
+        )
+    return value
+
+
+class GcpIitServerAttestor:
+    """The ``gcp_iit`` node attestor, server half (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._audience = ""
+        self._projects: frozenset[str] = frozenset()
+        self._jwks: _JwksSource | None = None
+
+    @property
+    def supports_reattestation(self) -> bool:
+        # Each token is minted for this attestation's nonce: fresh evidence.
+        return True
+
+    def configure(self, config: Mapping[str, object], core: CoreConfig) -> None:
+        unknown = set(config) - _SETTINGS
+        if unknown:
+            raise ValueError(f"unknown gcp_iit settings: {', '.join(sorted(unknown))}")
+        self._audience = wire.check_audience_prefix(config.get("audience", "custos"))
+        projects = config.get("project_allowlist")
+        if not isinstance(projects, list | tuple) or not projects:
+            raise ValueError("gcp_iit needs 'project_allowlist': a non-empty list of project IDs")
+        for project in projects:
+            if not isinstance(project, str) or not _PROJECT.fullmatch(project):
+                raise ValueError(f"project_allowlist: {project!r} is not a GCP project ID")
+        self._projects = frozenset(projects)
+        self._jwks = _JwksSource(config)
+
+    async def verify(self, token: str, audience: str) -> tuple[list[str], list[str]]:
+        """(agent path, selector values) of a token minted for ``audience``."""
+        assert self._jwks is not None
+        keys = await self._jwks.keys_for(_kid(token))
+        try:
+            decoded = jwt.decode(token, keys, algorithms=["RS256"])
+        except BadSignatureError:
+            raise _refuse(
+                "gcp_iit_signature_invalid", "the identity token is not signed by Google's keys"
+            ) from None
+        except InvalidKeyIdError:
+            raise _refuse(
+                "gcp_iit_signature_invalid", "the identity token's key is not in the JWKS"
+            ) from None
+        except JoseError:
+            raise _refuse("gcp_iit_token_invalid", "the identity token is malformed") from None
+        except (ValueError, TypeError):
+            raise _refuse("gcp_iit_token_invalid", "the identity token is malformed") from None
+        claims = decoded.claims
+        registry = jwt.JWTClaimsRegistry(
+            leeway=LEEWAY,
+            iss={"essential": True, "value": ISSUER},
+            exp={"essential": True},
+            iat={"essential": True},
+        )
+        try:
+            registry.validate(claims)
+        except ExpiredTokenError:
+            raise _refuse("gcp_iit_token_expired", "the identity token has expired") from None
+        except (MissingClaimError, InvalidClaimError) as e:
+            raise _refuse(
+                "gcp_iit_token_invalid", f"the identity token's {e.claim} is wrong"
+            ) from None
+        except JoseError:
+            raise _refuse(
+                "gcp_iit_token_invalid", "the identity token's claims are wrong"
+            ) from None
+        if claims.get("aud") != audience:
+            raise _refuse(
+                "gcp_iit_audience_mismatch",
+                "the identity token was not minted for this attestation's audience",
+            )
+        gce = (
+            claims.get("google", {}).get("compute_engine")
+            if isinstance(claims.get("google"), dict)
+            else None
+        )
+        if not isinstance(gce, dict):
+            raise _refuse(
+                "gcp_iit_token_invalid",
+                "the identity token has no google.compute_engine claims (format=full)",
+            )
+        project = _claim(gce, "project_id", _PROJECT)
+        if project not in self._projects:
+            raise _refuse(
+                "gcp_iit_project_not_allowed", f"project {project} is not on the project allowlist"
+            )
+        zone = _claim(gce, "zone", _ZONE)
+        instance_id = _claim(gce, "instance_id", _INSTANCE_ID)
+        name = _claim(gce, "instance_name", _INSTANCE_NAME)
+        selectors = [f"project-id:{project}", f"zone:{zone}", f"instance-name:{name}"]
+        email = claims.get("email")
+        if isinstance(email, str) and _EMAIL.fullmatch(email):
+            selectors.append(f"sa:{email}")
+        return [project, instance_id], selectors
+
+    async def attest(self, payload: bytes) -> AsyncGenerator[Challenge | AttestedNode, bytes]:
+        if self._jwks is None:
+            raise RuntimeError("gcp_iit is not configured")
+        wire.decode_hello(payload)
+        audience = wire.challenge_audience(self._audience, secrets.token_urlsafe(16))
+        answer = yield Challenge(wire.encode_challenge(audience))
+        path, selectors = await self.verify(wire.decode_token(answer), audience)
+        yield AttestedNode(agent_path=path, selectors=selectors)
+
+    def close(self) -> None:
+        self._jwks = None

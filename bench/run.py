@@ -414,7 +414,17 @@ def bench_tpm_attestation(tpm_tcti: str, ca_files: list[Path], base: Path) -> No
     bench_tpm_attestation_rows(section, tpm_tcti, ca_files, base)
 
 
+def bench_workload_attestation() -> None:
+    """Issue 11: k8s and systemd callers vs the unix attestor alone (bench/attest_workload.py)."""
+    from attest_workload import bench_workload_rows
+
+    bench_workload_rows(section)
+
+
 def main() -> int:
+    if os.environ.get("BENCH_ONLY") == "workload":  # workload attestation alone (no TPM/HSM)
+        bench_workload_attestation()
+        return 0
     from custos.testing import softhsm as hsm_rig
     from custos.testing import swtpm as tpm_rig
 
@@ -457,6 +467,7 @@ def main() -> int:
             bench_server()
             bench_agent(tpm.tcti, hsm)
             bench_tpm_attestation(tpm.tcti, list(state.ek_ca_certs), root / "attest")
+            bench_workload_attestation()
         finally:
             tpm.stop()
     return 0

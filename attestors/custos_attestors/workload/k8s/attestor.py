@@ -198,8 +198,10 @@ class K8sWorkloadAttestor:
         attempt = 0
         while attempt < self._attempts:
             attempt += 1
+            snap = client.cached() if newer_than is None else None
             try:
-                snap = await asyncio.to_thread(client.snapshot, newer_than=newer_than)
+                if snap is None:  # a fetch (or a wait for one) runs in a worker thread
+                    snap = await asyncio.to_thread(client.snapshot, newer_than=newer_than)
             except KubeletError as e:
                 log.warning(
                     "k8s attestor: no k8s selectors for process %d: %s", peer.pid, e.args[0]

@@ -194,6 +194,13 @@ class KubeletClient:
         with self._lock:
             self._snapshot = None
 
+    def cached(self) -> Snapshot | None:
+        """The snapshot, if it is within the TTL (no lock, no I/O: the fast path)."""
+        snap = self._snapshot
+        if snap is not None and time.monotonic() - snap.fetched_at <= self.cache_ttl:
+            return snap
+        return None
+
     def snapshot(self, *, newer_than: float | None = None) -> Snapshot:
         """A snapshot no older than the TTL and, with ``newer_than``, one whose fetch
         started after that time (runs in a worker thread; blocks while another fetch

@@ -421,9 +421,20 @@ def bench_workload_attestation() -> None:
     bench_workload_rows(section)
 
 
+def bench_cloud_attestation() -> None:
+    """Issue 11: aws_iid and gcp_iit server-side verification vs the raw RSA verify
+    (bench/attest_cloud.py)."""
+    from attest_cloud import bench_cloud_attestation_rows
+
+    bench_cloud_attestation_rows(section)
+
+
 def main() -> int:
     if os.environ.get("BENCH_ONLY") == "workload":  # workload attestation alone (no TPM/HSM)
         bench_workload_attestation()
+        return 0
+    if os.environ.get("BENCH_ONLY") == "cloud-attest":  # aws_iid, gcp_iit alone (no TPM/HSM)
+        bench_cloud_attestation()
         return 0
     from custos.testing import softhsm as hsm_rig
     from custos.testing import swtpm as tpm_rig
@@ -468,6 +479,7 @@ def main() -> int:
             bench_agent(tpm.tcti, hsm)
             bench_tpm_attestation(tpm.tcti, list(state.ek_ca_certs), root / "attest")
             bench_workload_attestation()
+            bench_cloud_attestation()
         finally:
             tpm.stop()
     return 0

@@ -107,15 +107,17 @@ def load_certificate_keys(paths: Sequence[str]) -> list[rsa.RSAPublicKey]:
     return keys
 
 
-def verify_signature(keys: Sequence[rsa.RSAPublicKey], document: bytes, signature: bytes) -> bool:
-    """True when one of ``keys`` signed ``document`` (RSA PKCS#1 v1.5, SHA-256)."""
+def verify_signature(
+    keys: Sequence[rsa.RSAPublicKey], document: bytes, signature: bytes
+) -> rsa.RSAPublicKey | None:
+    """The key among ``keys`` that signed ``document`` (RSA PKCS#1 v1.5, SHA-256)."""
     for key in keys:
         try:
             key.verify(signature, document, padding.PKCS1v15(), hashes.SHA256())
         except InvalidSignature:
             continue
-        return True
-    return False
+        return key
+    return None
 
 
 def _value_ok(value: str) -> bool:
@@ -258,11 +260,17 @@ class AwsIidServerAttestor:
     def verify(self, payload: bytes) -> tuple[wire.IdentityDocument, list[str]]:
         """Steps 1-3: the checked document and its selectors (no I/O)."""
         evidence = wire.decode(payload)
-        if not verify_signature(self._keys, evidence.document, evidence.signature):
+        key = verify_signature(self._keys, evidence.document, evidence.signature)
+        if key is None:
             raise _refuse(
                 "aws_iid_signature_invalid",
                 "the instance identity document is not signed by a configured AWS certificate",
             )
+        if key is not self._keys[0]:
+            # The signature names no key: try the last one that verified first, so a
+            # fleet in one region costs one RSA verify per attestation, not one per
+            # configured certificate.
+            self._keys = [key, *(k for k in self._keys if k is not key)]
         doc = wire.parse_document(evidence.document)
         if doc.account_id not in self._accounts:
             raise _refuse(

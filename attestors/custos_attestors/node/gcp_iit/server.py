@@ -23,7 +23,6 @@ elsewhere cannot be replayed here; the half therefore re-attests
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import re
@@ -114,14 +113,19 @@ def parse_jwks(data: bytes, source: str) -> KeySet:
         raise ValueError(f"{source}: a JWKS key is malformed: {e}") from None
 
 
-def _kid(token: str) -> str | None:
-    """The ``kid`` of a compact JWS header (unverified; used to pick the key)."""
+def _decode(token: str, keys: KeySet) -> jwt.Token:
+    """joserfc's RS256 decode; :class:`InvalidKeyIdError` passes through (the caller
+    may refetch the JWKS), every other failure is a refusal."""
     try:
-        header = json.loads(base64.urlsafe_b64decode(token.split(".", 1)[0] + "=="))
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    kid = header.get("kid") if isinstance(header, dict) else None
-    return kid if isinstance(kid, str) else None
+        return jwt.decode(token, keys, algorithms=["RS256"])
+    except InvalidKeyIdError:
+        raise
+    except BadSignatureError:
+        raise _refuse(
+            "gcp_iit_signature_invalid", "the identity token is not signed by Google's keys"
+        ) from None
+    except (JoseError, ValueError, TypeError):
+        raise _refuse("gcp_iit_token_invalid", "the identity token is malformed") from None
 
 
 class _JwksSource:
@@ -148,7 +152,6 @@ class _JwksSource:
             raise ValueError("jwks_refetch_seconds must be a number from 0 to 3600")
         self._refetch = float(refetch)
         self._keys: KeySet | None = None
-        self._kids: frozenset[str] = frozenset()
         self._fetched = -float("inf")
         self._lock: asyncio.Lock | None = None
         self._lock_loop: asyncio.AbstractEventLoop | None = None
@@ -182,7 +185,6 @@ class _JwksSource:
 
     def _set(self, keys: KeySet) -> None:
         self._keys = keys
-        self._kids = frozenset(k.kid for k in keys.keys if k.kid)
 
     def _fetch_lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
@@ -225,16 +227,17 @@ class _JwksSource:
             raise _refuse("gcp_iit_jwks_unavailable", str(e)) from None
         self._set(keys)
 
-    async def keys_for(self, kid: str | None) -> KeySet:
-        """The key set, fetched or refreshed as needed to hold ``kid``."""
+    async def keys_for(self, *, unknown_kid: bool = False) -> KeySet:
+        """The key set, fetched when missing or stale, or refetched (rate-limited)
+        when a token named a ``kid`` it does not hold."""
         if self._url is None:
             assert self._keys is not None
             return self._keys
         async with self._fetch_lock():
             now = time.monotonic()
             stale = now - self._fetched > self._cache_seconds
-            unknown = kid is not None and kid not in self._kids
-            if self._keys is None or stale or (unknown and now - self._fetched >= self._refetch):
+            again = unknown_kid and now - self._fetched >= self._refetch
+            if self._keys is None or stale or again:
                 self._fetched = now  # a failed fetch also waits out the interval
                 try:
                     await self._fetch()
@@ -269,6 +272,12 @@ class GcpIitServerAttestor:
         self._audience = ""
         self._projects: frozenset[str] = frozenset()
         self._jwks: _JwksSource | None = None
+        self._registry = jwt.JWTClaimsRegistry(
+            leeway=LEEWAY,
+            iss={"essential": True, "value": ISSUER},
+            exp={"essential": True},
+            iat={"essential": True},
+        )
 
     @property
     def supports_reattestation(self) -> bool:
@@ -292,30 +301,19 @@ class GcpIitServerAttestor:
     async def verify(self, token: str, audience: str) -> tuple[list[str], list[str]]:
         """(agent path, selector values) of a token minted for ``audience``."""
         assert self._jwks is not None
-        keys = await self._jwks.keys_for(_kid(token))
         try:
-            decoded = jwt.decode(token, keys, algorithms=["RS256"])
-        except BadSignatureError:
-            raise _refuse(
-                "gcp_iit_signature_invalid", "the identity token is not signed by Google's keys"
-            ) from None
+            decoded = _decode(token, await self._jwks.keys_for())
         except InvalidKeyIdError:
-            raise _refuse(
-                "gcp_iit_signature_invalid", "the identity token's key is not in the JWKS"
-            ) from None
-        except JoseError:
-            raise _refuse("gcp_iit_token_invalid", "the identity token is malformed") from None
-        except (ValueError, TypeError):
-            raise _refuse("gcp_iit_token_invalid", "the identity token is malformed") from None
+            # Google rotated its keys (or a forger names a kid): refetch, rate-limited.
+            try:
+                decoded = _decode(token, await self._jwks.keys_for(unknown_kid=True))
+            except InvalidKeyIdError:
+                raise _refuse(
+                    "gcp_iit_signature_invalid", "the identity token's key is not in the JWKS"
+                ) from None
         claims = decoded.claims
-        registry = jwt.JWTClaimsRegistry(
-            leeway=LEEWAY,
-            iss={"essential": True, "value": ISSUER},
-            exp={"essential": True},
-            iat={"essential": True},
-        )
         try:
-            registry.validate(claims)
+            self._registry.validate(claims)
         except ExpiredTokenError:
             raise _refuse("gcp_iit_token_expired", "the identity token has expired") from None
         except (MissingClaimError, InvalidClaimError) as e:

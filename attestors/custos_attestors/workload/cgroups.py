@@ -34,6 +34,7 @@ Hex IDs come back lower-case.  Text that is not a cgroup file (no line of the
 from __future__ import annotations
 
 import re
+import signal
 from dataclasses import dataclass
 
 from custos._files import UnreadableFileError, read_small_text
@@ -50,7 +51,7 @@ _POD_UID = re.compile(
     rf"(?<![\w])pod([{_HEX}]{{8}}[-_][{_HEX}]{{4}}[-_][{_HEX}]{{4}}[-_][{_HEX}]{{4}}[-_][{_HEX}]{{12}})(?![\w])",
     re.ASCII,
 )
-_LINE = re.compile(r"^(\d+):([^:]*):(.*)$")
+_LINE = re.compile(r"^([0-9]+):([^:]*):(.*)$", re.ASCII)
 
 #: Unit types that can hold processes (slices cannot; they only group).
 _PROCESS_UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")
@@ -99,7 +100,9 @@ class CgroupLine:
 def parse(cgroup_text: str) -> list[CgroupLine]:
     """Every line of a cgroup file (blank lines skipped)."""
     lines: list[CgroupLine] = []
-    for raw in cgroup_text.splitlines():
+    # "\n" only: the kernel ends lines with it, and a cgroup name may hold any other
+    # character (str.splitlines would also split at \r, \x1c, \x85, \u2028 ...).
+    for raw in cgroup_text.split("\n"):
         if not raw.strip():
             continue
         m = _LINE.match(raw)
@@ -213,8 +216,6 @@ def systemd_unit(cgroup_text: str) -> str | None:
 def ensure_alive(peer: PeerCredentials) -> None:
     """Raise :class:`CgroupCallerGoneError` unless ``peer.pidfd`` is still alive
     (``EPERM`` still proves it exists)."""
-    import signal
-
     try:
         signal.pidfd_send_signal(peer.pidfd, 0)
     except ProcessLookupError:

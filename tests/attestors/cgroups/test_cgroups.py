@@ -166,12 +166,20 @@ def test_systemd_unit_conflict() -> None:
         systemd_unit("1:name=systemd:/system.slice/a.service\n0::/system.slice/b.service\n")
 
 
-@pytest.mark.parametrize("text", ["", "\n\n", "garbage\n", "0:/x\n", "x::/\n", "0::/\n junk\n"])
+@pytest.mark.parametrize(
+    "text", ["", "\n\n", "garbage\n", "0:/x\n", "x::/\n", "0::/\n junk\n", "\u0663::/\n"]
+)
 def test_not_a_cgroup_file(text: str) -> None:
     for fn in (container_id, pod_uid, systemd_unit):
         with pytest.raises(CgroupFormatError) as e:
             fn(text)
         assert e.value.code == "workload_cgroup_malformed"
+
+
+def test_only_newline_ends_a_line() -> None:
+    # A cgroup name may hold \r, \x85, \u2028: part of the path, not line breaks.
+    for odd in ("\r", "\x85", "\u2028", "\x1c"):
+        assert container_id(f"0::/odd{odd}name/docker/{CID}\n") == CID
 
 
 def test_errors_are_plugin_errors() -> None:

@@ -8,7 +8,8 @@ import): IMDSv2 and EC2's ``DescribeInstances``, speaking the real wire shapes.
 - :class:`FakeImds` serves ``PUT /latest/api/token`` (needs the TTL header, returns
   a session token) and ``GET /latest/dynamic/instance-identity/{document,signature}``
   (need that token: 401 otherwise).  Knobs for bad services: ``hang`` (never
-  answers until closed), ``fail_first`` (that many 503s), ``oversize``.
+  answers until closed), ``fail_first`` (that many 503s), ``oversize``,
+  ``signature_body`` (served instead of the signature).
 - :class:`FakeEc2` answers the EC2 Query API's ``DescribeInstances`` (form POST, XML
   answer; ``InvalidInstanceID.NotFound`` for an unknown instance), for boto3 pointed
   at it with ``endpoint_url``.
@@ -190,8 +191,10 @@ class FakeImds(LocalHttpServer):
         hang: bool = False,
         fail_first: int = 0,
         oversize: bool = False,
+        signature_body: bytes | None = None,
     ) -> None:
         self.document = document
+        self.signature_body = signature_body
         self.signature = signature
         self.hang = hang
         self.fail_first = fail_first
@@ -225,7 +228,10 @@ class FakeImds(LocalHttpServer):
             body = self.document + (b" " * 100_000 if self.oversize else b"")
             return Response(200, body, {"Content-Type": "text/plain"})
         if path == "/latest/dynamic/instance-identity/signature":
-            return Response(200, b64_lines(self.signature), {"Content-Type": "text/plain"})
+            body = self.signature_body
+            if body is None:
+                body = b64_lines(self.signature)
+            return Response(200, body, {"Content-Type": "text/plain"})
         return Response(404, b"Not Found")
 
 

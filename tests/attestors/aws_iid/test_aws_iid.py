@@ -350,3 +350,18 @@ def test_agent_configuration_mistakes_are_refused(config: dict[str, object]) -> 
             node_attestors=[PluginConfig("aws_iid", config)],
             workload_attestors=[PluginConfig("example")],
         )
+
+
+def test_garbage_from_imds_is_a_clean_agent_error(aws: AwsSigner) -> None:
+    for body in (b"not base64 !!", b"", b"\xff\xfe", b"A" * 3000):
+        with FakeImds(*aws.signed(), signature_body=body) as imds:
+            error = _agent_error(imds.url)
+        assert error.code in {"aws_iid_metadata_unavailable", "aws_iid_evidence_invalid"}, body
+
+
+def test_an_old_document_still_attests_the_document_does_not_expire(
+    aws: AwsSigner, cert_file: str
+) -> None:
+    # AWS signs the document once, at launch: age is no refusal (trust on first use is).
+    payload = wire.encode(*aws.signed(pendingTime="2016-11-19T16:32:11Z"))
+    assert verify(server_config(cert_file), payload).agent_id.path.endswith(INSTANCE)

@@ -510,3 +510,46 @@ def test_forged_kids_do_not_turn_into_a_flood_of_jwks_fetches(
 
         assert asyncio.run(main()) == ["gcp_iit_signature_invalid"] * 5
         assert len(jwks.requests) == 1
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    challenge=st.one_of(
+        st.binary(min_size=1, max_size=512),
+        st.builds(
+            lambda a: json.dumps({"v": 1, "audience": a}).encode(),
+            st.one_of(
+                st.text(max_size=300),
+                st.from_regex(r"custos/[A-Za-z0-9_-]{0,21}", fullmatch=True),
+                st.from_regex(r"custos/[A-Za-z0-9_-]{22,40}[/?&#%]", fullmatch=True),
+                st.integers(),
+            ),
+        ),
+    )
+)
+def test_the_agent_refuses_garbage_challenges_without_calling_the_metadata_server(
+    metadata: FakeGceMetadata, challenge: bytes
+) -> None:
+    before = len(metadata.requests)
+
+    async def main() -> None:
+        with AgentCatalog.load(
+            TD,
+            node_attestors=[PluginConfig("gcp_iit", agent_config(metadata.url))],
+            workload_attestors=[PluginConfig("example")],
+        ) as agent:
+
+            async def exchange(message: bytes) -> bytes | None:
+                if message == wire.encode_hello():
+                    return challenge
+                raise AssertionError("the agent answered a garbage challenge")
+
+            await agent.node_attestor.attest(exchange)
+
+    with pytest.raises(PluginCallError) as info:
+        asyncio.run(main())
+    assert isinstance(info.value.__cause__, CustosError)
+    assert info.value.__cause__.code == "gcp_iit_evidence_invalid"
+    assert len(metadata.requests) == before

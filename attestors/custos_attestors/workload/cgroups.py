@@ -33,8 +33,10 @@ Hex IDs come back lower-case.  Text that is not a cgroup file (no line of the
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import stat
 from dataclasses import dataclass
 
 from custos._files import UnreadableFileError, read_small_text
@@ -120,6 +122,12 @@ def parse(cgroup_text: str) -> list[CgroupLine]:
 def _ids_in_path(path: str, want_pod: bool) -> tuple[str | None, str | None]:
     """(pod UID, container ID) of one path: walk back to the last segment with a
     64-hex word, then back from what precedes it in that segment for ``pod<uid>``."""
+    pod, container, _ = _ids_and_prefix(path, want_pod)
+    return pod, container
+
+
+def _ids_and_prefix(path: str, want_pod: bool) -> tuple[str | None, str | None, str]:
+    """As :func:`_ids_in_path`, plus the path through the container ID's segment."""
     segments = path.split("/")
     container: str | None = None
     index = len(segments) - 1
@@ -132,14 +140,15 @@ def _ids_in_path(path: str, want_pod: bool) -> tuple[str | None, str | None]:
             head = segments[index][: m.start(1)]
             break
         index -= 1
+    prefix = "/".join(segments[: index + 1]) if container is not None else ""
     if container is None or not want_pod:
-        return None, container
+        return None, container, prefix
     candidates = [head, *reversed(segments[:index])]
     for segment in candidates:
         pods = list(_POD_UID.finditer(segment))
         if pods:
-            return pods[-1].group(1).replace("_", "-").lower(), container
-    return None, container
+            return pods[-1].group(1).replace("_", "-").lower(), container, prefix
+    return None, container, prefix
 
 
 def pod_and_container(cgroup_text: str) -> tuple[str | None, str | None]:
@@ -213,6 +222,109 @@ def systemd_unit(cgroup_text: str) -> str | None:
     return found
 
 
+# --- who made the container's cgroup ---------------------------------------------------
+
+
+class CgroupOwnerError(CgroupError):
+    """A cgroup that names the caller's container is not owned by root (a process with a
+    delegated cgroup subtree made it), or cannot be found to check."""
+
+    code = "workload_cgroup_not_runtime"
+
+
+@dataclass(frozen=True)
+class CgroupMount:
+    """A cgroup hierarchy mounted in this process's mount namespace (``mountinfo``)."""
+
+    version: int  # 1 or 2
+    root: str  # the hierarchy's directory shown at the mount point
+    mountpoint: str
+    options: frozenset[str]  # v1: the controllers and name= of the hierarchy
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> list[CgroupMount]:
+    """The cgroup and cgroup2 mounts of a ``/proc/<pid>/mountinfo`` text."""
+    mounts: list[CgroupMount] = []
+    for line in text.split("\n"):
+        pre, sep, post = line.partition(" - ")
+        if not sep:
+            continue
+        fields, tail = pre.split(" "), post.split(" ")
+        if len(fields) < 5 or len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
+            continue
+        mounts.append(
+            CgroupMount(
+                version=2 if tail[0] == "cgroup2" else 1,
+                root=_unescape(fields[3]),
+                mountpoint=_unescape(fields[4]),
+                options=frozenset(tail[2].split(",")),
+            )
+        )
+    return mounts
+
+
+def cgroup_directory(line: CgroupLine, path: str, mounts: list[CgroupMount]) -> str | None:
+    """Where ``path`` of ``line``'s hierarchy is in this mount namespace, or ``None``."""
+    for mount in mounts:
+        if line.hierarchy == 0 and not line.controllers:
+            if mount.version != 2:
+                continue
+        elif mount.version != 1 or not set(line.controllers) <= mount.options:
+            continue
+        root = mount.root.rstrip("/")
+        if root and path != root and not path.startswith(root + "/"):
+            continue
+        rest = path[len(root) :].lstrip("/")
+        if ".." in rest.split("/"):
+            continue  # outside this process's cgroup namespace
+        return os.path.join(mount.mountpoint, rest)
+    return None
+
+
+def check_runtime_owned(cgroup_text: str, *, mountinfo: str = "/proc/self/mountinfo") -> None:
+    """Raise :class:`CgroupOwnerError` unless every cgroup that names the caller's
+    container (the path through the container ID's segment, on each line naming it) is a
+    directory owned by root in this process's view of the hierarchy.
+
+    Container runtimes, the kubelet and systemd create those as root; a process given a
+    delegated subtree (systemd ``Delegate=``, a user manager's ``user@<uid>.service``)
+    creates cgroups owned by its own uid, so a cgroup it names like a pod or container is
+    refused here.  Does nothing when no line names a container (decision 0095)."""
+    pod, container = pod_and_container(cgroup_text)
+    if container is None:
+        return
+    try:
+        mounts = parse_mountinfo(read_small_text(mountinfo, max_bytes=1 << 20, what="mount table"))
+    except UnreadableFileError as e:
+        raise CgroupOwnerError(f"cannot check who made the caller's cgroup: {e.message}") from e
+    for line in parse(cgroup_text):
+        line_pod, line_container, prefix = _ids_and_prefix(line.path, True)
+        if line_container != container or (pod is not None and line_pod != pod):
+            continue
+        directory = cgroup_directory(line, prefix, mounts)
+        if directory is None:
+            raise CgroupOwnerError(
+                f"the cgroup {prefix!r} of hierarchy {line.hierarchy} is not mounted here: "
+                "cannot check who made it"
+            )
+        try:
+            st = os.lstat(directory)
+        except OSError as e:
+            raise CgroupOwnerError(
+                f"cannot check who made the cgroup {prefix!r}: {e.strerror or type(e).__name__}"
+            ) from None
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+            raise CgroupOwnerError(
+                f"the cgroup {prefix!r} that names container {container} is owned by uid "
+                f"{st.st_uid}, not root: not made by a container runtime"
+            )
+
+
 def ensure_alive(peer: PeerCredentials) -> None:
     """Raise :class:`CgroupCallerGoneError` unless ``peer.pidfd`` is still alive
     (``EPERM`` still proves it exists)."""
@@ -253,10 +365,15 @@ __all__ = [
     "CgroupError",
     "CgroupFormatError",
     "CgroupLine",
+    "CgroupMount",
+    "CgroupOwnerError",
     "CgroupReadError",
+    "cgroup_directory",
+    "check_runtime_owned",
     "container_id",
     "ensure_alive",
     "parse",
+    "parse_mountinfo",
     "pod_and_container",
     "pod_uid",
     "read_cgroup",

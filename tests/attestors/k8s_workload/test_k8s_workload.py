@@ -499,6 +499,7 @@ def test_parse_pod_list_rejects_non_pod_lists() -> None:
         ({"max_poll_attempts": 0}, "max_poll_attempts"),
         ({"request_timeout_seconds": 0}, "request_timeout_seconds"),
         ({"skip_kubelet_verification": "yes"}, "true or false"),
+        ({"check_cgroup_owner": 1, "skip_kubelet_verification": True}, "true or false"),
     ],
 )
 def test_settings_are_checked(settings: dict[str, object], message: str) -> None:
@@ -520,3 +521,77 @@ def test_skip_kubelet_verification_warns(
     ):
         assert k8s_selectors(cat, peer) == expected(pod_uid)
     assert "skip_kubelet_verification is true" in caplog.text
+
+
+@contextmanager
+def impostor_in_delegated_subtree(pod_uid: str, cid: str) -> Iterator[PeerCredentials]:
+    """``nobody``, given a delegated cgroup v2 subtree (as systemd delegates
+    ``user@<uid>.service``), makes ``kubepods/pod<uid>/<id>`` in it and moves itself in."""
+    import shutil
+
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.fail("setpriv (util-linux) is needed to run a process as nobody")
+    root = mounts().get("v2")
+    if root is None:
+        pytest.fail("no cgroup2 hierarchy is mounted here")
+    deleg = os.path.join(root, f"custos-deleg-{secrets.token_hex(4)}")
+    fake = os.path.join(deleg, "kubepods", f"pod{pod_uid}", cid)
+    os.mkdir(deleg)
+    proc = None
+    fd = None
+    try:
+        for name in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"):
+            os.chown(os.path.join(deleg, name), 65534, 65534)
+        script = (
+            'read go; mkdir -p "$1" && echo $$ > "$1/cgroup.procs" && echo moved && exec sleep 60'
+        )
+        proc = subprocess.Popen(
+            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+             "sh", "-c", script, "sh", fake],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        fd = os.pidfd_open(proc.pid)
+        with open(os.path.join(deleg, "cgroup.procs"), "w") as f:
+            f.write(str(proc.pid))
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "moved", "nobody could not move itself"
+        yield PeerCredentials(pid=proc.pid, uid=65534, gid=65534, pidfd=fd)
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        if fd is not None:
+            os.close(fd)
+        for d in (fake, os.path.dirname(fake), os.path.dirname(os.path.dirname(fake)), deleg):
+            if os.path.isdir(d):
+                os.rmdir(d)
+
+
+def test_check_cgroup_owner_refuses_a_cgroup_a_delegated_user_named_like_a_pod(
+    kubelet: FakeKubelet,
+) -> None:
+    pod_uid, cid = new_ids()  # a real pod's IDs: anyone can read them from /proc/*/cgroup
+    kubelet.pods = [web_pod(pod_uid, cid)]
+    with impostor_in_delegated_subtree(pod_uid, cid) as peer:
+        # Off (the default): the cgroup's name is all there is, and the impostor passes.
+        with catalog(kubelet.settings()) as cat:
+            assert k8s_selectors(cat, peer) == expected(pod_uid)
+        # On: the cgroup naming the container is owned by nobody, not root: denied.
+        with catalog(kubelet.settings(check_cgroup_owner=True)) as cat:
+            with pytest.raises(PluginCallError) as e:
+                asyncio.run(cat.workload_attestors[1].attest(peer))
+            assert getattr(e.value.__cause__, "code", None) == "workload_cgroup_not_runtime"
+
+
+@pytest.mark.parametrize("layout", ["v1", "v2"])
+def test_check_cgroup_owner_passes_runtime_made_cgroups(layout: str, kubelet: FakeKubelet) -> None:
+    pod_uid, cid = new_ids()
+    kubelet.pods = [web_pod(pod_uid, cid)]
+    with (
+        process_in_cgroup(layout, cgroup_path(layout, pod_uid, cid)) as peer,
+        catalog(kubelet.settings(check_cgroup_owner=True)) as cat,
+    ):
+        assert k8s_selectors(cat, peer) == expected(pod_uid)

@@ -20,7 +20,8 @@ No selectors (an empty answer, and a log line for the last three):
   something that is not a PodList.
 
 The caller is denied (an error) only when its own facts fail: it exited, its cgroup
-file is unreadable or names two pods or containers.
+file is unreadable or names two pods or containers, or (``check_cgroup_owner``) the cgroup
+naming its container is not owned by root.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ from custos.identity.errors import InvalidIdentifierError
 from custos.identity.selector import check_selector_value
 from custos.plugin.catalog import MAX_SELECTORS_PER_CALL
 from custos.plugin.protocols import CoreConfig, PeerCredentials
-from custos_attestors.workload.cgroups import pod_and_container, read_cgroup
+from custos_attestors.workload.cgroups import (
+    check_runtime_owned,
+    pod_and_container,
+    read_cgroup,
+)
 from custos_attestors.workload.k8s.kubelet import KubeletClient, KubeletError, Pod
 
 log = logging.getLogger("custos_attestors.workload.k8s")
@@ -55,6 +60,7 @@ DEFAULTS: dict[str, object] = {
     "poll_retry_interval_seconds": 0.3,
     "request_timeout_seconds": 5.0,
     "max_response_bytes": 32 * 1024 * 1024,
+    "check_cgroup_owner": False,
 }
 
 
@@ -132,6 +138,7 @@ class K8sWorkloadAttestor:
         self._client: KubeletClient | None = None
         self._attempts = 5
         self._interval = 0.3
+        self._check_owner = False
         self._proc = "/proc"
 
     @property
@@ -157,6 +164,7 @@ class K8sWorkloadAttestor:
         self._interval = _seconds(config, "poll_retry_interval_seconds", 0.0, 60.0)
         timeout = _seconds(config, "request_timeout_seconds", 0.1, 120.0)
         max_bytes = _int(config, "max_response_bytes", 1024, 1 << 30)
+        self._check_owner = _bool(config, "check_cgroup_owner")
         skip = _bool(config, "skip_kubelet_verification")
         if skip:
             tls = ssl.create_default_context()
@@ -191,7 +199,11 @@ class K8sWorkloadAttestor:
     async def attest(self, peer: PeerCredentials) -> Sequence[str]:
         client = self.kubelet
         # read_cgroup checks the pidfd after the read: the text is the caller's.
-        pod_uid, container_id = pod_and_container(read_cgroup(peer, proc=self._proc))
+        text = read_cgroup(peer, proc=self._proc)
+        pod_uid, container_id = pod_and_container(text)
+        if self._check_owner:
+            # A cgroup named like a pod by a process with a delegated subtree: denied.
+            check_runtime_owned(text, mountinfo=f"{self._proc}/self/mountinfo")
         if container_id is None:
             return []  # not in a container: not a Kubernetes workload
         newer_than: float | None = None

@@ -6,11 +6,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev libtss2-tcti-swtpm0 softhsm2 opensc \
 	pkg-config redis-server gcc python3-dev python3-venv openssl gnutls-bin postgresql \
-	tpm2-abrmd dbus libtss2-tcti-tabrmd0
+	tpm2-abrmd dbus libtss2-tcti-tabrmd0 docker.io debootstrap docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-PYTEST_ARGS ?= -n 2
+# loadgroup: tests marked xdist_group(...) share one worker (the swtpm container, decision 0100).
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
-.PHONY: all deps venv demo test bench lint proto clean
+.PHONY: all deps venv demo test bench lint proto clean docker-up docker-down swtpm-image
 
 all: test
 
@@ -40,8 +41,29 @@ venv: deps $(VENV)/.installed
 demo: venv
 	$(PY) -m custos.demo
 
+# make test starts dockerd when it is not running (recorded under /run/custos-testing),
+# builds the test image unless its tag exists (custos.testing.docker), runs pytest, and
+# stops dockerd afterwards only if it started it, whatever pytest's result (decision 0100).
 test: venv
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	@rc=0; started=0; \
+	if ! $(PY) -m custos.testing.docker running; then \
+	  $(PY) -m custos.testing.docker up || exit 1; started=1; fi; \
+	$(PY) -m custos.testing.docker image && $(VENV)/bin/pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$started = 1 ]; then $(PY) -m custos.testing.docker down; fi; \
+	exit $$rc
+
+# The Docker engine for the container tests: `up` starts dockerd unless one answers and
+# records that it did; `down` stops only a dockerd `up` started (safe to run twice).
+docker-up: venv
+	$(PY) -m custos.testing.docker up
+
+docker-down: venv
+	$(PY) -m custos.testing.docker down
+
+# custos-swtpm:<hash of the inputs> (also :local): debootstrap + docker import, built
+# once (a tag that exists is reused); swtpm/docker-compose.yml runs it, never pulls.
+swtpm-image: docker-up
+	$(PY) -m custos.testing.docker image
 
 bench: venv
 	$(PY) bench/run.py

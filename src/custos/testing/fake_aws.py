@@ -228,10 +228,10 @@ class FakeImds(LocalHttpServer):
             body = self.document + (b" " * 100_000 if self.oversize else b"")
             return Response(200, body, {"Content-Type": "text/plain"})
         if path == "/latest/dynamic/instance-identity/signature":
-            body = self.signature_body
-            if body is None:
-                body = b64_lines(self.signature)
-            return Response(200, body, {"Content-Type": "text/plain"})
+            served = self.signature_body
+            if served is None:
+                served = b64_lines(self.signature)
+            return Response(200, served, {"Content-Type": "text/plain"})
         return Response(404, b"Not Found")
 
 

@@ -447,7 +447,7 @@ def test_the_agent_mints_no_token_for_a_foreign_audience(metadata: FakeGceMetada
         {"jwks_url": "https://www.googleapis.com/oauth2/v3/certs"},  # both
         {"jwks_file": "relative.json"},
         {"jwks_file": "/nonexistent/certs.json"},
-        {"jwks_cache_seconds": 10},
+        {"jwks_cache_seconds": 0.5},
         {"audience": "a b"},
         {"x": 1},
     ],
@@ -553,3 +553,36 @@ def test_the_agent_refuses_garbage_challenges_without_calling_the_metadata_serve
     assert isinstance(info.value.__cause__, CustosError)
     assert info.value.__cause__.code == "gcp_iit_evidence_invalid"
     assert len(metadata.requests) == before
+
+
+def test_a_stale_jwks_whose_url_fails_is_not_used_and_a_recovered_url_is(
+    google: GcpSigner, metadata: FakeGceMetadata, tls: TlsFiles
+) -> None:
+    with FakeJwksServer(google.jwks(), tls) as jwks:
+        config = {
+            "jwks_url": jwks.certs_url,
+            "jwks_ca_bundle": str(tls.ca_file),
+            "project_allowlist": [PROJECT],
+            "jwks_cache_seconds": 1,
+            "jwks_refetch_seconds": 0,
+        }
+
+        async def main() -> list[str]:
+            outcomes = []
+            with ServerCatalog.load(TD, node_attestors=[PluginConfig("gcp_iit", config)]) as s:
+                await run_pair(s, agent_config(metadata.url))  # fetched, cached
+                jwks.status = 503
+                await asyncio.sleep(1.1)  # the cached set is stale now
+                for _ in range(2):  # refused, not served from the stale set
+                    try:
+                        await run_pair(s, agent_config(metadata.url))
+                        outcomes.append("ok")
+                    except PluginCallError as e:
+                        assert isinstance(e.__cause__, CustosError)
+                        outcomes.append(e.__cause__.code)
+                jwks.status = 200
+                await run_pair(s, agent_config(metadata.url))
+                outcomes.append("ok")
+            return outcomes
+
+        assert asyncio.run(main()) == ["gcp_iit_jwks_unavailable"] * 2 + ["ok"]

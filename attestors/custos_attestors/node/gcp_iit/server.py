@@ -136,12 +136,8 @@ class _JwksSource:
         if (file is None) == (url is None):
             raise ValueError("gcp_iit needs exactly one of jwks_file and jwks_url")
         cache = config.get("jwks_cache_seconds", 3600)
-        if (
-            isinstance(cache, bool)
-            or not isinstance(cache, int | float)
-            or not 60 <= cache <= 86400
-        ):
-            raise ValueError("jwks_cache_seconds must be a number from 60 to 86400")
+        if isinstance(cache, bool) or not isinstance(cache, int | float) or not 1 <= cache <= 86400:
+            raise ValueError("jwks_cache_seconds must be a number from 1 to 86400")
         self._cache_seconds = float(cache)
         refetch = config.get("jwks_refetch_seconds", REFETCH_INTERVAL)
         if (
@@ -152,7 +148,8 @@ class _JwksSource:
             raise ValueError("jwks_refetch_seconds must be a number from 0 to 3600")
         self._refetch = float(refetch)
         self._keys: KeySet | None = None
-        self._fetched = -float("inf")
+        self._fetched_ok = -float("inf")  # last successful fetch (staleness)
+        self._tried = -float("inf")  # last attempt (rate limit)
         self._lock: asyncio.Lock | None = None
         self._lock_loop: asyncio.AbstractEventLoop | None = None
         self._url: str | None = None
@@ -235,18 +232,22 @@ class _JwksSource:
             return self._keys
         async with self._fetch_lock():
             now = time.monotonic()
-            stale = now - self._fetched > self._cache_seconds
-            again = unknown_kid and now - self._fetched >= self._refetch
-            if self._keys is None or stale or again:
-                self._fetched = now  # a failed fetch also waits out the interval
+            stale = self._keys is None or now - self._fetched_ok > self._cache_seconds
+            # Attempts (failed ones too) are spaced by jwks_refetch_seconds, except the
+            # very first: a dead or hostile URL is not hammered.
+            may_try = now - self._tried >= self._refetch
+            if (stale or unknown_kid) and may_try:
+                self._tried = now
                 try:
                     await self._fetch()
                 except GcpIitRefusedError as e:
                     log.warning("gcp_iit: %s", e.message)
-                    if self._keys is None or stale:
-                        raise
-            if self._keys is None:
-                raise _refuse("gcp_iit_jwks_unavailable", "no JWKS could be fetched yet")
+                else:
+                    self._fetched_ok, stale = now, False
+            if self._keys is None or stale:
+                raise _refuse(
+                    "gcp_iit_jwks_unavailable", "no current JWKS (fetching it failed; see the log)"
+                )
             return self._keys
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import threading
 import time
 import uuid
@@ -192,6 +193,11 @@ class FakeAzure:
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
+
+            def setup(self) -> None:
+                # As Go's net/http (the kube-apiserver) and IMDS: no Nagle delay.
+                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                super().setup()
 
             def _send(
                 self, status: int, body: bytes, content_type: str = "application/json"

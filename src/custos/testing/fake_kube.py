@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime
 import json
 import secrets
+import socket
 import ssl
 import threading
 import time
@@ -325,6 +326,11 @@ class FakeKube:
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
+
+            def setup(self) -> None:
+                # As Go's net/http (the kube-apiserver) and IMDS: no Nagle delay.
+                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                super().setup()
 
             def _send(self, status: int, body: bytes) -> None:
                 self.send_response(status)

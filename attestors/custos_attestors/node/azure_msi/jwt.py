@@ -134,9 +134,13 @@ def split(token: str) -> tuple[dict[str, Any], bytes, dict[str, Any], bytes]:
     return header, f"{parts[0]}.{parts[1]}".encode("ascii"), claims, signature
 
 
-def verify_rs256(token: str, keys: Mapping[str, rsa.RSAPublicKey]) -> VerifiedToken:
-    """The token's header and claims if its RS256 signature verifies with ``keys[kid]``."""
-    header, signing_input, claims, signature = split(token)
+def verify_rs256(
+    token: str | tuple[dict[str, Any], bytes, dict[str, Any], bytes],
+    keys: Mapping[str, rsa.RSAPublicKey],
+) -> VerifiedToken:
+    """The token's header and claims if its RS256 signature verifies with ``keys[kid]``
+    (``token`` compact, or already :func:`split`)."""
+    header, signing_input, claims, signature = split(token) if isinstance(token, str) else token
     if header.get("alg") != "RS256":
         raise AzureTokenError("the token is not signed with RS256", code="azure_msi_bad_algorithm")
     if _FORBIDDEN_HEADERS & set(header):

@@ -35,7 +35,13 @@ from custos._numbers import InvalidNumberError, seconds
 from custos.errors import CustosError
 from custos.plugin.protocols import AttestedNode, Challenge, CoreConfig
 from custos_attestors.node.azure_msi import wire
-from custos_attestors.node.azure_msi.jwt import AzureTokenError, JwksError, KeySource, verify_rs256
+from custos_attestors.node.azure_msi.jwt import (
+    AzureTokenError,
+    JwksError,
+    KeySource,
+    split,
+    verify_rs256,
+)
 
 NAME = "azure_msi"
 DEFAULT_RESOURCE = "https://management.azure.com/"
@@ -236,9 +242,8 @@ class AzureMsiServerAttestor:
         token = wire.decode(payload)
         # The tenant is read before the signature only to pick the key set; it is
         # trusted only after the signature verifies.
-        from custos_attestors.node.azure_msi.jwt import split
-
-        header, _, unverified, _ = split(token)
+        parts = split(token)
+        header, unverified = parts[0], parts[2]
         raw_tid = unverified.get("tid")
         tid = raw_tid.lower() if isinstance(raw_tid, str) else None
         source = self._source(tid)
@@ -249,7 +254,7 @@ class AzureMsiServerAttestor:
                 keys = await asyncio.to_thread(source.keys, kid)
             except JwksError as e:
                 raise AzureMsiRefusedError(e.message, code=e.code) from None
-        claims = verify_rs256(token, keys).claims
+        claims = verify_rs256(parts, keys).claims
 
         # -- tenant and issuer --
         if tid is None or not _GUID.fullmatch(tid):

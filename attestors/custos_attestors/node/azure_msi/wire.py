@@ -7,6 +7,7 @@ for the configured resource).
 from __future__ import annotations
 
 import json
+import re
 
 from custos.errors import CustosError
 
@@ -14,7 +15,7 @@ VERSION = 1
 #: Azure AD access tokens are 1-3 KB; 16 KiB leaves room for large group claims.
 MAX_TOKEN_CHARS = 16 * 1024
 MAX_MESSAGE_BYTES = MAX_TOKEN_CHARS + 64
-_TOKEN_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 
 class AzureMsiEvidenceError(CustosError):
@@ -28,8 +29,7 @@ def check_token(token: object) -> str:
     if (
         not isinstance(token, str)
         or not 0 < len(token) <= MAX_TOKEN_CHARS
-        or token.count(".") != 2
-        or not set(token) <= _TOKEN_ALPHABET
+        or not _COMPACT_JWS.fullmatch(token)
     ):
         raise AzureMsiEvidenceError(
             f"the managed-identity token must be a compact JWT of at most {MAX_TOKEN_CHARS} "

@@ -429,12 +429,23 @@ def bench_cloud_attestation() -> None:
     bench_cloud_attestation_rows(section)
 
 
+def bench_k8s_azure_attestation() -> None:
+    """Issue 11: azure_msi verification vs the raw RSA verify; k8s_psat p50/p99 against a
+    local API server (bench/attest_k8s_azure.py)."""
+    from attest_k8s_azure import bench_k8s_azure_rows
+
+    bench_k8s_azure_rows(section)
+
+
 def main() -> int:
     if os.environ.get("BENCH_ONLY") == "workload":  # workload attestation alone (no TPM/HSM)
         bench_workload_attestation()
         return 0
     if os.environ.get("BENCH_ONLY") == "cloud-attest":  # aws_iid, gcp_iit alone (no TPM/HSM)
         bench_cloud_attestation()
+        return 0
+    if os.environ.get("BENCH_ONLY") == "k8s-azure":  # azure_msi, k8s_psat alone (no TPM/HSM)
+        bench_k8s_azure_attestation()
         return 0
     from custos.testing import softhsm as hsm_rig
     from custos.testing import swtpm as tpm_rig
@@ -480,6 +491,7 @@ def main() -> int:
             bench_tpm_attestation(tpm.tcti, list(state.ek_ca_certs), root / "attest")
             bench_workload_attestation()
             bench_cloud_attestation()
+            bench_k8s_azure_attestation()
         finally:
             tpm.stop()
     return 0

@@ -437,7 +437,17 @@ def bench_k8s_azure_attestation() -> None:
     bench_k8s_azure_rows(section)
 
 
+def bench_docker_attestation() -> None:
+    """Issue 11: a docker caller vs the unix attestor alone (bench/attest_docker.py)."""
+    from attest_docker import bench_docker_rows
+
+    bench_docker_rows(section)
+
+
 def main() -> int:
+    if os.environ.get("BENCH_ONLY") == "docker":  # docker workload attestation alone
+        bench_docker_attestation()
+        return 0
     if os.environ.get("BENCH_ONLY") == "workload":  # workload attestation alone (no TPM/HSM)
         bench_workload_attestation()
         return 0
@@ -490,6 +500,7 @@ def main() -> int:
             bench_agent(tpm.tcti, hsm)
             bench_tpm_attestation(tpm.tcti, list(state.ek_ca_certs), root / "attest")
             bench_workload_attestation()
+            bench_docker_attestation()
             bench_cloud_attestation()
             bench_k8s_azure_attestation()
         finally:

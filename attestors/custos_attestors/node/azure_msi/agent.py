@@ -14,6 +14,7 @@ import asyncio
 import http.client
 import io
 import json
+import logging
 import urllib.parse
 from collections.abc import AsyncGenerator, Mapping
 
@@ -30,6 +31,7 @@ DEFAULT_RETRIES = 2
 RETRY_DELAY = 0.2
 MAX_RESPONSE_BYTES = 64 * 1024
 _TRANSIENT = frozenset({404, 410, 429})
+log = logging.getLogger(__name__)
 
 
 class AzureMsiAgentConfigError(CustosError, ValueError):
@@ -177,6 +179,10 @@ class AzureMsiAgentAttestor:
                 return await self._get_once()
             except _Transient as e:
                 last = str(e)
+                if attempt < self._retries:
+                    log.warning(
+                        "azure_msi: %s; trying again (%d of %d)", e, attempt + 1, self._retries
+                    )
         raise AzureMsiAgentError(
             f"no managed-identity token after {self._retries + 1} attempts: {last}"
         )

@@ -213,7 +213,7 @@ class K8sWorkloadAttestor:
             snap = client.cached() if newer_than is None else None
             try:
                 if snap is None:  # a fetch (or a wait for one) runs in a worker thread
-                    snap = await asyncio.to_thread(client.snapshot, newer_than=newer_than)
+                    snap = await client.snapshot_async(newer_than=newer_than)
             except KubeletError as e:
                 log.warning(
                     "k8s attestor: no k8s selectors for process %d: %s", peer.pid, e.args[0]

@@ -10,12 +10,15 @@ that is not a PodList at all is a failed fetch (logged), never a crash.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import ssl
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
@@ -161,7 +164,8 @@ class Snapshot:
 class KubeletClient:
     """``GET /pods`` with a bearer token (read from ``token_path`` at every fetch: a
     projected token rotates), a total deadline and a body size cap; one fetch at a
-    time, and callers that wait for it share its result."""
+    time on one worker thread, and callers that wait for it share its result (or its
+    failure)."""
 
     def __init__(
         self,
@@ -179,15 +183,18 @@ class KubeletClient:
         self.max_bytes = max_bytes
         self.cache_ttl = cache_ttl
         self._client = httpx.Client(verify=tls, timeout=timeout, trust_env=False)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="custos-kubelet")
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None
-        #: the last failed fetch: when it started, and its error
+        #: the last failed fetch: when it ended, and its error (shared with the callers
+        #: that were waiting for it)
         self._failure: tuple[float, KubeletError] | None = None
         #: fetches made / failed (for tests and the benchmark)
         self.fetches = 0
         self.failures = 0
 
     def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 
     def invalidate(self) -> None:
@@ -201,12 +208,26 @@ class KubeletClient:
             return snap
         return None
 
-    def snapshot(self, *, newer_than: float | None = None) -> Snapshot:
+    async def snapshot_async(self, *, newer_than: float | None = None) -> Snapshot:
+        """:meth:`snapshot` on the client's own single worker thread: fetches queue there,
+        not on the event loop's default executor (a hanging kubelet then holds one thread,
+        never the pool the rest of the agent uses)."""
+        requested = time.monotonic()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor,
+            functools.partial(self.snapshot, newer_than=newer_than, requested=requested),
+        )
+
+    def snapshot(
+        self, *, newer_than: float | None = None, requested: float | None = None
+    ) -> Snapshot:
         """A snapshot no older than the TTL and, with ``newer_than``, one whose fetch
         started after that time (runs in a worker thread; blocks while another fetch
         runs, then reuses its result when it is new enough, or its failure: callers
         queued behind a kubelet that hangs wait one timeout, not one each)."""
-        requested = time.monotonic()
+        if requested is None:
+            requested = time.monotonic()
         with self._lock:
             now = time.monotonic()
             snap = self._snapshot
@@ -221,7 +242,7 @@ class KubeletClient:
                 pods = parse_pod_list(self._get())
             except KubeletError as e:
                 self.failures += 1
-                self._failure = (started, e)
+                self._failure = (time.monotonic(), e)  # when it *ended*
                 raise
             self._snapshot = Snapshot(pods=pods, fetched_at=started)
             return self._snapshot

@@ -155,6 +155,66 @@ def test_a_caller_that_exited_is_refused_not_attested(
     assert e.value.code == "workload_caller_gone"
 
 
+def _cgroup_procs(cid: str) -> list[int]:
+    with open(f"/sys/fs/cgroup/pids/docker/{cid}/cgroup.procs") as f:
+        return [int(x) for x in f.read().split()]
+
+
+def test_a_docker_exec_process_is_attested_as_its_container(
+    run_container: Callable[..., Container],
+) -> None:
+    c = run_container("--label", "app=exec")
+    docker("exec", "-d", c.id, "sleep", "301")
+    deadline = time.monotonic() + BOUND
+    while len(_cgroup_procs(c.id)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (other,) = [p for p in _cgroup_procs(c.id) if p != c.pid]
+    peer = PeerCredentials(other, 0, 0, os.pidfd_open(other))
+    assert "label:app:exec" in asyncio.run(attestor().attest(peer))
+
+
+def test_a_host_process_in_a_container_cgroup_does_not_get_its_selectors(
+    run_container: Callable[..., Container], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Root (or a delegated subtree) can put a process in a cgroup named like a
+    container: the cgroup file then names the container, but the process is not in
+    the container's mount namespace, so it gets no docker selectors."""
+    c = run_container("--label", "app=victim")
+    intruder = subprocess.Popen(["sleep", "300"])
+    try:
+        with open(f"/sys/fs/cgroup/pids/docker/{c.id}/cgroup.procs", "w") as f:
+            f.write(str(intruder.pid))
+        with open(f"/proc/{intruder.pid}/cgroup") as f:
+            assert c.id in f.read()  # the cgroup file does name the container
+        peer = PeerCredentials(intruder.pid, 0, 0, os.pidfd_open(intruder.pid))
+        a = attestor()
+        assert asyncio.run(a.attest(c.peer()))  # the container's own process: selectors
+        assert asyncio.run(a.attest(peer)) == []  # cached entry, same refusal
+        assert any("not in its mount namespace" in r.getMessage() for r in caplog.records)
+        assert asyncio.run(attestor().attest(peer)) == []  # and on a fresh lookup
+        # what the check stops: without it the intruder is the container
+        unchecked = attestor(check_mount_namespace=False)
+        assert "label:app:victim" in asyncio.run(unchecked.attest(peer))
+    finally:
+        intruder.kill()
+        intruder.wait()
+
+
+def test_a_restarted_container_is_looked_up_again(
+    run_container: Callable[..., Container],
+) -> None:
+    """Its process and mount namespace are new: the cached namespace is stale, so the
+    attestor asks the engine once more instead of refusing until the TTL ends."""
+    c = run_container("--label", "app=restarted")
+    a = attestor(cache_ttl=3600)
+    assert "label:app:restarted" in asyncio.run(a.attest(c.peer()))
+    docker("restart", "-t", "0", c.id)
+    again = Container(c.id)
+    assert again.pid != c.pid
+    assert "label:app:restarted" in asyncio.run(a.attest(again.peer()))
+    assert a.cache.misses == 1 and a.cache.hits == 1 and len(a.cache) == 1
+
+
 # ---- a fake Engine API that answers garbage (for that case only) --------------------------
 
 
@@ -230,10 +290,12 @@ def real_container(run_container: Callable[..., Container]) -> Container:
     return run_container("--label", "app=real")
 
 
-def _doc(cid: str, **config: object) -> bytes:
+def _doc(cid: str, pid: int = 0, **config: object) -> bytes:
     base: dict[str, object] = {"Labels": {"app": "fake"}, "Env": [], "Image": "img"}
     base.update(config)
-    return json.dumps({"Id": cid, "Image": "sha256:" + "ab" * 32, "Config": base}).encode()
+    return json.dumps(
+        {"Id": cid, "Image": "sha256:" + "ab" * 32, "Config": base, "State": {"Pid": pid}}
+    ).encode()
 
 
 GARBAGE: dict[str, Callable[[str], tuple[int, dict[str, str], bytes]]] = {
@@ -255,6 +317,8 @@ GARBAGE: dict[str, Callable[[str], tuple[int, dict[str, str], bytes]]] = {
         b"".join(b"%x\r\n%s\r\n" % (65536, b" " * 65536) for _ in range(40)) + b"0\r\n\r\n",
     ),
     "HTTP 500": lambda cid: (500, {}, b'{"message": "boom"}'),
+    "no running process": lambda cid: (200, {}, _doc(cid, 0)),
+    "State.Pid not a number": lambda cid: (200, {}, _doc(cid, "1")),  # type: ignore[arg-type]
     "unknown container": lambda cid: (404, {}, b'{"message": "No such container"}'),
 }
 
@@ -283,7 +347,7 @@ def test_the_fake_engine_speaks_the_real_shape(
     fake_engine: FakeEngine, real_container: Container
 ) -> None:
     """Control: the fake's well-formed answer is read like the real engine's."""
-    fake_engine.answer = lambda cid: (200, {}, _doc(cid))
+    fake_engine.answer = lambda cid: (200, {}, _doc(cid, real_container.pid))
     a = attestor(docker_socket_path=f"unix://{fake_engine.path}")
     assert asyncio.run(a.attest(real_container.peer())) == [
         "label:app:fake", "image_id:img", "image_id:sha256:" + "ab" * 32
@@ -336,6 +400,7 @@ def test_values_custos_cannot_compare_are_left_out_with_a_warning(
         ({"api_timeout": 0}, "api_timeout must be from"),
         ({"max_response_bytes": 0}, "max_response_bytes must be from"),
         ({"cache_entries": "10"}, "cache_entries must be an integer"),
+        ({"check_mount_namespace": "yes"}, "check_mount_namespace must be true or false"),
     ],
 )
 def test_bad_settings_are_refused(config: dict[str, object], message: str) -> None:

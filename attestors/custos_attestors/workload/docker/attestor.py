@@ -16,6 +16,14 @@ pidfd: :func:`custos_attestors.workload.cgroups.read_cgroup` checks the pidfd af
 reading), then ``GET /containers/<id>/json`` on the engine's Unix socket (bounded in
 time and size), cached per container ID for ``cache_ttl`` seconds.
 
+The caller must also be in the container's mount namespace (``/proc/<pid>/ns/mnt`` is
+the one of the container's process ``State.Pid``): a cgroup path is only a name, and a
+process that can make or join cgroups (root, a delegated subtree) could otherwise put
+itself in a cgroup named like a container and take its selectors. ``docker exec``
+processes join the namespace and pass. The agent must see the engine's PID namespace
+(``--pid=host`` when the agent itself runs in a container) or set
+``check_mount_namespace = false``.
+
 A caller in no container gets no selectors. An engine that cannot be reached, knows
 no such container or answers garbage: no ``docker`` selectors and one log line per
 call (an entry that needs them does not match: fail closed), never an exception that
@@ -24,12 +32,13 @@ would deny the caller's other attestors' selectors.
 Settings: ``docker_socket_path`` (``unix:///var/run/docker.sock``), ``env_allowlist``
 (list of names, default none), ``cache_ttl`` (seconds, default 30, 0 = no cache),
 ``cache_entries`` (default 1024), ``api_timeout`` (seconds, default 2),
-``max_response_bytes`` (default 1 MiB).
+``max_response_bytes`` (default 1 MiB), ``check_mount_namespace`` (default true).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections import OrderedDict
@@ -184,17 +193,24 @@ def selectors_from_inspect(
     return checked
 
 
+#: What names one mount namespace: (device, inode) of ``/proc/<pid>/ns/mnt``.
+NsKey = tuple[int, int]
+
+
 class _TtlCache:
-    """container ID -> selector values, for ``ttl`` seconds, at most ``entries`` (LRU)."""
+    """container ID -> (selector values, the container's mount namespace), for ``ttl``
+    seconds, at most ``entries`` (LRU)."""
 
     def __init__(self, ttl: float, entries: int) -> None:
         self.ttl = ttl
         self.entries = entries
-        self._data: OrderedDict[str, tuple[float, tuple[str, ...]]] = OrderedDict()
+        self._data: OrderedDict[str, tuple[float, tuple[tuple[str, ...], NsKey | None]]] = (
+            OrderedDict()
+        )
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: str) -> tuple[str, ...] | None:
+    def get(self, key: str) -> tuple[tuple[str, ...], NsKey | None] | None:
         found = self._data.get(key)
         if found is None or found[0] <= time.monotonic():
             if found is not None:
@@ -205,16 +221,24 @@ class _TtlCache:
         self.hits += 1
         return found[1]
 
-    def put(self, key: str, values: Sequence[str]) -> None:
+    def put(self, key: str, values: Sequence[str], ns: NsKey | None) -> None:
         if self.ttl <= 0:
             return
-        self._data[key] = (time.monotonic() + self.ttl, tuple(values))
+        self._data[key] = (time.monotonic() + self.ttl, (tuple(values), ns))
         self._data.move_to_end(key)
         while len(self._data) > self.entries:
             self._data.popitem(last=False)
 
+    def drop(self, key: str) -> None:
+        self._data.pop(key, None)
+
     def __len__(self) -> int:
         return len(self._data)
+
+
+def _ns_key(path: str) -> NsKey:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
 
 
 class DockerWorkloadAttestor:
@@ -228,12 +252,14 @@ class DockerWorkloadAttestor:
             "cache_entries",
             "api_timeout",
             "max_response_bytes",
+            "check_mount_namespace",
         }
     )
 
     def __init__(self) -> None:
         self._api: DockerApi | None = None
         self._allow: frozenset[str] = frozenset()
+        self._check_ns = True
         self._cache = _TtlCache(DEFAULT_CACHE_TTL, DEFAULT_CACHE_ENTRIES)
         #: /proc root, for tests of the cgroup path only (not a setting)
         self.proc = "/proc"
@@ -257,6 +283,10 @@ class DockerWorkloadAttestor:
         max_bytes = _int(
             config, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES, MAX_MAX_RESPONSE_BYTES
         )
+        check_ns = config.get("check_mount_namespace", True)
+        if not isinstance(check_ns, bool):
+            raise DockerAttestorConfigError("check_mount_namespace must be true or false")
+        self._check_ns = check_ns
         self._cache = _TtlCache(ttl, entries)
         self._api = DockerApi(socket_path, timeout=timeout, max_response_bytes=max_bytes)
 
@@ -269,27 +299,82 @@ class DockerWorkloadAttestor:
         if container is None:
             return []
         cached = self._cache.get(container)
-        if cached is not None:
-            return list(cached)
-        try:
-            doc = await self._api.inspect(container)
-            values = selectors_from_inspect(doc, container, self._allow)
-        except ContainerNotFoundError as e:
-            log.info("docker attestor: process %d: %s: no docker selectors", peer.pid, e.message)
-            return []
-        except ContainerLookupError as e:
-            log.warning(
-                "docker attestor: process %d in container %s: %s: no docker selectors",
-                peer.pid,
-                container[:12],
-                e.message,
-            )
-            return []
-        # Still the caller? (The container's facts are the container's either way, but
-        # a caller that died meanwhile gets nothing.)
+        fresh = cached is None
+        while True:
+            if cached is None:
+                try:
+                    cached = await self._lookup(container)
+                except ContainerNotFoundError as e:
+                    log.info(
+                        "docker attestor: process %d: %s: no docker selectors", peer.pid, e.message
+                    )
+                    return []
+                except ContainerLookupError as e:
+                    log.warning(
+                        "docker attestor: process %d in container %s: %s: no docker selectors",
+                        peer.pid,
+                        container[:12],
+                        e.message,
+                    )
+                    return []
+                self._cache.put(container, cached[0], cached[1])
+            values, ns = cached
+            if ns is None:
+                break
+            caller_ns = self._caller_ns(peer)
+            if caller_ns is None:
+                return []  # logged: it cannot be checked, so it is not trusted
+            if caller_ns == ns:
+                break
+            self._cache.drop(container)
+            if fresh:
+                log.warning(
+                    "docker attestor: process %d is in the cgroup of container %s but not in "
+                    "its mount namespace (a cgroup named like a container?): no docker selectors",
+                    peer.pid,
+                    container[:12],
+                )
+                return []
+            # The cached namespace may be stale (the container restarted): ask once more.
+            cached, fresh = None, True
+        # Last: the caller was alive after every read of its /proc entries.
         cgroups.ensure_alive(peer)
-        self._cache.put(container, values)
-        return values
+        return list(values)
+
+    async def _lookup(self, container: str) -> tuple[tuple[str, ...], NsKey | None]:
+        assert self._api is not None
+        doc = await self._api.inspect(container)
+        values = selectors_from_inspect(doc, container, self._allow)
+        if not self._check_ns:
+            return tuple(values), None
+        state = doc.get("State")
+        pid = state.get("Pid") if isinstance(state, dict) else None
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            raise ContainerLookupError(f"container {container[:12]} has no running process")
+        try:
+            return tuple(values), _ns_key(f"{self.proc}/{pid}/ns/mnt")
+        except OSError as e:
+            raise ContainerLookupError(
+                f"cannot read the mount namespace of container {container[:12]}'s process "
+                f"{pid}: {e.strerror or type(e).__name__} (does the agent share the engine's "
+                "PID namespace?)"
+            ) from None
+
+    def _caller_ns(self, peer: PeerCredentials) -> NsKey | None:
+        try:
+            return _ns_key(f"{self.proc}/{peer.pid}/ns/mnt")
+        except FileNotFoundError:
+            raise cgroups.CgroupCallerGoneError(
+                f"process {peer.pid} exited before it was attested"
+            ) from None
+        except OSError as e:
+            log.warning(
+                "docker attestor: cannot read the mount namespace of process %d: %s: "
+                "no docker selectors",
+                peer.pid,
+                e.strerror or type(e).__name__,
+            )
+            return None
 
     def close(self) -> None:
         if self._api is not None:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from custos.plugin import AgentCatalog, NodeAttestationResult, PluginConfig, ServerCatalog
 from custos.plugin.errors import PluginCallError
@@ -439,3 +441,27 @@ def test_bad_agent_settings_are_refused(settings: dict[str, Any]) -> None:
             node_attestors=[PluginConfig("azure_msi", settings)],
             workload_attestors=[PluginConfig("example")],
         )
+
+
+# ---- any flipped byte: a clean refusal or the very same identity ----------------------
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_a_flipped_byte_is_refused_cleanly_or_changes_nothing(
+    azure: FakeAzure, srv: ServerCatalog, data: st.DataObject
+) -> None:
+    from custos.errors import CustosError
+
+    token = azure.mint(RESOURCE)
+    payload = bytearray(wire.encode(token))
+    index = data.draw(st.integers(0, len(payload) - 1))
+    payload[index] ^= data.draw(st.integers(1, 255))
+    try:
+        result = asyncio.run(srv.attest_node("azure_msi", bytes(payload), _no_challenge))
+    except PluginCallError as e:
+        assert isinstance(e.__cause__, CustosError), repr(e.__cause__)
+    else:
+        assert result.agent_id.path == f"/custos/agent/azure_msi/{azure.tenant}/{azure.principal}"

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from custos.plugin import AgentCatalog, NodeAttestationResult, PluginConfig, ServerCatalog
 from custos.plugin.errors import PluginCallError
@@ -394,3 +396,26 @@ def test_bad_agent_settings_are_refused(settings: dict[str, Any]) -> None:
             node_attestors=[PluginConfig("k8s_psat", settings)],
             workload_attestors=[PluginConfig("example")],
         )
+
+
+# ---- any flipped byte: a clean refusal or the very same identity ----------------------
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_a_flipped_byte_is_refused_cleanly_or_changes_nothing(
+    kube: Kube, srv: ServerCatalog, data: st.DataObject
+) -> None:
+    from custos.errors import CustosError
+
+    payload = bytearray(wire.encode(CLUSTER, kube.fake.token(kube.pod, [AUDIENCE])))
+    index = data.draw(st.integers(0, len(payload) - 1))
+    payload[index] ^= data.draw(st.integers(1, 255))
+    try:
+        result = asyncio.run(srv.attest_node("k8s_psat", bytes(payload), _no_challenge))
+    except PluginCallError as e:
+        assert isinstance(e.__cause__, CustosError), repr(e.__cause__)
+    else:
+        assert result.agent_id.path == f"/custos/agent/k8s_psat/{CLUSTER}/{kube.node.uid}"

@@ -419,3 +419,35 @@ def test_a_flipped_byte_is_refused_cleanly_or_changes_nothing(
         assert isinstance(e.__cause__, CustosError), repr(e.__cause__)
     else:
         assert result.agent_id.path == f"/custos/agent/k8s_psat/{CLUSTER}/{kube.node.uid}"
+
+
+def test_without_a_kubeconfig_outside_a_cluster_configure_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # In-cluster configuration needs the service host and the pod's service-account
+    # files; here there are none, which is a configuration error at start.
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    config = {"clusters": {CLUSTER: {"service_account_allow_list": ["a:b"]}}}
+    with pytest.raises(PluginCallError) as info:
+        ServerCatalog.load(TD, node_attestors=[PluginConfig("k8s_psat", config)])
+    assert isinstance(info.value.__cause__, K8sPsatConfigError)
+    assert "cannot load its Kubernetes configuration" in str(info.value.__cause__)
+
+
+def test_the_agent_tables_in_agent_toml(tmp_path: Path) -> None:
+    from custos.agent.config import agent_config_from_toml
+
+    text = f"""trust_domain = "example.org"
+[server]
+address = "custos.example.org:8081"
+bundle_file = "/etc/custos/bundle.pem"
+[node_attestor.k8s_psat]
+cluster = "prod-east"
+token_path = "{tmp_path}/token"
+"""
+    plugin = agent_config_from_toml(text).node_attestor_plugin()
+    assert plugin.name == "k8s_psat"
+    assert dict(plugin.config) == {"cluster": "prod-east", "token_path": f"{tmp_path}/token"}
+    azure = text.split("[node_attestor")[0] + '[node_attestor.azure_msi]\nresource = "api://x"\n'
+    plugin = agent_config_from_toml(azure).node_attestor_plugin()
+    assert (plugin.name, dict(plugin.config)) == ("azure_msi", {"resource": "api://x"})

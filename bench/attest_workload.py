@@ -94,6 +94,7 @@ def bench_workload_rows(section: Callable[[str], None]) -> None:
         return
     pod_uid, cid = str(uuid.uuid4()), secrets.token_hex(32)
     unit = f"custos-bench-{secrets.token_hex(4)}.service"
+    top = f"custos-bench-{secrets.token_hex(4)}"  # a private parent: shares no cgroup
     node = [PluginConfig("join_token", {"token": "unused"})]
     with tempfile.TemporaryDirectory(prefix="custos-bench-k8s-") as tmp:
         kubelet = FakeKubelet(tmp)
@@ -120,8 +121,8 @@ def bench_workload_rows(section: Callable[[str], None]) -> None:
         systemd_root = _mount("cgroup", "name=systemd")
         with (
             kubelet,
-            _in_cgroup(pids_root, f"kubepods/besteffort/pod{pod_uid}/{cid}") as k8s_pid,
-            _in_cgroup(systemd_root, f"system.slice/{unit}") as unit_pid,
+            _in_cgroup(pids_root, f"{top}/kubepods/besteffort/pod{pod_uid}/{cid}") as k8s_pid,
+            _in_cgroup(systemd_root, f"{top}.slice/{unit}") as unit_pid,
         ):
             fds = [os.pidfd_open(k8s_pid), os.pidfd_open(unit_pid)]
             try:

@@ -121,7 +121,7 @@ def tree(root: str, relative: str) -> Iterator[str]:
 
 def test_a_runtime_made_cgroup_passes() -> None:
     pod_uid, cid = str(uuid.uuid4()), secrets.token_hex(32)
-    with tree(unified(), f"kubepods/pod{pod_uid}/{cid}") as d:
+    with tree(unified(), f"custos-{secrets.token_hex(4)}/kubepods/pod{pod_uid}/{cid}") as d:
         proc = subprocess.Popen(["sleep", "60"])
         try:
             with open(os.path.join(d, "cgroup.procs"), "w") as f:

@@ -133,7 +133,7 @@ def test_only_the_pod_s_process_gets_the_pod_s_identity(
     rig: ServerRig, base: Path, tmp_path: Path
 ) -> None:
     pod_uid, cid = str(uuid.uuid4()), secrets.token_hex(32)
-    relative = f"kubepods/burstable/pod{pod_uid}/{cid}"
+    relative = f"custos-e2e-{secrets.token_hex(4)}/kubepods/burstable/pod{pod_uid}/{cid}"
     root = pids_root()
     made = []
     for i in range(len(relative.split("/"))):

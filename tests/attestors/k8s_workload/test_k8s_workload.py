@@ -78,6 +78,9 @@ def process_in_cgroup(layout: str, relative: str | None) -> Iterator[PeerCredent
             root = mounts().get(layout)
             if root is None:
                 pytest.fail(f"no {layout} cgroup hierarchy is mounted here: {mounts()}")
+            # A private top directory per test (parallel workers share no parent), which
+            # also nests the kubelet's layout under a prefix: never anchored at the root.
+            relative = f"custos-{secrets.token_hex(4)}/{relative}"
             parts = relative.split("/")
             for i in range(len(parts)):
                 d = os.path.join(root, *parts[: i + 1])

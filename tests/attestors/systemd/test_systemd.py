@@ -98,6 +98,11 @@ def systemd_selectors(cat: AgentCatalog, peer: PeerCredentials) -> set[Selector]
     return {s for s in got if s.type == "systemd"}
 
 
+def private_slice() -> str:
+    """A slice of this test's own: parallel workers share no parent cgroup."""
+    return f"custos-test-{secrets.token_hex(4)}.slice"
+
+
 def unit_name(kind: str = "service") -> str:
     return f"custos-test-{secrets.token_hex(4)}.{kind}"
 
@@ -112,7 +117,7 @@ def test_a_process_in_a_unit_cgroup(which: str, tmp_path: Path) -> None:
     unit = unit_name()
     (tmp_path / unit).write_text("[Service]\nExecStart=/bin/sleep 60\n")
     with (
-        process_in_cgroup(hierarchy(which), f"custos-test.slice/{unit}") as peer,
+        process_in_cgroup(hierarchy(which), f"{private_slice()}/{unit}") as peer,
         catalog({"unit_directories": [str(tmp_path)]}) as cat,
     ):
         assert systemd_selectors(cat, peer) == {
@@ -124,7 +129,7 @@ def test_a_process_in_a_unit_cgroup(which: str, tmp_path: Path) -> None:
 def test_a_sub_cgroup_of_a_unit_is_still_the_unit() -> None:
     unit = unit_name()
     with (
-        process_in_cgroup(hierarchy("v1"), f"custos-test.slice/{unit}/delegated/worker") as peer,
+        process_in_cgroup(hierarchy("v1"), f"{private_slice()}/{unit}/delegated/worker") as peer,
         catalog({"unit_directories": []}) as cat,
     ):
         assert systemd_selectors(cat, peer) == {Selector("systemd", f"id:{unit}")}
@@ -140,7 +145,7 @@ def test_a_template_instance_finds_its_template(tmp_path: Path) -> None:
     stem = f"custos-test-{secrets.token_hex(4)}"
     (tmp_path / f"{stem}@.service").write_text("[Service]\n")
     with (
-        process_in_cgroup(hierarchy("v1"), f"system.slice/{stem}@blue.service") as peer,
+        process_in_cgroup(hierarchy("v1"), f"{private_slice()}/{stem}@blue.service") as peer,
         catalog({"unit_directories": [str(tmp_path)]}) as cat,
     ):
         assert systemd_selectors(cat, peer) == {

@@ -158,3 +158,43 @@ def test_activation_with_signing_keys_kept_loaded(
         assert activate_credential(ctx, ak, "rsa2048", blob, enc) == secret
         store.sign("a", b"again")
         assert ek_public_area(ctx, "rsa2048").marshal() == ek.marshal()
+
+
+@pytest.mark.parametrize("profile", ["rsa2048", "ecc-p256", "ecc-p384"])
+def test_swtpm_ek_public_areas_are_the_tcg_templates(ctx: TpmContext, profile: str) -> None:
+    from custos.tpm.activation import check_ek_template
+
+    ek = parse_public(bytes(ek_public_area(ctx, profile).marshal()), what="EK")
+    check_ek_template(ek, profile)
+    others = {"rsa2048", "ecc-p256", "ecc-p384"} - {profile}
+    for other in others:
+        with pytest.raises(AttestationEvidenceError) as info:
+            check_ek_template(ek, other)
+        assert info.value.code == "ek_unusable"
+    with pytest.raises(AttestationEvidenceError):
+        check_ek_template(ek, "rsa4096")
+
+
+def test_an_ek_key_in_a_public_area_of_another_shape_is_refused(
+    ctx: TpmContext, ek: TPM2B_PUBLIC
+) -> None:
+    """The EK certificate vouches for the key only: a SHA-384 name algorithm on the
+    RSA-2048 EK put swtpm's TPM into failure mode when the credential made for it was
+    activated; the server refuses such an area before making a credential."""
+    from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
+
+    from custos.tpm.activation import check_ek_template
+
+    changes = [
+        lambda a: setattr(a, "nameAlg", TPM2_ALG.SHA384),
+        lambda a: setattr(a.parameters.rsaDetail.symmetric.keyBits, "aes", 256),
+        lambda a: setattr(a, "objectAttributes", a.objectAttributes | TPMA_OBJECT.USERWITHAUTH),
+        lambda a: setattr(a, "authPolicy", b""),
+        lambda a: setattr(a.parameters.rsaDetail, "exponent", 3),
+    ]
+    for change in changes:
+        area = parse_public(bytes(ek.marshal()), what="EK")
+        change(area.publicArea)
+        with pytest.raises(AttestationEvidenceError) as info:
+            check_ek_template(area, "rsa2048")
+        assert info.value.code == "ek_unusable"

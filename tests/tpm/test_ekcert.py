@@ -30,7 +30,9 @@ TCG_EK_EKU = x509.ObjectIdentifier("2.23.133.8.1")
 
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]) if cn else x509.Name([])
+    # Over 64 characters is out of X.509's bounds: built unchecked, as a hostile CA would.
+    attr = x509.NameAttribute(NameOID.COMMON_NAME, cn, _validate=len(cn) <= 64)
+    return x509.Name([attr]) if cn else x509.Name([])
 
 
 class Ca:
@@ -380,3 +382,82 @@ def test_swtpm_ek_cert_from_another_swtpm_ca_is_refused(
     cert = load_ek_certificate(swtpm.state.ek_certs[0].read_bytes())
     trust = EkTrust(_pem_certs(other.state.root_cert), frozenset())
     _refused("ek_untrusted", trust, cert.public_key(), cert, _pem_certs(other.state.issuer_cert))
+
+
+# ---- hostile certificates (review of issue 10) ------------------------------------
+
+
+def _swap_oid(cert: x509.Certificate, old: bytes, new: bytes) -> bytes:
+    der = cert.public_bytes(Encoding.DER)
+    assert der.count(old) == 1
+    return der.replace(old, new)
+
+
+ED25519_OID = bytes.fromhex("06032b6570")  # 1.3.101.112
+UNKNOWN_OID = bytes.fromhex("06032b6563")  # 1.3.101.99: no key algorithm at all
+
+
+def test_ek_cert_with_an_unknown_key_algorithm_is_refused(root: Ca, inter: Ca) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    odd = _ek_cert(inter, ed25519.Ed25519PrivateKey.generate().public_key())
+    cert = load_ek_certificate(_swap_oid(odd, ED25519_OID, UNKNOWN_OID))
+    trust = EkTrust([root.cert], frozenset())
+    error = _refused("ek_key_mismatch", trust, _ek_key(), cert, [])
+    assert "cannot be read" in error.message
+
+
+def test_intermediate_with_an_unknown_key_algorithm_is_refused(root: Ca) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = _ek_key()
+    odd = _issue(root, _name("Odd CA"), ed25519.Ed25519PrivateKey.generate().public_key(), ca=True)
+    broken = load_ek_certificate(_swap_oid(odd, ED25519_OID, UNKNOWN_OID))
+    # An EK certificate whose issuer name is the broken intermediate's subject.
+    cert = _issue(Ca("Odd CA"), x509.Name([]), key)
+    trust = EkTrust([root.cert], frozenset())
+    _refused("ek_untrusted", trust, key, cert, [broken])
+
+
+@pytest.mark.parametrize("cn", ["CA\nwith a newline", "x" * 2000, "bidi\u202eAC", "\x00"])
+def test_an_issuer_cn_that_is_no_selector_value_is_not_reported(root: Ca, cn: str) -> None:
+    issuer = Ca(cn, parent=root)
+    key = _ek_key()
+    verdict = EkTrust([root.cert], frozenset()).check(key, _ek_cert(issuer, key), [issuer.cert])
+    assert verdict.via == "certificate" and verdict.issuer_cn is None
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rsa.generate_private_key(65537, 1024).public_key(),
+        lambda: rsa.generate_private_key(65537, 1536).public_key(),
+        lambda: ec.generate_private_key(ec.SECP192R1()).public_key(),
+        lambda: ec.generate_private_key(ec.SECP224R1()).public_key(),
+        lambda: ec.generate_private_key(ec.SECP256K1()).public_key(),
+    ],
+    ids=["rsa1024", "rsa1536", "p192", "p224", "secp256k1"],
+)
+def test_a_weak_ek_is_refused_even_when_certified_or_allowlisted(
+    root: Ca, inter: Ca, make: Any
+) -> None:
+    key = make()
+    trust = EkTrust([root.cert], frozenset({spki_sha256(key)}))
+    _refused("ek_weak_key", trust, key, _ek_cert(inter, key), [inter.cert])
+    _refused("ek_weak_key", trust, key, None, [])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rsa.generate_private_key(65537, 2048).public_key(),
+        lambda: rsa.generate_private_key(65537, 3072).public_key(),
+        lambda: ec.generate_private_key(ec.SECP256R1()).public_key(),
+        lambda: ec.generate_private_key(ec.SECP384R1()).public_key(),
+    ],
+    ids=["rsa2048", "rsa3072", "p256", "p384"],
+)
+def test_ek_key_sizes_of_the_tcg_profiles_are_accepted(root: Ca, inter: Ca, make: Any) -> None:
+    key = make()
+    verdict = EkTrust([root.cert], frozenset()).check(key, _ek_cert(inter, key), [inter.cert])
+    assert verdict.via == "certificate"

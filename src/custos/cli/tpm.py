@@ -222,8 +222,24 @@ def _load_or_create_ak(ctx: Any, path: Path) -> Any:
     return load_ak(data, what=str(path))
 
 
+def _out_dir(out: Path) -> Path:
+    """``--out``, created (with its parents) and writable, checked before the TPM is used."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise click.BadParameter(
+            f"cannot create the directory {out}: {e.strerror or e}", param_hint="--out"
+        ) from None
+    if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"{out} is not a writable directory", param_hint="--out")
+    return out
+
+
 def _write(out: Path, name: str, data: bytes) -> None:
-    (out / name).write_bytes(data)
+    try:
+        (out / name).write_bytes(data)
+    except OSError as e:
+        raise click.ClickException(f"cannot write {out / name}: {e.strerror or e}") from None
 
 
 def _ak_pem(ak: Any) -> bytes:
@@ -233,10 +249,9 @@ def _ak_pem(ak: Any) -> bytes:
 
 
 def _nonce(value: str, *, allow_empty: bool) -> bytes:
-    try:
-        nonce = bytes.fromhex(value)
-    except ValueError:
-        raise click.BadParameter("not hex", param_hint="--nonce") from None
+    if len(value) % 2 or not all(c in "0123456789abcdefABCDEF" for c in value):
+        raise click.BadParameter("not hex (an even number of hex digits)", param_hint="--nonce")
+    nonce = bytes.fromhex(value)
     if len(nonce) > 64 or (not nonce and not allow_empty):
         raise click.BadParameter("1 to 64 bytes of hex", param_hint="--nonce")
     return nonce
@@ -333,6 +348,7 @@ def quote(
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--pcrs") from None
     ak_path = ak_file or _key_dir(key_dir) / DEFAULT_AK_FILE
+    _out_dir(out_dir)
     with shared_context(resolve_tcti(tcti, explicit_source="--tcti")) as ctx:
         ak = _load_or_create_ak(ctx, ak_path)
         ak_public = parse_public(bytes(ak.tss.public.marshal()), what=str(ak_path))
@@ -346,7 +362,6 @@ def quote(
             except AttestationEvidenceError as e:
                 if e.code != "pcr_digest_mismatch" or attempt == 2:
                     raise
-    out_dir.mkdir(parents=True, exist_ok=True)
     _write(out_dir, "ak.pem", _ak_pem(ak))
     _write(out_dir, "quote.msg", msg)
     _write(out_dir, "quote.sig", sig_bytes)
@@ -392,6 +407,7 @@ def certify(
         from custos.tpm.verify import parse_public, verify_certify
 
     raw_nonce = _nonce(nonce, allow_empty=True)
+    _out_dir(out_dir)
     directory = _key_dir(key_dir)
     path = directory / f"{check_key_name(key_name)}{SUFFIX}"
     try:
@@ -407,7 +423,6 @@ def certify(
     ak_public = parse_public(bytes(ak.tss.public.marshal()), what=str(ak_path))
     facts = verify_certify(ak_public, msg, bytes(sig.marshal()), key_public,
                            expected_key=key.public_key)  # fmt: skip
-    out_dir.mkdir(parents=True, exist_ok=True)
     _write(out_dir, "attest.bin", msg)
     _write(out_dir, "sig.der", der_signature(AK_ALGORITHM, sig))
     _write(out_dir, "ak.pem", _ak_pem(ak))

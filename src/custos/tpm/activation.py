@@ -37,7 +37,7 @@ from tpm2_pytss.types import (
     TPML_DIGEST,
     TPMT_SYM_DEF,
 )
-from tpm2_pytss.utils import NVReadEK, create_ek_template
+from tpm2_pytss.utils import NoSuchIndex, NVReadEK, create_ek_template
 from tpm2_pytss.utils import make_credential as _tss_make_credential
 
 from custos.tpm.blobs import KeyBlob
@@ -130,6 +130,61 @@ def make_credential(ek_public: TPM2B_PUBLIC, ak_name: bytes) -> tuple[bytes, byt
             f"cannot make a credential for this endorsement key: {e}", code="ek_unusable"
         ) from e
     return secret, bytes(blob.marshal()), bytes(encrypted.marshal())
+
+
+def _default_template(profile: str) -> TPM2B_PUBLIC:
+    """The TCG EK Credential Profile template of ``profile`` (no NV template index)."""
+
+    def nv(index: Any) -> bytes:
+        if int(index) in _DEFAULT_CERT_INDICES:
+            return b""  # a high-range template needs "a certificate" to be looked up
+        raise NoSuchIndex(int(index))
+
+    _cert, template = create_ek_template(EK_PROFILES[profile], nv)
+    return template
+
+
+_DEFAULT_CERT_INDICES = frozenset({0x01C00002, 0x01C0000A, 0x01C00016})
+
+
+def check_ek_template(ek_public: TPM2B_PUBLIC, profile: object) -> None:
+    """Server side: the EK public area must be the TCG template of ``profile`` (the
+    agent's ``ek_profile``) with only its key (``unique``) filled in; code ``ek_unusable``.
+
+    An EK certificate (or the allowlist) vouches for a key, not for a public area: the
+    nameAlg, symmetric algorithm, attributes and policy come from the agent.  A
+    credential made for other parameters than the TPM's EK cannot be activated, and
+    some (a SHA-384 nameAlg on the RSA-2048 EK) put swtpm's TPM into failure mode, so
+    they are refused before a credential is made.  Strict: an EK made from a template
+    in NV (allowed by the TCG profile, not seen on a TPM yet) is refused too
+    (docs/tpm-ek-certificates.md).
+    """
+    if not isinstance(profile, str) or profile not in ACTIVATION_PROFILES:
+        raise AttestationEvidenceError(
+            f"the EK profile must be one of {', '.join(ACTIVATION_PROFILES)}", code="ek_unusable"
+        )
+    want, got = _default_template(profile).publicArea, ek_public.publicArea
+    same = (
+        int(got.type) == int(want.type)
+        and int(got.nameAlg) == int(want.nameAlg)
+        and int(got.objectAttributes) == int(want.objectAttributes)
+        and bytes(got.authPolicy) == bytes(want.authPolicy)
+    )
+    if same:
+        if int(want.type) == int(TPM2_ALG.RSA):
+            same = bytes(got.parameters.rsaDetail.marshal()) == bytes(
+                want.parameters.rsaDetail.marshal()
+            )
+        else:
+            same = bytes(got.parameters.eccDetail.marshal()) == bytes(
+                want.parameters.eccDetail.marshal()
+            )
+    if not same:
+        raise AttestationEvidenceError(
+            f"the endorsement key's public area is not the TCG {profile} EK template "
+            "(name algorithm, attributes, policy or parameters differ)",
+            code="ek_unusable",
+        )
 
 
 def _ek_template(ectx: Any, profile: str, profiles: dict[str, str]) -> Any:

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509 import verification as v
 from cryptography.x509.oid import NameOID
@@ -151,8 +153,44 @@ def manufacturer_of(cert: x509.Certificate) -> str | None:
 
 
 def issuer_cn_of(cert: x509.Certificate) -> str | None:
+    """The issuer's CN when it can be the ``ek_issuer:<cn>`` selector value, else None
+    (a CN with control or format characters, or too long, is not reported: a selector
+    could not hold it, and an odd CA name must not fail an attestation)."""
+    from custos.identity.errors import InvalidIdentifierError
+    from custos.identity.selector import check_selector_value
+
     names = cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if names else None
+    if not names or not isinstance(names[0].value, str):
+        return None
+    cn = names[0].value
+    try:
+        check_selector_value(f"ek_issuer:{cn}")
+    except InvalidIdentifierError:
+        return None
+    return cn
+
+
+#: RSA EKs: at least 2048 bits (TCG EK profile: RSA 2048 and 3072).
+MIN_RSA_BITS = 2048
+#: ECC EKs: the NIST curves of the TCG EK profile (P-256, P-384) and P-521.
+EK_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+
+
+def check_ek_strength(key: PublicKeyTypes) -> None:
+    """An EK MakeCredential may encrypt to: RSA of at least 2048 bits or ECC on a NIST
+    P-256/384/521 curve (code ``ek_weak_key``): a credential encrypted to a factorable
+    key proves nothing, whoever certified or allowlisted it."""
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size >= MIN_RSA_BITS:
+            return
+        why = f"an RSA key of {key.key_size} bits (at least {MIN_RSA_BITS})"
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name in EK_CURVES:
+            return
+        why = f"an ECC key on {key.curve.name} (one of {', '.join(EK_CURVES)})"
+    else:
+        why = f"a {type(key).__name__} (RSA or ECC)"
+    raise AttestationEvidenceError(f"the endorsement key is {why}", code="ek_weak_key")
 
 
 class EkTrust:
@@ -191,6 +229,8 @@ class EkTrust:
             verifier.verify(cert, intermediates)
         except v.VerificationError as e:
             return str(e)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:  # a key it cannot read
+            return f"a certificate of the path cannot be checked: {e}"
         return None
 
     def check(
@@ -207,11 +247,12 @@ class EkTrust:
         ``ek_untrusted`` (no chain to the bundle and not allowlisted).
         """
         ek_hash = spki_sha256(ek_public_key)
+        check_ek_strength(ek_public_key)
         why = "the TPM has no EK certificate"
         if ek_cert is not None:
             try:
                 cert_spki = _spki(ek_cert.public_key())
-            except (ValueError, TypeError) as e:  # an unsupported key algorithm
+            except (ValueError, TypeError, UnsupportedAlgorithm) as e:  # an unknown key type
                 raise AttestationEvidenceError(
                     f"the EK certificate's public key cannot be read: {e}", code="ek_key_mismatch"
                 ) from e
@@ -239,12 +280,15 @@ class EkTrust:
 
 
 __all__ = [
+    "EK_CURVES",
     "MAX_CERT_BYTES",
     "MAX_CHAIN_DEPTH",
     "MAX_INTERMEDIATES",
+    "MIN_RSA_BITS",
     "TCG_AT_TPM_MANUFACTURER",
     "EkTrust",
     "EkVerdict",
+    "check_ek_strength",
     "issuer_cn_of",
     "load_ek_certificate",
     "manufacturer_of",

@@ -133,6 +133,8 @@ class TpmServerAttestor:
             for c in evidence.ek_intermediates
         ]
         verdict = await asyncio.to_thread(trust.check, ek_key, ek_cert, chain)
+        # The certificate vouches for the key; the rest of the area is the agent's word.
+        activation.check_ek_template(ek_public, evidence.ek_profile)
         ek_hash = verdict.ek_hash
         ak_public = verify.ak_public_checked(evidence.ak_public)
         agent_id = SpiffeId(core.trust_domain, f"/custos/agent/{NAME}/{ek_hash}")

@@ -465,3 +465,39 @@ def test_a_flipped_byte_is_refused_cleanly_or_changes_nothing(
         assert isinstance(e.__cause__, CustosError), repr(e.__cause__)
     else:
         assert result.agent_id.path == f"/custos/agent/azure_msi/{azure.tenant}/{azure.principal}"
+
+
+def test_an_unreachable_jwks_url_is_a_clean_refusal(
+    azure: FakeAzure, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = azure.jwks_url
+    config = {
+        "jwks_url": url,
+        "jwks_timeout": 0.5,
+        "tenants": {azure.tenant: {"resource": RESOURCE}},
+    }
+    token = azure.mint(RESOURCE)
+    with server(config) as srv:
+        azure.stop()  # the key endpoint is down before the first fetch
+        assert refused(srv, token, caplog) == "azure_msi_jwks_unavailable"
+
+
+def test_a_server_never_imports_an_agent_half(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    azure = FakeAzure()
+    script = f"""
+import sys
+from custos.plugin import PluginConfig, ServerCatalog
+config = {{"jwks_file": {azure.write_jwks(tmp_path / "jwks.json")!r},
+          "tenants": {{{azure.tenant!r}: {{}}}}}}
+with ServerCatalog.load("example.org", node_attestors=[PluginConfig("azure_msi", config)]):
+    pass
+loaded = [m for m in sys.modules if m.endswith(".agent") and "custos_attestors" in m]
+print(loaded, "kubernetes" in sys.modules)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[] False"

@@ -600,3 +600,40 @@ def test_check_cgroup_owner_passes_runtime_made_cgroups(layout: str, kubelet: Fa
         catalog(kubelet.settings(check_cgroup_owner=True)) as cat,
     ):
         assert k8s_selectors(cat, peer) == expected(pod_uid)
+
+
+def test_a_container_id_listed_in_two_pods(
+    kubelet: FakeKubelet, caplog: pytest.LogCaptureFixture
+) -> None:
+    pod_uid, cid = new_ids()
+    other = str(uuid.uuid4())
+    kubelet.pods = [
+        web_pod(pod_uid, cid),
+        pod(name="copy", uid=other, containers=[{"name": "x", "image": "x:1", "id": cid}]),
+    ]
+    # The cgroup names the pod: that pod's container is the caller's.
+    with (
+        process_in_cgroup("v1", cgroup_path("v1", pod_uid, cid)) as peer,
+        catalog(kubelet.settings()) as cat,
+    ):
+        assert k8s_selectors(cat, peer) == expected(pod_uid)
+    # No pod UID in the cgroup (a runtime-only layout): the ID alone names neither pod.
+    with (
+        process_in_cgroup("v1", f"docker/{cid}") as peer,
+        catalog(kubelet.settings()) as cat,
+        caplog.at_level(logging.WARNING, LOGGER),
+    ):
+        assert k8s_selectors(cat, peer) == set()
+    assert "in two pods" in caplog.text
+
+
+def test_a_container_found_by_id_alone_when_the_cgroup_names_no_pod(
+    kubelet: FakeKubelet,
+) -> None:
+    pod_uid, cid = new_ids()
+    kubelet.pods = [web_pod(pod_uid, cid)]
+    with (
+        process_in_cgroup("v2", f"system.slice/docker-{cid}.scope") as peer,
+        catalog(kubelet.settings()) as cat,
+    ):
+        assert k8s_selectors(cat, peer) == expected(pod_uid)

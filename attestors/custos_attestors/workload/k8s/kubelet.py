@@ -153,12 +153,25 @@ class Snapshot:
     pods: dict[str, Pod]
     #: time.monotonic() when the fetch that produced it *started*
     fetched_at: float
-    by_container: dict[str, Pod] = field(default_factory=dict)
+    #: container ID -> its pod; ``None`` when two pods list the same ID (ambiguous)
+    by_container: dict[str, Pod | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for pod in self.pods.values():
             for c in pod.containers:
-                self.by_container[c.container_id] = pod
+                if c.container_id not in self.by_container:
+                    self.by_container[c.container_id] = pod
+                    continue
+                other = self.by_container[c.container_id]
+                if other is not None and other.uid != pod.uid:
+                    log.warning(
+                        "k8s attestor: the kubelet lists container %s in two pods (%s, %s): "
+                        "its ID alone names neither",
+                        c.container_id,
+                        other.uid,
+                        pod.uid,
+                    )
+                    self.by_container[c.container_id] = None
 
 
 class KubeletClient:

@@ -29,6 +29,11 @@ Rules (decision 0095):
 
 Hex IDs come back lower-case.  Text that is not a cgroup file (no line of the
 ``<id>:<controllers>:<path>`` shape) raises :class:`CgroupFormatError`.
+
+A cgroup's name is chosen by whoever creates it.  :func:`check_runtime_owned` checks
+that the cgroups naming the container are owned by root (runtimes make them as
+root; a process with a delegated subtree makes its own), through this process's
+mount table; the attestors offer it as a setting (``check_cgroup_owner``).
 """
 
 from __future__ import annotations

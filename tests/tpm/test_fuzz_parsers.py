@@ -177,3 +177,63 @@ def test_ek_certificate_loading(data: bytes) -> None:
         der = cert.public_bytes(Encoding.DER)
         assert data.startswith(der)
         assert data[len(der) :].strip(b"\0") == b"" or data[len(der) :].strip(b"\xff") == b""
+
+
+def _ek_chain() -> tuple[Any, bytes, Any, Any]:
+    """A CA and an EK certificate it issued for an RSA-2048 key (the trust check's input)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "EK CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    day = datetime.timedelta(days=1)
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - day)
+        .not_valid_after(now + day)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ek_key = rsa.generate_private_key(65537, 2048).public_key()
+    ek = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca_name)
+        .public_key(ek_key)
+        .serial_number(2)
+        .not_valid_before(now - day)
+        .not_valid_after(now + day)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return ca, ek.public_bytes(Encoding.DER), ek_key, ca.public_bytes(Encoding.DER)
+
+
+EK_CA, EK_CERT, EK_KEY, EK_CA_DER = _ek_chain()
+
+
+@FUZZ
+@given(mutated(EK_CERT), st.one_of(st.none(), mutated(EK_CA_DER)))
+def test_ek_trust_of_mutated_certificates(ek_der: bytes, intermediate: bytes | None) -> None:
+    """The whole trust check on byte-edited EK (and intermediate) certificates: a custos
+    refusal, or the certificate still binds the EK's key and chains to the CA.  (An
+    unknown key algorithm OID once escaped as UnsupportedAlgorithm.)"""
+    from custos.tpm.ekcert import EkTrust, load_ek_certificate
+
+    trust = EkTrust([EK_CA], frozenset())
+
+    def check() -> Any:
+        cert = load_ek_certificate(ek_der)
+        chain = [load_ek_certificate(intermediate)] if intermediate is not None else []
+        return trust.check(EK_KEY, cert, chain)
+
+    verdict = _only_evidence_errors(check)
+    if verdict is not None:
+        assert verdict.via == "certificate" and verdict.issuer_cn == "EK CA"

@@ -182,3 +182,33 @@ def test_the_agent_id_is_the_activated_eks_hash_only(rig: Rig) -> None:
     }  # fmt: skip
     error = rig.refused(payload=lambda p: edit(p, agent_id="spiffe://example.org/x"))
     assert error.code == "tpm_evidence_invalid"
+
+
+def _reshape_ak(payload: bytes, change: Any) -> bytes:
+    ak = verify.parse_public(wire.decode_payload(payload).ak_public, what="ak")
+    change(ak.publicArea)
+    return edit(payload, ak_public=wire.b64url(bytes(TPM2B_PUBLIC.marshal(ak))))
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        (lambda a: setattr(a, "objectAttributes", a.objectAttributes & ~TPMA_OBJECT.FIXEDTPM),
+         "ak_not_restricted"),
+        (lambda a: setattr(a, "objectAttributes", a.objectAttributes & ~TPMA_OBJECT.FIXEDPARENT),
+         "ak_not_restricted"),
+        (lambda a: setattr(a, "objectAttributes", a.objectAttributes | TPMA_OBJECT.DECRYPT),
+         "ak_not_restricted"),
+        (lambda a: setattr(a, "nameAlg", TPM2_ALG.SHA384), "ak_bad_algorithm"),
+        (lambda a: setattr(a.parameters.eccDetail.scheme.details.ecdsa, "hashAlg",
+                           TPM2_ALG.SHA384), "ak_bad_algorithm"),
+        (lambda a: setattr(a.parameters.eccDetail.scheme, "scheme", TPM2_ALG.ECSCHNORR),
+         "ak_bad_algorithm"),
+    ],
+    ids=["not-fixedtpm", "not-fixedparent", "decrypt", "sha384-name", "sha384-scheme", "schnorr"],
+)  # fmt: skip
+def test_an_ak_that_is_not_a_fixed_p256_signing_key_is_refused(
+    rig: Rig, change: Any, code: str
+) -> None:
+    assert rig.refused(payload=lambda p: _reshape_ak(p, change)).code == code
+    assert not rig.challenges

@@ -101,10 +101,12 @@ def pod(
     labels: Mapping[str, str] | None = None,
     containers: Sequence[Mapping[str, str]] = (),
     init_containers: Sequence[Mapping[str, str]] = (),
+    owners: Sequence[Mapping[str, str]] = (),
 ) -> dict[str, Any]:
     """A ``v1.Pod`` as the kubelet lists it.  Each container mapping has ``name``,
     ``image``, and optionally ``id`` (64 hex; absent: a container still starting),
-    ``runtime`` (default ``containerd``), ``image_id``."""
+    ``runtime`` (default ``containerd``), ``image_id``.  Each owner has ``kind``,
+    ``name``, ``uid`` (``metadata.ownerReferences``)."""
 
     def status(c: Mapping[str, str]) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -129,6 +131,17 @@ def pod(
             "resourceVersion": "1",
             "creationTimestamp": "2026-12-05T08:00:00Z",
             "labels": dict(labels or {}),
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": o["kind"],
+                    "name": o["name"],
+                    "uid": o["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+                for o in owners
+            ],
         },
         "spec": {
             "serviceAccountName": service_account,

@@ -36,6 +36,7 @@ from custos_attestors.workload.k8s.kubelet import KubeletError
 TD = "example.org"
 NODE = (PluginConfig("join_token", {"token": "unused-here"}),)
 LOGGER = "custos_attestors.workload.k8s"
+OWNER_UID = "0b1e2c8a-5d9e-4c61-a8b4-3f0e9d7c6a51"
 
 
 def mounts() -> dict[str, str]:
@@ -144,6 +145,7 @@ def web_pod(pod_uid: str, cid: str, **kw: object) -> dict[str, object]:
             },
             {"name": "sidecar", "image": "registry.local/envoy:1", "id": secrets.token_hex(32)},
         ],
+        owners=[{"kind": "ReplicaSet", "name": "web-7d9f", "uid": OWNER_UID}],
         **kw,  # type: ignore[arg-type]
     )
 
@@ -156,6 +158,13 @@ def expected(pod_uid: str) -> set[str]:
         f"pod-uid:{pod_uid}",
         "pod-label:app:web",
         "pod-label:tier:front",
+        "pod-owner:ReplicaSet:web-7d9f",
+        f"pod-owner-uid:ReplicaSet:{OWNER_UID}",
+        "pod-image-count:2",
+        "pod-init-image-count:0",
+        "pod-image:registry.local/nginx:1.27",
+        "pod-image:registry.local/nginx@sha256:" + "ab" * 32,
+        "pod-image:registry.local/envoy:1",
         "container-name:nginx",
         "container-image:registry.local/nginx:1.27",
         "container-image:registry.local/nginx@sha256:" + "ab" * 32,
@@ -199,6 +208,8 @@ def test_an_init_container_and_a_cri_o_runtime(kubelet: FakeKubelet) -> None:
     ):
         got = k8s_selectors(cat, peer)
     assert "container-name:migrate" in got and "container-image:m:1" in got
+    assert {"pod-init-image-count:1", "pod-init-image:m:1", "pod-image-count:1"} <= got
+    assert "pod-image:main:1" in got  # a waiting container's status still names its image
 
 
 def test_the_pod_list_is_cached_for_the_ttl(kubelet: FakeKubelet) -> None:

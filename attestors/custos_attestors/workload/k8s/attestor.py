@@ -6,10 +6,12 @@ pod from the kubelet's authenticated ``/pods`` endpoint (HTTPS, bearer token, ca
 for ``cache_ttl_seconds``).  The container must be listed in that pod's statuses
 (regular, init or ephemeral) with the same ID.
 
-Selector values (the catalog stamps the type ``k8s``): ``ns:``, ``sa:``,
+Selector values (the catalog stamps the type ``k8s``; SPIRE's names): ``ns:``, ``sa:``,
 ``pod-name:``, ``pod-uid:``, ``pod-label:<key>:<value>`` (each label),
-``container-name:``, ``container-image:`` (the spec's image, and the status's image
-and image ID when they differ), ``node-name:``.
+``pod-owner:<kind>:<name>`` and ``pod-owner-uid:<kind>:<uid>`` (each owner reference),
+``pod-image:`` / ``pod-init-image:`` (image and image ID of every (init) container
+status), ``pod-image-count:`` / ``pod-init-image-count:``, ``container-name:``,
+``container-image:`` (the matched container's status image and image ID), ``node-name:``.
 
 No selectors (an empty answer, and a log line for the last three):
 
@@ -121,6 +123,12 @@ def selector_values(pod: Pod, container_name: str, images: Sequence[str]) -> lis
         f"pod-name:{pod.name}",
         f"pod-uid:{pod.uid}",
         *(f"pod-label:{k}:{v}" for k, v in pod.labels),
+        *(f"pod-owner:{kind}:{name}" for kind, name, _ in pod.owners),
+        *(f"pod-owner-uid:{kind}:{uid}" for kind, _, uid in pod.owners),
+        f"pod-image-count:{pod.image_count}",
+        f"pod-init-image-count:{pod.init_image_count}",
+        *(f"pod-image:{i}" for i in pod.pod_images),
+        *(f"pod-init-image:{i}" for i in pod.init_images),
         f"container-name:{container_name}",
         *(f"container-image:{i}" for i in images),
     ]

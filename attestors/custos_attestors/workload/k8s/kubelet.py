@@ -39,7 +39,8 @@ class Container:
     name: str
     #: the 64-hex ID with its runtime scheme (``containerd://``) removed; lower-case
     container_id: str
-    #: ``spec.containers[].image`` (or init / ephemeral), then status ``image``, ``imageID``
+    #: its status ``image`` and ``imageID`` (SPIRE's ``container-image``); the spec's
+    #: image only when the status has neither
     images: tuple[str, ...]
 
 
@@ -54,6 +55,13 @@ class Pod:
     containers: tuple[Container, ...]
     #: statuses without a container ID yet (a container starting): worth a re-poll
     starting: bool = False
+    #: ``metadata.ownerReferences``: (kind, name, uid)
+    owners: tuple[tuple[str, str, str], ...] = ()
+    #: image and image ID of every (init) container status, and how many statuses
+    pod_images: tuple[str, ...] = ()
+    init_images: tuple[str, ...] = ()
+    image_count: int = 0
+    init_image_count: int = 0
 
     def container(self, container_id: str) -> Container | None:
         for c in self.containers:
@@ -102,18 +110,27 @@ def _pod(item: object) -> Pod:
             spec_images[_str(c, "name")] = _str(c, "image")
     containers: list[Container] = []
     starting = False
+    pod_images: dict[str, list[str]] = {"containerStatuses": [], "initContainerStatuses": []}
+    counts = {"containerStatuses": 0, "initContainerStatuses": 0}
     for key in ("containerStatuses", "initContainerStatuses", "ephemeralContainerStatuses"):
         for s in _list(status, key):
             name, raw_id = _str(s, "name"), _str(s, "containerID")
+            status_images = [i for i in (_str(s, "image"), _str(s, "imageID")) if i]
+            if key in pod_images:
+                pod_images[key] += status_images
+                counts[key] += 1
             if not raw_id:
                 starting = True
                 continue
             scheme, sep, cid = raw_id.partition("://")
             if not sep or not scheme or not cid:
                 raise ValueError("a containerID is not <runtime>://<id>")
-            images = [spec_images.get(name, ""), _str(s, "image"), _str(s, "imageID")]
-            unique = tuple(dict.fromkeys(i for i in images if i))
+            images = status_images or [i for i in (spec_images.get(name, ""),) if i]
+            unique = tuple(dict.fromkeys(images))
             containers.append(Container(name=name, container_id=cid.lower(), images=unique))
+    owners = []
+    for ref in _list(meta, "ownerReferences"):
+        owners.append((_str(ref, "kind"), _str(ref, "name"), _str(ref, "uid")))
     return Pod(
         uid=uid,
         name=_str(meta, "name"),
@@ -123,6 +140,11 @@ def _pod(item: object) -> Pod:
         labels=tuple(sorted(labels)),
         containers=tuple(containers),
         starting=starting,
+        owners=tuple(owners),
+        pod_images=tuple(sorted(set(pod_images["containerStatuses"]))),
+        init_images=tuple(sorted(set(pod_images["initContainerStatuses"]))),
+        image_count=counts["containerStatuses"],
+        init_image_count=counts["initContainerStatuses"],
     )
 
 

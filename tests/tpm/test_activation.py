@@ -178,9 +178,9 @@ def test_swtpm_ek_public_areas_are_the_tcg_templates(ctx: TpmContext, profile: s
 def test_an_ek_key_in_a_public_area_of_another_shape_is_refused(
     ctx: TpmContext, ek: TPM2B_PUBLIC
 ) -> None:
-    """The EK certificate vouches for the key only: a SHA-384 name algorithm on the
-    RSA-2048 EK put swtpm's TPM into failure mode when the credential made for it was
-    activated; the server refuses such an area before making a credential."""
+    """The EK certificate vouches for the key only: for a SHA-384 name algorithm on the
+    RSA-2048 EK, swtpm answers the activation with TPM_RC_FAILURE; the server refuses
+    such an area before making a credential."""
     from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
 
     from custos.tpm.activation import check_ek_template

@@ -153,9 +153,10 @@ def check_ek_template(ek_public: TPM2B_PUBLIC, profile: object) -> None:
 
     An EK certificate (or the allowlist) vouches for a key, not for a public area: the
     nameAlg, symmetric algorithm, attributes and policy come from the agent.  A
-    credential made for other parameters than the TPM's EK cannot be activated, and
-    some (a SHA-384 nameAlg on the RSA-2048 EK) put swtpm's TPM into failure mode, so
-    they are refused before a credential is made.  Strict: an EK made from a template
+    credential made for other parameters than the TPM's EK cannot be activated (swtpm
+    answers one made for a SHA-384 nameAlg on the RSA-2048 EK with TPM_RC_FAILURE, "a
+    TPM failure", for that command), so such areas are refused before a credential is
+    made, with a clear code instead of a puzzling activation failure on the agent.  Strict: an EK made from a template
     in NV (allowed by the TCG profile, not seen on a TPM yet) is refused too
     (docs/tpm-ek-certificates.md).
     """

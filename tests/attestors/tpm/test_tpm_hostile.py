@@ -84,8 +84,8 @@ def test_a_trusted_ek_key_in_a_public_area_of_the_agents_making_is_refused(
     rig: Rig, change: Any
 ) -> None:
     """The EK certificate binds a key, not a public area: the EK's parameters come from
-    the agent.  A credential made for other parameters cannot be activated, and a SHA-384
-    nameAlg put swtpm's TPM into failure mode: refused before any credential is made."""
+    the agent.  A credential made for other parameters cannot be activated (for a SHA-384
+    nameAlg swtpm answers TPM_RC_FAILURE): refused before any credential is made."""
     error = rig.refused(payload=lambda p: _reshape_ek(p, change))
     assert error.code == "ek_unusable", error
     assert not rig.challenges  # no credential was made for it

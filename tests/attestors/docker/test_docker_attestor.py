@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import custos
 from custos._proto import types_v1_pb2
@@ -354,6 +356,24 @@ def test_the_fake_engine_speaks_the_real_shape(
     ]
 
 
+def test_callers_of_one_new_container_share_one_engine_call(
+    fake_engine: FakeEngine, real_container: Container
+) -> None:
+    def slow(cid: str) -> tuple[int, dict[str, str], bytes]:
+        time.sleep(0.2)
+        return 200, {}, _doc(cid, real_container.pid)
+
+    fake_engine.answer = slow
+    a = attestor(docker_socket_path=fake_engine.path)
+
+    async def main() -> list[list[str]]:
+        return list(await asyncio.gather(*(a.attest(real_container.peer()) for _ in range(20))))
+
+    results = asyncio.run(main())
+    assert all(r == results[0] and "label:app:fake" in r for r in results)
+    assert len(fake_engine.requests) == 1
+
+
 def test_an_engine_that_hangs_is_given_up_on_within_api_timeout(
     fake_engine: FakeEngine, real_container: Container, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -499,3 +519,35 @@ custody = "exportable"
     finally:
         rig.destroy()
         subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(
+    config=st.dictionaries(st.sampled_from(["Labels", "Env", "Image", "Other"]), _json, max_size=4),
+    image=_json,
+    same_id=st.booleans(),
+)
+@settings(max_examples=300, deadline=None)
+def test_any_document_is_selectors_or_a_lookup_error(
+    config: dict[str, object], image: object, same_id: bool
+) -> None:
+    """Whatever JSON the engine sends: valid selector values or ContainerLookupError,
+    never another exception (the attestor turns the error into no selectors)."""
+    from custos.identity.selector import check_selector_value
+    from custos_attestors.workload.docker import ContainerLookupError
+
+    cid = "d" * 64
+    doc = {"Id": cid if same_id else "e" * 64, "Config": config, "Image": image}
+    try:
+        values = selectors_from_inspect(doc, cid, frozenset({"A"}))
+    except ContainerLookupError:
+        return
+    assert all(check_selector_value(v) == v for v in values)

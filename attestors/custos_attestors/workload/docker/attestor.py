@@ -37,6 +37,7 @@ Settings: ``docker_socket_path`` (``unix:///var/run/docker.sock``), ``env_allowl
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -260,6 +261,8 @@ class DockerWorkloadAttestor:
         self._api: DockerApi | None = None
         self._allow: frozenset[str] = frozenset()
         self._check_ns = True
+        #: container ID -> the lookup in flight: callers of one new container share it
+        self._inflight: dict[str, asyncio.Task[tuple[tuple[str, ...], NsKey | None]]] = {}
         self._cache = _TtlCache(DEFAULT_CACHE_TTL, DEFAULT_CACHE_ENTRIES)
         #: /proc root, for tests of the cgroup path only (not a setting)
         self.proc = "/proc"
@@ -303,7 +306,7 @@ class DockerWorkloadAttestor:
         while True:
             if cached is None:
                 try:
-                    cached = await self._lookup(container)
+                    cached = await self._shared_lookup(container)
                 except ContainerNotFoundError as e:
                     log.info(
                         "docker attestor: process %d: %s: no docker selectors", peer.pid, e.message
@@ -340,6 +343,25 @@ class DockerWorkloadAttestor:
         # Last: the caller was alive after every read of its /proc entries.
         cgroups.ensure_alive(peer)
         return list(values)
+
+    async def _shared_lookup(self, container: str) -> tuple[tuple[str, ...], NsKey | None]:
+        """One Engine API call for all the callers of a container that ask at once (a
+        container starting many workers must not become as many calls)."""
+        loop = asyncio.get_running_loop()
+        task = self._inflight.get(container)
+        if task is None or task.get_loop() is not loop:
+            task = loop.create_task(self._lookup(container))
+            self._inflight[container] = task
+
+            def done(t: asyncio.Task[tuple[tuple[str, ...], NsKey | None]]) -> None:
+                if self._inflight.get(container) is t:
+                    del self._inflight[container]
+                if not t.cancelled():
+                    t.exception()  # retrieved: every waiter may have been cancelled
+
+            task.add_done_callback(done)
+        # shield: one caller giving up does not cancel the others' lookup
+        return await asyncio.shield(task)
 
     async def _lookup(self, container: str) -> tuple[tuple[str, ...], NsKey | None]:
         assert self._api is not None

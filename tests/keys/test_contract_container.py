@@ -72,3 +72,27 @@ def test_the_tpm_is_the_container(swtpm_container: object) -> None:
     assert out.stdout.strip().startswith("custos-swtpm:"), out.stdout
     # its state was provisioned by the container itself (EK certificates and CA)
     assert all(p.is_file() for p in swtpm_container.ek_ca_certs)  # type: ignore[attr-defined]
+
+
+def test_the_compose_file_runs_the_local_image_and_installs_nothing(
+    docker_compose_file: str, docker_image: str
+) -> None:
+    """`docker-compose config` resolves the service to the locally built image (never a
+    registry's), with no build step, and the container's command installs nothing."""
+    import subprocess
+
+    env = {**os.environ, "CUSTOS_SWTPM_IMAGE": docker_image}
+    out = subprocess.run(
+        ["docker-compose", "-f", docker_compose_file, "config"],
+        capture_output=True, text=True, timeout=60, check=True, env=env,
+    ).stdout
+    assert f"image: {docker_image}" in out
+    assert "build:" not in out
+    assert "apt-get" not in out and "apt " not in out
+    default = subprocess.run(
+        ["docker-compose", "-f", docker_compose_file, "config"],
+        capture_output=True, text=True, timeout=60, check=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("CUSTOS_SWTPM_")},
+    ).stdout
+    assert "image: custos-swtpm:local" in default
+    assert "127.0.0.1" in default  # ports published on loopback only

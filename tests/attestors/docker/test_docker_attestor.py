@@ -123,14 +123,14 @@ def test_the_lookup_is_cached_per_container_for_cache_ttl(
     run_container: Callable[..., Container],
 ) -> None:
     c = run_container("--label", "app=cached")
-    a = attestor(cache_ttl=0.5)
+    a = attestor(cache_ttl=2.0)
 
     async def main() -> None:
         first = await a.attest(c.peer())
         assert a.cache.misses == 1 and a.cache.hits == 0
         assert await a.attest(c.peer()) == first
         assert a.cache.hits == 1 and len(a.cache) == 1
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(2.1)
         assert await a.attest(c.peer()) == first
         assert a.cache.misses == 2  # expired: asked the engine again
 
@@ -381,7 +381,7 @@ def test_an_engine_that_hangs_is_given_up_on_within_api_timeout(
     a = attestor(docker_socket_path=fake_engine.path, api_timeout=0.3)
     t0 = time.monotonic()
     assert asyncio.run(a.attest(real_container.peer())) == []
-    assert time.monotonic() - t0 < 3.0
+    assert time.monotonic() - t0 < 10.0  # the fake holds the answer for 30 s
     assert any("did not answer within 0.3 s" in r.getMessage() for r in caplog.records)
 
 

@@ -56,8 +56,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from custos.testing.swtpm import SwtpmError, SwtpmInstance, _die_with_parent, start_instance
+from custos.testing.swtpm import (
+    SwtpmError,
+    SwtpmInstance,
+    _die_with_parent,
+    _pdeathsig_prefix,
+    start_fork_safe_instance,
+)
 
 DEBIAN_PACKAGES = "tpm2-abrmd dbus libtss2-tcti-tabrmd0"
 #: tpm2-abrmd's default name; ours add a per-process, per-daemon suffix.
@@ -102,6 +109,17 @@ def _line_buffered() -> list[str]:
     return [stdbuf, "-oL", "-eL"] if stdbuf else []
 
 
+def _spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Our own child in its own session, killed with its parent thread: through
+    ``setpriv --pdeathsig KILL`` (no Python code between fork and exec, see
+    :class:`custos.testing.swtpm.ForkSafeSwtpmInstance`), else ``preexec_fn``."""
+    prefix = _pdeathsig_prefix()
+    if prefix is not None:
+        return subprocess.Popen([*prefix, *argv], start_new_session=True, **kwargs)
+    return subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent,
+                            **kwargs)
+
+
 def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 5.0) -> None:
     if proc is None or proc.poll() is not None:
         if proc is not None:
@@ -137,11 +155,10 @@ class SessionBus:
         if self.running:
             return
         # Not --fork: our own child, reaped by us, killed with us (parent-death signal).
-        self._proc = subprocess.Popen(
+        self._proc = _spawn(
             [_tool("dbus-daemon"), "--session", "--nofork", "--nopidfile",
              "--print-address=1"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_die_with_parent,
         )
         out = self._proc.stdout
         assert out is not None
@@ -242,12 +259,12 @@ class Abrmd:
         log = open(self.log_path, "ab")
         self._log_start = log.tell()
         try:
-            self._proc = subprocess.Popen(
+            self._proc = _spawn(
                 [*_line_buffered(), _tool("tpm2-abrmd"), "--session", "--allow-root",
                  "--logger=stdout",
                  f"--dbus-name={self.name}", f"--tcti={self.tpm.tcti}", "--flush-all"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=self.bus.env, start_new_session=True, preexec_fn=_die_with_parent,
+                env=self.bus.env,
             )
         finally:
             log.close()
@@ -333,7 +350,7 @@ def start_rig(state_dir: Path, *, bus: SessionBus | None = None) -> AbrmdRig:
     tpm: SwtpmInstance | None = None
     try:
         bus.start()
-        tpm = start_instance(Path(state_dir))
+        tpm = start_fork_safe_instance(Path(state_dir))
         abrmd = Abrmd(bus, tpm)
         abrmd.start()
     except BaseException:

@@ -355,6 +355,69 @@ def reset_lockout(tcti: str) -> None:
         ectx.dictionary_attack_lock_reset(ESYS_TR.LOCKOUT)
 
 
+def _pdeathsig_prefix() -> list[str] | None:
+    """``setpriv --pdeathsig KILL --``: the parent-death signal set in the child by an
+    exec'd tool instead of by Python code run between fork and exec."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else None
+
+
+@dataclass
+class ForkSafeSwtpmInstance(SwtpmInstance):
+    """A :class:`SwtpmInstance` whose ``start()`` runs no Python code in the forked child.
+
+    ``SwtpmInstance.start`` sets the parent-death signal with ``preexec_fn``: Python
+    code (ctypes) between fork and exec. In a process where other threads are busy
+    (grpcio's, measured: "Other threads are currently calling into gRPC, skipping
+    fork() handlers"), that child sometimes died before exec, and ``start()``
+    reported "swtpm exited at start" with nothing on stderr (about one start in 20 in
+    tests/agent/test_device_faults.py, where a running agent's gRPC client is busy).
+    Here util-linux ``setpriv --pdeathsig KILL`` sets it after exec instead (the
+    setting survives the exec of swtpm); without setpriv it falls back to the base
+    class. Same API otherwise.
+    """
+
+    def start(self, timeout: float = 10.0) -> None:
+        prefix = _pdeathsig_prefix()
+        if prefix is None:
+            super().start(timeout)
+            return
+        if self.running:
+            return
+        self._proc = subprocess.Popen(
+            [*prefix, *self.command()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                self._proc = None
+                raise SwtpmError(
+                    f"swtpm exited at start (port {self.port}, status {code}): {err.strip()}"
+                )
+            if ctrl_answers(self.ctrl_port):
+                return
+            time.sleep(0.02)
+        self.kill()
+        raise SwtpmError(f"swtpm on port {self.port} did not answer within {timeout} s")
+
+
+def start_fork_safe_instance(state_dir: Path, *, attempts: int = 5) -> ForkSafeSwtpmInstance:
+    """:func:`start_instance` for a :class:`ForkSafeSwtpmInstance`."""
+    last: SwtpmError | None = None
+    for _ in range(attempts):
+        inst = ForkSafeSwtpmInstance(Path(state_dir), free_port_pair())
+        try:
+            inst.start()
+            return inst
+        except SwtpmError as e:  # most likely a port race with a parallel worker
+            last = e
+    assert last is not None
+    raise last
+
+
 def start_instance(state_dir: Path, *, attempts: int = 5) -> SwtpmInstance:
     """Start swtpm on a free port pair, retrying when another process grabs the ports first."""
     last: SwtpmError | None = None

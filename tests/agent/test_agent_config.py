@@ -271,7 +271,9 @@ def test_load_agent_config_reads_a_bounded_regular_file(tmp_path: Path) -> None:
 
 def test_the_documented_example_loads() -> None:
     docs = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
-    section = docs[docs.index("## Agent (") :]
+    start = docs.index("## Agent (")
+    end = docs.find("\n## ", start)  # the agent.toml section only, not the attestors' after it
+    section = docs[start : end if end != -1 else len(docs)]
     example = section[section.index("```toml\n") + 8 : section.index("```", section.index("```toml\n") + 8)]
     # The example reads its token from a file this machine does not have.
     example = example.replace('token_file = "/etc/custos/join-token"', f'token = "{TOKEN}"')

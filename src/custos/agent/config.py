@@ -313,6 +313,8 @@ class WorkloadApiConfig(_Section):
         4 * 1024 * 1024
     )
     attestation_cache_seconds: Annotated[float, Field(ge=0, le=60, allow_inf_nan=False)] = 1.0
+    # Each connection holds two file descriptors (socket, pidfd): at most 65,536.
+    max_connections_per_uid: Annotated[int, Field(ge=1, le=65_536, strict=True)] = 256
 
     @field_validator("requests_per_second", "attestation_cache_seconds", mode="before")
     @classmethod

@@ -454,3 +454,19 @@ def test_quote_over_two_banks(ctx: TpmContext) -> None:
     facts = _verified_quote(ctx, ak, "sha1:0,7+sha256:0,7")
     assert facts.pcr_selection == "sha1:0,7+sha256:0,7"
     assert [len(v) for v in facts.pcr_values.values()] == [20, 20, 32, 32]
+
+
+def test_certify_by_another_tpms_ak_is_refused(
+    ctx: TpmContext, swtpm_factory: Any, tmp_path: Path
+) -> None:
+    """The refusal list's "a certify statement signed by another TPM's AK": a key of a
+    second TPM, certified there by that TPM's own AK, presented for this TPM's AK."""
+    ours = create_ak(ctx)
+    other_tpm = swtpm_factory(new_identity=True)
+    key = _workload_key(other_tpm, tmp_path)
+    with shared_context(other_tpm.tcti) as other_ctx:
+        theirs = create_ak(other_ctx)
+        attest, sig = certify(other_ctx, theirs, key, b"")
+    evidence = (bytes(attest.marshal())[2:], bytes(sig.marshal()), bytes(key.tss.public.marshal()))
+    verify_certify(_public(theirs), *evidence)  # a good statement, by the other TPM's AK
+    _refused("bad_signature", verify_certify, _public(ours), *evidence)

@@ -224,11 +224,10 @@ def require_engine() -> None:
 # ---- the image -----------------------------------------------------------------------------
 
 
-def _sources_entries() -> list[tuple[list[str], list[str], list[str]]]:
+def _sources_entries(base: Path) -> list[tuple[list[str], list[str], list[str]]]:
     """(URIs, suites, components) of every ``deb`` source apt uses (deb822 and
     one-line formats)."""
     entries: list[tuple[list[str], list[str], list[str]]] = []
-    base = Path("/etc/apt")
     for path in sorted((base / "sources.list.d").glob("*.sources")):
         for stanza in path.read_text(errors="replace").split("\n\n"):
             fields: dict[str, str] = {}
@@ -250,17 +249,21 @@ def _sources_entries() -> list[tuple[list[str], list[str], list[str]]]:
         if not path.is_file():
             continue
         for line in path.read_text(errors="replace").splitlines():
-            words = line.split("#", 1)[0].split()
-            if len(words) >= 3 and words[0] == "deb":
-                rest = [w for w in words[1:] if not w.startswith("[")]
-                if len(rest) >= 2:
-                    entries.append(([rest[0]], [rest[1]], rest[2:]))
+            text = line.split("#", 1)[0].strip()
+            if not text.startswith("deb "):
+                continue
+            text = text[4:].strip()
+            if text.startswith("["):  # options: [arch=amd64 signed-by=...]
+                text = text.partition("]")[2]
+            rest = text.split()
+            if len(rest) >= 2:
+                entries.append(([rest[0]], [rest[1]], rest[2:]))
     return entries
 
 
-def debian_mirror(suite: str = SUITE) -> str:
+def debian_mirror(suite: str = SUITE, *, apt_dir: Path = Path("/etc/apt")) -> str:
     """The mirror apt uses for ``suite`` ``main`` (not the security archive)."""
-    for uris, suites, components in _sources_entries():
+    for uris, suites, components in _sources_entries(apt_dir):
         if suite in suites and "main" in components:
             for uri in uris:
                 if uri.startswith(("http://", "https://", "file:/")):
@@ -381,7 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "up":
             started = start_engine()
-            print("dockerd started (make docker-down stops it)" if started else "dockerd runs")
+            print(
+                "dockerd started (recorded: `down` stops it)"
+                if started
+                else "dockerd runs (started by `up`: `down` stops it)"
+                if EngineRecord.load() is not None
+                else "dockerd runs (not ours: `down` leaves it)"
+            )
         elif args.cmd == "down":
             print("dockerd stopped" if stop_engine() else "no dockerd of ours to stop")
         elif args.cmd == "image":

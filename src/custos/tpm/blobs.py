@@ -77,7 +77,12 @@ def read_key_file(path: str, *, what: str) -> tuple[Stamp, bytes]:
     else unreadable (a FIFO, a device, a directory, too large, no permission) is a
     :class:`BadKeyBlobError`.
     """
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # a path through a regular file, no permission, a loop...
+        raise BadKeyBlobError(f"{what}: cannot read {path}: {e.strerror or e}") from None
     try:
         data = read_small_file(path, max_bytes=MAX_KEY_FILE_BYTES, what=what)
     except UnreadableFileError as e:

@@ -212,3 +212,25 @@ def test_an_ak_that_is_not_a_fixed_p256_signing_key_is_refused(
 ) -> None:
     assert rig.refused(payload=lambda p: _reshape_ak(p, change)).code == code
     assert not rig.challenges
+
+
+def test_an_ak_file_that_cannot_be_read_or_written_is_a_clear_agent_error(rig: Rig) -> None:
+    """A bad ak_file path (under a regular file; a directory) stops the agent half with a
+    custos error naming the setting, not an OSError from deep inside."""
+    (rig.tmp / "plain").write_text("x")
+    # /proc refuses new directories even to root: the AK is made, then cannot be saved.
+    unwritable = Path("/proc/custos-no-such-dir/ak.pem")
+    for path in (rig.tmp / "plain" / "ak.pem", rig.tmp, unwritable):
+        with pytest.raises(CustosError) as info:
+            _attest_with(rig, ak_file=str(path))
+        assert "ak_file" in info.value.message, info.value.message
+
+
+def _attest_with(rig: Rig, **agent_settings: Any) -> None:
+    import asyncio
+
+    async def run() -> None:
+        with rig.server() as server, rig.agent(**agent_settings) as agent:
+            await rig.exchange(server, agent)
+
+    asyncio.run(run())

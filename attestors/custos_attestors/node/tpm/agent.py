@@ -238,7 +238,12 @@ class TpmAgentAttestor:
                     return self._ak
             blob = create_ak(ctx)
             if path is not None:
-                blob = self._save_ak(path, blob)
+                try:
+                    blob = self._save_ak(path, blob)
+                except OSError as e:
+                    raise TpmAgentError(
+                        f"tpm: cannot write ak_file {path}: {e.strerror or e}"
+                    ) from None
             self._ak = blob
             return blob
 

@@ -87,3 +87,18 @@ def test_out_not_writable_is_refused_before_the_tpm_is_used(
     finally:
         if (tmp_path / "locked").exists():
             (tmp_path / "locked").chmod(0o700)
+
+
+@pytest.mark.parametrize("verb", ["quote", "certify"])
+def test_an_ak_or_key_dir_path_that_cannot_be_used_is_a_plain_error(
+    verb: str, swtpm: SwtpmInstance, tmp_path: Path
+) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    args = ["--key", "k"] if verb == "certify" else ["--nonce", NONCE]
+    for extra in (["--ak", str(plain / "ak.pem")], ["--key-dir", str(plain)],
+                  ["--ak", str(plain)]):  # fmt: skip
+        result = run_custos("tpm", verb, "--tcti", swtpm.tcti, *args, *extra,
+                            "--out", str(tmp_path / "out"), extra_env=_CLEAR)  # fmt: skip
+        assert result.returncode in (1, 2), result.stderr[-2000:]
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -208,17 +208,20 @@ def _load_or_create_ak(ctx: Any, path: Path) -> Any:
     from custos.tpm.ak import create_ak, load_ak
 
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        ak = create_ak(ctx)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:  # another run created it meanwhile: use that one
-            return load_ak(path.read_bytes(), what=str(path))
-        with os.fdopen(fd, "wb") as f:
-            f.write(ak.to_pem())
-        return ak
+            data = path.read_bytes()
+        except FileNotFoundError:
+            ak = create_ak(ctx)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:  # another run created it meanwhile: use that one
+                return load_ak(path.read_bytes(), what=str(path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(ak.to_pem())
+            return ak
+    except OSError as e:  # a path through a regular file, a directory, no permission
+        raise click.ClickException(f"AK file {path}: {e.strerror or e}") from None
     return load_ak(data, what=str(path))
 
 

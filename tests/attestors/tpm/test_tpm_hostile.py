@@ -234,3 +234,17 @@ def _attest_with(rig: Rig, **agent_settings: Any) -> None:
             await rig.exchange(server, agent)
 
     asyncio.run(run())
+
+
+def test_a_clock_set_past_what_the_datastore_holds_is_refused_cleanly(own_rig: Rig) -> None:
+    """TPM2_ClockSet (owner auth) can move the TPM's clock to almost 2^64 ms; a quote
+    saying so is refused with a custos code, never a database overflow (own TPM: its
+    clock only ever moves forward)."""
+    from tpm2_pytss.constants import ESYS_TR
+
+    from custos.tpm.context import shared_context
+
+    with shared_context(own_rig.tpm.tcti) as ctx:
+        ctx.device(lambda ectx: ectx.clock_set(2**63 + 10**6, ESYS_TR.OWNER))
+    error = own_rig.refused()
+    assert error.code == "invalid_tpm_clock", error

@@ -1,0 +1,78 @@
+"""The tpm server half's settings under hostile values: every key given every kind of
+wrong value (types, bounds, paths, bad hex in the policy) is a PolicyConfigError
+(``tpm_attestor_config``), never another exception."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from custos_attestors.node.tpm.policy import PolicyConfigError, parse_server_settings
+
+HASH = "ab" * 32
+D = "00" * 32
+KEYS = ["ek_ca_bundle", "ek_allowlist", "ek_allowlist_file", "pcrs", "challenge_ttl",
+        "pcr_policy", "require_event_log", "bogus"]  # fmt: skip
+VALUES: list[Any] = [
+    None, True, 0, -1, 1.5, math.nan, math.inf, 10**400, "", "x", "/", "/etc", "/dev/null",
+    "/nonexistent", "relative", "\0", "1s", "0s", "-1s", "9999999999s", "1e3s", "sha256:0",
+    "sha256:all", "sha256:24", HASH, "nan", [], [1], ["/etc"], ["/dev/null"], [["/etc"]],
+    ["AB" * 32], [" " + HASH], ["zz" * 32], [HASH + "00"], {}, {"a": 1}, [[]], [{}],
+    [{"pcrs": {}}],
+    [{"pcrs": {"sha256:7": ["zz" * 32]}}],
+    [{"pcrs": {"sha256:7": ["0x" + "g" * 64]}}],
+    [{"pcrs": {"sha256:7": [D + "\n"]}}],
+    [{"pcrs": {"sha256:7": [D[:-1]]}}],
+    [{"pcrs": {"sha256:7": D}}],
+    [{"pcrs": {"sha256:7": [5]}}],
+    [{"pcrs": {5: [D]}}],
+    [{"pcrs": {"sha256:07": [D]}}],
+    [{"pcrs": {"sha256:7": [D] * 2000}}],
+    [{"events": [{"pcr": True, "type": 1, "digest": D}]}],
+    [{"events": [{"pcr": 7, "type": "0x" + "f" * 5000, "digest": D}]}],
+    [{"events": [{"pcr": 7, "type": -1, "digest": D}]}],
+    [{"events": [{"pcr": 7, "type": 2**32, "digest": D}]}],
+    [{"events": [{"pcr": 7, "type": 1.0, "digest": D}]}],
+    [{"events": [{"pcr": 7, "type": 1, "digest": "zz" * 32}]}],
+    [{"events": [{"pcr": 7, "type": 1, "digest": D, "bank": 5}]}],
+    [{"events": [{"pcr": 7, "type": 1, "digest": D, "bank": "md5"}]}],
+    [{"events": [{"pcr": 7, "type": 1, "digest": D, "extra": 1}]}],
+    [{"events": "x"}],
+    [{"name": 5, "pcrs": {"sha256:7": [D]}}],
+    [{"name": "a\nb", "pcrs": {"sha256:7": [D]}}],
+    [{"name": "n" * 200, "pcrs": {"sha256:7": [D]}}],
+    [{"match": "tpm:x", "pcrs": {"sha256:7": [D]}}],
+    [{"match": [5], "pcrs": {"sha256:7": [D]}}],
+    [{"match": ["tpm:"], "pcrs": {"sha256:7": [D]}}],
+    [{"match": ["tpm:\u202e"], "pcrs": {"sha256:7": [D]}}],
+    [{"pcrs": {"sha256:7": [D]}, "colour": "blue"}],
+    [{"pcrs": {"sha256:7": [D]}}] * 300,
+]
+
+
+#: What each setting legitimately takes among VALUES (None: the setting absent).
+ACCEPTED: dict[str, list[Any]] = {
+    "ek_ca_bundle": [[]],
+    "ek_allowlist": [["AB" * 32], [" " + HASH]],  # case and spaces are normalised
+    "ek_allowlist_file": [None, "/dev/null"],  # an empty allowlist file
+    "pcrs": ["sha256:0"],
+    "challenge_ttl": [1.5, "1s"],
+    "pcr_policy": [[], [{"pcrs": {"sha256:7": [D + "\n"]}}]],  # digests are stripped
+    "require_event_log": [True],
+    "bogus": [],
+}
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_every_setting_refuses_hostile_values_cleanly(key: str) -> None:
+    accepted = []
+    for value in VALUES:
+        try:
+            parse_server_settings({"ek_allowlist": [HASH], key: value})
+        except PolicyConfigError as e:
+            assert e.code == "tpm_attestor_config"
+        else:
+            accepted.append(value)
+    assert accepted == ACCEPTED[key]

@@ -16,10 +16,45 @@ D = "00" * 32
 KEYS = ["ek_ca_bundle", "ek_allowlist", "ek_allowlist_file", "pcrs", "challenge_ttl",
         "pcr_policy", "require_event_log", "bogus"]  # fmt: skip
 VALUES: list[Any] = [
-    None, True, 0, -1, 1.5, math.nan, math.inf, 10**400, "", "x", "/", "/etc", "/dev/null",
-    "/nonexistent", "relative", "\0", "1s", "0s", "-1s", "9999999999s", "1e3s", "sha256:0",
-    "sha256:all", "sha256:24", HASH, "nan", [], [1], ["/etc"], ["/dev/null"], [["/etc"]],
-    ["AB" * 32], [" " + HASH], ["zz" * 32], [HASH + "00"], {}, {"a": 1}, [[]], [{}],
+    None,
+    True,
+    0,
+    -1,
+    1.5,
+    math.nan,
+    math.inf,
+    10**400,
+    "",
+    "x",
+    "/",
+    "/etc",
+    "/dev/null",
+    "/nonexistent",
+    "relative",
+    "\0",
+    "1s",
+    "0s",
+    "-1s",
+    "9999999999s",
+    "1e3s",
+    "sha256:0",
+    "sha256:all",
+    "sha256:24",
+    HASH,
+    "nan",
+    [],
+    [1],
+    ["/etc"],
+    ["/dev/null"],
+    [["/etc"]],
+    ["AB" * 32],
+    [" " + HASH],
+    ["zz" * 32],
+    [HASH + "00"],
+    {},
+    {"a": 1},
+    [[]],
+    [{}],
     [{"pcrs": {}}],
     [{"pcrs": {"sha256:7": ["zz" * 32]}}],
     [{"pcrs": {"sha256:7": ["0x" + "g" * 64]}}],
@@ -76,3 +111,45 @@ def test_every_setting_refuses_hostile_values_cleanly(key: str) -> None:
         else:
             accepted.append(value)
     assert accepted == ACCEPTED[key]
+
+
+AGENT_VALUES: list[Any] = [
+    None,
+    True,
+    5,
+    1.5,
+    "",
+    "\0",
+    "relative",
+    "/",
+    [],
+    [5],
+    [""],
+    ["relative"],
+    ["/nonexistent"],
+    ["/etc/hostname"],
+    {},
+    "x" * 5000,
+]
+
+
+@pytest.mark.parametrize("key", ["tcti", "ek_profile", "ak_file", "ek_intermediates",
+                                 "event_log_file", "bogus"])  # fmt: skip
+def test_every_agent_setting_refuses_hostile_values_cleanly(rig: Any, key: str) -> None:
+    from custos.errors import CustosError
+    from custos.plugin.errors import PluginCallError
+
+    accepted = []
+    for value in AGENT_VALUES:
+        try:
+            rig.agent(**{key: value}).close()
+        except PluginCallError as e:
+            assert isinstance(e.__cause__, CustosError), (key, value, repr(e.__cause__))
+        else:
+            accepted.append(value)
+    # tcti None: the default. "/" is an absolute path: a directory as ak_file or
+    # event_log_file is found unusable at attestation time (ak_file: a custos error,
+    # test_tpm_hostile.py; the event log: left out with a warning).
+    expected = {"tcti": [None], "ak_file": ["/"], "event_log_file": ["/"],
+                "ek_intermediates": [[]]}  # fmt: skip
+    assert accepted == expected.get(key, []), (key, accepted)

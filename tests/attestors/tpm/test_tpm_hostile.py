@@ -248,3 +248,19 @@ def test_a_clock_set_past_what_the_datastore_holds_is_refused_cleanly(own_rig: R
         ctx.device(lambda ectx: ectx.clock_set(2**63 + 10**6, ESYS_TR.OWNER))
     error = own_rig.refused()
     assert error.code == "invalid_tpm_clock", error
+
+
+def test_an_ecc_p256_ek_attests_through_the_allowlist(rig: Rig) -> None:
+    """The template check (decision 0080) accepts the TPM's own ECC P-256 EK: swtpm has
+    no certificate for it, so its hash is allowlisted."""
+    from custos.tpm.activation import ek_public_area
+    from custos.tpm.context import shared_context
+
+    with shared_context(rig.tpm.tcti) as ctx:
+        ek = ek_public_area(ctx, "ecc-p256")
+    ek_hash = verify.spki_sha256(verify.public_key(ek))
+    rig.server_settings.update(ek_ca_bundle=[], ek_allowlist=[ek_hash])
+    rig.agent_settings["ek_profile"] = "ecc-p256"
+    node = rig.attest()
+    assert str(node.agent_id) == f"spiffe://{TD}/custos/agent/tpm/{ek_hash}"
+    assert wire.decode_payload(rig.payloads[-1]).ek_profile == "ecc-p256"

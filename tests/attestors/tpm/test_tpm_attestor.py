@@ -405,7 +405,7 @@ def test_the_agent_half_certifies_a_tpm_store_key_with_its_ak(rig: Rig) -> None:
     ("settings", "message"),
     [
         ({"colour": "blue"}, "unknown tpm settings"),
-        ({"ek_profile": "ecc-p384"}, "ek_profile"),
+        ({"ek_profile": "rsa4096"}, "ek_profile"),
         ({"ak_file": "relative/ak.pem"}, "absolute"),
         ({"event_log_file": ""}, "absolute"),
         ({"ek_intermediates": "/etc/ca.pem"}, "list"),

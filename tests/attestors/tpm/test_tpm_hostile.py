@@ -264,3 +264,19 @@ def test_an_ecc_p256_ek_attests_through_the_allowlist(rig: Rig) -> None:
     node = rig.attest()
     assert str(node.agent_id) == f"spiffe://{TD}/custos/agent/tpm/{ek_hash}"
     assert wire.decode_payload(rig.payloads[-1]).ek_profile == "ecc-p256"
+
+
+def test_the_p384_ek_attests_through_its_certificate(rig: Rig) -> None:
+    """swtpm's high-range ECC P-384 EK (certificate at 0x01c00016, PolicyOR activation)."""
+    from cryptography import x509
+
+    rig.agent_settings["ek_profile"] = "ecc-p384"
+    node = rig.attest()
+    sent = wire.decode_payload(rig.payloads[-1])
+    assert sent.ek_profile == "ecc-p384" and sent.ek_cert is not None
+    cert = x509.load_der_x509_certificate(sent.ek_cert)
+    assert cert.public_key().curve.name == "secp384r1"  # type: ignore[union-attr]
+    ek_hash = verify.spki_sha256(cert.public_key())
+    assert str(node.agent_id) == f"spiffe://{TD}/custos/agent/tpm/{ek_hash}"
+    assert wire.decode_challenge(rig.challenges[-1]).activation is True
+    assert "ek_issuer:swtpm-localca" in {s.value for s in node.selectors}

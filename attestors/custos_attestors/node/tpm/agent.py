@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 #: each index one or more concatenated DER certificates).
 EK_CHAIN_FIRST, EK_CHAIN_LAST = 0x01C00100, 0x01C001FF
 #: EK profiles credential activation works with (custos.tpm.activation.ACTIVATION_PROFILES).
-ACTIVATION_PROFILES = ("rsa2048", "ecc-p256")
+ACTIVATION_PROFILES = ("rsa2048", "ecc-p256", "ecc-p384")
 AGENT_KEYS = frozenset({"tcti", "ek_profile", "ak_file", "ek_intermediates", "event_log_file"})
 DEFAULT_EK_PROFILE = "rsa2048"
 #: Quote and PCR read are retried this often when a PCR moves between them.
@@ -188,7 +188,6 @@ class TpmAgentAttestor:
             raise TpmAgentConfigError("tpm: tcti must be a string")
         profile = config.get("ek_profile", DEFAULT_EK_PROFILE)
         if not isinstance(profile, str) or profile not in ACTIVATION_PROFILES:
-            # ecc-p384 (swtpm's high-range EK) has a PolicyOR activation does not run.
             raise TpmAgentConfigError(f"tpm: ek_profile is one of {', '.join(ACTIVATION_PROFILES)}")
         self._tcti = resolve_tcti(tcti, explicit_source="tpm.tcti")
         self._profile = profile

@@ -91,7 +91,7 @@ VALUES: list[Any] = [
 ACCEPTED: dict[str, list[Any]] = {
     "ek_ca_bundle": [[]],
     "ek_allowlist": [["AB" * 32], [" " + HASH]],  # case and spaces are normalised
-    "ek_allowlist_file": [None, "/dev/null"],  # an empty allowlist file
+    "ek_allowlist_file": [None],  # /dev/null is no regular file
     "pcrs": ["sha256:0"],
     "challenge_ttl": [1.5, "1s"],
     "pcr_policy": [[], [{"pcrs": {"sha256:7": [D + "\n"]}}]],  # digests are stripped
@@ -153,3 +153,38 @@ def test_every_agent_setting_refuses_hostile_values_cleanly(rig: Any, key: str) 
     expected = {"tcti": [None], "ak_file": ["/"], "event_log_file": ["/"],
                 "ek_intermediates": [[]]}  # fmt: skip
     assert accepted == expected.get(key, []), (key, accepted)
+
+
+@pytest.mark.parametrize("key", ["ek_ca_bundle", "ek_allowlist_file"])
+def test_a_fifo_or_device_as_a_settings_file_is_refused_without_blocking(
+    key: str, tmp_path: Any
+) -> None:
+    """A FIFO would block the server's start forever in open(); /dev/zero would be read
+    up to the size cap: both are refused as not regular files."""
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (str(fifo), "/dev/zero"):
+        value: Any = [path] if key == "ek_ca_bundle" else path
+        outcome: list[BaseException | None] = []
+
+        def load(v: Any = value, out: list[BaseException | None] = outcome) -> None:
+            try:
+                parse_server_settings({"ek_allowlist": [HASH], key: v})
+            except BaseException as e:  # noqa: BLE001 - reported below
+                out.append(e)
+            else:
+                out.append(None)
+
+        worker = threading.Thread(target=load, daemon=True)
+        worker.start()
+        worker.join(5)
+        if worker.is_alive():  # unblock the open() so the thread ends
+            with open(fifo, "wb"):
+                pass
+            worker.join(5)
+            pytest.fail(f"{key} = {path} blocked the settings load")
+        assert isinstance(outcome[0], PolicyConfigError), outcome
+        assert "regular file" in outcome[0].message or "not a file" in outcome[0].message, outcome

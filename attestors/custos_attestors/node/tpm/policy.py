@@ -256,14 +256,14 @@ DEFAULT_CHALLENGE_TTL = "60s"
 def _read(path: object, what: str) -> bytes:
     if not isinstance(path, str) or not path or "\0" in path or not os.path.isabs(path):
         raise PolicyConfigError(f"{what} must be an absolute file path")
+    from custos._files import UnreadableFileError, read_small_file
+
+    # A regular file only: a FIFO would block the server's start in open(), a device
+    # would be read up to the cap.
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    except OSError as e:
-        raise PolicyConfigError(f"{what}: cannot read {path}: {e.strerror or e}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise PolicyConfigError(f"{what}: {path} is larger than {MAX_FILE_BYTES} bytes")
-    return data
+        return read_small_file(path, max_bytes=MAX_FILE_BYTES, what=what)
+    except UnreadableFileError as e:
+        raise PolicyConfigError(f"{what}: {e.message}") from None
 
 
 def load_ca_bundle(paths: object) -> tuple[Any, ...]:

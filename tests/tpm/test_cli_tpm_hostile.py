@@ -95,9 +95,11 @@ def test_an_ak_or_key_dir_path_that_cannot_be_used_is_a_plain_error(
 ) -> None:
     plain = tmp_path / "plain"
     plain.write_text("x")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # would block a plain open()
     args = ["--key", "k"] if verb == "certify" else ["--nonce", NONCE]
     for extra in (["--ak", str(plain / "ak.pem")], ["--key-dir", str(plain)],
-                  ["--ak", str(plain)]):  # fmt: skip
+                  ["--ak", str(plain)], ["--ak", str(fifo)], ["--ak", "/dev/zero"]):  # fmt: skip
         result = run_custos("tpm", verb, "--tcti", swtpm.tcti, *args, *extra,
                             "--out", str(tmp_path / "out"), extra_env=_CLEAR)  # fmt: skip
         assert result.returncode in (1, 2), result.stderr[-2000:]

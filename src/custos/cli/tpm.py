@@ -205,18 +205,27 @@ def ek(tcti: str | None, output: str) -> None:
 
 def _load_or_create_ak(ctx: Any, path: Path) -> Any:
     """The AK in ``path``; created (and written, 0600, never over a file) when absent."""
+    from custos._files import UnreadableFileError, read_small_file
     from custos.tpm.ak import create_ak, load_ak
+
+    def read() -> bytes:  # a regular file only: a FIFO would block, a device never end
+        try:
+            return read_small_file(path, max_bytes=64 * 1024, what="AK file")
+        except UnreadableFileError as e:
+            if e.reason == "missing":
+                raise FileNotFoundError(str(path)) from None
+            raise click.ClickException(e.message) from None
 
     try:
         try:
-            data = path.read_bytes()
+            data = read()
         except FileNotFoundError:
             ak = create_ak(ctx)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except FileExistsError:  # another run created it meanwhile: use that one
-                return load_ak(path.read_bytes(), what=str(path))
+                return load_ak(read(), what=str(path))
             with os.fdopen(fd, "wb") as f:
                 f.write(ak.to_pem())
             return ak

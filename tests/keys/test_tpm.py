@@ -76,6 +76,7 @@ from custos.keys.tpm import (
 )
 from custos.testing.swtpm import SwtpmInstance, free_port_pair
 from custos.tpm.info import tpm_info
+from custos.tpm.templates import CREATE_ATTRIBUTES
 
 SIGN_TICKET = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
 
@@ -280,7 +281,7 @@ def test_keys_are_fixed_tpm_non_duplicable_signing_keys(
     for alg in sorted(TpmKeyStore.supported_algorithms):
         tpm_store.create(f"attr-{alg.value}", alg)
         attrs = tpm_store.key_attributes(f"attr-{alg.value}")
-        assert attrs == KEY_ATTRIBUTES, str(attrs)
+        assert attrs == KEY_ATTRIBUTES | CREATE_ATTRIBUTES, str(attrs)  # noDA: decision 0075
         assert not attrs & (TPMA_OBJECT.DECRYPT | TPMA_OBJECT.RESTRICTED)
     tpm_store.close()  # give the object slots back: swtpm has three, no resource manager
 
@@ -390,7 +391,7 @@ def test_blob_is_a_tss2_private_key_other_tools_read(
         ["tpm2_print", "-t", "TSSPRIVKEY_OBJ", str(path)],
         capture_output=True, text=True, timeout=30, check=True,
     ).stdout
-    assert "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign" in printed
+    assert "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|sign" in printed
     assert "NIST p256" in printed and "ecdsa" in printed
 
     # A fresh ESAPI context loads it the way tpm2-openssl does (TSSPrivKey.load makes

@@ -40,6 +40,14 @@ KEY_ATTRIBUTES = (
 #: one secret.
 FORBIDDEN_ATTRIBUTES = TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT
 
+#: What a key this module creates has beyond the attributes checked at load: noDA.
+#: Every use of a DA-protected object before an unorderly shutdown (swtpm or the
+#: machine stopped without TPM2_Shutdown) counts one dictionary-attack failure, so a
+#: few restarts locked every signature out for the lockout interval (1000 s on swtpm).
+#: These keys have an empty password, so the DA protection guards nothing.  Not part
+#: of KEY_ATTRIBUTES: key files made before it (without noDA) still load.
+CREATE_ATTRIBUTES = TPMA_OBJECT.NODA
+
 #: An attestation key: like a workload key, and restricted, so the TPM signs with it
 #: only digests it made itself (TPM2_Quote, TPM2_Certify), never a caller's digest
 #: that merely looks like a TPMS_ATTEST. go-attestation's and tpm2_createak's AK.
@@ -121,7 +129,7 @@ def key_template(alg: Algorithm) -> TPMT_PUBLIC:
     return TPMT_PUBLIC(
         type=kind,
         nameAlg=TPM2_ALG.SHA256,
-        objectAttributes=KEY_ATTRIBUTES,
+        objectAttributes=KEY_ATTRIBUTES | CREATE_ATTRIBUTES,
         authPolicy=b"",
         parameters=params,
     )
@@ -132,7 +140,7 @@ def ak_template() -> TPMT_PUBLIC:
     return TPMT_PUBLIC(
         type=TPM2_ALG.ECC,
         nameAlg=TPM2_ALG.SHA256,
-        objectAttributes=AK_ATTRIBUTES,
+        objectAttributes=AK_ATTRIBUTES | CREATE_ATTRIBUTES,
         authPolicy=b"",
         parameters=_ecdsa_parms(TPM2_ECC.NIST_P256, TPM2_ALG.SHA256),
     )
@@ -165,6 +173,7 @@ def algorithm_of(public: TPMT_PUBLIC) -> Algorithm:
 
 __all__ = [
     "AK_ATTRIBUTES",
+    "CREATE_ATTRIBUTES",
     "FORBIDDEN_ATTRIBUTES",
     "HASH_ALGS",
     "KEY_ATTRIBUTES",

@@ -36,8 +36,8 @@ from a thread that lives as long as they should (the main thread), never from
 when the executor shut down).
 
 What the rig found (decision 0075): tpm2-abrmd 3.0.0 can wedge on a device loss
-(:meth:`Abrmd.wedged`), and every stop of swtpm after custos signed counts a
-dictionary-attack failure (:func:`custos.testing.swtpm.reset_lockout`).
+(:meth:`Abrmd.wedged`), and every stop of swtpm after custos signed counted a
+dictionary-attack failure until custos' keys got noDA.
 
 This module does not import pytest; ``tests/agent/test_device_faults.py`` builds
 its fixtures on it.  It needs the Debian packages ``tpm2-abrmd dbus
@@ -56,14 +56,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from custos.testing.swtpm import (
     SwtpmError,
     SwtpmInstance,
-    _die_with_parent,
-    _pdeathsig_prefix,
-    start_fork_safe_instance,
+    spawn_child,
+    start_instance,
 )
 
 DEBIAN_PACKAGES = "tpm2-abrmd dbus libtss2-tcti-tabrmd0"
@@ -109,17 +107,6 @@ def _line_buffered() -> list[str]:
     return [stdbuf, "-oL", "-eL"] if stdbuf else []
 
 
-def _spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    """Our own child in its own session, killed with its parent thread: through
-    ``setpriv --pdeathsig KILL`` (no Python code between fork and exec, see
-    :class:`custos.testing.swtpm.ForkSafeSwtpmInstance`), else ``preexec_fn``."""
-    prefix = _pdeathsig_prefix()
-    if prefix is not None:
-        return subprocess.Popen([*prefix, *argv], start_new_session=True, **kwargs)
-    return subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent,
-                            **kwargs)
-
-
 def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 5.0) -> None:
     if proc is None or proc.poll() is not None:
         if proc is not None:
@@ -155,7 +142,7 @@ class SessionBus:
         if self.running:
             return
         # Not --fork: our own child, reaped by us, killed with us (parent-death signal).
-        self._proc = _spawn(
+        self._proc = spawn_child(
             [_tool("dbus-daemon"), "--session", "--nofork", "--nopidfile",
              "--print-address=1"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -259,7 +246,7 @@ class Abrmd:
         log = open(self.log_path, "ab")
         self._log_start = log.tell()
         try:
-            self._proc = _spawn(
+            self._proc = spawn_child(
                 [*_line_buffered(), _tool("tpm2-abrmd"), "--session", "--allow-root",
                  "--logger=stdout",
                  f"--dbus-name={self.name}", f"--tcti={self.tpm.tcti}", "--flush-all"],
@@ -350,7 +337,7 @@ def start_rig(state_dir: Path, *, bus: SessionBus | None = None) -> AbrmdRig:
     tpm: SwtpmInstance | None = None
     try:
         bus.start()
-        tpm = start_fork_safe_instance(Path(state_dir))
+        tpm = start_instance(Path(state_dir))
         abrmd = Abrmd(bus, tpm)
         abrmd.start()
     except BaseException:

@@ -47,6 +47,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from custos.errors import CustosError
 
@@ -282,10 +283,10 @@ class SwtpmInstance:
         # Our own child, so a SIGKILL leaves no zombie that looks alive to `kill -0`;
         # its own session, so a Ctrl-C in the terminal reaches pytest (which stops it
         # in fixture teardown) and not swtpm; and a parent-death signal, so a pytest
-        # killed outright leaves no orphan TPM behind.
-        self._proc = subprocess.Popen(
+        # killed outright leaves no orphan TPM behind (see spawn_child).
+        self._proc = spawn_child(
             self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent,
+            stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -362,60 +363,20 @@ def _pdeathsig_prefix() -> list[str] | None:
     return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else None
 
 
-@dataclass
-class ForkSafeSwtpmInstance(SwtpmInstance):
-    """A :class:`SwtpmInstance` whose ``start()`` runs no Python code in the forked child.
+def spawn_child(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Our own child in its own session, killed when its parent thread dies.
 
-    ``SwtpmInstance.start`` sets the parent-death signal with ``preexec_fn``: Python
-    code (ctypes) between fork and exec. In a process where other threads are busy
-    (grpcio's, measured: "Other threads are currently calling into gRPC, skipping
-    fork() handlers"), that child sometimes died before exec, and ``start()``
-    reported "swtpm exited at start" with nothing on stderr (about one start in 20 in
-    tests/agent/test_device_faults.py, where a running agent's gRPC client is busy).
-    Here util-linux ``setpriv --pdeathsig KILL`` sets it after exec instead (the
-    setting survives the exec of swtpm); without setpriv it falls back to the base
-    class. Same API otherwise.
+    The parent-death signal is set by util-linux ``setpriv --pdeathsig KILL`` after
+    exec, so no Python code runs between fork and exec: with ``preexec_fn`` (ctypes
+    prctl), in a process where grpcio's threads are busy ("Other threads are currently
+    calling into gRPC, skipping fork() handlers"), the child sometimes died before
+    exec with nothing on stderr (about one start in 20 in
+    tests/agent/test_device_faults.py).  Without setpriv, ``preexec_fn`` it is.
     """
-
-    def start(self, timeout: float = 10.0) -> None:
-        prefix = _pdeathsig_prefix()
-        if prefix is None:
-            super().start(timeout)
-            return
-        if self.running:
-            return
-        self._proc = subprocess.Popen(
-            [*prefix, *self.command()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
-                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
-                self._proc = None
-                raise SwtpmError(
-                    f"swtpm exited at start (port {self.port}, status {code}): {err.strip()}"
-                )
-            if ctrl_answers(self.ctrl_port):
-                return
-            time.sleep(0.02)
-        self.kill()
-        raise SwtpmError(f"swtpm on port {self.port} did not answer within {timeout} s")
-
-
-def start_fork_safe_instance(state_dir: Path, *, attempts: int = 5) -> ForkSafeSwtpmInstance:
-    """:func:`start_instance` for a :class:`ForkSafeSwtpmInstance`."""
-    last: SwtpmError | None = None
-    for _ in range(attempts):
-        inst = ForkSafeSwtpmInstance(Path(state_dir), free_port_pair())
-        try:
-            inst.start()
-            return inst
-        except SwtpmError as e:  # most likely a port race with a parallel worker
-            last = e
-    assert last is not None
-    raise last
+    prefix = _pdeathsig_prefix()
+    if prefix is not None:
+        return subprocess.Popen([*prefix, *argv], start_new_session=True, **kwargs)
+    return subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent, **kwargs)
 
 
 def start_instance(state_dir: Path, *, attempts: int = 5) -> SwtpmInstance:

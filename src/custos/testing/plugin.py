@@ -32,7 +32,8 @@ from ``swtpm/docker-compose.yml`` instead of as a local process: the
 ``custos_swtpm_compose_file`` fixture names the file, and your conftest points
 pytest-docker's ``docker_compose_file`` at it (the plugin does not define that
 fixture, so it never replaces a project's own compose file).
-That path is not exercised in custos' own CI: its machines run no Docker engine.
+custos' own ``make test`` starts a Docker engine and runs the key-store contract
+once against such a container (its ``swtpm_container`` fixture, tests/conftest.py).
 """
 
 from __future__ import annotations

@@ -430,8 +430,9 @@ def shared_template(base: Path) -> ProvisionedState:
 class DockerSwtpm:
     """swtpm running from ``swtpm/docker-compose.yml`` through pytest-docker.
 
-    NOT exercised in this project's CI (no Docker engine on the build machines);
-    the local-process :class:`SwtpmInstance` is the default and what CI uses.
+    ``make test`` runs the key-store contract once against it (the ``swtpm_container``
+    fixture, tests/keys/test_contract_container.py); the local-process
+    :class:`SwtpmInstance` stays the default for everything else.
     """
 
     port: int
@@ -455,9 +456,10 @@ class DockerSwtpm:
         return self.state.ek_ca_certs
 
     def _compose(self, *args: str) -> None:
-        subprocess.run(
-            ["docker", "compose", "-f", str(self.compose_file), *args], check=True, timeout=120
-        )
+        # Debian's docker.io has no `docker compose` plugin; its docker-compose (v1) is
+        # what make installs.  Elsewhere the plugin is the usual one.
+        command = ["docker-compose"] if shutil.which("docker-compose") else ["docker", "compose"]
+        subprocess.run([*command, "-f", str(self.compose_file), *args], check=True, timeout=120)
 
     def kill(self) -> None:
         self._compose("kill", "swtpm")

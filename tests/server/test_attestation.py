@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -318,8 +319,10 @@ def test_two_concurrent_attestations_with_one_token_exactly_one_succeeds(
 
 
 def test_unknown_and_expired_tokens_are_refused_and_nothing_is_written(
-    rig: ServerRig, keys: KeyStore
+    rig: ServerRig, keys: KeyStore, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="custos.audit")
+
     async def scenario(h: Harness) -> None:
         _, expired = await h.token(60, now=time.time() - 3600)
         for secret, code in (
@@ -332,6 +335,12 @@ def test_unknown_and_expired_tokens_are_refused_and_nothing_is_written(
         assert h.datastore.audit.since(0) == []
 
     serve(rig, keys, scenario)
+    # ... but each refusal has its audit line (log only: nothing was issued).
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "custos.audit"]
+    assert [(x["event"], x["outcome"], x["attestor"], x["code"]) for x in lines] == [
+        ("attestation", "refused", "join_token", "join_token_unknown"),
+        ("attestation", "refused", "join_token", "join_token_expired"),
+    ]
 
 
 # -- attestors: unknown, re-attestation, bans, evictions --------------------------------

@@ -304,6 +304,12 @@ class NodeAttestation:
         except CustosError as e:
             # The caller's fault (protocol, evidence, ban, deadline) or the server's.
             outcome = "error" if status_for(e) in _SERVER_FAULTS else "refused"
+            if outcome == "refused":
+                # The audit trail has every refused attestation, not only the log of the
+                # attestor's reason: attempts with forged or replayed evidence show there.
+                self._ctx.auditor.refused(
+                    event="attestation", identity="", code=e.code, attestor=self._label(name)
+                )
             raise
         finally:
             self._pending -= 1

@@ -117,11 +117,16 @@ class Auditor:
                 log.info(_line(record))
         return records
 
-    def refused(self, *, event: str, identity: str, code: str, who: str = "") -> None:
-        """A refused request (log line only): what was asked, by whom, and the code."""
+    def refused(
+        self, *, event: str, identity: str, code: str, who: str = "", attestor: str = ""
+    ) -> None:
+        """A refused request (log line only): what was asked, by whom (or through which
+        attestor, for an agent not yet attested), and the code."""
         if log.isEnabledFor(logging.INFO):
             fields = {"event": event, "outcome": "refused", "code": code}
             fields |= {"who": who, "identity": identity}
+            if attestor:
+                fields["attestor"] = attestor
             log.info(json.dumps(fields, separators=(",", ":")))
 
 

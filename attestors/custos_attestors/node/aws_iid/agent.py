@@ -15,8 +15,7 @@ import binascii
 from collections.abc import AsyncGenerator, Mapping
 
 from custos.plugin.protocols import CoreConfig
-from custos_attestors.node.aws_iid import wire
-from custos_attestors.node.aws_iid._metadata import (
+from custos_attestors.node._metadata import (
     MetadataClient,
     MetadataUnavailableError,
     check_endpoint,
@@ -24,6 +23,7 @@ from custos_attestors.node.aws_iid._metadata import (
     check_number,
     new_client,
 )
+from custos_attestors.node.aws_iid import wire
 
 DEFAULT_ENDPOINT = "http://169.254.169.254"
 TOKEN_PATH = "/latest/api/token"  # noqa: S105 (a URL path)

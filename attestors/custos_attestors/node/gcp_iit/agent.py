@@ -15,8 +15,7 @@ from collections.abc import AsyncGenerator, Mapping
 from urllib.parse import quote, urlencode
 
 from custos.plugin.protocols import CoreConfig
-from custos_attestors.node.gcp_iit import wire
-from custos_attestors.node.gcp_iit._metadata import (
+from custos_attestors.node._metadata import (
     MetadataClient,
     MetadataUnavailableError,
     check_endpoint,
@@ -24,6 +23,7 @@ from custos_attestors.node.gcp_iit._metadata import (
     check_number,
     new_client,
 )
+from custos_attestors.node.gcp_iit import wire
 
 DEFAULT_ENDPOINT = "http://metadata.google.internal"
 DEFAULT_AUDIENCE = "custos"

@@ -304,6 +304,28 @@ def test_no_metadata_service_at_all_is_a_clean_error() -> None:
 # -- configuration ------------------------------------------------------------------
 
 
+def test_without_certificates_the_aws_published_ones_are_trusted_and_nothing_else(
+    aws: AwsSigner, imds: FakeImds
+) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    from custos_attestors.node.aws_iid.server import DEFAULT_CERTIFICATES, load_certificate_keys
+
+    # The shipped file is intact: eight self-signed AWS certificates, each signature good.
+    shipped = x509.load_pem_x509_certificates(DEFAULT_CERTIFICATES.read_bytes())
+    assert len(shipped) == len(load_certificate_keys([str(DEFAULT_CERTIFICATES)])) == 8
+    for cert in shipped:
+        assert cert.issuer == cert.subject
+        cert.public_key().verify(  # type: ignore[union-attr,call-arg]
+            cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(),
+            cert.signature_hash_algorithm,
+        )
+    # With no `certificates` setting, a document signed by any other key is refused.
+    payload = asyncio.run(agent_payload(imds.url))
+    assert refused({"account_allowlist": [ACCOUNT]}, payload) == "aws_iid_signature_invalid"
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -311,7 +333,8 @@ def test_no_metadata_service_at_all_is_a_clean_error() -> None:
         {"certificates": [], "account_allowlist": [ACCOUNT]},
         {"certificates": ["relative.pem"], "account_allowlist": [ACCOUNT]},
         {"certificates": ["/nonexistent/aws.pem"], "account_allowlist": [ACCOUNT]},
-        {"certificates": None},
+        {"certificates": "/etc/aws.pem"},
+        {"certificates": ["/dev/zero"]},
         {"account_allowlist": None},
         {"account_allowlist": ["12345"]},
         {"account_allowlist": []},

@@ -61,6 +61,9 @@ _ACCOUNT = re.compile(r"[0-9]{12}")
 _MAX_VALUE = 1024
 _MAX_DESCRIBED = 200
 _MAX_PEM_BYTES = 1 << 20
+#: AWS's published `signature` certificates (the file names its source), trusted when
+#: the `certificates` setting is absent.
+DEFAULT_CERTIFICATES = Path(__file__).with_name("aws-signature-certificates.pem")
 
 
 class AwsIidRefusedError(CustosError):
@@ -89,6 +92,8 @@ def load_certificate_keys(paths: Sequence[str]) -> list[rsa.RSAPublicKey]:
         path = Path(name)
         if not path.is_absolute():
             raise ValueError(f"certificates: {name!r} is not an absolute path")
+        if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
+            raise ValueError(f"certificates: {name} is not a regular file")
         try:
             data = path.read_bytes()
         except OSError as e:
@@ -243,7 +248,11 @@ class AwsIidServerAttestor:
         unknown = set(config) - _SETTINGS
         if unknown:
             raise ValueError(f"unknown aws_iid settings: {', '.join(sorted(unknown))}")
-        self._keys = load_certificate_keys(_string_list(config, "certificates"))
+        self._keys = load_certificate_keys(
+            _string_list(config, "certificates")
+            if "certificates" in config
+            else [str(DEFAULT_CERTIFICATES)]
+        )
         accounts = _string_list(config, "account_allowlist")
         for account in accounts:
             if not _ACCOUNT.fullmatch(account):

@@ -5,69 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import json
 import ssl
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from custos.bundle import TrustBundle
 from custos.server.app import ServerStartError
 from custos.server.config import ServerConfig
+from custos.testing.local_tls import local_tls
 from custos.testing.server import free_port, running_server
 
 ConfigFactory = Callable[..., ServerConfig]
-
-
-def _web_pki(directory: Path) -> tuple[Path, Path, Path]:
-    """A private web CA and a leaf for 127.0.0.1 / localhost: (ca, cert, key) files."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test web CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    import ipaddress
-
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    ca_file, cert_file, key_file = directory / "ca.pem", directory / "c.pem", directory / "k.pem"
-    ca_file.write_bytes(ca.public_bytes(pem))
-    cert_file.write_bytes(leaf.public_bytes(pem))
-    key_file.write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return ca_file, cert_file, key_file
 
 
 async def https_get(address: str, ca_file: Path, raw: bytes) -> bytes:
@@ -93,11 +45,11 @@ def _split(response: bytes) -> tuple[int, dict[str, str], bytes]:
 
 def web_pki_federation(tmp_path: Path) -> tuple[Path, dict[str, object]]:
     """(web CA file, a [federation] table on a free port with a certificate it signed)."""
-    ca_file, cert_file, key_file = _web_pki(tmp_path)
-    return ca_file, {
+    tls = local_tls(tmp_path / "web-pki", ca_name="test web CA", server_name="localhost")
+    return tls.ca_file, {
         "address": f"127.0.0.1:{free_port()}",
-        "cert_file": str(cert_file),
-        "key_file": str(key_file),
+        "cert_file": str(tls.cert_file),
+        "key_file": str(tls.key_file),
         "refresh_hint": "2m",
     }
 
@@ -111,7 +63,7 @@ def test_federation_endpoint_serves_the_bundle_over_web_pki_tls(
     async def run() -> None:
         async with running_server(config) as srv:
             address = srv.federation_address
-            assert address == section["address"]
+            assert address is not None and address == section["address"]
             raw = await https_get(address, ca_file, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
             status, headers, body = _split(raw)
             assert status == 200

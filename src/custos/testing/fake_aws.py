@@ -14,8 +14,9 @@ import): IMDSv2 and EC2's ``DescribeInstances``, speaking the real wire shapes.
   answer; ``InvalidInstanceID.NotFound`` for an unknown instance), for boto3 pointed
   at it with ``endpoint_url``.
 
-Both are :class:`LocalHttpServer`: ``http.server`` in a thread on a free loopback
-port, optionally TLS; use as context managers.
+Both are :class:`custos.testing.local_http.LocalHttpServer` (``http.server`` in a
+thread on a free loopback port; ``hang`` and ``fail_first`` come from there); use as
+context managers.
 """
 
 from __future__ import annotations
@@ -24,13 +25,10 @@ import base64
 import datetime
 import json
 import secrets
-import ssl
-import threading
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
 from xml.sax.saxutils import escape
 
 from cryptography import x509
@@ -38,82 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-Handler = Callable[[BaseHTTPRequestHandler, str, bytes], "Response"]
-
-
-@dataclass
-class Response:
-    status: int
-    body: bytes = b""
-    headers: Mapping[str, str] = field(default_factory=dict)
-
-
-class LocalHttpServer:
-    """A threaded HTTP(S) server on 127.0.0.1 calling ``self.handle(request, method,
-    body)``; every request is recorded as ``(method, path, headers)``."""
-
-    def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
-        owner = self
-        self.closing = threading.Event()
-        self.requests: list[tuple[str, str, dict[str, str]]] = []
-
-        class _Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def _serve(self, method: str) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                owner.requests.append((method, self.path, dict(self.headers.items())))
-                try:
-                    answer = owner.handle(self, method, body)
-                except Exception:  # noqa: BLE001 (a broken fake must answer 500, not hang)
-                    answer = Response(500, b"fake server error")
-                if answer is None:  # hang: no answer until the server closes
-                    owner.closing.wait()
-                    self.close_connection = True
-                    return
-                self.send_response(answer.status)
-                for name, value in answer.headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(answer.body)))
-                self.end_headers()
-                self.wfile.write(answer.body)
-
-            def do_GET(self) -> None:
-                self._serve("GET")
-
-            def do_PUT(self) -> None:
-                self._serve("PUT")
-
-            def do_POST(self) -> None:
-                self._serve("POST")
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._httpd.daemon_threads = True
-        if tls is not None:
-            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
-        self.port = int(self._httpd.server_address[1])
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
-
-    def handle(self, request: BaseHTTPRequestHandler, method: str, body: bytes) -> Response | None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        self.closing.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> LocalHttpServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+from custos.testing.local_http import LocalHttpServer, Response
 
 
 def self_signed(common_name: str, key: rsa.RSAPrivateKey) -> x509.Certificate:
@@ -200,16 +123,9 @@ class FakeImds(LocalHttpServer):
         self.fail_first = fail_first
         self.oversize = oversize
         self.tokens: set[str] = set()
-        self._lock = threading.Lock()
         super().__init__()
 
     def handle(self, request: BaseHTTPRequestHandler, method: str, body: bytes) -> Response | None:
-        if self.hang:
-            return None
-        with self._lock:
-            if self.fail_first > 0:
-                self.fail_first -= 1
-                return Response(503, b"Service Unavailable")
         path = request.path
         if path == "/latest/api/token":
             if method != "PUT":
@@ -251,7 +167,6 @@ class FakeEc2(LocalHttpServer):
     def __init__(self, instances: Sequence[Ec2Instance], *, owner: str = "123456789012") -> None:
         self.instances = {i.instance_id: i for i in instances}
         self.owner = owner
-        self.hang = False
         super().__init__()
 
     @staticmethod
@@ -279,8 +194,6 @@ class FakeEc2(LocalHttpServer):
         )
 
     def handle(self, request: BaseHTTPRequestHandler, method: str, body: bytes) -> Response | None:
-        if self.hang:
-            return None
         if method != "POST" or not request.headers.get("Authorization", "").startswith("AWS4-"):
             return self._error(401, "AuthFailure", "AWS was not able to validate the credentials")
         form = urllib.parse.parse_qs(body.decode())

@@ -1,7 +1,7 @@
 """A fake Azure Instance Metadata Service and Azure AD key endpoint, for tests and benches.
 
 Azure cannot run here, so :class:`FakeAzure` is a small HTTP server on loopback (a
-thread) that speaks the real wire shapes:
+:class:`custos.testing.local_http.LoopbackServer`) that speaks the real wire shapes:
 
 - ``GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=<r>`` with
   ``Metadata: true``: IMDS's managed-identity token answer (``access_token``,
@@ -21,19 +21,19 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from custos.testing.local_http import LoopbackServer, QuietHandler
 
 IMDS_PATH = "/metadata/identity/oauth2/token"
 JWKS_PATH = "/common/discovery/keys"
@@ -105,8 +105,7 @@ class FakeAzure:
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.jwks_requests = 0
         self._stop = threading.Event()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: LoopbackServer | None = None
 
     # -- tokens --
     @property
@@ -174,8 +173,7 @@ class FakeAzure:
     @property
     def base_url(self) -> str:
         assert self._server is not None, "the fake is not started"
-        port = self._server.server_address[1]
-        return f"http://127.0.0.1:{port}"
+        return self._server.url
 
     @property
     def endpoint(self) -> str:
@@ -188,27 +186,11 @@ class FakeAzure:
     def start(self) -> FakeAzure:
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        class Handler(QuietHandler):
+            disable_nagle_algorithm = True  # as IMDS
 
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-            def setup(self) -> None:
-                # As Go's net/http (the kube-apiserver) and IMDS: no Nagle delay.
-                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                super().setup()
-
-            def _send(
-                self, status: int, body: bytes, content_type: str = "application/json"
-            ) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(body)
-                self.close_connection = True
+            def _send(self, status: int, body: bytes) -> None:
+                self.send(status, body, {"Content-Type": "application/json", "Connection": "close"})
 
             def do_GET(self) -> None:
                 url = urlsplit(self.path)
@@ -271,19 +253,13 @@ class FakeAzure:
                 }
                 self._send(200, json.dumps(body).encode())
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="fake-azure", daemon=True
-        )
-        self._thread.start()
+        self._server = LoopbackServer(Handler, name="fake-azure").start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
             self._server = None
 
     @contextmanager

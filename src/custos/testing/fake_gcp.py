@@ -8,34 +8,26 @@
   403 otherwise), minting a token for the audience asked.  Knobs: ``hang``,
   ``fail_first``, ``claims`` (overrides), ``audience_override``, ``signer``.
 - :class:`FakeJwksServer` serves a JWKS over HTTPS with a certificate for 127.0.0.1
-  issued by a CA the test trusts (:func:`local_tls`).
+  issued by a CA the test trusts (:func:`custos.testing.local_tls.local_tls`).
+
+Both are :class:`custos.testing.local_http.LocalHttpServer`.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import secrets
-import ssl
-import tempfile
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
-from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from joserfc import jwt
 from joserfc.jwk import KeySet, RSAKey
 
-from custos.testing.fake_aws import LocalHttpServer, Response
+from custos.testing.local_http import LocalHttpServer, Response
+from custos.testing.local_tls import LocalTls, local_tls
 
 PROJECT = "my-project-1"
 INSTANCE_ID = "4721412345678901234"
@@ -90,63 +82,8 @@ class GcpSigner:
         )
 
 
-@dataclass
-class TlsFiles:
-    ca_file: Path
-    context: ssl.SSLContext
-
-
-def local_tls(directory: Path | None = None) -> TlsFiles:
-    """A CA (written to ``ca.pem``) and a server context for 127.0.0.1 it issued."""
-    directory = directory or Path(tempfile.mkdtemp(prefix="custos-tls-"))
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "custos test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
-    (directory / "server.pem").write_bytes(leaf.public_bytes(pem))
-    (directory / "server.key").write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(directory / "server.pem", directory / "server.key")
-    return TlsFiles(directory / "ca.pem", context)
+#: ``local_tls`` and this stay importable from here, where the gcp_iit tests find them.
+TlsFiles = LocalTls
 
 
 class FakeGceMetadata(LocalHttpServer):
@@ -171,16 +108,9 @@ class FakeGceMetadata(LocalHttpServer):
         self.audience_override = audience_override
         self.body = body
         self.audiences: list[str] = []
-        self._lock = threading.Lock()
         super().__init__()
 
     def handle(self, request: BaseHTTPRequestHandler, method: str, body: bytes) -> Response | None:
-        if self.hang:
-            return None
-        with self._lock:
-            if self.fail_first > 0:
-                self.fail_first -= 1
-                return Response(503, b"Service Unavailable")
         if request.headers.get("Metadata-Flavor") != "Google":
             return Response(403, b"Missing required header: Metadata-Flavor")
         url = urllib.parse.urlsplit(request.path)
@@ -210,16 +140,13 @@ class FakeGceMetadata(LocalHttpServer):
 class FakeJwksServer(LocalHttpServer):
     """``GET /oauth2/v3/certs`` over HTTPS: the JWKS of ``signers`` (changeable)."""
 
-    def __init__(self, jwks: dict[str, Any], tls: TlsFiles) -> None:
+    def __init__(self, jwks: dict[str, Any], tls: LocalTls) -> None:
         self.jwks = jwks
-        self.hang = False
         self.status = 200
-        super().__init__(tls=tls.context)
+        super().__init__(tls=tls.server_context())
         self.certs_url = self.url + "/oauth2/v3/certs"
 
     def handle(self, request: BaseHTTPRequestHandler, method: str, body: bytes) -> Response | None:
-        if self.hang:
-            return None
         if request.path != "/oauth2/v3/certs":
             return Response(404)
         return Response(

@@ -17,7 +17,9 @@ makes through the official ``kubernetes`` client:
   objects in :attr:`FakeKube.pods` / :attr:`FakeKube.nodes`, a ``Status`` 404 otherwise.
 
 Every call needs ``Authorization: Bearer <bearer>`` (401 otherwise). TLS uses a CA and a
-server certificate (``127.0.0.1``, ``localhost``) made by :func:`make_tls`;
+server certificate (``127.0.0.1``, ``localhost``) made by :func:`make_tls`
+(:mod:`custos.testing.local_tls`), the server is a
+:class:`custos.testing.local_http.LoopbackServer`;
 :meth:`FakeKube.write_kubeconfig` writes the kubeconfig a server half reads. ``mode``
 makes TokenReview misbehave: ``"garbage"``, ``"hang"``, ``"status:<n>"``,
 ``"any_audience"`` (an API server that authenticates without checking audiences).
@@ -25,93 +27,37 @@ makes TokenReview misbehave: ``"garbage"``, ``"hang"``, ``"status:<n>"``,
 
 from __future__ import annotations
 
-import datetime
 import json
 import secrets
-import socket
-import ssl
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
 
 from custos.testing.fake_azure import SigningKey
+from custos.testing.local_http import LoopbackServer, QuietHandler
+from custos.testing.local_tls import LocalTls, local_tls
 
 TOKENREVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 MAX_BODY = 1 << 20
 
 
-@dataclass(frozen=True)
-class Tls:
-    ca_file: Path
-    cert_file: Path
-    key_file: Path
+#: The TLS files a :class:`FakeKube` serves with (this module's name for them).
+Tls = LocalTls
 
 
-def make_tls(directory: Path) -> Tls:
+def make_tls(directory: Path) -> LocalTls:
     """A CA and a server certificate for 127.0.0.1 / localhost signed by it (P-256)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake kube CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    import ipaddress
-
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    tls = Tls(directory / "ca.pem", directory / "server.pem", directory / "server.key")
-    tls.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    tls.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    tls.key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return tls
+    return local_tls(directory, ca_name="fake kube CA", server_name="kube-apiserver")
 
 
 @dataclass
@@ -172,7 +118,7 @@ def _status(code: int, reason: str, message: str) -> dict[str, Any]:
 class FakeKube:
     """One cluster's API server: its pods and nodes, and the key that signs its tokens."""
 
-    def __init__(self, tls: Tls, *, api_audience: str = ISSUER) -> None:
+    def __init__(self, tls: LocalTls, *, api_audience: str = ISSUER) -> None:
         self.tls = tls
         self.key = SigningKey()
         self.api_audience = api_audience
@@ -183,7 +129,7 @@ class FakeKube:
         self.reviews: list[dict[str, Any]] = []
         self.calls: list[str] = []
         self._stop = threading.Event()
-        self._server: ThreadingHTTPServer | None = None
+        self._server: LoopbackServer | None = None
 
     # -- objects and tokens --
     def add_node(self, name: str, **labels: str) -> Node:
@@ -295,7 +241,7 @@ class FakeKube:
     @property
     def url(self) -> str:
         assert self._server is not None, "the fake is not started"
-        return f"https://127.0.0.1:{self._server.server_address[1]}"
+        return self._server.url
 
     def write_kubeconfig(self, path: Path, *, bearer: str | None = None) -> str:
         """A kubeconfig naming this server, its CA and the bearer token (JSON is YAML)."""
@@ -321,23 +267,11 @@ class FakeKube:
     def start(self) -> FakeKube:
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-            def setup(self) -> None:
-                # As Go's net/http (the kube-apiserver) and IMDS: no Nagle delay.
-                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                super().setup()
+        class Handler(QuietHandler):
+            disable_nagle_algorithm = True  # as Go's net/http (the kube-apiserver)
 
             def _send(self, status: int, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.send(status, body, {"Content-Type": "application/json"})
 
             def _json(self, status: int, value: Any) -> None:
                 self._send(status, json.dumps(value).encode())
@@ -408,20 +342,14 @@ class FakeKube:
                     },
                 )
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(self.tls.cert_file, self.tls.key_file)
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-        self._server = server
-        threading.Thread(target=server.serve_forever, name="fake-kube", daemon=True).start()
+        tls = self.tls.server_context()
+        self._server = LoopbackServer(Handler, tls=tls, name="fake-kube").start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
             self._server = None
 
     @contextmanager

@@ -9,85 +9,37 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 from grpclib.client import Channel
 
-from custos._proto import types_v1_pb2, wimse_v1_pb2
+from common import agent_rig
+from common.agent_rig import BOUND, add_entry, agent_config, agent_toml
+from custos._proto import wimse_v1_pb2
 from custos._proto.wimse_v1_grpc import WimseSigningStub
 from custos.agent.app import Agent
-from custos.agent.config import AgentConfig, agent_config_from_toml
 from custos.agent.node import STATE_FILE, NodeIdentityError
 from custos.errors import CustosError
 from custos.server.admin.client import AdminClient
-from custos.server.app import Server
 from custos.testing.server import ServerProcess, ServerRig, running_server
 
-BOUND = 30.0
 T = TypeVar("T")
 
 
-@pytest.fixture
-def rig() -> Iterator[ServerRig]:
-    rig = ServerRig.create(sections={"events": {"poll_interval": "1h"}})
-    yield rig
-    rig.destroy()
-
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    # Short: the agent's socket path must fit in 107 bytes.
-    path = Path(tempfile.mkdtemp(prefix="custos-agt-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def agent_toml(base: Path, address: str, bundle_file: Path, token: str) -> str:
-    return f"""
-trust_domain = "example.org"
-socket = "{base}/agent.sock"
-data_dir = "{base}/data"
-
-[server]
-address = "{address}"
-bundle_file = "{bundle_file}"
-
-[node_attestor.join_token]
-token = "{token}"
-
-[workload_attestors.unix]
-
-[custody.memory]
-[custody.exportable]
-
-[agent_key]
-custody = "exportable"
-"""
-
-
-async def config_for(srv: Server, base: Path, token: str | None = None) -> AgentConfig:
-    if token is None:
-        _, token = await asyncio.to_thread(srv.ctx.datastore.join_tokens.create, 600)
-    bundle = await asyncio.to_thread(srv.ctx.bundle)
-    await asyncio.to_thread(bundle.save, base / "bundle.json")
-    return agent_config_from_toml(
-        agent_toml(base, srv.agent_api_address, base / "bundle.json", token)
-    )
+rig, base = agent_rig.rig, agent_rig.base  # the shared fixtures
 
 
 def test_agent_starts_serves_its_socket_and_stops_cleanly(rig: ServerRig, base: Path) -> None:
     async def main() -> None:
         async with running_server(rig) as srv:
-            config = await config_for(srv, base)
+            config = await agent_config(srv, base)
             async with Agent(config) as agent:
                 assert agent.socket_path.is_socket()
                 identity = agent.node.identity
@@ -107,7 +59,7 @@ def test_agent_starts_serves_its_socket_and_stops_cleanly(rig: ServerRig, base: 
 def test_a_failed_start_leaves_nothing_behind(rig: ServerRig, base: Path) -> None:
     async def main() -> None:
         async with running_server(rig) as srv:
-            config = await config_for(srv, base)
+            config = await agent_config(srv, base)
             async with Agent(config):
                 pass
             # Another data_dir with the spent token: attestation refused, one error.
@@ -115,7 +67,7 @@ def test_a_failed_start_leaves_nothing_behind(rig: ServerRig, base: Path) -> Non
             other.mkdir()
             spent = config.node_attestor.plugin().config["token"]
             assert isinstance(spent, str)
-            refused = await config_for(srv, other, spent)
+            refused = await agent_config(srv, other, spent)
             agent = Agent(refused)
             with pytest.raises(NodeIdentityError, match="node attestation refused") as e:
                 await agent.start()
@@ -160,19 +112,9 @@ def test_an_entry_reaches_the_socket_and_survives_a_restart_without_the_server(
 
     async def main() -> None:
         async with running_server(rig) as srv, AdminClient(srv.admin_socket) as admin:
-            config = await config_for(srv, base)
+            config = await agent_config(srv, base)
             async with Agent(config) as agent:
-                seen = agent.identities.generation
-                await admin.create_entry(
-                    types_v1_pb2.Entry(
-                        spiffe_id=web,
-                        parent_id=str(agent.node.identity.spiffe_id),
-                        selectors=[f"unix:uid:{os.getuid()}"],
-                        key_custody="exportable",
-                    )
-                )
-                while not agent.identities.all():
-                    seen = await bounded(agent.identities.wait_changed(seen))
+                await add_entry(admin, agent, web, [f"unix:uid:{os.getuid()}"])
                 signed = await sign_wpt(agent.socket_path, "https://b.example/")
                 assert signed.spiffe_id == web and signed.wpt and signed.wit
         # The server is gone; a restarted agent serves what its data_dir holds.

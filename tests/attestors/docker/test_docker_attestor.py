@@ -29,9 +29,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import custos
-from custos._proto import types_v1_pb2
+from common import agent_rig
+from common.agent_rig import add_entry, agent_config
 from custos.agent.app import Agent
-from custos.agent.config import agent_config_from_toml
 from custos.identity import TrustDomain
 from custos.plugin.protocols import CoreConfig, PeerCredentials
 from custos.server.admin.client import AdminClient
@@ -44,6 +44,7 @@ from custos_attestors.workload.docker import (
 )
 
 pytestmark = pytest.mark.xdist_group("docker")
+rig, base = agent_rig.rig, agent_rig.base  # the shared fixtures (the end-to-end test)
 
 BOUND = 60.0
 CORE = CoreConfig(TrustDomain("example.org"))
@@ -97,8 +98,14 @@ def test_a_real_container_gets_its_labels_image_and_allowlisted_env(
     run_container: Callable[..., Container], docker_image: str
 ) -> None:
     c = run_container(
-        "--label", "app=web", "--label", "tier=front",
-        "-e", "REGION=eu-1", "-e", "DB_PASSWORD=hunter2",
+        "--label",
+        "app=web",
+        "--label",
+        "tier=front",
+        "-e",
+        "REGION=eu-1",
+        "-e",
+        "DB_PASSWORD=hunter2",
     )
     image_id = docker("inspect", "-f", "{{.Image}}", c.id)
     a = attestor(env_allowlist=["REGION"])
@@ -231,7 +238,9 @@ class FakeEngine:
     def __init__(self, path: str) -> None:
         self.path = path
         self.answer: Callable[[str], tuple[int, dict[str, str], bytes]] = lambda cid: (
-            404, {}, b"{}"
+            404,
+            {},
+            b"{}",
         )
         self.hang = threading.Event()
         self.release = threading.Event()
@@ -309,9 +318,7 @@ GARBAGE: dict[str, Callable[[str], tuple[int, dict[str, str], bytes]]] = {
     "labels not strings": lambda cid: (200, {}, _doc(cid, Labels={"a": 1})),
     "env not a list": lambda cid: (200, {}, _doc(cid, Env="A=1")),
     "image not a string": lambda cid: (200, {}, _doc(cid, Image=["x"])),
-    "too many labels": lambda cid: (
-        200, {}, _doc(cid, Labels={f"l{i}": "v" for i in range(300)})
-    ),
+    "too many labels": lambda cid: (200, {}, _doc(cid, Labels={f"l{i}": "v" for i in range(300)})),
     "oversized, declared": lambda cid: (200, {}, b"{" + b" " * (2 << 20) + b"}"),
     "oversized, chunked": lambda cid: (
         200,
@@ -352,7 +359,9 @@ def test_the_fake_engine_speaks_the_real_shape(
     fake_engine.answer = lambda cid: (200, {}, _doc(cid, real_container.pid))
     a = attestor(docker_socket_path=f"unix://{fake_engine.path}")
     assert asyncio.run(a.attest(real_container.peer())) == [
-        "label:app:fake", "image_id:img", "image_id:sha256:" + "ab" * 32
+        "label:app:fake",
+        "image_id:img",
+        "image_id:sha256:" + "ab" * 32,
     ]
 
 
@@ -402,7 +411,9 @@ def test_values_custos_cannot_compare_are_left_out_with_a_warning(
     cid = "c" * 64
     doc = json.loads(_doc(cid, Labels={"ok": "1", "bad": "a\nb", "long": "x" * 2000}))
     assert selectors_from_inspect(doc, cid, frozenset()) == [
-        "label:ok:1", "image_id:img", "image_id:sha256:" + "ab" * 32
+        "label:ok:1",
+        "image_id:img",
+        "image_id:sha256:" + "ab" * 32,
     ]
     assert len([r for r in caplog.records if "left out" in r.getMessage()]) == 2
 
@@ -444,12 +455,10 @@ def _mounts() -> list[str]:
 
 
 def test_a_container_fetches_its_svid_by_docker_label_through_the_mounted_socket(
-    docker_image: str,
+    docker_image: str, rig: ServerRig, base: Path
 ) -> None:
     label = uuid.uuid4().hex[:12]
     web = "spiffe://example.org/docker/web"
-    base = Path(tempfile.mkdtemp(prefix="custos-dk-"))
-    rig = ServerRig.create(sections={"events": {"poll_interval": "1h"}})
     cli = f"{sys.prefix}/bin/custos"
 
     def fetch(value: str, out: Path) -> subprocess.CompletedProcess[str]:
@@ -462,47 +471,14 @@ def test_a_container_fetches_its_svid_by_docker_label_through_the_mounted_socket
                 "--socket", "unix:///run/custos/agent.sock", "--timeout", "20",
             ],
             capture_output=True, text=True, timeout=BOUND,
-        )
+        )  # fmt: skip
 
     async def main() -> None:
         async with running_server(rig) as srv, AdminClient(srv.admin_socket) as admin:
-            _, token = await asyncio.to_thread(srv.ctx.datastore.join_tokens.create, 600)
-            bundle = await asyncio.to_thread(srv.ctx.bundle)
-            await asyncio.to_thread(bundle.save, base / "bundle.json")
-            config = agent_config_from_toml(f"""
-trust_domain = "example.org"
-socket = "{base}/agent.sock"
-data_dir = "{base}/data"
-
-[server]
-address = "{srv.agent_api_address}"
-bundle_file = "{base}/bundle.json"
-
-[node_attestor.join_token]
-token = "{token}"
-
-[workload_attestors.unix]
-[workload_attestors.docker]
-env_allowlist = ["REGION"]
-
-[custody.memory]
-[custody.exportable]
-
-[agent_key]
-custody = "exportable"
-""")
+            attestors = '[workload_attestors.docker]\nenv_allowlist = ["REGION"]\n'
+            config = await agent_config(srv, base, attestors=attestors)
             async with Agent(config) as agent:
-                seen = agent.identities.generation
-                await admin.create_entry(
-                    types_v1_pb2.Entry(
-                        spiffe_id=web,
-                        parent_id=str(agent.node.identity.spiffe_id),
-                        selectors=[f"docker:label:custos.test:{label}"],
-                        key_custody="exportable",
-                    )
-                )
-                while not agent.identities.all():
-                    seen = await asyncio.wait_for(agent.identities.wait_changed(seen), BOUND)
+                await add_entry(admin, agent, web, [f"docker:label:custos.test:{label}"])
                 ok = await asyncio.to_thread(fetch, label, base / "out-ok")
                 assert ok.returncode == 0, ok.stderr
                 other = await asyncio.to_thread(fetch, "another", base / "out-other")
@@ -511,14 +487,10 @@ custody = "exportable"
                 assert "workload_api_permission_denied" in other.stderr, other.stderr
                 assert not (base / "out-other" / "svid.pem").exists()
 
-    try:
-        asyncio.run(main())
-        cert = x509.load_pem_x509_certificate((base / "out-ok" / "svid.pem").read_bytes())
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        assert san.value.get_values_for_type(x509.UniformResourceIdentifier) == [web]
-    finally:
-        rig.destroy()
-        subprocess.run(["rm", "-rf", str(base)], check=False)
+    asyncio.run(main())
+    cert = x509.load_pem_x509_certificate((base / "out-ok" / "svid.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert san.value.get_values_for_type(x509.UniformResourceIdentifier) == [web]
 
 
 _json = st.recursive(

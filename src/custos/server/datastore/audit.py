@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import Engine, Row, insert, select
@@ -74,18 +73,13 @@ class AuditLog:
         """Write several records (each the keyword arguments of :meth:`record`) in one
         transaction: every one is checked first, then all are written or none."""
         at = time.time() if now is None else finite_number(now, name="now")
-        records = [_checked(item, at) for item in items]
+        # A batch's rows share one agent, so its selectors are parsed and encoded
+        # once per distinct value, not once per row.
+        encoded: dict[object, tuple[tuple[Selector, ...], str]] = {}
+        records = [_checked(item, at, encoded) for item in items]
         if not records:
-            return records
-        rows = [
-            {
-                **{name: getattr(rec, name) for name in _LIMITS},
-                "at": at,
-                "selectors": json.dumps([str(s) for s in rec.selectors]),
-                "not_after": rec.not_after,
-            }
-            for rec in records
-        ]
+            return []
+        rows = [{**values, "selectors": selectors_json} for values, selectors_json in records]
         # One statement for the whole batch (SQLAlchemy's "insertmanyvalues": a few
         # multi-row INSERTs), the keys back in the rows' order: a batch of 100 SVIDs
         # costs one round trip, not 100 compiled INSERTs.
@@ -94,8 +88,10 @@ class AuditLog:
             seqs = conn.execute(statement, rows).scalars().all()
         if len(seqs) != len(records):  # pragma: no cover - a driver bug, not an input
             raise DatastoreError("the audit insert returned no keys", code="datastore_bug")
-        records = [replace(rec, seq=int(seq)) for rec, seq in zip(records, seqs, strict=True)]
-        return records
+        return [
+            AuditRecord(seq=int(seq), **values)
+            for (values, _), seq in zip(records, seqs, strict=True)
+        ]
 
     def since(self, seq: int = 0, *, limit: int = 1000) -> list[AuditRecord]:
         """Audit records after ``seq``, oldest first."""
@@ -106,7 +102,14 @@ class AuditLog:
         return [_record(r) for r in rows]
 
 
-def _checked(item: Mapping[str, Any], at: float) -> AuditRecord:
+_NOT_SEEN: tuple[None, str] = (None, "")
+
+
+def _checked(
+    item: Mapping[str, Any], at: float, encoded: dict[object, tuple[tuple[Selector, ...], str]]
+) -> tuple[dict[str, Any], str]:
+    """A record's checked fields (all but ``seq``, which the insert gives it) and its
+    selectors as the row stores them."""
     texts = {name: item.get(name, "") for name in _LIMITS}
     for name, value in texts.items():
         if not isinstance(value, str) or len(value) > _LIMITS[name]:
@@ -118,13 +121,24 @@ def _checked(item: Mapping[str, Any], at: float) -> AuditRecord:
         raise InvalidEntryError(
             "audit residency must be '', 'proven' or 'unproven'", code="invalid_audit_record"
         )
-    return AuditRecord(
-        seq=0,
-        at=at,
-        selectors=selector_tuple(item.get("selectors", ()), required=False),
-        not_after=finite_number(item.get("not_after"), name="not_after"),
+    raw = item.get("selectors", ())
+    remember = type(raw) is tuple  # a value (a list, a generator) is parsed as it comes
+    try:
+        selectors, selectors_json = encoded[raw] if remember else _NOT_SEEN
+    except (KeyError, TypeError):  # not seen in this batch, or holds something unhashable
+        selectors, selectors_json = _NOT_SEEN
+    if selectors is None:
+        selectors = selector_tuple(raw, required=False)
+        selectors_json = json.dumps([str(s) for s in selectors])
+        if remember:
+            encoded[raw] = (selectors, selectors_json)
+    values = {
         **texts,
-    )
+        "at": at,
+        "selectors": selectors,
+        "not_after": finite_number(item.get("not_after"), name="not_after"),
+    }
+    return values, selectors_json
 
 
 def _record(row: Row[object]) -> AuditRecord:

@@ -4,6 +4,7 @@ count, and the change feed every write appends to."""
 from __future__ import annotations
 
 import builtins
+import functools
 import json
 import time
 import uuid
@@ -344,28 +345,45 @@ def _load(conn: Connection, where: Any) -> list[RegistrationEntry]:
             rows[r.id] = r
             by_entry[r.id] = []
         if r.sel_type is not None:
-            by_entry[r.id].append(Selector(r.sel_type, r.value))
-    # Siblings share a parent: parse each distinct parent ID once (an agent's
-    # thousand entries are mostly children of one or two IDs).
-    parents: dict[str, SpiffeId] = {}
-    return [_from_row(r, by_entry[key], parents) for key, r in rows.items()]
+            by_entry[r.id].append(_selector(r.sel_type, r.value))
+    return [_from_row(r, by_entry[key]) for key, r in rows.items()]
 
 
-def _from_row(
-    r: Row[Any], selectors: list[Selector], parents: dict[str, SpiffeId]
-) -> RegistrationEntry:
-    parent_id = parents.get(r.parent_id)
-    if parent_id is None:
-        parent_id = parents[r.parent_id] = SpiffeId.parse(r.parent_id)
+#: Distinct IDs and selectors whose parse is remembered (:func:`_spiffe_id`,
+#: :func:`_selector`): an agent's entries, their parents and selectors, read again
+#: by every issuance call and entries sync.
+_PARSED_CACHE_SIZE = 8192
+
+
+@functools.lru_cache(maxsize=_PARSED_CACHE_SIZE)
+def _spiffe_id(text: str) -> SpiffeId:
+    """``SpiffeId.parse`` remembered per stored string: the value is immutable and a
+    function of the text alone, so a remembered one is the one a parse would make;
+    a refusal raises through and is never kept (issue 8, "Speed")."""
+    return SpiffeId.parse(text)
+
+
+@functools.lru_cache(maxsize=_PARSED_CACHE_SIZE)
+def _selector(type_: str, value: str) -> Selector:
+    """``Selector(type_, value)`` (checked by its constructor) remembered, as :func:`_spiffe_id`."""
+    return Selector(type_, value)
+
+
+def _dns_names(text: str) -> tuple[str, ...]:
+    # Most entries have none: "[]" needs no JSON parse.
+    return () if text == "[]" else tuple(json.loads(text))
+
+
+def _from_row(r: Row[Any], selectors: list[Selector]) -> RegistrationEntry:
     return RegistrationEntry(
         id=r.id,
-        spiffe_id=SpiffeId.parse(r.spiffe_id),
-        parent_id=parent_id,
+        spiffe_id=_spiffe_id(r.spiffe_id),
+        parent_id=_spiffe_id(r.parent_id),
         selectors=tuple(sorted(selectors)),
         x509_svid_ttl=r.x509_svid_ttl,
         jwt_svid_ttl=r.jwt_svid_ttl,
         wit_ttl=r.wit_ttl,
-        dns_names=tuple(json.loads(r.dns_names)),
+        dns_names=_dns_names(r.dns_names),
         key_custody=r.key_custody,
         hint=r.hint,
         admin=bool(r.admin),

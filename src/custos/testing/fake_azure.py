@@ -1,7 +1,7 @@
 """A fake Azure Instance Metadata Service and Azure AD key endpoint, for tests and benches.
 
 Azure cannot run here, so :class:`FakeAzure` is a small HTTP server on loopback (a
-:class:`custos.testing.local_http.LoopbackServer`) that speaks the real wire shapes:
+:class:`custos.testing.local_http.StartableFake`) that speaks the real wire shapes:
 
 - ``GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=<r>`` with
   ``Metadata: true``: IMDS's managed-identity token answer (``access_token``,
@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -33,7 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from custos.testing.local_http import LoopbackServer, QuietHandler
+from custos.testing.local_http import QuietHandler, StartableFake
 
 IMDS_PATH = "/metadata/identity/oauth2/token"
 JWKS_PATH = "/common/discovery/keys"
@@ -78,8 +77,10 @@ def jwks_of(*keys: SigningKey) -> dict[str, list[dict[str, str]]]:
     return {"keys": [k.jwk() for k in keys]}
 
 
-class FakeAzure:
+class FakeAzure(StartableFake):
     """One tenant's managed identity on one VM, and the keys that sign its tokens."""
+
+    thread_name = "fake-azure"
 
     def __init__(
         self,
@@ -104,8 +105,7 @@ class FakeAzure:
         self.fail_first = 0
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.jwks_requests = 0
-        self._stop = threading.Event()
-        self._server: LoopbackServer | None = None
+        super().__init__()
 
     # -- tokens --
     @property
@@ -171,11 +171,6 @@ class FakeAzure:
 
     # -- the HTTP server --
     @property
-    def base_url(self) -> str:
-        assert self._server is not None, "the fake is not started"
-        return self._server.url
-
-    @property
     def endpoint(self) -> str:
         return self.base_url + IMDS_PATH
 
@@ -183,7 +178,7 @@ class FakeAzure:
     def jwks_url(self) -> str:
         return self.base_url + JWKS_PATH
 
-    def start(self) -> FakeAzure:
+    def handler(self) -> type[BaseHTTPRequestHandler]:
         fake = self
 
         class Handler(QuietHandler):
@@ -226,7 +221,7 @@ class FakeAzure:
                     return
                 mode = fake.mode
                 if mode == "hang":
-                    fake._stop.wait(60)
+                    fake.stopping.wait(60)
                     return
                 if mode == "garbage":
                     self.wfile.write(b"\x00\xffnot http at all\r\n\r\n")
@@ -253,22 +248,7 @@ class FakeAzure:
                 }
                 self._send(200, json.dumps(body).encode())
 
-        self._server = LoopbackServer(Handler, name="fake-azure").start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-
-    @contextmanager
-    def running(self) -> Iterator[FakeAzure]:
-        self.start()
-        try:
-            yield self
-        finally:
-            self.stop()
+        return Handler
 
 
 __all__ = ["IMDS_PATH", "JWKS_PATH", "FakeAzure", "SigningKey", "jwks_of"]

@@ -19,7 +19,7 @@ makes through the official ``kubernetes`` client:
 Every call needs ``Authorization: Bearer <bearer>`` (401 otherwise). TLS uses a CA and a
 server certificate (``127.0.0.1``, ``localhost``) made by :func:`make_tls`
 (:mod:`custos.testing.local_tls`), the server is a
-:class:`custos.testing.local_http.LoopbackServer`;
+:class:`custos.testing.local_http.StartableFake` (``start``/``stop``/``running``);
 :meth:`FakeKube.write_kubeconfig` writes the kubeconfig a server half reads. ``mode``
 makes TokenReview misbehave: ``"garbage"``, ``"hang"``, ``"status:<n>"``,
 ``"any_audience"`` (an API server that authenticates without checking audiences).
@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
+import ssl
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
 from custos.testing.fake_azure import SigningKey
-from custos.testing.local_http import LoopbackServer, QuietHandler
+from custos.testing.local_http import QuietHandler, StartableFake
 from custos.testing.local_tls import LocalTls, local_tls
 
 TOKENREVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
@@ -115,8 +114,10 @@ def _status(code: int, reason: str, message: str) -> dict[str, Any]:
     }
 
 
-class FakeKube:
+class FakeKube(StartableFake):
     """One cluster's API server: its pods and nodes, and the key that signs its tokens."""
+
+    thread_name = "fake-kube"
 
     def __init__(self, tls: LocalTls, *, api_audience: str = ISSUER) -> None:
         self.tls = tls
@@ -128,8 +129,7 @@ class FakeKube:
         self.mode = "ok"
         self.reviews: list[dict[str, Any]] = []
         self.calls: list[str] = []
-        self._stop = threading.Event()
-        self._server: LoopbackServer | None = None
+        super().__init__()
 
     # -- objects and tokens --
     def add_node(self, name: str, **labels: str) -> Node:
@@ -240,8 +240,7 @@ class FakeKube:
     # -- the HTTPS server --
     @property
     def url(self) -> str:
-        assert self._server is not None, "the fake is not started"
-        return self._server.url
+        return self.base_url
 
     def write_kubeconfig(self, path: Path, *, bearer: str | None = None) -> str:
         """A kubeconfig naming this server, its CA and the bearer token (JSON is YAML)."""
@@ -264,7 +263,7 @@ class FakeKube:
         path.write_text(json.dumps(config), encoding="utf-8")
         return str(path)
 
-    def start(self) -> FakeKube:
+    def handler(self) -> type[BaseHTTPRequestHandler]:
         fake = self
 
         class Handler(QuietHandler):
@@ -318,7 +317,7 @@ class FakeKube:
                     return
                 mode = fake.mode
                 if mode == "hang":
-                    fake._stop.wait(60)
+                    fake.stopping.wait(60)
                     return
                 if mode == "garbage":
                     self._send(201, b"\x00<html>definitely not a TokenReview")
@@ -342,23 +341,10 @@ class FakeKube:
                     },
                 )
 
-        tls = self.tls.server_context()
-        self._server = LoopbackServer(Handler, tls=tls, name="fake-kube").start()
-        return self
+        return Handler
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-
-    @contextmanager
-    def running(self) -> Iterator[FakeKube]:
-        self.start()
-        try:
-            yield self
-        finally:
-            self.stop()
+    def server_tls(self) -> ssl.SSLContext:
+        return self.tls.server_context()
 
 
 __all__ = ["ISSUER", "TOKENREVIEW_PATH", "FakeKube", "Node", "Pod", "Tls", "make_tls"]

@@ -11,6 +11,9 @@ holds on purpose (a "hang" knob).  Here it is once:
 - :class:`LoopbackServer`: the threaded server for a handler class; :attr:`closing` is
   set by :meth:`LoopbackServer.close` before the server shuts down, so a handler
   waiting on it returns;
+- :class:`StartableFake`: a fake with its own request handler class, served from
+  :meth:`StartableFake.start` to :meth:`StartableFake.stop` (or ``with
+  fake.running():``);
 - :class:`LocalHttpServer`: a fake written as one method, ``handle(request, method,
   body)`` returning a :class:`Response` (None: hang until closed), started at
   construction, every request recorded; its ``hang`` and ``fail_first`` knobs (no
@@ -21,10 +24,11 @@ from __future__ import annotations
 
 import ssl
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 
 @dataclass
@@ -82,6 +86,50 @@ class LoopbackServer:
             self.httpd.shutdown()
         self.httpd.server_close()
         self._thread.join(timeout=5)
+
+
+class StartableFake:
+    """A fake served by a :class:`LoopbackServer` while started.  Subclasses give
+    :meth:`handler` (and :meth:`server_tls` for HTTPS); a handler that holds a request
+    on purpose waits on :attr:`stopping`, set by :meth:`stop`."""
+
+    #: The serving thread's name.
+    thread_name = "fake"
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        self._server: LoopbackServer | None = None
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        raise NotImplementedError
+
+    def server_tls(self) -> ssl.SSLContext | None:
+        return None
+
+    @property
+    def base_url(self) -> str:
+        """``http(s)://127.0.0.1:<port>`` while started."""
+        assert self._server is not None, "the fake is not started"
+        return self._server.url
+
+    def start(self) -> Self:
+        server = LoopbackServer(self.handler(), tls=self.server_tls(), name=self.thread_name)
+        self._server = server.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    @contextmanager
+    def running(self) -> Iterator[Self]:
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
 
 
 class LocalHttpServer:
@@ -149,4 +197,4 @@ class LocalHttpServer:
         self.close()
 
 
-__all__ = ["LocalHttpServer", "LoopbackServer", "QuietHandler", "Response"]
+__all__ = ["LocalHttpServer", "LoopbackServer", "QuietHandler", "Response", "StartableFake"]

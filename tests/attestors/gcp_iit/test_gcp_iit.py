@@ -586,3 +586,22 @@ def test_a_stale_jwks_whose_url_fails_is_not_used_and_a_recovered_url_is(
             return outcomes
 
         assert asyncio.run(main()) == ["gcp_iit_jwks_unavailable"] * 2 + ["ok"]
+
+
+def test_a_jwks_file_with_a_weak_or_foreign_key_only_is_refused(tmp_path: Path) -> None:
+    # The shared JWKS rules (custos_attestors.node._jwks, decision 0088): RS256 signing
+    # keys of 2048 to 8192 bits; a key for encryption is no signing key.
+    from custos.testing.fake_azure import SigningKey
+
+    signer = GcpSigner()
+    for keys in (
+        [SigningKey(bits=1024).jwk()],
+        [{**signer.jwks()["keys"][0], "use": "enc"}],
+        [{**signer.jwks()["keys"][0], "alg": "RS512"}],
+    ):
+        path = tmp_path / "jwks.json"
+        path.write_text(json.dumps({"keys": keys}))
+        with pytest.raises(PluginCallError):
+            ServerCatalog.load(
+                TD, node_attestors=[PluginConfig("gcp_iit", server_config(str(path)))]
+            )

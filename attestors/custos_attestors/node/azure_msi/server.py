@@ -24,8 +24,8 @@ first use, as SPIRE).
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncGenerator, Mapping
@@ -34,14 +34,22 @@ from dataclasses import dataclass
 from custos._numbers import InvalidNumberError, seconds
 from custos.errors import CustosError
 from custos.plugin.protocols import AttestedNode, Challenge, CoreConfig
+from custos_attestors.node._jwks import JwksError, JwksSource, check_url
 from custos_attestors.node.azure_msi import wire
 from custos_attestors.node.azure_msi.jwt import (
+    MAX_JWKS_BYTES,
+    MIN_REFETCH,
     AzureTokenError,
-    JwksError,
-    KeySource,
+    Keys,
+    header_kid,
+    parse_jwks,
     split,
     verify_rs256,
 )
+
+#: A key set: a file, or a URL cached ``jwks_refresh``, refetched for an unknown kid at
+#: most every :data:`MIN_REFETCH` s, kept through an endpoint outage (:mod:`.._jwks`).
+KeySource = JwksSource[Keys]
 
 NAME = "azure_msi"
 DEFAULT_RESOURCE = "https://management.azure.com/"
@@ -96,15 +104,31 @@ def _key_source(
     file, url = table.get("jwks_file"), table.get("jwks_url")
     if file is not None and url is not None:
         raise AzureMsiConfigError(f"{what}: give jwks_file or jwks_url, not both")
+    name = f"{what} JWKS"
+    code = "azure_msi_jwks_unavailable"
     try:
         if file is not None:
             if not isinstance(file, str) or not file.startswith("/") or "\0" in file:
                 raise AzureMsiConfigError(f"{what}: jwks_file must be an absolute file path")
-            return KeySource(file=file)
+            return JwksSource(
+                parse=parse_jwks, code=code, max_bytes=MAX_JWKS_BYTES, file=file, name=name
+            )
         if url is not None:
-            if not isinstance(url, str) or not url.startswith(("https://", "http://")):
-                raise AzureMsiConfigError(f"{what}: jwks_url must be an http(s) URL")
-            return KeySource(url=url, refresh=refresh, timeout=timeout)
+            try:
+                checked = check_url(url, schemes=frozenset({"http", "https"}))
+            except ValueError:
+                raise AzureMsiConfigError(f"{what}: jwks_url must be an http(s) URL") from None
+            return JwksSource(
+                parse=parse_jwks,
+                code=code,
+                max_bytes=MAX_JWKS_BYTES,
+                url=checked,
+                cache_seconds=refresh,
+                refetch_seconds=MIN_REFETCH,
+                serve_stale_seconds=math.inf,
+                timeout=timeout,
+                name=name,
+            )
     except JwksError as e:
         raise AzureMsiConfigError(f"{what}: {e.message}") from None
     return None
@@ -239,22 +263,21 @@ class AzureMsiServerAttestor:
         yield node
 
     async def _verify(self, payload: bytes) -> AttestedNode:
-        token = wire.decode(payload)
+        jws = split(wire.decode(payload))
+        # alg, key-choosing headers and kid are checked before any key is looked up.
+        kid = header_kid(jws)
         # The tenant is read before the signature only to pick the key set; it is
         # trusted only after the signature verifies.
-        parts = split(token)
-        header, unverified = parts[0], parts[2]
-        raw_tid = unverified.get("tid")
+        raw_tid = jws.claims.get("tid")
         tid = raw_tid.lower() if isinstance(raw_tid, str) else None
         source = self._source(tid)
-        kid = header.get("kid") if isinstance(header.get("kid"), str) else None
-        keys = source.cached()
-        if keys is None or (kid is not None and kid not in keys and source.url is not None):
+        keys = source.current()
+        if keys is None or kid not in keys:
             try:
-                keys = await asyncio.to_thread(source.keys, kid)
+                keys = await source.get(unknown_kid=True)
             except JwksError as e:
                 raise AzureMsiRefusedError(e.message, code=e.code) from None
-        claims = verify_rs256(parts, keys).claims
+        claims = verify_rs256(jws, kid, keys)
 
         # -- tenant and issuer --
         if tid is None or not _GUID.fullmatch(tid):

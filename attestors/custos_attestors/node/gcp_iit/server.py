@@ -22,19 +22,14 @@ elsewhere cannot be replayed here; the half therefore re-attests
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import re
 import secrets
 import ssl
-import time
 from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import httpx
 from joserfc import jwt
 from joserfc.errors import (
     BadSignatureError,
@@ -48,6 +43,7 @@ from joserfc.jwk import KeySet
 
 from custos.errors import CustosError
 from custos.plugin.protocols import AttestedNode, Challenge, CoreConfig
+from custos_attestors.node._jwks import JwksError, JwksSource, check_url, parse_rsa_jwks
 from custos_attestors.node.gcp_iit import wire
 
 NAME = "gcp_iit"
@@ -89,26 +85,12 @@ def _refuse(code: str, message: str) -> GcpIitRefusedError:
     return GcpIitRefusedError(message, code=code)
 
 
-def parse_jwks(data: bytes, source: str) -> KeySet:
-    """An RSA-only key set of at most 32 keys, each with a ``kid``."""
-    if len(data) > MAX_JWKS_BYTES:
-        raise ValueError(f"{source}: the JWKS is larger than {MAX_JWKS_BYTES} bytes")
+def parse_jwks(data: bytes, source: str = "JWKS") -> KeySet:
+    """Google's RS256 signing keys (the shared rules of :func:`.._jwks.parse_rsa_jwks`:
+    at most 32 keys, 64 KiB, RSA 2048-8192 with a kid) as a joserfc key set."""
+    accepted = parse_rsa_jwks(data, max_bytes=MAX_JWKS_BYTES, max_keys=MAX_JWKS_KEYS, what=source)
     try:
-        document = json.loads(data)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise ValueError(f"{source}: the JWKS is not JSON") from None
-    keys = document.get("keys") if isinstance(document, dict) else None
-    if not isinstance(keys, list) or not 0 < len(keys) <= MAX_JWKS_KEYS:
-        raise ValueError(f"{source}: a JWKS needs 'keys': 1 to {MAX_JWKS_KEYS} keys")
-    usable = [
-        k
-        for k in keys
-        if isinstance(k, dict) and k.get("kty") == "RSA" and isinstance(k.get("kid"), str)
-    ]
-    if not usable:
-        raise ValueError(f"{source}: the JWKS has no RSA key with a kid")
-    try:
-        return KeySet.import_key_set({"keys": usable})
+        return KeySet.import_key_set({"keys": [dict(k) for k in accepted.jwks]})
     except (JoseError, ValueError, TypeError) as e:
         raise ValueError(f"{source}: a JWKS key is malformed: {e}") from None
 
@@ -128,127 +110,55 @@ def _decode(token: str, keys: KeySet) -> jwt.Token:
         raise _refuse("gcp_iit_token_invalid", "the identity token is malformed") from None
 
 
-class _JwksSource:
-    """Google's signing keys: a fixed file, or an https URL cached and refreshed."""
-
-    def __init__(self, config: Mapping[str, object]) -> None:
-        file, url = config.get("jwks_file"), config.get("jwks_url")
-        if (file is None) == (url is None):
-            raise ValueError("gcp_iit needs exactly one of jwks_file and jwks_url")
-        cache = config.get("jwks_cache_seconds", 3600)
-        if isinstance(cache, bool) or not isinstance(cache, int | float) or not 1 <= cache <= 86400:
-            raise ValueError("jwks_cache_seconds must be a number from 1 to 86400")
-        self._cache_seconds = float(cache)
-        refetch = config.get("jwks_refetch_seconds", REFETCH_INTERVAL)
-        if (
-            isinstance(refetch, bool)
-            or not isinstance(refetch, int | float)
-            or not 0 <= refetch <= 3600
-        ):
-            raise ValueError("jwks_refetch_seconds must be a number from 0 to 3600")
-        self._refetch = float(refetch)
-        self._keys: KeySet | None = None
-        self._fetched_ok = -float("inf")  # last successful fetch (staleness)
-        self._tried = -float("inf")  # last attempt (rate limit)
-        self._lock: asyncio.Lock | None = None
-        self._lock_loop: asyncio.AbstractEventLoop | None = None
-        self._url: str | None = None
-        self._ssl: ssl.SSLContext | None = None
+def _jwks_source(config: Mapping[str, object]) -> JwksSource[KeySet]:
+    """Google's signing keys: a fixed file, or an https URL cached and refreshed
+    (:class:`.._jwks.JwksSource`; a stale set is not served)."""
+    file, url = config.get("jwks_file"), config.get("jwks_url")
+    if (file is None) == (url is None):
+        raise ValueError("gcp_iit needs exactly one of jwks_file and jwks_url")
+    cache = config.get("jwks_cache_seconds", 3600)
+    if isinstance(cache, bool) or not isinstance(cache, int | float) or not 1 <= cache <= 86400:
+        raise ValueError("jwks_cache_seconds must be a number from 1 to 86400")
+    refetch = config.get("jwks_refetch_seconds", REFETCH_INTERVAL)
+    if (
+        isinstance(refetch, bool)
+        or not isinstance(refetch, int | float)
+        or not 0 <= refetch <= 3600
+    ):
+        raise ValueError("jwks_refetch_seconds must be a number from 0 to 3600")
+    common: dict[str, Any] = {
+        "parse": lambda data: parse_jwks(data, "jwks_url" if url is not None else "jwks_file"),
+        "code": "gcp_iit_jwks_unavailable",
+        "max_bytes": MAX_JWKS_BYTES,
+        "name": "gcp_iit JWKS",
+    }
+    try:
         if file is not None:
             if {"jwks_ca_bundle", "jwks_cache_seconds", "jwks_refetch_seconds"} & set(config):
                 raise ValueError("the jwks_url settings do not go with jwks_file")
-            path = _absolute(file, "jwks_file")
-            try:
-                data = path.read_bytes()[: MAX_JWKS_BYTES + 1]
-            except OSError as e:
-                raise ValueError(f"jwks_file: cannot read {path}: {e.strerror}") from None
-            self._set(parse_jwks(data, "jwks_file"))
-            return
-        if not isinstance(url, str) or len(url) > 1024:
-            raise ValueError("jwks_url must be an https URL")
-        parts = urlsplit(url)
-        if parts.scheme != "https" or not parts.hostname or parts.username is not None:
-            raise ValueError("jwks_url must be an https URL")
-        self._url = url
+            return JwksSource(file=str(_absolute(file, "jwks_file")), **common)
+        check_url(url, schemes=frozenset({"https"}))
+        assert isinstance(url, str)
         bundle = config.get("jwks_ca_bundle")
         if bundle is not None:
             ca = _absolute(bundle, "jwks_ca_bundle")
             try:
-                self._ssl = ssl.create_default_context(cafile=str(ca))
+                context = ssl.create_default_context(cafile=str(ca))
             except (OSError, ssl.SSLError) as e:
                 raise ValueError(f"jwks_ca_bundle: cannot load {ca}: {e}") from None
         else:
-            self._ssl = ssl.create_default_context()
-
-    def _set(self, keys: KeySet) -> None:
-        self._keys = keys
-
-    def _fetch_lock(self) -> asyncio.Lock:
-        loop = asyncio.get_running_loop()
-        if self._lock is None or self._lock_loop is not loop:
-            self._lock, self._lock_loop = asyncio.Lock(), loop
-        return self._lock
-
-    async def _fetch(self) -> None:
-        assert self._url is not None
-        try:
-            async with asyncio.timeout(JWKS_TIMEOUT):
-                async with httpx.AsyncClient(
-                    verify=self._ssl or True,
-                    trust_env=False,
-                    follow_redirects=False,
-                    timeout=None,  # noqa: S113
-                ) as client:
-                    async with client.stream("GET", self._url) as response:
-                        if response.status_code != 200:
-                            raise _refuse(
-                                "gcp_iit_jwks_unavailable",
-                                f"the JWKS URL answered HTTP {response.status_code}",
-                            )
-                        body = bytearray()
-                        async for chunk in response.aiter_bytes():
-                            body += chunk
-                            if len(body) > MAX_JWKS_BYTES:
-                                break
-        except TimeoutError:
-            raise _refuse(
-                "gcp_iit_jwks_unavailable", "the JWKS URL did not answer in time"
-            ) from None
-        except httpx.HTTPError as e:
-            raise _refuse(
-                "gcp_iit_jwks_unavailable", f"the JWKS URL failed: {type(e).__name__}"
-            ) from e
-        try:
-            keys = parse_jwks(bytes(body), "jwks_url")
-        except ValueError as e:
-            raise _refuse("gcp_iit_jwks_unavailable", str(e)) from None
-        self._set(keys)
-
-    async def keys_for(self, *, unknown_kid: bool = False) -> KeySet:
-        """The key set, fetched when missing or stale, or refetched (rate-limited)
-        when a token named a ``kid`` it does not hold."""
-        if self._url is None:
-            assert self._keys is not None
-            return self._keys
-        async with self._fetch_lock():
-            now = time.monotonic()
-            stale = self._keys is None or now - self._fetched_ok > self._cache_seconds
-            # Attempts (failed ones too) are spaced by jwks_refetch_seconds, except the
-            # very first: a dead or hostile URL is not hammered.
-            may_try = now - self._tried >= self._refetch
-            if (stale or unknown_kid) and may_try:
-                self._tried = now
-                try:
-                    await self._fetch()
-                except GcpIitRefusedError as e:
-                    log.warning("gcp_iit: %s", e.message)
-                else:
-                    self._fetched_ok, stale = now, False
-            if self._keys is None or stale:
-                raise _refuse(
-                    "gcp_iit_jwks_unavailable", "no current JWKS (fetching it failed; see the log)"
-                )
-            return self._keys
+            context = ssl.create_default_context()
+        return JwksSource(
+            url=url,
+            cache_seconds=float(cache),
+            refetch_seconds=float(refetch),
+            serve_stale_seconds=0.0,
+            timeout=JWKS_TIMEOUT,
+            ssl_context=context,
+            **common,
+        )
+    except JwksError as e:
+        raise ValueError(e.message) from None
 
 
 def _absolute(value: object, name: str) -> Path:
@@ -272,7 +182,7 @@ class GcpIitServerAttestor:
     def __init__(self) -> None:
         self._audience = ""
         self._projects: frozenset[str] = frozenset()
-        self._jwks: _JwksSource | None = None
+        self._jwks: JwksSource[KeySet] | None = None
         self._registry = jwt.JWTClaimsRegistry(
             leeway=LEEWAY,
             iss={"essential": True, "value": ISSUER},
@@ -297,17 +207,19 @@ class GcpIitServerAttestor:
             if not isinstance(project, str) or not _PROJECT.fullmatch(project):
                 raise ValueError(f"project_allowlist: {project!r} is not a GCP project ID")
         self._projects = frozenset(projects)
-        self._jwks = _JwksSource(config)
+        self._jwks = _jwks_source(config)
 
     async def verify(self, token: str, audience: str) -> tuple[list[str], list[str]]:
         """(agent path, selector values) of a token minted for ``audience``."""
-        assert self._jwks is not None
+        source = self._jwks
+        assert source is not None
+        keys = source.current()
         try:
-            decoded = _decode(token, await self._jwks.keys_for())
+            decoded = _decode(token, keys if keys is not None else await source.get())
         except InvalidKeyIdError:
             # Google rotated its keys (or a forger names a kid): refetch, rate-limited.
             try:
-                decoded = _decode(token, await self._jwks.keys_for(unknown_kid=True))
+                decoded = _decode(token, await source.get(unknown_kid=True))
             except InvalidKeyIdError:
                 raise _refuse(
                     "gcp_iit_signature_invalid", "the identity token's key is not in the JWKS"

@@ -72,11 +72,15 @@ custody = "memory"
 
 
 @contextlib.contextmanager
-def agent_process(config: Path) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
+def agent_process(
+    config: Path, *, profile: Path | None = None
+) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
     """``custos agent run`` until its ready line; yields (process, socket URI, agent
-    SPIFFE ID). Stopped with SIGTERM at the end."""
+    SPIFFE ID). Stopped with SIGTERM at the end. With ``profile``, the agent runs under
+    ``cProfile``, which writes that file when the agent stops (bench/agent_profile.py)."""
+    prefix = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "custos", "agent", "run", "--config", str(config)],
+        [sys.executable, *prefix, "-m", "custos", "agent", "run", "--config", str(config)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

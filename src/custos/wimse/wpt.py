@@ -351,7 +351,7 @@ def create_wpt(
         claims["oth"] = oth
     if access_token is not None:
         claims["ath"] = _hash_for_claim(access_token, "access_token")
-    payload = json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()
+    payload = _CLAIMS_JSON.encode(claims).encode()
     try:
         device = _device_signer(signer, alg)
         if device is None:
@@ -369,6 +369,11 @@ def create_wpt(
         return f"{signing_input}.{b64url_encode(signature)}"
     except (JoseError, ValueError, TypeError) as e:
         raise WptMintError("signing the WPT failed") from e
+
+
+#: The claims' JSON, compact with sorted members. Built once: ``json.dumps`` with
+#: arguments builds an encoder per call (~5 us of a WPT).
+_CLAIMS_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,7 @@ class SigningHandlers:
             create_wpt, self._jose_key(identity.key), wit, r.audience,
             ttl_seconds=r.ttl_seconds or DEFAULT_WPT_TTL,
             txn_token=r.txn_token if r.HasField("txn_token") else None,
-            other_tokens=dict(r.other_tokens) or None,
+            other_tokens=dict(r.other_tokens) if r.other_tokens else None,
             wire=cast(Wire, r.wire or "wpt-02"),
         )
         wpt = await self._sign(identity, work)

@@ -9,6 +9,7 @@ device-held is told which custos call to use instead.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -73,11 +74,16 @@ def exportable_only(call: Call, found: list[ServedIdentity], instead: str) -> li
     return exportable
 
 
+#: Requested SPIFFE IDs parsed, remembered per string (a workload names the same
+#: identity on every call); bounded, and a refusal is never kept.
+_parse_requested = functools.lru_cache(maxsize=256)(SpiffeId.parse)
+
+
 def requested_id(value: str) -> SpiffeId | None:
     if not value:
         return None
     try:
-        return SpiffeId.parse(value)
+        return _parse_requested(value)
     except InvalidIdentifierError:
         raise GRPCError(Status.INVALID_ARGUMENT, "spiffe_id is not a SPIFFE ID") from None
 

@@ -187,6 +187,95 @@ def _issuance_rounds(rounds: int) -> tuple[list[float], list[float], float]:
         return asyncio.run(drive(rig))
 
 
+def _issuer_rounds(rounds: int) -> tuple[list[float], list[float]]:
+    """Alternating rounds in this process: ``Issuer.x509_svids`` for 100 CSRs (the
+    server's SQLite datastore with 100 entries, ``exportable`` signing keys, audit
+    rows, no logging configured), then the limit for the same CSRs. No wire, no
+    authentication, no other process: the issuer's own cost, less moved by load than
+    the end-to-end row."""
+    import shutil
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from custos.identity import SpiffeId
+    from custos.keys import KeyStoreConfig, open_key_store
+    from custos.server.audit import Auditor
+    from custos.server.context import server_id
+    from custos.server.datastore import Datastore
+    from custos.server.entitlement import entries_for_agent
+    from custos.server.issuer import CustodyEvidence, Issuer, X509Request
+    from custos.server.metrics import ServerMetrics
+    from custos.server.signing_keys import SigningKeys
+    from custos.testing.server import ServerRig
+
+    base = Path(tempfile.mkdtemp(prefix="custos-bench-issuer-"))
+    url = f"sqlite:///{base / 'datastore.db'}"
+    config = ServerRig(base / "rig", datastore_url=url).config()
+    td = config.trust_domain
+    with (
+        Datastore.open(url, trust_domain=td) as store,
+        open_key_store(KeyStoreConfig(store="exportable", key_dir=base / "keys")) as keys,
+    ):
+        managers = [
+            SigningKeys(store, keys, purpose, key_name=f"bench-{purpose}", propagation_delay=0)
+            for purpose in ("x509-ca", "jwt-svid", "wit")
+        ]
+        for manager in managers:
+            manager.ensure_active()
+        own = server_id(td)
+        issuer = Issuer(
+            config=config,
+            datastore=store,
+            ca_keys=managers[0],
+            jwt_keys=managers[1],
+            wit_keys=managers[2],
+            auditor=Auditor(store),
+            metrics=ServerMetrics(),
+            entitlement=lambda agent: entries_for_agent(store, agent, own),
+        )
+        agent_id = SpiffeId.parse(f"spiffe://{td.name}/custos/agent/join_token/bench")
+        agent = store.agents.attested(
+            agent_id,
+            attestor="join_token",
+            selectors=["join_token:bench"],
+            serial="01",
+            expires_at=time.time() + 86400,
+        )
+        ids = [
+            store.entries.create(
+                f"spiffe://{td.name}/workload/{i}",
+                parent_id=agent_id,
+                selectors=[f"unix:uid:{1000 + i}"],
+                key_custody="memory",
+                x509_svid_ttl=3600,
+                jwt_svid_ttl=300,
+                wit_ttl=300,
+            ).id
+            for i in range(BATCH)
+        ]
+        csrs = make_csrs()
+        limit = limit_batch(csrs, td.name)
+        requests = [
+            X509Request(i, c, CustodyEvidence("memory")) for i, c in zip(ids, csrs, strict=True)
+        ]
+        issuer_out: list[float] = []
+        limit_out: list[float] = []
+        clock = time.perf_counter
+        for i in range(rounds + 3):  # 3 warm-up rounds
+            t0 = clock()
+            issued = issuer.x509_svids(agent, requests)
+            t1 = clock()
+            limit()
+            t2 = clock()
+            assert all(r.error is None for r in issued), "bench issuance failed"
+            if i >= 3:
+                issuer_out.append(t1 - t0)
+                limit_out.append(t2 - t1)
+    shutil.rmtree(base, ignore_errors=True)
+    return issuer_out, limit_out
+
+
 def bench_issuance_rows(section: Callable[[str], None]) -> None:
     """``make bench`` rows: the limit, then the server with its ratio."""
     from server_common import env_int
@@ -215,3 +304,9 @@ def bench_issuance_rows(section: Callable[[str], None]) -> None:
         f"{inside * 1e6:>9.1f} {'':>9} {'':>8}  mean {inside * 1e3:.1f} ms of the call's "
         f"{srv.mean * 1e3:.1f} ms"
     )
+    # The issuer alone, in this process, against the limit in alternating rounds.
+    issuer, limit_in = _issuer_rounds(rounds)
+    lim_in = Result(f"in-process limit: {BATCH} CSRs (interleaved with the next row)", limit_in)
+    iss = Result(f"in-process Issuer.x509_svids, {BATCH} CSRs (SQLite)", issuer)
+    print(row(lim_in))
+    print(row(iss, lim_in, note="the issuer alone: no wire, no authentication"))

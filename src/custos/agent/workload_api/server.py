@@ -164,9 +164,13 @@ class _Calls:
             log.warning("workload API: %s refused: pid %d exited before attestation", method,
                         caller.pid)
             raise denied()
+        max_age = self._limits.attestation_cache_seconds
+        selectors = caller.cached_selectors(max_age)
+        if selectors is not None:  # fresh: no lock to take (one event loop)
+            return selectors
         # One attestation at a time per connection; concurrent calls on it share it.
         async with caller.lock:
-            selectors = caller.cached_selectors(self._limits.attestation_cache_seconds)
+            selectors = caller.cached_selectors(max_age)
             if selectors is None:
                 selectors = await self._run_attestors(caller, method)
                 if caller.exited():

@@ -20,11 +20,9 @@ import pstats
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from agent_common import agent_process, agent_toml, short_dir, uid_selector  # noqa: E402
-from agent_sign import CLIENTS, ORIGIN  # noqa: E402
-from server_common import env_int, server_processes  # noqa: E402
+from agent_common import agent_process, agent_toml, short_dir, uid_selector
+from agent_sign import CLIENTS, ORIGIN
+from server_common import env_int, server_processes
 
 
 def main() -> None:

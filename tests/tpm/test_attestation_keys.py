@@ -106,3 +106,44 @@ def test_ek_public_key_matches_its_certificate(ctx: TpmContext, profile: str) ->
 
 def test_absent_ek_certificate_is_none(ctx: TpmContext) -> None:
     assert ctx.device(lambda ectx: ek_certificate(ectx, "ecc-p256")) is None
+
+
+def test_certify_uses_the_handle_the_store_keeps_loaded(
+    swtpm: SwtpmInstance, ctx: TpmContext, tmp_path: Path
+) -> None:
+    from custos.tpm.blobs import read_key_file
+
+    with TpmKeyStore(tcti=swtpm.tcti, key_dir=tmp_path / "keys") as store:
+        store.create("w", "ES256")
+        store.sign("w", b"loads it and keeps it")
+        stamp, pem = read_key_file(str(store.key_path("w")), what="w")
+        key = signing_key_blob(pem)
+        entry = (str(tmp_path / "keys"), "w")
+        assert ctx.is_loaded(entry)
+        ak = create_ak(ctx)
+        attest, sig = certify(ctx, ak, key, b"n3", loaded=(entry, stamp))
+        assert ctx.is_loaded(entry)  # still cached for the next signature
+        _, parsed = _attested(attest)
+        assert bytes(parsed.attested.certify.name) == key.name
+        # Another stamp (the file changed): the cached key is flushed, the file's
+        # key loaded, checked and flushed for the certify.
+        other = (stamp[0], stamp[1] + 1, stamp[2])
+        attest, sig = certify(ctx, ak, key, b"n4", loaded=(entry, other))
+        assert not ctx.is_loaded(entry)
+        raw, parsed = _attested(attest)
+        assert bytes(parsed.attested.certify.name) == key.name
+        _verify(ak.public_key, raw, sig)
+        store.sign("w", b"still signs")
+
+
+def test_quote_covers_the_values_read_and_no_others(ctx: TpmContext) -> None:
+    from tpm2_pytss.types import TPML_PCR_SELECTION
+
+    from custos.tpm.verify import quote_covers
+
+    ak = create_ak(ctx)
+    _, _, digests = ctx.device(lambda e: e.pcr_read(TPML_PCR_SELECTION.parse("sha256:0,7")))
+    values = {("sha256", 0): bytes(digests.digests[0]), ("sha256", 7): bytes(digests.digests[1])}
+    attest, _ = quote(ctx, ak, "sha256:0,7", b"nonce")
+    assert quote_covers(bytes(attest), values)
+    assert not quote_covers(bytes(attest), {**values, ("sha256", 7): b"\x01" * 32})

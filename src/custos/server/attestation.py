@@ -355,9 +355,8 @@ class NodeAttestation:
                 log.info("node attestation with %r refused: %s", name, e.__cause__ or e)
             raise refusal from e
         # Checked after the attestor (the agent ID and attestation key come from it)
-        # and before any write.
-        residency = agent_key_residency(node.attestation_key, csr, custody)
-        existing = await asyncio.to_thread(self._agent, node.agent_id)
+        # and before any write; one worker-thread call (a signature check, a read).
+        residency, existing = await asyncio.to_thread(self._residency_and_agent, node, csr, custody)
         if existing is not None:
             if existing.banned:
                 raise AgentBannedError(f"agent {node.agent_id} is banned")
@@ -371,7 +370,7 @@ class NodeAttestation:
     async def _issue(
         self, node: NodeAttestationResult, csr: bytes, custody: CustodyEvidence, residency: str
     ) -> AttestedAgent:
-        credentials = await asyncio.to_thread(
+        credentials, bundle = await asyncio.to_thread(
             self._issue_and_record,
             node.agent_id,
             csr,
@@ -386,8 +385,14 @@ class NodeAttestation:
             credentials=credentials,
             selectors=node.selectors,
             reattestable=node.can_reattest,
-            bundle=self._ctx.bundle(),
+            bundle=bundle,
         )
+
+    def _residency_and_agent(
+        self, node: NodeAttestationResult, csr: bytes, custody: CustodyEvidence
+    ) -> tuple[str, Agent | None]:
+        residency = agent_key_residency(node.attestation_key, csr, custody)
+        return residency, self._agent(node.agent_id)
 
     def _agent(self, agent_id: SpiffeId) -> Agent | None:
         try:
@@ -406,9 +411,11 @@ class NodeAttestation:
         residency: str,
         attestation_key: bytes = b"",
         renewal: bool = False,
-    ) -> AgentCredentials:
+    ) -> tuple[AgentCredentials, TrustBundle]:
         """Issue the agent's credentials, record the agent, audit: one thread call, so
-        a cancelled stream cannot leave credentials issued without the agent recorded."""
+        a cancelled stream cannot leave credentials issued without the agent recorded.
+        Also the trust bundle to send with them (read after the issuance; datastore
+        reads, kept off the event loop)."""
         credentials = self._ctx.issuer.agent_credentials(
             agent_id, csr, custody, attestor=attestor, selectors=selectors, residency=residency
         )
@@ -448,7 +455,7 @@ class NodeAttestation:
             custody=custody.tier,
             residency=residency,
         )
-        return credentials
+        return credentials, self._ctx.bundle()
 
     async def renew(self, agent: Agent, key: agent_v1_pb2.AgentKeyRequest) -> AttestedAgent:
         """New credentials for an authenticated agent whose attestor cannot re-attest."""
@@ -459,7 +466,7 @@ class NodeAttestation:
             )
         csr, custody = key_request(key)
         residency = agent_key_residency(agent.attestation_key, csr, custody)
-        credentials = await asyncio.to_thread(
+        credentials, bundle = await asyncio.to_thread(
             self._issue_and_record,
             agent.id,
             csr,
@@ -474,7 +481,7 @@ class NodeAttestation:
             credentials=credentials,
             selectors=agent.selectors,
             reattestable=False,
-            bundle=self._ctx.bundle(),
+            bundle=bundle,
         )
 
 

@@ -156,9 +156,9 @@ def check_ek_template(ek_public: TPM2B_PUBLIC, profile: object) -> None:
     credential made for other parameters than the TPM's EK cannot be activated (swtpm
     answers one made for a SHA-384 nameAlg on the RSA-2048 EK with TPM_RC_FAILURE, "a
     TPM failure", for that command), so such areas are refused before a credential is
-    made, with a clear code instead of a puzzling activation failure on the agent.  Strict: an EK made from a template
-    in NV (allowed by the TCG profile, not seen on a TPM yet) is refused too
-    (docs/tpm-ek-certificates.md).
+    made, with a clear code instead of a puzzling activation failure on the agent.
+    Strict: an EK made from a template in NV (allowed by the TCG profile, not seen on
+    a TPM yet) is refused too (docs/tpm-ek-certificates.md).
     """
     if not isinstance(profile, str) or profile not in ACTIVATION_PROFILES:
         raise AttestationEvidenceError(

@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 from tpm2_pytss.types import TPML_PCR_SELECTION
 
 from custos.keys.algorithms import Algorithm
-from custos.tpm.blobs import KeyBlob, attestation_key_blob, serialize_key_blob
-from custos.tpm.context import TpmContext
+from custos.tpm.blobs import KeyBlob, Stamp, attestation_key_blob, serialize_key_blob
+from custos.tpm.context import LoadedKey, TpmContext
 from custos.tpm.signatures import SCHEMES
 from custos.tpm.templates import ak_template
 
@@ -72,20 +72,35 @@ def quote(
     return result
 
 
-def certify(ctx: TpmContext, ak: KeyBlob, key: KeyBlob, nonce: bytes) -> tuple[Any, Any]:
+def certify(
+    ctx: TpmContext,
+    ak: KeyBlob,
+    key: KeyBlob,
+    nonce: bytes,
+    *,
+    loaded: tuple[LoadedKey, Stamp] | None = None,
+) -> tuple[Any, Any]:
     """TPM2_Certify: the AK signs that ``key`` (a key file of ours, empty auth) is loaded
     in this TPM, with its name (and so its public area and attributes).
 
-    Returns the TPM2B_ATTEST and the TPMT_SIGNATURE.
+    ``loaded``: the key's entry in the context's loaded-key cache and the stamp of the
+    file ``key`` was read from (a store key: the handle its store keeps loaded serves,
+    :meth:`TpmContext.with_key`); without it the key is loaded, checked and flushed.
+    The AK is loaded first, so a load that needs room flushes cached keys before the
+    cache is looked at.  Returns the TPM2B_ATTEST and the TPMT_SIGNATURE.
     """
+    scheme = SCHEMES[AK_ALGORITHM]
 
     def op(ectx: Any, ak_handle: Any) -> tuple[Any, Any]:
+        def run(handle: Any) -> tuple[Any, Any]:
+            result: tuple[Any, Any] = ectx.certify(handle, ak_handle, nonce, scheme)
+            return result
+
+        if loaded is not None:
+            return ctx.with_key(loaded[0], loaded[1], key, run)
         handle = ctx.load_checked("key to certify", key)
         try:
-            result: tuple[Any, Any] = ectx.certify(
-                handle, ak_handle, nonce, SCHEMES[AK_ALGORITHM]
-            )
-            return result
+            return run(handle)
         finally:
             ctx.flush(handle)
 

@@ -603,6 +603,40 @@ class TpmContext:
         else:
             self._flush(handle)
 
+    def with_key(self, key: LoadedKey, stamp: Stamp, blob: KeyBlob, op: Callable[[Any], T]) -> T:
+        """``op(handle)`` with key file ``key`` (read with ``stamp``) loaded, for a
+        command other than a signature (TPM2_Certify of it).
+
+        The handle the loaded-key cache holds when its store keeps the key loaded from
+        this very file: the store loaded and checked it (:meth:`verify`), so the
+        certify of an agent key just used for its CSR costs no TPM2_Load.  Otherwise
+        the key is loaded for the call, checked (:meth:`load_checked`) and flushed
+        afterwards.  A cached key is out of the cache while ``op`` runs (a load inside
+        ``op`` that needs room cannot flush it), then back as the most recent; a
+        command refused with it flushes it (the next use loads it again).  Lock held.
+        """
+        loaded = self._loaded.pop(key, None)
+        if loaded is not None and loaded[0] != stamp:
+            self._flush(loaded[1])  # loaded from another (older) file
+            loaded = None
+        if loaded is None:
+            handle = self.load_checked(key[1], blob)
+            try:
+                return op(handle)
+            finally:
+                self._flush(handle)
+        keep = True
+        try:
+            return op(loaded[1])
+        except TSS2_Exception as e:
+            keep = is_device_loss(e)  # back in the cache so that _lose() sees it
+            raise
+        finally:
+            if keep:
+                self._loaded[key] = loaded
+            else:
+                self._flush(loaded[1])
+
     def flush(self, handle: Any) -> None:
         """Flush a transient object the caller loaded (an attestation key, say)."""
         self._flush(handle)

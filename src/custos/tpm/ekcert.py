@@ -131,7 +131,7 @@ def load_ek_certificate(der: bytes, *, what: str = "EK certificate") -> x509.Cer
         data = data[:end]
     try:
         return x509.load_der_x509_certificate(data)
-    except ValueError as e:
+    except (ValueError, x509.InvalidVersion) as e:  # InvalidVersion is no ValueError
         raise AttestationEvidenceError(
             f"{what} is not a DER certificate: {e}", code="bad_ek_cert"
         ) from e

@@ -289,19 +289,7 @@ def verify_quote(
         raise _fail(
             "pcr_selection_mismatch", f"the quote covers PCRs {got!r}, not {expected_selection!r}"
         )
-    order = selected_pcrs(got)
-    if len(set(order)) != len(order) or set(pcr_values) != set(order):
-        raise _fail("pcr_values_mismatch", f"the reported PCR values are not those of {got!r}")
-    digest = hashlib.sha256()  # the AK's scheme hash (ECDSA-SHA256, checked above)
-    values: dict[tuple[str, int], bytes] = {}
-    for bank, index in order:
-        value = pcr_values[(bank, index)]
-        if not isinstance(value, (bytes, bytearray)) or len(value) != BANKS[bank][1]:
-            raise _fail("pcr_values_mismatch", f"PCR {bank}:{index} has a wrong-sized value")
-        values[(bank, index)] = bytes(value)
-        digest.update(value)
-    if not hmac.compare_digest(digest.digest(), bytes(quoted.pcrDigest)):
-        raise _fail("pcr_digest_mismatch", "the reported PCR values are not the quoted ones")
+    values = _quoted_values(quoted, got, pcr_values)
     clock = parsed.clockInfo
     return QuoteFacts(
         clock=int(clock.clock),
@@ -312,6 +300,46 @@ def verify_quote(
         pcr_selection=got,
         pcr_values=values,
     )
+
+
+def _quoted_values(
+    quoted: Any, got: str, pcr_values: dict[tuple[str, int], bytes]
+) -> dict[tuple[str, int], bytes]:
+    """``pcr_values`` in the order the TPM hashed them, checked to be exactly the PCRs
+    of the quote's selection (``quoted``: its TPMS_QUOTE_INFO; ``got``: its selection
+    as a string) and to hash to its digest."""
+    order = selected_pcrs(got)
+    if len(set(order)) != len(order) or set(pcr_values) != set(order):
+        raise _fail("pcr_values_mismatch", f"the reported PCR values are not those of {got!r}")
+    digest = hashlib.sha256()  # the AK's scheme hash (ECDSA-SHA256)
+    values: dict[tuple[str, int], bytes] = {}
+    for bank, index in order:
+        value = pcr_values[(bank, index)]
+        if not isinstance(value, (bytes, bytearray)) or len(value) != BANKS[bank][1]:
+            raise _fail("pcr_values_mismatch", f"PCR {bank}:{index} has a wrong-sized value")
+        values[(bank, index)] = bytes(value)
+        digest.update(value)
+    if not hmac.compare_digest(digest.digest(), bytes(quoted.pcrDigest)):
+        raise _fail("pcr_digest_mismatch", "the reported PCR values are not the quoted ones")
+    return values
+
+
+def quote_covers(attest: bytes, pcr_values: dict[tuple[str, int], bytes]) -> bool:
+    """Whether a quote the caller's own TPM just made (``attest``: its TPMS_ATTEST; no
+    signature check: this is not evidence from somebody else) is over exactly
+    ``pcr_values``: the agent's check that no PCR moved between its read and the
+    quote, the same digest check :func:`verify_quote` makes on the server."""
+    parsed = _whole(TPMS_ATTEST, attest, MAX_ATTEST_BYTES, "bad_attest", "attestation")
+    if parsed.type != TPM2_ST.ATTEST_QUOTE:
+        raise _fail("wrong_attest_type", "the attestation is not a quote")
+    try:
+        quoted = parsed.attested.quote
+        _quoted_values(quoted, selection_string(quoted.pcrSelect), pcr_values)
+    except AttestationEvidenceError as e:
+        if e.code == "pcr_digest_mismatch":
+            return False
+        raise
+    return True
 
 
 @dataclass(frozen=True)
@@ -407,6 +435,7 @@ __all__ = [
     "name",
     "parse_public",
     "public_key",
+    "quote_covers",
     "selected_pcrs",
     "selection_string",
     "spki_sha256",

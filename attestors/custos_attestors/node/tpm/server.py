@@ -132,21 +132,28 @@ class TpmServerAttestor:
             load_ek_certificate(c, what="an intermediate EK CA certificate")
             for c in evidence.ek_intermediates
         ]
-        verdict = await asyncio.to_thread(trust.check, ek_key, ek_cert, chain)
-        # The certificate vouches for the key; the rest of the area is the agent's word.
-        activation.check_ek_template(ek_public, evidence.ek_profile)
+
+        def lookup() -> tuple[Any, Any, SpiffeId, Any]:
+            # One worker-thread call: the EK's trust (a chain check), the EK and AK
+            # areas, then what the datastore holds for the node the EK names (its
+            # agent, its activated AK).
+            verdict = trust.check(ek_key, ek_cert, chain)
+            # The certificate vouches for the key; the rest of the area is the agent's word.
+            activation.check_ek_template(ek_public, evidence.ek_profile)
+            ak_public = verify.ak_public_checked(evidence.ak_public)
+            agent_id = SpiffeId(core.trust_domain, f"/custos/agent/{NAME}/{verdict.ek_hash}")
+            try:
+                agent = store.agents.get(agent_id)
+            except NotFoundError:
+                agent = None
+            if agent is not None and agent.banned:
+                raise TpmAgentBannedError(f"agent {agent_id} is banned")
+            return verdict, ak_public, agent_id, store.tpm_nodes.get(verdict.ek_hash)
+
+        verdict, ak_public, agent_id, known = await asyncio.to_thread(lookup)
         ek_hash = verdict.ek_hash
-        ak_public = verify.ak_public_checked(evidence.ak_public)
-        agent_id = SpiffeId(core.trust_domain, f"/custos/agent/{NAME}/{ek_hash}")
-        try:
-            agent = await asyncio.to_thread(store.agents.get, agent_id)
-        except NotFoundError:
-            agent = None
-        if agent is not None and agent.banned:
-            raise TpmAgentBannedError(f"agent {agent_id} is banned")
 
         # -- 4: the challenge --
-        known = await asyncio.to_thread(store.tpm_nodes.get, ek_hash)
         reattest = known is not None and hmac.compare_digest(known.ak_public, evidence.ak_public)
         nonce = secrets.token_bytes(wire.NONCE_BYTES)
         secret = blob = encrypted = None
@@ -173,29 +180,29 @@ class TpmServerAttestor:
                 "activation_failed",
                 "the activated secret is wrong: the AK is not in the TPM of this EK",
             )
-        facts = verify.verify_quote(
-            ak_public,
-            answer.quote_attest,
-            answer.quote_signature,
-            nonce,
-            dict(answer.pcr_values),
-            str(settings.pcrs),
-        )
 
-        # -- 6: the clock (checked here for a clear error, and again atomically) --
-        # Only against quotes by the same AK: the TPM obfuscates resetCount and
-        # restartCount per AK (outside the endorsement and platform hierarchies), so a
-        # newly activated AK starts a new baseline (decision 0068).
-        if known is not None and reattest:
-            verify.check_monotonic((known.clock, known.reset_count, known.restart_count), facts)
-        await asyncio.to_thread(
-            store.tpm_nodes.record,
-            ek_hash,
-            evidence.ak_public,
-            facts.clock,
-            facts.reset_count,
-            facts.restart_count,
-        )
+        def verified() -> verify.QuoteFacts:
+            # One worker-thread call: the quote's signature and digest, then the clock.
+            facts = verify.verify_quote(
+                ak_public,
+                answer.quote_attest,
+                answer.quote_signature,
+                nonce,
+                dict(answer.pcr_values),
+                str(settings.pcrs),
+            )
+            # -- 6: the clock (checked here for a clear error, and again atomically) --
+            # Only against quotes by the same AK: the TPM obfuscates resetCount and
+            # restartCount per AK (outside the endorsement and platform hierarchies), so
+            # a newly activated AK starts a new baseline (decision 0068).
+            if known is not None and reattest:
+                verify.check_monotonic((known.clock, known.reset_count, known.restart_count), facts)
+            store.tpm_nodes.record(
+                ek_hash, evidence.ak_public, facts.clock, facts.reset_count, facts.restart_count
+            )
+            return facts
+
+        facts = await asyncio.to_thread(verified)
 
         # -- 7: the event log --
         events = None

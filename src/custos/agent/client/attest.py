@@ -173,6 +173,17 @@ def key_request(
     return agent_v1_pb2.AgentKeyRequest(csr=csr, custody=key_custody(custody, evidence))
 
 
+def signed_key_request(
+    key: StoreKey, custody: str, residency: KeyResidency | None = None
+) -> agent_v1_pb2.AgentKeyRequest:
+    """The ``AgentKeyRequest`` for ``key``: its CSR signed in its store and, from
+    ``residency``, the certify evidence of a ``tpm``-custody key.  Blocking (a TPM or
+    HSM signs synchronously): async code runs it in one worker-thread call."""
+    csr = make_csr(key)
+    evidence = None if residency is None else residency.evidence(key, custody)
+    return key_request(csr, custody, evidence)
+
+
 def _spki(key: object) -> bytes:
     return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)  # type: ignore[attr-defined,no-any-return]
 
@@ -280,12 +291,13 @@ async def attest_agent(
     :class:`AgentApiError`."""
     name = attestor.name if attestor_name is None else attestor_name
     residency = KeyResidency.of(attestor) if residency is None else residency
-    # A TPM or HSM signs synchronously: keep the loop free.
-    csr = await asyncio.to_thread(make_csr, check_agent_key(key))
+    key_custody(custody)  # refused before the stream opens, as a key the server never takes
+    check_agent_key(key)
 
     async def request_key() -> agent_v1_pb2.AgentKeyRequest:
-        evidence = await asyncio.to_thread(residency.evidence, key, custody)
-        return key_request(csr, custody, evidence)
+        # After the agent half's payload (a TPM attestor's AK certifies the key):
+        # the CSR and that certify in one worker-thread call, keeping the loop free.
+        return await asyncio.to_thread(signed_key_request, key, custody, residency)
 
     stub = agent_v1_pb2_grpc.AttestationStub(channel)  # type: ignore[no-untyped-call]
     call = stub.AttestAgent(timeout=timeout)
@@ -334,11 +346,9 @@ async def renew_agent(
     token); a re-attestable agent is refused with ``renew_by_attesting``.  The caller
     replaces the client's identity (and key) with the result.  ``residency``, when
     given, certifies a ``tpm``-custody key."""
-    csr = await asyncio.to_thread(make_csr, check_agent_key(key))
-    evidence = None
-    if residency is not None:
-        evidence = await asyncio.to_thread(residency.evidence, key, custody)
-    request = agent_v1_pb2.RenewAgentRequest(key=key_request(csr, custody, evidence))
+    check_agent_key(key)
+    key_req = await asyncio.to_thread(signed_key_request, key, custody, residency)
+    request = agent_v1_pb2.RenewAgentRequest(key=key_req)
     stub = agent_v1_pb2_grpc.AttestationStub(client.channel)  # type: ignore[no-untyped-call]
     metadata = await asyncio.to_thread(client.metadata, SERVICE, "RenewAgent")
     try:
@@ -363,4 +373,5 @@ __all__ = [
     "key_request",
     "make_csr",
     "renew_agent",
+    "signed_key_request",
 ]

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_agent_app import config_for
 
+from common.agent_rig import agent_config
 from custos._proto import types_v1_pb2
 from custos.agent.app import Agent
 from custos.agent.config import WorkloadApiConfig
@@ -78,7 +78,7 @@ def test_eight_clients_sign_through_three_rotations_without_a_failure(
             # Eight clients of one uid well past the default per-uid rate: lifted here,
             # as an operator would for a busy node ([workload_api] in agent.toml).
             unlimited = WorkloadApiConfig(requests_per_second=1e6, burst=1_000_000)
-            config = (await config_for(srv, base)).model_copy(update={"workload_api": unlimited})
+            config = (await agent_config(srv, base)).model_copy(update={"workload_api": unlimited})
             async with Agent(config) as agent:
                 seen = agent.identities.generation
                 await admin.create_entry(

@@ -263,6 +263,11 @@ def activate_credential(
 
     def op(ectx: Any) -> bytes:
         template = _ek_template(ectx, ek_profile, ACTIVATION_PROFILES)
+        # The AK and the EK are loaded at once beside the storage primary: with a key
+        # kept loaded that is swtpm's three slots and one more, and an RSA EK's
+        # CreatePrimary refused for want of a slot costs its whole key derivation.
+        # Activation is rare (a new AK): flush the cached keys first.
+        ctx.evict_all()
         ak_handle = ctx.load_checked("attestation key", ak)
         try:
             ek_handle, _ = _create_ek(ctx, ectx, template)

@@ -143,9 +143,10 @@ class SessionBus:
             return
         # Not --fork: our own child, reaped by us, killed with us (parent-death signal).
         self._proc = spawn_child(
-            [_tool("dbus-daemon"), "--session", "--nofork", "--nopidfile",
-             "--print-address=1"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            [_tool("dbus-daemon"), "--session", "--nofork", "--nopidfile", "--print-address=1"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
         )
         out = self._proc.stdout
         assert out is not None
@@ -176,10 +177,18 @@ class SessionBus:
     def has_owner(self, name: str) -> bool:
         """Whether ``name`` is owned on this bus (``org.freedesktop.DBus.NameHasOwner``)."""
         proc = subprocess.run(
-            [_tool("dbus-send"), f"--bus={self.address}", "--print-reply",
-             "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
-             "org.freedesktop.DBus.NameHasOwner", f"string:{name}"],
-            capture_output=True, text=True, timeout=10,
+            [
+                _tool("dbus-send"),
+                f"--bus={self.address}",
+                "--print-reply",
+                "--dest=org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus.NameHasOwner",
+                f"string:{name}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         return proc.returncode == 0 and "boolean true" in proc.stdout
 
@@ -247,10 +256,19 @@ class Abrmd:
         self._log_start = log.tell()
         try:
             self._proc = spawn_child(
-                [*_line_buffered(), _tool("tpm2-abrmd"), "--session", "--allow-root",
-                 "--logger=stdout",
-                 f"--dbus-name={self.name}", f"--tcti={self.tpm.tcti}", "--flush-all"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                [
+                    *_line_buffered(),
+                    _tool("tpm2-abrmd"),
+                    "--session",
+                    "--allow-root",
+                    "--logger=stdout",
+                    f"--dbus-name={self.name}",
+                    f"--tcti={self.tpm.tcti}",
+                    "--flush-all",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 env=self.bus.env,
             )
         finally:

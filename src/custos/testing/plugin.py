@@ -108,9 +108,7 @@ def _docker_swtpm(request: pytest.FixtureRequest) -> DockerSwtpm:
             "--custos-docker needs pytest-docker (pip install 'custos[docker]') and a Docker engine"
         ) from e
     port = int(services.port_for("swtpm", 2321))
-    services.wait_until_responsive(
-        check=lambda: ctrl_answers(port + 1), timeout=180.0, pause=1.0
-    )
+    services.wait_until_responsive(check=lambda: ctrl_answers(port + 1), timeout=180.0, pause=1.0)
     compose = Path(request.getfixturevalue("custos_swtpm_compose_file"))
     return DockerSwtpm(port, compose.parent / "state", compose)
 
@@ -145,8 +143,10 @@ def swtpm_factory(
 
     def make(*, new_identity: bool = False) -> SwtpmInstance:
         dest = tmp_path_factory.mktemp("swtpm-extra") / "state"
-        state = provision(dest) if new_identity else copy_state(
-            shared_template(_session_shared_dir(tmp_path_factory)), dest
+        state = (
+            provision(dest)
+            if new_identity
+            else copy_state(shared_template(_session_shared_dir(tmp_path_factory)), dest)
         )
         inst = start_instance(state.root)
         started.append(inst)

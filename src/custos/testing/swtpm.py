@@ -160,11 +160,18 @@ def provision(state_dir: Path, *, pcr_banks: str = DEFAULT_PCR_BANKS) -> Provisi
         f"active_pcr_banks = {pcr_banks}\n"
     )
     cmd = [
-        setup, "--tpm2", "--tpmstate", str(state.tpm_dir),
-        "--create-ek-cert", "--create-platform-cert",
-        "--config", str(setup_conf),
-        "--pcr-banks", pcr_banks,
-        "--write-ek-cert-files", str(state.ek_dir),
+        setup,
+        "--tpm2",
+        "--tpmstate",
+        str(state.tpm_dir),
+        "--create-ek-cert",
+        "--create-platform-cert",
+        "--config",
+        str(setup_conf),
+        "--pcr-banks",
+        pcr_banks,
+        "--write-ek-cert-files",
+        str(state.ek_dir),
     ]
     # swtpm_setup and swtpm_localca look for per-user defaults under XDG_CONFIG_HOME;
     # pointing it at conf/ keeps the run from reading (or creating) ~/.config files.
@@ -267,13 +274,21 @@ class SwtpmInstance:
 
     def command(self) -> list[str]:
         return [
-            _tool("swtpm"), "socket", "--tpm2",
-            "--server", f"type=tcp,port={self.port},bindaddr={HOST}",
-            "--ctrl", f"type=tcp,port={self.ctrl_port},bindaddr={HOST}",
-            "--flags", "not-need-init,startup-clear",
-            "--tpmstate", f"dir={self.state.tpm_dir}",
-            "--pid", f"file={self.state_dir / 'swtpm.pid'}",
-            "--log", f"file={self.state_dir / 'swtpm.log'},level={self.log_level}",
+            _tool("swtpm"),
+            "socket",
+            "--tpm2",
+            "--server",
+            f"type=tcp,port={self.port},bindaddr={HOST}",
+            "--ctrl",
+            f"type=tcp,port={self.ctrl_port},bindaddr={HOST}",
+            "--flags",
+            "not-need-init,startup-clear",
+            "--tpmstate",
+            f"dir={self.state.tpm_dir}",
+            "--pid",
+            f"file={self.state_dir / 'swtpm.pid'}",
+            "--log",
+            f"file={self.state_dir / 'swtpm.log'},level={self.log_level}",
         ]
 
     def start(self, timeout: float = 10.0) -> None:
@@ -285,7 +300,9 @@ class SwtpmInstance:
         # in fixture teardown) and not swtpm; and a parent-death signal, so a pytest
         # killed outright leaves no orphan TPM behind (see spawn_child).
         self._proc = spawn_child(
-            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + timeout
@@ -396,7 +413,8 @@ def start_instance(state_dir: Path, *, attempts: int = 5) -> SwtpmInstance:
 def copy_state(template: ProvisionedState, dest: Path) -> ProvisionedState:
     """A private copy of a provisioned state (same EK, same CA): cheaper than provisioning."""
     shutil.copytree(
-        template.root, dest,
+        template.root,
+        dest,
         ignore=shutil.ignore_patterns("swtpm.pid", "swtpm.log", ".lock"),
     )
     return ProvisionedState(dest)

@@ -57,7 +57,7 @@ def test_demo_runs_twice_and_shows_the_caller_the_tpm_and_the_replay_refused(
     assert lines["custody tier (entry)"].endswith(" tpm")
     assert " in TpmKeyStore" in lines["key"]
     assert lines["TPM object attributes"].endswith(
-        " fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign")
+        " fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|sign")
     assert lines["WIT cnf.jwk is that key"].endswith(" yes")
     assert lines["export the private key"].endswith(" refused [export_refused]")
     assert lines["replayed request"].endswith(" refused: 401 [wpt_replayed]")

@@ -12,16 +12,17 @@ from pathlib import Path
 import grpc
 import pytest
 
-from custos.agent.client.attest import AgentIdentity, attest_agent
-from custos.agent.client.channel import open_channel
+from common import server_attestor_rig
+from common.server_attestor_rig import TD, server_rig
+from custos.agent.client.attest import AgentIdentity
 from custos.agent.client.errors import AgentApiError
-from custos.keys import KeyStore, KeyStoreConfig, open_key_store
-from custos.plugin import AgentCatalog, PluginConfig
+from custos.keys import KeyStore
+from custos.plugin import PluginConfig
 from custos.server.app import Server
 from custos.testing.fake_aws import AwsSigner, FakeImds
 from custos.testing.server import ServerRig, running_server
 
-TD = "example.org"
+keys = server_attestor_rig.keys  # the shared fixture
 ACCOUNT = "123456789012"
 
 
@@ -34,40 +35,14 @@ def aws() -> AwsSigner:
 def rig(aws: AwsSigner, tmp_path: Path) -> Iterator[ServerRig]:
     cert = tmp_path / "aws.pem"
     cert.write_bytes(aws.certificate_pem)
-    rig = ServerRig.create(
-        sections={
-            "node_attestors.aws_iid": {
-                "certificates": [str(cert)],
-                "account_allowlist": [ACCOUNT],
-            }
-        }
-    )
-    yield rig
-    rig.destroy()
-
-
-@pytest.fixture
-def keys() -> Iterator[KeyStore]:
-    store = open_key_store(KeyStoreConfig(store="memory"))
-    yield store
-    store.close()
+    sections = {"certificates": [str(cert)], "account_allowlist": [ACCOUNT]}
+    with server_rig({"node_attestors.aws_iid": sections}) as rig:
+        yield rig
 
 
 async def attest(srv: Server, keys: KeyStore, imds_url: str, key_name: str) -> AgentIdentity:
-    keys.create(key_name, "ES256")
-    with AgentCatalog.load(
-        TD,
-        node_attestors=[PluginConfig("aws_iid", {"endpoint": imds_url})],
-        workload_attestors=[PluginConfig("example")],
-    ) as catalog:
-        async with open_channel(
-            srv.agent_api_address,
-            bundle=srv.ctx.bundle(),
-            server_name=srv.ctx.config.agent_api.dns_name,
-        ) as channel:
-            return await attest_agent(
-                channel, attestor=catalog.node_attestor, key=keys.get(key_name), custody="memory"
-            )
+    attestor = PluginConfig("aws_iid", {"endpoint": imds_url})
+    return await server_attestor_rig.attest(srv, attestor, keys, key_name)
 
 
 def test_the_same_document_attests_once_until_the_agent_is_evicted(

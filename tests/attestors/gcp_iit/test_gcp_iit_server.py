@@ -14,16 +14,17 @@ from typing import Any
 import grpc
 import pytest
 
-from custos.agent.client.attest import AgentIdentity, attest_agent
-from custos.agent.client.channel import open_channel
+from common import server_attestor_rig
+from common.server_attestor_rig import TD, server_rig
+from custos.agent.client.attest import AgentIdentity
 from custos.agent.client.errors import AgentApiError
-from custos.keys import KeyStore, KeyStoreConfig, open_key_store
-from custos.plugin import AgentCatalog, PluginConfig
+from custos.keys import KeyStore
+from custos.plugin import PluginConfig
 from custos.server.app import Server
 from custos.testing.fake_gcp import INSTANCE_ID, PROJECT, FakeGceMetadata, GcpSigner
 from custos.testing.server import ServerRig, running_server
 
-TD = "example.org"
+keys = server_attestor_rig.keys  # the shared fixture
 
 
 @pytest.fixture
@@ -35,42 +36,18 @@ def google() -> GcpSigner:
 def rig(google: GcpSigner, tmp_path: Path) -> Iterator[ServerRig]:
     jwks = tmp_path / "certs.json"
     jwks.write_text(json.dumps(google.jwks()))
-    rig = ServerRig.create(
-        sections={
-            "node_attestors.gcp_iit": {
-                "jwks_file": str(jwks),
-                "project_allowlist": [PROJECT],
-                "audience": "custos-test",
-            }
-        }
-    )
-    yield rig
-    rig.destroy()
-
-
-@pytest.fixture
-def keys() -> Iterator[KeyStore]:
-    store = open_key_store(KeyStoreConfig(store="memory"))
-    yield store
-    store.close()
+    sections = {
+        "jwks_file": str(jwks),
+        "project_allowlist": [PROJECT],
+        "audience": "custos-test",
+    }
+    with server_rig({"node_attestors.gcp_iit": sections}) as rig:
+        yield rig
 
 
 async def attest(srv: Server, keys: KeyStore, url: str, key_name: str) -> AgentIdentity:
-    keys.create(key_name, "ES256")
-    settings = {"endpoint": url, "audience": "custos-test"}
-    with AgentCatalog.load(
-        TD,
-        node_attestors=[PluginConfig("gcp_iit", settings)],
-        workload_attestors=[PluginConfig("example")],
-    ) as catalog:
-        async with open_channel(
-            srv.agent_api_address,
-            bundle=srv.ctx.bundle(),
-            server_name=srv.ctx.config.agent_api.dns_name,
-        ) as channel:
-            return await attest_agent(
-                channel, attestor=catalog.node_attestor, key=keys.get(key_name), custody="memory"
-            )
+    attestor = PluginConfig("gcp_iit", {"endpoint": url, "audience": "custos-test"})
+    return await server_attestor_rig.attest(srv, attestor, keys, key_name)
 
 
 def test_an_instance_attests_and_re_attests_with_fresh_tokens(

@@ -11,41 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from custos.agent.client.attest import AgentIdentity, attest_agent
-from custos.agent.client.channel import open_channel
+from common.server_attestor_rig import TD, attest, server_rig
+from custos.agent.client.attest import AgentIdentity
 from custos.agent.client.errors import AgentApiError
-from custos.keys import KeyStoreConfig, open_key_store
-from custos.plugin import AgentCatalog, PluginConfig
+from custos.plugin import PluginConfig
 from custos.server.app import Server
 from custos.testing.fake_azure import FakeAzure
 from custos.testing.server import ServerRig, running_server
 
-TD = "example.org"
 RESOURCE = "https://custos.example.org/attest"
 
 
 async def _attest(srv: Server, endpoint: str) -> AgentIdentity:
-    keys = open_key_store(KeyStoreConfig(store="memory"))
-    try:
-        keys.create("agent", "ES256")
-        with AgentCatalog.load(
-            TD,
-            node_attestors=[
-                PluginConfig("azure_msi", {"endpoint": endpoint, "resource": RESOURCE})
-            ],
-            workload_attestors=[PluginConfig("example")],
-        ) as catalog:
-            channel = open_channel(
-                srv.agent_api_address,
-                bundle=srv.ctx.bundle(),
-                server_name=srv.ctx.config.agent_api.dns_name,
-            )
-            async with channel:
-                return await attest_agent(
-                    channel, attestor=catalog.node_attestor, key=keys.get("agent"), custody="memory"
-                )
-    finally:
-        keys.close()
+    """An agent of its own key store, attested with the token served at ``endpoint``."""
+    return await attest(
+        srv, PluginConfig("azure_msi", {"endpoint": endpoint, "resource": RESOURCE})
+    )
 
 
 def test_a_replayed_token_is_refused_until_the_agent_is_evicted(
@@ -53,14 +34,14 @@ def test_a_replayed_token_is_refused_until_the_agent_is_evicted(
 ) -> None:
     caplog.set_level(logging.INFO)
     with FakeAzure().running() as azure:
-        rig = ServerRig.create(
-            sections={
-                "node_attestors.azure_msi": {"jwks_file": azure.write_jwks(tmp_path / "jwks.json")},
-                f"node_attestors.azure_msi.tenants.{azure.tenant}": {"resource": RESOURCE},
-            }
-        )
+        sections = {
+            "node_attestors.azure_msi": {"jwks_file": azure.write_jwks(tmp_path / "jwks.json")},
+            f"node_attestors.azure_msi.tenants.{azure.tenant}": {"resource": RESOURCE},
+        }
 
-        async def scenario() -> tuple[AgentIdentity, AgentApiError, AgentApiError, AgentIdentity]:
+        async def scenario(
+            rig: ServerRig,
+        ) -> tuple[AgentIdentity, AgentApiError, AgentApiError, AgentIdentity]:
             async with running_server(rig) as srv:
                 first = await _attest(srv, azure.endpoint)
                 with pytest.raises(AgentApiError) as replay:
@@ -78,10 +59,8 @@ def test_a_replayed_token_is_refused_until_the_agent_is_evicted(
                 again = await _attest(srv, azure.endpoint)
                 return first, replay.value, bad.value, again
 
-        try:
-            first, replay, bad, again = asyncio.run(scenario())
-        finally:
-            rig.destroy()
+        with server_rig(sections) as rig:
+            first, replay, bad, again = asyncio.run(scenario(rig))
     assert (
         str(first.spiffe_id)
         == f"spiffe://{TD}/custos/agent/azure_msi/{azure.tenant}/{azure.principal}"

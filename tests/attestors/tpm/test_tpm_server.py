@@ -14,16 +14,13 @@ from pathlib import Path
 import pytest
 from tpm_attestor_rig import ek_hash_of, extend, read_pcr
 
-from custos.agent.client.attest import AgentIdentity, attest_agent
-from custos.agent.client.channel import open_channel
+from common.server_attestor_rig import TD, attest, server_rig
+from custos.agent.client.attest import AgentIdentity
 from custos.agent.client.errors import AgentApiError
-from custos.keys import KeyStoreConfig, open_key_store
-from custos.plugin import AgentCatalog, PluginConfig
+from custos.plugin import PluginConfig
 from custos.server.app import Server
 from custos.testing.server import ServerRig, running_server
 from custos.testing.swtpm import SwtpmInstance
-
-TD = "example.org"
 
 
 def _toml_list(values: list[str]) -> str:
@@ -31,25 +28,8 @@ def _toml_list(values: list[str]) -> str:
 
 
 async def _attest(srv: Server, tpm: SwtpmInstance, ak_file: Path) -> AgentIdentity:
-    keys = open_key_store(KeyStoreConfig(store="memory"))
-    try:
-        keys.create("agent", "ES256")
-        with AgentCatalog.load(
-            TD,
-            node_attestors=[PluginConfig("tpm", {"tcti": tpm.tcti, "ak_file": str(ak_file)})],
-            workload_attestors=[PluginConfig("example")],
-        ) as catalog:
-            channel = open_channel(
-                srv.agent_api_address,
-                bundle=srv.ctx.bundle(),
-                server_name=srv.ctx.config.agent_api.dns_name,
-            )
-            async with channel:
-                return await attest_agent(
-                    channel, attestor=catalog.node_attestor, key=keys.get("agent"), custody="memory"
-                )
-    finally:
-        keys.close()
+    """An agent of its own key store, attested with ``tpm`` (its AK kept in ``ak_file``)."""
+    return await attest(srv, PluginConfig("tpm", {"tcti": tpm.tcti, "ak_file": str(ak_file)}))
 
 
 def test_a_node_leaving_the_pcr_policy_stops_getting_credentials_at_renewal(
@@ -60,26 +40,21 @@ def test_a_node_leaving_the_pcr_policy_stops_getting_credentials_at_renewal(
     tpm = swtpm_factory()  # PCRs are extended: a TPM of this test's own
     ek_hash = ek_hash_of(tpm)
     pcr7 = read_pcr(tpm, "sha256", 7).hex()
-    rig = ServerRig.create(
-        sections={
-            "node_attestors.tpm": {
-                "ek_ca_bundle": [str(p) for p in tpm.state.ek_ca_certs],
-                "pcrs": "sha256:0,7",
-            }
-        }
-    )
+    attestor = {
+        "ek_ca_bundle": [str(p) for p in tpm.state.ek_ca_certs],
+        "pcrs": "sha256:0,7",
+    }
     # The policy as an operator writes it: an array of tables under the attestor's.
-    with rig.config_path.open("a", encoding="utf-8") as f:
-        f.write(
-            "[[node_attestors.tpm.pcr_policy]]\n"
-            'name = "rack-4"\n'
-            f"match = {_toml_list([f'tpm:ek_pubhash:{ek_hash}'])}\n"
-            "[node_attestors.tpm.pcr_policy.pcrs]\n"
-            f'"sha256:7" = {_toml_list([pcr7])}\n'
-        )
+    policy = (
+        "[[node_attestors.tpm.pcr_policy]]\n"
+        'name = "rack-4"\n'
+        f"match = {_toml_list([f'tpm:ek_pubhash:{ek_hash}'])}\n"
+        "[node_attestors.tpm.pcr_policy.pcrs]\n"
+        f'"sha256:7" = {_toml_list([pcr7])}\n'
+    )
     caplog.set_level(logging.WARNING)
 
-    async def scenario() -> tuple[AgentIdentity, AgentApiError, float]:
+    async def scenario(rig: ServerRig) -> tuple[AgentIdentity, AgentApiError, float]:
         async with running_server(rig) as srv:
             first = await _attest(srv, tpm, tmp_path / "ak.pem")
             extend(tpm, 7, b"a bootloader nobody approved")
@@ -90,10 +65,10 @@ def test_a_node_leaving_the_pcr_policy_stops_getting_credentials_at_renewal(
             )
             return first, info.value, refused or 0.0
 
-    try:
-        first, error, refused = asyncio.run(scenario())
-    finally:
-        rig.destroy()
+    with server_rig({"node_attestors.tpm": attestor}) as rig:
+        with rig.config_path.open("a", encoding="utf-8") as f:
+            f.write(policy)
+        first, error, refused = asyncio.run(scenario(rig))
     assert str(first.spiffe_id) == f"spiffe://{TD}/custos/agent/tpm/{ek_hash}"
     assert first.reattestable is True
     values = {s.value for s in first.selectors if s.type == "tpm"}

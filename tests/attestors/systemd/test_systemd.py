@@ -10,92 +10,32 @@ import asyncio
 import os
 import secrets
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
-from custos.plugin import (
-    AgentCatalog,
-    PeerCredentials,
-    PluginCallError,
-    PluginConfig,
-    Selector,
-    discover,
-)
+from common import workload_rig
+from common.workload_rig import TD, process_in_cgroup
+from custos.plugin import AgentCatalog, PeerCredentials, PluginCallError, Selector, discover
 from custos_attestors.workload.systemd import (
     DEFAULT_UNIT_DIRECTORIES,
     SystemdWorkloadAttestor,
     fragment_path,
 )
 
-TD = "example.org"
-NODE = (PluginConfig("join_token", {"token": "unused-here"}),)
-
-
-def cgroup_mounts() -> dict[str, str]:
-    """{"v1": <name=systemd mount>, "v2": <cgroup2 mount>} as this machine has them."""
-    found: dict[str, str] = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            fstype, _source, options = post.split()[:3]
-            mountpoint = pre.split()[4]
-            if fstype == "cgroup" and "name=systemd" in options.split(","):
-                found.setdefault("v1", mountpoint)
-            elif fstype == "cgroup2":
-                found.setdefault("v2", mountpoint)
-    return found
-
 
 def hierarchy(which: str) -> str:
-    mounts = cgroup_mounts()
-    if which not in mounts:
-        pytest.fail(f"this machine has no {which} systemd cgroup hierarchy mounted: {mounts}")
-    return mounts[which]
+    """The ``v1`` (``name=systemd``) or ``v2`` hierarchy's mount; fails if none."""
+    return workload_rig.hierarchy(which, "name=systemd")
 
 
-@contextmanager
-def process_in_cgroup(root: str, relative: str) -> Iterator[PeerCredentials]:
-    """A child `sleep` moved into the cgroup ``<root>/<relative>`` (made, then removed)."""
-    path = os.path.join(root, relative)
-    made: list[str] = []
-    parts = relative.split("/")
-    for i in range(len(parts)):
-        d = os.path.join(root, *parts[: i + 1])
-        if not os.path.isdir(d):
-            os.mkdir(d)  # the kernel refusing is a failure, never a skip
-            made.append(d)
-    proc = subprocess.Popen(["sleep", "60"])
-    fd = os.pidfd_open(proc.pid)
-    try:
-        with open(os.path.join(path, "cgroup.procs"), "w") as f:
-            f.write(str(proc.pid))
-        with open(f"/proc/{proc.pid}/cgroup") as f:
-            assert f"/{relative}\n" in f.read(), "the kernel did not move the child"
-        yield PeerCredentials(pid=proc.pid, uid=os.geteuid(), gid=os.getegid(), pidfd=fd)
-    finally:
-        proc.kill()
-        proc.wait()
-        os.close(fd)
-        for d in reversed(made):
-            os.rmdir(d)
-
-
-@contextmanager
-def catalog(settings: dict[str, object] | None = None) -> Iterator[AgentCatalog]:
-    with AgentCatalog.load(
-        TD,
-        node_attestors=NODE,
-        workload_attestors=[PluginConfig("unix", {}), PluginConfig("systemd", settings or {})],
-    ) as loaded:
-        yield loaded
+def catalog(settings: dict[str, object] | None = None) -> AbstractContextManager[AgentCatalog]:
+    return workload_rig.catalog("systemd", settings)
 
 
 def systemd_selectors(cat: AgentCatalog, peer: PeerCredentials) -> set[Selector]:
-    got = asyncio.run(cat.attest_workload(peer))
-    return {s for s in got if s.type == "systemd"}
+    return workload_rig.selectors_of(cat, peer, "systemd")
 
 
 def private_slice() -> str:

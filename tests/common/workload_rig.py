@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import pytest
 
 from common.agent_rig import cgroup
-from custos.plugin import AgentCatalog, PeerCredentials, PluginConfig, Selector
+from custos.plugin import AgentCatalog, PeerCredentials, PluginCallError, PluginConfig, Selector
 
 TD = "example.org"
 #: The catalog's node attestor: never called by a workload attestation.
@@ -101,6 +101,28 @@ def selectors_of(cat: AgentCatalog, peer: PeerCredentials, kind: str) -> set[Sel
     return {s for s in got if s.type == kind}
 
 
+def refusal_code(cat: AgentCatalog, peer: PeerCredentials) -> object:
+    """The ``code`` of the error with which the attestor under test (the catalog's
+    second) refuses ``peer``; the test fails unless it refuses with a PluginCallError."""
+    with pytest.raises(PluginCallError) as e:
+        asyncio.run(cat.workload_attestors[1].attest(peer))
+    return getattr(e.value.__cause__, "code", None)
+
+
+@contextmanager
+def exited_process() -> Iterator[PeerCredentials]:
+    """The peer credentials (uid and gid 0) of a child that was killed and reaped: its
+    pidfd names a process that is gone (its PID free for another)."""
+    proc = subprocess.Popen(["sleep", "60"])
+    fd = os.pidfd_open(proc.pid)
+    try:
+        proc.kill()
+        proc.wait()
+        yield PeerCredentials(pid=proc.pid, uid=0, gid=0, pidfd=fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def delegated_impostor(root: str, pod_uid: str, cid: str) -> Iterator[int]:
     """``nobody``, given a subtree of the cgroup v2 hierarchy at ``root`` delegated to it
@@ -149,8 +171,10 @@ __all__ = [
     "catalog",
     "cgroup_mounts",
     "delegated_impostor",
+    "exited_process",
     "hierarchy",
     "process_in_cgroup",
+    "refusal_code",
     "selectors_of",
     "sleeper",
 ]

@@ -10,47 +10,32 @@ import asyncio
 import logging
 import os
 import secrets
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
 
-from custos.identity.ids import TrustDomain
-from custos.plugin import (
-    AgentCatalog,
-    PeerCredentials,
-    PluginCallError,
-    PluginConfig,
-    Selector,
-    discover,
+from common import workload_rig
+from common.workload_rig import (
+    NOBODY,
+    TD,
+    delegated_impostor,
+    exited_process,
+    refusal_code,
+    sleeper,
 )
+from custos.identity.ids import TrustDomain
+from custos.plugin import AgentCatalog, PeerCredentials, Selector, discover
 from custos.plugin.protocols import CoreConfig
 from custos.testing.fake_kubelet import FakeKubelet, pod
 from custos_attestors.workload.k8s import K8sWorkloadAttestor, parse_pod_list
 from custos_attestors.workload.k8s.kubelet import KubeletError
 
-TD = "example.org"
-NODE = (PluginConfig("join_token", {"token": "unused-here"}),)
 LOGGER = "custos_attestors.workload.k8s"
 OWNER_UID = "0b1e2c8a-5d9e-4c61-a8b4-3f0e9d7c6a51"
-
-
-def mounts() -> dict[str, str]:
-    found: dict[str, str] = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            fstype, _source, options = post.split()[:3]
-            mountpoint = pre.split()[4]
-            if fstype == "cgroup" and "pids" in options.split(","):
-                found.setdefault("v1", mountpoint)
-            elif fstype == "cgroup2":
-                found.setdefault("v2", mountpoint)
-    return found
 
 
 def new_ids() -> tuple[str, str]:
@@ -71,34 +56,16 @@ def cgroup_path(layout: str, pod_uid: str, cid: str) -> str:
 def process_in_cgroup(layout: str, relative: str | None) -> Iterator[PeerCredentials]:
     """A child ``sleep`` moved into ``relative`` of the layout's hierarchy (the kernel
     refusing fails the test: never a skip); ``None``: left where it is."""
-    made: list[str] = []
-    proc = subprocess.Popen(["sleep", "60"])
-    fd = os.pidfd_open(proc.pid)
-    try:
-        if relative is not None:
-            root = mounts().get(layout)
-            if root is None:
-                pytest.fail(f"no {layout} cgroup hierarchy is mounted here: {mounts()}")
-            # A private top directory per test (parallel workers share no parent), which
-            # also nests the kubelet's layout under a prefix: never anchored at the root.
-            relative = f"custos-{secrets.token_hex(4)}/{relative}"
-            parts = relative.split("/")
-            for i in range(len(parts)):
-                d = os.path.join(root, *parts[: i + 1])
-                if not os.path.isdir(d):
-                    os.mkdir(d)
-                    made.append(d)
-            with open(os.path.join(root, relative, "cgroup.procs"), "w") as f:
-                f.write(str(proc.pid))
-            with open(f"/proc/{proc.pid}/cgroup") as f:
-                assert f"/{relative}\n" in f.read(), "the kernel did not move the child"
-        yield PeerCredentials(pid=proc.pid, uid=os.geteuid(), gid=os.getegid(), pidfd=fd)
-    finally:
-        proc.kill()
-        proc.wait()
-        os.close(fd)
-        for d in reversed(made):
-            os.rmdir(d)
+    if relative is None:
+        with sleeper() as peer:
+            yield peer
+        return
+    root = workload_rig.hierarchy(layout, "pids")
+    # A private top directory per test (parallel workers share no parent), which also
+    # nests the kubelet's layout under a prefix: never anchored at the root.
+    relative = f"custos-{secrets.token_hex(4)}/{relative}"
+    with workload_rig.process_in_cgroup(root, relative) as peer:
+        yield peer
 
 
 @pytest.fixture
@@ -107,14 +74,8 @@ def kubelet(tmp_path: Path) -> Iterator[FakeKubelet]:
         yield k
 
 
-@contextmanager
-def catalog(settings: dict[str, object]) -> Iterator[AgentCatalog]:
-    with AgentCatalog.load(
-        TD,
-        node_attestors=NODE,
-        workload_attestors=[PluginConfig("unix", {}), PluginConfig("k8s", settings)],
-    ) as loaded:
-        yield loaded
+def catalog(settings: dict[str, object]) -> AbstractContextManager[AgentCatalog]:
+    return workload_rig.catalog("k8s", settings)
 
 
 def k8s_of(cat: AgentCatalog) -> K8sWorkloadAttestor:
@@ -124,8 +85,7 @@ def k8s_of(cat: AgentCatalog) -> K8sWorkloadAttestor:
 
 
 def k8s_selectors(cat: AgentCatalog, peer: PeerCredentials) -> set[str]:
-    got = asyncio.run(cat.attest_workload(peer))
-    return {s.value for s in got if s.type == "k8s"}
+    return {s.value for s in workload_rig.selectors_of(cat, peer, "k8s")}
 
 
 def web_pod(pod_uid: str, cid: str, **kw: object) -> dict[str, object]:
@@ -444,38 +404,21 @@ def test_a_hanging_kubelet_times_out_once_for_concurrent_callers(
 
 
 def test_a_caller_that_exited_is_denied(kubelet: FakeKubelet) -> None:
-    proc = subprocess.Popen(["sleep", "60"])
-    fd = os.pidfd_open(proc.pid)
-    try:
-        proc.kill()
-        proc.wait()
-        peer = PeerCredentials(pid=proc.pid, uid=0, gid=0, pidfd=fd)
-        with catalog(kubelet.settings()) as cat, pytest.raises(PluginCallError) as e:
-            asyncio.run(cat.workload_attestors[1].attest(peer))
-        assert getattr(e.value.__cause__, "code", None) == "workload_caller_gone"
-    finally:
-        os.close(fd)
+    with exited_process() as peer, catalog(kubelet.settings()) as cat:
+        assert refusal_code(cat, peer) == "workload_caller_gone"
 
 
 def test_a_recycled_pid_cannot_borrow_a_pod(kubelet: FakeKubelet) -> None:
     pod_uid, cid = new_ids()
     kubelet.pods = [web_pod(pod_uid, cid)]
-    gone = subprocess.Popen(["sleep", "60"])
-    dead_fd = os.pidfd_open(gone.pid)
-    gone.kill()
-    gone.wait()
-    try:
-        with (
-            process_in_cgroup("v1", cgroup_path("v1", pod_uid, cid)) as live,
-            catalog(kubelet.settings()) as cat,
-        ):
-            peer = PeerCredentials(pid=live.pid, uid=live.uid, gid=live.gid, pidfd=dead_fd)
-            with pytest.raises(PluginCallError) as e:
-                asyncio.run(cat.workload_attestors[1].attest(peer))
-            assert getattr(e.value.__cause__, "code", None) == "workload_caller_gone"
-            assert k8s_selectors(cat, live) == expected(pod_uid)  # its own pidfd: fine
-    finally:
-        os.close(dead_fd)
+    with (
+        exited_process() as gone,
+        process_in_cgroup("v1", cgroup_path("v1", pod_uid, cid)) as live,
+        catalog(kubelet.settings()) as cat,
+    ):
+        peer = PeerCredentials(pid=live.pid, uid=live.uid, gid=live.gid, pidfd=gone.pidfd)
+        assert refusal_code(cat, peer) == "workload_caller_gone"
+        assert k8s_selectors(cat, live) == expected(pod_uid)  # its own pidfd: fine
 
 
 def test_a_label_that_cannot_be_a_selector_is_left_out(
@@ -542,48 +485,14 @@ def test_skip_kubelet_verification_warns(
 @contextmanager
 def impostor_in_delegated_subtree(pod_uid: str, cid: str) -> Iterator[PeerCredentials]:
     """``nobody``, given a delegated cgroup v2 subtree (as systemd delegates
-    ``user@<uid>.service``), makes ``kubepods/pod<uid>/<id>`` in it and moves itself in."""
-    import shutil
-
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.fail("setpriv (util-linux) is needed to run a process as nobody")
-    root = mounts().get("v2")
-    if root is None:
-        pytest.fail("no cgroup2 hierarchy is mounted here")
-    deleg = os.path.join(root, f"custos-deleg-{secrets.token_hex(4)}")
-    fake = os.path.join(deleg, "kubepods", f"pod{pod_uid}", cid)
-    os.mkdir(deleg)
-    proc = None
-    fd = None
-    try:
-        for name in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"):
-            os.chown(os.path.join(deleg, name), 65534, 65534)
-        script = (
-            'read go; mkdir -p "$1" && echo $$ > "$1/cgroup.procs" && echo moved && exec sleep 60'
-        )
-        proc = subprocess.Popen(
-            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
-             "sh", "-c", script, "sh", fake],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        fd = os.pidfd_open(proc.pid)
-        with open(os.path.join(deleg, "cgroup.procs"), "w") as f:
-            f.write(str(proc.pid))
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        assert proc.stdout.readline().strip() == "moved", "nobody could not move itself"
-        yield PeerCredentials(pid=proc.pid, uid=65534, gid=65534, pidfd=fd)
-    finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-        if fd is not None:
+    ``user@<uid>.service``), makes ``kubepods/pod<uid>/<id>`` in it and moves itself in:
+    the rig's :func:`~common.workload_rig.delegated_impostor`, as a peer with a pidfd."""
+    with delegated_impostor(workload_rig.hierarchy("v2", "pids"), pod_uid, cid) as pid:
+        fd = os.pidfd_open(pid)
+        try:
+            yield PeerCredentials(pid=pid, uid=NOBODY, gid=NOBODY, pidfd=fd)
+        finally:
             os.close(fd)
-        for d in (fake, os.path.dirname(fake), os.path.dirname(os.path.dirname(fake)), deleg):
-            if os.path.isdir(d):
-                os.rmdir(d)
 
 
 def test_check_cgroup_owner_refuses_a_cgroup_a_delegated_user_named_like_a_pod(
@@ -597,9 +506,7 @@ def test_check_cgroup_owner_refuses_a_cgroup_a_delegated_user_named_like_a_pod(
             assert k8s_selectors(cat, peer) == expected(pod_uid)
         # On: the cgroup naming the container is owned by nobody, not root: denied.
         with catalog(kubelet.settings(check_cgroup_owner=True)) as cat:
-            with pytest.raises(PluginCallError) as e:
-                asyncio.run(cat.workload_attestors[1].attest(peer))
-            assert getattr(e.value.__cause__, "code", None) == "workload_cgroup_not_runtime"
+            assert refusal_code(cat, peer) == "workload_cgroup_not_runtime"
 
 
 @pytest.mark.parametrize("layout", ["v1", "v2"])

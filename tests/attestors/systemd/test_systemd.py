@@ -6,18 +6,15 @@ skips."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 import secrets
-import subprocess
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
 from common import workload_rig
-from common.workload_rig import TD, process_in_cgroup
-from custos.plugin import AgentCatalog, PeerCredentials, PluginCallError, Selector, discover
+from common.workload_rig import TD, exited_process, process_in_cgroup, refusal_code
+from custos.plugin import AgentCatalog, PeerCredentials, Selector, discover
 from custos_attestors.workload.systemd import (
     DEFAULT_UNIT_DIRECTORIES,
     SystemdWorkloadAttestor,
@@ -131,34 +128,20 @@ def test_a_process_outside_any_unit_has_no_selectors() -> None:
 
 
 def test_a_caller_that_exited_is_denied() -> None:
-    proc = subprocess.Popen(["sleep", "60"])
-    fd = os.pidfd_open(proc.pid)
-    try:
-        proc.kill()
-        proc.wait()
-        peer = PeerCredentials(pid=proc.pid, uid=0, gid=0, pidfd=fd)
-        with catalog() as cat, pytest.raises(PluginCallError) as e:
-            asyncio.run(cat.workload_attestors[1].attest(peer))
-        assert getattr(e.value.__cause__, "code", None) == "workload_caller_gone"
-    finally:
-        os.close(fd)
+    with exited_process() as peer, catalog() as cat:
+        assert refusal_code(cat, peer) == "workload_caller_gone"
 
 
 def test_a_recycled_pid_cannot_borrow_a_unit() -> None:
     """The pidfd names a process that is gone; the PID now belongs to a live process in
     a unit's cgroup: no unit is handed out."""
-    gone = subprocess.Popen(["sleep", "60"])
-    dead_fd = os.pidfd_open(gone.pid)
-    gone.kill()
-    gone.wait()
-    try:
-        with process_in_cgroup(hierarchy("v1"), unit_name()) as live, catalog() as cat:
-            peer = PeerCredentials(pid=live.pid, uid=live.uid, gid=live.gid, pidfd=dead_fd)
-            with pytest.raises(PluginCallError) as e:
-                asyncio.run(cat.workload_attestors[1].attest(peer))
-            assert getattr(e.value.__cause__, "code", None) == "workload_caller_gone"
-    finally:
-        os.close(dead_fd)
+    with (
+        exited_process() as gone,
+        process_in_cgroup(hierarchy("v1"), unit_name()) as live,
+        catalog() as cat,
+    ):
+        peer = PeerCredentials(pid=live.pid, uid=live.uid, gid=live.gid, pidfd=gone.pidfd)
+        assert refusal_code(cat, peer) == "workload_caller_gone"
 
 
 @pytest.mark.parametrize(

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
-import subprocess
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
+from common.workload_rig import NOBODY, delegated_impostor, process_in_cgroup
 from custos_attestors.workload.cgroups import (
     CgroupLine,
     CgroupOwnerError,
@@ -26,7 +23,6 @@ from custos_attestors.workload.cgroups import (
     pod_and_container,
 )
 
-NOBODY = 65534
 CID = "4f797c539e6c745de61a93ca3ff892358ecbcaccd8414d5db545c38428142970"
 
 MOUNTINFO = (
@@ -103,82 +99,20 @@ def unified() -> str:
     pytest.fail("no cgroup2 hierarchy is mounted here")
 
 
-@contextmanager
-def tree(root: str, relative: str) -> Iterator[str]:
-    made = []
-    parts = relative.split("/")
-    for i in range(len(parts)):
-        d = os.path.join(root, *parts[: i + 1])
-        if not os.path.isdir(d):
-            os.mkdir(d)
-            made.append(d)
-    try:
-        yield os.path.join(root, relative)
-    finally:
-        for d in reversed(made):
-            os.rmdir(d)
-
-
 def test_a_runtime_made_cgroup_passes() -> None:
     pod_uid, cid = str(uuid.uuid4()), secrets.token_hex(32)
-    with tree(unified(), f"custos-{secrets.token_hex(4)}/kubepods/pod{pod_uid}/{cid}") as d:
-        proc = subprocess.Popen(["sleep", "60"])
-        try:
-            with open(os.path.join(d, "cgroup.procs"), "w") as f:
-                f.write(str(proc.pid))
-            with open(f"/proc/{proc.pid}/cgroup") as f:
-                text = f.read()
-            assert pod_and_container(text) == (pod_uid, cid)
-            check_runtime_owned(text)
-        finally:
-            proc.kill()
-            proc.wait()
-
-
-@contextmanager
-def delegated_impostor(pod_uid: str, cid: str) -> Iterator[int]:
-    """A process of ``nobody`` in a cgroup it made, named like a pod's container, inside a
-    subtree delegated to it.  Yields its pid."""
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.fail("setpriv (util-linux) is needed to run a process as nobody")
-    root = unified()
-    deleg = os.path.join(root, f"custos-deleg-{secrets.token_hex(4)}")
-    os.mkdir(deleg)
-    fake = os.path.join(deleg, "kubepods", f"pod{pod_uid}", cid)
-    proc = None
-    try:
-        # Delegation, as systemd does it: the directory and its interface files chowned.
-        for name in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"):
-            os.chown(os.path.join(deleg, name), NOBODY, NOBODY)
-        script = (
-            'read go; mkdir -p "$1" && echo $$ > "$1/cgroup.procs" && echo moved && exec sleep 60'
-        )
-        proc = subprocess.Popen(
-            [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-             "sh", "-c", script, "sh", fake],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        with open(os.path.join(deleg, "cgroup.procs"), "w") as f:
-            f.write(str(proc.pid))  # root moves it into its subtree (as systemd would)
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        assert proc.stdout.readline().strip() == "moved", "nobody could not move itself"
-        assert os.stat(fake).st_uid == NOBODY
-        yield proc.pid
-    finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-        for d in (fake, os.path.dirname(fake), os.path.dirname(os.path.dirname(fake)), deleg):
-            if os.path.isdir(d):
-                os.rmdir(d)
+    relative = f"custos-{secrets.token_hex(4)}/kubepods/pod{pod_uid}/{cid}"
+    with process_in_cgroup(unified(), relative) as peer:
+        with open(f"/proc/{peer.pid}/cgroup") as f:
+            text = f.read()
+        assert pod_and_container(text) == (pod_uid, cid)
+        check_runtime_owned(text)
 
 
 def test_a_delegated_user_naming_a_cgroup_like_a_pod_is_refused() -> None:
     pod_uid, cid = str(uuid.uuid4()), secrets.token_hex(32)
-    with delegated_impostor(pod_uid, cid) as pid:
+    # nobody makes the cgroup named like a pod's container, in a subtree delegated to it.
+    with delegated_impostor(unified(), pod_uid, cid) as pid:
         with open(f"/proc/{pid}/cgroup") as f:
             text = f.read()
         # The name alone passes: that is the threat (decision 0095) ...

@@ -24,35 +24,20 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from timing import Result, header, row
+from attest_common import catalog, over, print_section, timed, unix_limit
+from timing import row
 
-TD = "bench.example"
 N = int(os.environ.get("BENCH_N_DOCKER", "2000"))
 N_UNCACHED = int(os.environ.get("BENCH_N_DOCKER_UNCACHED", "300"))
 
 
-def _timed(label: str, call: Callable[[], object], n: int, warmup: int = 50) -> Result:
-    async def run() -> list[float]:
-        out = []
-        clock = time.perf_counter
-        for i in range(warmup + n):
-            t0 = clock()
-            await call()  # type: ignore[misc]
-            if i >= warmup:
-                out.append(clock() - t0)
-        return out
-
-    return Result(label, asyncio.run(run()))
-
-
 def bench_docker_rows(section: Callable[[str], None]) -> None:
-    from custos.plugin import AgentCatalog, PeerCredentials, PluginConfig
+    from custos.plugin import PeerCredentials, PluginConfig
     from custos.testing.docker import engine_answers, ensure_image
 
     if not engine_answers():
@@ -63,58 +48,42 @@ def bench_docker_rows(section: Callable[[str], None]) -> None:
     cid = subprocess.run(
         ["docker", "run", "-d", "--rm", *labels, "-e", "REGION=eu-1", tag, "sleep", "900"],
         capture_output=True, text=True, check=True, timeout=60,
-    ).stdout.strip()
+    ).stdout.strip()  # fmt: skip
     try:
-        pid = int(
-            subprocess.run(
-                ["docker", "inspect", "-f", "{{.State.Pid}}", cid],
-                capture_output=True, text=True, check=True, timeout=60,
-            ).stdout
-        )
+        inspect = subprocess.run(
+            ["docker", "inspect", "-f", "{{.State.Pid}}", cid],
+            capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        pid = int(inspect.stdout)
         fd = os.pidfd_open(pid)
         try:
             peer = PeerCredentials(pid=pid, uid=0, gid=0, pidfd=fd)
-            node = [PluginConfig("join_token", {"token": "unused"})]
-
-            def catalog(*extra: PluginConfig) -> AgentCatalog:
-                return AgentCatalog.load(
-                    TD, node_attestors=node, workload_attestors=[PluginConfig("unix"), *extra]
-                )
-
             section("Workload attestation: docker caller (ratio = p50 / unix attestor alone)")
-            with catalog() as unix_only:
-                limit = _timed(
-                    "limit: unix attestor alone", lambda: unix_only.attest_workload(peer), N
-                )
+            limit = unix_limit(peer, N)
             print(row(limit, limit))
             cached = {"cache_ttl": 3600, "env_allowlist": ["REGION"]}
             with catalog(PluginConfig("docker", cached)) as cat:
                 got = asyncio.run(cat.attest_workload(peer))
                 assert any(s.value == "label:bench.l0:v0" for s in got), got
-                r = _timed(
+                r = timed(
                     "unix + docker, container lookup cached",
                     lambda: cat.attest_workload(peer),
                     N,
                 )
-            print(row(r, limit, note=f"+{(r.p50 - limit.p50) * 1e3:.3f} ms p50 (aim <= 2)"))
+            print(row(r, limit, note=over(r, limit, "aim <= 2")))
             with catalog(PluginConfig("docker", {**cached, "cache_ttl": 0})) as cat:
-                r = _timed(
+                r = timed(
                     "unix + docker, Engine API per call (no cache)",
                     lambda: cat.attest_workload(peer),
                     N_UNCACHED,
                     warmup=10,
                 )
-            print(row(r, limit, note=f"+{(r.p50 - limit.p50) * 1e3:.3f} ms p50"))
+            print(row(r, limit, note=over(r, limit)))
         finally:
             os.close(fd)
     finally:
         subprocess.run(["docker", "rm", "-f", cid], capture_output=True, timeout=60)
 
 
-def _section(title: str) -> None:
-    print(f"\n### {title}\n")
-    print(header())
-
-
 if __name__ == "__main__":
-    bench_docker_rows(_section)
+    bench_docker_rows(print_section)

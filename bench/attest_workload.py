@@ -25,7 +25,6 @@ import secrets
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,9 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from timing import Result, header, row
+from attest_common import catalog, over, print_section, timed, unix_limit
+from timing import row
 
-TD = "bench.example"
 N = int(os.environ.get("BENCH_N_WORKLOAD", "2000"))
 N_UNCACHED = int(os.environ.get("BENCH_N_WORKLOAD_UNCACHED", "200"))
 
@@ -71,22 +70,8 @@ def _in_cgroup(root: str, relative: str) -> Iterator[int]:
             os.rmdir(d)
 
 
-def _timed(label: str, call: Callable[[], object], n: int, warmup: int = 50) -> Result:
-    async def run() -> list[float]:
-        out = []
-        clock = time.perf_counter
-        for i in range(warmup + n):
-            t0 = clock()
-            await call()  # type: ignore[misc]
-            if i >= warmup:
-                out.append(clock() - t0)
-        return out
-
-    return Result(label, asyncio.run(run()))
-
-
 def bench_workload_rows(section: Callable[[str], None]) -> None:
-    from custos.plugin import AgentCatalog, PeerCredentials, PluginConfig
+    from custos.plugin import PeerCredentials, PluginConfig
     from custos.testing.fake_kubelet import FakeKubelet, pod
 
     if os.geteuid() != 0:
@@ -95,7 +80,6 @@ def bench_workload_rows(section: Callable[[str], None]) -> None:
     pod_uid, cid = str(uuid.uuid4()), secrets.token_hex(32)
     unit = f"custos-bench-{secrets.token_hex(4)}.service"
     top = f"custos-bench-{secrets.token_hex(4)}"  # a private parent: shares no cgroup
-    node = [PluginConfig("join_token", {"token": "unused"})]
     with tempfile.TemporaryDirectory(prefix="custos-bench-k8s-") as tmp:
         kubelet = FakeKubelet(tmp)
         # a node's worth of pods: 30, one of them the caller's
@@ -128,62 +112,39 @@ def bench_workload_rows(section: Callable[[str], None]) -> None:
             try:
                 k8s_peer = PeerCredentials(pid=k8s_pid, uid=0, gid=0, pidfd=fds[0])
                 unit_peer = PeerCredentials(pid=unit_pid, uid=0, gid=0, pidfd=fds[1])
-
-                def catalog(*extra: PluginConfig) -> AgentCatalog:
-                    return AgentCatalog.load(
-                        TD,
-                        node_attestors=node,
-                        workload_attestors=[PluginConfig("unix"), *extra],
-                    )
-
                 section("Workload attestation: k8s caller (ratio = p50 / unix attestor alone)")
-                with catalog() as unix_only:
-                    limit = _timed(
-                        "limit: unix attestor alone",
-                        lambda: unix_only.attest_workload(k8s_peer),
-                        N,
-                    )
+                limit = unix_limit(k8s_peer, N)
                 print(row(limit, limit))
                 cached = kubelet.settings(cache_ttl_seconds=3600)
                 with catalog(PluginConfig("k8s", cached)) as cat:
                     got = asyncio.run(cat.attest_workload(k8s_peer))
                     assert any(s.value == f"pod-uid:{pod_uid}" for s in got), got
-                    r = _timed(
+                    r = timed(
                         "unix + k8s, pod list cached", lambda: cat.attest_workload(k8s_peer), N
                     )
-                print(row(r, limit, note=f"+{(r.p50 - limit.p50) * 1e3:.3f} ms p50 (aim <= 2)"))
+                print(row(r, limit, note=over(r, limit, "aim <= 2")))
                 uncached = kubelet.settings(cache_ttl_seconds=0)
                 with catalog(PluginConfig("k8s", uncached)) as cat:
-                    r = _timed(
+                    r = timed(
                         "unix + k8s, /pods fetched per call (no cache)",
                         lambda: cat.attest_workload(k8s_peer),
                         N_UNCACHED,
                         warmup=10,
                     )
-                print(row(r, limit, note=f"+{(r.p50 - limit.p50) * 1e3:.3f} ms p50"))
+                print(row(r, limit, note=over(r, limit)))
                 with catalog(PluginConfig("systemd")) as cat:
                     got = asyncio.run(cat.attest_workload(unit_peer))
                     assert any(s.value == f"id:{unit}" for s in got), got
-                    r = _timed(
+                    r = timed(
                         "unix + systemd (unit caller)", lambda: cat.attest_workload(unit_peer), N
                     )
-                with catalog() as unix_only:
-                    base = _timed(
-                        "limit: unix alone (unit caller)",
-                        lambda: unix_only.attest_workload(unit_peer),
-                        N,
-                    )
+                base = unix_limit(unit_peer, N, "limit: unix alone (unit caller)")
                 print(row(base, base))
-                print(row(r, base, note=f"+{(r.p50 - base.p50) * 1e3:.3f} ms p50"))
+                print(row(r, base, note=over(r, base)))
             finally:
                 for fd in fds:
                     os.close(fd)
 
 
-def _section(title: str) -> None:
-    print(f"\n### {title}\n")
-    print(header())
-
-
 if __name__ == "__main__":
-    bench_workload_rows(_section)
+    bench_workload_rows(print_section)

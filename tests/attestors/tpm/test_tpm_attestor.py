@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from tpm2_pytss.constants import TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_PUBLIC
-from tpm_attestor_rig import TD, Rig, edit, ek_hash_of, extend, read_pcr
+from tpm_attestor_rig import TD, Rig, edit, ek_certificate_for, ek_hash_of, extend, read_pcr
 
 from custos.errors import CustosError
 from custos.plugin import NodeAttestationResult
@@ -216,23 +216,8 @@ def test_an_ek_certificate_from_an_unknown_ca_is_refused(rig: Rig) -> None:
 
 def test_an_ek_certificate_whose_key_is_not_the_ek_is_refused(rig: Rig) -> None:
     # A certificate the trusted swtpm CA really issued, but for another RSA key.
-    ca_dir = rig.tpm.state.ca_dir
-    issuer = x509.load_pem_x509_certificate((ca_dir / "issuercert.pem").read_bytes())
-    signer = serialization.load_pem_private_key((ca_dir / "signkey.pem").read_bytes(), None)
-    real = x509.load_der_x509_certificate(
-        next(p for p in rig.tpm.state.ek_certs if "rsa2048" in p.name).read_bytes()
-    )
-    builder = x509.CertificateBuilder(
-        issuer_name=issuer.subject,
-        subject_name=real.subject,
-        public_key=rsa.generate_private_key(65537, 2048).public_key(),
-        serial_number=x509.random_serial_number(),
-        not_valid_before=real.not_valid_before_utc,
-        not_valid_after=real.not_valid_after_utc,
-        extensions=list(real.extensions),
-    )
-    forged = builder.sign(signer, hashes.SHA256())  # type: ignore[arg-type]
-    der = forged.public_bytes(serialization.Encoding.DER)
+    other = rsa.generate_private_key(65537, 2048).public_key()
+    der = ek_certificate_for(rig.tpm, other, with_extensions=True)
     error = rig.refused(payload=lambda p: edit(p, ek_cert=wire.b64url(der)))
     assert error.code == "ek_key_mismatch"
 

@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_PUBLIC
-from tpm_attestor_rig import TD, Rig, edit, ek_hash_of
+from tpm_attestor_rig import TD, Rig, edit, ek_certificate_for, ek_hash_of
 
 from custos.errors import CustosError
 from custos.plugin.errors import PluginCallError
@@ -108,25 +108,10 @@ def test_a_weak_allowlisted_ek_is_refused(rig: Rig) -> None:
 
 
 def test_an_ek_certificate_with_an_unknown_key_algorithm_is_refused_cleanly(rig: Rig) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    ca_dir = rig.tpm.state.ca_dir
-    issuer = x509.load_pem_x509_certificate((ca_dir / "issuercert.pem").read_bytes())
-    signer = serialization.load_pem_private_key((ca_dir / "signkey.pem").read_bytes(), None)
-    real = x509.load_der_x509_certificate(
-        next(p for p in rig.tpm.state.ek_certs if "rsa2048" in p.name).read_bytes()
-    )
-    cert = x509.CertificateBuilder(
-        issuer_name=issuer.subject,
-        subject_name=real.subject,
-        public_key=ed25519.Ed25519PrivateKey.generate().public_key(),
-        serial_number=x509.random_serial_number(),
-        not_valid_before=real.not_valid_before_utc,
-        not_valid_after=real.not_valid_after_utc,
-    ).sign(signer, hashes.SHA256())  # type: ignore[arg-type]
-    der = cert.public_bytes(serialization.Encoding.DER)
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    der = ek_certificate_for(rig.tpm, key, with_extensions=False)
     ed25519_oid, unknown_oid = bytes.fromhex("06032b6570"), bytes.fromhex("06032b6563")
     assert der.count(ed25519_oid) == 1
     hostile = der.replace(ed25519_oid, unknown_oid)

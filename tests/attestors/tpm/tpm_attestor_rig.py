@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from tpm2_pytss.constants import ESYS_TR
 
 from custos.errors import CustosError
@@ -104,13 +106,40 @@ class Rig:
         return cause
 
 
+def rsa_ek_certificate(tpm: Any) -> x509.Certificate:
+    """A swtpm instance's RSA EK certificate (as its CA issued it)."""
+    return x509.load_der_x509_certificate(
+        next(p for p in tpm.state.ek_certs if "rsa2048" in p.name).read_bytes()
+    )
+
+
 def ek_hash_of(rig: Rig | Any) -> str:
     """The EK hash of a rig's TPM (or of a swtpm instance), from its RSA EK certificate."""
     tpm = rig.tpm if isinstance(rig, Rig) else rig
-    cert = x509.load_der_x509_certificate(
-        next(p for p in tpm.state.ek_certs if "rsa2048" in p.name).read_bytes()
+    return verify.spki_sha256(rsa_ek_certificate(tpm).public_key())
+
+
+def ek_certificate_for(
+    tpm: Any, public_key: CertificatePublicKeyTypes, *, with_extensions: bool
+) -> bytes:
+    """A certificate (DER) the trusted swtpm CA really issues, with the subject and
+    validity of ``tpm``'s RSA EK certificate (and its extensions, if
+    ``with_extensions``), but for ``public_key``: not the EK's key."""
+    ca_dir = tpm.state.ca_dir
+    issuer = x509.load_pem_x509_certificate((ca_dir / "issuercert.pem").read_bytes())
+    signer = serialization.load_pem_private_key((ca_dir / "signkey.pem").read_bytes(), None)
+    real = rsa_ek_certificate(tpm)
+    builder = x509.CertificateBuilder(
+        issuer_name=issuer.subject,
+        subject_name=real.subject,
+        public_key=public_key,
+        serial_number=x509.random_serial_number(),
+        not_valid_before=real.not_valid_before_utc,
+        not_valid_after=real.not_valid_after_utc,
+        extensions=list(real.extensions) if with_extensions else [],
     )
-    return verify.spki_sha256(cert.public_key())
+    cert = builder.sign(signer, hashes.SHA256())  # type: ignore[arg-type]
+    return cert.public_bytes(serialization.Encoding.DER)
 
 
 def edit(data: bytes, **changes: object) -> bytes:

@@ -48,6 +48,18 @@ def server_config(cert_file: str, **extra: object) -> dict[str, object]:
     return {"certificates": [cert_file], "account_allowlist": [ACCOUNT], **extra}
 
 
+def described_config(cert_file: str, ec2: FakeEc2, **extra: object) -> dict[str, object]:
+    """:func:`server_config` with DescribeInstances on, against ``ec2``."""
+    return server_config(
+        cert_file,
+        describe_instances=True,
+        ec2_endpoint_url=ec2.url,
+        access_key_id="AKIDEXAMPLE",
+        secret_access_key="secret",
+        **extra,
+    )
+
+
 async def _no_challenge(data: bytes) -> bytes:
     raise AssertionError("aws_iid must not challenge")
 
@@ -119,14 +131,7 @@ def test_describe_instances_adds_tags_and_security_groups(imds: FakeImds, cert_f
         INSTANCE, tags=[("Name", "blog"), ("env", "prod")], groups=[("sg-01234567", "web")]
     )
     with FakeEc2([instance]) as ec2:
-        config = server_config(
-            cert_file,
-            describe_instances=True,
-            ec2_endpoint_url=ec2.url,
-            access_key_id="AKIDEXAMPLE",
-            secret_access_key="secret",
-        )
-        result = verify(config, asyncio.run(agent_payload(imds.url)))
+        result = verify(described_config(cert_file, ec2), asyncio.run(agent_payload(imds.url)))
         assert ec2.requests and ec2.requests[0][2]["Authorization"].startswith("AWS4-HMAC-SHA256")
     described = {str(s) for s in result.selectors} - {
         "aws_iid:az:us-west-2b",
@@ -144,28 +149,14 @@ def test_describe_instances_adds_tags_and_security_groups(imds: FakeImds, cert_f
 
 def test_an_instance_ec2_does_not_know_is_refused(imds: FakeImds, cert_file: str) -> None:
     with FakeEc2([Ec2Instance("i-0000000000000000f")]) as ec2:
-        config = server_config(
-            cert_file,
-            describe_instances=True,
-            ec2_endpoint_url=ec2.url,
-            access_key_id="AKIDEXAMPLE",
-            secret_access_key="secret",
-        )
-        code = refused(config, asyncio.run(agent_payload(imds.url)))
+        code = refused(described_config(cert_file, ec2), asyncio.run(agent_payload(imds.url)))
     assert code == "aws_iid_instance_unknown"
 
 
 def test_an_ec2_endpoint_that_hangs_is_a_bounded_refusal(imds: FakeImds, cert_file: str) -> None:
     with FakeEc2([Ec2Instance(INSTANCE)]) as ec2:
         ec2.hang = True
-        config = server_config(
-            cert_file,
-            describe_instances=True,
-            ec2_endpoint_url=ec2.url,
-            access_key_id="AKIDEXAMPLE",
-            secret_access_key="secret",
-            describe_timeout_seconds=0.3,
-        )
+        config = described_config(cert_file, ec2, describe_timeout_seconds=0.3)
         payload = asyncio.run(agent_payload(imds.url))
         start = time.monotonic()
         assert refused(config, payload) == "aws_iid_describe_failed"

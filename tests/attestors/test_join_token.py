@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common.node_attestor_rig import attest_in_process, no_challenge
 from custos.errors import CustosError
 from custos.plugin import (
     AgentCatalog,
@@ -46,26 +47,17 @@ def server(store: Datastore) -> Iterator[ServerCatalog]:
         yield catalog
 
 
-async def _challenge(data: bytes) -> bytes:
-    raise AssertionError("join_token must not challenge")
+_challenge = no_challenge("join_token")
 
 
 async def attest(server: ServerCatalog, secret: str) -> NodeAttestationResult:
     """The agent half (loaded by its catalog) talking to the server half."""
-    results: list[NodeAttestationResult] = []
-
-    async def exchange(message: bytes) -> bytes | None:
-        results.append(await server.attest_node("join_token", message, _challenge))
-        return None
-
     with AgentCatalog.load(
         TD,
         node_attestors=[PluginConfig("join_token", {"token": secret})],
         workload_attestors=[PluginConfig("example")],
     ) as agent:
-        await agent.node_attestor.attest(exchange)
-    [result] = results
-    return result
+        return await attest_in_process(server, "join_token", agent)
 
 
 def refusal(server: ServerCatalog, secret: str) -> PluginCallError:

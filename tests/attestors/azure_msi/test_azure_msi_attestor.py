@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common.node_attestor_rig import attest_in_process, no_challenge
 from custos.plugin import AgentCatalog, NodeAttestationResult, PluginConfig, ServerCatalog
 from custos.plugin.errors import PluginCallError
 from custos.testing.fake_azure import FakeAzure, SigningKey
@@ -56,20 +57,11 @@ def agent(azure: FakeAzure, **settings: Any) -> AgentCatalog:
     )
 
 
-async def _no_challenge(data: bytes) -> bytes:
-    raise AssertionError("azure_msi must not challenge")
+_no_challenge = no_challenge("azure_msi")
 
 
 async def attest(srv: ServerCatalog, agent_catalog: AgentCatalog) -> NodeAttestationResult:
-    results: list[NodeAttestationResult] = []
-
-    async def exchange(message: bytes) -> bytes | None:
-        results.append(await srv.attest_node("azure_msi", message, _no_challenge))
-        return None
-
-    await agent_catalog.node_attestor.attest(exchange)
-    [result] = results
-    return result
+    return await attest_in_process(srv, "azure_msi", agent_catalog)
 
 
 def attest_token(srv: ServerCatalog, token: str) -> NodeAttestationResult:

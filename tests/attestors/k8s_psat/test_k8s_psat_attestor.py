@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common.node_attestor_rig import attest_in_process, no_challenge
 from custos.plugin import AgentCatalog, NodeAttestationResult, PluginConfig, ServerCatalog
 from custos.plugin.errors import PluginCallError
 from custos.testing.fake_azure import SigningKey
@@ -83,20 +84,11 @@ def agent(token_path: str, cluster: str = CLUSTER) -> AgentCatalog:
     )
 
 
-async def _no_challenge(data: bytes) -> bytes:
-    raise AssertionError("k8s_psat must not challenge")
+_no_challenge = no_challenge("k8s_psat")
 
 
 async def attest(srv: ServerCatalog, ag: AgentCatalog) -> NodeAttestationResult:
-    results: list[NodeAttestationResult] = []
-
-    async def exchange(message: bytes) -> bytes | None:
-        results.append(await srv.attest_node("k8s_psat", message, _no_challenge))
-        return None
-
-    await ag.node_attestor.attest(exchange)
-    [result] = results
-    return result
+    return await attest_in_process(srv, "k8s_psat", ag)
 
 
 def refused(

@@ -11,9 +11,14 @@ arguments.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
+from hypothesis import strategies as st
+
+from custos.errors import CustosError
 from custos.plugin import AgentCatalog, NodeAttestationResult, ServerCatalog
+from custos.plugin.errors import PluginCallError
 
 
 def no_challenge(name: str) -> Callable[[bytes], Awaitable[bytes]]:
@@ -43,4 +48,21 @@ async def attest_in_process(
     return result
 
 
-__all__ = ["attest_in_process", "no_challenge"]
+def attest_flipped(
+    server: ServerCatalog, name: str, payload: bytes, data: st.DataObject
+) -> NodeAttestationResult | None:
+    """``payload`` with one byte (drawn from ``data``) flipped by a drawn non-zero mask,
+    sent to ``server``'s ``name`` half (which must not challenge): its result if it
+    still attests, None if it is refused — cleanly, with a custos error as the cause
+    (anything else fails the test)."""
+    flipped = bytearray(payload)
+    index = data.draw(st.integers(0, len(flipped) - 1))
+    flipped[index] ^= data.draw(st.integers(1, 255))
+    try:
+        return asyncio.run(server.attest_node(name, bytes(flipped), no_challenge(name)))
+    except PluginCallError as e:
+        assert isinstance(e.__cause__, CustosError), repr(e.__cause__)
+        return None
+
+
+__all__ = ["attest_flipped", "attest_in_process", "no_challenge"]

@@ -412,25 +412,34 @@ def test_garbage_from_the_metadata_server_is_a_clean_error(
             assert _agent_error(jwks_file, md.url).code == "gcp_iit_metadata_unavailable"
 
 
-def test_the_agent_mints_no_token_for_a_foreign_audience(metadata: FakeGceMetadata) -> None:
+def _challenge_error(endpoint: str, challenge: bytes, what: str) -> CustosError:
+    """The agent half's error when its hello is answered with ``challenge`` (``what``, in
+    the failure message if the agent answers it instead of refusing)."""
+
     async def main() -> None:
         with AgentCatalog.load(
             TD,
-            node_attestors=[PluginConfig("gcp_iit", agent_config(metadata.url))],
+            node_attestors=[PluginConfig("gcp_iit", agent_config(endpoint))],
             workload_attestors=[PluginConfig("example")],
         ) as agent:
 
             async def exchange(message: bytes) -> bytes | None:
                 if message == wire.encode_hello():
-                    return wire.encode_challenge("https://bank.example/" + "n" * 22)
-                raise AssertionError("the agent answered a foreign audience")
+                    return challenge
+                raise AssertionError(f"the agent answered {what}")
 
             await agent.node_attestor.attest(exchange)
 
     with pytest.raises(PluginCallError) as info:
         asyncio.run(main())
     assert isinstance(info.value.__cause__, CustosError)
-    assert info.value.__cause__.code == "gcp_iit_evidence_invalid"
+    return info.value.__cause__
+
+
+def test_the_agent_mints_no_token_for_a_foreign_audience(metadata: FakeGceMetadata) -> None:
+    foreign = wire.encode_challenge("https://bank.example/" + "n" * 22)
+    error = _challenge_error(metadata.url, foreign, "a foreign audience")
+    assert error.code == "gcp_iit_evidence_invalid"
     assert metadata.requests == []
 
 
@@ -533,25 +542,8 @@ def test_the_agent_refuses_garbage_challenges_without_calling_the_metadata_serve
     metadata: FakeGceMetadata, challenge: bytes
 ) -> None:
     before = len(metadata.requests)
-
-    async def main() -> None:
-        with AgentCatalog.load(
-            TD,
-            node_attestors=[PluginConfig("gcp_iit", agent_config(metadata.url))],
-            workload_attestors=[PluginConfig("example")],
-        ) as agent:
-
-            async def exchange(message: bytes) -> bytes | None:
-                if message == wire.encode_hello():
-                    return challenge
-                raise AssertionError("the agent answered a garbage challenge")
-
-            await agent.node_attestor.attest(exchange)
-
-    with pytest.raises(PluginCallError) as info:
-        asyncio.run(main())
-    assert isinstance(info.value.__cause__, CustosError)
-    assert info.value.__cause__.code == "gcp_iit_evidence_invalid"
+    error = _challenge_error(metadata.url, challenge, "a garbage challenge")
+    assert error.code == "gcp_iit_evidence_invalid"
     assert len(metadata.requests) == before
 
 

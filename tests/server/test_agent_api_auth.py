@@ -24,6 +24,7 @@ from custos.identity import Selector, SpiffeId
 from custos.keys import KeyStore, KeyStoreConfig, StoreKey, open_key_store
 from custos.server.agent_api.auth import verify_call
 from custos.server.app import Server
+from custos.server.datastore import Datastore
 from custos.server.issuer import CustodyEvidence
 from custos.testing.server import ServerRig, running_server
 from custos.wimse.errors import WptReplayError
@@ -397,6 +398,32 @@ def test_an_agent_that_may_no_longer_call_is_refused(
         metadata = await asyncio.to_thread(agent.metadata, SVIDS, "NewJWTSVID")
         error = await h.refused(h.jwt_call(agent, entry_id, metadata))
         assert (error.status, error.code) == (status, code)
+
+    serve(rig, keys, scenario)
+
+
+def test_a_wit_key_removed_by_another_server_is_refused_at_the_next_call(
+    rig: ServerRig, keys: KeyStore
+) -> None:
+    """The server keeps its WIT verifier between calls (decision 0107), but a key that
+    any server removed from the datastore is not accepted by it at the next call: the
+    kept verifier is one of the key rows read for that call, never older."""
+
+    async def scenario(h: Harness) -> None:
+        agent = h.make_agent("n1")  # its WIT is signed by the first WIT key
+        entry_id = h.entry(agent, "/svc")
+        old = h.srv.ctx.wit_keys.current().kid
+        assert (await agent.new_jwt_svid(entry_id, ["rp"])).token  # verifier kept with it
+        h.srv.ctx.wit_keys.rotate_now()
+        # Retired, still in the bundle until what it signed expires: still accepted.
+        assert (await agent.new_jwt_svid(entry_id, ["rp"])).token
+        # Another server (its own datastore handle) prunes it, as if its WITs had expired.
+        with Datastore.open(rig.url, trust_domain=TD) as other:
+            far = time.time() + 10 * 365 * 86400
+            removed = other.signing_keys.remove_expired("wit", retired_before=far, now=far)
+        assert [r.kid for r in removed] == [old]
+        error = await h.refused(agent.new_jwt_svid(entry_id, ["rp"]))
+        assert (error.status, error.code) == (grpc.StatusCode.UNAUTHENTICATED, "wit_unknown_kid")
 
     serve(rig, keys, scenario)
 

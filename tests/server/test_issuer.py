@@ -160,30 +160,37 @@ def spki(key: Any) -> bytes:
 def break_audit_writes(store_url: str) -> None:
     """From now on every audit insert fails as a lost database does (the write
     reaches the server, which cannot complete it), while everything else works."""
+    break_writes(store_url, "INSERT", "audit")
+
+
+def break_writes(store_url: str, statement: str, table: str) -> None:
+    """From now on every ``statement`` (INSERT, UPDATE) on ``table`` fails as a lost
+    database does, while everything else works."""
     engine = create_engine(store_url.replace("postgresql://", "postgresql+psycopg://"))
+    name = f"no_{statement.lower()}_{table}"
     with engine.begin() as conn:
         if conn.dialect.name == "sqlite":
-            # A trigger writing to a table that is gone: "no such table" at each insert.
-            conn.execute(text("CREATE TABLE gone (x INTEGER)"))
+            # A trigger writing to a table that is gone: "no such table" at each write.
+            conn.execute(text(f"CREATE TABLE gone_{name} (x INTEGER)"))
             conn.execute(
                 text(
-                    "CREATE TRIGGER no_audit BEFORE INSERT ON audit "
-                    "BEGIN INSERT INTO gone VALUES (1); END"
+                    f"CREATE TRIGGER {name} BEFORE {statement} ON {table} "
+                    f"BEGIN INSERT INTO gone_{name} VALUES (1); END"
                 )
             )
-            conn.execute(text("DROP TABLE gone"))
+            conn.execute(text(f"DROP TABLE gone_{name}"))
         else:
             conn.execute(
                 text(
-                    "CREATE FUNCTION no_audit() RETURNS trigger AS $$ BEGIN "
-                    "RAISE EXCEPTION 'audit refused' USING ERRCODE = 'connection_failure'; "
-                    "END $$ LANGUAGE plpgsql"
+                    f"CREATE FUNCTION {name}() RETURNS trigger AS $$ BEGIN "
+                    f"RAISE EXCEPTION '{table} {statement} refused' "
+                    "USING ERRCODE = 'connection_failure'; END $$ LANGUAGE plpgsql"
                 )
             )
             conn.execute(
                 text(
-                    "CREATE TRIGGER no_audit BEFORE INSERT ON audit "
-                    "FOR EACH ROW EXECUTE FUNCTION no_audit()"
+                    f"CREATE TRIGGER {name} BEFORE {statement} ON {table} "
+                    f"FOR EACH ROW EXECUTE FUNCTION {name}()"
                 )
             )
     engine.dispose()
@@ -318,6 +325,68 @@ def test_a_failed_audit_write_fails_the_issuance(parts: Parts, store_url: str) -
     assert parts.issued("x509-svid") == 0 and parts.issued("jwt-svid") == 0
     [record] = parts.store.signing_keys.of_purpose("x509-ca")
     assert record.last_not_after is None
+
+
+def test_a_failed_signing_key_update_rolls_back_the_audit_rows(
+    parts: Parts, store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The audit rows and the signing key's note_issued are one unit of work (decision
+    0105): when the second write fails, the first is rolled back, no audit line is
+    written and nothing is returned or counted."""
+    agent = parts.agent()
+    entries = [parts.entry(f"/w{i}") for i in range(3)]
+    break_writes(store_url, "UPDATE", "signing_keys")
+
+    with (
+        caplog.at_level(logging.INFO, logger="custos.audit"),
+        pytest.raises(DatastoreUnavailableError),
+    ):
+        parts.issuer.x509_svids(
+            agent, [X509Request(e.id, csr_for(ec_key()), MEMORY) for e in entries]
+        )
+
+    assert parts.store.audit.since() == []
+    assert [r for r in caplog.records if r.name == "custos.audit"] == []
+    assert parts.issued("x509-svid") == 0
+    [record] = parts.store.signing_keys.of_purpose("x509-ca")
+    assert record.last_not_after is None
+
+
+def test_a_batch_is_one_audit_line_listing_its_rows(
+    parts: Parts, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Decision 0106: one log record per batch, one ``records`` item per datastore row,
+    in the rows' order; a refused item is its own refusal line."""
+    agent = parts.agent()
+    entries = [parts.entry(f"/w{i}") for i in range(3)]
+    requests = [X509Request(e.id, csr_for(ec_key()), MEMORY) for e in entries]
+    requests.insert(1, X509Request("0" * 32, csr_for(ec_key()), MEMORY))
+
+    with caplog.at_level(logging.INFO, logger="custos.audit"):
+        issued = parts.issuer.x509_svids(agent, requests)
+
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "custos.audit"]
+    [refusal] = [line for line in lines if line.get("outcome") == "refused"]
+    assert refusal["code"] == "not_entitled"
+    [line] = [line for line in lines if "records" in line]
+    rows = parts.store.audit.since()
+    assert (line["event"], line["who"], line["attestor"]) == ("x509-svid", str(AGENT), "test")
+    assert line["at"] == rows[0].at and line["selectors"] == ["node:n1"]
+    assert line["records"] == [
+        {
+            "seq": r.seq,
+            "identity": r.identity,
+            "serial_or_jti": r.serial_or_jti,
+            "not_after": r.not_after,
+            "custody": "memory",
+            "residency": "",
+        }
+        for r in rows
+    ]
+    assert [r["identity"] for r in line["records"]] == [str(e.spiffe_id) for e in entries]
+    assert [r["not_after"] for r in line["records"]] == [
+        i.not_after for i in issued if i.error is None
+    ]
 
 
 # -- WITs ------------------------------------------------------------------------------
@@ -470,9 +539,11 @@ def test_the_audit_line_is_one_json_object(parts: Parts, caplog: pytest.LogCaptu
         parts.issuer.jwt_svid(agent, "0" * 32, ["rp"])
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "custos.audit"]
     assert lines[0]["event"] == "jwt-svid"
-    assert lines[0]["who"] == str(AGENT) and lines[0]["identity"] == str(entry.spiffe_id)
-    assert lines[0]["selectors"] == ["node:n1"] and lines[0]["not_after"] == issued.not_after
-    assert {"attestor", "serial_or_jti", "custody", "seq"} <= lines[0].keys()
+    assert lines[0]["who"] == str(AGENT) and lines[0]["selectors"] == ["node:n1"]
+    [record] = lines[0]["records"]
+    assert record["identity"] == str(entry.spiffe_id) and record["not_after"] == issued.not_after
+    assert {"serial_or_jti", "custody", "residency", "seq"} <= record.keys()
+    assert {"attestor", "at"} <= lines[0].keys()
     assert lines[1] == {
         "event": "jwt-svid",
         "outcome": "refused",

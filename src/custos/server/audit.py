@@ -1,9 +1,12 @@
 """The audit trail (issue 8, "Operations"): every attestation and every credential
-issued is one JSON log line on the logger ``custos.audit`` and one datastore row.
+issued is one datastore row; each write of rows is logged as one JSON line per event
+and requester on the logger ``custos.audit``, listing its rows (decision 0106: a batch
+of 100 X.509-SVIDs is one line with 100 ``records``).
 
-The row is written first: when the write fails, the caller's issuance fails and the
-credential is never returned (no unaudited credential), and no log line claims an
-issuance that did not happen. Refusals are audited as log lines only (decision 0033):
+The rows are written first: when the write fails, the caller's issuance fails and the
+credential is never returned (no unaudited credential); the line is written once the
+rows are committed (after the caller's unit of work, decision 0105), so no log line
+claims an issuance that did not happen. Refusals are audited as log lines only (decision 0033):
 they issue nothing, and a row per refusal would let a misbehaving agent grow the
 table without bound; the metrics count them.
 
@@ -91,7 +94,9 @@ class Auditor:
         )[0]
 
     def record_many(self, events: Sequence[AuditEvent]) -> list[AuditRecord]:
-        """Write several events in one transaction (a batch issuance): all or none."""
+        """Write several events in one transaction (a batch issuance): all or none.
+        Inside a unit of work the rows are part of it, and their log lines wait for
+        its commit."""
         for item in events:
             if item.event not in EVENTS:
                 raise AuditError(f"unknown audit event {str(item.event)[:40]!r}")
@@ -113,8 +118,9 @@ class Auditor:
             ]
         )
         if log.isEnabledFor(logging.INFO):
-            for record in records:
-                log.info(_line(record))
+            # Inside a unit of work the rows are not committed yet: the lines wait
+            # for the commit, so none claims an issuance that was rolled back.
+            self.datastore.after_commit(lambda: _log_lines(records))
         return records
 
     def refused(
@@ -130,20 +136,38 @@ class Auditor:
             log.info(json.dumps(fields, separators=(",", ":")))
 
 
-def _line(record: AuditRecord) -> str:
+def _log_lines(records: Sequence[AuditRecord]) -> None:
+    """One log record per event and requester of a write (decision 0106): a batch of
+    100 X.509-SVIDs is one line listing its 100 rows, not 100 lines."""
+    groups: dict[tuple[str, str, str, tuple[object, ...]], list[AuditRecord]] = {}
+    for record in records:
+        key = (record.event, record.who, record.attestor, record.selectors)
+        groups.setdefault(key, []).append(record)
+    for (event, who, attestor, selectors), rows in groups.items():
+        log.info(_line(event, who, attestor, selectors, rows))
+
+
+def _line(
+    event: str, who: str, attestor: str, selectors: Sequence[object], rows: Sequence[AuditRecord]
+) -> str:
     return json.dumps(
         {
-            "event": record.event,
-            "seq": record.seq,
-            "at": record.at,
-            "who": record.who,
-            "attestor": record.attestor,
-            "selectors": [str(s) for s in record.selectors],
-            "identity": record.identity,
-            "serial_or_jti": record.serial_or_jti,
-            "not_after": record.not_after,
-            "custody": record.custody,
-            "residency": record.residency,
+            "event": event,
+            "at": rows[0].at,
+            "who": who,
+            "attestor": attestor,
+            "selectors": [str(s) for s in selectors],
+            "records": [
+                {
+                    "seq": r.seq,
+                    "identity": r.identity,
+                    "serial_or_jti": r.serial_or_jti,
+                    "not_after": r.not_after,
+                    "custody": r.custody,
+                    "residency": r.residency,
+                }
+                for r in rows
+            ],
         },
         separators=(",", ":"),
     )

@@ -16,7 +16,8 @@ Rules (decision 0003 and decision 0032):
   one transaction per batch: if the audit write fails, nothing is returned
   (no unaudited credential); every issuance and refusal is counted in the metrics;
 - each signing key used is told the latest expiry of what it signed
-  (``note_issued``), so rotation keeps it in the bundle until then.
+  (``note_issued``), so rotation keeps it in the bundle until then — in the same
+  transaction as the audit rows (one unit of work, decision 0105).
 
 All methods are synchronous (CPU + datastore): the Agent API calls them through
 ``asyncio.to_thread``.
@@ -599,16 +600,19 @@ class Issuer:
     def _commit(
         self, batch: _Batch, keys: SigningKeys, *, also: tuple[_Batch, SigningKeys] | None = None
     ) -> None:
-        """Audit every credential of the call in one transaction, then tell the keys
-        how long what they signed lives. Raises (nothing returned) if either fails."""
+        """Audit every credential of the call and tell the keys how long what they
+        signed lives, in one unit of work (one commit, decision 0105; the caller's
+        when it has one open). Raises (nothing returned) if either fails."""
         parts = [(batch, keys)] if also is None else [(batch, keys), also]
         events = [e for b, _ in parts for e in b.events]
         if not events:
             return
-        self.auditor.record_many(events)
-        for part, manager in parts:
-            for kid, not_after in part.expiries.items():
-                manager.note_issued(kid, not_after)
+        with self.datastore.unit_of_work():
+            self.auditor.record_many(events)
+            for part, manager in parts:
+                for kid, not_after in part.expiries.items():
+                    manager.note_issued(kid, not_after)
+        for part, _ in parts:
             for kind, count in part.issued.items():
                 self.metrics.issued.labels(kind=kind).inc(count)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -266,27 +266,42 @@ class SigningKeys:
                 return self._key(record)
         raise SigningKeyError(f"no active {self.purpose} signing key", code="no_active_signing_key")
 
-    def keys(self) -> list[SigningKey]:
-        """Every key in the bundle: published, active and retired, oldest first."""
-        return [self._key(r) for r in self._repo.of_purpose(self.purpose)]
+    def records(self) -> tuple[SigningKeyRecord, ...]:
+        """What the datastore holds of every key in the bundle now, oldest first (one
+        read, no key store access)."""
+        return tuple(self._repo.of_purpose(self.purpose))
 
-    def jwt_authorities(self) -> tuple[JwtAuthority, ...]:
+    def keys(self, records: Sequence[SigningKeyRecord] | None = None) -> list[SigningKey]:
+        """Every key in the bundle: published, active and retired, oldest first (of
+        ``records`` when given: what :meth:`records` read)."""
+        return [self._key(r) for r in (self.records() if records is None else records)]
+
+    def jwt_authorities(
+        self, records: Sequence[SigningKeyRecord] | None = None
+    ) -> tuple[JwtAuthority, ...]:
         use = _USES.get(self.purpose)
         if use is None:
             return ()
         return tuple(
             JwtAuthority(k.kid, k.key.public_key(), use=use, alg=k.record.alg)  # type: ignore[arg-type]
-            for k in self.keys()
+            for k in self.keys(records)
         )
 
-    def x509_authorities(self) -> tuple[x509.Certificate, ...]:
+    def x509_authorities(
+        self, records: Sequence[SigningKeyRecord] | None = None
+    ) -> tuple[x509.Certificate, ...]:
         if self.purpose != "x509-ca":
             return ()
         # The top of each chain: a key's own root, or the upstream root (once).
-        return tuple(k.chain()[-1] for k in self.keys())
+        return tuple(k.chain()[-1] for k in self.keys(records))
 
-    def bundle(self) -> TrustBundle:
-        return trust_bundle(self.datastore.trust_domain, self)
+    def bundle(self, records: Sequence[SigningKeyRecord] | None = None) -> TrustBundle:
+        """This purpose's part of the bundle (of ``records`` when given)."""
+        return TrustBundle(
+            self.datastore.trust_domain,
+            x509_authorities=self.x509_authorities(records),
+            jwt_authorities=self.jwt_authorities(records),
+        )
 
     # -- helpers ------------------------------------------------------------
 

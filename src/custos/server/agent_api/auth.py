@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import grpc
 
-from custos.bundle import TrustBundle
 from custos.identity import SpiffeId
 from custos.server.agent_api.status import AgentApiAuthError, AgentApiForbiddenError, abort
 from custos.server.context import ServerContext, api_audience
@@ -52,9 +51,12 @@ AGENT_WIT_LEEWAY = 30.0
 #: Path of every agent ID (``spiffe://<td>/custos/agent/<attestor>/...``).
 AGENT_PATH_PREFIX = "/custos/agent/"
 
+#: What a WIT verifier is built from: each key's kid, key store name and alg.
+_KeyIds = tuple[tuple[str, str, str], ...]
+
 # One verifier per server context, rebuilt when the WIT keys change: its WitVerifier
 # remembers WITs already verified (an agent sends the same WIT with every call).
-_verifiers: weakref.WeakKeyDictionary[ServerContext, tuple[TrustBundle, WitVerifier]] = (
+_verifiers: weakref.WeakKeyDictionary[ServerContext, tuple[_KeyIds, WitVerifier]] = (
     weakref.WeakKeyDictionary()
 )
 _verifiers_lock = threading.Lock()
@@ -147,11 +149,17 @@ def _one(metadata: Iterable[tuple[str, str | bytes]], key: str, what: str) -> st
 
 
 def _wit_verifier(ctx: ServerContext) -> WitVerifier:
-    bundle = ctx.wit_keys.bundle()
+    """The verifier of the WIT keys the datastore holds *now*: their rows are read on
+    every call (a key removed by any server is gone at the next call, decision 0107);
+    the bundle is built from the key store again only when the keys themselves
+    changed, not their bookkeeping (``last_not_after`` moves with every WIT issued)."""
+    records = ctx.wit_keys.records()
+    keys = tuple((r.kid, r.key_name, r.alg) for r in records)
     with _verifiers_lock:
         cached = _verifiers.get(ctx)
-        if cached is not None and cached[0] == bundle:
+        if cached is not None and cached[0] == keys:
             return cached[1]
-        verifier = WitVerifier(bundle, profile="spiffe")
-        _verifiers[ctx] = (bundle, verifier)
-        return verifier
+    verifier = WitVerifier(ctx.wit_keys.bundle(records), profile="spiffe")
+    with _verifiers_lock:
+        _verifiers[ctx] = (keys, verifier)
+    return verifier

@@ -3,7 +3,8 @@ batches of public keys, a JWT-SVID for an audience.
 
 Each call is authenticated first (:func:`custos.server.agent_api.auth.authenticate`),
 then handed to :class:`custos.server.issuer.Issuer` in a worker thread (signing and the
-datastore are synchronous). A refused item of a batch comes back as that item's
+datastore are synchronous; ``BatchNewX509SVID`` authenticates, issues and builds its
+reply in one worker call). A refused item of a batch comes back as that item's
 ``ItemError{code, message}``; a refused call (authentication, batch too large, the
 datastore down) as a gRPC status from :mod:`custos.server.agent_api.status`.
 """
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc, types_v1_pb2
-from custos.server.agent_api.auth import authenticate
+from custos.server.agent_api.auth import authenticate, verify_call
 from custos.server.agent_api.status import abort
 from custos.server.issuer import CustodyEvidence, Issued, WitRequest, X509Request
 from custos.x509.ca import X509Svid
@@ -52,26 +53,33 @@ class SvidsServicer(agent_v1_pb2_grpc.SvidsServicer):
         request: agent_v1_pb2.BatchNewX509SVIDRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> agent_v1_pb2.BatchNewX509SVIDResponse:
-        agent = await authenticate(context, self._ctx, SERVICE, "BatchNewX509SVID")
-        requests = [
-            X509Request(p.entry_id, p.csr, custody_from_proto(p.custody)) for p in request.params
-        ]
+        metadata = context.invocation_metadata() or ()
+
+        def issue() -> agent_v1_pb2.BatchNewX509SVIDResponse:
+            # Authentication, issuance and the reply in one worker-thread call: one
+            # hand-off to the thread and back per batch, not two.
+            agent = verify_call(self._ctx, metadata, SERVICE, "BatchNewX509SVID")
+            requests = [
+                X509Request(p.entry_id, p.csr, custody_from_proto(p.custody))
+                for p in request.params
+            ]
+            results = []
+            for item in self._ctx.issuer.x509_svids(agent, requests):
+                svid = item.credential
+                results.append(
+                    agent_v1_pb2.X509SVIDResult(
+                        entry_id=item.entry_id,
+                        x509_svid=svid.to_der_chain() if isinstance(svid, X509Svid) else b"",
+                        expires_at=int(item.not_after),
+                        error=_item_error(item),
+                    )
+                )
+            return agent_v1_pb2.BatchNewX509SVIDResponse(results=results)
+
         try:
-            issued = await asyncio.to_thread(self._ctx.issuer.x509_svids, agent, requests)
+            return await asyncio.to_thread(issue)
         except Exception as e:  # noqa: BLE001 - every refusal and fault leaves through abort()
             await abort(context, e)
-        results = []
-        for item in issued:
-            svid = item.credential
-            results.append(
-                agent_v1_pb2.X509SVIDResult(
-                    entry_id=item.entry_id,
-                    x509_svid=svid.to_der_chain() if isinstance(svid, X509Svid) else b"",
-                    expires_at=int(item.not_after),
-                    error=_item_error(item),
-                )
-            )
-        return agent_v1_pb2.BatchNewX509SVIDResponse(results=results)
 
     async def BatchNewWIT(
         self,

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,12 +126,76 @@ def migrate(engine: Engine) -> None:
             ) from None
 
 
+@dataclass
+class _Unit:
+    """An open unit of work: its engine, connection, thread, and what runs once it commits."""
+
+    engine: Engine
+    conn: Connection
+    thread: int
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
+
+
+#: The unit of work open in this thread (or task), if any.
+_unit: ContextVar[_Unit | None] = ContextVar("custos_datastore_unit", default=None)
+
+
+def _joined(engine: Engine) -> _Unit | None:
+    """The unit of work this call joins: one open on ``engine`` in this very thread
+    (``asyncio.to_thread`` copies the context into another thread: not joined there)."""
+    unit = _unit.get()
+    if unit is None or unit.engine is not engine or unit.thread != threading.get_ident():
+        return None
+    return unit
+
+
+@contextmanager
+def unit_of_work(engine: Engine) -> Iterator[None]:
+    """One transaction for every datastore write made inside it, in this thread
+    (decision 0105): each repository call's :func:`transaction` joins it instead of
+    committing on its own, so the writes of one issuance or attestation are one
+    commit (one fsync) — all of them, or none when anything inside raises.
+
+    Work registered with :func:`after_commit` (the audit log's lines) runs once the
+    unit has committed, never when it rolled back. A unit opened inside a unit of
+    the same engine joins it.
+    """
+    if _joined(engine) is not None:
+        yield
+        return
+    with transaction(engine) as conn:
+        unit = _Unit(engine, conn, threading.get_ident())
+        token = _unit.set(unit)
+        try:
+            yield
+        finally:
+            _unit.reset(token)
+    for work in unit.after_commit:
+        work()
+
+
+def after_commit(engine: Engine, work: Callable[[], None]) -> None:
+    """Run ``work`` when the unit of work this thread has open on ``engine`` commits;
+    at once when there is none (the caller's own transaction has committed)."""
+    unit = _joined(engine)
+    if unit is None:
+        work()
+    else:
+        unit.after_commit.append(work)
+
+
 @contextmanager
 def transaction(engine: Engine, *, read_only: bool = False) -> Iterator[Connection]:
     """One transaction; a lost or refused connection becomes DatastoreUnavailableError.
 
-    ``read_only`` lets SQLite readers run beside a writer (see make_engine).
+    ``read_only`` lets SQLite readers run beside a writer (see make_engine). Inside a
+    :func:`unit_of_work` on ``engine`` (same thread) this is the unit's connection
+    and transaction: nothing commits here, and what raises rolls the whole unit back.
     """
+    unit = _joined(engine)
+    if unit is not None:
+        yield unit.conn
+        return
     try:
         with engine.connect() as conn:
             conn.execution_options(**{_READ_ONLY: read_only})

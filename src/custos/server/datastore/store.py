@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from types import TracebackType
 
 from custos.identity import TrustDomain, coerce_trust_domain
 from custos.server.datastore.agents import AgentRepository
 from custos.server.datastore.audit import AuditLog
-from custos.server.datastore.database import make_engine, migrate, parse_url
+from custos.server.datastore.database import (
+    after_commit,
+    make_engine,
+    migrate,
+    parse_url,
+    unit_of_work,
+)
 from custos.server.datastore.entries import EntryRepository
 from custos.server.datastore.replay import DatastoreReplayCache
 from custos.server.datastore.server_names import ServerNameRepository
@@ -23,7 +31,8 @@ class Datastore:
     metadata), ``server_names`` (every server's DNS name), ``tpm_nodes`` (each TPM's
     last accepted clock) and ``replay`` (a
     :class:`~custos.wimse.replay.ReplayCache`) share one connection pool.
-    Each method is its own transaction; thread-safe.
+    Each method is its own transaction, unless called inside :meth:`unit_of_work`;
+    thread-safe.
     """
 
     def __init__(self, url: str, trust_domain: TrustDomain | str) -> None:
@@ -53,6 +62,18 @@ class Datastore:
         DatastoreUnavailableError when the database cannot be reached.
         """
         return cls(url, trust_domain)
+
+    def unit_of_work(self) -> AbstractContextManager[None]:
+        """``with datastore.unit_of_work():`` every repository call made inside it in
+        this thread is one transaction, committed at the end, rolled back whole when
+        anything inside raises (decision 0105): one commit for an issuance's audit
+        rows and signing-key bookkeeping, or for an attestation's writes."""
+        return unit_of_work(self._engine)
+
+    def after_commit(self, work: Callable[[], None]) -> None:
+        """Run ``work`` once this thread's open unit of work commits (never if it rolls
+        back); at once outside one. The audit log's lines are written so."""
+        after_commit(self._engine, work)
 
     def close(self) -> None:
         self._engine.dispose()

@@ -12,6 +12,7 @@ and invisible formatting characters are refused rather than displayed.
 
 from __future__ import annotations
 
+import re
 import string
 import unicodedata
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ _TYPE_CHARS = frozenset(string.ascii_lowercase + string.digits + "_-")
 # overrides, zero-width joiners) that make two selectors look alike; Cs: lone
 # surrogates (not encodable); Zl/Zp: line and paragraph separators.
 _REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+#: The accepted types in one compiled pattern: the fast path of check_selector_type
+#: (an attestation stamps the plugin's name on every selector; issue 11, "Speed").
+_TYPE_PATTERN = re.compile(rf"[a-z0-9_-]{{1,{MAX_SELECTOR_TYPE_LENGTH}}}")
 
 
 class InvalidSelectorError(InvalidIdentifierError):
@@ -47,6 +51,10 @@ def _bounded_str(value: object, part: str, limit: int) -> str:
 
 def check_selector_type(value: object) -> str:
     """Return *value* if it is a valid selector type (also the rule for plugin names)."""
+    if isinstance(value, str) and _TYPE_PATTERN.fullmatch(value):
+        # The whole rule in one C call; anything else takes the checks below, which
+        # refuse it and say why (same verdicts: tests/identity/test_fast_paths.py).
+        return value
     value = _bounded_str(value, "type", MAX_SELECTOR_TYPE_LENGTH)
     bad = next((ch for ch in value if ch not in _TYPE_CHARS), None)
     if bad is not None:
@@ -60,6 +68,12 @@ def check_selector_type(value: object) -> str:
 def check_selector_value(value: object) -> str:
     """Return *value* if it is a valid selector value."""
     value = _bounded_str(value, "value", MAX_SELECTOR_VALUE_LENGTH)
+    if value.isprintable():
+        # str.isprintable is False for every character of the refused categories
+        # (and for Co, Cn and Zs other than " ", which are allowed), so a printable
+        # value needs no per-character lookup: one C pass instead of one
+        # unicodedata.category call per character (tests/identity/test_fast_paths.py).
+        return value
     for ch in value:
         if unicodedata.category(ch) in _REFUSED_CATEGORIES:
             raise InvalidSelectorError(

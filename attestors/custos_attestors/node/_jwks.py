@@ -21,6 +21,15 @@
   fetch. A missing or too-stale set is a refusal with the caller's ``code``; the
   fetch error is logged at WARNING.
 
+- :func:`decode_rs256` and :func:`verify_rs256`: a cloud's RS256 JWT on custos' JOSE
+  core (decision 0016): the strict compact decode (:func:`custos._jose.decode_compact`,
+  one parse of header and claims), then the header judged before any key is looked up
+  or fetched (``alg`` exactly ``RS256``; no ``crit``, ``jwk``, ``jku``, ``x5u``,
+  ``x5c``; a string ``kid``), then the key of that ``kid`` in the trusted set and
+  :func:`custos._jose.verify_signature`. No header can choose the key or the
+  algorithm. Refusals are :class:`TokenRefusedError` with a ``reason`` the attestor
+  maps to its own code.
+
 Each attestor keeps its own settings and its own refusal codes; this module holds the
 logic they share.
 """
@@ -34,14 +43,22 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from custos._files import UnreadableFileError, read_small_file
-from custos._jose import JoseError, import_public_jwk, loads_strict
+from custos._jose import (
+    CompactJws,
+    JoseError,
+    b64url_decode,
+    decode_compact,
+    import_public_jwk,
+    loads_strict,
+    verify_signature,
+)
 from custos.errors import CustosError
 
 log = logging.getLogger(__name__)
@@ -61,11 +78,9 @@ class JwksError(CustosError):
 
 @dataclass(frozen=True)
 class RsaKeys:
-    """The RS256 signing keys of a JWKS: ``keys`` by ``kid``, and the accepted JWKs
-    as published (for a library that imports its own key objects)."""
+    """The RS256 signing keys of a JWKS, by ``kid``."""
 
     keys: Mapping[str, rsa.RSAPublicKey]
-    jwks: tuple[Mapping[str, Any], ...]
 
 
 def parse_rsa_jwks(data: bytes, *, max_bytes: int, max_keys: int, what: str = "JWKS") -> RsaKeys:
@@ -81,7 +96,6 @@ def parse_rsa_jwks(data: bytes, *, max_bytes: int, max_keys: int, what: str = "J
     if not isinstance(entries, list) or not 0 < len(entries) <= max_keys:
         raise JwksError(f'{what}: needs a "keys" array of 1 to {max_keys} keys')
     keys: dict[str, rsa.RSAPublicKey] = {}
-    accepted: list[Mapping[str, Any]] = []
     for jwk in entries:
         if not isinstance(jwk, dict) or jwk.get("kty") != "RSA":
             continue
@@ -105,10 +119,71 @@ def parse_rsa_jwks(data: bytes, *, max_bytes: int, max_keys: int, what: str = "J
                 f"{MAX_RSA_BITS} bits"
             )
         keys[kid] = key
-        accepted.append(jwk)
     if not keys:
         raise JwksError(f"{what}: holds no RS256 signing key with a kid")
-    return RsaKeys(keys, tuple(accepted))
+    return RsaKeys(keys)
+
+
+#: Why :func:`decode_rs256` / :func:`verify_rs256` refused a token.
+TokenRefusal = Literal["malformed", "bad_algorithm", "no_kid", "unknown_key", "bad_signature"]
+#: Header members that would let a token choose its key or demand an extension.
+FORBIDDEN_HEADERS = frozenset({"crit", "jwk", "jku", "x5u", "x5c"})
+
+
+class TokenRefusedError(CustosError):
+    """A cloud's RS256 JWT was refused; ``reason`` says why (:data:`TokenRefusal`), the
+    message never quotes the token."""
+
+    code = "jwt_refused"
+
+    def __init__(self, message: str, reason: TokenRefusal) -> None:
+        super().__init__(message)
+        self.reason: TokenRefusal = reason
+
+
+def decode_rs256(token: str, *, max_length: int) -> tuple[CompactJws, str]:
+    """The strictly decoded JWS (signature NOT checked) and its ``kid``, once its header
+    says RS256 and names no key, key URL or critical extension."""
+    try:
+        jws = decode_compact(token, max_length=max_length)
+    except JoseError:
+        # The core refuses a crit header as malformed; say which, as the other forbidden
+        # headers are said (decoding the header again only on this error path).
+        try:
+            header = loads_strict(b64url_decode(token.split(".", 1)[0]))
+        except ValueError:
+            header = {}
+        if "crit" in header:
+            raise TokenRefusedError(
+                "the token header carries crit/jwk/jku/x5u/x5c", "bad_algorithm"
+            ) from None
+        raise TokenRefusedError(
+            "the token is not a strictly encoded compact JWS of JSON objects", "malformed"
+        ) from None
+    header = jws.header
+    if header.get("alg") != "RS256":
+        raise TokenRefusedError("the token is not signed with RS256", "bad_algorithm")
+    if not FORBIDDEN_HEADERS.isdisjoint(header):
+        raise TokenRefusedError("the token header carries crit/jwk/jku/x5u/x5c", "bad_algorithm")
+    kid = header.get("kid")
+    if not isinstance(kid, str):
+        raise TokenRefusedError("the token header has no kid", "no_kid")
+    return jws, kid
+
+
+def verify_rs256(jws: CompactJws, kid: str, keys: Mapping[str, rsa.RSAPublicKey]) -> dict[str, Any]:
+    """The claims of ``jws`` if its RS256 signature verifies with ``keys[kid]`` (``kid``
+    from :func:`decode_rs256`)."""
+    key = keys.get(kid)
+    if key is None:
+        raise TokenRefusedError(
+            f"the token's key {kid[:80]!r} is not in the trusted JWKS", "unknown_key"
+        )
+    try:
+        verify_signature(key, "RS256", jws.signing_input, jws.signature)
+    except JoseError:
+        raise TokenRefusedError("the token's signature does not verify", "bad_signature") from None
+    return jws.claims
 
 
 def check_url(url: object, *, schemes: frozenset[str], name: str = "jwks_url") -> str:
@@ -244,11 +319,16 @@ class JwksSource(Generic[T]):
 
 
 __all__ = [
+    "FORBIDDEN_HEADERS",
     "MAX_RSA_BITS",
     "MIN_RSA_BITS",
     "JwksError",
     "JwksSource",
     "RsaKeys",
+    "TokenRefusal",
+    "TokenRefusedError",
     "check_url",
+    "decode_rs256",
     "parse_rsa_jwks",
+    "verify_rs256",
 ]

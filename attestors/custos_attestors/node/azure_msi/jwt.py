@@ -6,8 +6,10 @@ Only what Azure AD access tokens use: a compact JWS (strictly decoded by
 duplicate members), header ``alg`` = ``RS256`` with a ``kid``, an RSA key of 2048 to
 8192 bits of that ``kid`` in the trusted key set. Anything else (``none``, HS256,
 RS512, an embedded ``jwk``, a ``jku``/``x5u``/``x5c``, ``crit``) is refused by
-:func:`header_kid` before a key is looked up or fetched, so no header can choose the key
+:func:`decode` before a key is looked up or fetched, so no header can choose the key
 or the algorithm. The signature is checked by :func:`custos._jose.verify_signature`.
+Both steps are the shared ones of :mod:`custos_attestors.node._jwks` (``gcp_iit`` uses
+them too); this module maps their refusals to ``azure_msi`` codes.
 """
 
 from __future__ import annotations
@@ -17,16 +19,15 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from custos._jose import (
-    CompactJws,
-    JoseError,
-    b64url_decode,
-    decode_compact,
-    loads_strict,
-    verify_signature,
-)
+from custos._jose import CompactJws, b64url_decode
 from custos.errors import CustosError
-from custos_attestors.node._jwks import parse_rsa_jwks
+from custos_attestors.node._jwks import (
+    TokenRefusal,
+    TokenRefusedError,
+    decode_rs256,
+    parse_rsa_jwks,
+)
+from custos_attestors.node._jwks import verify_rs256 as shared_verify_rs256
 from custos_attestors.node.azure_msi.wire import MAX_TOKEN_CHARS
 
 MAX_JWKS_BYTES = 256 * 1024
@@ -57,60 +58,37 @@ def parse_jwks(data: bytes) -> Keys:
     return parse_rsa_jwks(data, max_bytes=MAX_JWKS_BYTES, max_keys=MAX_KEYS).keys
 
 
-_FORBIDDEN_HEADERS = frozenset({"crit", "jwk", "jku", "x5u", "x5c"})
+#: The shared refusal reasons (:mod:`.._jwks`) as this attestor's codes.
+_CODES: Mapping[TokenRefusal, str] = {
+    "malformed": "azure_msi_token_invalid",
+    "bad_algorithm": "azure_msi_bad_algorithm",
+    "no_kid": "azure_msi_token_invalid",
+    "unknown_key": "azure_msi_unknown_key",
+    "bad_signature": "azure_msi_bad_signature",
+}
 
 
-def _bad_algorithm(message: str) -> AzureTokenError:
-    return AzureTokenError(message, code="azure_msi_bad_algorithm")
+def _refused(e: TokenRefusedError) -> AzureTokenError:
+    return AzureTokenError(e.message, code=_CODES[e.reason])
 
 
-def split(token: str) -> CompactJws:
-    """The strictly decoded compact JWS (signature not checked)."""
+def decode(token: str) -> tuple[CompactJws, str]:
+    """The strictly decoded compact JWS (signature not checked) and its header's ``kid``,
+    once ``alg`` is ``RS256`` and no header names a key, a key URL or a critical
+    extension (:func:`.._jwks.decode_rs256`)."""
     try:
-        return decode_compact(token, max_length=MAX_TOKEN_CHARS)
-    except JoseError:
-        pass
-    # The core refuses a crit header as malformed; say which, as the other forbidden
-    # headers are said (decoding the header again only on this error path).
-    try:
-        header = loads_strict(b64url_decode(token.split(".", 1)[0]))
-    except ValueError:
-        header = {}
-    if "crit" in header:
-        raise _bad_algorithm("the token header carries crit/jwk/jku/x5u/x5c")
-    raise AzureTokenError("the token is not a strictly encoded compact JWS of JSON objects")
-
-
-def header_kid(jws: CompactJws) -> str:
-    """The header's ``kid``, once ``alg`` is ``RS256`` and no header names a key, a key
-    URL or a critical extension."""
-    header: Mapping[str, Any] = jws.header
-    if header.get("alg") != "RS256":
-        raise _bad_algorithm("the token is not signed with RS256")
-    if not _FORBIDDEN_HEADERS.isdisjoint(header):
-        raise _bad_algorithm("the token header carries crit/jwk/jku/x5u/x5c")
-    kid = header.get("kid")
-    if not isinstance(kid, str):
-        raise AzureTokenError("the token header has no kid")
-    return kid
+        return decode_rs256(token, max_length=MAX_TOKEN_CHARS)
+    except TokenRefusedError as e:
+        raise _refused(e) from None
 
 
 def verify_rs256(jws: CompactJws, kid: str, keys: Keys) -> dict[str, Any]:
     """The token's claims if its RS256 signature verifies with ``keys[kid]``
-    (``kid`` from :func:`header_kid`)."""
-    key = keys.get(kid)
-    if key is None:
-        raise AzureTokenError(
-            f"the token's key {kid[:80]!r} is not in the trusted JWKS",
-            code="azure_msi_unknown_key",
-        )
+    (``kid`` from :func:`decode`; :func:`.._jwks.verify_rs256`)."""
     try:
-        verify_signature(key, "RS256", jws.signing_input, jws.signature)
-    except JoseError:
-        raise AzureTokenError(
-            "the token's signature does not verify", code="azure_msi_bad_signature"
-        ) from None
-    return jws.claims
+        return shared_verify_rs256(jws, kid, keys)
+    except TokenRefusedError as e:
+        raise _refused(e) from None
 
 
 __all__ = [
@@ -120,8 +98,7 @@ __all__ = [
     "AzureTokenError",
     "Keys",
     "b64url",
-    "header_kid",
+    "decode",
     "parse_jwks",
-    "split",
     "verify_rs256",
 ]

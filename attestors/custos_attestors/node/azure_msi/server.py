@@ -41,9 +41,8 @@ from custos_attestors.node.azure_msi.jwt import (
     MIN_REFETCH,
     AzureTokenError,
     Keys,
-    header_kid,
+    decode,
     parse_jwks,
-    split,
     verify_rs256,
 )
 
@@ -263,9 +262,8 @@ class AzureMsiServerAttestor:
         yield node
 
     async def _verify(self, payload: bytes) -> AttestedNode:
-        jws = split(wire.decode(payload))
         # alg, key-choosing headers and kid are checked before any key is looked up.
-        kid = header_kid(jws)
+        jws, kid = decode(wire.decode(payload))
         # The tenant is read before the signature only to pick the key set; it is
         # trusted only after the signature verifies.
         raw_tid = jws.claims.get("tid")

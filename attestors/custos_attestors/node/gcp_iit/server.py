@@ -2,13 +2,18 @@
 
 1. the payload (``{"v": 1}``), then one challenge: a fresh audience
    ``<audience>/<nonce>`` (128 random bits) the token must be minted for;
-2. the answer: an RS256 JWS verified with joserfc against Google's JWKS — a file
-   (``jwks_file``, read at configure) or an https URL (``jwks_url``, fetched on first
-   use, cached ``jwks_cache_seconds``, refetched for an unknown ``kid`` at most every
-   ``jwks_refetch_seconds``; 10 s and 64 KiB bounds) — ``gcp_iit_signature_invalid`` otherwise;
+2. the answer: a compact JWS strictly decoded by custos' JOSE core and its header
+   judged before any key is looked up or fetched (``alg`` ``RS256``, no ``crit``,
+   ``jwk``, ``jku``, ``x5u``, ``x5c``, a ``kid``: ``gcp_iit_token_invalid``; the
+   shared steps of :mod:`.._jwks`, decision 0115), then its RS256 signature verified
+   against Google's JWKS — a file (``jwks_file``, read at configure) or an https URL
+   (``jwks_url``, fetched on first use, cached ``jwks_cache_seconds``, refetched for an
+   unknown ``kid`` at most every ``jwks_refetch_seconds``; 10 s and 64 KiB bounds) —
+   ``gcp_iit_signature_invalid`` otherwise;
 3. claims: ``iss`` is ``https://accounts.google.com``; ``aud`` is exactly the
    challenged audience (``gcp_iit_audience_mismatch``); ``exp`` in the future and
-   ``iat`` not in it (60 s leeway; ``gcp_iit_token_expired``);
+   ``iat`` and ``nbf`` not in it (60 s leeway; ``gcp_iit_token_expired``); ``sub``,
+   ``jti`` strings where present;
    ``google.compute_engine`` carries ``project_id``, ``zone``, ``instance_id`` and
    ``instance_name`` of their GCE shapes (``gcp_iit_token_invalid``); the project is
    on ``project_allowlist`` (``gcp_iit_project_not_allowed``);
@@ -23,27 +28,28 @@ elsewhere cannot be replayed here; the half therefore re-attests
 from __future__ import annotations
 
 import logging
+import math
 import re
 import secrets
 import ssl
+import time
 from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
 from typing import Any
 
-from joserfc import jwt
-from joserfc.errors import (
-    BadSignatureError,
-    ExpiredTokenError,
-    InvalidClaimError,
-    InvalidKeyIdError,
-    JoseError,
-    MissingClaimError,
-)
-from joserfc.jwk import KeySet
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from custos.errors import CustosError
 from custos.plugin.protocols import AttestedNode, Challenge, CoreConfig
-from custos_attestors.node._jwks import JwksError, JwksSource, check_url, parse_rsa_jwks
+from custos_attestors.node._jwks import (
+    JwksError,
+    JwksSource,
+    TokenRefusedError,
+    check_url,
+    decode_rs256,
+    parse_rsa_jwks,
+    verify_rs256,
+)
 from custos_attestors.node.gcp_iit import wire
 
 NAME = "gcp_iit"
@@ -85,32 +91,62 @@ def _refuse(code: str, message: str) -> GcpIitRefusedError:
     return GcpIitRefusedError(message, code=code)
 
 
-def parse_jwks(data: bytes, source: str = "JWKS") -> KeySet:
-    """Google's RS256 signing keys (the shared rules of :func:`.._jwks.parse_rsa_jwks`:
-    at most 32 keys, 64 KiB, RSA 2048-8192 with a kid) as a joserfc key set."""
-    accepted = parse_rsa_jwks(data, max_bytes=MAX_JWKS_BYTES, max_keys=MAX_JWKS_KEYS, what=source)
-    try:
-        return KeySet.import_key_set({"keys": [dict(k) for k in accepted.jwks]})
-    except (JoseError, ValueError, TypeError) as e:
-        raise ValueError(f"{source}: a JWKS key is malformed: {e}") from None
+#: Google's signing keys by ``kid``.
+Keys = Mapping[str, rsa.RSAPublicKey]
 
 
-def _decode(token: str, keys: KeySet) -> jwt.Token:
-    """joserfc's RS256 decode; :class:`InvalidKeyIdError` passes through (the caller
-    may refetch the JWKS), every other failure is a refusal."""
-    try:
-        return jwt.decode(token, keys, algorithms=["RS256"])
-    except InvalidKeyIdError:
-        raise
-    except BadSignatureError:
+def parse_jwks(data: bytes, source: str = "JWKS") -> Keys:
+    """Google's RS256 signing keys by ``kid`` (the shared rules of
+    :func:`.._jwks.parse_rsa_jwks`: at most 32 keys, 64 KiB, RSA 2048-8192 with a kid)."""
+    return parse_rsa_jwks(data, max_bytes=MAX_JWKS_BYTES, max_keys=MAX_JWKS_KEYS, what=source).keys
+
+
+def _time_claim(claims: Mapping[str, Any], name: str) -> int | float | None:
+    """A NumericDate claim (a finite JSON number, not a bool), None when absent."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    if isinstance(value, bool) or not (
+        isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    ):
+        raise _refuse("gcp_iit_token_invalid", f"the identity token's {name} is wrong")
+    return value
+
+
+def _check_claims(claims: Mapping[str, Any], audience: str) -> None:
+    """``iss``, ``exp`` and ``iat`` present; ``iss`` Google's; ``exp`` not past, ``iat``
+    and ``nbf`` not in the future (:data:`LEEWAY`); ``sub``, ``jti`` strings and ``aud``
+    a string or a list of strings where present; then ``aud`` exactly ``audience``."""
+    for name in ("iss", "exp", "iat"):
+        if claims.get(name) is None:
+            raise _refuse("gcp_iit_token_invalid", f"the identity token's {name} is wrong")
+    if claims["iss"] != ISSUER:
+        raise _refuse("gcp_iit_token_invalid", "the identity token's iss is wrong")
+    now = int(time.time())
+    exp, iat, nbf = (_time_claim(claims, n) for n in ("exp", "iat", "nbf"))
+    assert exp is not None and iat is not None
+    if exp <= now - LEEWAY:
+        raise _refuse("gcp_iit_token_expired", "the identity token has expired")
+    if iat > now + LEEWAY:
+        raise _refuse("gcp_iit_token_invalid", "the identity token's iat is wrong")
+    if nbf is not None and nbf > now + LEEWAY:
+        raise _refuse("gcp_iit_token_invalid", "the identity token's nbf is wrong")
+    for name in ("sub", "jti"):
+        if name in claims and not isinstance(claims[name], str):
+            raise _refuse("gcp_iit_token_invalid", f"the identity token's {name} is wrong")
+    aud = claims.get("aud")
+    if "aud" in claims and not (
+        isinstance(aud, str) or (isinstance(aud, list) and all(isinstance(a, str) for a in aud))
+    ):
+        raise _refuse("gcp_iit_token_invalid", "the identity token's aud is wrong")
+    if aud != audience:
         raise _refuse(
-            "gcp_iit_signature_invalid", "the identity token is not signed by Google's keys"
-        ) from None
-    except (JoseError, ValueError, TypeError):
-        raise _refuse("gcp_iit_token_invalid", "the identity token is malformed") from None
+            "gcp_iit_audience_mismatch",
+            "the identity token was not minted for this attestation's audience",
+        )
 
 
-def _jwks_source(config: Mapping[str, object]) -> JwksSource[KeySet]:
+def _jwks_source(config: Mapping[str, object]) -> JwksSource[Keys]:
     """Google's signing keys: a fixed file, or an https URL cached and refreshed
     (:class:`.._jwks.JwksSource`; a stale set is not served)."""
     file, url = config.get("jwks_file"), config.get("jwks_url")
@@ -182,13 +218,7 @@ class GcpIitServerAttestor:
     def __init__(self) -> None:
         self._audience = ""
         self._projects: frozenset[str] = frozenset()
-        self._jwks: JwksSource[KeySet] | None = None
-        self._registry = jwt.JWTClaimsRegistry(
-            leeway=LEEWAY,
-            iss={"essential": True, "value": ISSUER},
-            exp={"essential": True},
-            iat={"essential": True},
-        )
+        self._jwks: JwksSource[Keys] | None = None
 
     @property
     def supports_reattestation(self) -> bool:
@@ -213,35 +243,28 @@ class GcpIitServerAttestor:
         """(agent path, selector values) of a token minted for ``audience``."""
         source = self._jwks
         assert source is not None
+        try:
+            # One strict decode; alg, key-choosing headers and kid are judged before
+            # any key is looked up or fetched.
+            jws, kid = decode_rs256(token, max_length=wire.MAX_TOKEN_CHARS)
+        except TokenRefusedError:
+            raise _refuse("gcp_iit_token_invalid", "the identity token is malformed") from None
         keys = source.current()
-        try:
-            decoded = _decode(token, keys if keys is not None else await source.get())
-        except InvalidKeyIdError:
+        if keys is None:
+            keys = await source.get()
+        if kid not in keys:
             # Google rotated its keys (or a forger names a kid): refetch, rate-limited.
-            try:
-                decoded = _decode(token, await source.get(unknown_kid=True))
-            except InvalidKeyIdError:
-                raise _refuse(
-                    "gcp_iit_signature_invalid", "the identity token's key is not in the JWKS"
-                ) from None
-        claims = decoded.claims
+            keys = await source.get(unknown_kid=True)
         try:
-            self._registry.validate(claims)
-        except ExpiredTokenError:
-            raise _refuse("gcp_iit_token_expired", "the identity token has expired") from None
-        except (MissingClaimError, InvalidClaimError) as e:
-            raise _refuse(
-                "gcp_iit_token_invalid", f"the identity token's {e.claim} is wrong"
-            ) from None
-        except JoseError:
-            raise _refuse(
-                "gcp_iit_token_invalid", "the identity token's claims are wrong"
-            ) from None
-        if claims.get("aud") != audience:
-            raise _refuse(
-                "gcp_iit_audience_mismatch",
-                "the identity token was not minted for this attestation's audience",
+            claims = verify_rs256(jws, kid, keys)
+        except TokenRefusedError as e:
+            message = (
+                "the identity token's key is not in the JWKS"
+                if e.reason == "unknown_key"
+                else "the identity token is not signed by Google's keys"
             )
+            raise _refuse("gcp_iit_signature_invalid", message) from None
+        _check_claims(claims, audience)
         gce = (
             claims.get("google", {}).get("compute_engine")
             if isinstance(claims.get("google"), dict)

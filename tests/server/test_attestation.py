@@ -46,6 +46,8 @@ from custos.plugin import AgentCatalog, PluginConfig
 from custos.server.app import Server
 from custos.testing.server import ServerRig, running_server
 
+from .test_issuer import break_writes
+
 TD = "example.org"
 T = TypeVar("T")
 
@@ -316,6 +318,41 @@ def test_two_concurrent_attestations_with_one_token_exactly_one_succeeds(
         serve(rig, keys, scenario)
     finally:
         rig.destroy()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_an_attestation_is_one_unit_of_work_and_a_failed_agent_write_leaves_nothing(
+    backend: str,
+    acme: None,
+    keys: KeyStore,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Decision 0108: the credentials' audit rows, the signing keys' bookkeeping, the
+    agent row and the attestation's audit row commit together. When the agent row
+    cannot be written, nothing of the attestation is in the datastore (no audit row of
+    credentials never returned) and the audit log has no line for it."""
+    url = None if backend == "sqlite" else request.getfixturevalue("postgres_db")
+    rig = ServerRig.create(sections=ACME_SECTIONS, datastore_url=url)
+    caplog.set_level(logging.INFO, logger="custos.audit")
+
+    async def scenario(h: Harness) -> None:
+        _, secret = await h.token()
+        await asyncio.to_thread(break_writes, rig.url, "INSERT", "agents")
+        error = await h.refused(h.attest("join_token", join_token(secret), h.key("a")))
+        assert error.status == grpc.StatusCode.UNAVAILABLE
+        assert h.datastore.agents.list() == [] and h.datastore.audit.since(0) == []
+        for purpose in ("x509-ca", "wit"):
+            assert [k.last_not_after for k in h.datastore.signing_keys.of_purpose(purpose)] == [
+                None
+            ]
+
+    try:
+        serve(rig, keys, scenario)
+    finally:
+        rig.destroy()
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "custos.audit"]
+    assert [line for line in lines if "records" in line] == []
 
 
 def test_unknown_and_expired_tokens_are_refused_and_nothing_is_written(

@@ -4,6 +4,7 @@ two servers record at once). SQLite and PostgreSQL alike (``store`` / ``store_ur
 
 from __future__ import annotations
 
+import contextvars
 import random
 import threading
 from dataclasses import replace
@@ -188,6 +189,68 @@ def test_a_regression_is_refused_and_nothing_is_written(
     # ... and that AK's own history is held from then on.
     with pytest.raises(DatastoreError):
         store.tpm_nodes.record(EK, new_ak, after[0] - 1, after[1], after[2])
+
+
+def test_a_deferred_clock_write_is_checked_now_and_written_only_in_the_unit(
+    store: Datastore,
+) -> None:
+    """Decision 0108: inside ``deferring_writes`` (node attestation) a clock row is
+    checked at once — a regression refused then — and written only when the owner runs
+    the writes in its unit of work, checked again there; never run, never written."""
+    first = store.tpm_nodes.record(EK, AK, 100, 3, 5)
+    with store.deferring_writes() as writes:
+        with pytest.raises(DatastoreError) as err:
+            store.tpm_nodes.record(EK, AK, 99, 3, 5)
+        assert err.value.code == "tpm_clock_regressed"
+        # In a worker thread too (asyncio.to_thread copies the context): collected.
+        done = threading.Event()
+        ctx = contextvars.copy_context()
+        threading.Thread(
+            target=lambda: (ctx.run(store.tpm_nodes.record, EK, AK, 200, 3, 5), done.set())
+        ).start()
+        assert done.wait(30)
+    assert store.tpm_nodes.get(EK) == first  # nothing written yet
+    # Another server records a later quote meanwhile: the deferred write is refused
+    # when it runs, and the unit (here with an audit row) is rolled back whole.
+    store.tpm_nodes.record(EK, AK, 300, 3, 5)
+    with pytest.raises(DatastoreError) as err, store.unit_of_work():
+        store.audit.record(
+            who="w", attestor="tpm", selectors=(), identity="i", serial_or_jti="s", not_after=2e9
+        )
+        writes.run()
+    assert err.value.code == "tpm_clock_regressed"
+    assert store.audit.since() == [] and store.tpm_nodes.get(EK).clock == 300  # type: ignore[union-attr]
+    # Without that, the write runs in the unit and commits with it.
+    with store.deferring_writes() as later:
+        store.tpm_nodes.record(EK, AK, 400, 3, 5)
+        store.tpm_nodes.record(OTHER_EK, AK, 1, 1, 1)  # a TPM never seen: inserted
+    with store.unit_of_work():
+        later.run()
+    assert store.tpm_nodes.get(EK).clock == 400  # type: ignore[union-attr]
+    assert store.tpm_nodes.get(OTHER_EK).clock == 1  # type: ignore[union-attr]
+
+
+def test_a_deferred_write_of_a_new_tpm_meets_the_row_another_server_wrote_meanwhile(
+    store_url: str,
+) -> None:
+    """A TPM never seen when its quote was checked, recorded by another server before
+    the unit of work runs: the deferred write is checked against that row and updates
+    it, and the rest of the unit commits."""
+    with (
+        Datastore.open(store_url, trust_domain=TRUST_DOMAIN) as one,
+        Datastore.open(store_url, trust_domain=TRUST_DOMAIN) as two,
+    ):
+        with two.deferring_writes() as writes:
+            two.tpm_nodes.record(EK, AK, 50, 3, 5)  # checked: no row yet
+        one.tpm_nodes.record(EK, AK, 10, 3, 5)  # the other server wins the insert
+        with two.unit_of_work():
+            writes.run()
+            two.audit.record(
+                who="w", attestor="tpm", selectors=(), identity="i", serial_or_jti="s",
+                not_after=2e9,
+            )  # fmt: skip
+        assert one.tpm_nodes.get(EK).clock == 50  # type: ignore[union-attr]
+        assert len(one.audit.since()) == 1
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,9 @@ The order of one attestation (SPIRE's ``AttestAgent``, with custos's bounds):
    again only through a re-attestable attestor (a join token is spent anyway);
 5. the agent's X.509-SVID and WIT are issued and the agent is recorded (eviction
    cleared) in one worker-thread call, so a client hanging up cannot cut it in half;
+   every write of the attestation — the credentials' audit rows, the signing keys'
+   bookkeeping, the attestor's own deferred writes (the TPM clock row), the agent row
+   and the attestation's audit row — is one unit of work, one commit (decision 0108);
 6. the whole exchange runs under one deadline.
 
 ``RenewAgent`` (agents whose attestor cannot re-attest) issues the same way but records
@@ -26,7 +29,9 @@ maps it to a gRPC status in one place (:mod:`custos.server.agent_api.status`): p
 and argument errors derive from its ``AgentApiArgumentError`` (INVALID_ARGUMENT),
 refusals from ``AgentApiForbiddenError`` (PERMISSION_DENIED); ``attestation_timeout``
 (DEADLINE_EXCEEDED) and ``renew_by_attesting`` (FAILED_PRECONDITION) are mapped by code.
-Nothing is written before step 5.
+Nothing is written before step 5: writes an attestor asks for during step 3 (the
+``tpm`` attestor's clock row) are checked then and written in step 5's unit of work, so a
+refused attestation writes its refusal audit line and nothing else.
 """
 
 from __future__ import annotations
@@ -54,12 +59,14 @@ from custos.server.agent_api.status import (
     AgentApiForbiddenError,
     status_for,
 )
+from custos.server.datastore.database import DeferredWrites
 from custos.server.datastore.errors import (
     DatastoreError,
     DatastoreUnavailableError,
     NotFoundError,
 )
 from custos.server.datastore.records import Agent
+from custos.server.datastore.tpm_nodes import TpmClockRegressedError
 from custos.server.issuer import (
     AgentCredentials,
     CustodyEvidence,
@@ -317,9 +324,9 @@ class NodeAttestation:
 
     async def _decide(
         self, start: agent_v1_pb2.AttestationStart, stream: AttestationStream
-    ) -> tuple[NodeAttestationResult, bytes, CustodyEvidence, str]:
-        """Everything before the first write: bounds, CSR, the attestor, ban and
-        re-attestation checks."""
+    ) -> tuple[NodeAttestationResult, bytes, CustodyEvidence, str, DeferredWrites]:
+        """Everything before the first write: bounds, CSR, the attestor (its writes
+        collected, not made), ban and re-attestation checks."""
         name = start.attestor
         if not name or len(name) > MAX_ATTESTOR_NAME:
             raise AttestationProtocolError(
@@ -345,7 +352,10 @@ class NodeAttestation:
             )
 
         try:
-            node = await self._ctx.catalog.attest_node(name, payload, challenge)
+            # The attestor's writes (the tpm clock row) wait for the issuance's unit of
+            # work: checked now, written with the rest or not at all (decision 0108).
+            with self._ctx.datastore.deferring_writes() as writes:
+                node = await self._ctx.catalog.attest_node(name, payload, challenge)
         except PluginCallError as e:
             refusal = _refusal(e)
             if isinstance(refusal, AttestorFailedError):
@@ -365,10 +375,15 @@ class NodeAttestation:
                     f"agent {node.agent_id} is already attested and {name!r} cannot "
                     "re-attest; renew with RenewAgent"
                 )
-        return node, csr, custody, residency
+        return node, csr, custody, residency, writes
 
     async def _issue(
-        self, node: NodeAttestationResult, csr: bytes, custody: CustodyEvidence, residency: str
+        self,
+        node: NodeAttestationResult,
+        csr: bytes,
+        custody: CustodyEvidence,
+        residency: str,
+        writes: DeferredWrites,
     ) -> AttestedAgent:
         credentials, bundle = await asyncio.to_thread(
             self._issue_and_record,
@@ -379,6 +394,7 @@ class NodeAttestation:
             node.selectors,
             residency=residency,
             attestation_key=node.attestation_key,
+            writes=writes,
         )
         return AttestedAgent(
             agent_id=node.agent_id,
@@ -411,14 +427,56 @@ class NodeAttestation:
         residency: str,
         attestation_key: bytes = b"",
         renewal: bool = False,
+        writes: DeferredWrites | None = None,
     ) -> tuple[AgentCredentials, TrustBundle]:
         """Issue the agent's credentials, record the agent, audit: one thread call, so
-        a cancelled stream cannot leave credentials issued without the agent recorded.
-        Also the trust bundle to send with them (read after the issuance; datastore
-        reads, kept off the event loop)."""
+        a cancelled stream cannot leave credentials issued without the agent recorded,
+        and one unit of work with the issuance's own writes (decision 0108). Also the
+        trust bundle to send with them (read after the issuance; datastore reads, kept
+        off the event loop)."""
+
+        def record(credentials: AgentCredentials) -> None:
+            if writes is not None:
+                try:
+                    writes.run()
+                except TpmClockRegressedError as e:
+                    # Another server accepted a later quote of this TPM meanwhile.
+                    raise AttestationRefusedError(f"{attestor}: {e.message}", code=e.code) from e
+            self._record(
+                credentials,
+                agent_id,
+                custody,
+                attestor,
+                selectors,
+                residency=residency,
+                attestation_key=attestation_key,
+                renewal=renewal,
+            )
+
         credentials = self._ctx.issuer.agent_credentials(
-            agent_id, csr, custody, attestor=attestor, selectors=selectors, residency=residency
+            agent_id,
+            csr,
+            custody,
+            attestor=attestor,
+            selectors=selectors,
+            residency=residency,
+            record=record,
         )
+        return credentials, self._ctx.bundle()
+
+    def _record(
+        self,
+        credentials: AgentCredentials,
+        agent_id: SpiffeId,
+        custody: CustodyEvidence,
+        attestor: str,
+        selectors: tuple[Selector, ...],
+        *,
+        residency: str,
+        attestation_key: bytes,
+        renewal: bool,
+    ) -> None:
+        """The agent row and the attestation's audit row (inside the issuance's unit)."""
         serial = format(credentials.x509_svid.leaf.serial_number, "x")
         agents = self._ctx.datastore.agents
         try:
@@ -455,7 +513,6 @@ class NodeAttestation:
             custody=custody.tier,
             residency=residency,
         )
-        return credentials, self._ctx.bundle()
 
     async def renew(self, agent: Agent, key: agent_v1_pb2.AgentKeyRequest) -> AttestedAgent:
         """New credentials for an authenticated agent whose attestor cannot re-attest."""

@@ -400,6 +400,7 @@ class Issuer:
         selectors: Sequence[Selector],
         ttl: float | None = None,
         residency: str = "",
+        record: Callable[[AgentCredentials], None] | None = None,
     ) -> AgentCredentials:
         """The agent's X.509-SVID and WIT for the key of ``csr`` (held as ``custody``
         says), expiring together; audited (``x509-svid`` and ``wit`` events whose
@@ -409,7 +410,9 @@ class Issuer:
         to the CA certificate's not-after. ``residency`` is what the caller (node
         attestation, which checked the key's certify evidence: :func:`key_residency`)
         found, for the audit rows. The caller records the agent and audits the
-        attestation itself."""
+        attestation itself: in ``record(credentials)``, which runs inside the unit of
+        work of the credentials' audit rows (decision 0108), so that all of it commits
+        together or, when anything raises, none of it."""
         if (
             not isinstance(agent_id, SpiffeId)
             or not agent_id.is_member_of(self.trust_domain)
@@ -453,8 +456,14 @@ class Issuer:
             who.event("wit", agent_id, jti, wit_not_after, custody, residency),
             wit_signer.kid,
         )
-        self._commit(x509_batch, self.ca_keys, also=(wit_batch, self.wit_keys))
-        return AgentCredentials(agent_id, svid, wit, min(not_after, wit_not_after))
+        credentials = AgentCredentials(agent_id, svid, wit, min(not_after, wit_not_after))
+        self._commit(
+            x509_batch,
+            self.ca_keys,
+            also=(wit_batch, self.wit_keys),
+            then=None if record is None else functools.partial(record, credentials),
+        )
+        return credentials
 
     # -- the parts ------------------------------------------------------------------
 
@@ -598,11 +607,17 @@ class Issuer:
         return Issued(entry_id, None, None, 0.0, error)
 
     def _commit(
-        self, batch: _Batch, keys: SigningKeys, *, also: tuple[_Batch, SigningKeys] | None = None
+        self,
+        batch: _Batch,
+        keys: SigningKeys,
+        *,
+        also: tuple[_Batch, SigningKeys] | None = None,
+        then: Callable[[], None] | None = None,
     ) -> None:
         """Audit every credential of the call and tell the keys how long what they
-        signed lives, in one unit of work (one commit, decision 0105; the caller's
-        when it has one open). Raises (nothing returned) if either fails."""
+        signed lives, then the caller's ``then`` writes, in one unit of work (one
+        commit, decisions 0105 and 0108; the caller's when it has one open). Raises
+        (nothing returned) if any fails."""
         parts = [(batch, keys)] if also is None else [(batch, keys), also]
         events = [e for b, _ in parts for e in b.events]
         if not events:
@@ -612,6 +627,8 @@ class Issuer:
             for part, manager in parts:
                 for kid, not_after in part.expiries.items():
                     manager.note_issued(kid, not_after)
+            if then is not None:
+                then()
         for part, _ in parts:
             for kind, count in part.issued.items():
                 self.metrics.issued.labels(kind=kind).inc(count)

@@ -174,6 +174,48 @@ def unit_of_work(engine: Engine) -> Iterator[None]:
         work()
 
 
+@dataclass
+class DeferredWrites:
+    """Writes asked for inside :func:`deferring_writes`, to be run by its owner inside
+    the unit of work it opens later (node attestation: the TPM clock row its attestor
+    writes, run with the issuance's writes). Never run: never written."""
+
+    engine: Engine
+    writes: list[Callable[[], object]] = field(default_factory=list)
+
+    def run(self) -> None:
+        """Run the writes, in the order they were asked for (inside a unit of work)."""
+        for write in self.writes:
+            write()
+
+
+_deferred: ContextVar[DeferredWrites | None] = ContextVar("custos_deferred_writes", default=None)
+
+
+@contextmanager
+def deferring_writes(engine: Engine) -> Iterator[DeferredWrites]:
+    """Code run inside it — in this task and in the worker threads it starts
+    (``asyncio.to_thread`` copies the context) — has the writes that support it
+    (:func:`defer_write`) collected instead of made. The owner runs them later in its
+    unit of work with :meth:`DeferredWrites.run` (decision 0108)."""
+    deferred = DeferredWrites(engine)
+    token = _deferred.set(deferred)
+    try:
+        yield deferred
+    finally:
+        _deferred.reset(token)
+
+
+def defer_write(engine: Engine, write: Callable[[], object]) -> bool:
+    """Collect ``write`` when a :func:`deferring_writes` on ``engine`` is open here
+    (True), else do nothing (False: the caller writes now)."""
+    deferred = _deferred.get()
+    if deferred is None or deferred.engine is not engine:
+        return False
+    deferred.writes.append(write)
+    return True
+
+
 def after_commit(engine: Engine, work: Callable[[], None]) -> None:
     """Run ``work`` when the unit of work this thread has open on ``engine`` commits;
     at once when there is none (the caller's own transaction has committed)."""

@@ -10,7 +10,9 @@ from custos.identity import TrustDomain, coerce_trust_domain
 from custos.server.datastore.agents import AgentRepository
 from custos.server.datastore.audit import AuditLog
 from custos.server.datastore.database import (
+    DeferredWrites,
     after_commit,
+    deferring_writes,
     make_engine,
     migrate,
     parse_url,
@@ -69,6 +71,13 @@ class Datastore:
         anything inside raises (decision 0105): one commit for an issuance's audit
         rows and signing-key bookkeeping, or for an attestation's writes."""
         return unit_of_work(self._engine)
+
+    def deferring_writes(self) -> AbstractContextManager[DeferredWrites]:
+        """``with datastore.deferring_writes() as writes:`` the writes that support it
+        (the TPM clock row) made inside it — here and in worker threads started here —
+        are checked now and collected, not written; ``writes.run()`` inside a later
+        :meth:`unit_of_work` writes them with the rest (decision 0108)."""
+        return deferring_writes(self._engine)
 
     def after_commit(self, work: Callable[[], None]) -> None:
         """Run ``work`` once this thread's open unit of work commits (never if it rolls

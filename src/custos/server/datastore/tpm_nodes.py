@@ -20,7 +20,7 @@ from sqlalchemy import Engine, Row, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from custos._numbers import finite_number
-from custos.server.datastore.database import transaction
+from custos.server.datastore.database import defer_write, transaction
 from custos.server.datastore.errors import DatastoreError, InvalidEntryError
 from custos.server.datastore.records import TpmNode
 from custos.server.datastore.schema import tpm_nodes
@@ -99,7 +99,12 @@ class TpmNodeRepository:
         """Store an accepted quote's clock and the AK, unless it went back against the
         stored row of the same AK (:class:`TpmClockRegressedError`, code
         ``tpm_clock_regressed``; nothing written); another AK's row is replaced (its
-        obfuscated counters are not comparable). Checked and written in one transaction."""
+        obfuscated counters are not comparable). Checked and written in one transaction.
+
+        Inside :meth:`Datastore.deferring_writes` (node attestation, decision 0108) the
+        stored row is checked now (the same refusal, early) and the write — checked
+        again in its own transaction, atomically — is collected for the attestation's
+        unit of work: an attestation refused after its quote writes no clock row."""
         if not isinstance(ak_public, bytes) or not 0 < len(ak_public) <= MAX_AK_PUBLIC:
             raise InvalidEntryError(
                 f"ak_public must be 1 to {MAX_AK_PUBLIC} bytes", code="invalid_attestation_key"
@@ -112,6 +117,12 @@ class TpmNodeRepository:
             restart_count=_count(restart_count, "restart_count", MAX_COUNT),
             updated_at=time.time() if now is None else finite_number(now, name="now"),
         )
+        if defer_write(self._engine, lambda: self._write(node)):
+            self._check(node, self.get(node.ek_hash))
+            return node
+        return self._write(node)
+
+    def _write(self, node: TpmNode) -> TpmNode:
         values = {
             "ak_public": node.ak_public,
             "clock": node.clock,
@@ -119,44 +130,45 @@ class TpmNodeRepository:
             "restart_count": node.restart_count,
             "updated_at": node.updated_at,
         }
-        # Two servers recording a TPM never seen before both find no row; the second
-        # INSERT hits the primary key and is retried once, against the first's row.
-        for attempt in (1, 2):
-            try:
-                with transaction(self._engine) as conn:
-                    row = conn.execute(
-                        select(tpm_nodes)
-                        .where(tpm_nodes.c.ek_hash == node.ek_hash)
-                        .with_for_update()
-                    ).first()
-                    if row is None:
+        mine = select(tpm_nodes).where(tpm_nodes.c.ek_hash == node.ek_hash).with_for_update()
+        with transaction(self._engine) as conn:
+            row = conn.execute(mine).first()
+            if row is None:
+                # Two servers recording a TPM never seen before both find no row; the
+                # second INSERT hits the primary key once the first commits, and is
+                # checked against the first's row instead. A savepoint, so that the
+                # transaction (maybe an attestation's unit of work) goes on after it.
+                try:
+                    with conn.begin_nested():
                         conn.execute(insert(tpm_nodes).values(ek_hash=node.ek_hash, **values))
-                        return node
-                    # Only quotes by one AK are comparable: a TPM obfuscates resetCount
-                    # and restartCount in every quote by an AK outside the endorsement /
-                    # platform hierarchy with a value derived from that AK's name (TPM 2.0
-                    # Part 1, "Obfuscation"). A newly activated AK starts a new baseline
-                    # (decision 0068).
-                    why = (
-                        regression(
-                            (row.clock, row.reset_count, row.restart_count),
-                            (node.clock, node.reset_count, node.restart_count),
-                        )
-                        if bytes(row.ak_public) == node.ak_public
-                        else None
-                    )
-                    if why is not None:
-                        raise TpmClockRegressedError(
-                            f"TPM {node.ek_hash[:16]}...: {why} since its last attestation"
-                        )
-                    conn.execute(
-                        update(tpm_nodes).where(tpm_nodes.c.ek_hash == node.ek_hash).values(values)
-                    )
                     return node
-            except IntegrityError:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
+                except IntegrityError:
+                    row = conn.execute(mine).one()
+            self._check(node, _node(row))
+            conn.execute(
+                update(tpm_nodes).where(tpm_nodes.c.ek_hash == node.ek_hash).values(values)
+            )
+            return node
+
+    @staticmethod
+    def _check(node: TpmNode, stored: TpmNode | None) -> None:
+        """Refuse ``node`` if its clock went back against ``stored`` of the same AK."""
+        if stored is None:
+            return
+        # Only quotes by one AK are comparable: a TPM obfuscates resetCount and
+        # restartCount in every quote by an AK outside the endorsement / platform
+        # hierarchy with a value derived from that AK's name (TPM 2.0 Part 1,
+        # "Obfuscation"). A newly activated AK starts a new baseline (decision 0068).
+        if stored.ak_public != node.ak_public:
+            return
+        why = regression(
+            (stored.clock, stored.reset_count, stored.restart_count),
+            (node.clock, node.reset_count, node.restart_count),
+        )
+        if why is not None:
+            raise TpmClockRegressedError(
+                f"TPM {node.ek_hash[:16]}...: {why} since its last attestation"
+            )
 
 
 def _node(row: Row[object]) -> TpmNode:

@@ -162,6 +162,36 @@ def test_audit_records_in_order(store: Datastore) -> None:
     assert first.selectors == (Selector("unix", "uid:1"),)
 
 
+def test_a_batch_of_audit_rows_gets_its_keys_in_its_order(store: Datastore) -> None:
+    """One multi-row INSERT whose RETURNING order is not promised: each returned key is
+    matched to its row, rows alike in every column included (they get keys in order)."""
+    items = [
+        dict(
+            who=AGENT,
+            attestor="tpm",
+            selectors=("unix:uid:1",),
+            identity=f"spiffe://example.org/w{i % 7}",
+            serial_or_jti=f"{(i * 37) % 11:x}",
+            not_after=2000.0 + i % 3,
+            custody=("memory", "tpm")[i % 2],
+            residency=("", "proven")[i % 2],
+        )
+        for i in range(50)
+    ]
+    items = items * 3  # rows alike in every column, in one batch
+    records = store.audit.record_many(items)
+    assert [r.seq for r in records] == sorted(r.seq for r in records)
+    assert len({r.seq for r in records}) == len(items)
+    assert store.audit.since(limit=1000) == records
+    for item, record in zip(items, records, strict=True):
+        assert (record.identity, record.serial_or_jti, record.not_after, record.custody) == (
+            item["identity"],
+            item["serial_or_jti"],
+            item["not_after"],
+            item["custody"],
+        )
+
+
 def test_audit_refuses_bad_fields(store: Datastore) -> None:
     with pytest.raises(InvalidEntryError):
         store.audit.record(

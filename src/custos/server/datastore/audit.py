@@ -31,6 +31,8 @@ _LIMITS = {
 }
 #: What an audit row may say about a key's TPM residency (decision 0063).
 RESIDENCIES = ("", "proven", "unproven")
+#: Every column an insert writes (all but ``seq``), returned to match keys to rows.
+_INSERTED = tuple(c for c in audit.columns if c.name != "seq")
 
 
 class AuditLog:
@@ -80,17 +82,27 @@ class AuditLog:
         if not records:
             return []
         rows = [{**values, "selectors": selectors_json} for values, selectors_json in records]
-        # One statement for the whole batch (SQLAlchemy's "insertmanyvalues": a few
-        # multi-row INSERTs), the keys back in the rows' order: a batch of 100 SVIDs
-        # costs one round trip, not 100 compiled INSERTs.
-        statement = insert(audit).returning(audit.c.seq, sort_by_parameter_order=True)
+        # One multi-row INSERT for the whole batch (SQLAlchemy's "insertmanyvalues"):
+        # a batch of 100 SVIDs costs one statement, not 100. RETURNING gives its rows in
+        # no promised order (SQLAlchemy's sort_by_parameter_order falls back to one
+        # INSERT per row on SQLite), so each key comes back with the row's columns and
+        # is matched to its row by them; rows alike in every column are interchangeable.
+        statement = insert(audit).returning(audit.c.seq, *_INSERTED)
         with transaction(self._engine) as conn:
-            seqs = conn.execute(statement, rows).scalars().all()
-        if len(seqs) != len(records):  # pragma: no cover - a driver bug, not an input
-            raise DatastoreError("the audit insert returned no keys", code="datastore_bug")
+            returned = conn.execute(statement, rows).all()
+        keys: dict[tuple[object, ...], list[int]] = {}
+        for seq, *content in returned:
+            keys.setdefault(tuple(content), []).append(int(seq))
+        for same in keys.values():
+            same.sort(reverse=True)  # rows alike get their keys in the batch's order
+        try:
+            seqs = [keys[tuple(row[c.name] for c in _INSERTED)].pop() for row in rows]
+        except (KeyError, IndexError):  # pragma: no cover - a driver bug, not an input
+            raise DatastoreError(
+                "the audit insert returned other rows than it was given", code="datastore_bug"
+            ) from None
         return [
-            AuditRecord(seq=int(seq), **values)
-            for (values, _), seq in zip(records, seqs, strict=True)
+            AuditRecord(seq=seq, **values) for (values, _), seq in zip(records, seqs, strict=True)
         ]
 
     def since(self, seq: int = 0, *, limit: int = 1000) -> list[AuditRecord]:

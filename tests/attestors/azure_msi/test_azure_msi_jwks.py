@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
+from common.node_attestor_rig import no_challenge
 from custos.errors import CustosError
 from custos.plugin import PluginConfig, ServerCatalog
 from custos.plugin.errors import PluginCallError
@@ -27,8 +28,7 @@ TD = "example.org"
 RESOURCE = "https://custos.example.org/attest"
 
 
-async def _no_challenge(data: bytes) -> bytes:
-    raise AssertionError("azure_msi must not challenge")
+_no_challenge = no_challenge("azure_msi")
 
 
 def _b64(data: bytes) -> str:

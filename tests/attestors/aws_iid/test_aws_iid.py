@@ -309,7 +309,9 @@ def test_without_certificates_the_aws_published_ones_are_trusted_and_nothing_els
     for cert in shipped:
         assert cert.issuer == cert.subject
         cert.public_key().verify(  # type: ignore[union-attr,call-arg]
-            cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(),
+            cert.signature,
+            cert.tbs_certificate_bytes,
+            padding.PKCS1v15(),
             cert.signature_hash_algorithm,
         )
     # With no `certificates` setting, a document signed by any other key is refused.

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import Encoding
 from joserfc.jwk import ECKey
 
@@ -255,7 +255,7 @@ def _client_against(answer: Callable[[Any], Any], scenario: Callable[[Any], Any]
     asyncio.run(main())
 
 
-def _self_signed_der(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _self_signed_der(key: Any) -> bytes:
     name = x509.Name([])
     now = datetime.now(UTC)
     cert = (
@@ -266,18 +266,27 @@ def _self_signed_der(key: ec.EllipticCurvePrivateKey) -> bytes:
         .serial_number(1)
         .not_valid_before(now)
         .not_valid_after(now + timedelta(hours=1))
-        .sign(key, hashes.SHA256())
+        .sign(key, None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256())
     )
     return cert.public_bytes(Encoding.DER)
 
 
-@pytest.mark.parametrize("wrong", ["nothing", "count", "entry", "key"])
+#: The certified key of each wrong answer, when it is not the requested one: another
+#: P-256 key, the same type on another curve, another type (the client compares keys).
+_OTHER_KEYS: dict[str, Callable[[], Any]] = {
+    "key": ec_key,
+    "curve": lambda: ec.generate_private_key(ec.SECP384R1()),
+    "type": ed25519.Ed25519PrivateKey.generate,
+}
+
+
+@pytest.mark.parametrize("wrong", ["nothing", "count", "entry", "key", "curve", "type", "csr"])
 def test_the_client_refuses_answers_that_do_not_fit_the_request(wrong: str) -> None:
     requested = ec_key()
 
     def answer(request: Any) -> Any:
         entry_id = request.params[0].entry_id
-        cert = _self_signed_der(requested if wrong != "key" else ec_key())
+        cert = _self_signed_der(_OTHER_KEYS.get(wrong, lambda: requested)())
         result = agent_v1_pb2.X509SVIDResult(
             entry_id="other" if wrong == "entry" else entry_id, x509_svid=cert, expires_at=1
         )
@@ -285,7 +294,9 @@ def test_the_client_refuses_answers_that_do_not_fit_the_request(wrong: str) -> N
         return agent_v1_pb2.BatchNewX509SVIDResponse(results=results)
 
     async def scenario(client: AgentApiClient) -> None:
-        request = [X509Params("e1", csr_for(requested), "memory")]
+        # An unreadable CSR: the server could not have certified its key.
+        csr = b"\x30\x03garbage" if wrong == "csr" else csr_for(requested)
+        request = [X509Params("e1", csr, "memory")]
         if wrong == "nothing":
             [issued] = await client.new_x509_svids(request)
             assert issued.error is None and issued.cert_chain

@@ -26,7 +26,6 @@ from typing import Any
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc, types_v1_pb2
 from custos.agent.client.attest import (
@@ -198,10 +197,6 @@ def _check_order(entry_ids: Sequence[str], results: Sequence[Any]) -> None:
             raise InvalidServerResponseError("a result for another entry than requested")
 
 
-def _spki(key: Any) -> bytes:
-    return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)  # type: ignore[no-any-return]
-
-
 def _x509_results(requests: Sequence[X509Params], results: Sequence[Any]) -> list[IssuedX509]:
     """Each result checked: one per request, in order, certifying the CSR's key."""
     _check_order([r.entry_id for r in requests], results)
@@ -212,10 +207,13 @@ def _x509_results(requests: Sequence[X509Params], results: Sequence[Any]) -> lis
             continue
         chain = der_chain(result.x509_svid)
         try:
-            requested = _spki(x509.load_der_x509_csr(request.csr).public_key())
+            requested: object = x509.load_der_x509_csr(request.csr).public_key()
         except ValueError:
-            requested = b""  # a CSR we could not read: the server could not have certified it
-        if _spki(chain[0].public_key()) != requested:
+            requested = None  # a CSR we could not read: the server could not have certified it
+        # Keys compare as keys (type, curve or modulus, point or exponent: OpenSSL's
+        # EVP_PKEY_eq), not as two SPKI encodings made to be compared: the same check,
+        # 0.9 ms less per 100 chains (issue 8, "Speed").
+        if chain[0].public_key() != requested:
             raise InvalidServerResponseError("an X.509-SVID certifies another key than its CSR's")
         out.append(IssuedX509(result.entry_id, chain, float(result.expires_at)))
     return out

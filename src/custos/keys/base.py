@@ -14,10 +14,9 @@ checks, hashing and encodings once so every backend behaves the same.
 from __future__ import annotations
 
 import builtins
-import hashlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -25,17 +24,13 @@ from typing import Any, ClassVar
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
+from custos.keys.algorithms import HASHERS as _HASHERS
 from custos.keys.algorithms import Algorithm
 from custos.keys.cryptography_keys import device_private_key
 from custos.keys.errors import InvalidKeyNameError, UnsupportedAlgorithmError
 from custos.keys.jwk import public_jwk
 
-# hashlib rather than custos.keys.algorithms.digest (cryptography's Hash): the same
-# digests, and measured in place right before a SoftHSM C_Sign it added ~4 µs per
-# signature against ~15 µs (in isolation: ~0.5 µs against ~2.4 µs).
-_HASHERS: dict[Algorithm, Callable[[bytes], Any]] = {
-    alg: getattr(hashlib, alg.spec.hash_name) for alg in Algorithm if alg.spec.hash_name
-}
+# hashlib rather than custos.keys.algorithms.digest (cryptography's Hash): see HASHERS.
 _DIGEST_SIZES: dict[Algorithm, int] = {
     alg: alg.spec.hash_algorithm().digest_size for alg in _HASHERS
 }

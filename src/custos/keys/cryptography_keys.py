@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric import utils as asym_utils
 
-from custos.keys.algorithms import Algorithm
+from custos.keys.algorithms import HASHERS, Algorithm
 from custos.keys.errors import ExportRefusedError, UnsupportedAlgorithmError
 from custos.keys.signatures import raw_to_der
 
@@ -30,12 +30,14 @@ def _refuse(what: str) -> NoReturn:
     raise ExportRefusedError(f"{what}: the private key stays in the device and cannot be exported")
 
 
-def _digest_of(data: bytes, algorithm: hashes.HashAlgorithm | asym_utils.Prehashed) -> bytes:
+def _digest_of(
+    data: bytes, algorithm: hashes.HashAlgorithm | asym_utils.Prehashed, alg: Algorithm
+) -> bytes:
+    """What the store signs: ``data`` itself when the caller hashed it, else its hash,
+    made with hashlib (callers checked first that ``algorithm`` is ``alg``'s hash)."""
     if isinstance(algorithm, asym_utils.Prehashed):
         return data
-    h = hashes.Hash(algorithm)
-    h.update(data)
-    return h.finalize()
+    return HASHERS[alg](data).digest()  # type: ignore[no-any-return]
 
 
 def _hash_name(algorithm: hashes.HashAlgorithm | asym_utils.Prehashed) -> str:
@@ -72,7 +74,7 @@ class DeviceECPrivateKey(ec.EllipticCurvePrivateKey):
             raise UnsupportedAlgorithmError(
                 f"this {self._key.alg.value} key signs {want}, not {got}"
             )
-        hashed = _digest_of(bytes(data), signature_algorithm.algorithm)
+        hashed = _digest_of(bytes(data), signature_algorithm.algorithm, self._key.alg)
         raw = self._key.store.sign_digest(self._key.name, hashed)
         return raw_to_der(raw, self._key.alg.spec.coordinate_size)
 
@@ -197,7 +199,8 @@ class DeviceRSAPrivateKey(rsa.RSAPrivateKey):
             raise UnsupportedAlgorithmError(f"this key signs {spec.hash_name}")
         if isinstance(padding_, padding.PSS):
             _check_pss_parameters(padding_, spec.hash_algorithm())
-        return self._key.store.sign_digest(self._key.name, _digest_of(bytes(data), algorithm))
+        hashed = _digest_of(bytes(data), algorithm, self._key.alg)
+        return self._key.store.sign_digest(self._key.name, hashed)
 
     def public_key(self) -> rsa.RSAPublicKey:
         return self._public

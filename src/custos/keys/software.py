@@ -64,18 +64,33 @@ def algorithm_of(key: PrivateKeyTypes | PublicKeyTypes, *, pss: bool = False) ->
     )
 
 
+def _prehashed(alg: Algorithm) -> asym_utils.Prehashed:
+    return asym_utils.Prehashed(alg.spec.hash_algorithm())
+
+
+# What each algorithm's digest is signed with, built once rather than per signature
+# (cryptography's parameter objects are immutable; ~3 µs a signature, issue 8 "Speed").
+_ECDSA: dict[Algorithm, ec.ECDSA] = {
+    alg: ec.ECDSA(_prehashed(alg)) for alg in Algorithm if alg.spec.family == "ec"
+}
+_RSA: dict[Algorithm, tuple[padding.AsymmetricPadding, asym_utils.Prehashed]] = {
+    alg: (
+        padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+        if alg.spec.pss
+        else padding.PKCS1v15(),
+        _prehashed(alg),
+    )
+    for alg in Algorithm
+    if alg.spec.family == "rsa"
+}
+
+
 def sign_digest_with(key: SoftwareKey, alg: Algorithm, hashed: bytes) -> bytes:
-    spec = alg.spec
-    prehashed = asym_utils.Prehashed(spec.hash_algorithm())
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        der = key.sign(hashed, ec.ECDSA(prehashed))
-        return der_to_raw(der, spec.coordinate_size)
+        der = key.sign(hashed, _ECDSA[alg])
+        return der_to_raw(der, alg.spec.coordinate_size)
     if isinstance(key, rsa.RSAPrivateKey):
-        pad: padding.AsymmetricPadding = (
-            padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
-            if spec.pss
-            else padding.PKCS1v15()
-        )
+        pad, prehashed = _RSA[alg]
         return key.sign(hashed, pad, prehashed)
     raise UnsupportedAlgorithmError("EdDSA keys sign messages, not digests")
 

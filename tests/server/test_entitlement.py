@@ -147,5 +147,16 @@ def test_list_by_parents_batches(store: Datastore) -> None:
     for n in (1, 600, 1200):
         store.entries.create(f"spiffe://{TD}/c/{n}", parents[n - 1], ["unix:uid:1"])
     got = store.entries.list_by_parents(parents)
-    assert _ids(got) == {f"spiffe://{TD}/c/{n}" for n in (1, 600, 1200)}
-    assert store.entries.list_by_parents([]) == []
+    assert _ids(got.entries) == {f"spiffe://{TD}/c/{n}" for n in (1, 600, 1200)}
+    assert got.parents == frozenset()
+    assert store.entries.list_by_parents([]) == ([], frozenset())
+
+
+def test_list_by_parents_says_which_entries_are_parents(store: Datastore) -> None:
+    top = f"spiffe://{TD}/top"
+    store.entries.create(f"spiffe://{TD}/group", top, ["unix:uid:1"])
+    store.entries.create(f"spiffe://{TD}/leaf", top, ["unix:uid:2"])
+    store.entries.create(f"spiffe://{TD}/under", f"spiffe://{TD}/group", ["unix:uid:3"])
+    got = store.entries.list_by_parents([top])
+    assert _ids(got.entries) == {f"spiffe://{TD}/group", f"spiffe://{TD}/leaf"}
+    assert got.parents == {SpiffeId.parse(f"spiffe://{TD}/group")}

@@ -11,7 +11,8 @@ entries under X are reached by the same walk.
 
 The walk queries one whole level of the tree at a time
 (:meth:`EntryRepository.list_by_parents`), so an agent that owns 1,000 of
-10,000 entries costs a few queries, not one per entry.  It is cycle-safe (a
+10,000 entries costs a few queries, not one per entry; each level's query also
+says which of its entries have children, and the walk stops where none do.  It is cycle-safe (a
 parent is expanded once), stops at :data:`MAX_DEPTH` levels, and leaves
 expired entries out: their children are not reached through them either, as
 once the datastore prunes them.
@@ -66,10 +67,12 @@ def entries_for_agent(
         if not frontier:
             break
         expanded |= frontier
-        children = [e for e in datastore.entries.list_by_parents(frontier) if not _expired(e, now)]
+        level = datastore.entries.list_by_parents(frontier)
+        children = [e for e in level.entries if not _expired(e, now)]
         for entry in children:
             found.setdefault(entry.id, entry)
-        frontier = {e.spiffe_id for e in children}
+        # Only a child that is some entry's parent has a level below it to ask for.
+        frontier = {e.spiffe_id for e in children if e.spiffe_id in level.parents}
     return [found[k] for k in sorted(found)]
 
 

@@ -111,7 +111,7 @@ def _check_path(
     if pattern is not None and pattern.fullmatch(path):
         # The whole rule in one C call (issue 11, "Speed"); a path it does not match
         # takes the walk below, which refuses it and names the broken rule (same
-        # verdicts: tests/identity/test_fast_paths.py).
+        # verdicts: tests/identity/test_identity_fast_paths.py).
         return path
     if not path:
         return path

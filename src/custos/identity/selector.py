@@ -53,7 +53,7 @@ def check_selector_type(value: object) -> str:
     """Return *value* if it is a valid selector type (also the rule for plugin names)."""
     if isinstance(value, str) and _TYPE_PATTERN.fullmatch(value):
         # The whole rule in one C call; anything else takes the checks below, which
-        # refuse it and say why (same verdicts: tests/identity/test_fast_paths.py).
+        # refuse it and say why (same verdicts: tests/identity/test_identity_fast_paths.py).
         return value
     value = _bounded_str(value, "type", MAX_SELECTOR_TYPE_LENGTH)
     bad = next((ch for ch in value if ch not in _TYPE_CHARS), None)
@@ -72,7 +72,7 @@ def check_selector_value(value: object) -> str:
         # str.isprintable is False for every character of the refused categories
         # (and for Co, Cn and Zs other than " ", which are allowed), so a printable
         # value needs no per-character lookup: one C pass instead of one
-        # unicodedata.category call per character (tests/identity/test_fast_paths.py).
+        # unicodedata.category call per character (tests/identity/test_identity_fast_paths.py).
         return value
     for ch in value:
         if unicodedata.category(ch) in _REFUSED_CATEGORIES:

@@ -203,7 +203,7 @@ def _issuer_rounds(rounds: int) -> tuple[list[float], list[float]]:
     from custos.server.audit import Auditor
     from custos.server.context import server_id
     from custos.server.datastore import Datastore
-    from custos.server.entitlement import entries_for_agent
+    from custos.server.entitlement import Entitlement
     from custos.server.issuer import CustodyEvidence, Issuer, X509Request
     from custos.server.metrics import ServerMetrics
     from custos.server.signing_keys import SigningKeys
@@ -232,7 +232,7 @@ def _issuer_rounds(rounds: int) -> tuple[list[float], list[float]]:
             wit_keys=managers[2],
             auditor=Auditor(store),
             metrics=ServerMetrics(),
-            entitlement=lambda agent: entries_for_agent(store, agent, own),
+            entitlement=Entitlement(store, own),
         )
         agent_id = SpiffeId.parse(f"spiffe://{td.name}/custos/agent/join_token/bench")
         agent = store.agents.attested(

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from custos._files import UnreadableFileError, read_small_file
 from custos._proto import agent_v1_pb2
 from custos.errors import CustosError
-from custos.identity import SpiffeId, TrustDomain
+from custos.identity import TrustDomain
 from custos.keys import KeyStore, open_key_store
 from custos.keys.config import KeyStoreConfig
 from custos.plugin.catalog import PluginConfig, ServerCatalog
@@ -37,8 +37,8 @@ from custos.server.agent_api import attestation, bundles, entries, svids
 from custos.server.audit import Auditor
 from custos.server.config import CaConfig, ServerConfig
 from custos.server.context import ServerContext, server_id
-from custos.server.datastore import Agent, Datastore, DatastoreUnavailableError, RegistrationEntry
-from custos.server.entitlement import entries_for_agent
+from custos.server.datastore import Datastore, DatastoreUnavailableError
+from custos.server.entitlement import Entitlement
 from custos.server.events import ChangeEvents
 from custos.server.federation import MAX_PEM_BYTES, federation_listener
 from custos.server.health import OVERALL, AgentApiHealth
@@ -222,7 +222,7 @@ class Server:
             wit_keys=wit_keys,
             auditor=auditor,
             metrics=metrics,
-            entitlement=_entitlement(datastore, own_id),
+            entitlement=Entitlement(datastore, own_id),
         )
         events = ChangeEvents(
             datastore,
@@ -473,15 +473,6 @@ def _kids(ctx: ServerContext) -> frozenset[str]:
     return frozenset(
         k.kid for keys in (ctx.ca_keys, ctx.jwt_keys, ctx.wit_keys) for k in keys.keys()
     )
-
-
-def _entitlement(
-    datastore: Datastore, own_id: SpiffeId
-) -> Callable[[Agent], list[RegistrationEntry]]:
-    def entitled(agent: Agent) -> list[RegistrationEntry]:
-        return entries_for_agent(datastore, agent, own_id)
-
-    return entitled
 
 
 def _operations_listener(address: str, ctx: ServerContext, health: AgentApiHealth) -> HttpListener:

@@ -16,11 +16,19 @@ says which of its entries have children, and the walk stops where none do.  It i
 parent is expanded once), stops at :data:`MAX_DEPTH` levels, and leaves
 expired entries out: their children are not reached through them either, as
 once the datastore prunes them.
+
+:class:`Entitlement` remembers each agent's walk until the datastore's entry change
+feed moves or the first entry on it expires (decision 0127): every call still reads
+the feed's position (one indexed ``max``), so a change made through any server is seen
+by the very next call, as without it.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 
 from custos.identity import SpiffeId
 from custos.server.datastore.records import Agent, RegistrationEntry
@@ -31,14 +39,24 @@ from custos.server.datastore.store import Datastore
 MAX_DEPTH = 16
 
 
+#: Agents whose walk :class:`Entitlement` keeps (least recently used go first): a
+#: server's agents, with room to spare; an agent past it is walked on every call.
+MAX_REMEMBERED_AGENTS = 4096
+
+
 def alias_ids(datastore: Datastore, agent: Agent, server_id: SpiffeId) -> list[SpiffeId]:
     """The node alias IDs of ``agent``: entries under the server whose selectors
     are all among the agent's node selectors (unexpired ones only)."""
+    return [e.spiffe_id for e in _aliases(datastore, agent, server_id, time.time())]
+
+
+def _aliases(
+    datastore: Datastore, agent: Agent, server_id: SpiffeId, now: float
+) -> list[RegistrationEntry]:
     if not agent.selectors:
         return []
-    now = time.time()
     return [
-        e.spiffe_id
+        e
         for e in datastore.entries.list(
             parent_id=server_id, selectors=agent.selectors, match="subset"
         )
@@ -54,10 +72,19 @@ def entries_for_agent(
     An evicted or banned agent gets none: its credentials are no longer good
     for anything, whatever the caller checked before.
     """
+    return _walk(datastore, agent, server_id)[0]
+
+
+def _walk(
+    datastore: Datastore, agent: Agent, server_id: SpiffeId
+) -> tuple[list[RegistrationEntry], float]:
+    """:func:`entries_for_agent`, and until when its answer stands without a change
+    to the entries: the earliest expiry among the entries it walked (aliases too)."""
     if agent.evicted or agent.banned:
-        return []
+        return [], float("inf")
     now = time.time()
-    frontier = {agent.id, *alias_ids(datastore, agent, server_id)}
+    aliases = _aliases(datastore, agent, server_id, now)
+    frontier = {agent.id, *(e.spiffe_id for e in aliases)}
     # The server's own ID is never a parent to walk from: its children are the
     # alias entries, which every agent would otherwise get.
     expanded = {server_id}
@@ -73,7 +100,55 @@ def entries_for_agent(
             found.setdefault(entry.id, entry)
         # Only a child that is some entry's parent has a level below it to ask for.
         frontier = {e.spiffe_id for e in children if e.spiffe_id in level.parents}
-    return [found[k] for k in sorted(found)]
+    ends = [e.expires_at for e in (*aliases, *found.values()) if e.expires_at is not None]
+    return [found[k] for k in sorted(found)], min(ends, default=float("inf"))
+
+
+@dataclass(frozen=True)
+class _Walked:
+    feed_seq: int
+    valid_until: float
+    entries: tuple[RegistrationEntry, ...]
+
+
+class Entitlement:
+    """:func:`entries_for_agent` for the issuer, remembered per agent (its ID and node
+    selectors) while nothing it depends on moved (decision 0127).
+
+    Each call reads the entry change feed's position first (every entry create,
+    update and delete adds to it in its own transaction, on every server) and walks
+    again when it moved since the remembered walk, or when the walk's earliest entry
+    expiry has passed. Reading the position before the walk means a change that
+    commits during the walk makes the next call walk again, never the reverse.
+    Evicted and banned agents are answered before anything is remembered.
+    """
+
+    def __init__(
+        self, datastore: Datastore, server_id: SpiffeId, *, max_agents: int = MAX_REMEMBERED_AGENTS
+    ) -> None:
+        self._datastore = datastore
+        self._server_id = server_id
+        self._max_agents = max_agents
+        self._walked: OrderedDict[tuple[SpiffeId, tuple[object, ...]], _Walked] = OrderedDict()
+        self._lock = threading.Lock()  # worker threads of the Agent API share it
+
+    def __call__(self, agent: Agent) -> list[RegistrationEntry]:
+        if agent.evicted or agent.banned:
+            return []
+        seq = self._datastore.entries.last_change_seq()
+        key = (agent.id, tuple(agent.selectors))
+        with self._lock:
+            walked = self._walked.get(key)
+            if walked is not None and walked.feed_seq == seq and time.time() < walked.valid_until:
+                self._walked.move_to_end(key)
+                return list(walked.entries)
+        entries, valid_until = _walk(self._datastore, agent, self._server_id)
+        with self._lock:
+            self._walked[key] = _Walked(seq, valid_until, tuple(entries))
+            self._walked.move_to_end(key)
+            while len(self._walked) > self._max_agents:
+                self._walked.popitem(last=False)
+        return entries
 
 
 def _expired(entry: RegistrationEntry, now: float) -> bool:

@@ -272,8 +272,17 @@ class Issuer:
 
     # -- workload credentials -------------------------------------------------------
 
-    def x509_svids(self, agent: Agent, requests: Sequence[X509Request]) -> list[Issued]:
-        """X.509-SVIDs for a batch of CSRs, one :class:`Issued` per request, in order."""
+    def x509_svids(
+        self,
+        agent: Agent,
+        requests: Sequence[X509Request],
+        *,
+        then: Callable[[], None] | None = None,
+    ) -> list[Issued]:
+        """X.509-SVIDs for a batch of CSRs, one :class:`Issued` per request, in order.
+
+        ``then`` runs in the batch's unit of work, also when every request was refused
+        (the call's deferred writes: its proof's replay row, decision 0128)."""
         self._check_batch("x509-svid", agent, requests)
         entries = self._entitled(agent)
         reserved = self._reserved_dns_names()
@@ -309,7 +318,7 @@ class Issuer:
                 signer.kid,
             )
             out.append(Issued(request.entry_id, entry.spiffe_id, svid, not_after))
-        self._commit(batch, self.ca_keys)
+        self._commit(batch, self.ca_keys, then=then)
         return out
 
     def wits(self, agent: Agent, requests: Sequence[WitRequest]) -> list[Issued]:
@@ -620,10 +629,11 @@ class Issuer:
         (nothing returned) if any fails."""
         parts = [(batch, keys)] if also is None else [(batch, keys), also]
         events = [e for b, _ in parts for e in b.events]
-        if not events:
+        if not events and then is None:
             return
         with self.datastore.unit_of_work():
-            self.auditor.record_many(events)
+            if events:
+                self.auditor.record_many(events)
             for part, manager in parts:
                 for kid, not_after in part.expiries.items():
                     manager.note_issued(kid, not_after)

@@ -29,7 +29,7 @@ from custos.server.datastore.errors import (
 from custos.server.issuer import IssuanceArgumentError, NotEntitledError
 from custos.server.metrics import note_store_unavailable
 from custos.server.signing_keys import SigningKeyError
-from custos.wimse.errors import WitError, WptError
+from custos.wimse.errors import ReplayError, WitError, WptError
 from custos.wimse.replay import ReplayCacheUnavailableError
 from custos.x509.errors import CsrError
 
@@ -83,6 +83,7 @@ _BY_CLASS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AgentApiAuthError, grpc.StatusCode.UNAUTHENTICATED),
     (WitError, grpc.StatusCode.UNAUTHENTICATED),
     (WptError, grpc.StatusCode.UNAUTHENTICATED),  # WptReplayError included
+    (ReplayError, grpc.StatusCode.UNAUTHENTICATED),  # a proof used by a concurrent call
     (AgentApiForbiddenError, grpc.StatusCode.PERMISSION_DENIED),
     (NotEntitledError, grpc.StatusCode.PERMISSION_DENIED),
     (JoinTokenError, grpc.StatusCode.PERMISSION_DENIED),

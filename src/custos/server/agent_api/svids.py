@@ -57,14 +57,17 @@ class SvidsServicer(agent_v1_pb2_grpc.SvidsServicer):
 
         def issue() -> agent_v1_pb2.BatchNewX509SVIDResponse:
             # Authentication, issuance and the reply in one worker-thread call: one
-            # hand-off to the thread and back per batch, not two.
-            agent = verify_call(self._ctx, metadata, SERVICE, "BatchNewX509SVID")
+            # hand-off to the thread and back per batch, not two. The proof's replay
+            # row is checked now and written in the issuance's unit of work: one
+            # commit per batch (decision 0128).
+            with self._ctx.datastore.deferring_writes() as deferred:
+                agent = verify_call(self._ctx, metadata, SERVICE, "BatchNewX509SVID")
             requests = [
                 X509Request(p.entry_id, p.csr, custody_from_proto(p.custody))
                 for p in request.params
             ]
             results = []
-            for item in self._ctx.issuer.x509_svids(agent, requests):
+            for item in self._ctx.issuer.x509_svids(agent, requests, then=deferred.run):
                 svid = item.credential
                 results.append(
                     agent_v1_pb2.X509SVIDResult(

@@ -206,6 +206,13 @@ def deferring_writes(engine: Engine) -> Iterator[DeferredWrites]:
         _deferred.reset(token)
 
 
+def is_deferring(engine: Engine) -> bool:
+    """Whether a :func:`deferring_writes` on ``engine`` is open here (a check that may
+    refuse early can then run before its write is collected)."""
+    deferred = _deferred.get()
+    return deferred is not None and deferred.engine is engine
+
+
 def defer_write(engine: Engine, write: Callable[[], object]) -> bool:
     """Collect ``write`` when a :func:`deferring_writes` on ``engine`` is open here
     (True), else do nothing (False: the caller writes now)."""

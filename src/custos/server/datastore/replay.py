@@ -8,18 +8,26 @@ in the same transaction before the insert, so an expired proof id may be used
 again; every other expired row is pruned at most once a minute per cache
 (a delete of all expired rows on every check made concurrent servers queue on
 each other's row locks).
+
+Inside :meth:`Datastore.deferring_writes` (an X.509-SVID batch: authentication and
+issuance in one worker call, decision 0128) the check is a read now and the insert
+joins the call's unit of work, so the proof's row commits with the audit rows it
+authorised: one commit per batch, not two. Two calls racing with one proof both pass
+the read; the second's insert then fails on the primary key and its whole unit rolls
+back (:class:`custos.wimse.errors.ReplayError`): its certificates never leave.
 """
 
 from __future__ import annotations
 
 import time
 
-from sqlalchemy import Engine, and_, delete, insert
+from sqlalchemy import Engine, and_, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from custos.server.datastore.database import transaction
+from custos.server.datastore.database import defer_write, is_deferring, transaction
 from custos.server.datastore.errors import DatastoreUnavailableError
 from custos.server.datastore.schema import replay
+from custos.wimse.errors import ReplayError
 from custos.wimse.replay import ReplayCacheUnavailableError, check_finite_times, entry_key
 
 #: Seconds between two prunes of every expired row (per cache object).
@@ -51,6 +59,13 @@ class DatastoreReplayCache:
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + PRUNE_INTERVAL
             self.prune(now=at)
+        if expires_at > at and is_deferring(self._engine):
+            if self._seen(key, at):
+                return False  # refused now: nothing collected
+            return defer_write(self._engine, lambda: self._store_deferred(key, at, expires_at))
+        return self._store(key, at, expires_at)
+
+    def _store(self, key: str, at: float, expires_at: float) -> bool:
         try:
             with transaction(self._engine) as conn:
                 conn.execute(
@@ -64,3 +79,21 @@ class DatastoreReplayCache:
         except DatastoreUnavailableError as exc:
             raise ReplayCacheUnavailableError(exc.message) from None
         return True
+
+    def _seen(self, key: str, at: float) -> bool:
+        """A live row for ``key`` (the deferred check's early read)."""
+        try:
+            with transaction(self._engine, read_only=True) as conn:
+                row = conn.execute(
+                    select(replay.c.key).where(and_(replay.c.key == key, replay.c.expires_at > at))
+                ).first()
+        except DatastoreUnavailableError as exc:
+            raise ReplayCacheUnavailableError(exc.message) from None
+        return row is not None
+
+    def _store_deferred(self, key: str, at: float, expires_at: float) -> None:
+        """The deferred insert, run inside the caller's unit of work: a row stored
+        since the early read (a concurrent call with the same proof) refuses the
+        whole unit."""
+        if not self._store(key, at, expires_at):
+            raise ReplayError("the proof was used by a concurrent call")

@@ -289,6 +289,7 @@ class Issuer:
         signer = self.ca_keys.current()
         ca = signer.ca()
         batch = _Batch()
+        who = _AgentWho.of(agent)  # once per batch: every row names the same agent
         out: list[Issued] = []
         for request in requests:
             try:
@@ -306,9 +307,8 @@ class Issuer:
             not_after = svid.expires_at.timestamp()
             batch.add(
                 "x509-svid",
-                self._event(
+                who.event(
                     "x509-svid",
-                    agent,
                     entry.spiffe_id,
                     _serial(svid),
                     not_after,
@@ -328,6 +328,7 @@ class Issuer:
         reserved = self._reserved_dns_names()
         signer = self.wit_keys.current()
         batch = _Batch()
+        who = _AgentWho.of(agent)
         out: list[Issued] = []
         for request in requests:
             try:
@@ -347,9 +348,7 @@ class Issuer:
             )
             batch.add(
                 "wit",
-                self._event(
-                    "wit", agent, entry.spiffe_id, jti, not_after, request.custody, residency
-                ),
+                who.event("wit", entry.spiffe_id, jti, not_after, request.custody, residency),
                 signer.kid,
             )
             out.append(Issued(request.entry_id, entry.spiffe_id, token, not_after))
@@ -596,8 +595,9 @@ class Issuer:
         custody: CustodyEvidence | None,
         residency: str = "",
     ) -> AuditEvent:
-        who = _AgentWho(str(agent.id), agent.attestor, agent.selectors)
-        return who.event(event, identity, serial_or_jti, not_after, custody, residency)
+        return _AgentWho.of(agent).event(
+            event, identity, serial_or_jti, not_after, custody, residency
+        )
 
     def _check_batch(self, kind: str, agent: Agent, requests: Sequence[object]) -> None:
         if len(requests) > MAX_BATCH:
@@ -651,6 +651,10 @@ class _AgentWho:
     who: str
     attestor: str
     selectors: tuple[Selector, ...]
+
+    @classmethod
+    def of(cls, agent: Agent) -> _AgentWho:
+        return cls(str(agent.id), agent.attestor, agent.selectors)
 
     def event(
         self,

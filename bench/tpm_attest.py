@@ -229,7 +229,7 @@ def server_rows(tcti: str, ca_files: list[Path], base: Path) -> tuple[Result, Re
                     same = await _timed(lambda: attest(agent, new_key=False), N_AGAIN)
                     renewal = await _timed(lambda: attest(agent, new_key=True), N_AGAIN)
             finally:
-                await channel.close()
+                channel.close()
                 store.close()
         return first, same, renewal
 

@@ -316,7 +316,7 @@ def test_a_bundle_change_moves_the_generation_and_a_renewal_alone_does_not(
             node.replace(bundle=rotated)
             assert await bounded(source.wait_changed(after_entry)) == after_entry + 1
             assert source.bundle() is rotated
-            await node.client.channel.close()
+            node.client.channel.close()
         await custody.close()
 
     serve(rig, scenario)
@@ -369,7 +369,7 @@ def test_a_bad_credential_file_is_not_served_and_its_key_goes(
             assert not path.exists()
             with pytest.raises(KeyNotFoundError):
                 custody.store_for("exportable").info(identity.key.name)
-        await dead.client.channel.close()
+        dead.client.channel.close()
         await custody.close()
 
     serve(rig, scenario)

@@ -11,15 +11,16 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import grpc
 import pytest
+from grpclib.client import Channel
+from grpclib.const import Status
 from joserfc.jwk import ECKey
 
-from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc
+from custos._proto import agent_v1_grpc, agent_v1_pb2
 from custos.agent.client.attest import AgentIdentity, make_csr
 from custos.agent.client.calls import AgentApiClient, call_audience
 from custos.agent.client.channel import open_channel
-from custos.agent.client.errors import AgentApiError
+from custos.agent.client.errors import AgentApiError, run_call
 from custos.identity import Selector, SpiffeId
 from custos.keys import KeyStore, KeyStoreConfig, StoreKey, open_key_store
 from custos.server.agent_api.auth import verify_call
@@ -65,13 +66,13 @@ class Harness:
 
     srv: Server
     keys: KeyStore
-    channels: list[grpc.aio.Channel] = dataclasses.field(default_factory=list)
+    channels: list[Channel] = dataclasses.field(default_factory=list)
 
     @property
     def datastore(self) -> Any:
         return self.srv.ctx.datastore
 
-    def channel(self) -> grpc.aio.Channel:
+    def channel(self) -> Channel:
         channel = open_channel(
             self.srv.agent_api_address,
             bundle=self.srv.ctx.bundle(),
@@ -122,12 +123,9 @@ class Harness:
         self, agent: AgentApiClient, entry_id: str, metadata: Sequence[tuple[str, str]]
     ) -> agent_v1_pb2.NewJWTSVIDResponse:
         """NewJWTSVID with hand-made metadata (what an attacker controls)."""
-        stub = agent_v1_pb2_grpc.SvidsStub(agent.channel)
+        stub = agent_v1_grpc.SvidsStub(agent.channel)
         request = agent_v1_pb2.NewJWTSVIDRequest(entry_id=entry_id, audience=["rp"])
-        try:
-            return await stub.NewJWTSVID(request, metadata=tuple(metadata), timeout=30)
-        except grpc.aio.AioRpcError as e:
-            raise AgentApiError.from_rpc_error(e) from e
+        return await run_call(stub.NewJWTSVID(request, metadata=tuple(metadata), timeout=30))
 
     async def refused(self, attempt: Awaitable[object]) -> AgentApiError:
         with pytest.raises(AgentApiError) as info:
@@ -143,7 +141,7 @@ def serve(rig: ServerRig, keys: KeyStore, scenario: Callable[[Harness], Awaitabl
                 return await scenario(harness)
             finally:
                 for channel in harness.channels:
-                    await channel.close()
+                    channel.close()
 
     return asyncio.run(main())
 
@@ -189,19 +187,24 @@ def test_malformed_metadata_is_unauthenticated(
             "huge-wpt": auth(wit, "a" * 5000),
         }[case]
         error = await h.refused(h.jwt_call(agent, entry_id, metadata))
-        assert (error.status, error.code) == (grpc.StatusCode.UNAUTHENTICATED, code)
+        assert (error.status, error.code) == (Status.UNAUTHENTICATED, code)
         assert h.datastore.audit.since()[-1].event == "wit"  # nothing issued after setup
 
     serve(rig, keys, scenario)
 
 
-def test_metadata_past_grpcs_hard_limit_is_refused_by_grpc(rig: ServerRig, keys: KeyStore) -> None:
+def test_metadata_past_grpcs_hard_limit_is_refused(rig: ServerRig, keys: KeyStore) -> None:
+    """grpcio's client would not send 20,000 bytes of metadata (RESOURCE_EXHAUSTED);
+    the agent's client (grpclib, decision 0126) does, and the server refuses it."""
+
     async def scenario(h: Harness) -> None:
         agent = h.make_agent("n1")
         entry_id = h.entry(agent, "/svc")
         metadata = auth("a" * 20000, wpt(agent, "NewJWTSVID"))
         error = await h.refused(h.jwt_call(agent, entry_id, metadata))
-        assert error.status is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error.status is Status.UNAUTHENTICATED, error
+        assert "at most 4096 bytes" in error.message
+        assert h.datastore.audit.since()[-1].event == "wit"  # nothing issued after setup
 
     serve(rig, keys, scenario)
 
@@ -215,7 +218,7 @@ def test_a_proof_for_another_method_is_refused(rig: ServerRig, keys: KeyStore) -
         entry_id = h.entry(agent, "/svc")
         proof = wpt(agent, "BatchNewWIT")  # the right key and WIT, the wrong call
         error = await h.refused(h.jwt_call(agent, entry_id, auth(agent.identity.wit, proof)))
-        assert (error.status, error.code) == (grpc.StatusCode.UNAUTHENTICATED, "wpt_bad_audience")
+        assert (error.status, error.code) == (Status.UNAUTHENTICATED, "wpt_bad_audience")
 
     serve(rig, keys, scenario)
 
@@ -236,7 +239,7 @@ def test_a_proof_for_another_wit_is_refused(rig: ServerRig, keys: KeyStore) -> N
             profile="spiffe",
         )
         error = await h.refused(h.jwt_call(agent, entry_id, auth(other_wit, proof)))
-        assert (error.status, error.code) == (grpc.StatusCode.UNAUTHENTICATED, "wpt_wth_mismatch")
+        assert (error.status, error.code) == (Status.UNAUTHENTICATED, "wpt_wth_mismatch")
 
     serve(rig, keys, scenario)
 
@@ -247,7 +250,7 @@ def test_an_expired_proof_is_refused(rig: ServerRig, keys: KeyStore) -> None:
         entry_id = h.entry(agent, "/svc")
         proof = wpt(agent, "NewJWTSVID", now=time.time() - 600)
         error = await h.refused(h.jwt_call(agent, entry_id, auth(agent.identity.wit, proof)))
-        assert (error.status, error.code) == (grpc.StatusCode.UNAUTHENTICATED, "wpt_expired")
+        assert (error.status, error.code) == (Status.UNAUTHENTICATED, "wpt_expired")
 
     serve(rig, keys, scenario)
 
@@ -263,7 +266,7 @@ def test_a_replayed_proof_is_refused_here_and_by_another_server(
         assert first.token
 
         error = await h.refused(h.jwt_call(agent, entry_id, metadata))
-        assert (error.status, error.code) == (grpc.StatusCode.UNAUTHENTICATED, "wpt_replayed")
+        assert (error.status, error.code) == (Status.UNAUTHENTICATED, "wpt_replayed")
 
         # A second server on the same database: its own Datastore object, same tables.
         from custos.server.datastore import Datastore
@@ -302,7 +305,7 @@ def test_a_wit_signed_by_an_unknown_key_is_refused(rig: ServerRig, keys: KeyStor
         )
         proof = wpt(forged_agent, "NewJWTSVID")
         error = await h.refused(h.jwt_call(agent, entry_id, auth(forged, proof)))
-        assert (error.status, error.code) == (grpc.StatusCode.UNAUTHENTICATED, "wit_unknown_kid")
+        assert (error.status, error.code) == (Status.UNAUTHENTICATED, "wit_unknown_kid")
 
     serve(rig, keys, scenario)
 
@@ -328,7 +331,7 @@ def test_a_wit_of_a_foreign_trust_domain_is_refused(rig: ServerRig, keys: KeySto
             h.jwt_call(agent, entry_id, auth(foreign, wpt(impostor, "NewJWTSVID")))
         )
         assert (error.status, error.code) == (
-            grpc.StatusCode.UNAUTHENTICATED,
+            Status.UNAUTHENTICATED,
             "wit_unknown_trust_domain",
         )
 
@@ -355,7 +358,7 @@ def test_a_workload_wit_is_not_an_agent(rig: ServerRig, keys: KeyStore) -> None:
         error = await h.refused(
             h.jwt_call(agent, entry_id, auth(workload_wit, wpt(impostor, "NewJWTSVID")))
         )
-        assert (error.status, error.code) == (grpc.StatusCode.UNAUTHENTICATED, "not_an_agent")
+        assert (error.status, error.code) == (Status.UNAUTHENTICATED, "not_an_agent")
 
     serve(rig, keys, scenario)
 
@@ -363,14 +366,14 @@ def test_a_workload_wit_is_not_an_agent(rig: ServerRig, keys: KeyStore) -> None:
 @pytest.mark.parametrize(
     ("case", "status", "code"),
     [
-        ("evicted", grpc.StatusCode.PERMISSION_DENIED, "agent_evicted"),
-        ("banned", grpc.StatusCode.PERMISSION_DENIED, "agent_banned"),
-        ("unknown", grpc.StatusCode.UNAUTHENTICATED, "agent_not_found"),
-        ("reattested", grpc.StatusCode.UNAUTHENTICATED, "agent_wit_superseded"),
+        ("evicted", Status.PERMISSION_DENIED, "agent_evicted"),
+        ("banned", Status.PERMISSION_DENIED, "agent_banned"),
+        ("unknown", Status.UNAUTHENTICATED, "agent_not_found"),
+        ("reattested", Status.UNAUTHENTICATED, "agent_wit_superseded"),
     ],
 )
 def test_an_agent_that_may_no_longer_call_is_refused(
-    rig: ServerRig, keys: KeyStore, case: str, status: grpc.StatusCode, code: str
+    rig: ServerRig, keys: KeyStore, case: str, status: Status, code: str
 ) -> None:
     async def scenario(h: Harness) -> None:
         agent = h.make_agent("n1")
@@ -423,7 +426,7 @@ def test_a_wit_key_removed_by_another_server_is_refused_at_the_next_call(
             removed = other.signing_keys.remove_expired("wit", retired_before=far, now=far)
         assert [r.kid for r in removed] == [old]
         error = await h.refused(agent.new_jwt_svid(entry_id, ["rp"]))
-        assert (error.status, error.code) == (grpc.StatusCode.UNAUTHENTICATED, "wit_unknown_kid")
+        assert (error.status, error.code) == (Status.UNAUTHENTICATED, "wit_unknown_kid")
 
     serve(rig, keys, scenario)
 

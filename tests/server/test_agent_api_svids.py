@@ -17,11 +17,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import Encoding
+from grpclib.client import Channel
+from grpclib.const import Status
 from joserfc.jwk import ECKey
 
 from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc
 from custos.agent.client.attest import AgentIdentity, InvalidServerResponseError
 from custos.agent.client.calls import AgentApiClient, IssuedX509, WitParams, X509Params
+from custos.agent.client.channel import LimitedCodec
 from custos.agent.client.errors import AgentApiError
 from custos.agent.residency import CertifyEvidence
 from custos.bundle import BundleSet, TrustBundle
@@ -82,7 +85,7 @@ def test_x509_batch_refuses_items_alone_and_issues_the_rest(rig: ServerRig, keys
             "custody_mismatch",
             "invalid_csr",
         ]
-        assert all(r.error.status is grpc.StatusCode.OK for r in results[1:])  # type: ignore[union-attr]
+        assert all(r.error.status is Status.OK for r in results[1:])  # type: ignore[union-attr]
         assert results[1].cert_chain == () and results[1].expires_at == 0
         chain = results[0].cert_chain
         bundles = BundleSet([h.srv.ctx.bundle()])
@@ -110,7 +113,7 @@ def test_a_batch_over_the_cap_is_invalid_argument(rig: ServerRig, keys: KeyStore
         with pytest.raises(AgentApiError) as info:
             await agent.new_x509_svids([X509Params(web, csr, "memory")] * (MAX_BATCH + 1))
         assert (info.value.status, info.value.code) == (
-            grpc.StatusCode.INVALID_ARGUMENT,
+            Status.INVALID_ARGUMENT,
             "batch_too_large",
         )
 
@@ -147,9 +150,9 @@ def test_jwt_svid_refusals_are_statuses(rig: ServerRig, keys: KeyStore) -> None:
         theirs = h.entry(other, "/theirs")
 
         denied = await h.refused(agent.new_jwt_svid(theirs, ["rp"]))
-        assert (denied.status, denied.code) == (grpc.StatusCode.PERMISSION_DENIED, "not_entitled")
+        assert (denied.status, denied.code) == (Status.PERMISSION_DENIED, "not_entitled")
         bad = await h.refused(agent.new_jwt_svid(svc, ["a"] * 17))
-        assert (bad.status, bad.code) == (grpc.StatusCode.INVALID_ARGUMENT, "invalid_audience")
+        assert (bad.status, bad.code) == (Status.INVALID_ARGUMENT, "invalid_audience")
 
         issued = await agent.new_jwt_svid(svc, ["rp"])
         svid = validate_jwt_svid(issued.token, "rp", BundleSet([h.srv.ctx.bundle()]))
@@ -169,12 +172,12 @@ def test_an_audit_store_that_is_down_is_unavailable_and_nothing_issued(
         await asyncio.to_thread(break_audit_writes, rig.url)
 
         error = await h.refused(agent.new_jwt_svid(svc, ["rp"]))
-        assert (error.status, error.code) == (grpc.StatusCode.UNAVAILABLE, "datastore_unavailable")
+        assert (error.status, error.code) == (Status.UNAVAILABLE, "datastore_unavailable")
         assert error.retryable
         results = await h.refused(
             agent.new_x509_svids([X509Params(svc, csr_for(ec_key()), "memory")])
         )
-        assert results.status is grpc.StatusCode.UNAVAILABLE
+        assert results.status is Status.UNAVAILABLE
         assert len(h.datastore.audit.since()) == before
 
     serve(rig, keys, scenario)
@@ -184,7 +187,7 @@ def test_the_api_answers_refusals_in_one_line(rig: ServerRig, keys: KeyStore) ->
     async def scenario(h: Harness) -> None:
         agent = h.make_agent("n1")
         error = await h.refused(agent.new_jwt_svid("0" * 32, ["rp"]))
-        assert error.status is grpc.StatusCode.PERMISSION_DENIED
+        assert error.status is Status.PERMISSION_DENIED
         assert "\n" not in error.message and error.code == "not_entitled"
 
     serve(rig, keys, scenario)
@@ -246,7 +249,7 @@ def _client_against(answer: Callable[[Any], Any], scenario: Callable[[Any], Any]
             expires_at=time.time() + 600, reattestable=False,
         )  # fmt: skip
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            async with Channel("127.0.0.1", port, codec=LimitedCodec()) as channel:
                 await scenario(AgentApiClient(channel, identity, store.get("agent")))
         finally:
             store.close()

@@ -18,12 +18,13 @@ from typing import Any
 
 import grpc
 import pytest
+from grpclib.const import Status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common.grpcio_channel import grpcio_channel, status_of
 from custos._proto import agent_v1_pb2, types_v1_pb2
 from custos.agent.client.attest import make_csr
-from custos.agent.client.channel import open_channel
 from custos.agent.client.errors import AgentApiError
 from custos.keys import KeyStoreConfig, open_key_store
 from custos.server.app import Server
@@ -33,9 +34,9 @@ from .test_attestation import ACME_SECTIONS, install_acme, raw_attest
 
 LIMIT = 64 * 1024
 CLEAN = {
-    grpc.StatusCode.OK,
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.PERMISSION_DENIED,
+    Status.OK,
+    Status.INVALID_ARGUMENT,
+    Status.PERMISSION_DENIED,
 }
 
 
@@ -109,7 +110,7 @@ def csr() -> bytes:
 
 
 def channel_for(srv: Server) -> grpc.aio.Channel:
-    return open_channel(
+    return grpcio_channel(
         srv.agent_api_address,
         bundle=srv.ctx.bundle(),
         server_name=srv.ctx.config.agent_api.dns_name,
@@ -258,7 +259,7 @@ def test_bytes_that_are_not_an_attest_request_end_cleanly(
             code = await call.code()
             if code is grpc.StatusCode.OK:
                 return None
-            return AgentApiError.from_status(code, await call.details() or "")
+            return AgentApiError.from_status(status_of(code), await call.details() or "")
 
     # grpc does not answer undecodable bytes by itself: grpcio deserializes inside
     # context.read(), in our handler, which turns DecodeError into attestation_protocol.
@@ -273,13 +274,13 @@ def test_bytes_that_are_not_an_attest_request_end_cleanly(
         # The server's own answer, from its log (it logs before it ends the call).
         assert server_log.refusals[seen:] == [("INVALID_ARGUMENT", code)], frames
         assert error is not None, frames
-        if error.status is grpc.StatusCode.INTERNAL and len(frames) > 1:
+        if error.status is Status.INTERNAL and len(frames) > 1:
             # The one client-side exception (see clean()): the server ended the call
             # while the client was still writing its second frame, and grpcio reported
             # the failed write locally; the server's answer was checked just above.
             assert error.code == "agent_api_internal", error
         else:
-            assert (error.status, error.code) == (grpc.StatusCode.INVALID_ARGUMENT, code)
+            assert (error.status, error.code) == (Status.INVALID_ARGUMENT, code)
     assert server_log.tracebacks == []
 
 

@@ -10,7 +10,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 from grpclib.const import Status
 
@@ -90,12 +89,14 @@ def test_database_gone_is_unavailable_and_the_server_recovers_without_restart(
                 assert refused.value.code == "datastore_unavailable"
                 with pytest.raises(AgentApiError) as unavailable:
                     await agent.client.new_x509_svids(request)
-                assert unavailable.value.status is grpc.StatusCode.UNAVAILABLE
+                assert unavailable.value.status is Status.UNAVAILABLE
                 assert unavailable.value.retryable
                 # Agent API calls refused for the database are counted like admin ones.
-                assert srv.ctx.metrics.registry.get_sample_value(
-                    "custos_server_datastore_errors_total",
-                    {"operation": "/custos.agent.v1.Svids/BatchNewX509SVID"},
+                assert await eventually(
+                    lambda: srv.ctx.metrics.registry.get_sample_value(
+                        "custos_server_datastore_errors_total",
+                        {"operation": "/custos.agent.v1.Svids/BatchNewX509SVID"},
+                    )
                 )
                 assert not await admin_health(rig.admin_socket)
                 assert srv.federation_address is not None
@@ -165,7 +166,7 @@ def test_a_restart_keeps_entries_tokens_agents_keys_and_bundle(
                 )
                 assert not issued[0].error
             finally:
-                await client.channel.close()
+                client.channel.close()
             # The consumed token stays consumed; the unused one still works once.
             with pytest.raises(AgentApiError):
                 await join_token_agent(srv.agent_api_address, after, used)  # type: ignore[arg-type]
@@ -236,7 +237,7 @@ def test_sigkill_during_batch_issuance_leaves_no_half_written_state(
                 issued = await client.new_x509_svids([X509Params(entry_id, new_csr(), "memory")])
                 assert not issued[0].error
             finally:
-                await client.channel.close()
+                client.channel.close()
 
         asyncio.run(after_restart())
 
@@ -277,3 +278,12 @@ async def _load_then_kill(
             w.cancel()
         await agent.close()
     return received, agent, entry.id, bundle
+
+
+async def eventually(read: Callable[[], object], timeout: float = 5.0) -> object:
+    """``read()`` once it is truthy (a server metric is counted after the reply has
+    left: the agent's client, grpclib, can see the reply first)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (value := read()) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    return value

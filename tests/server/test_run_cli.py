@@ -226,7 +226,7 @@ async def _agent_of_one_served_by_the_other(rigs: list[ServerRig]) -> None:
                 issued = await client.new_x509_svids([X509Params(entry.id, new_csr(), "memory")])
                 assert issued[0].error is None
             finally:
-                await client.channel.close()
+                client.channel.close()
     finally:
         await agent.close()
 

@@ -10,8 +10,8 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-import grpc
 import pytest
+from grpclib.const import Status
 
 from custos._proto import types_v1_pb2
 from custos.agent.client.errors import AgentApiError
@@ -59,7 +59,7 @@ def test_streams_end_when_the_wit_that_opened_them_expires() -> None:
             await bounded(anext(entries))
             await bounded(anext(bundles))
             for error in (await ended(entries), await ended(bundles)):
-                assert (error.status, error.code) == (grpc.StatusCode.UNAVAILABLE, "wit_expired")
+                assert (error.status, error.code) == (Status.UNAVAILABLE, "wit_expired")
                 assert error.retryable
 
     serve(rig, scenario)
@@ -94,7 +94,7 @@ def test_streams_end_when_the_agent_attests_again() -> None:
                     )
                 )
             error = await ended(stream)
-            assert (error.status, error.code) == (grpc.StatusCode.UNAVAILABLE, "agent_reattested")
+            assert (error.status, error.code) == (Status.UNAVAILABLE, "agent_reattested")
 
     serve(rig, scenario)
 
@@ -112,7 +112,7 @@ def test_one_agent_holds_at_most_eight_streams() -> None:
             extra = sync_entries(agent.client)
             error = await ended(extra)
             assert (error.status, error.code) == (
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Status.RESOURCE_EXHAUSTED,
                 "too_many_streams",
             )
             assert error.retryable

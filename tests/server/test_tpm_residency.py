@@ -23,9 +23,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from grpclib.const import Status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tpm2_pytss.constants import TPMA_OBJECT
@@ -421,7 +421,7 @@ def test_an_agent_key_certified_by_another_ak_is_refused(rig: ServerRig, tpm: Tp
     async def scenario(h: Harness) -> None:
         key = tpm.key("agent")
         error = await h.refused(attest(h, key, tpm.ak_public, Certifier(tpm, tpm.new_ak())))
-        assert (error.status, error.code) == (grpc.StatusCode.PERMISSION_DENIED, "bad_signature")
+        assert (error.status, error.code) == (Status.PERMISSION_DENIED, "bad_signature")
         assert h.datastore.agents.list() == [] and h.datastore.audit.since() == []
 
     serve(rig, tpm.store, scenario)
@@ -433,7 +433,7 @@ def test_an_agent_key_in_the_tpm_tier_without_evidence_is_refused_on_a_node_with
     async def scenario(h: Harness) -> None:
         error = await h.refused(attest(h, tpm.key("agent"), tpm.ak_public, None))
         assert (error.status, error.code) == (
-            grpc.StatusCode.PERMISSION_DENIED,
+            Status.PERMISSION_DENIED,
             "residency_unproven",
         )
         assert h.datastore.agents.list() == []
@@ -498,12 +498,12 @@ def test_an_agent_whose_node_has_no_ak_is_attested_with_residency_unproven(
 @pytest.mark.parametrize(
     ("size", "status", "code"),
     [
-        (1025, grpc.StatusCode.INVALID_ARGUMENT, "invalid_custody"),  # over the issuer's 1 KiB
-        (64 * 1024 + 1, grpc.StatusCode.INVALID_ARGUMENT, "attestation_protocol"),
+        (1025, Status.INVALID_ARGUMENT, "invalid_custody"),  # over the issuer's 1 KiB
+        (64 * 1024 + 1, Status.INVALID_ARGUMENT, "attestation_protocol"),
     ],
 )
 def test_an_oversized_tpm_public_is_refused_before_the_token_is_spent(
-    rig: ServerRig, tpm: Tpm, size: int, status: grpc.StatusCode, code: str
+    rig: ServerRig, tpm: Tpm, size: int, status: Status, code: str
 ) -> None:
     async def scenario(h: Harness) -> None:
         _, secret = await h.token()
@@ -518,7 +518,7 @@ def test_an_oversized_tpm_public_is_refused_before_the_token_is_spent(
                 )
             )
 
-        async with h.channel() as channel:
+        async with h.raw_channel() as channel:
             error = await h.refused(raw_attest(channel, [start(b"\x00" * size)]))
             assert (error.status, error.code) == (status, code)
             # The token is still good (and a join-token agent's evidence is only recorded).

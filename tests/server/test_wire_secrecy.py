@@ -7,8 +7,8 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterator
 
-import grpc
 import pytest
+from grpclib.const import Status
 
 from custos.agent.client.calls import X509Params
 from custos.agent.client.errors import AgentApiError
@@ -58,7 +58,7 @@ def test_a_stopped_database_is_one_fixed_line_on_the_wire(
 
             with pytest.raises(AgentApiError) as svids:
                 await agent.client.new_x509_svids([X509Params(entry.id, new_csr(), "memory")])
-            assert svids.value.status is grpc.StatusCode.UNAVAILABLE
+            assert svids.value.status is Status.UNAVAILABLE
             assert svids.value.code == "datastore_unavailable"
             assert f"{svids.value.code}: {svids.value.message}" == FIXED
             _assert_secret(str(svids.value), own_postgres)

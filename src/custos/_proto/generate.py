@@ -2,7 +2,8 @@
 
 Kept: ``*_pb2`` (+ ``.pyi``) for every file; grpcio stubs (``*_pb2_grpc``) for the
 Agent API, which the server serves with grpcio over TLS; grpclib stubs
-(``*_grpc``) for the admin API, served with grpclib on a Unix socket.
+(``*_grpc``) for the admin API, served with grpclib on a Unix socket, and for the
+Agent API's client in the agent (decision 0126: the agent runs no grpcio).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ SOURCES = (
 #: gets no stubs: its service lives at upstream's package-less paths
 #: (``/SpiffeWorkloadAPI/<Method>``), which generated stubs would get wrong.
 UNUSED = (
-    "types_v1_grpc.py", "types_v1_pb2_grpc.py", "admin_v1_pb2_grpc.py", "agent_v1_grpc.py",
+    "types_v1_grpc.py", "types_v1_pb2_grpc.py", "admin_v1_pb2_grpc.py",
     "workload_grpc.py", "workload_pb2_grpc.py",
 )
 

@@ -39,8 +39,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import grpc
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from grpclib.client import Channel
+from grpclib.const import Status
 
 from custos._files import UnreadableFileError, read_small_file
 from custos._proto import agent_v1_pb2, types_v1_pb2
@@ -78,7 +79,7 @@ _BANNED = "agent_banned"
 _RENEW_BY_ATTESTING = "renew_by_attesting"
 #: Statuses after which trying again later may work (beyond AgentApiError.retryable):
 #: a server-side fault or a response we could not use.
-_RETRY_STATUSES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+_RETRY_STATUSES = frozenset({Status.INTERNAL, Status.UNKNOWN})
 #: How long an old channel stays open after a new one replaced it (calls in flight end).
 CHANNEL_GRACE = 30.0
 #: The largest bundle file read at start.
@@ -164,7 +165,7 @@ class NodeIdentity:
         self._start_timeout = start_timeout
         self._now = now
         self._held: _Held | None = None
-        self._channel: grpc.aio.Channel | None = None
+        self._channel: Channel | None = None
         self._channel_roots: frozenset[Any] = frozenset()
         # One writer of the state file at a time (a bundle update and a renewal could
         # otherwise write in either order and leave the older identity on disk).
@@ -177,7 +178,7 @@ class NodeIdentity:
         self._failure: NodeIdentityError | None = None
         self._failed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._closing: dict[grpc.aio.Channel, asyncio.Task[None]] = {}
+        self._closing: dict[Channel, asyncio.Task[None]] = {}
         self._renew_at = 0.0
 
     # ---- what other parts use ----------------------------------------------------------
@@ -290,7 +291,7 @@ class NodeIdentity:
         # Replaced channels still in their grace period close now, with the current one.
         for channel in [*closing, self._channel]:
             if channel is not None:
-                await channel.close()
+                channel.close()
         self._channel = None
 
     async def __aenter__(self) -> NodeIdentity:
@@ -421,12 +422,12 @@ class NodeIdentity:
 
     # ---- channels ----------------------------------------------------------------------
 
-    def _verified_channel(self, bundle: TrustBundle) -> grpc.aio.Channel:
+    def _verified_channel(self, bundle: TrustBundle) -> Channel:
         return open_channel(
             self._server.address, bundle=bundle, server_name=self._server.server_name
         )
 
-    async def _bootstrap_channel(self) -> grpc.aio.Channel:
+    async def _bootstrap_channel(self) -> Channel:
         if self._server.bundle_file is not None:
             bundle = await asyncio.to_thread(
                 load_bootstrap_bundle, self._server.bundle_file, self._td
@@ -456,10 +457,14 @@ class NodeIdentity:
         self._renew_at = self._renewal_time(held)
         self._bump()
 
-    def _close_later(self, channel: grpc.aio.Channel) -> None:
+    def _close_later(self, channel: Channel) -> None:
         async def close() -> None:
-            await channel.close(grace=CHANNEL_GRACE)
-            self._closing.pop(channel, None)
+            # grpclib closes at once: calls in flight get the grace period first.
+            try:
+                await asyncio.sleep(CHANNEL_GRACE)
+            finally:
+                channel.close()
+                self._closing.pop(channel, None)
 
         self._closing[channel] = asyncio.create_task(close(), name="custos-node-old-channel")
 
@@ -484,7 +489,7 @@ class NodeIdentity:
             try:
                 await self._attest(channel)
             except AgentApiError as e:
-                await channel.close()
+                channel.close()
                 raise_if_cancelling()
                 if not _worth_retrying(e):
                     raise NodeIdentityError(
@@ -502,9 +507,9 @@ class NodeIdentity:
                 await asyncio.sleep(delay)
                 continue
             except BaseException:
-                await channel.close()
+                channel.close()
                 raise
-            await channel.close()  # _keep opened a channel that trusts the new bundle
+            channel.close()  # _keep opened a channel that trusts the new bundle
             return
 
     async def _attest_at_start(self) -> None:
@@ -526,7 +531,7 @@ class NodeIdentity:
             )
             self._reattest_reason = f"[{code}] {why}"
 
-    async def _bootstrap_channel_or_retry(self, attempt: int) -> grpc.aio.Channel | None:
+    async def _bootstrap_channel_or_retry(self, attempt: int) -> Channel | None:
         try:
             return await self._bootstrap_channel()
         except AgentApiError as e:  # the TOFU fetch could not reach the server
@@ -536,7 +541,7 @@ class NodeIdentity:
             await asyncio.sleep(delay)
             return None
 
-    async def _attest(self, channel: grpc.aio.Channel) -> _Held:
+    async def _attest(self, channel: Channel) -> _Held:
         """Attest with a fresh key; persist; delete the previous key."""
         generation = await asyncio.to_thread(self._next_generation)
         key = await asyncio.to_thread(self._new_key, generation)
@@ -666,7 +671,7 @@ class NodeIdentity:
         # RenewAgent needs a valid WIT: an expired identity can only attest again.
         return held.identity.reattestable or held.identity.expires_at <= self._now()
 
-    def _channel_for_attestation(self) -> grpc.aio.Channel:
+    def _channel_for_attestation(self) -> Channel:
         assert self._channel is not None
         return self._channel
 

@@ -32,7 +32,7 @@ from custos.errors import CustosError
 from custos.server.config import ServerConfig, load_server_config
 
 if TYPE_CHECKING:  # the rig imports the server (grpc) only when it runs one
-    import grpc
+    from grpclib.client import Channel
 
     from custos.agent.client.attest import AgentIdentity
     from custos.agent.client.calls import AgentApiClient
@@ -299,14 +299,14 @@ class RigAgent:
 
     identity: AgentIdentity
     key: StoreKey
-    channel: grpc.aio.Channel
+    channel: Channel
     client: AgentApiClient
     address: str
     bundle: TrustBundle
     server_name: str
 
     async def close(self) -> None:
-        await self.channel.close()
+        self.channel.close()
 
     def reconnect(self, address: str | None = None) -> AgentApiClient:
         """A client on a new channel (to *address*, e.g. another server), same identity."""
@@ -355,7 +355,7 @@ async def join_token_agent(
                 channel, attestor=catalog.node_attestor, key=key, custody="memory"
             )
     except BaseException:
-        await channel.close()
+        channel.close()
         raise
     return RigAgent(
         identity=identity,

@@ -9,8 +9,8 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
+from grpclib.const import Status
 
 from common import server_attestor_rig
 from common.server_attestor_rig import TD, server_rig
@@ -66,7 +66,7 @@ def test_the_same_document_attests_once_until_the_agent_is_evicted(
                 with pytest.raises(AgentApiError) as info:
                     await attest(srv, keys, imds.url, "a2")
                 assert info.value.code == "agent_already_attested"
-                assert info.value.status == grpc.StatusCode.PERMISSION_DENIED
+                assert info.value.status == Status.PERMISSION_DENIED
 
                 srv.ctx.datastore.agents.evict(first.spiffe_id)
                 again = await attest(srv, keys, imds.url, "a3")
@@ -88,7 +88,7 @@ def test_a_refusal_is_a_status_with_the_attestors_code_and_a_log_line(
                 with pytest.raises(AgentApiError) as info:
                     await attest(srv, keys, imds.url, "b1")
                 assert info.value.code == "aws_iid_signature_invalid"
-                assert info.value.status == grpc.StatusCode.PERMISSION_DENIED
+                assert info.value.status == Status.PERMISSION_DENIED
 
     asyncio.run(scenario())
     assert "node attestation with 'aws_iid' refused" in caplog.text

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
+from grpclib.const import Status
 
 from common import server_attestor_rig
 from common.server_attestor_rig import TD, server_rig
@@ -84,7 +84,7 @@ def test_another_project_is_permission_denied_and_logged(
                 with pytest.raises(AgentApiError) as info:
                     await attest(srv, keys, metadata.url, "b1")
                 assert info.value.code == "gcp_iit_project_not_allowed"
-                assert info.value.status == grpc.StatusCode.PERMISSION_DENIED
+                assert info.value.status == Status.PERMISSION_DENIED
 
     asyncio.run(scenario())
     assert "node attestation with 'gcp_iit' refused" in caplog.text

@@ -13,18 +13,27 @@ key, carry the SPIFFE ID the server named, and chain to the bundle that came wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from grpclib.client import Channel, Stream
+from grpclib.exceptions import ProtocolError, StreamTerminatedError
+from h2.exceptions import H2Error
 
-from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc, types_v1_pb2
-from custos.agent.client.errors import AgentApiError
+from custos._proto import agent_v1_grpc, agent_v1_pb2, types_v1_pb2
+from custos.agent.client.errors import (
+    CALL_ERRORS,
+    InvalidServerResponseError,
+    own_task,
+    run_call,
+    translated,
+)
 from custos.agent.residency import CertifyEvidence, KeyResidency
 from custos.bundle import BundleError, BundleSet, TrustBundle
 from custos.errors import CustosError
@@ -47,14 +56,9 @@ AGENT_KEY_ALGORITHMS = ("ES256", "ES384", "RS256", "PS256")
 MAX_CHAIN_CERTIFICATES = 16
 
 
-class InvalidServerResponseError(AgentApiError):
-    """The server's answer broke the protocol or does not fit the request (a
-    certificate for another key, a chain that does not verify, a missing result)."""
-
-    code = "agent_api_bad_response"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=grpc.StatusCode.UNKNOWN, code=self.code)
+#: After the result, how long the agent waits for the server to end the call (its
+#: status) once it has half-closed; the result is kept whatever happens then.
+END_WAIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -222,31 +226,52 @@ def identity_from_proto(message: agent_v1_pb2.AgentIdentity, key: StoreKey) -> A
     )
 
 
-async def _ended(call: Any) -> AgentApiError:
-    """Why the server ended ``call`` without a result (its status and detail line)."""
-    code = await call.code()
-    if code is grpc.StatusCode.OK:
-        return InvalidServerResponseError("the server ended the attestation without a result")
-    return AgentApiError.from_status(code, await call.details() or "")
+class _Ended(StreamTerminatedError):
+    """The server ended the call without a result: raised inside the stream's context,
+    whose exit replaces it by the server's status when that is an error."""
 
 
 class _Exchange:
     """The agent half's ``exchange`` over one ``AttestAgent`` stream.
 
-    ``key()`` makes the start message's key request once the agent half has made its
-    payload: a TPM attestor creates its AK there, and certifies the key with it."""
+    Every message from the server is read by one reader task (:meth:`read_all`), so
+    that the end of the call (a refusal, the deadline, a lost connection) is seen even
+    while the agent half is computing its next answer.  ``key()`` makes the start
+    message's key request once the agent half has made its payload: a TPM attestor
+    creates its AK there, and certifies the key with it."""
 
     def __init__(
         self,
-        call: Any,
+        stream: Stream[agent_v1_pb2.AttestAgentRequest, agent_v1_pb2.AttestAgentResponse],
         attestor: str,
         key: Callable[[], Awaitable[agent_v1_pb2.AgentKeyRequest]],
     ) -> None:
-        self._call = call
+        self._stream = stream
         self._attestor = attestor
         self._key = key
         self._started = False
+        #: Messages read and not yet taken; ``None`` after the last one.
+        self._replies: asyncio.Queue[agent_v1_pb2.AttestAgentResponse | None] = asyncio.Queue()
+        self._unread = 0
         self.result: agent_v1_pb2.AgentIdentity | None = None
+
+    async def read_all(self) -> None:
+        """Read until the server ends the call (returns) or it fails (raises)."""
+        try:
+            while (message := await own_task(self._stream.recv_message())) is not None:
+                self._unread += 1
+                self._replies.put_nowait(message)
+        finally:
+            self._replies.put_nowait(None)  # after the last message: no more
+
+    async def _end(self) -> None:
+        while await self._replies.get() is not None:
+            pass
+        self._replies.put_nowait(None)
+
+    def unread(self) -> bool:
+        """Whether a message the server sent waits to be taken."""
+        return self._unread > 0
 
     async def __call__(self, message: bytes) -> bytes | None:
         if not self._started:
@@ -258,13 +283,16 @@ class _Exchange:
         else:
             request = agent_v1_pb2.AttestAgentRequest(challenge_response=message)
         try:
-            await self._call.write(request)
-        except asyncio.InvalidStateError:
-            # The server already ended the call (a refusal, its deadline).
-            raise await _ended(self._call) from None
-        response = await self._call.read()
-        if response is grpc.aio.EOF:
-            raise await _ended(self._call)
+            await own_task(self._stream.send_message(request))
+        except (StreamTerminatedError, ProtocolError, H2Error):
+            # The server already ended the call (a refusal, its deadline): its status,
+            # which the reader is about to see, says why.
+            await asyncio.wait_for(self._end(), END_WAIT)
+        response = await self._replies.get()
+        if response is None:
+            self._replies.put_nowait(None)
+            raise _Ended("the server ended the attestation without a result")
+        self._unread -= 1
         step = response.WhichOneof("step")
         if step == "challenge":
             return bytes(response.challenge)
@@ -275,7 +303,7 @@ class _Exchange:
 
 
 async def attest_agent(
-    channel: grpc.aio.Channel,
+    channel: Channel,
     *,
     attestor: LoadedAgentNodeAttestor,
     key: StoreKey,
@@ -299,38 +327,85 @@ async def attest_agent(
         # the CSR and that certify in one worker-thread call, keeping the loop free.
         return await asyncio.to_thread(signed_key_request, key, custody, residency)
 
-    stub = agent_v1_pb2_grpc.AttestationStub(channel)  # type: ignore[no-untyped-call]
-    call = stub.AttestAgent(timeout=timeout)
-    exchange = _Exchange(call, name, request_key)
+    stub = agent_v1_grpc.AttestationStub(channel)
+    stream = stub.AttestAgent.open(timeout=timeout)
+    exchange = _Exchange(stream, name, request_key)
     try:
-        # No half-close: the server ends the call as soon as it has sent the result.
-        await _until_call_ends(attestor.attest(exchange), call)
-    except grpc.RpcError as e:
-        raise AgentApiError.from_rpc_error(e) from e
-    finally:
-        # Hang up whatever happened (a plugin error, a cancelled task): the server
-        # writes nothing for an attestation it could not finish.
-        call.cancel()
-    if exchange.result is None:
-        raise await _ended(call)
+        # Leaving the context with an exception resets the stream (the server writes
+        # nothing for an attestation the agent gave up: a plugin error, a cancelled
+        # task), and turns a lost stream into the server's status when it sent one.
+        async with stream:
+            await own_task(stream.send_request())
+            await _exchange(attestor, exchange, stream)
+    except Exception as e:
+        if exchange.result is None:
+            if isinstance(e, _Ended):  # the server's status was OK
+                raise InvalidServerResponseError(str(e)) from e
+            if isinstance(e, CALL_ERRORS):
+                raise translated(e) from e
+            raise
+        # The result was read: what went wrong afterwards (the end of the call) does
+        # not take it away.
+    assert exchange.result is not None
     return await asyncio.to_thread(identity_from_proto, exchange.result, key)
 
 
-async def _until_call_ends(work: Awaitable[None], call: Any) -> None:
+async def _exchange(
+    attestor: LoadedAgentNodeAttestor,
+    exchange: _Exchange,
+    stream: Stream[agent_v1_pb2.AttestAgentRequest, agent_v1_pb2.AttestAgentResponse],
+) -> None:
+    """Run the agent half against the reader; on a result, half-close and give the
+    server a moment to end the call.
+
+    grpclib drops what it has received but not yet handed out when the stream is
+    reset (grpclib #52), and an HTTP/2 server that ends a call the client has not
+    half-closed resets it: so the server waits for this half-close after the
+    result (decision 0126)."""
+    reader = asyncio.ensure_future(exchange.read_all())
+    try:
+        await _until_call_ends(attestor.attest(exchange), reader, exchange)
+        if exchange.result is None:
+            # The agent half returned without the server's result: the server ended
+            # the call (its status, when an error, replaces this on the stream's exit).
+            raise _Ended("the server ended the attestation without a result")
+        with contextlib.suppress(Exception):
+            await own_task(stream.end())
+            await asyncio.wait_for(asyncio.shield(reader), END_WAIT)
+        if not reader.done() or reader.cancelled() or reader.exception() is not None:
+            # No clean end from the server: hang up instead of waiting for its status.
+            with contextlib.suppress(Exception):
+                await own_task(stream.cancel())
+    finally:
+        if not reader.done():
+            reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+
+
+async def _until_call_ends(
+    work: Awaitable[None], reader: asyncio.Future[None], exchange: _Exchange
+) -> None:
     """Run the agent half, but stop it when the server ends the call (a refusal or the
     server's deadline while the agent half is still computing an answer)."""
     flow = asyncio.ensure_future(work)
-    ended = asyncio.ensure_future(call.code())
     try:
-        await asyncio.wait({flow, ended}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({flow, reader}, return_when=asyncio.FIRST_COMPLETED)
+        if not flow.done() and exchange.unread():
+            # The call ended right after its last message (a result): let the agent
+            # half take it.
+            await asyncio.wait({flow})
     finally:
-        ended.cancel()
         if not flow.done():
             flow.cancel()
             # The agent half's own clean-up runs; its errors do not hide the server's status.
             await asyncio.gather(flow, return_exceptions=True)
-    if not flow.cancelled():
-        flow.result()
+    flow_error = None if flow.cancelled() else flow.exception()
+    if exchange.result is None and reader.done() and not reader.cancelled():
+        error = reader.exception()
+        if error is not None:
+            raise error  # the call's end: the server's status, the deadline, a lost link
+    if flow_error is not None:
+        raise flow_error
 
 
 async def renew_agent(
@@ -349,12 +424,9 @@ async def renew_agent(
     check_agent_key(key)
     key_req = await asyncio.to_thread(signed_key_request, key, custody, residency)
     request = agent_v1_pb2.RenewAgentRequest(key=key_req)
-    stub = agent_v1_pb2_grpc.AttestationStub(client.channel)  # type: ignore[no-untyped-call]
+    stub = agent_v1_grpc.AttestationStub(client.channel)
     metadata = await asyncio.to_thread(client.metadata, SERVICE, "RenewAgent")
-    try:
-        response = await stub.RenewAgent(request, metadata=metadata, timeout=timeout)
-    except grpc.RpcError as e:
-        raise AgentApiError.from_rpc_error(e) from e
+    response = await run_call(stub.RenewAgent(request, metadata=metadata, timeout=timeout))
     return await asyncio.to_thread(identity_from_proto, response, key)
 
 
@@ -362,6 +434,7 @@ __all__ = [
     "AGENT_KEY_ALGORITHMS",
     "CUSTODY_TIERS",
     "DEFAULT_TIMEOUT",
+    "END_WAIT",
     "SERVICE",
     "AgentIdentity",
     "InvalidServerResponseError",

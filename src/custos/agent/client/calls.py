@@ -24,17 +24,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from cryptography import x509
+from grpclib.client import Channel
 
-from custos._proto import agent_v1_pb2, agent_v1_pb2_grpc, types_v1_pb2
+from custos._proto import agent_v1_grpc, agent_v1_pb2, types_v1_pb2
 from custos.agent.client.attest import (
     AgentIdentity,
     InvalidServerResponseError,
     der_chain,
     key_custody,
 )
-from custos.agent.client.errors import AgentApiError
+from custos.agent.client.errors import AgentApiError, run_call
 from custos.agent.residency import CertifyEvidence
 from custos.identity import TrustDomain
 from custos.keys import StoreKey
@@ -107,11 +107,11 @@ class AgentApiClient:
     After a renewal the agent replaces ``identity`` (and ``key`` if it changed):
     every later call carries the new WIT."""
 
-    def __init__(self, channel: grpc.aio.Channel, identity: AgentIdentity, key: StoreKey) -> None:
+    def __init__(self, channel: Channel, identity: AgentIdentity, key: StoreKey) -> None:
         self.channel = channel
         self.identity = identity
         self.key = key
-        self._svids = agent_v1_pb2_grpc.SvidsStub(channel)  # type: ignore[no-untyped-call]
+        self._svids = agent_v1_grpc.SvidsStub(channel)
 
     def metadata(self, service: str, method: str) -> tuple[tuple[str, str], ...]:
         """The WIT and a fresh WPT for one call of ``service``/``method`` (signs: call it
@@ -169,10 +169,9 @@ class AgentApiClient:
 
     async def _call(self, method: str, message: Any, timeout: float) -> Any:
         metadata = await asyncio.to_thread(self.metadata, SERVICE, method)
-        try:
-            return await getattr(self._svids, method)(message, metadata=metadata, timeout=timeout)
-        except grpc.aio.AioRpcError as e:
-            raise AgentApiError.from_rpc_error(e) from e
+        return await run_call(
+            getattr(self._svids, method)(message, metadata=metadata, timeout=timeout)
+        )
 
 
 def _custody(params: X509Params | WitParams) -> types_v1_pb2.KeyCustody:

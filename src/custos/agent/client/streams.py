@@ -18,12 +18,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-import grpc
 from google.protobuf.message import Message
+from grpclib.const import Cardinality, Status
 
 from custos._proto import agent_v1_pb2, types_v1_pb2
 from custos.agent.client.attest import CUSTODY_TIERS, InvalidServerResponseError
-from custos.agent.client.errors import AgentApiError
+from custos.agent.client.errors import CALL_ERRORS, AgentApiError, own_task, translated
 from custos.bundle import BundleError, TrustBundle
 from custos.errors import CustosError
 from custos.identity import Selector, SpiffeId, TrustDomain
@@ -155,31 +155,29 @@ async def _server_stream(
     becomes :class:`AgentApiError`, and the call is cancelled when the caller stops."""
     # The WPT is signed by the agent's key (a TPM, an HSM): off the loop.
     metadata = await asyncio.to_thread(client.metadata, service, method)
-    open_call = client.channel.unary_stream(
-        f"/{service}/{method}",
-        request_serializer=type(request).SerializeToString,
-        response_deserializer=kind.FromString,
+    stream = client.channel.request(
+        f"/{service}/{method}", Cardinality.UNARY_STREAM, type(request), kind, metadata=metadata
     )
-    call = open_call(request, metadata=metadata)
+    # Every way out of this generator is an exception (the caller stopping is
+    # GeneratorExit or a cancellation): the stream's exit then resets the call, and
+    # turns a lost stream into the server's status when it sent one.
     try:
-        while True:
-            message = await call.read()
-            if message is grpc.aio.EOF:
-                # A server ends these streams only with an error status; a clean
-                # end is a server going away (restart): reconnect.
-                raise AgentApiError(
-                    "the server ended the stream", status=grpc.StatusCode.UNAVAILABLE
-                )
-            if not isinstance(message, kind):
-                # grpc.aio hands back None (and logs) for bytes that do not parse.
-                raise InvalidServerResponseError(
-                    f"the server sent a message that does not parse as {kind.__name__}"
-                )
-            yield message
-    except grpc.aio.AioRpcError as e:
-        raise AgentApiError.from_rpc_error(e) from e
-    finally:
-        call.cancel()
+        async with stream:
+            await own_task(stream.send_message(request, end=True))
+            while True:
+                message = await own_task(stream.recv_message())
+                if message is None:
+                    # The server's status if it refused (raises), else a clean end:
+                    # these streams end cleanly only when a server goes away (restart).
+                    await own_task(stream.recv_trailing_metadata())
+                    raise AgentApiError("the server ended the stream", status=Status.UNAVAILABLE)
+                if not isinstance(message, kind):
+                    raise InvalidServerResponseError(
+                        f"the server sent a message that does not parse as {kind.__name__}"
+                    )
+                yield message
+    except CALL_ERRORS as e:
+        raise translated(e) from e
 
 
 __all__ = [

@@ -9,6 +9,8 @@ API; ``RenewAgent`` is authenticated like every other (agent WIT + WPT).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -28,6 +30,9 @@ if TYPE_CHECKING:
     from custos.server.context import ServerContext
 
 SERVICE = "custos.agent.v1.Attestation"
+#: After the result, at most this long (and never past the call's deadline) for the
+#: agent's half-close (decision 0126).
+HALF_CLOSE_WAIT = 5.0
 
 
 class _Stream:
@@ -82,6 +87,7 @@ class AttestationServicer(agent_v1_pb2_grpc.AttestationServicer):
         await context.write(
             agent_v1_pb2.AttestAgentResponse(result=identity_to_proto(attested, seq))
         )
+        await _half_close(context)
 
     async def RenewAgent(
         self,
@@ -94,6 +100,21 @@ class AttestationServicer(agent_v1_pb2_grpc.AttestationServicer):
         except Exception as e:  # noqa: BLE001 - every refusal and fault leaves through abort()
             await abort(context, e)
         return identity_to_proto(attested, self._ctx.events.bundle_generation)
+
+
+async def _half_close(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Wait for the agent to half-close before ending the call (bounded).
+
+    An HTTP/2 server that ends a stream its client has not half-closed resets it
+    (RST_STREAM NO_ERROR), and the agent's client, grpclib, then drops the result it
+    has received but not yet handed out (grpclib #52): the join token would be spent
+    for nothing.  The agent half-closes once it has read the result; an agent that
+    does not (an older one cancels) ends the wait, as does the deadline."""
+    remaining = context.time_remaining()
+    wait = HALF_CLOSE_WAIT if remaining is None else max(0.0, min(HALF_CLOSE_WAIT, remaining))
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(wait):
+            await context.read()  # EOF (the half-close) or a stray message: done either way
 
 
 def register(server: grpc.aio.Server, ctx: ServerContext) -> None:

@@ -18,6 +18,7 @@ import pytest
 from grpclib.client import Channel
 from grpclib.const import Status
 
+from common.eventually import eventually
 from custos._proto import agent_v1_grpc, agent_v1_pb2, types_v1_pb2
 from custos.agent.client.attest import AgentIdentity, InvalidServerResponseError
 from custos.agent.client.calls import AgentApiClient
@@ -436,12 +437,3 @@ def test_client_bytes_that_are_no_message_end_the_stream_cleanly() -> None:
     assert got == []
     assert isinstance(error, InvalidServerResponseError)
     assert "does not parse as EntriesUpdate" in str(error)
-
-
-async def eventually(read: Callable[[], object], timeout: float = 5.0) -> object:
-    """``read()`` once it is truthy (a server metric is counted after the reply has
-    left: the agent's client, grpclib, can see the reply first)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (value := read()) and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.01)
-    return value

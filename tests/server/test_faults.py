@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from grpclib.const import Status
 
+from common.eventually import eventually
 from custos.agent.client.calls import X509Params
 from custos.agent.client.errors import AgentApiError
 from custos.server.admin.client import AdminApiError, AdminClient
@@ -278,12 +279,3 @@ async def _load_then_kill(
             w.cancel()
         await agent.close()
     return received, agent, entry.id, bundle
-
-
-async def eventually(read: Callable[[], object], timeout: float = 5.0) -> object:
-    """``read()`` once it is truthy (a server metric is counted after the reply has
-    left: the agent's client, grpclib, can see the reply first)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (value := read()) and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.01)
-    return value

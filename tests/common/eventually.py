@@ -1,0 +1,15 @@
+"""Waiting, in a test, for a value that another task or process sets a moment later."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+
+async def eventually(read: Callable[[], object], timeout: float = 5.0) -> object:
+    """``read()`` once it is truthy (a server metric is counted after the reply has
+    left: the agent's client, grpclib, can see the reply first)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (value := read()) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    return value

@@ -160,7 +160,12 @@ def _issuance_rounds(rounds: int) -> tuple[list[float], list[float], float]:
                 ).id
                 for i in range(BATCH)
             ]
-        requests = [X509Params(i, c, "memory") for i, c in zip(ids, csrs, strict=True)]
+        # The agent holds each key it asked for, so it checks the replies against those
+        # keys (X509Params.public_key): read them once here, as the agent has them.
+        requests = [
+            X509Params(i, c, "memory", public_key=x509.load_der_x509_csr(c).public_key())
+            for i, c in zip(ids, csrs, strict=True)
+        ]
         server_out: list[float] = []
         limit_out: list[float] = []
         async with attested_agent(rig, token.token) as client:

@@ -283,8 +283,13 @@ _OTHER_KEYS: dict[str, Callable[[], Any]] = {
 }
 
 
-@pytest.mark.parametrize("wrong", ["nothing", "count", "entry", "key", "curve", "type", "csr"])
-def test_the_client_refuses_answers_that_do_not_fit_the_request(wrong: str) -> None:
+_HELD = [(w, False) for w in ["nothing", "count", "entry", "key", "curve", "type", "csr"]]
+# The caller that holds the key passes it (X509Params.public_key): the same refusals.
+_HELD += [(w, True) for w in ["nothing", "count", "entry", "key", "curve", "type"]]
+
+
+@pytest.mark.parametrize(("wrong", "held"), _HELD)
+def test_the_client_refuses_answers_that_do_not_fit_the_request(wrong: str, held: bool) -> None:
     requested = ec_key()
 
     def answer(request: Any) -> Any:
@@ -299,7 +304,8 @@ def test_the_client_refuses_answers_that_do_not_fit_the_request(wrong: str) -> N
     async def scenario(client: AgentApiClient) -> None:
         # An unreadable CSR: the server could not have certified its key.
         csr = b"\x30\x03garbage" if wrong == "csr" else csr_for(requested)
-        request = [X509Params("e1", csr, "memory")]
+        public = requested.public_key() if held else None
+        request = [X509Params("e1", csr, "memory", public_key=public)]
         if wrong == "nothing":
             [issued] = await client.new_x509_svids(request)
             assert issued.error is None and issued.cert_chain

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
+from common.eventually import eventually
 from common.grpcio_channel import grpcio_channel
 from custos.agent.client.calls import X509Params
 from custos.agent.client.streams import stream_bundle
@@ -229,20 +230,29 @@ def test_metrics_count_issuance_and_agent_api_calls(server_config_factory: Confi
                 [X509Params(entry.id, new_csr(), "memory"), X509Params("nope", new_csr(), "memory")]
             )
             assert issued[0].error is None and issued[1].error is not None
-            _, body = await asyncio.to_thread(_get, f"http://{srv.http_address}/metrics")
-            text = body.decode()
+            method = "/custos.agent.v1.Svids/BatchNewX509SVID"
+            ok = f'custos_server_call_seconds_count{{code="OK",method="{method}"}} 1.0'
+            texts: list[str] = []
+
+            async def metrics_with(line: str) -> bool:
+                # A call is counted after its reply has left: the client can be first.
+                _, body = await asyncio.to_thread(_get, f"http://{srv.http_address}/metrics")
+                texts.append(body.decode())
+                return line in texts[-1]
+
+            await eventually(lambda: metrics_with(ok))
+            text = texts[-1]
             assert 'custos_server_issued_total{kind="x509-svid"} 1.0' in text
             assert 'custos_server_attestations_total{attestor="join_token",outcome="ok"} 1.0' in (
                 text
             )
-            method = "/custos.agent.v1.Svids/BatchNewX509SVID"
-            assert f'custos_server_call_seconds_count{{code="OK",method="{method}"}} 1.0' in text
+            assert ok in text
             # A refused call is counted under its status.
             with pytest.raises(grpc.aio.AioRpcError):
                 async with raw_channel(agent) as raw:
                     await raw.unary_unary(method)(b"", timeout=10)
-            _, body = await asyncio.to_thread(_get, f"http://{srv.http_address}/metrics")
-            assert f'code="UNAUTHENTICATED",method="{method}"' in body.decode()
+            await eventually(lambda: metrics_with(f'code="UNAUTHENTICATED",method="{method}"'))
+            assert f'code="UNAUTHENTICATED",method="{method}"' in texts[-1]
 
     asyncio.run(run())
 

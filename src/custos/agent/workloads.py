@@ -47,6 +47,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from custos._numbers import finite_number
 from custos.agent.client.attest import make_csr
@@ -142,6 +143,7 @@ class _Prepared:
     generation: int
     key: StoreKey
     csr: bytes
+    public: PublicKeyTypes
     jwk: dict[str, Any]
     evidence: CertifyEvidence | None = None
 
@@ -412,7 +414,7 @@ class WorkloadManager:
             x509s, wits = await asyncio.gather(
                 client.new_x509_svids(
                     [
-                        X509Params(p.entry.id, p.csr, p.entry.key_custody, p.evidence)
+                        X509Params(p.entry.id, p.csr, p.entry.key_custody, p.evidence, p.public)
                         for p in prepared
                     ]
                 ),
@@ -465,6 +467,7 @@ class WorkloadManager:
             # The CSR is signed inside the device: one call at a time, off the loop.
             async with device_lock(facade.store):
                 csr = await asyncio.to_thread(make_csr, key)
+            public = await facade.public_key(name)
             jwk = await facade.public_jwk(name)
         except CustosError as e:
             self._entry_failed(entry, f"key {name} could not sign its CSR", e)
@@ -477,7 +480,7 @@ class WorkloadManager:
             self._entry_failed(entry, f"key {name} could not be certified by the AK", e)
             await self._delete_key(entry.key_custody, name)
             return None
-        return _Prepared(entry, generation, key, csr, jwk, evidence)
+        return _Prepared(entry, generation, key, csr, public, jwk, evidence)
 
     async def _receive(self, p: _Prepared, x: IssuedX509, w: IssuedWit) -> None:
         """Keep one generation when both credentials came, else delete its key."""

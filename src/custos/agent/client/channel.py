@@ -127,8 +127,8 @@ def _secure_channel(
         codec=LimitedCodec(options.max_message_bytes),
         config=Configuration(ssl_target_name_override=options.server_name),
     )
-    # grpclib sends host:port as :authority; grpcio's default_authority sent the name.
-    channel._authority = options.server_name
+    # :authority stays grpclib's host:port: the server checks the TLS name (above), not
+    # :authority, and grpclib has no public setting for it.
     return channel
 
 

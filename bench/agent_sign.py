@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 
-from timing import Result, measure, row
+from timing import Result, measure, row, timed_async
 
 ORIGIN = "https://api.bench.example"
 CLIENTS = 8
@@ -67,18 +67,6 @@ def device_rows(tiers: Mapping[str, Mapping[str, str]], base: Path, n: int) -> d
     return out
 
 
-async def timed(call: Callable[[], Awaitable[object]], n: int, warmup: int = 20) -> list[float]:
-    for _ in range(warmup):
-        await call()
-    clock = time.perf_counter
-    out = []
-    for _ in range(n):
-        t0 = clock()
-        await call()
-        out.append(clock() - t0)
-    return out
-
-
 #: The agent's pid, for its CPU time per call (set by bench_agent_rows).
 AGENT_PID = [0]
 
@@ -97,7 +85,7 @@ async def concurrent(
     latencies: list[list[float]] = []
     cpu0 = cpu_seconds(AGENT_PID[0])
     t0 = time.perf_counter()
-    latencies = await asyncio.gather(*(timed(call, n_each, warmup=0) for call in calls))
+    latencies = await asyncio.gather(*(timed_async(call, n_each, warmup=0) for call in calls))
     wall = time.perf_counter() - t0
     cpu = cpu_seconds(AGENT_PID[0]) - cpu0
     done = clients * n_each
@@ -152,7 +140,7 @@ async def socket_rows(
 
     try:
         ping1 = Result(
-            "Ping over the socket, 1 client (bare round trip)", await timed(ping_call(), n)
+            "Ping over the socket, 1 client (bare round trip)", await timed_async(ping_call(), n)
         )
         print(row(ping1))
         lat, wall = await concurrent(ping_call, CLIENTS, n // CLIENTS)
@@ -167,13 +155,14 @@ async def socket_rows(
         fetch_client = client()
         fetch = Result(
             "FetchWIT memory, 1 client (gate + lookup, no key)",
-            await timed(lambda: fetch_client.fetch_wit(ids["memory"]), n),
+            await timed_async(lambda: fetch_client.fetch_wit(ids["memory"]), n),
         )
         print(row(fetch, ping1, note="ratio vs Ping"))
         for tier, spiffe_id in ids.items():
             runs = n if tier != "tpm" else max(50, n // 10)
             print(row(device[tier]))
-            one = Result(f"SignWPT {tier}, 1 client", await timed(sign_call(spiffe_id)(), runs))
+            signed = await timed_async(sign_call(spiffe_id)(), runs)
+            one = Result(f"SignWPT {tier}, 1 client", signed)
             print(row(one, device[tier], note=overhead(one, ping1, device[tier])))
             lat, wall = await concurrent(sign_call(spiffe_id), CLIENTS, runs // CLIENTS)
             eight = Result("", lat)

@@ -36,13 +36,12 @@ import json
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from timing import Result, header, measure, row
+from timing import Result, header, measure, row, timed_async
 
 TD = "bench.example"
 N = int(os.environ.get("BENCH_N_CLOUD", "2000"))
@@ -54,17 +53,7 @@ def _section(title: str) -> None:
 
 
 def _timed_async(label: str, call: Callable[[], Awaitable[object]], n: int) -> Result:
-    async def run() -> list[float]:
-        clock = time.perf_counter
-        out = []
-        for i in range(n + 20):
-            t0 = clock()
-            await call()
-            if i >= 20:
-                out.append(clock() - t0)
-        return out
-
-    return Result(label, asyncio.run(run()))
+    return Result(label, asyncio.run(timed_async(call, n)))
 
 
 def bench_aws(base: Path, section: Callable[[str], None] = _section) -> None:

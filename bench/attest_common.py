@@ -10,10 +10,9 @@ Nothing here asserts on time.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 
-from timing import Result, header
+from timing import Result, header, timed_async
 
 from custos.plugin import AgentCatalog, PeerCredentials, PluginConfig
 
@@ -27,17 +26,7 @@ LIMIT = "limit: unix attestor alone"
 def timed(label: str, call: Callable[[], Awaitable[object]], n: int, warmup: int = 50) -> Result:
     """``call`` awaited ``warmup`` times, then ``n`` times timed, in one event loop."""
 
-    async def run() -> list[float]:
-        out = []
-        clock = time.perf_counter
-        for i in range(warmup + n):
-            t0 = clock()
-            await call()
-            if i >= warmup:
-                out.append(clock() - t0)
-        return out
-
-    return Result(label, asyncio.run(run()))
+    return Result(label, asyncio.run(timed_async(call, n, warmup)))
 
 
 def catalog(*extra: PluginConfig) -> AgentCatalog:

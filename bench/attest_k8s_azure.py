@@ -30,13 +30,12 @@ import json
 import os
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from timing import Result, header, measure, row
+from timing import Result, header, measure, row, timed_async
 
 TD = "bench.example"
 RESOURCE = "https://custos.example/attest"
@@ -47,17 +46,6 @@ N_K8S = int(os.environ.get("BENCH_N_K8S", "300"))
 def _section(title: str) -> None:
     print(f"\n### {title}\n")
     print(header())
-
-
-async def _timed(call: Callable[[], Awaitable[object]], n: int, warmup: int = 20) -> list[float]:
-    out = []
-    clock = time.perf_counter
-    for i in range(warmup + n):
-        t0 = clock()
-        await call()
-        if i >= warmup:
-            out.append(clock() - t0)
-    return out
 
 
 async def _no_challenge(data: bytes) -> bytes:
@@ -106,7 +94,7 @@ def bench_azure(base: Path, section: Callable[[str], None] = _section) -> None:
             async def catalog() -> None:
                 await srv.attest_node("azure_msi", payload, _no_challenge)
 
-            return await _timed(checks, N_AZURE, 50), await _timed(catalog, N_AZURE, 50)
+            return await timed_async(checks, N_AZURE, 50), await timed_async(catalog, N_AZURE, 50)
 
     checks, catalog = asyncio.run(run())
     section("Node attestation: azure_msi server-side verification (ratio = p50 / raw verify)")
@@ -164,7 +152,7 @@ def bench_k8s(base: Path, section: Callable[[str], None] = _section) -> None:
                 async def attest() -> None:
                     await srv.attest_node("k8s_psat", payload, _no_challenge)
 
-                return await _timed(attest, N_K8S, 10)
+                return await timed_async(attest, N_K8S, 10)
 
         full = asyncio.run(run())
     section("Node attestation: k8s_psat against a local API server (ratio = p50 / TokenReview)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 
@@ -53,6 +53,22 @@ def measure(label: str, fn: Callable[[], object], n: int, warmup: int = 20) -> R
         fn()
         out.append(clock() - t0)
     return Result(label, out)
+
+
+async def timed_async(
+    call: Callable[[], Awaitable[object]], n: int, warmup: int = 20
+) -> list[float]:
+    """Seconds per ``await call()``: ``warmup`` calls untimed, then ``n`` timed, in the
+    running event loop (the one loop every async row uses)."""
+    for _ in range(warmup):
+        await call()
+    out = []
+    clock = time.perf_counter
+    for _ in range(n):
+        t0 = clock()
+        await call()
+        out.append(clock() - t0)
+    return out
 
 
 def header() -> str:

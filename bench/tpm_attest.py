@@ -25,15 +25,14 @@ import asyncio
 import os
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TSS2_LOG", "esys+none,tcti+none")
 
-from timing import Result, header, measure, row
+from timing import Result, header, measure, row, timed_async
 
 TD = "bench.example"
 PCRS = "sha256:0,1,2,3,7"
@@ -44,24 +43,6 @@ N_AGAIN = int(os.environ.get("BENCH_N_REATTEST", "100"))
 def _section(title: str) -> None:
     print(f"\n### {title}\n")
     print(header())
-
-
-async def _timed(
-    call: Callable[[], Awaitable[object]],
-    n: int,
-    warmup: int = 3,
-    setup: Callable[[], object] | None = None,
-) -> list[float]:
-    out = []
-    clock = time.perf_counter
-    for i in range(warmup + n):
-        if setup is not None:
-            setup()  # not timed
-        t0 = clock()
-        await call()
-        if i >= warmup:
-            out.append(clock() - t0)
-    return out
 
 
 def limit_rows(tcti: str, ca_files: list[Path]) -> tuple[Result, Result]:
@@ -162,10 +143,10 @@ def plugin_rows(tcti: str, ca_files: list[Path], base: Path) -> tuple[Result, Re
                     await exchange(agent)
 
             with server:
-                first = await _timed(fresh, N_FIRST)
+                first = await timed_async(fresh, N_FIRST, warmup=3)
                 with agent_catalog() as agent:
                     await exchange(agent)  # the server now holds this AK
-                    again = await _timed(lambda: exchange(agent), N_AGAIN)
+                    again = await timed_async(lambda: exchange(agent), N_AGAIN, warmup=3)
         return first, again
 
     first, again = asyncio.run(run())
@@ -223,11 +204,15 @@ def server_rows(tcti: str, ca_files: list[Path], base: Path) -> tuple[Result, Re
                     await attest(agent, new_key=True)
 
             try:
-                first = await _timed(fresh, N_FIRST)
+                first = await timed_async(fresh, N_FIRST, warmup=3)
                 with agent_catalog() as agent:
                     await attest(agent, new_key=False)
-                    same = await _timed(lambda: attest(agent, new_key=False), N_AGAIN)
-                    renewal = await _timed(lambda: attest(agent, new_key=True), N_AGAIN)
+                    same = await timed_async(
+                        lambda: attest(agent, new_key=False), N_AGAIN, warmup=3
+                    )
+                    renewal = await timed_async(
+                        lambda: attest(agent, new_key=True), N_AGAIN, warmup=3
+                    )
             finally:
                 channel.close()
                 store.close()

@@ -49,24 +49,23 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from custos._files import UnreadableFileError, read_small_text
+
+# Shared with the server's loader so both files read and fail alike (decision 0047).
+from custos.config_fields import (
+    MAX_CONFIG_BYTES,
+    MAX_SOCKET_PATH_BYTES,
+    ConfigPath,
+    TrustDomainField,
+    absolute_path,
+    check_dns_name,
+    one_line,
+    parse_address,
+)
 from custos.errors import CustosError
 from custos.identity.errors import InvalidIdentifierError
 from custos.identity.selector import check_selector_type
 from custos.keys.config import KeyStoreConfig, StoreKind
 from custos.plugin.catalog import PluginConfig
-
-# Shared with the server's loader so both files read and fail alike. The names with a
-# leading underscore are private to custos.server.config today (see decision 0047).
-from custos.server.config import (
-    _MAX_SOCKET_PATH_BYTES,
-    MAX_CONFIG_BYTES,
-    ConfigPath,
-    TrustDomainField,
-    _absolute,
-    _one_line,
-    check_dns_name,
-    parse_address,
-)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ class _Section(BaseModel):
 
 
 def _absolute_path(value: Path | None) -> Path | None:
-    return None if value is None else _absolute(value)
+    return None if value is None else absolute_path(value)
 
 
 class ServerConnectionConfig(_Section):
@@ -338,8 +337,8 @@ class RotationConfig(_Section):
 
 
 def _socket_path(value: Path) -> Path:
-    _absolute(value)
-    if len(os.fsencode(value)) > _MAX_SOCKET_PATH_BYTES:
+    absolute_path(value)
+    if len(os.fsencode(value)) > MAX_SOCKET_PATH_BYTES:
         raise PydanticCustomError("socket_path", "a Unix socket path is at most 107 bytes long")
     return value
 
@@ -369,7 +368,7 @@ class AgentConfig(_Section):
     @field_validator("data_dir")
     @classmethod
     def _data_dir(cls, value: Path) -> Path:
-        return _absolute(value)
+        return absolute_path(value)
 
     @field_validator("workload_attestors")
     @classmethod
@@ -442,7 +441,7 @@ def agent_config_from_toml(text: str, *, source: str = "<string>") -> AgentConfi
     try:
         config = AgentConfig.model_validate(data)
     except ValidationError as e:
-        raise AgentConfigError(f"{source}: {_one_line(e)}") from None
+        raise AgentConfigError(f"{source}: {one_line(e)}") from None
     if config.server.insecure_bootstrap:
         log.warning(INSECURE_BOOTSTRAP_WARNING.format(address=config.server.address))
     return config

@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from custos._numbers import finite_number
 from custos.agent.client.attest import make_csr
@@ -146,6 +146,10 @@ class _Prepared:
     public: PublicKeyTypes
     jwk: dict[str, Any]
     evidence: CertifyEvidence | None = None
+
+
+def _csr_and_key(key: StoreKey) -> tuple[bytes, PublicKeyTypes]:
+    return make_csr(key), key.public_key()
 
 
 def _credential_fields(entry: AgentEntry) -> tuple[object, ...]:
@@ -466,8 +470,9 @@ class WorkloadManager:
         try:
             # The CSR is signed inside the device: one call at a time, off the loop.
             async with device_lock(facade.store):
-                csr = await asyncio.to_thread(make_csr, key)
-            public = await facade.public_key(name)
+                # The public key comes along in the same hop: the reply is checked
+                # against it (X509Params.public_key), not against the CSR parsed again.
+                csr, public = await asyncio.to_thread(_csr_and_key, key)
             jwk = await facade.public_jwk(name)
         except CustosError as e:
             self._entry_failed(entry, f"key {name} could not sign its CSR", e)

@@ -12,7 +12,6 @@ that dies with the process would orphan every credential it signed (decision 003
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import re
@@ -25,7 +24,6 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -38,14 +36,20 @@ from pydantic_core import PydanticCustomError
 
 from custos._files import UnreadableFileError, read_small_text
 from custos._numbers import InvalidNumberError, seconds
+from custos.config_fields import (
+    MAX_CONFIG_BYTES,
+    MAX_SOCKET_PATH_BYTES,
+    ConfigPath,
+    TrustDomainField,
+    absolute_path,
+    check_dns_name,
+    one_line,
+    parse_address,
+)
 from custos.errors import CustosError
-from custos.identity import InvalidIdentifierError, TrustDomain, coerce_trust_domain
 from custos.keys.base import check_key_name
 from custos.keys.config import KeyStoreConfig
 from custos.keys.errors import InvalidKeyNameError
-
-#: A config file is a few KiB; a larger one is a mistake (or /dev/zero).
-MAX_CONFIG_BYTES = 256 * 1024
 
 DEFAULT_DATA_DIR = Path("/var/lib/custos/server")
 DEFAULT_AGENT_API_ADDRESS = "127.0.0.1:8081"
@@ -65,13 +69,10 @@ _DURATION_RE = re.compile(r"(?:\d+(?:\.\d+)?(?:h|m|s))+")
 _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 
-# sun_path is 108 bytes on Linux, NUL included.
-_MAX_SOCKET_PATH_BYTES = 107
 _MAX_UID = 2**32 - 2  # (uid_t)-1 means "no uid"
 
 #: A plugin's entry-point name as a [node_attestors.<name>] table names it.
 _PLUGIN_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_HOST_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 class ServerConfigError(CustosError):
@@ -121,35 +122,6 @@ SvidTtl = Annotated[timedelta, PlainValidator(_ttl_check(MAX_SVID_TTL)), _AS_TEX
 CaTtl = Annotated[timedelta, PlainValidator(_ttl_check(MAX_CA_TTL)), _AS_TEXT]
 
 
-def _trust_domain(value: object) -> TrustDomain:
-    if not isinstance(value, TrustDomain | str):
-        raise PydanticCustomError("trust_domain", 'must be a string such as "example.org"')
-    try:
-        return coerce_trust_domain(value)
-    except InvalidIdentifierError as e:
-        raise PydanticCustomError("trust_domain", e.message) from None
-
-
-TrustDomainField = Annotated[
-    TrustDomain, PlainValidator(_trust_domain), PlainSerializer(str, return_type=str)
-]
-
-
-def _path_without_nul(value: object) -> object:
-    if isinstance(value, str | Path) and "\0" in str(value):
-        raise PydanticCustomError("nul_in_path", "a path must not contain a NUL character")
-    return value
-
-
-def _absolute(value: Path) -> Path:
-    if not value.is_absolute():
-        raise PydanticCustomError("relative_path", "must be an absolute path")
-    return value
-
-
-ConfigPath = Annotated[Path, BeforeValidator(_path_without_nul)]
-
-
 class _Section(BaseModel):
     # Input values are never quoted in errors: a URI or URL may carry a secret.
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
@@ -191,7 +163,7 @@ class CaConfig(SigningKeyConfig):
     @field_validator("upstream_cert", "upstream_key")
     @classmethod
     def _upstream_absolute(cls, value: Path | None) -> Path | None:
-        return None if value is None else _absolute(value)
+        return None if value is None else absolute_path(value)
 
     @model_validator(mode="after")
     def _upstream_pair(self) -> CaConfig:
@@ -271,46 +243,6 @@ def check_datastore_url(url: str) -> None:
     )
 
 
-def parse_address(value: str) -> tuple[str, int]:
-    """``host:port`` (IPv4, ``[IPv6]`` or a DNS name; port 1-65535) as (host, port)."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host:
-        raise PydanticCustomError("address", "must be host:port, e.g. 127.0.0.1:8081")
-    if not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise PydanticCustomError("address", "the port must be a number from 1 to 65535")
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            return str(ipaddress.IPv6Address(host[1:-1])), int(port_text)
-        except ValueError:
-            raise PydanticCustomError("address", "the IPv6 address is malformed") from None
-    try:
-        return str(ipaddress.IPv4Address(host)), int(port_text)
-    except ValueError:
-        pass
-    labels = host.removesuffix(".").split(".")
-    if len(host) > 253 or not all(_HOST_LABEL_RE.fullmatch(label) for label in labels):
-        raise PydanticCustomError(
-            "address", "the host must be an IPv4 address, [IPv6] address or DNS name"
-        )
-    return host, int(port_text)
-
-
-def check_dns_name(value: str) -> str:
-    """A DNS host name (letters, digits, hyphens; dot-separated labels; no wildcard),
-    in lower case without a final dot: the form entry DNS names are stored in, so the
-    checks that keep the server's name off workloads compare like with like."""
-    if "*" in value:
-        raise PydanticCustomError(
-            "dns_name", "must be a DNS name, not a wildcard (it names the server itself)"
-        )
-    labels = value.removesuffix(".").split(".")
-    if not value or len(value) > 253 or not all(_HOST_LABEL_RE.fullmatch(x) for x in labels):
-        raise PydanticCustomError(
-            "dns_name", "must be a DNS name such as custos-server or custos.example.org"
-        )
-    return value.removesuffix(".").lower()
-
-
 def _optional_address(value: str | None) -> str | None:
     if value is not None:
         parse_address(value)
@@ -355,8 +287,8 @@ class AdminConfig(_Section):
     @field_validator("socket")
     @classmethod
     def _socket(cls, value: Path) -> Path:
-        _absolute(value)
-        if len(os.fsencode(value)) > _MAX_SOCKET_PATH_BYTES:
+        absolute_path(value)
+        if len(os.fsencode(value)) > MAX_SOCKET_PATH_BYTES:
             raise PydanticCustomError("socket_path", "a Unix socket path is at most 107 bytes long")
         return value
 
@@ -402,7 +334,7 @@ class FederationConfig(_Section):
     @field_validator("cert_file", "key_file")
     @classmethod
     def _files_absolute(cls, value: Path | None) -> Path | None:
-        return None if value is None else _absolute(value)
+        return None if value is None else absolute_path(value)
 
     @model_validator(mode="after")
     def _complete(self) -> FederationConfig:
@@ -498,33 +430,6 @@ class ServerConfig(_Section):
         return self
 
 
-def _dotted(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-_MESSAGES = {
-    "extra_forbidden": "unknown key",
-    "missing": "required key is missing",
-}
-
-
-def _one_line(e: ValidationError) -> str:
-    errors = e.errors(include_url=False, include_input=False)
-    first = errors[0]
-    loc = tuple(first["loc"])
-    message = _MESSAGES.get(first["type"], first["msg"])
-    message = message.removeprefix("Value error, ")
-    where = _dotted(loc)
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where}: {message}{more}" if where else f"{message}{more}"
-
-
 def server_config_from_toml(text: str, *, source: str = "<string>") -> ServerConfig:
     """Parse and validate a ``server.toml`` document; one-line :class:`ServerConfigError`."""
     try:
@@ -535,7 +440,7 @@ def server_config_from_toml(text: str, *, source: str = "<string>") -> ServerCon
     try:
         return ServerConfig.model_validate(data)
     except ValidationError as e:
-        raise ServerConfigError(f"{source}: {_one_line(e)}") from None
+        raise ServerConfigError(f"{source}: {one_line(e)}") from None
 
 
 def load_server_config(path: str | os.PathLike[str]) -> ServerConfig:

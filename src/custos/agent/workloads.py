@@ -70,6 +70,7 @@ from custos.errors import CustosError
 from custos.identity import Selector, SpiffeId
 from custos.keys import Algorithm, KeyNotFoundError, StoreKey
 from custos.keys.aio import device_lock
+from custos.keys.jwk import public_jwk
 from custos.wimse.wit import parse_wit_unverified
 from custos.x509 import load_certificates
 
@@ -471,9 +472,10 @@ class WorkloadManager:
             # The CSR is signed inside the device: one call at a time, off the loop.
             async with device_lock(facade.store):
                 # The public key comes along in the same hop: the reply is checked
-                # against it (X509Params.public_key), not against the CSR parsed again.
+                # against it (X509Params.public_key), not against the CSR parsed again,
+                # and the WIT's JWK is made from it, not read from the device again.
                 csr, public = await asyncio.to_thread(_csr_and_key, key)
-            jwk = await facade.public_jwk(name)
+            jwk = public_jwk(public, key.alg)
         except CustosError as e:
             self._entry_failed(entry, f"key {name} could not sign its CSR", e)
             await self._delete_key(entry.key_custody, name)
